@@ -1,0 +1,108 @@
+// zo2/core/philox.hpp -- counter-based randomness shared bit-for-bit by host and device.
+//
+// Why counter-based: MeZO never stores z. Element j of tensor k at step t is regenerated from
+// Philox4x32-10(key = seed, counter = (j/4, tensor k, step t)), a pure function, so any block can
+// be regenerated in any order on any device, the CPU and CUDA paths see the same 32-bit words,
+// and a run resumes bit-exactly from (theta, t, seed) with no RNG state to save.
+//
+// Counter layout (documented because checkpoints depend on it):
+//   c0 = low 32 bits of (j / 4), c1 = high 32 bits of (j / 4), c2 = stream word, c3 = step t.
+//   The stream word is the tensor id for the perturbation z, and tensor id | kRoundingStream
+//   for the random bits of stochastic rounding, so the two never share words.
+//   key = {low 32 bits of seed, high 32 bits of seed}.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <zo2/core/platform.hpp>
+
+namespace zo2 {
+
+struct Philox4x32 {
+  std::uint32_t v[4];
+};
+
+namespace detail {
+ZO2_HD ZO2_FORCEINLINE void mulhilo32(std::uint32_t a, std::uint32_t b, std::uint32_t& hi,
+                                      std::uint32_t& lo) {
+  const std::uint64_t p = static_cast<std::uint64_t>(a) * b;
+  hi = static_cast<std::uint32_t>(p >> 32);
+  lo = static_cast<std::uint32_t>(p);
+}
+}  // namespace detail
+
+/// Philox4x32 with 10 rounds (Salmon et al., SC'11), as Random123 defines it.
+ZO2_HD ZO2_FORCEINLINE Philox4x32 philox4x32_10(Philox4x32 ctr, std::uint32_t k0,
+                                                std::uint32_t k1) {
+  constexpr std::uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
+  constexpr std::uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    std::uint32_t hi0, lo0, hi1, lo1;
+    detail::mulhilo32(M0, ctr.v[0], hi0, lo0);
+    detail::mulhilo32(M1, ctr.v[2], hi1, lo1);
+    ctr = Philox4x32{{hi1 ^ ctr.v[1] ^ k0, lo1, hi0 ^ ctr.v[3] ^ k1, lo0}};
+    k0 += W0;
+    k1 += W1;
+  }
+  return ctr;
+}
+
+/// Stream word flag for the random bits of stochastic rounding (see the layout above).
+inline constexpr std::uint32_t kRoundingStream = 0x80000000u;
+
+/// The four 32-bit words that cover elements [4q, 4q + 4) of one stream at one step.
+ZO2_HD ZO2_FORCEINLINE Philox4x32 philox_words(std::uint64_t seed, std::uint32_t step,
+                                               std::uint32_t stream, std::uint64_t quad) {
+  const Philox4x32 ctr{{static_cast<std::uint32_t>(quad), static_cast<std::uint32_t>(quad >> 32),
+                        stream, step}};
+  return philox4x32_10(ctr, static_cast<std::uint32_t>(seed),
+                       static_cast<std::uint32_t>(seed >> 32));
+}
+
+/// Box-Muller: two 32-bit words -> two independent N(0,1) floats.
+///
+/// u1 = (a + 1) * 2^-32 lies in (0, 1], so log(u1) is finite; u2 = b * 2^-32 in [0, 1).
+/// The arithmetic is float, the same expression on host and device; host and device libm differ
+/// by at most a few ulps in log/sin/cos, which is the only host/device difference in z.
+ZO2_HD ZO2_FORCEINLINE void box_muller(std::uint32_t a, std::uint32_t b, float& z0, float& z1) {
+  constexpr float kTwoPow32Inv = 2.3283064365386963e-10f;  // 2^-32
+  constexpr float kTwoPi = 6.283185307179586f;
+  const float u1 = (static_cast<float>(a) + 1.0f) * kTwoPow32Inv;
+  const float u2 = static_cast<float>(b) * kTwoPow32Inv;
+  // float(a) rounds up to 2^32 for a near 2^32-1; clamp so u1 <= 1 and the radius stays real.
+  const float r = sqrtf(-2.0f * logf(u1 < 1.0f ? u1 : 1.0f));
+  float s, c;
+#if defined(__CUDA_ARCH__)
+  sincosf(kTwoPi * u2, &s, &c);
+#else
+  s = std::sin(kTwoPi * u2);
+  c = std::cos(kTwoPi * u2);
+#endif
+  z0 = r * c;
+  z1 = r * s;
+}
+
+/// Four normals for elements [4q, 4q + 4) of tensor `tensor` at step `step`.
+struct Normal4 {
+  float z[4];
+};
+ZO2_HD ZO2_FORCEINLINE Normal4 normal4(std::uint64_t seed, std::uint32_t step,
+                                       std::uint32_t tensor, std::uint64_t quad) {
+  const Philox4x32 w = philox_words(seed, step, tensor, quad);
+  Normal4 n;
+  box_muller(w.v[0], w.v[1], n.z[0], n.z[1]);
+  box_muller(w.v[2], w.v[3], n.z[2], n.z[3]);
+  return n;
+}
+
+/// z for a single element: a convenience for tests and scalar code (wasteful: 3 of 4 unused).
+ZO2_HD inline float normal_at(std::uint64_t seed, std::uint32_t step, std::uint32_t tensor,
+                              std::uint64_t element) {
+  return normal4(seed, step, tensor, element / 4).z[element % 4];
+}
+
+}  // namespace zo2

@@ -1,0 +1,100 @@
+// zo2/offload/resident.hpp -- the Resident policy on the host: every group stays in the
+// ParameterStore's memory; perturbed copies are written into two scratch buffers.
+//
+// Perturbing into scratch copies instead of in place keeps the master exact: theta only ever
+// changes by an update, never by the round trip theta + ez - 2ez + ez of in-place MeZO.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <zo2/backend/cpu/perturber.hpp>
+#include <zo2/optim/parameter_store.hpp>
+#include <zo2/optim/step_types.hpp>
+
+namespace zo2 {
+
+/// S: storage precision of the master copy; T: the precision the model's forward reads.
+template <class S, class T>
+class Resident {
+ public:
+  using storage_type = S;
+  using value_type = T;
+
+  explicit Resident(ParameterStore<S>& store) : store_(&store) {
+    std::size_t largest = 0;
+    const ModelLayout& ml = store.model_layout();
+    for (std::size_t g = 0; g < ml.num_groups(); ++g)
+      largest = std::max(largest, ml.layout(GroupIndex{g}).total_elements());
+    plus_.assign(largest, T{});
+    minus_.assign(largest, T{});
+  }
+
+  struct Perturbed {
+    ParamView<const T> plus, minus;
+  };
+
+  /// The fused pass for group g: apply the owed update (if any), then write theta +- eps z.
+  Perturbed prepare(GroupIndex g, const StepNoise& noise) {
+    ParamView<S> theta = store_->group(g);
+    const ParamLayout& layout = theta.layout();
+    const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+      const std::size_t off = layout.offset(r);
+      const std::uint32_t id = first_id + static_cast<std::uint32_t>(r);
+      UpdateCoeffs coeffs{};
+      NoiseId previous{noise.seed, 0, id};
+      if (noise.pending) {
+        coeffs = coeffs_for(*noise.pending, layout.spec(r));
+        previous.step = noise.pending->step;
+      }
+      cpu::Perturber<S>::update_and_perturb_into(theta.tensor(r), plus_.data() + off,
+                                                 minus_.data() + off, layout.spec(r).numel(),
+                                                 noise.pending ? &coeffs : nullptr, previous,
+                                                 NoiseId{noise.seed, noise.step, id}, noise.eps);
+    }
+    return {ParamView<const T>(plus_.data(), &layout), ParamView<const T>(minus_.data(), &layout)};
+  }
+
+  /// theta of group g in the model's precision (no perturbation), for evaluation.
+  ParamView<const T> current(GroupIndex g) {
+    ParamView<const S> theta = std::as_const(*store_).group(g);
+    const ParamLayout& layout = theta.layout();
+    if constexpr (std::is_same_v<S, T>) {
+      return theta;
+    } else {
+      for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+        const std::size_t n = layout.spec(r).numel();
+        const S* src = theta.tensor(r);
+        T* dst = plus_.data() + layout.offset(r);
+        for (std::size_t j = 0; j < n; ++j) dst[j] = static_cast<T>(load(src[j]));
+      }
+      return {plus_.data(), &layout};
+    }
+  }
+
+  /// Applies an owed update to group g alone (used to flush before evaluation or a checkpoint).
+  void apply_update(GroupIndex g, std::uint64_t seed, const PendingUpdate& pending) {
+    ParamView<S> theta = store_->group(g);
+    const ParamLayout& layout = theta.layout();
+    const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+      cpu::Perturber<S>::update(theta.tensor(r), layout.spec(r).numel(),
+                                NoiseId{seed, pending.step, first_id + static_cast<std::uint32_t>(r)},
+                                coeffs_for(pending, layout.spec(r)));
+  }
+
+  const ModelLayout& model_layout() const { return store_->model_layout(); }
+
+  static UpdateCoeffs coeffs_for(const PendingUpdate& p, const TensorSpec& spec) {
+    return UpdateCoeffs{p.lr, p.g, spec.weight_decay ? p.weight_decay : 0.0};
+  }
+
+ private:
+  ParameterStore<S>* store_;
+  std::vector<T> plus_, minus_;
+};
+
+}  // namespace zo2

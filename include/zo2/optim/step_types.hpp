@@ -1,0 +1,34 @@
+// zo2/optim/step_types.hpp -- what the optimizer tells a policy about a step, and reports back.
+#pragma once
+
+#include <cstdint>
+
+namespace zo2 {
+
+/// An update whose projected gradient is known but which has not touched memory yet (ZO2's lazy
+/// update: step t's update of a group is applied when that group is next visited, at step t+1).
+struct PendingUpdate {
+  std::uint32_t step;  // the step whose z the update uses
+  double g;            // projected gradient (L+ - L-) / (2 eps)
+  double lr;           // learning rate of that step
+  double weight_decay; // lambda (applied to tensors flagged for decay only)
+};
+
+/// The noise of the step being computed, and the update still owed from the step before it.
+struct StepNoise {
+  std::uint64_t seed;
+  std::uint32_t step;
+  double eps;
+  const PendingUpdate* pending;  // null when nothing is owed
+};
+
+struct StepResult {
+  std::uint64_t step = 0;
+  double loss_plus = 0, loss_minus = 0;
+  double projected_grad = 0;
+  double lr = 0;
+  /// True when L+ or L- was not finite: no update is scheduled for this step.
+  bool skipped = false;
+};
+
+}  // namespace zo2
