@@ -73,7 +73,7 @@ struct DenseTanhStack {
         out.h[r * width + o] = std::tanh(acc) + in.h[r * width + o];
       }
   }
-  double epilogue(zo2::ParamView<const T> p, const Activation& in, const Batch& b, Workspace&) const {
+  double epilogue(zo2::ParamView<const T> p, zo2::ParamView<const T>, const Activation& in, const Batch& b, Workspace&) const {
     const T* w = p.tensor(0);
     const T bias = p.tensor(1)[0];
     double loss = 0;

@@ -3,6 +3,8 @@
 //
 // Perturbing into scratch copies instead of in place keeps the master exact: theta only ever
 // changes by an update, never by the round trip theta + ez - 2ez + ez of in-place MeZO.
+// The prologue has scratch of its own, so its perturbed copies stay valid until the epilogue
+// (which may read them: an LM head tied to the token embeddings).
 #pragma once
 
 #include <algorithm>
@@ -24,12 +26,14 @@ class Resident {
   using value_type = T;
 
   explicit Resident(ParameterStore<S>& store) : store_(&store) {
-    std::size_t largest = 0;
     const ModelLayout& ml = store.model_layout();
-    for (std::size_t g = 0; g < ml.num_groups(); ++g)
-      largest = std::max(largest, ml.layout(GroupIndex{g}).total_elements());
-    plus_.assign(largest, T{});
-    minus_.assign(largest, T{});
+    const std::size_t prologue = ml.layout(ml.prologue()).total_elements();
+    const std::size_t largest = std::max(ml.layout(ml.block(0)).total_elements(),
+                                         ml.layout(ml.epilogue()).total_elements());
+    scratch_[0].plus.assign(prologue, T{});
+    scratch_[0].minus.assign(prologue, T{});
+    scratch_[1].plus.assign(largest, T{});
+    scratch_[1].minus.assign(largest, T{});
   }
 
   struct Perturbed {
@@ -40,6 +44,7 @@ class Resident {
   Perturbed prepare(GroupIndex g, const StepNoise& noise) {
     ParamView<S> theta = store_->group(g);
     const ParamLayout& layout = theta.layout();
+    Scratch& scratch = scratch_for(g);
     const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
     for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
       const std::size_t off = layout.offset(r);
@@ -50,12 +55,13 @@ class Resident {
         coeffs = coeffs_for(*noise.pending, layout.spec(r));
         previous.step = noise.pending->step;
       }
-      cpu::Perturber<S>::update_and_perturb_into(theta.tensor(r), plus_.data() + off,
-                                                 minus_.data() + off, layout.spec(r).numel(),
+      cpu::Perturber<S>::update_and_perturb_into(theta.tensor(r), scratch.plus.data() + off,
+                                                 scratch.minus.data() + off, layout.spec(r).numel(),
                                                  noise.pending ? &coeffs : nullptr, previous,
                                                  NoiseId{noise.seed, noise.step, id}, noise.eps);
     }
-    return {ParamView<const T>(plus_.data(), &layout), ParamView<const T>(minus_.data(), &layout)};
+    return {ParamView<const T>(scratch.plus.data(), &layout),
+            ParamView<const T>(scratch.minus.data(), &layout)};
   }
 
   /// theta of group g in the model's precision (no perturbation), for evaluation.
@@ -68,10 +74,10 @@ class Resident {
       for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
         const std::size_t n = layout.spec(r).numel();
         const S* src = theta.tensor(r);
-        T* dst = plus_.data() + layout.offset(r);
+        T* dst = scratch_for(g).plus.data() + layout.offset(r);
         for (std::size_t j = 0; j < n; ++j) dst[j] = static_cast<T>(load(src[j]));
       }
-      return {plus_.data(), &layout};
+      return {scratch_for(g).plus.data(), &layout};
     }
   }
 
@@ -93,8 +99,13 @@ class Resident {
   }
 
  private:
+  struct Scratch {
+    std::vector<T> plus, minus;
+  };
+  Scratch& scratch_for(GroupIndex g) { return scratch_[g.value == 0 ? 0 : 1]; }
+
   ParameterStore<S>* store_;
-  std::vector<T> plus_, minus_;
+  Scratch scratch_[2];  // [0]: the prologue's, [1]: shared by the blocks and the epilogue
 };
 
 }  // namespace zo2

@@ -4,7 +4,9 @@
 // parameter layout (the part that streams through the GPU), and a resident epilogue that ends in
 // a scalar loss. The model owns no parameters: every forward function receives a view of its
 // group's flat buffer, so the optimizer and the offload policy decide where parameters live and
-// hand the model a perturbed copy. The functions are const: a model is a description plus
+// hand the model a perturbed copy. The epilogue also receives the prologue's parameters, so an
+// output layer may share weights with an input layer (OPT's LM head is its token embedding);
+// both views carry the same perturbation. The functions are const: a model is a description plus
 // hyper-parameters, and all scratch state lives in the Workspace the caller passes in.
 #pragma once
 
@@ -30,7 +32,7 @@ concept LayerStack =
       { model.epilogue_layout() } -> std::convertible_to<ParamLayout>;
       { model.prologue(params, batch, out, workspace) };
       { model.forward_block(block, params, in, out, workspace) };
-      { model.epilogue(params, in, batch, workspace) } -> std::convertible_to<double>;
+      { model.epilogue(params, params, in, batch, workspace) } -> std::convertible_to<double>;
     };
 
 /// Which parameter group: the prologue, block i, or the epilogue. Groups are numbered

@@ -72,8 +72,8 @@ class ZOOptimizer {
     auto e = policy_->prepare(ml.epilogue(), noise);
     StepResult r;
     r.step = step_;
-    r.loss_plus = model_->epilogue(e.plus, plus_, batch, workspace_);
-    r.loss_minus = model_->epilogue(e.minus, minus_, batch, workspace_);
+    r.loss_plus = model_->epilogue(e.plus, p.plus, plus_, batch, workspace_);
+    r.loss_minus = model_->epilogue(e.minus, p.minus, minus_, batch, workspace_);
     r.lr = config_.lr_at(step_);
     // The owed update was applied to every group by the prepare() calls above.
     pending_.reset();
@@ -103,12 +103,13 @@ class ZOOptimizer {
   double evaluate(const Batch& batch) {
     flush();
     const ModelLayout& ml = policy_->model_layout();
-    model_->prologue(policy_->current(ml.prologue()), batch, plus_, workspace_);
+    const auto prologue = policy_->current(ml.prologue());
+    model_->prologue(prologue, batch, plus_, workspace_);
     for (std::size_t i = 0; i < ml.num_blocks(); ++i) {
       model_->forward_block(i, policy_->current(ml.block(i)), plus_, next_, workspace_);
       std::swap(plus_, next_);
     }
-    return model_->epilogue(policy_->current(ml.epilogue()), plus_, batch, workspace_);
+    return model_->epilogue(policy_->current(ml.epilogue()), prologue, plus_, batch, workspace_);
   }
 
   OptimizerState state() const { return {step_, config_.seed, skipped_}; }
