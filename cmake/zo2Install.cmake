@@ -26,9 +26,22 @@ include(CMakePackageConfigHelpers)
 set(ZO2_INSTALL_CMAKEDIR "${CMAKE_INSTALL_DATADIR}/cmake/zo2"
     CACHE STRING "Where zo2's CMake package files are installed, relative to the prefix")
 
-install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/zo2"
-        DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}"
-        COMPONENT zo2_headers)
+# Header by header rather than install(DIRECTORY): no empty folders for directories that hold
+# no header yet (vcpkg's post-build checks reject empty folders). CONFIGURE_DEPENDS re-globs on
+# every build, so a header added later is installed without a manual re-configure.
+file(GLOB_RECURSE _zo2_headers CONFIGURE_DEPENDS
+     RELATIVE "${PROJECT_SOURCE_DIR}/include"
+     "${PROJECT_SOURCE_DIR}/include/zo2/*.hpp" "${PROJECT_SOURCE_DIR}/include/zo2/*.h"
+     "${PROJECT_SOURCE_DIR}/include/zo2/*.cuh" "${PROJECT_SOURCE_DIR}/include/zo2/*.inl")
+foreach(_zo2_header IN LISTS _zo2_headers)
+  get_filename_component(_zo2_header_dir "${_zo2_header}" DIRECTORY)
+  install(FILES "${PROJECT_SOURCE_DIR}/include/${_zo2_header}"
+          DESTINATION "${CMAKE_INSTALL_INCLUDEDIR}/${_zo2_header_dir}"
+          COMPONENT zo2_headers)
+endforeach()
+unset(_zo2_headers)
+unset(_zo2_header)
+unset(_zo2_header_dir)
 
 install(TARGETS zo2 EXPORT zo2Targets)
 install(EXPORT zo2Targets
