@@ -1,0 +1,188 @@
+// zo2/backend/cuda/memory.cuh -- RAII owners for device buffers, pinned host buffers, streams,
+// events and the cuBLASLt handle. Move-only; destructors never throw.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <utility>
+
+#include <zo2/backend/cuda/check.cuh>
+
+namespace zo2::cuda {
+
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(std::size_t count) : count_(count) {
+    if (count == 0) return;
+    void* p = nullptr;
+    const cudaError_t s = cudaMalloc(&p, count * sizeof(T));
+    if (s != cudaSuccess)
+      detail::throw_cuda(s, ("cudaMalloc(" + std::to_string(count * sizeof(T)) + " bytes)").c_str(),
+                         __FILE__, __LINE__);
+    ptr_ = static_cast<T*>(p);
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      count_ = std::exchange(o.count_, 0);
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { release(); }
+
+  T* data() const { return ptr_; }
+  std::size_t size() const { return count_; }
+  std::size_t bytes() const { return count_ * sizeof(T); }
+  /// Grows (never shrinks) to at least `count` elements; contents are not preserved.
+  void reserve(std::size_t count) {
+    if (count > count_) *this = DeviceBuffer(count);
+  }
+
+ private:
+  void release() noexcept {
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = nullptr;
+  }
+  T* ptr_ = nullptr;
+  std::size_t count_ = 0;
+};
+
+/// Page-locked host memory: the only kind the copy engines move at full PCIe speed, and the
+/// only kind cudaMemcpyAsync can overlap with compute.
+template <class T>
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(std::size_t count) : count_(count) {
+    if (count == 0) return;
+    void* p = nullptr;
+    const cudaError_t s = cudaMallocHost(&p, count * sizeof(T));
+    if (s != cudaSuccess)
+      detail::throw_cuda(s, ("cudaMallocHost(" + std::to_string(count * sizeof(T)) + " bytes)").c_str(),
+                         __FILE__, __LINE__);
+    ptr_ = static_cast<T*>(p);
+  }
+  PinnedBuffer(PinnedBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, 0)) {}
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      count_ = std::exchange(o.count_, 0);
+    }
+    return *this;
+  }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  ~PinnedBuffer() { release(); }
+
+  T* data() const { return ptr_; }
+  std::size_t size() const { return count_; }
+  T& operator[](std::size_t i) const { return ptr_[i]; }
+
+ private:
+  void release() noexcept {
+    if (ptr_) cudaFreeHost(ptr_);
+    ptr_ = nullptr;
+  }
+  T* ptr_ = nullptr;
+  std::size_t count_ = 0;
+};
+
+class Stream {
+ public:
+  Stream() { ZO2_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  Stream(Stream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
+  Stream& operator=(Stream&& o) noexcept {
+    if (this != &o) {
+      if (s_) cudaStreamDestroy(s_);
+      s_ = std::exchange(o.s_, nullptr);
+    }
+    return *this;
+  }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  ~Stream() {
+    if (s_) cudaStreamDestroy(s_);
+  }
+  cudaStream_t get() const { return s_; }
+  operator cudaStream_t() const { return s_; }
+  void synchronize() const { ZO2_CUDA_CHECK(cudaStreamSynchronize(s_)); }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+class Event {
+ public:
+  /// Timing events are slower to record; ordering-only events disable timing.
+  explicit Event(bool timing = false) {
+    ZO2_CUDA_CHECK(cudaEventCreateWithFlags(&e_, timing ? cudaEventDefault : cudaEventDisableTiming));
+  }
+  Event(Event&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
+  Event& operator=(Event&& o) noexcept {
+    if (this != &o) {
+      if (e_) cudaEventDestroy(e_);
+      e_ = std::exchange(o.e_, nullptr);
+    }
+    return *this;
+  }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event() {
+    if (e_) cudaEventDestroy(e_);
+  }
+  cudaEvent_t get() const { return e_; }
+  void record(cudaStream_t s) const { ZO2_CUDA_CHECK(cudaEventRecord(e_, s)); }
+  /// Makes `s` wait for this event (device-side; the host does not block).
+  void wait_on(cudaStream_t s) const { ZO2_CUDA_CHECK(cudaStreamWaitEvent(s, e_, 0)); }
+  void synchronize() const { ZO2_CUDA_CHECK(cudaEventSynchronize(e_)); }
+  /// Milliseconds from `start` to this event (both timing events, both completed).
+  float elapsed_ms_since(const Event& start) const {
+    float ms = 0;
+    ZO2_CUDA_CHECK(cudaEventElapsedTime(&ms, start.e_, e_));
+    return ms;
+  }
+
+ private:
+  cudaEvent_t e_ = nullptr;
+};
+
+class CublasLtHandle {
+ public:
+  CublasLtHandle() { ZO2_CUBLAS_CHECK(cublasLtCreate(&h_)); }
+  CublasLtHandle(CublasLtHandle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  CublasLtHandle& operator=(CublasLtHandle&& o) noexcept {
+    if (this != &o) {
+      if (h_) cublasLtDestroy(h_);
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  CublasLtHandle(const CublasLtHandle&) = delete;
+  CublasLtHandle& operator=(const CublasLtHandle&) = delete;
+  ~CublasLtHandle() {
+    if (h_) cublasLtDestroy(h_);
+  }
+  cublasLtHandle_t get() const { return h_; }
+
+ private:
+  cublasLtHandle_t h_ = nullptr;
+};
+
+/// Copies helpers with checked status.
+template <class T>
+void copy_to_device(T* dst, const T* src, std::size_t count, cudaStream_t s) {
+  ZO2_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyHostToDevice, s));
+}
+template <class T>
+void copy_to_host(T* dst, const T* src, std::size_t count, cudaStream_t s) {
+  ZO2_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToHost, s));
+}
+
+}  // namespace zo2::cuda
