@@ -64,8 +64,10 @@ target_link_libraries(cuda_link PRIVATE zo2::cuda)
 CMAKE
   ref=$(conan list "zo2/*" --format=json | python3 -c \
     'import json,sys; d=json.load(sys.stdin)["Local Cache"]; print(next(iter(d)))')
-  conan install --requires="$ref" "${common[@]}" -o "zo2/*:cuda=True" \
-    -g CMakeDeps -g CMakeToolchain --output-folder "$consumer/build"
+  # From the consumer's folder: CMakeToolchain may write a CMakeUserPresets.json next to the
+  # CMakeLists.txt of the current directory.
+  (cd "$consumer" && conan install --requires="$ref" "${common[@]}" -o "zo2/*:cuda=True" \
+    -g CMakeDeps -g CMakeToolchain --output-folder "$consumer/build")
   cmake -S "$consumer" -B "$consumer/build" -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_TOOLCHAIN_FILE="$consumer/build/conan_toolchain.cmake"
   cmake --build "$consumer/build" --parallel "${JOBS:-2}"
