@@ -15,6 +15,13 @@ work=${1:-$(mktemp -d /tmp/zo2-pkg-conan.XXXXXX)}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 
+# `conan` from PATH, else the module pip installed (a pyenv shim appears only after a rehash).
+if ! command -v conan >/dev/null 2>&1; then
+  python3 -c 'import conans.conan' 2>/dev/null ||
+    { echo "ci_offline.sh: conan 2 not found: python3 -m pip install 'conan>=2,<3'" >&2; exit 1; }
+  conan() { python3 -m conans.conan "$@"; }
+fi
+
 export CONAN_HOME="$work/conan-home"
 rm -rf "$CONAN_HOME"
 conan --version
