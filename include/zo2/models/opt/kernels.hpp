@@ -1,0 +1,159 @@
+// zo2/models/opt/kernels.hpp -- the CPU (Eigen) arithmetic of an OPT forward pass: Linear,
+// LayerNorm, activations, causal multi-head attention with a padding mask, and log-sum-exp.
+//
+// Activations are row-major [tokens, features] matrices, so a Hugging Face Linear weight
+// [out, in] maps without a copy and y = x W^T is one GEMM. Reductions whose rounding matters
+// (LayerNorm statistics, softmax normalizers, log-sum-exp) accumulate in double: the cost is
+// nothing next to the GEMMs, and it keeps float32 results within a few ulps of PyTorch's.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include <Eigen/Core>
+
+namespace zo2::opt::kernels {
+
+template <class T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using RowVector = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+template <class T>
+using ConstMatrixMap = Eigen::Map<const RowMatrix<T>>;
+template <class T>
+using ConstRowVectorMap = Eigen::Map<const RowVector<T>>;
+/// Any row-major block with contiguous rows (a whole matrix or a range of its rows).
+template <class T>
+using ConstRowsRef = Eigen::Ref<const RowMatrix<T>>;
+
+/// y = x W^T + b for a weight stored [out, in] row-major; `bias` may be null.
+template <class T>
+void linear(const ConstRowsRef<T>& x, const T* weight, const T* bias, Eigen::Index out_features,
+            RowMatrix<T>& y) {
+  const ConstMatrixMap<T> w(weight, out_features, x.cols());
+  y.resize(x.rows(), out_features);
+  y.noalias() = x * w.transpose();
+  if (bias != nullptr) y.rowwise() += ConstRowVectorMap<T>(bias, out_features);
+}
+
+/// Row-wise LayerNorm with biased variance (as torch); weight/bias null means no affine.
+/// Two-pass statistics in double: one pass (E[x^2] - E[x]^2) cancels catastrophically when
+/// the mean is large next to the spread, which residual streams often are.
+template <class T>
+void layer_norm(const RowMatrix<T>& x, const T* weight, const T* bias, double eps, RowMatrix<T>& y) {
+  const Eigen::Index n = x.cols();
+  y.resize(x.rows(), n);
+  for (Eigen::Index r = 0; r < x.rows(); ++r) {
+    const T* in = x.data() + r * n;
+    T* out = y.data() + r * n;
+    double mean = 0;
+    for (Eigen::Index i = 0; i < n; ++i) mean += static_cast<double>(in[i]);
+    mean /= static_cast<double>(n);
+    double var = 0;
+    for (Eigen::Index i = 0; i < n; ++i) {
+      const double d = static_cast<double>(in[i]) - mean;
+      var += d * d;
+    }
+    var /= static_cast<double>(n);
+    const double rstd = 1.0 / std::sqrt(var + eps);
+    for (Eigen::Index i = 0; i < n; ++i) {
+      double v = (static_cast<double>(in[i]) - mean) * rstd;
+      if (weight != nullptr) v = v * static_cast<double>(weight[i]) + static_cast<double>(bias[i]);
+      out[i] = static_cast<T>(v);
+    }
+  }
+}
+
+enum class Activation { relu, gelu, gelu_tanh };
+
+inline Activation parse_activation(const std::string& name) {
+  if (name == "gelu") return Activation::gelu;
+  if (name == "gelu_new") return Activation::gelu_tanh;
+  return Activation::relu;  // OPTConfig::validate() has rejected anything else
+}
+
+template <class T>
+void activate(RowMatrix<T>& x, Activation kind) {
+  T* p = x.data();
+  const Eigen::Index n = x.size();
+  switch (kind) {
+    case Activation::relu:
+      for (Eigen::Index i = 0; i < n; ++i) p[i] = p[i] > T(0) ? p[i] : T(0);
+      return;
+    case Activation::gelu:  // x * Phi(x), the erf form torch's nn.GELU() computes
+      for (Eigen::Index i = 0; i < n; ++i)
+        p[i] = static_cast<T>(0.5 * p[i] * (1.0 + std::erf(static_cast<double>(p[i]) * M_SQRT1_2)));
+      return;
+    case Activation::gelu_tanh:  // HF's NewGELUActivation
+      for (Eigen::Index i = 0; i < n; ++i) {
+        const double v = p[i];
+        p[i] = static_cast<T>(0.5 * v * (1.0 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))));
+      }
+      return;
+  }
+}
+
+/// Causal multi-head self-attention over `batch` sequences of `seq` tokens each.
+/// q, k, v, context: [batch * seq, heads * head_dim]; key_mask[b * seq + j] != 0 when token j
+/// of sequence b may be attended to. Query i attends to keys j <= i that are not masked.
+///
+/// A query with no visible key (a left-padding position: it sees only padding) gets a zero
+/// context instead of the NaN of 0/0. Its output is never used: HF ignores such positions
+/// (their labels are -100 and their logits are not compared), and no unmasked query ever
+/// attends to them.
+template <class T>
+void causal_attention(const RowMatrix<T>& q, const RowMatrix<T>& k, const RowMatrix<T>& v,
+                      std::size_t batch, std::size_t seq, std::size_t heads,
+                      const std::uint8_t* key_mask, RowMatrix<T>& scores, RowMatrix<T>& context) {
+  const Eigen::Index hidden = q.cols();
+  const Eigen::Index head_dim = hidden / static_cast<Eigen::Index>(heads);
+  const Eigen::Index s = static_cast<Eigen::Index>(seq);
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  context.resize(q.rows(), hidden);
+  scores.resize(s, s);
+  for (std::size_t b = 0; b < batch; ++b) {
+    const Eigen::Index row0 = static_cast<Eigen::Index>(b) * s;
+    const std::uint8_t* visible = key_mask + b * seq;
+    for (std::size_t h = 0; h < heads; ++h) {
+      const Eigen::Index col0 = static_cast<Eigen::Index>(h) * head_dim;
+      scores.noalias() = q.block(row0, col0, s, head_dim) * k.block(row0, col0, s, head_dim).transpose();
+      for (Eigen::Index i = 0; i < s; ++i) {
+        T* row = scores.data() + i * s;
+        T max_score = -std::numeric_limits<T>::infinity();
+        for (Eigen::Index j = 0; j <= i; ++j)
+          if (visible[j]) max_score = std::max(max_score, row[j] * scale);
+        if (max_score == -std::numeric_limits<T>::infinity()) {  // nothing visible
+          std::fill(row, row + s, T(0));
+          continue;
+        }
+        double sum = 0;
+        for (Eigen::Index j = 0; j <= i; ++j) {
+          const T p = visible[j] ? static_cast<T>(std::exp(row[j] * scale - max_score)) : T(0);
+          row[j] = p;
+          sum += static_cast<double>(p);
+        }
+        const T inv = static_cast<T>(1.0 / sum);
+        for (Eigen::Index j = 0; j <= i; ++j) row[j] *= inv;
+        std::fill(row + i + 1, row + s, T(0));
+      }
+      context.block(row0, col0, s, head_dim).noalias() = scores * v.block(row0, col0, s, head_dim);
+    }
+  }
+}
+
+/// log(sum_j exp(x_j)) of one row, in double.
+template <class T>
+double log_sum_exp(const T* x, Eigen::Index n) {
+  double max_value = -std::numeric_limits<double>::infinity();
+  for (Eigen::Index j = 0; j < n; ++j) max_value = std::max(max_value, static_cast<double>(x[j]));
+  if (!std::isfinite(max_value)) return max_value;  // inf or NaN propagates; -inf row stays -inf
+  double sum = 0;
+  for (Eigen::Index j = 0; j < n; ++j) sum += std::exp(static_cast<double>(x[j]) - max_value);
+  return max_value + std::log(sum);
+}
+
+}  // namespace zo2::opt::kernels
