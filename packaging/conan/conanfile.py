@@ -40,7 +40,7 @@ class Zo2Conan(ConanFile):
     name = "zo2"
     description = ("Header-only C++20 zeroth-order (MeZO-SGD) full-parameter fine-tuning with "
                    "host-memory offloading of transformer blocks")
-    license = "see LICENSE in the source tree"
+    license = "Apache-2.0"
     topics = ("mezo", "zeroth-order", "fine-tuning", "offloading", "header-only", "cuda")
     package_type = "header-library"
     settings = "os", "arch", "compiler", "build_type"
