@@ -101,10 +101,11 @@ void activate(RowMatrix<T>& x, Activation kind) {
 /// q, k, v, context: [batch * seq, heads * head_dim]; key_mask[b * seq + j] != 0 when token j
 /// of sequence b may be attended to. Query i attends to keys j <= i that are not masked.
 ///
-/// A query with no visible key (a left-padding position: it sees only padding) gets a zero
-/// context instead of the NaN of 0/0. Its output is never used: HF ignores such positions
-/// (their labels are -100 and their logits are not compared), and no unmasked query ever
-/// attends to them.
+/// A query with no visible key (a left-padding position sees only padding) attends uniformly
+/// to all `seq` keys of its sequence, as transformers' eager attention does: there every score
+/// of such a row is the dtype's minimum, so the softmax is flat. This matters beyond avoiding
+/// 0/0: the last padding position predicts the first real token, and HF's causal-LM loss counts
+/// that prediction when its label is not -100.
 template <class T>
 void causal_attention(const RowMatrix<T>& q, const RowMatrix<T>& k, const RowMatrix<T>& v,
                       std::size_t batch, std::size_t seq, std::size_t heads,
@@ -127,7 +128,7 @@ void causal_attention(const RowMatrix<T>& q, const RowMatrix<T>& k, const RowMat
         for (Eigen::Index j = 0; j <= i; ++j)
           if (visible[j]) max_score = std::max(max_score, row[j] * scale);
         if (max_score == -std::numeric_limits<T>::infinity()) {  // nothing visible
-          std::fill(row, row + s, T(0));
+          std::fill(row, row + s, static_cast<T>(1.0 / static_cast<double>(s)));
           continue;
         }
         double sum = 0;
