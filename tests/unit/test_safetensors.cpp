@@ -401,6 +401,7 @@ TEST_CASE("malformed safetensors files are refused with the file and tensor name
       {"offsets vs shape", R"({"w.bad": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}})", 24, "w.bad", "needs 24"},
       {"bf16 size", R"({"w.bad": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 16]}})", 16, "w.bad", "needs 8"},
       {"hostile shape", R"({"w.bad": {"dtype": "F64", "shape": [4611686018427387904, 4611686018427387904], "data_offsets": [0, 8]}})", 8, "w.bad", "needs"},
+      {"shape wrapping to 0 bytes", R"({"w.wrap": {"dtype": "F32", "shape": [1099511627776, 1099511627776], "data_offsets": [0, 0]}})", 0, "w.wrap", "more than the file holds"},
       {"overlap", R"({"w.first": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "w.second": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}})", 20, "w.second", "overlap"},
       {"overlap behind an empty tensor", R"({"a.big": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}, "b.empty": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]}, "c.late": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})", 32, "c.late", "overlap"},
       {"metadata not strings", R"({"__metadata__": {"step": 3}})", 0, nullptr, "__metadata__"},
@@ -415,6 +416,16 @@ TEST_CASE("malformed safetensors files are refused with the file and tensor name
     if (c.tensor != nullptr) CHECK(message.find(c.tensor) != std::string::npos);
     CHECK(message.find(c.reason) != std::string::npos);
   }
+}
+
+TEST_CASE("a huge shape with a zero extent is an empty tensor, not an overflow") {
+  TempDir dir;
+  const fs::path path = dir / "zero.safetensors";
+  write_raw_safetensors(
+      path, R"({"w.zero": {"dtype": "F32", "shape": [4611686018427387904, 4611686018427387904, 0], "data_offsets": [0, 0]}})", 0);
+  const SafetensorsFile file = SafetensorsFile::open(path);
+  CHECK(file.entry("w.zero").bytes.empty());
+  CHECK(file.entry("w.zero").numel() == 0);
 }
 
 TEST_CASE("truncated and mislabelled files are refused with the file named") {

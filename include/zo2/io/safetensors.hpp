@@ -285,14 +285,25 @@ class SafetensorsFile {
       if (!info.contains("shape") || !info["shape"].is_array()) {
         fail_tensor(name, "missing or non-array \"shape\"");
       }
-      // Count bytes in 128 bits so a hostile shape cannot wrap around to a small size.
-      unsigned __int128 expected_bytes = dtype_size(e.dtype);
+      // A hostile shape must not wrap the byte count around to a small number: stop
+      // multiplying once the product passes the data size (unless a later extent is 0).
+      std::uint64_t expected_bytes = dtype_size(e.dtype);
+      bool exceeds_data = false, has_zero_extent = false;
       for (const auto& dim : info["shape"]) {
         const std::uint64_t extent = detail::json_to_u64(dim, path_, "tensor '" + name + "': shape entry");
         if (extent > static_cast<std::uint64_t>(INT64_MAX)) fail_tensor(name, "shape entry too large");
         e.shape.push_back(static_cast<std::int64_t>(extent));
-        expected_bytes *= extent;
-        if (expected_bytes > data.size()) expected_bytes = static_cast<unsigned __int128>(data.size()) + 1;
+        if (extent == 0) has_zero_extent = true;
+        if (exceeds_data || extent == 0) continue;
+        if (expected_bytes > data.size() / extent) {
+          exceeds_data = true;
+        } else {
+          expected_bytes *= extent;
+        }
+      }
+      if (has_zero_extent) {
+        expected_bytes = 0;
+        exceeds_data = false;
       }
 
       if (!info.contains("data_offsets") || !info["data_offsets"].is_array() ||
@@ -312,10 +323,9 @@ class SafetensorsFile {
                               " lies beyond the data section of " + std::to_string(data.size()) +
                               " bytes (file truncated or offsets out of range)");
       }
-      if (expected_bytes != end - begin) {
-        const std::string expected = expected_bytes > data.size()
-                                         ? std::string("more than the file holds")
-                                         : std::to_string(static_cast<std::uint64_t>(expected_bytes));
+      if (exceeds_data || expected_bytes != end - begin) {
+        const std::string expected =
+            exceeds_data ? std::string("more than the file holds") : std::to_string(expected_bytes);
         fail_tensor(name, "data_offsets span " + std::to_string(end - begin) + " bytes but shape x " +
                               dtype_text + " needs " + expected);
       }
