@@ -1,0 +1,293 @@
+// zo2/offload/codecs.hpp -- what a block's master rests as in host memory and crosses PCIe as.
+//
+// The offload engine moves each block over PCIe once per step, so the bytes per parameter of the
+// resting format set the step's floor (OPT-6.7B: 27 GB in fp32, 13 GB in bf16, 6.7 GB in int8).
+// A codec is chosen per run:
+//
+//   Fp32Codec      4 B/param, exact.
+//   Bf16Codec      2 B/param, stochastic rounding (SR) when an update is written.
+//   Fp16Codec      2 B/param, SR on write (range +-65504; subnormals round to nearest).
+//   Int8RowCodec   1 B/param + one float scale per row, SR on write.
+//
+// Why SR on every lossy write: a MeZO update (lr * g * z ~ 1e-7) is far below one ulp of any
+// 8- or 16-bit format; round-to-nearest would drop it every time. SR keeps E[decoded] equal to
+// the exact value, so the expected trajectory is the fp32 one. The SR bits of element j of
+// tensor k at step t are Philox(seed, t, k | kRoundingStream, j/4) word j%4 -- the same words
+// the CPU perturber uses, so Bf16Codec on the GPU reproduces Resident<bfloat16, float>.
+//
+// A group's encoded flat buffer (`GroupCodec<C>::bytes()` bytes):
+//
+//   [0, payload_bytes)          element j of tensor r at byte (layout.offset(r) + j) * C::element_bytes
+//                               -- the ParamLayout's offsets, padding included, so one copy moves
+//                               a block and kernels index payload exactly as they index floats;
+//   [scales_offset, bytes)      row-scaled codecs only: one float per row, tensors in layout
+//                               order, tensor r's rows starting at row index first_row(r);
+//                               scales_offset = payload rounded up to 16 bytes.
+//
+// Rows (row-scaled codecs): a tensor of rank >= 2 has shape[0] rows of numel / shape[0]
+// elements (the leading dim: one scale per output feature of a Linear weight); a rank-1 tensor
+// (bias, LayerNorm gain) is a single row. Scale = absmax(row) / 127; code q in [-127, 127];
+// value = q * scale. An all-zero row has scale 0 and decodes to exact zeros.
+//
+// Host functions (GroupCodec) validate their arguments and throw zo2::Error; the ZO2_HD element
+// functions (C::load / C::store) trust their caller, as kernels must.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <zo2/core/error.hpp>
+#include <zo2/core/half_types.hpp>
+#include <zo2/core/param_layout.hpp>
+#include <zo2/core/platform.hpp>
+
+namespace zo2::offload {
+
+namespace detail {
+ZO2_HD ZO2_FORCEINLINE float floor_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return floorf(x);
+#else
+  return std::floor(x);
+#endif
+}
+ZO2_HD ZO2_FORCEINLINE float rint_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);
+#endif
+}
+/// 24 random bits -> u in [0, 1), exactly representable.
+ZO2_HD ZO2_FORCEINLINE float unit_uniform(std::uint32_t bits) {
+  return static_cast<float>(bits >> 8) * 5.9604644775390625e-08f;  // 2^-24
+}
+}  // namespace detail
+
+/// fp32: the exact format. `stochastic` and the random bits are ignored.
+struct Fp32Codec {
+  static constexpr const char* name = "fp32";
+  static constexpr std::size_t element_bytes = 4;
+  static constexpr bool row_scaled = false;
+  ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
+    return reinterpret_cast<const float*>(payload)[j];
+  }
+  ZO2_HD ZO2_FORCEINLINE static void store(unsigned char* payload, std::size_t j, float v,
+                                           std::uint32_t, bool) {
+    reinterpret_cast<float*>(payload)[j] = v;
+  }
+};
+
+/// bf16: 8 significant bits; SR with 16 random bits (see half_types.hpp).
+struct Bf16Codec {
+  static constexpr const char* name = "bf16";
+  static constexpr std::size_t element_bytes = 2;
+  static constexpr bool row_scaled = false;
+  ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
+    return to_float(reinterpret_cast<const bfloat16*>(payload)[j]);
+  }
+  ZO2_HD ZO2_FORCEINLINE static void store(unsigned char* payload, std::size_t j, float v,
+                                           std::uint32_t bits, bool stochastic) {
+    reinterpret_cast<bfloat16*>(payload)[j] = stochastic ? to_bfloat16_stochastic(v, bits) : to_bfloat16(v);
+  }
+};
+
+/// fp16: 11 significant bits, range +-65504; SR with 13 random bits in the normal range.
+struct Fp16Codec {
+  static constexpr const char* name = "fp16";
+  static constexpr std::size_t element_bytes = 2;
+  static constexpr bool row_scaled = false;
+  ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
+    return to_float(reinterpret_cast<const float16*>(payload)[j]);
+  }
+  ZO2_HD ZO2_FORCEINLINE static void store(unsigned char* payload, std::size_t j, float v,
+                                           std::uint32_t bits, bool stochastic) {
+    reinterpret_cast<float16*>(payload)[j] = stochastic ? to_float16_stochastic(v, bits) : to_float16(v);
+  }
+};
+
+/// int8 with one absmax scale per row; SR with 24 random bits: q = floor(v / scale + u).
+struct Int8RowCodec {
+  static constexpr const char* name = "int8";
+  static constexpr std::size_t element_bytes = 1;
+  static constexpr bool row_scaled = true;
+  static constexpr float kMaxCode = 127.0f;
+
+  /// The scale of a row whose largest magnitude is `absmax` (finite, >= 0). Zero rows get 0;
+  /// rows so tiny that absmax / 127 underflows keep the smallest positive scale, so they round
+  /// (stochastically) to multiples of it instead of dividing by zero.
+  ZO2_HD ZO2_FORCEINLINE static float scale_for(float absmax) {
+    if (!(absmax > 0.0f)) return 0.0f;
+    const float s = absmax / kMaxCode;
+    return s > 0.0f ? s : 1.401298464324817e-45f;  // the smallest subnormal
+  }
+  ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j, float scale) {
+    return static_cast<float>(reinterpret_cast<const std::int8_t*>(payload)[j]) * scale;
+  }
+  ZO2_HD ZO2_FORCEINLINE static void store(unsigned char* payload, std::size_t j, float v, float scale,
+                                           std::uint32_t bits, bool stochastic) {
+    float q = 0.0f;
+    if (scale > 0.0f) {
+      const float x = v / scale;
+      q = stochastic ? detail::floor_f(x + detail::unit_uniform(bits)) : detail::rint_f(x);
+      q = q > kMaxCode ? kMaxCode : (q < -kMaxCode ? -kMaxCode : q);
+    }
+    reinterpret_cast<std::int8_t*>(payload)[j] = static_cast<std::int8_t>(q);
+  }
+};
+
+template <class C>
+concept ElementCodec = requires {
+  { C::name } -> std::convertible_to<const char*>;
+  { C::element_bytes } -> std::convertible_to<std::size_t>;
+  { C::row_scaled } -> std::convertible_to<bool>;
+};
+
+/// Where tensor r of a group lives in the encoded buffer: shared by host code and kernels.
+struct CodecTensor {
+  std::size_t offset;     // first element (the ParamLayout offset)
+  std::size_t numel;
+  std::size_t rows;       // 1 for rank-1 tensors
+  std::size_t row_len;    // numel / rows
+  std::size_t first_row;  // index of its first scale (row-scaled codecs)
+};
+
+/// Rows of a tensor under the row-scaled codecs (see the header comment).
+inline std::size_t codec_rows(const TensorSpec& spec) {
+  return spec.shape.size() >= 2 ? static_cast<std::size_t>(spec.shape[0]) : 1;
+}
+
+/// The encoded form of one group (a ParamLayout) under codec C: size, geometry, and host
+/// encode / decode of one tensor or the whole group.
+template <ElementCodec C>
+class GroupCodec {
+ public:
+  GroupCodec() = default;
+  explicit GroupCodec(const ParamLayout& layout) : total_(layout.total_elements()) {
+    std::size_t row = 0;
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+      const TensorSpec& spec = layout.spec(r);
+      const std::size_t rows = codec_rows(spec);
+      tensors_.push_back(CodecTensor{layout.offset(r), spec.numel(), rows, spec.numel() / rows, row});
+      row += rows;
+    }
+    rows_ = row;
+    scales_offset_ = round16(total_ * C::element_bytes);
+    bytes_ = scales_offset_ + (C::row_scaled ? round16(rows_ * sizeof(float)) : 0);
+  }
+
+  /// Bytes of one encoded group: what rests in host memory and crosses PCIe.
+  std::size_t bytes() const { return bytes_; }
+  /// Byte offset of the float scales (row-scaled codecs; equals the payload size otherwise).
+  std::size_t scales_offset() const { return scales_offset_; }
+  std::size_t total_rows() const { return rows_; }
+  std::size_t total_elements() const { return total_; }
+  std::size_t num_tensors() const { return tensors_.size(); }
+  const CodecTensor& tensor(std::size_t r) const {
+    if (r >= tensors_.size())
+      throw Error(std::string("codec ") + C::name + ": tensor index " + std::to_string(r) +
+                  " out of range (" + std::to_string(tensors_.size()) + " tensors)");
+    return tensors_[r];
+  }
+  const std::vector<CodecTensor>& tensors() const { return tensors_; }
+
+  /// Encodes tensor r from `values` (numel floats). `random_words` is empty (round to nearest)
+  /// or numel words (stochastic rounding, word j for element j).
+  void encode(std::size_t r, std::span<const float> values, std::span<const std::uint32_t> random_words,
+              std::span<unsigned char> block) const {
+    const CodecTensor& t = tensor(r);
+    check_block(block.size(), "encode");
+    if (values.size() != t.numel)
+      throw Error(std::string("codec ") + C::name + ": encode of tensor " + std::to_string(r) + " got " +
+                  std::to_string(values.size()) + " values, expected " + std::to_string(t.numel));
+    const bool stochastic = !random_words.empty();
+    if (stochastic && random_words.size() != t.numel)
+      throw Error(std::string("codec ") + C::name + ": encode of tensor " + std::to_string(r) + " got " +
+                  std::to_string(random_words.size()) + " random words, expected 0 or " +
+                  std::to_string(t.numel));
+    unsigned char* payload = block.data() + t.offset * C::element_bytes;
+    if constexpr (C::row_scaled) {
+      float* scales = reinterpret_cast<float*>(block.data() + scales_offset_);
+      for (std::size_t row = 0; row < t.rows; ++row) {
+        float absmax = 0.0f;
+        for (std::size_t k = 0; k < t.row_len; ++k) {
+          const float v = values[row * t.row_len + k];
+          if (!std::isfinite(v))
+            throw Error(std::string("codec ") + C::name + ": tensor " + std::to_string(r) + " row " +
+                        std::to_string(row) + " holds a non-finite value, which per-row scales cannot encode");
+          absmax = std::fmax(absmax, std::fabs(v));
+        }
+        const float scale = C::scale_for(absmax);
+        scales[t.first_row + row] = scale;
+        for (std::size_t k = 0; k < t.row_len; ++k) {
+          const std::size_t j = row * t.row_len + k;
+          C::store(payload, j, values[j], scale, stochastic ? random_words[j] : 0u, stochastic);
+        }
+      }
+    } else {
+      for (std::size_t j = 0; j < t.numel; ++j)
+        C::store(payload, j, values[j], stochastic ? random_words[j] : 0u, stochastic);
+    }
+  }
+
+  /// Decodes tensor r into `out` (numel floats).
+  void decode(std::size_t r, std::span<const unsigned char> block, std::span<float> out) const {
+    const CodecTensor& t = tensor(r);
+    check_block(block.size(), "decode");
+    if (out.size() != t.numel)
+      throw Error(std::string("codec ") + C::name + ": decode of tensor " + std::to_string(r) + " into " +
+                  std::to_string(out.size()) + " floats, expected " + std::to_string(t.numel));
+    const unsigned char* payload = block.data() + t.offset * C::element_bytes;
+    if constexpr (C::row_scaled) {
+      const float* scales = reinterpret_cast<const float*>(block.data() + scales_offset_);
+      for (std::size_t row = 0; row < t.rows; ++row)
+        for (std::size_t k = 0; k < t.row_len; ++k)
+          out[row * t.row_len + k] = C::load(payload, row * t.row_len + k, scales[t.first_row + row]);
+    } else {
+      for (std::size_t j = 0; j < t.numel; ++j) out[j] = C::load(payload, j);
+    }
+  }
+
+  /// Whole group from / to a float flat buffer laid out by the same ParamLayout (round to
+  /// nearest: this is how initial weights enter and checkpoints leave). Padding encodes as 0.
+  void encode_group(std::span<const float> flat, std::span<unsigned char> block) const {
+    check_flat(flat.size(), "encode_group");
+    check_block(block.size(), "encode_group");
+    std::memset(block.data(), 0, block.size());
+    for (std::size_t r = 0; r < tensors_.size(); ++r)
+      encode(r, flat.subspan(tensors_[r].offset, tensors_[r].numel), {}, block);
+  }
+  void decode_group(std::span<const unsigned char> block, std::span<float> flat) const {
+    check_flat(flat.size(), "decode_group");
+    check_block(block.size(), "decode_group");
+    std::fill(flat.begin(), flat.end(), 0.0f);
+    for (std::size_t r = 0; r < tensors_.size(); ++r)
+      decode(r, block, flat.subspan(tensors_[r].offset, tensors_[r].numel));
+  }
+
+ private:
+  static std::size_t round16(std::size_t n) { return (n + 15) / 16 * 16; }
+  void check_block(std::size_t size, const char* what) const {
+    if (size != bytes_)
+      throw Error(std::string("codec ") + C::name + ": " + what + " got a block buffer of " +
+                  std::to_string(size) + " bytes, the layout needs " + std::to_string(bytes_));
+  }
+  void check_flat(std::size_t size, const char* what) const {
+    if (size != total_)
+      throw Error(std::string("codec ") + C::name + ": " + what + " got " + std::to_string(size) +
+                  " floats, the layout has " + std::to_string(total_) + " elements");
+  }
+
+  std::vector<CodecTensor> tensors_;
+  std::size_t total_ = 0, rows_ = 0, scales_offset_ = 0, bytes_ = 0;
+};
+
+}  // namespace zo2::offload

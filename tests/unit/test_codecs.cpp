@@ -1,0 +1,238 @@
+// The offload codecs against float64: round-trip error bounds per codec, unbiasedness of
+// stochastic rounding, per-row scales of awkward rows, and argument checking.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <zo2/core/philox.hpp>
+#include <zo2/offload/codecs.hpp>
+
+using namespace zo2;
+using namespace zo2::offload;
+
+namespace {
+
+/// Random non-zero values over several orders of magnitude (as weights are: 1e-3 .. 1).
+std::vector<double> random_values(std::size_t n, unsigned seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_real_distribution<double> log_scale(-3.0, 0.0);
+  std::vector<double> v(n);
+  for (auto& x : v) {
+    do x = normal(rng) * std::pow(10.0, log_scale(rng));
+    while (x == 0.0);
+  }
+  return v;
+}
+
+std::vector<std::uint32_t> random_words(std::size_t n, std::uint32_t step) {
+  std::vector<std::uint32_t> w(n);
+  for (std::size_t j = 0; j < n; ++j) w[j] = philox_words(1234, step, kRoundingStream | 7, j / 4).v[j % 4];
+  return w;
+}
+
+ParamLayout test_layout() {
+  ParamLayout l;
+  l.add("weight", {48, 37});  // rows of 37: not a multiple of 4 or 32
+  l.add("bias", {48}, false);
+  l.add("conv", {3, 4, 5});
+  return l;
+}
+
+/// Encodes each tensor of a layout from float64 data, decodes, and returns max |err| / bound
+/// where bound(j) is the codec's per-element guarantee.
+template <class C, class Bound>
+double worst_ratio(bool stochastic, Bound bound) {
+  const ParamLayout layout = test_layout();
+  const GroupCodec<C> codec(layout);
+  std::vector<unsigned char> block(codec.bytes());
+  double worst = 0;
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+    const std::size_t n = layout.spec(r).numel();
+    const auto ref = random_values(n, 10 + static_cast<unsigned>(r));
+    std::vector<float> values(ref.begin(), ref.end());
+    const auto words = stochastic ? random_words(n, static_cast<std::uint32_t>(r)) : std::vector<std::uint32_t>{};
+    codec.encode(r, values, words, block);
+    std::vector<float> out(n);
+    codec.decode(r, block, out);
+    const CodecTensor& t = codec.tensor(r);
+    for (std::size_t row = 0; row < t.rows; ++row) {
+      double absmax = 0;
+      for (std::size_t k = 0; k < t.row_len; ++k) absmax = std::max(absmax, std::fabs(ref[row * t.row_len + k]));
+      for (std::size_t k = 0; k < t.row_len; ++k) {
+        const std::size_t j = row * t.row_len + k;
+        worst = std::max(worst, std::fabs(static_cast<double>(out[j]) - ref[j]) / bound(ref[j], absmax));
+      }
+    }
+  }
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("block sizes: payload at the layout's offsets, scales after it") {
+  const ParamLayout layout = test_layout();
+  CHECK(GroupCodec<Fp32Codec>(layout).bytes() == layout.total_elements() * 4);
+  CHECK(GroupCodec<Bf16Codec>(layout).bytes() == layout.total_elements() * 2);
+  CHECK(GroupCodec<Fp16Codec>(layout).bytes() == layout.total_elements() * 2);
+  const GroupCodec<Int8RowCodec> int8(layout);
+  CHECK(int8.total_rows() == 48 + 1 + 3);
+  CHECK(int8.scales_offset() == (layout.total_elements() + 15) / 16 * 16);
+  CHECK(int8.bytes() == int8.scales_offset() + (52 * 4 + 15) / 16 * 16);
+  CHECK(int8.tensor(2).first_row == 49);
+  CHECK(int8.tensor(2).row_len == 20);
+}
+
+TEST_CASE("round trip vs float64, round to nearest") {
+  // float64 -> float costs 2^-24 relative; each format's half ulp comes on top.
+  const auto rel = [](double e) { return [e](double v, double) { return std::fabs(v) * (e + 0x1p-24); }; };
+  CHECK(worst_ratio<Fp32Codec>(false, rel(0)) <= 1.0);
+  CHECK(worst_ratio<Bf16Codec>(false, rel(0x1p-8)) <= 1.0);  // 8 significant bits
+  CHECK(worst_ratio<Fp16Codec>(false, [](double v, double) {
+          // normal range: half ulp relative; below 2^-14 the subnormal spacing 2^-24 applies.
+          return std::fabs(v) * (0x1p-11 + 0x1p-24) + 0x1p-25;
+        }) <= 1.0);
+  CHECK(worst_ratio<Int8RowCodec>(false, [](double, double absmax) { return absmax / 127 * (0.5 + 1e-5); }) <= 1.0);
+}
+
+TEST_CASE("round trip vs float64, stochastic rounding: strictly within one step of the format") {
+  const auto rel = [](double e) { return [e](double v, double) { return std::fabs(v) * (e + 0x1p-24); }; };
+  CHECK(worst_ratio<Fp32Codec>(true, rel(0)) <= 1.0);
+  CHECK(worst_ratio<Bf16Codec>(true, rel(0x1p-7)) < 1.0);
+  CHECK(worst_ratio<Fp16Codec>(true, [](double v, double) { return std::fabs(v) * (0x1p-10 + 0x1p-24) + 0x1p-24; }) < 1.0);
+  const double int8 = worst_ratio<Int8RowCodec>(true, [](double, double absmax) { return absmax / 127 * (1 + 1e-5); });
+  CHECK(int8 < 1.0);
+  CHECK(int8 > 0.5);  // SR does move values by more than half a step: it is not round-to-nearest
+}
+
+TEST_CASE("int8 stochastic rounding is unbiased; round-to-nearest is not") {
+  // One row with its absmax fixed at 1 (scale 1/127) and values at fractions of a step.
+  ParamLayout layout;
+  layout.add("w", {1, 64});
+  const GroupCodec<Int8RowCodec> codec(layout);
+  std::vector<double> ref(64);
+  ref[0] = 1.0;
+  for (std::size_t k = 1; k < 64; ++k) ref[k] = (static_cast<double>(k) - 31.7) / 127.0 * 0.93 + 0.0013;
+  const std::vector<float> values(ref.begin(), ref.end());
+  std::vector<double> sum(64, 0.0);
+  std::vector<unsigned char> block(codec.bytes());
+  std::vector<float> out(64);
+  const int trials = 20000;
+  for (int t = 0; t < trials; ++t) {
+    codec.encode(0, values, random_words(64, static_cast<std::uint32_t>(t)), block);
+    codec.decode(0, block, out);
+    for (std::size_t k = 0; k < 64; ++k) sum[k] += out[k];
+  }
+  const double step = 1.0 / 127.0;
+  double worst_sr = 0, worst_rne = 0;
+  codec.encode(0, values, {}, block);
+  codec.decode(0, block, out);
+  for (std::size_t k = 0; k < 64; ++k) {
+    // Standard error of the mean is at most step * 0.5 / sqrt(trials) = 0.0035 step.
+    worst_sr = std::max(worst_sr, std::fabs(sum[k] / trials - ref[k]) / step);
+    worst_rne = std::max(worst_rne, std::fabs(out[k] - ref[k]) / step);
+  }
+  CHECK(worst_sr < 0.02);
+  CHECK(worst_rne > 0.3);
+}
+
+TEST_CASE("bf16 stochastic rounding keeps a sub-ulp difference on average") {
+  ParamLayout layout;
+  layout.add("w", {256});
+  const GroupCodec<Bf16Codec> codec(layout);
+  const float base = to_float(to_bfloat16(0.02f)), delta = 1e-7f;  // ~1e-3 of a bf16 ulp
+  const std::vector<float> values(256, base + delta);
+  std::vector<unsigned char> block(codec.bytes());
+  std::vector<float> out(256);
+  double mean = 0;
+  const int trials = 400;
+  for (int t = 0; t < trials; ++t) {
+    codec.encode(0, values, random_words(256, static_cast<std::uint32_t>(t)), block);
+    codec.decode(0, block, out);
+    for (float v : out) mean += v;
+  }
+  mean /= trials * 256.0;
+  const double exact = static_cast<double>(base + delta);
+  const double ulp = 0x1p-13;
+  // 102400 draws with p ~ 0.001 (values base or base + ulp): SE of the mean ~ ulp * 1e-4.
+  CHECK(std::fabs(mean - exact) < ulp * 6e-4);
+  codec.encode(0, values, {}, block);
+  codec.decode(0, block, out);
+  CHECK(out[0] == base);  // RNE loses the difference
+}
+
+TEST_CASE("int8 scales: all-equal rows, zero rows, tiny rows, subnormal rows") {
+  ParamLayout layout;
+  layout.add("w", {5, 33});
+  const GroupCodec<Int8RowCodec> codec(layout);
+  std::vector<float> values(5 * 33);
+  for (std::size_t k = 0; k < 33; ++k) {
+    values[0 * 33 + k] = 0.731f;                          // all equal, positive
+    values[1 * 33 + k] = -2.5e3f;                         // all equal, negative
+    values[2 * 33 + k] = 0.0f;                            // all zero
+    values[3 * 33 + k] = 1e-30f * (1.0f + 0.01f * k);     // tiny, normal floats
+    values[4 * 33 + k] = 3e-44f * static_cast<float>(k % 5);  // subnormal (absmax/127 underflows)
+  }
+  std::vector<unsigned char> block(codec.bytes());
+  std::vector<float> out(values.size());
+  for (int stochastic = 0; stochastic < 2; ++stochastic) {
+    CAPTURE(stochastic);
+    codec.encode(0, values, stochastic ? random_words(values.size(), 3) : std::vector<std::uint32_t>{}, block);
+    codec.decode(0, block, out);
+    const float* scales = reinterpret_cast<const float*>(block.data() + codec.scales_offset());
+    for (std::size_t k = 0; k < 33; ++k) {
+      CHECK(out[k] == doctest::Approx(0.731).epsilon(1e-6));  // code 127 * scale
+      CHECK(out[33 + k] == doctest::Approx(-2.5e3).epsilon(1e-6));
+      CHECK(out[66 + k] == 0.0f);
+      CHECK(std::fabs(out[99 + k] - values[99 + k]) <= scales[3] * 1.0001f);
+      CHECK(std::isfinite(out[132 + k]));
+      CHECK(std::fabs(out[132 + k] - values[132 + k]) <= 2 * scales[4]);
+    }
+    CHECK(scales[2] == 0.0f);
+    CHECK(scales[3] > 0.0f);
+    CHECK(scales[4] > 0.0f);
+  }
+}
+
+TEST_CASE("whole-group encode/decode, padding zeroed") {
+  const ParamLayout layout = test_layout();
+  const GroupCodec<Int8RowCodec> codec(layout);
+  std::vector<float> flat(layout.total_elements(), 0.0f);
+  const auto ref = random_values(flat.size(), 5);
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+    for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) flat[layout.offset(r) + j] = static_cast<float>(ref[layout.offset(r) + j]);
+  std::vector<unsigned char> block(codec.bytes(), 0xAB);
+  codec.encode_group(flat, block);
+  std::vector<float> back(flat.size(), 9.0f);
+  codec.decode_group(block, back);
+  for (std::size_t j = 0; j < flat.size(); ++j) CHECK(std::fabs(back[j] - flat[j]) <= 0.02f);
+  // padding after 'weight' (48 * 37 = 1776 -> 1792) decodes to zero
+  CHECK(back[1780] == 0.0f);
+}
+
+TEST_CASE("bad arguments throw with a message") {
+  const ParamLayout layout = test_layout();
+  const GroupCodec<Int8RowCodec> codec(layout);
+  std::vector<unsigned char> block(codec.bytes());
+  std::vector<float> values(48 * 37, 1.0f);
+  std::vector<unsigned char> small(codec.bytes() - 1);
+  CHECK_THROWS_WITH_AS(codec.encode(0, values, {}, small), doctest::Contains("block buffer"), Error);
+  CHECK_THROWS_WITH_AS(codec.encode(1, values, {}, block), doctest::Contains("expected 48"), Error);
+  CHECK_THROWS_WITH_AS(codec.encode(7, values, {}, block), doctest::Contains("out of range"), Error);
+  std::vector<std::uint32_t> words(5);
+  CHECK_THROWS_WITH_AS(codec.encode(0, values, words, block), doctest::Contains("random words"), Error);
+  values[40] = std::nanf("");
+  CHECK_THROWS_WITH_AS(codec.encode(0, values, {}, block), doctest::Contains("non-finite"), Error);
+  values[40] = INFINITY;
+  CHECK_THROWS_AS(codec.encode(0, values, {}, block), Error);
+  std::vector<float> out(3);
+  CHECK_THROWS_AS(codec.decode(0, block, out), Error);
+  std::vector<float> flat(10);
+  CHECK_THROWS_WITH_AS(codec.encode_group(flat, block), doctest::Contains("elements"), Error);
+  const GroupCodec<Bf16Codec> bf16(layout);
+  std::vector<float> ok(48 * 37, 1.0f);
+  CHECK_THROWS_AS(bf16.encode(0, ok, {}, block), Error);  // an int8-sized buffer
+}
