@@ -1,0 +1,418 @@
+// zo2/backend/cuda/perturb.cuh -- MeZO's perturbation and update on the device: one launch per
+// parameter group, doing exactly what cpu::Perturber does element for element.
+//
+// Why one launch per group: a group is one flat buffer (param_layout.hpp), so the whole fused
+// pass over a transformer block (16 tensors or so) is one kernel, not 16, and the launch cost
+// does not grow with the number of tensors. The kernel walks the group in 16-byte vectors of
+// the storage type; a small device table of (offset, numel, index, weight-decay flag) tells
+// each vector which tensor it belongs to, hence its noise stream and its element index.
+//
+// Why the results match the CPU: the per-element arithmetic is core/zo_element.hpp's and the
+// noise is core/philox.hpp's, the same inline functions the CPU perturber calls. The Philox
+// words, hence the stochastic-rounding bits, are bit-identical; z differs from the host's only
+// by device libm (logf, sincosf) ulps, and float results by that and FMA contraction.
+//
+// Each thread takes whole 16-byte vectors: 4 elements (one Philox quad) for fp32 storage, 8 (two
+// quads) for 16-bit storage, so every Philox call serves 4 elements and no quad is split across
+// threads. Tensor offsets are multiples of kTensorAlignment (32), so vectors never straddle two
+// tensors; the last vector of a tensor may hang into its padding, and only its in-tensor
+// elements are written (the padding of theta, plus and minus is never touched, as on the CPU).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/memory.cuh>
+#include <zo2/core/error.hpp>
+#include <zo2/core/half_types.hpp>
+#include <zo2/core/param_layout.hpp>
+#include <zo2/core/philox.hpp>
+#include <zo2/core/zo_element.hpp>
+#include <zo2/optim/step_types.hpp>
+
+namespace zo2::cuda {
+
+/// One tensor of a group, as the kernels see it.
+struct TensorEntry {
+  std::uint64_t offset;        // first element, from the group's start (multiple of kTensorAlignment)
+  std::uint64_t numel;         // elements, padding excluded
+  std::uint32_t index;         // position in the group: noise stream = first tensor id + index
+  std::uint32_t weight_decay;  // 1 where weight decay applies
+};
+
+/// A group layout's tensor table in device memory. Built once per layout (a model has three:
+/// prologue, block, epilogue); the tensor ids are added at launch from the group's first id.
+class GroupTable {
+ public:
+  GroupTable() = default;
+  explicit GroupTable(const ParamLayout& layout) : total_(layout.total_elements()) {
+    std::vector<TensorEntry> host;
+    host.reserve(layout.num_tensors());
+    for (std::size_t i = 0; i < layout.num_tensors(); ++i) {
+      if (layout.offset(i) % kTensorAlignment != 0)
+        throw ShapeError("tensor '" + layout.spec(i).name + "' is not aligned to kTensorAlignment");
+      host.push_back(TensorEntry{layout.offset(i), layout.spec(i).numel(), static_cast<std::uint32_t>(i),
+                                 layout.spec(i).weight_decay ? 1u : 0u});
+    }
+    count_ = static_cast<std::uint32_t>(host.size());
+    entries_ = DeviceBuffer<TensorEntry>(host.size());
+    if (!host.empty())
+      ZO2_CUDA_CHECK(cudaMemcpy(entries_.data(), host.data(), host.size() * sizeof(TensorEntry),
+                                cudaMemcpyHostToDevice));
+  }
+
+  const TensorEntry* data() const { return entries_.data(); }
+  std::uint32_t size() const { return count_; }
+  /// Elements of the group's flat buffer, padding included (a multiple of kTensorAlignment).
+  std::size_t total_elements() const { return total_; }
+
+ private:
+  DeviceBuffer<TensorEntry> entries_;
+  std::uint32_t count_ = 0;
+  std::size_t total_ = 0;
+};
+
+namespace detail {
+
+enum class Op {
+  kUpdateAndPerturb,  // theta <- update(theta) if pending; out0 = theta + c z, out1 = theta - c z
+  kUpdate,            // theta <- update(theta)
+  kPerturbInto,       // out0 = theta + c z
+  kPerturbInPlace,    // theta <- theta + c z (round to nearest)
+  kConvert,           // out0 = theta
+};
+
+struct KernelArgs {
+  const TensorEntry* table;
+  std::uint32_t num_tensors;
+  std::uint32_t first_tensor_id;
+  std::uint64_t num_vectors;  // group elements / elements per vector
+  std::uint64_t seed;
+  std::uint32_t step;         // step of the perturbation z
+  std::uint32_t update_step;  // step whose z the update uses
+  bool has_update;
+  double c;                   // perturbation scale (eps)
+  double lr, g, wd;           // the update; wd applies only where the tensor's flag is set
+};
+
+template <class X>
+inline constexpr bool is_half_v = std::is_same_v<X, bfloat16> || std::is_same_v<X, float16>;
+
+template <class X>
+ZO2_HD ZO2_FORCEINLINE std::uint32_t bits_of(X x) {
+  if constexpr (std::is_same_v<X, float>) return zo2::detail::float_bits(x);
+  else return x.bits;
+}
+
+template <class X>
+ZO2_HD ZO2_FORCEINLINE X from_bits(std::uint32_t u) {
+  if constexpr (std::is_same_v<X, float>) return zo2::detail::bits_float(u);
+  else return X{static_cast<std::uint16_t>(u)};
+}
+
+/// A value computed in float, in the model's precision T (round to nearest for 16-bit T).
+template <class T, class C>
+ZO2_HD ZO2_FORCEINLINE T to_output(C v) {
+  if constexpr (is_half_v<T>) return from_float<T>(static_cast<float>(v));
+  else return static_cast<T>(v);
+}
+
+/// Loads N values of 2 or 4 bytes from a 16-byte aligned address with 16-byte loads, all issued
+/// before any is used.
+template <class X, int N>
+__device__ ZO2_FORCEINLINE void load_vector(const X* p, X (&out)[N]) {
+  constexpr int kChunks = N * static_cast<int>(sizeof(X)) / 16;
+  static_assert(kChunks >= 1 && N * sizeof(X) == 16 * kChunks);
+  std::uint32_t w[4 * kChunks];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
+    w[4 * c] = raw.x;
+    w[4 * c + 1] = raw.y;
+    w[4 * c + 2] = raw.z;
+    w[4 * c + 3] = raw.w;
+  }
+  if constexpr (sizeof(X) == 4) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = from_bits<X>(w[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = from_bits<X>((w[k / 2] >> (16 * (k % 2))) & 0xffffu);
+  }
+}
+
+/// Stores N values of 2 or 4 bytes (8 or a multiple of 16 bytes in all) with 8- or 16-byte stores.
+template <class X, int N>
+__device__ ZO2_FORCEINLINE void store_vector(X* p, const X (&in)[N]) {
+  constexpr int kWords = N * static_cast<int>(sizeof(X)) / 4;
+  static_assert(kWords == 2 || kWords % 4 == 0);
+  std::uint32_t w[kWords];
+  if constexpr (sizeof(X) == 4) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) w[k] = bits_of(in[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) w[k] = bits_of(in[2 * k]) | (bits_of(in[2 * k + 1]) << 16);
+  }
+  if constexpr (kWords == 2) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < kWords / 4; ++c)
+      reinterpret_cast<uint4*>(p)[c] = make_uint4(w[4 * c], w[4 * c + 1], w[4 * c + 2], w[4 * c + 3]);
+  }
+}
+
+/// Stores in[k] to p[k] for k < valid only (a tensor's last, partial vector).
+template <class X, int N>
+__device__ ZO2_FORCEINLINE void store_partial(X* p, const X (&in)[N], std::uint64_t valid) {
+#pragma unroll
+  for (int k = 0; k < N; ++k)
+    if (static_cast<std::uint64_t>(k) < valid) p[k] = in[k];
+}
+
+template <class X, int N>
+__device__ ZO2_FORCEINLINE void store_masked(X* p, const X (&in)[N], std::uint64_t valid) {
+  if (valid >= static_cast<std::uint64_t>(N)) store_vector(p, in);
+  else store_partial(p, in, valid);
+}
+
+/// The perturbation half of a pass over one vector: z of step a.step for quads q0, q0 + 1, ...
+template <Op op, class S, class T, int V>
+__device__ ZO2_FORCEINLINE void perturb_vector(S* th, T* out0, T* out1, S (&s)[V], const KernelArgs& a,
+                                               std::uint32_t id, std::uint64_t q0, std::uint64_t valid) {
+  using C = compute_t<S>;
+  C tv[V];
+  float zn[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) tv[k] = load(s[k]);
+#pragma unroll
+  for (int q = 0; q < V / 4; ++q) {
+    const Normal4 z = normal4(a.seed, a.step, id, q0 + q);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) zn[4 * q + k] = z.z[k];
+  }
+  if constexpr (op == Op::kPerturbInPlace) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) s[k] = store_rounded<S>(perturbed_value<S>(tv[k], zn[k], a.c), 0, false);
+    store_masked(th, s, valid);
+  } else {
+    T plus[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) plus[k] = to_output<T>(perturbed_value<S>(tv[k], zn[k], a.c));
+    store_masked(out0, plus, valid);
+    if constexpr (op == Op::kUpdateAndPerturb) {
+      T minus[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) minus[k] = to_output<T>(perturbed_value<S>(tv[k], zn[k], -a.c));
+      store_masked(out1, minus, valid);
+    }
+  }
+}
+
+/// One pass of `op` over a group. theta, out0, out1 point at the group's first element and are
+/// 16-byte aligned. Grid-stride over vectors of Chunks x 16 bytes of S; a thread's vectors
+/// increase, so its tensor index only moves forward. V divides kTensorAlignment, so a vector
+/// never straddles two tensors.
+template <Op op, class S, class T, int Chunks>
+__global__ void __launch_bounds__(256) group_kernel(S* __restrict__ theta, T* __restrict__ out0,
+                                                    T* __restrict__ out1, KernelArgs a) {
+  constexpr int V = Chunks * 16 / static_cast<int>(sizeof(S));  // elements per vector
+  static_assert(kTensorAlignment % V == 0);
+  constexpr int Q = V / 4;                              // Philox quads per vector
+  constexpr bool kRounds16 = is_half_v<S>;             // stochastic rounding needs its own words
+
+  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
+  std::uint64_t v = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= a.num_vectors) return;
+
+  // The tensor holding vector v: [begin, next_begin) in vectors (padding included).
+  std::uint32_t t = 0;
+  TensorEntry e = a.table[0];
+  std::uint64_t next_begin = a.num_tensors > 1 ? a.table[1].offset / V : a.num_vectors;
+  UpdateCoeffs u{a.lr, a.g, e.weight_decay ? a.wd : 0.0};
+
+  for (; v < a.num_vectors; v += stride) {
+    if (v >= next_begin) {
+      do {
+        ++t;
+        next_begin = t + 1 < a.num_tensors ? a.table[t + 1].offset / V : a.num_vectors;
+      } while (v >= next_begin);
+      e = a.table[t];
+      u.wd = e.weight_decay ? a.wd : 0.0;
+    }
+    const std::uint64_t j0 = v * V - e.offset;  // element index within the tensor
+    if (j0 >= e.numel) continue;                // all padding
+    const std::uint64_t valid = e.numel - j0;   // >= V: a whole vector
+    const std::uint32_t id = a.first_tensor_id + e.index;
+    const std::uint64_t q0 = j0 / 4;
+    S* th = theta + v * V;
+
+    S s[V];
+    load_vector(th, s);
+
+    if constexpr (op == Op::kConvert) {
+      T o[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) o[k] = to_output<T>(load(s[k]));
+      store_masked(out0 + v * V, o, valid);
+    } else {
+      if (op == Op::kUpdate || (op == Op::kUpdateAndPerturb && a.has_update)) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          const Normal4 z = normal4(a.seed, a.update_step, id, q0 + q);
+          Philox4x32 bits{};
+          if constexpr (kRounds16) bits = philox_words(a.seed, a.update_step, id | kRoundingStream, q0 + q);
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            s[4 * q + k] = store_rounded<S>(updated_value<S>(load(s[4 * q + k]), z.z[k], u), bits.v[k], true);
+        }
+        store_masked(th, s, valid);
+      }
+      if constexpr (op != Op::kUpdate) perturb_vector<op, S, T>(th, out0 + v * V, out1 + v * V, s, a, id, q0, valid);
+    }
+  }
+}
+
+template <class S>
+constexpr void check_storage_type() {
+  static_assert(std::is_same_v<S, float> || std::is_same_v<S, bfloat16> || std::is_same_v<S, float16>,
+                "CUDA perturb kernels support float, zo2::bfloat16 and zo2::float16 storage");
+}
+template <class T>
+constexpr void check_output_type() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>,
+                "CUDA perturb kernels write float, zo2::bfloat16 or zo2::float16");
+}
+
+inline void check_aligned(const void* p, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0)
+    throw Error(std::string("CUDA perturb: ") + what + " is not 16-byte aligned");
+}
+
+/// Blocks that fill the device once (the grid-stride loop does the rest), per kernel, per device.
+template <Op op, class S, class T, int Chunks>
+unsigned grid_for(std::uint64_t num_vectors, int threads) {
+  static thread_local int cached_device = -1;
+  static thread_local unsigned cached_blocks = 0;
+  int device = 0;
+  ZO2_CUDA_CHECK(cudaGetDevice(&device));
+  if (device != cached_device) {
+    int sms = 0, per_sm = 0;
+    ZO2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    ZO2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, group_kernel<op, S, T, Chunks>, threads, 0));
+    cached_blocks = static_cast<unsigned>(sms * (per_sm > 0 ? per_sm : 1));
+    cached_device = device;
+  }
+  const std::uint64_t needed = (num_vectors + threads - 1) / threads;
+  return static_cast<unsigned>(needed < cached_blocks ? needed : cached_blocks);
+}
+
+/// 16-byte chunks of S a thread takes per iteration (the bench measures 1, 2 and 4).
+inline constexpr int kDefaultChunks = 1;
+
+template <Op op, class S, class T, int Chunks = kDefaultChunks>
+void launch(S* theta, T* out0, T* out1, const GroupTable& table, KernelArgs a, cudaStream_t stream) {
+  check_storage_type<S>();
+  check_output_type<T>();
+  constexpr std::size_t V = Chunks * 16 / sizeof(S);
+  if (table.size() == 0 || table.total_elements() == 0) return;
+  check_aligned(theta, "theta");
+  if (out0) check_aligned(out0, "the output buffer");
+  if (out1) check_aligned(out1, "the minus buffer");
+  a.table = table.data();
+  a.num_tensors = table.size();
+  a.num_vectors = table.total_elements() / V;
+  constexpr int kThreads = 256;
+  const unsigned blocks = grid_for<op, S, T, Chunks>(a.num_vectors, kThreads);
+  group_kernel<op, S, T, Chunks><<<blocks, kThreads, 0, stream>>>(theta, out0, out1, a);
+  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::group_kernel");
+}
+
+}  // namespace detail
+
+/// The fused pass of the lazy update over one group (cpu::Perturber::update_and_perturb_into on
+/// every tensor): if `pending`, theta <- theta - lr (g z_prev + wd theta), rounded to S
+/// (stochastically for 16-bit S); then plus = theta + eps z_now and minus = theta - eps z_now,
+/// converted to T. z_prev is the noise of pending->step, z_now that of `step`; tensor ids are
+/// first_tensor_id + index in the group. Asynchronous on `stream`.
+template <class S, class T>
+void update_and_perturb(S* theta, T* plus, T* minus, const GroupTable& table,
+                        std::uint32_t first_tensor_id, std::uint64_t seed, std::uint32_t step,
+                        double eps, const PendingUpdate* pending, cudaStream_t stream) {
+  detail::KernelArgs a{};
+  a.first_tensor_id = first_tensor_id;
+  a.seed = seed;
+  a.step = step;
+  a.c = eps;
+  if (pending) {
+    a.has_update = true;
+    a.update_step = pending->step;
+    a.lr = pending->lr;
+    a.g = pending->g;
+    a.wd = pending->weight_decay;
+  }
+  detail::launch<detail::Op::kUpdateAndPerturb>(theta, plus, minus, table, a, stream);
+}
+
+/// The same, taking the step's noise as the optimizer hands it to a policy.
+template <class S, class T>
+void update_and_perturb(S* theta, T* plus, T* minus, const GroupTable& table,
+                        std::uint32_t first_tensor_id, const StepNoise& noise, cudaStream_t stream) {
+  update_and_perturb(theta, plus, minus, table, first_tensor_id, noise.seed, noise.step, noise.eps,
+                     noise.pending, stream);
+}
+
+/// The update alone (cpu::Perturber::update on every tensor of the group).
+template <class S>
+void update(S* theta, const GroupTable& table, std::uint32_t first_tensor_id, std::uint64_t seed,
+            const PendingUpdate& pending, cudaStream_t stream) {
+  detail::KernelArgs a{};
+  a.first_tensor_id = first_tensor_id;
+  a.seed = seed;
+  a.has_update = true;
+  a.update_step = pending.step;
+  a.lr = pending.lr;
+  a.g = pending.g;
+  a.wd = pending.weight_decay;
+  detail::launch<detail::Op::kUpdate, S, S>(theta, nullptr, nullptr, table, a, stream);
+}
+
+/// dst = theta + c z (cpu::Perturber::add_scaled_noise_into), converted to T.
+template <class S, class T>
+void perturb_into(T* dst, const S* theta, const GroupTable& table, std::uint32_t first_tensor_id,
+                  std::uint64_t seed, std::uint32_t step, double c, cudaStream_t stream) {
+  detail::KernelArgs a{};
+  a.first_tensor_id = first_tensor_id;
+  a.seed = seed;
+  a.step = step;
+  a.c = c;
+  detail::launch<detail::Op::kPerturbInto, S, T>(const_cast<S*>(theta), dst, nullptr, table, a, stream);
+}
+
+/// theta += c z in place, rounded to nearest (cpu::Perturber::add_scaled_noise).
+template <class S>
+void perturb_in_place(S* theta, const GroupTable& table, std::uint32_t first_tensor_id,
+                      std::uint64_t seed, std::uint32_t step, double c, cudaStream_t stream) {
+  detail::KernelArgs a{};
+  a.first_tensor_id = first_tensor_id;
+  a.seed = seed;
+  a.step = step;
+  a.c = c;
+  detail::launch<detail::Op::kPerturbInPlace, S, S>(theta, nullptr, nullptr, table, a, stream);
+}
+
+/// dst = theta converted to T (no noise): the current parameters in the model's precision.
+template <class S, class T>
+void convert(T* dst, const S* theta, const GroupTable& table, cudaStream_t stream) {
+  detail::KernelArgs a{};
+  detail::launch<detail::Op::kConvert, S, T>(const_cast<S*>(theta), dst, nullptr, table, a, stream);
+}
+
+}  // namespace zo2::cuda

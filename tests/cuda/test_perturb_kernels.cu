@@ -1,0 +1,410 @@
+// The CUDA perturbation kernels against the CPU reference (cpu::Perturber): Philox words from a
+// kernel are bit-identical to the host's, normals within a few ulps, and every pass over a group
+// (fused update + perturb, update, perturb into / in place, convert) matches the CPU for fp32,
+// bf16 and fp16 storage. Outputs are poisoned before each run; inputs are random.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+#include <zo2/zo2.hpp>
+
+using namespace zo2;
+
+namespace {
+
+const bool kHaveDevice = [] {
+  const bool ok = zo2::cuda::device_available();
+  if (!ok) std::printf("SKIPPED: no CUDA device (test_perturb_kernels)\n");
+  return ok;
+}();
+
+// ---- Philox and normals ---------------------------------------------------------------------
+
+__global__ void philox_kernel(std::uint64_t seed, std::uint32_t step, std::uint32_t stream,
+                              std::uint64_t first_quad, std::size_t n, Philox4x32* words, Normal4* normals) {
+  for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    words[i] = philox_words(seed, step, stream, first_quad + i);
+    normals[i] = normal4(seed, step, stream, first_quad + i);
+  }
+}
+
+__global__ void normal_at_kernel(std::uint64_t seed, std::uint32_t step, std::uint32_t tensor,
+                                 std::uint64_t first, std::size_t n, float* out) {
+  for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    out[i] = normal_at(seed, step, tensor, first + 2 * i);  // odd elements only
+}
+
+/// Distance in units of the last place between two finite floats.
+std::int64_t ulp_distance(float a, float b) {
+  auto key = [](float f) {
+    std::int32_t i;
+    std::memcpy(&i, &f, 4);
+    return i < 0 ? static_cast<std::int64_t>(INT32_MIN) - i : static_cast<std::int64_t>(i);
+  };
+  const std::int64_t d = key(a) - key(b);
+  return d < 0 ? -d : d;
+}
+
+template <class X>
+std::uint32_t bits16(X x) {
+  return x.bits;
+}
+
+}  // namespace
+
+TEST_CASE("Philox words from a kernel are bit-identical to the host's; normals within a few ulps" *
+          doctest::skip(!kHaveDevice)) {
+  constexpr std::size_t kQuads = 250000;  // 10^6 elements
+  const std::uint64_t seed = 0x9e3779b97f4a7c15ull;
+  const std::uint32_t step = 123457, stream = 0x2bu | kRoundingStream;
+  const std::uint64_t first_quad = (1ull << 32) - 100001;  // odd, and carries into the high word
+
+  cuda::DeviceBuffer<Philox4x32> d_words(kQuads);
+  cuda::DeviceBuffer<Normal4> d_normals(kQuads);
+  ZO2_CUDA_CHECK(cudaMemset(d_words.data(), 0xff, d_words.bytes()));
+  ZO2_CUDA_CHECK(cudaMemset(d_normals.data(), 0xff, d_normals.bytes()));
+  philox_kernel<<<256, 256>>>(seed, step, stream, first_quad, kQuads, d_words.data(), d_normals.data());
+  ZO2_CUDA_CHECK_LAUNCH("philox_kernel");
+  std::vector<Philox4x32> words(kQuads);
+  std::vector<Normal4> normals(kQuads);
+  ZO2_CUDA_CHECK(cudaMemcpy(words.data(), d_words.data(), d_words.bytes(), cudaMemcpyDeviceToHost));
+  ZO2_CUDA_CHECK(cudaMemcpy(normals.data(), d_normals.data(), d_normals.bytes(), cudaMemcpyDeviceToHost));
+
+  std::size_t word_mismatches = 0;
+  std::int64_t max_ulps = 0;
+  double max_abs = 0;
+  std::size_t bad_normals = 0;
+  for (std::size_t i = 0; i < kQuads; ++i) {
+    const Philox4x32 w = philox_words(seed, step, stream, first_quad + i);
+    const Normal4 z = normal4(seed, step, stream, first_quad + i);
+    if (std::memcmp(&w, &words[i], sizeof w) != 0) ++word_mismatches;
+    for (int k = 0; k < 4; ++k) {
+      const float d = normals[i].z[k], h = z.z[k];
+      const std::int64_t ulps = ulp_distance(d, h);
+      max_abs = std::max(max_abs, static_cast<double>(std::fabs(d - h)));
+      if (std::fabs(h) > 1e-3f) max_ulps = std::max(max_ulps, ulps);
+      // A few ulps relative, or absolutely tiny near zero (where ulps mean little).
+      if (!(std::isfinite(d) && (ulps <= 8 || std::fabs(d - h) <= 1e-9f))) ++bad_normals;
+    }
+  }
+  MESSAGE("normals: max " << max_ulps << " ulps (|z| > 1e-3), max |diff| " << max_abs);
+  CHECK(word_mismatches == 0);
+  CHECK(bad_normals == 0);
+
+  // normal_at over 10^6 odd element indices from an odd start.
+  constexpr std::size_t kN = 1000000;
+  const std::uint64_t first = 1234567891;  // odd
+  cuda::DeviceBuffer<float> d_z(kN);
+  ZO2_CUDA_CHECK(cudaMemset(d_z.data(), 0xff, d_z.bytes()));
+  normal_at_kernel<<<256, 256>>>(seed, 7, 11, first, kN, d_z.data());
+  ZO2_CUDA_CHECK_LAUNCH("normal_at_kernel");
+  std::vector<float> z(kN);
+  ZO2_CUDA_CHECK(cudaMemcpy(z.data(), d_z.data(), d_z.bytes(), cudaMemcpyDeviceToHost));
+  std::size_t bad = 0;
+  double sum = 0, sum2 = 0;
+  for (std::size_t i = 0; i < kN; ++i) {
+    const float h = normal_at(seed, 7, 11, first + 2 * i);
+    if (!(std::isfinite(z[i]) && (ulp_distance(z[i], h) <= 8 || std::fabs(z[i] - h) <= 1e-9f))) ++bad;
+    sum += z[i];
+    sum2 += static_cast<double>(z[i]) * z[i];
+  }
+  CHECK(bad == 0);
+  const double mean = sum / kN, var = sum2 / kN - mean * mean;
+  CHECK(std::fabs(mean) < 5e-3);
+  CHECK(std::fabs(var - 1.0) < 1e-2);
+}
+
+// ---- group passes against cpu::Perturber -----------------------------------------------------
+
+namespace {
+
+ParamLayout odd_layout() {
+  ParamLayout l;
+  const std::int64_t sizes[] = {1, 3, 5, 31, 33, 1000, 4097, 65537, 999999};
+  int i = 0;
+  for (std::int64_t n : sizes) {
+    l.add("t" + std::to_string(i), {n}, i % 2 == 0);
+    ++i;
+  }
+  l.add("matrix", {129, 67}, true);
+  return l;
+}
+
+constexpr std::uint64_t kSeed = 0x0123456789abcdefull;
+constexpr std::uint32_t kFirstId = 7;
+constexpr std::uint32_t kStep = 42;
+const PendingUpdate kPending{41, -2.5, 1e-3, 0.1};
+constexpr double kEps = 1e-3;
+
+template <class S>
+std::vector<S> random_group(const ParamLayout& layout, unsigned seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  // Padding holds a sentinel: no pass may touch it.
+  std::vector<S> theta(layout.total_elements(), store_rounded<S>(compute_t<S>(1234.5f), 0, false));
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+    for (std::size_t j = 0; j < layout.spec(r).numel(); ++j)
+      theta[layout.offset(r) + j] = store_rounded<S>(normal(rng), 0, false);
+  return theta;
+}
+
+bool in_tensor(const ParamLayout& layout, std::size_t flat, std::size_t& tensor, std::size_t& j) {
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+    if (flat >= layout.offset(r) && flat < layout.offset(r) + layout.spec(r).numel()) {
+      tensor = r;
+      j = flat - layout.offset(r);
+      return true;
+    }
+  return false;
+}
+
+template <class X>
+std::vector<X> to_host(const cuda::DeviceBuffer<X>& d) {
+  std::vector<X> h(d.size());
+  ZO2_CUDA_CHECK(cudaMemcpy(h.data(), d.data(), d.bytes(), cudaMemcpyDeviceToHost));
+  return h;
+}
+template <class X>
+cuda::DeviceBuffer<X> to_device(const std::vector<X>& h) {
+  cuda::DeviceBuffer<X> d(h.size());
+  ZO2_CUDA_CHECK(cudaMemcpy(d.data(), h.data(), d.bytes(), cudaMemcpyHostToDevice));
+  return d;
+}
+template <class X>
+cuda::DeviceBuffer<X> poisoned(std::size_t n) {
+  cuda::DeviceBuffer<X> d(n);
+  ZO2_CUDA_CHECK(cudaMemset(d.data(), 0xff, d.bytes()));  // NaN in every float format
+  return d;
+}
+template <class X>
+bool is_poison(X x) {
+  if constexpr (std::is_same_v<X, float>) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, 4);
+    return u == 0xffffffffu;
+  } else {
+    return x.bits == 0xffffu;
+  }
+}
+
+/// |a - b| in units of the last place of a 16-bit format (same-sign values; 0 when equal).
+template <class X>
+std::uint32_t ulp16(X a, X b) {
+  if (a.bits == b.bits) return 0;
+  if ((a.bits ^ b.bits) & 0x8000u) return 0xffffu;  // signs differ: count as far apart
+  return a.bits > b.bits ? a.bits - b.bits : b.bits - a.bits;
+}
+
+/// The float value the update computes before it is rounded to S, on the device.
+template <class S>
+__global__ void pre_round_kernel(const S* theta, float* pre, std::uint64_t j_first, std::size_t n,
+                                 std::uint64_t seed, std::uint32_t step, std::uint32_t id, UpdateCoeffs u) {
+  for (std::size_t j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
+    const float z = normal4(seed, step, id, j / 4).z[j % 4];
+    pre[j] = updated_value<S>(load(theta[j]), z, u);
+  }
+  (void)j_first;
+}
+
+template <class S, class T>
+void check_fused(bool pending) {
+  CAPTURE(sizeof(S));
+  CAPTURE(sizeof(T));
+  CAPTURE(pending);
+  const ParamLayout layout = odd_layout();
+  const std::size_t total = layout.total_elements();
+  const std::vector<S> theta0 = random_group<S>(layout, 3 + sizeof(S) + 10 * sizeof(T) + pending);
+
+  // CPU reference: plus/minus in float, then to T as the kernel converts.
+  std::vector<S> theta_ref = theta0;
+  std::vector<float> plus_ref(total, 0.0f), minus_ref(total, 0.0f);
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+    const std::uint32_t id = kFirstId + static_cast<std::uint32_t>(r);
+    const UpdateCoeffs u{kPending.lr, kPending.g, layout.spec(r).weight_decay ? kPending.weight_decay : 0.0};
+    cpu::Perturber<S>::update_and_perturb_into(theta_ref.data() + layout.offset(r), plus_ref.data() + layout.offset(r),
+                                               minus_ref.data() + layout.offset(r), layout.spec(r).numel(),
+                                               pending ? &u : nullptr, NoiseId{kSeed, kPending.step, id},
+                                               NoiseId{kSeed, kStep, id}, kEps);
+  }
+
+  cuda::GroupTable table(layout);
+  cuda::DeviceBuffer<S> d_theta = to_device(theta0);
+  auto d_plus = poisoned<T>(total);
+  auto d_minus = poisoned<T>(total);
+  cuda::Stream stream;
+  cuda::update_and_perturb(d_theta.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, kStep,
+                           kEps, pending ? &kPending : nullptr, stream.get());
+  stream.synchronize();
+  const std::vector<S> theta = to_host(d_theta);
+  const std::vector<T> plus = to_host(d_plus), minus = to_host(d_minus);
+
+  // Device pre-rounding values of the update (16-bit storage only).
+  std::vector<float> pre_dev;
+  if constexpr (!std::is_same_v<S, float>) {
+    if (pending) {
+      cuda::DeviceBuffer<S> d_theta0 = to_device(theta0);
+      auto d_pre = poisoned<float>(total);
+      for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+        const UpdateCoeffs u{kPending.lr, kPending.g, layout.spec(r).weight_decay ? kPending.weight_decay : 0.0};
+        pre_round_kernel<S><<<64, 256>>>(d_theta0.data() + layout.offset(r), d_pre.data() + layout.offset(r), 0,
+                                         layout.spec(r).numel(), kSeed, kPending.step,
+                                         kFirstId + static_cast<std::uint32_t>(r), u);
+        ZO2_CUDA_CHECK_LAUNCH("pre_round_kernel");
+      }
+      pre_dev = to_host(d_pre);
+    }
+  }
+
+  std::size_t padding_touched = 0, unwritten = 0, theta_bad = 0, out_bad = 0;
+  std::size_t pre_agree = 0, pre_differ = 0, mismatch_where_agree = 0, theta_mismatch = 0;
+  for (std::size_t f = 0; f < total; ++f) {
+    std::size_t r, j;
+    if (!in_tensor(layout, f, r, j)) {
+      if (std::memcmp(&theta[f], &theta0[f], sizeof(S)) != 0) ++padding_touched;
+      if (!is_poison(plus[f]) || !is_poison(minus[f])) ++padding_touched;
+      continue;
+    }
+    if (is_poison(plus[f]) || is_poison(minus[f])) ++unwritten;
+    // theta
+    if constexpr (std::is_same_v<S, float>) {
+      const float z = normal_at(kSeed, kPending.step, kFirstId + static_cast<std::uint32_t>(r), j);
+      const double scale = std::fabs(theta0[f]) + kPending.lr * std::fabs(kPending.g * z);
+      if (!(std::fabs(static_cast<double>(theta[f]) - theta_ref[f]) <= 2e-6 * scale + 1e-12)) ++theta_bad;
+    } else {
+      if (theta[f].bits != theta_ref[f].bits) ++theta_mismatch;
+      if (ulp16(theta[f], theta_ref[f]) > 1) ++theta_bad;
+      if (pending) {
+        const std::uint32_t id = kFirstId + static_cast<std::uint32_t>(r);
+        const UpdateCoeffs u{kPending.lr, kPending.g, layout.spec(r).weight_decay ? kPending.weight_decay : 0.0};
+        const float pre_host = updated_value<S>(load(theta0[f]), normal_at(kSeed, kPending.step, id, j), u);
+        if (std::memcmp(&pre_host, &pre_dev[f], 4) == 0) {
+          ++pre_agree;
+          if (theta[f].bits != theta_ref[f].bits) ++mismatch_where_agree;
+        } else {
+          ++pre_differ;
+        }
+      }
+    }
+    // plus / minus
+    const float z_now = normal_at(kSeed, kStep, kFirstId + static_cast<std::uint32_t>(r), j);
+    const double scale = std::fabs(static_cast<double>(load(theta_ref[f]))) + kEps * std::fabs(z_now);
+    for (int sign = 0; sign < 2; ++sign) {
+      const T got = sign == 0 ? plus[f] : minus[f];
+      const float want = sign == 0 ? plus_ref[f] : minus_ref[f];
+      if constexpr (std::is_same_v<T, float>) {
+        if (!(std::fabs(static_cast<double>(got) - want) <= 2e-6 * scale + 1e-12)) ++out_bad;
+      } else {
+        if (ulp16(got, from_float<T>(want)) > 1) ++out_bad;
+      }
+    }
+  }
+  if (!std::is_same_v<S, float> && pending)
+    MESSAGE("16-bit theta: pre-rounding values agree at " << pre_agree << ", differ at " << pre_differ
+                                                          << "; theta bits differ at " << theta_mismatch);
+  CHECK(padding_touched == 0);
+  CHECK(unwritten == 0);
+  CHECK(theta_bad == 0);
+  CHECK(out_bad == 0);
+  CHECK(mismatch_where_agree == 0);
+  if (!pending) {
+    CHECK(std::memcmp(theta.data(), theta0.data(), total * sizeof(S)) == 0);
+  } else if constexpr (!std::is_same_v<S, float>) {
+    CHECK(pre_agree > pre_differ);  // the device and host arithmetic mostly agree bit for bit
+  }
+}
+
+}  // namespace
+
+TEST_CASE("fused update + perturb over a group matches cpu::Perturber (fp32, bf16, fp16 storage)" *
+          doctest::skip(!kHaveDevice)) {
+  for (bool pending : {true, false}) {
+    check_fused<float, float>(pending);
+    check_fused<float, bfloat16>(pending);
+    check_fused<bfloat16, float>(pending);
+    check_fused<bfloat16, bfloat16>(pending);
+    check_fused<float16, float>(pending);
+    check_fused<float16, float16>(pending);
+  }
+}
+
+TEST_CASE_TEMPLATE("update, perturb into, perturb in place and convert match cpu::Perturber" *
+                       doctest::skip(!kHaveDevice),
+                   S, float, bfloat16, float16) {
+  const ParamLayout layout = odd_layout();
+  const std::size_t total = layout.total_elements();
+  const std::vector<S> theta0 = random_group<S>(layout, 99 + sizeof(S));
+  cuda::GroupTable table(layout);
+  cuda::Stream stream;
+  const double c = -3e-3;
+
+  // References.
+  std::vector<S> upd = theta0, inplace = theta0;
+  std::vector<float> into(total, 0.0f);
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+    const std::uint32_t id = kFirstId + static_cast<std::uint32_t>(r);
+    const std::size_t off = layout.offset(r), n = layout.spec(r).numel();
+    cpu::Perturber<S>::update(upd.data() + off, n, NoiseId{kSeed, kPending.step, id},
+                              UpdateCoeffs{kPending.lr, kPending.g, layout.spec(r).weight_decay ? kPending.weight_decay : 0.0});
+    cpu::Perturber<S>::add_scaled_noise(inplace.data() + off, n, NoiseId{kSeed, kStep, id}, c);
+    cpu::Perturber<S>::add_scaled_noise_into(into.data() + off, theta0.data() + off, n, NoiseId{kSeed, kStep, id}, c);
+  }
+
+  auto d_upd = to_device(theta0);
+  auto d_inplace = to_device(theta0);
+  auto d_src = to_device(theta0);
+  auto d_into = poisoned<float>(total);
+  auto d_conv = poisoned<float>(total);
+  cuda::update(d_upd.data(), table, kFirstId, kSeed, kPending, stream.get());
+  cuda::perturb_in_place(d_inplace.data(), table, kFirstId, kSeed, kStep, c, stream.get());
+  cuda::perturb_into(d_into.data(), d_src.data(), table, kFirstId, kSeed, kStep, c, stream.get());
+  cuda::convert(d_conv.data(), d_src.data(), table, stream.get());
+  stream.synchronize();
+  const auto h_upd = to_host(d_upd), h_inplace = to_host(d_inplace), h_src = to_host(d_src);
+  const auto h_into = to_host(d_into), h_conv = to_host(d_conv);
+
+  std::size_t bad_upd = 0, bad_inplace = 0, bad_into = 0, bad_conv = 0, padding = 0;
+  for (std::size_t f = 0; f < total; ++f) {
+    std::size_t r, j;
+    if (!in_tensor(layout, f, r, j)) {
+      if (std::memcmp(&h_upd[f], &theta0[f], sizeof(S)) || std::memcmp(&h_inplace[f], &theta0[f], sizeof(S)) ||
+          !is_poison(h_into[f]) || !is_poison(h_conv[f]))
+        ++padding;
+      continue;
+    }
+    const double t0 = load(theta0[f]);
+    const float z_now = normal_at(kSeed, kStep, kFirstId + static_cast<std::uint32_t>(r), j);
+    const float z_prev = normal_at(kSeed, kPending.step, kFirstId + static_cast<std::uint32_t>(r), j);
+    const double tol_upd = 2e-6 * (std::fabs(t0) + kPending.lr * std::fabs(kPending.g * z_prev)) + 1e-12;
+    const double tol_pert = 2e-6 * (std::fabs(t0) + std::fabs(c * z_now)) + 1e-12;
+    if constexpr (std::is_same_v<S, float>) {
+      if (!(std::fabs(h_upd[f] - upd[f]) <= tol_upd)) ++bad_upd;
+      if (!(std::fabs(h_inplace[f] - inplace[f]) <= tol_pert)) ++bad_inplace;
+    } else {
+      if (ulp16(h_upd[f], upd[f]) > 1) ++bad_upd;
+      if (ulp16(h_inplace[f], inplace[f]) > 1) ++bad_inplace;
+    }
+    if (!(std::fabs(h_into[f] - into[f]) <= tol_pert)) ++bad_into;
+    if (h_conv[f] != static_cast<float>(t0)) ++bad_conv;
+  }
+  CHECK(padding == 0);
+  CHECK(bad_upd == 0);
+  CHECK(bad_inplace == 0);
+  CHECK(bad_into == 0);
+  CHECK(bad_conv == 0);
+  CHECK(std::memcmp(h_src.data(), theta0.data(), total * sizeof(S)) == 0);  // read-only passes
+}
+
+TEST_CASE("misaligned buffers are refused with a message" * doctest::skip(!kHaveDevice)) {
+  ParamLayout layout;
+  layout.add("w", {64});
+  cuda::GroupTable table(layout);
+  cuda::DeviceBuffer<float> theta(layout.total_elements() + 4), out(layout.total_elements() + 4);
+  CHECK_THROWS_WITH_AS(cuda::convert(out.data() + 1, theta.data(), table, nullptr),
+                       doctest::Contains("16-byte aligned"), Error);
+}
