@@ -150,6 +150,18 @@ TEST_CASE("OPT through the LayerStack interface: bf16 master, float forward, equ
   CHECK(std::abs(optimizer.evaluate(x.batch) - x.loss) / x.loss <= 1e-5);
 }
 
+TEST_CASE("OPT loss is the same whatever the chunk of positions the LM head is computed in") {
+  const auto loaded = zo2::opt::load_opt_checkpoint<float>(fixture("opt_postln_proj"));
+  const Expected x = read_expected("opt_postln_proj");
+  const auto params = zo2::opt::param_set(loaded.store);
+  Model::Workspace ws;
+  for (std::size_t chunk : {1, 5, 7, 1000}) {
+    CAPTURE(chunk);
+    const Model model(loaded.config, chunk);
+    CHECK(std::abs(model.loss(params, x.batch, ws) - x.loss) / x.loss <= 1e-5);
+  }
+}
+
 TEST_CASE("OPT batch errors name the field") {
   const Model model(zo2::opt::load_opt_checkpoint<float>(fixture("opt_preln")).config);
   auto loaded = zo2::opt::load_opt_checkpoint<float>(fixture("opt_preln"));

@@ -80,6 +80,8 @@ class OPTModel {
 
   struct Workspace {
     Matrix normed, q, k, v, scores, context, residual, ffn, projected, gathered, logits;
+    std::vector<std::size_t> loss_rows;       // positions that have a target
+    std::vector<std::int32_t> loss_targets;   // their targets
   };
 
   /// `loss_chunk_rows`: the loss computes logits for this many positions at a time, so the
@@ -209,8 +211,10 @@ class OPTModel {
       throw ShapeError("OPT batch: labels has " + std::to_string(batch.labels.size()) +
                        " entries, expected batch * seq = " + std::to_string(batch.batch * batch.seq));
     const Matrix& features = output_features(params, in, ws);
-    std::vector<std::size_t> rows;
-    std::vector<std::int32_t> targets;
+    std::vector<std::size_t>& rows = ws.loss_rows;
+    std::vector<std::int32_t>& targets = ws.loss_targets;
+    rows.clear();
+    targets.clear();
     for (std::size_t b = 0; b < batch.batch; ++b)
       for (std::size_t s = 0; s + 1 < batch.seq; ++s) {
         const std::int32_t label = batch.labels[b * batch.seq + s + 1];
