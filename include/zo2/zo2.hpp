@@ -19,6 +19,11 @@
 #include <zo2/optim/step_types.hpp>
 #include <zo2/optim/zo_optimizer.hpp>
 
+#include <zo2/io/bpe_tokenizer.hpp>
+#include <zo2/io/dtype.hpp>
+#include <zo2/io/safetensors.hpp>
+#include <zo2/models/opt/opt.hpp>
+
 #if defined(__CUDACC__) && __has_include(<zo2/backend/cuda/cuda.cuh>)
 #include <zo2/backend/cuda/cuda.cuh>
 #endif
