@@ -24,12 +24,15 @@
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/models/opt/config.hpp>
-#include <zo2/models/opt/kernels.hpp>
+#include <zo2/backend/cpu/transformer_kernels.hpp>
 #include <zo2/models/opt/layout.hpp>
 #include <zo2/optim/layer_stack.hpp>
 #include <zo2/optim/parameter_store.hpp>
 
 namespace zo2::opt {
+
+namespace kernels = zo2::cpu::kernels;
+
 
 /// Every group's parameters at one point (theta, or a perturbed copy), for a whole forward.
 template <class T>

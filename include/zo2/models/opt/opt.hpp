@@ -3,7 +3,7 @@
 #pragma once
 
 #include <zo2/models/opt/config.hpp>
-#include <zo2/models/opt/kernels.hpp>
+#include <zo2/backend/cpu/transformer_kernels.hpp>
 #include <zo2/models/opt/layout.hpp>
 #include <zo2/models/opt/loader.hpp>
 #include <zo2/models/opt/model.hpp>

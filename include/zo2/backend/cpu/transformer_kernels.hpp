@@ -1,4 +1,5 @@
-// zo2/models/opt/kernels.hpp -- the CPU (Eigen) arithmetic of an OPT forward pass: Linear,
+// zo2/backend/cpu/transformer_kernels.hpp -- the CPU (Eigen) reference arithmetic of a
+// decoder-only transformer (OPT and its kin): Linear,
 // LayerNorm, activations, causal multi-head attention with a padding mask, and log-sum-exp.
 //
 // Activations are row-major [tokens, features] matrices, so a Hugging Face Linear weight
@@ -16,7 +17,7 @@
 
 #include <Eigen/Core>
 
-namespace zo2::opt::kernels {
+namespace zo2::cpu::kernels {
 
 template <class T>
 using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -157,4 +158,4 @@ double log_sum_exp(const T* x, Eigen::Index n) {
   return max_value + std::log(sum);
 }
 
-}  // namespace zo2::opt::kernels
+}  // namespace zo2::cpu::kernels
