@@ -75,6 +75,7 @@ ZO2_HD ZO2_FORCEINLINE float unit_uniform(std::uint32_t bits) {
 /// fp32: the exact format. `stochastic` and the random bits are ignored.
 struct Fp32Codec {
   static constexpr const char* name = "fp32";
+  using storage = float;  // the payload is an array of this type (elementwise codecs)
   static constexpr std::size_t element_bytes = 4;
   static constexpr bool row_scaled = false;
   ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
@@ -89,6 +90,7 @@ struct Fp32Codec {
 /// bf16: 8 significant bits; SR with 16 random bits (see half_types.hpp).
 struct Bf16Codec {
   static constexpr const char* name = "bf16";
+  using storage = bfloat16;
   static constexpr std::size_t element_bytes = 2;
   static constexpr bool row_scaled = false;
   ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
@@ -103,6 +105,7 @@ struct Bf16Codec {
 /// fp16: 11 significant bits, range +-65504; SR with 13 random bits in the normal range.
 struct Fp16Codec {
   static constexpr const char* name = "fp16";
+  using storage = float16;
   static constexpr std::size_t element_bytes = 2;
   static constexpr bool row_scaled = false;
   ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {

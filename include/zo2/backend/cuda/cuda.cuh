@@ -6,3 +6,4 @@
 #include <zo2/backend/cuda/memory.cuh>
 #include <zo2/backend/cuda/perturb.cuh>
 #include <zo2/offload/cuda_resident.cuh>
+#include <zo2/offload/host_offload.cuh>

@@ -1,0 +1,723 @@
+// zo2/offload/host_offload.cuh -- HostOffload<Codec, T>: the ZO2 offload engine.
+//
+// Where parameters rest: the prologue and epilogue, and as many blocks as the GPU memory budget
+// allows, stay on the device; every other block's master rests in pinned host memory in the
+// codec's format (codecs.hpp) and streams through a fixed pool of device slots, crossing PCIe
+// once per step each way. Nothing is allocated on the device after construction.
+//
+// One visit of a streamed block i (prepare, called by ZOOptimizer once per group per step):
+//   upload stream   H2D host master[i] -> slot            (issued ahead: prefetch depth >= 1)
+//   compute stream  wait upload; ONE fused kernel: decode the slot, apply the update owed from
+//                   the previous step, write the updated master back into the slot (encoded,
+//                   stochastic rounding), write theta +- eps z in T into the perturbed scratch;
+//                   then the model's two forwards of block i (enqueued by the caller)
+//   offload stream  wait kernel; D2H slot -> host master[i]; the slot is free for the next upload
+// so the upload of block i+1 overlaps the compute of block i, and the offload of block i
+// overlaps it too (H2D and D2H use separate copy engines).
+//
+// Write-back, not a host-side update. The alternative -- upload theta only, and let the CPU
+// apply the owed update to its master -- halves PCIe traffic but puts Philox (20 rounds for z
+// and the SR word) plus Box-Muller plus the update on the CPU for every parameter every step. The
+// CPU perturber does ~20-40 ns per element per core (bench/offload_step.cu measures it as
+// "host_update_ns_per_elem"): 6.7e9 elements / 16 cores = 8-17 s per step, against 0.25 s for a
+// bf16 copy of OPT-6.7B at 55 GB/s. The D2H write-back runs on the other copy engine at the
+// same time as the uploads, so it costs bandwidth in the idle direction, not time. A visit with
+// no owed update (the first step, or after flush) skips the write-back.
+//
+// Ordering across steps: the upload of a block for step t+1 may be issued while step t is still
+// running (prefetch wraps around); it waits on that block's last write-back event, and the slot
+// it fills waits on its own free event, so the host master and the slot are never raced.
+//
+// Streams: the model must run its forwards on stream() (or order itself after it) and its
+// epilogue must synchronize before returning the loss. The views handed out point at device
+// memory and stay valid until the next prepare/current call for a group that shares scratch
+// (the prologue has scratch of its own, so its views survive until the epilogue).
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/memory.cuh>
+#include <zo2/backend/cuda/perturb.cuh>
+#include <zo2/core/error.hpp>
+#include <zo2/core/param_layout.hpp>
+#include <zo2/core/philox.hpp>
+#include <zo2/core/zo_element.hpp>
+#include <zo2/offload/codecs.hpp>
+#include <zo2/offload/timeline.cuh>
+#include <zo2/optim/layer_stack.hpp>
+#include <zo2/optim/parameter_store.hpp>
+#include <zo2/optim/step_types.hpp>
+
+namespace zo2::cuda {
+
+struct OffloadOptions {
+  /// Bytes of device memory the policy may hold (masters, slots, perturbed scratch; not the
+  /// model's activations). 0: the minimum -- prologue, epilogue, scratch and `slots` slots, every
+  /// block streams. Otherwise every byte above the minimum keeps blocks resident (no transfer).
+  std::size_t gpu_memory_budget = 0;
+  /// Device slots blocks stream through (>= 2).
+  std::size_t slots = 2;
+  /// Blocks uploaded ahead of the one being computed (1 <= depth <= slots - 1).
+  std::size_t prefetch_depth = 1;
+  /// Record a timeline of every visit (CUDA timing events; see timeline.cuh).
+  bool record_timeline = false;
+  /// Timing events in the pool (0: 6 per group visit for 3 steps).
+  std::size_t timeline_events = 0;
+};
+
+namespace offload_detail {
+
+/// One tensor of a group for the row-scaled kernel.
+struct RowTensor {
+  std::uint64_t offset, numel, rows, row_len, first_row;
+  std::uint32_t index, weight_decay;
+};
+
+struct RowArgs {
+  const RowTensor* table;
+  std::uint32_t first_tensor_id;
+  std::uint64_t seed;
+  std::uint32_t step, update_step;
+  bool has_update, perturb, convert;
+  double eps, lr, g, wd;
+};
+
+__device__ ZO2_FORCEINLINE float block_max(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    v = lane < static_cast<int>(blockDim.x / 32) ? shared[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  const float r = shared[0];
+  __syncthreads();
+  return r;
+}
+
+/// The fused pass for a row-scaled codec: one CUDA block per row (grid-stride), blockIdx.y the
+/// tensor. With an owed update the row is swept twice -- once for the new absmax (the scale of
+/// the updated row), once to encode with SR and perturb; z is regenerated, not stored. Each
+/// element is handled by the thread owning its Philox quad in both sweeps, so in-place writes
+/// never race reads; the old scale is read by every thread before the new one is written.
+template <class C, class T>
+__global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ block, float* __restrict__ scales,
+                                                  T* __restrict__ plus, T* __restrict__ minus, RowArgs a) {
+  __shared__ float shared[32];
+  const RowTensor t = a.table[blockIdx.y];
+  const std::uint32_t id = a.first_tensor_id + t.index;
+  const UpdateCoeffs u{a.lr, a.g, t.weight_decay ? a.wd : 0.0};
+  unsigned char* payload = block + t.offset * C::element_bytes;
+  for (std::uint64_t row = blockIdx.x; row < t.rows; row += gridDim.x) {
+    const std::uint64_t j0 = row * t.row_len, j1 = j0 + t.row_len;
+    const std::uint64_t q_begin = j0 / 4, q_end = (j1 + 3) / 4;
+    const float old_scale = scales[t.first_row + row];
+    float scale = old_scale;
+    if (a.has_update) {
+      float m = 0.0f;
+      for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
+        const Normal4 z = normal4(a.seed, a.update_step, id, q);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const std::uint64_t j = 4 * q + k;
+          if (j < j0 || j >= j1) continue;
+          m = fmaxf(m, fabsf(updated_value<float>(C::load(payload, j, old_scale), z.z[k], u)));
+        }
+      }
+      scale = C::scale_for(block_max(m, shared));  // its __syncthreads: old_scale read by all
+      if (threadIdx.x == 0) scales[t.first_row + row] = scale;
+    }
+    if (!a.has_update && !a.perturb && !a.convert) continue;
+    for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
+      Normal4 z_prev{}, z_now{};
+      Philox4x32 bits{};
+      if (a.has_update) {
+        z_prev = normal4(a.seed, a.update_step, id, q);
+        bits = philox_words(a.seed, a.update_step, id | kRoundingStream, q);
+      }
+      if (a.perturb) z_now = normal4(a.seed, a.step, id, q);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const std::uint64_t j = 4 * q + k;
+        if (j < j0 || j >= j1) continue;
+        float theta = C::load(payload, j, old_scale);
+        if (a.has_update) {
+          C::store(payload, j, updated_value<float>(theta, z_prev.z[k], u), scale, bits.v[k], true);
+          theta = C::load(payload, j, scale);
+        }
+        if (a.perturb) {
+          plus[t.offset + j] = from_float<T>(perturbed_value<float>(theta, z_now.z[k], a.eps));
+          minus[t.offset + j] = from_float<T>(perturbed_value<float>(theta, z_now.z[k], -a.eps));
+        } else if (a.convert) {
+          plus[t.offset + j] = from_float<T>(theta);
+        }
+      }
+    }
+    __syncthreads();  // the next row's block_max reuses `shared`
+  }
+}
+
+inline std::size_t align_up(std::size_t n, std::size_t a) { return (n + a - 1) / a * a; }
+
+/// Host memory the kernel says is available (MemAvailable), or 0 when unknown.
+inline std::size_t host_available_bytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  std::size_t kb = 0;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return 0;
+}
+
+}  // namespace offload_detail
+
+/// The offload policy. Codec: offload::Fp32Codec, Bf16Codec, Fp16Codec or Int8RowCodec (what
+/// rests on the host and crosses PCIe); T: the precision the model's forward reads (float,
+/// zo2::bfloat16, zo2::float16). The prologue and epilogue rest on the device in the codec's
+/// format too.
+template <offload::ElementCodec Codec, class T>
+class HostOffload {
+ public:
+  using value_type = T;
+  using codec_type = Codec;
+
+  struct Perturbed {
+    ParamView<const T> plus, minus;
+  };
+
+  /// Allocates everything (pinned host masters, the device arena) for `layout`; parameters are
+  /// zero until set with load() or set_group(). `compute` is the stream the model runs on
+  /// (null: the policy owns one).
+  explicit HostOffload(ModelLayout layout, OffloadOptions options = {}, cudaStream_t compute = nullptr)
+      : layout_(std::make_unique<ModelLayout>(std::move(layout))), options_(options) {
+    init(compute);
+  }
+  /// The same, with the initial parameters from `store` (encoded with round-to-nearest).
+  explicit HostOffload(const ParameterStore<float>& store, OffloadOptions options = {}, cudaStream_t compute = nullptr)
+      : HostOffload(store.model_layout(), options, compute) {
+    load(store);
+  }
+
+  HostOffload(const HostOffload&) = delete;
+  HostOffload& operator=(const HostOffload&) = delete;
+  ~HostOffload() {
+    // Copies may still be in flight into pinned memory freed below.
+    cudaStreamSynchronize(compute_);
+    cudaStreamSynchronize(upload_.get());
+    cudaStreamSynchronize(offload_.get());
+  }
+
+  // ---- the policy interface (Resident / CudaResident) ----------------------------------------
+
+  /// The fused pass for group g: apply the owed update (if any), write theta +- eps z in T.
+  Perturbed prepare(GroupIndex g, const StepNoise& noise) {
+    close_visit();
+    const ParamLayout& layout = layout_->layout(g);
+    Scratch& s = scratch_for(g);
+    const bool write_back = noise.pending != nullptr;
+    unsigned char* master = begin_visit(g, 'p', write_back);
+    launch(master, g, s.plus, s.minus, noise.seed, noise.step, noise.eps, noise.pending, Mode::kPerturb);
+    end_visit(g, write_back);
+    return {ParamView<const T>(s.plus, &layout), ParamView<const T>(s.minus, &layout)};
+  }
+
+  /// theta of group g in T, no perturbation, no write-back (evaluation).
+  ParamView<const T> current(GroupIndex g) {
+    close_visit();
+    const ParamLayout& layout = layout_->layout(g);
+    T* dst = scratch_for(g).plus;
+    unsigned char* master = begin_visit(g, 'c', false);
+    launch(master, g, dst, nullptr, 0, 0, 0.0, nullptr, Mode::kConvert);
+    end_visit(g, false);
+    return ParamView<const T>(dst, &layout);
+  }
+
+  /// Applies an owed update to group g alone (flush before evaluation or a checkpoint).
+  void apply_update(GroupIndex g, std::uint64_t seed, const PendingUpdate& pending) {
+    close_visit();
+    unsigned char* master = begin_visit(g, 'u', true);
+    launch(master, g, nullptr, nullptr, seed, 0, 0.0, &pending, Mode::kUpdate);
+    end_visit(g, true);
+  }
+
+  const ModelLayout& model_layout() const { return *layout_; }
+  cudaStream_t stream() const { return compute_; }
+  /// Waits for all three streams.
+  void synchronize() const {
+    ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
+    ZO2_CUDA_CHECK(cudaStreamSynchronize(upload_.get()));
+    ZO2_CUDA_CHECK(cudaStreamSynchronize(offload_.get()));
+  }
+
+  // ---- parameters in and out ------------------------------------------------------------------
+
+  /// Encodes `flat` (the group's float flat buffer, padding included) as group g's master.
+  void set_group(GroupIndex g, std::span<const float> flat) {
+    synchronize();
+    const auto& codec = codec_for(g);
+    if (is_streamed(g)) {
+      codec.encode_group(flat, host_block(g));
+      for (auto& slot : slots_)
+        if (slot.block == static_cast<long>(g.value)) slot.block = -1;  // stale on the device now
+    } else {
+      std::vector<unsigned char> staging(codec.bytes());
+      codec.encode_group(flat, staging);
+      ZO2_CUDA_CHECK(cudaMemcpy(device_master(g), staging.data(), staging.size(), cudaMemcpyHostToDevice));
+    }
+  }
+  /// Decodes group g's master into `flat`. Call the optimizer's flush() first for theta after
+  /// the last step.
+  void get_group(GroupIndex g, std::span<float> flat) const {
+    synchronize();
+    const auto& codec = codec_for(g);
+    if (is_streamed(g)) {
+      codec.decode_group(host_block(g), flat);
+    } else {
+      std::vector<unsigned char> staging(codec.bytes());
+      ZO2_CUDA_CHECK(cudaMemcpy(staging.data(), device_master(g), staging.size(), cudaMemcpyDeviceToHost));
+      codec.decode_group(staging, flat);
+    }
+  }
+  void load(const ParameterStore<float>& store) {
+    check_same_layout(store.model_layout());
+    for (std::size_t g = 0; g < layout_->num_groups(); ++g) {
+      const auto view = store.group(GroupIndex{g});
+      set_group(GroupIndex{g}, std::span<const float>(view.data(), view.layout().total_elements()));
+    }
+  }
+  void store_to(ParameterStore<float>& store) const {
+    check_same_layout(store.model_layout());
+    for (std::size_t g = 0; g < layout_->num_groups(); ++g) {
+      auto view = store.group(GroupIndex{g});
+      get_group(GroupIndex{g}, std::span<float>(view.data(), view.layout().total_elements()));
+    }
+  }
+
+  // ---- sizes and the plan ---------------------------------------------------------------------
+
+  /// What the plan for `layout` under `options` holds on the device.
+  struct Plan {
+    std::size_t block_bytes = 0;        // one encoded block: what crosses PCIe each way per visit
+    std::size_t fixed_bytes = 0;        // prologue + epilogue masters and the perturbed scratch
+    std::size_t minimum_bytes = 0;      // fixed + options.slots slots (budget 0)
+    std::size_t resident_blocks = 0;
+    std::size_t streamed_blocks = 0;
+    std::size_t slots = 0;
+    std::size_t arena_bytes = 0;        // the one device allocation holding all of it
+    std::size_t table_bytes = 0;        // the kernels' tensor tables (separate allocations)
+    /// Upper bound of the device memory the policy's allocations take from cudaMemGetInfo's
+    /// point of view (each allocation rounded up to the 2 MiB the driver maps in).
+    std::size_t device_bound_bytes = 0;
+    std::size_t host_pinned_bytes = 0;  // streamed blocks' masters
+  };
+  static Plan plan_for(const ModelLayout& ml, const OffloadOptions& opt) {
+    validate(opt);
+    using offload_detail::align_up;
+    constexpr std::size_t A = 256;
+    Plan p;
+    const offload::GroupCodec<Codec> pro(ml.layout(ml.prologue())), blk(ml.layout(ml.block(0))),
+        epi(ml.layout(ml.epilogue()));
+    p.block_bytes = align_up(blk.bytes(), A);
+    const std::size_t shared_elems = std::max(blk.total_elements(), epi.total_elements());
+    p.fixed_bytes = align_up(pro.bytes(), A) + align_up(epi.bytes(), A) +
+                    2 * align_up(pro.total_elements() * sizeof(T), A) + 2 * align_up(shared_elems * sizeof(T), A);
+    p.minimum_bytes = p.fixed_bytes + opt.slots * p.block_bytes;
+    const std::size_t n = ml.num_blocks();
+    if (opt.gpu_memory_budget == 0) {
+      p.resident_blocks = 0;
+    } else {
+      if (opt.gpu_memory_budget < p.minimum_bytes)
+        throw ConfigError("gpu_memory_budget",
+                          "HostOffload needs at least " + std::to_string(p.minimum_bytes) + " bytes (" +
+                              std::to_string(p.minimum_bytes >> 20) + " MiB: prologue, epilogue, perturbed scratch and " +
+                              std::to_string(opt.slots) + " slots of " + std::to_string(p.block_bytes) +
+                              " bytes); got " + std::to_string(opt.gpu_memory_budget) + " (0 means the minimum)");
+      // All blocks resident needs no slots at all.
+      if (opt.gpu_memory_budget >= p.fixed_bytes + n * p.block_bytes) p.resident_blocks = n;
+      else p.resident_blocks = std::min(n, (opt.gpu_memory_budget - p.minimum_bytes) / p.block_bytes);
+    }
+    p.streamed_blocks = n - p.resident_blocks;
+    p.slots = p.streamed_blocks == 0 ? 0 : opt.slots;
+    p.arena_bytes = p.fixed_bytes + (p.resident_blocks + p.slots) * p.block_bytes;
+    const std::size_t tables = 3;  // one tensor table per layout (prologue, block, epilogue)
+    p.table_bytes = tables * A;    // a few KiB; accounted at 2 MiB each below
+    constexpr std::size_t kMiB2 = std::size_t{2} << 20;
+    p.device_bound_bytes = align_up(p.arena_bytes, kMiB2) + tables * kMiB2;
+    p.host_pinned_bytes = p.streamed_blocks * p.block_bytes;
+    return p;
+  }
+  const Plan& plan() const { return plan_; }
+  std::size_t resident_blocks() const { return plan_.resident_blocks; }
+  std::size_t streamed_blocks() const { return plan_.streamed_blocks; }
+  std::size_t block_bytes() const { return plan_.block_bytes; }
+  /// Whether block i stays on the device (the last resident_blocks() blocks do).
+  bool block_is_resident(std::size_t i) const { return i >= plan_.streamed_blocks; }
+
+  Timeline& timeline() { return timeline_; }
+  /// Starts a new timeline recording at this point of the compute stream (uploads already in
+  /// flight keep no upload times). Requires options.record_timeline.
+  void restart_timeline() {
+    for (auto& s : slots_) s.upload_start = s.upload_end = -1;
+    open_visit_ = -1;
+    timeline_.restart(compute_);
+  }
+  /// Closes the last visit's compute interval (call after the step, before timeline().read()).
+  void end_timeline_visit() { close_visit(); }
+  /// Bytes moved host->device and device->host since construction (or reset_traffic()).
+  std::size_t bytes_uploaded() const { return uploaded_; }
+  std::size_t bytes_offloaded() const { return offloaded_; }
+  void reset_traffic() { uploaded_ = offloaded_ = 0; }
+
+ private:
+  enum class Mode { kPerturb, kConvert, kUpdate };
+
+  struct Scratch {
+    T* plus = nullptr;
+    T* minus = nullptr;
+  };
+  struct Slot {
+    unsigned char* data = nullptr;
+    long block = -1;           // group index held (or being uploaded), -1: none
+    std::uint64_t last_use = 0;
+    Event uploaded, freed;
+    int upload_start = -1, upload_end = -1;  // timeline marks of the upload that filled it
+  };
+
+  static void validate(const OffloadOptions& opt) {
+    if (opt.slots < 2) throw ConfigError("slots", "HostOffload needs at least 2 device slots (one computing, one uploading)");
+    if (opt.prefetch_depth < 1 || opt.prefetch_depth > opt.slots - 1)
+      throw ConfigError("prefetch_depth", "must be between 1 and slots - 1 = " + std::to_string(opt.slots - 1));
+  }
+
+  void init(cudaStream_t compute) {
+    const ModelLayout& ml = *layout_;
+    plan_ = plan_for(ml, options_);
+    if (compute) {
+      compute_ = compute;
+    } else {
+      owned_compute_.emplace();
+      compute_ = owned_compute_->get();
+    }
+    codecs_[0] = offload::GroupCodec<Codec>(ml.layout(ml.prologue()));
+    codecs_[1] = offload::GroupCodec<Codec>(ml.layout(ml.block(0)));
+    codecs_[2] = offload::GroupCodec<Codec>(ml.layout(ml.epilogue()));
+
+    // Device: check the plan against free memory first, for a message that says what would fit.
+    std::size_t free_b = 0, total_b = 0;
+    ZO2_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (plan_.device_bound_bytes > free_b) throw device_oom(free_b, nullptr);
+    try {
+      arena_ = DeviceBuffer<unsigned char>(plan_.arena_bytes);
+      for (int i = 0; i < 3; ++i) build_tables(i);
+    } catch (const OutOfMemory& e) {
+      throw device_oom(free_b, &e);
+    }
+    ZO2_CUDA_CHECK(cudaMemsetAsync(arena_.data(), 0, plan_.arena_bytes, compute_));
+
+    using offload_detail::align_up;
+    constexpr std::size_t A = 256;
+    unsigned char* p = arena_.data();
+    const auto take = [&](std::size_t bytes) {
+      unsigned char* r = p;
+      p += align_up(bytes, A);
+      return r;
+    };
+    prologue_master_ = take(codecs_[0].bytes());
+    epilogue_master_ = take(codecs_[2].bytes());
+    const std::size_t shared_elems = std::max(codecs_[1].total_elements(), codecs_[2].total_elements());
+    scratch_[0].plus = reinterpret_cast<T*>(take(codecs_[0].total_elements() * sizeof(T)));
+    scratch_[0].minus = reinterpret_cast<T*>(take(codecs_[0].total_elements() * sizeof(T)));
+    scratch_[1].plus = reinterpret_cast<T*>(take(shared_elems * sizeof(T)));
+    scratch_[1].minus = reinterpret_cast<T*>(take(shared_elems * sizeof(T)));
+    for (std::size_t i = 0; i < plan_.resident_blocks; ++i) resident_masters_.push_back(take(plan_.block_bytes));
+    slots_ = std::vector<Slot>(plan_.slots);
+    for (auto& s : slots_) s.data = take(plan_.block_bytes);
+
+    // Host: the streamed blocks' masters, pinned.
+    if (plan_.host_pinned_bytes) {
+      const std::size_t avail = offload_detail::host_available_bytes();
+      const std::string what = "HostOffload: cannot pin " + std::to_string(plan_.host_pinned_bytes) + " bytes (" +
+                               std::to_string(plan_.host_pinned_bytes >> 20) + " MiB) of host memory for " +
+                               std::to_string(plan_.streamed_blocks) + " streamed blocks of " +
+                               std::to_string(plan_.block_bytes) + " bytes in codec " + Codec::name;
+      if (avail && plan_.host_pinned_bytes > avail)
+        throw Error(what + ": only " + std::to_string(avail >> 20) +
+                    " MiB available; use a smaller codec or a larger gpu_memory_budget");
+      try {
+        host_ = PinnedBuffer<unsigned char>(plan_.host_pinned_bytes);
+      } catch (const CudaError& e) {
+        throw Error(what + ": " + e.what());
+      }
+      std::memset(host_.data(), 0, plan_.host_pinned_bytes);
+    }
+    block_written_ = std::vector<Event>(plan_.streamed_blocks);
+    kernel_done_ = Event(false);
+
+    const std::size_t visits_per_step = ml.num_groups();
+    timeline_ = Timeline(options_.record_timeline
+                             ? (options_.timeline_events ? options_.timeline_events : 6 * 3 * visits_per_step + 1)
+                             : 0);
+    if (options_.record_timeline) timeline_.restart(compute_);
+    ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
+  }
+
+  OutOfMemory device_oom(std::size_t free_b, const std::exception* cause) const {
+    // What budget would fit: what is free now, less the 2 MiB-per-table overhead.
+    const std::size_t overhead = plan_.device_bound_bytes - plan_.arena_bytes;
+    const std::size_t fits = free_b > overhead ? free_b - overhead : 0;
+    std::string msg = "HostOffload: out of device memory at startup: the plan needs " +
+                      std::to_string(plan_.device_bound_bytes >> 20) + " MiB (" +
+                      std::to_string(plan_.resident_blocks) + " resident blocks, " + std::to_string(plan_.slots) +
+                      " slots of " + std::to_string(plan_.block_bytes >> 20) + " MiB) but " +
+                      std::to_string(free_b >> 20) + " MiB are free; ";
+    if (fits >= plan_.minimum_bytes)
+      msg += "a gpu_memory_budget of " + std::to_string(fits) + " bytes (" + std::to_string(fits >> 20) +
+             " MiB) or less would fit";
+    else
+      msg += "even the minimum (" + std::to_string(plan_.minimum_bytes >> 20) +
+             " MiB, budget 0) does not fit: free device memory or use a smaller codec";
+    if (cause) msg += std::string(" [") + cause->what() + "]";
+    return OutOfMemory(msg);
+  }
+
+  void build_tables(int i) {
+    const ModelLayout& ml = *layout_;
+    const GroupIndex gi = i == 0 ? ml.prologue() : i == 1 ? ml.block(0) : ml.epilogue();
+    const ParamLayout& layout = ml.layout(gi);
+    if constexpr (Codec::row_scaled) {
+      std::vector<offload_detail::RowTensor> host;
+      std::uint64_t max_rows = 0;
+      for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+        const auto& t = codecs_[i].tensor(r);
+        host.push_back({t.offset, t.numel, t.rows, t.row_len, t.first_row, static_cast<std::uint32_t>(r),
+                        layout.spec(r).weight_decay ? 1u : 0u});
+        max_rows = std::max<std::uint64_t>(max_rows, t.rows);
+      }
+      row_tables_[i] = DeviceBuffer<offload_detail::RowTensor>(host.size());
+      ZO2_CUDA_CHECK(cudaMemcpy(row_tables_[i].data(), host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
+      max_rows_[i] = max_rows;
+    } else {
+      tables_[i] = GroupTable(layout);
+    }
+  }
+
+  void check_same_layout(const ModelLayout& other) const {
+    const ModelLayout& ml = *layout_;
+    bool same = other.num_blocks() == ml.num_blocks();
+    for (std::size_t g = 0; same && g < 3; ++g) {
+      const GroupIndex gi = g == 0 ? ml.prologue() : g == 1 ? ml.block(0) : ml.epilogue();
+      same = other.layout(gi) == ml.layout(gi);
+    }
+    if (!same) throw ConfigError("store", "HostOffload: the parameter store has a different model layout");
+  }
+
+  int kind_of(GroupIndex g) const {
+    if (g.value == 0) return 0;
+    if (g.value <= layout_->num_blocks()) return 1;
+    if (g.value == layout_->num_blocks() + 1) return 2;
+    throw Error("HostOffload: group index " + std::to_string(g.value) + " out of range");
+  }
+  const offload::GroupCodec<Codec>& codec_for(GroupIndex g) const { return codecs_[kind_of(g)]; }
+  Scratch& scratch_for(GroupIndex g) { return scratch_[g.value == 0 ? 0 : 1]; }
+  bool is_streamed(GroupIndex g) const { return kind_of(g) == 1 && g.value - 1 < plan_.streamed_blocks; }
+  std::span<unsigned char> host_block(GroupIndex g) const {
+    return {host_.data() + (g.value - 1) * plan_.block_bytes, codecs_[1].bytes()};
+  }
+  unsigned char* device_master(GroupIndex g) const {
+    const int k = kind_of(g);
+    if (k == 0) return prologue_master_;
+    if (k == 2) return epilogue_master_;
+    return resident_masters_.at(g.value - 1 - plan_.streamed_blocks);
+  }
+
+  // ---- slots -----------------------------------------------------------------------------------
+
+  Slot* find_slot(std::size_t group) {
+    for (auto& s : slots_)
+      if (s.block == static_cast<long>(group)) return &s;
+    return nullptr;
+  }
+
+  /// Puts streamed group `group` into a slot (issuing its upload if it is not already there or
+  /// on its way) and returns the slot. `keep` slots are not evicted.
+  Slot& ensure_uploaded(std::size_t group, const Slot* keep) {
+    if (Slot* s = find_slot(group)) return *s;
+    Slot* victim = nullptr;
+    for (auto& s : slots_)
+      if (&s != keep && (!victim || s.last_use < victim->last_use)) victim = &s;
+    Slot& s = *victim;
+    s.block = static_cast<long>(group);
+    s.last_use = ++use_clock_;
+    const cudaStream_t up = upload_.get();
+    s.freed.wait_on(up);                           // the slot's previous block is done with it
+    block_written_[group - 1].wait_on(up);         // the host master holds its last write-back
+    s.upload_start = timeline_.mark(up);
+    ZO2_CUDA_CHECK(cudaMemcpyAsync(s.data, host_block(GroupIndex{group}).data(), codecs_[1].bytes(),
+                                   cudaMemcpyHostToDevice, up));
+    s.upload_end = timeline_.mark(up);
+    s.uploaded.record(up);
+    uploaded_ += codecs_[1].bytes();
+    return s;
+  }
+
+  /// Issues uploads of the next prefetch_depth streamed blocks after `group` (cyclically: the
+  /// first blocks of the next step follow the last block of this one).
+  void prefetch_after(std::size_t streamed_index, const Slot* keep) {
+    const std::size_t n = plan_.streamed_blocks;
+    const std::size_t depth = std::min(options_.prefetch_depth, n > 0 ? n - 1 : 0);
+    for (std::size_t k = 1; k <= depth; ++k) ensure_uploaded(1 + (streamed_index + k) % n, keep);
+  }
+
+  /// The first prefetch_depth streamed blocks of the next step: their uploads overlap the
+  /// epilogue and the prologue.
+  void prefetch_first() {
+    const std::size_t depth = std::min(options_.prefetch_depth, plan_.streamed_blocks);
+    for (std::size_t k = 0; k < depth; ++k) ensure_uploaded(1 + k, nullptr);
+  }
+
+  /// Starts a visit: returns the device address of group g's master, ordered on compute_.
+  unsigned char* begin_visit(GroupIndex g, char kind, bool /*write_back*/) {
+    Timeline::Marks m;
+    m.group = g.value;
+    m.kind = kind;
+    m.resident = !is_streamed(g);
+    unsigned char* master;
+    if (is_streamed(g)) {
+      Slot& s = ensure_uploaded(g.value, nullptr);
+      s.last_use = ++use_clock_;
+      s.uploaded.wait_on(compute_);
+      m.upload_start = std::exchange(s.upload_start, -1);
+      m.upload_end = std::exchange(s.upload_end, -1);
+      current_slot_ = &s;
+      master = s.data;
+    } else {
+      current_slot_ = nullptr;
+      master = device_master(g);
+      if (kind_of(g) == 0) prefetch_first();
+    }
+    m.compute_start = timeline_.mark(compute_);
+    open_visit_ = timeline_.add_visit(m);
+    return master;
+  }
+
+  /// Ends a visit after its kernel was launched: write-back and freeing of the slot, prefetch.
+  void end_visit(GroupIndex g, bool write_back) {
+    if (!current_slot_) {
+      if (kind_of(g) == 2) prefetch_first();
+      return;
+    }
+    Slot& s = *current_slot_;
+    if (write_back) {
+      const cudaStream_t off = offload_.get();
+      kernel_done_.record(compute_);
+      kernel_done_.wait_on(off);
+      const int start = timeline_.mark(off);
+      ZO2_CUDA_CHECK(cudaMemcpyAsync(host_block(g).data(), s.data, codecs_[1].bytes(), cudaMemcpyDeviceToHost, off));
+      const int end = timeline_.mark(off);
+      if (auto* v = timeline_.visit(open_visit_)) {
+        v->offload_start = start;
+        v->offload_end = end;
+      }
+      block_written_[g.value - 1].record(off);
+      s.freed.record(off);
+      offloaded_ += codecs_[1].bytes();
+    } else {
+      s.freed.record(compute_);
+    }
+    prefetch_after(g.value - 1, &s);
+    current_slot_ = nullptr;
+  }
+
+  /// The compute of the previous visit ends where the next policy call begins on compute_.
+  void close_visit() {
+    if (auto* v = timeline_.visit(open_visit_)) v->compute_end = timeline_.mark(compute_);
+    open_visit_ = -1;
+  }
+
+  void launch(unsigned char* master, GroupIndex g, T* plus, T* minus, std::uint64_t seed, std::uint32_t step,
+              double eps, const PendingUpdate* pending, Mode mode) {
+    const int k = kind_of(g);
+    const std::uint32_t first_id = layout_->first_tensor_id(g);
+    if constexpr (Codec::row_scaled) {
+      offload_detail::RowArgs a{};
+      a.table = row_tables_[k].data();
+      a.first_tensor_id = first_id;
+      a.seed = seed;
+      a.step = step;
+      a.eps = eps;
+      a.perturb = mode == Mode::kPerturb;
+      a.convert = mode == Mode::kConvert;
+      if (pending) {
+        a.has_update = true;
+        a.update_step = pending->step;
+        a.lr = pending->lr;
+        a.g = pending->g;
+        a.wd = pending->weight_decay;
+      }
+      const std::uint32_t tensors = static_cast<std::uint32_t>(codecs_[k].num_tensors());
+      if (tensors == 0) return;
+      const dim3 grid(static_cast<unsigned>(std::min<std::uint64_t>(max_rows_[k], 2048)), tensors);
+      float* scales = reinterpret_cast<float*>(master + codecs_[k].scales_offset());
+      offload_detail::row_kernel<Codec, T><<<grid, 256, 0, compute_>>>(master, scales, plus, minus, a);
+      ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::row_kernel");
+    } else {
+      using S = typename Codec::storage;
+      S* theta = reinterpret_cast<S*>(master);
+      switch (mode) {
+        case Mode::kPerturb:
+          update_and_perturb<S, T>(theta, plus, minus, tables_[k], first_id, seed, step, eps, pending, compute_);
+          break;
+        case Mode::kConvert: convert<S, T>(plus, theta, tables_[k], compute_); break;
+        case Mode::kUpdate: update<S>(theta, tables_[k], first_id, seed, *pending, compute_); break;
+      }
+    }
+  }
+
+  std::unique_ptr<ModelLayout> layout_;  // views point at its layouts: keep its address fixed
+  OffloadOptions options_;
+  Plan plan_;
+  std::optional<Stream> owned_compute_;
+  cudaStream_t compute_ = nullptr;
+  Stream upload_, offload_;
+  offload::GroupCodec<Codec> codecs_[3];
+  GroupTable tables_[3];
+  DeviceBuffer<offload_detail::RowTensor> row_tables_[3];
+  std::uint64_t max_rows_[3] = {0, 0, 0};
+
+  DeviceBuffer<unsigned char> arena_;
+  unsigned char* prologue_master_ = nullptr;
+  unsigned char* epilogue_master_ = nullptr;
+  std::vector<unsigned char*> resident_masters_;
+  Scratch scratch_[2];
+  std::vector<Slot> slots_;
+  Slot* current_slot_ = nullptr;
+  std::uint64_t use_clock_ = 0;
+
+  PinnedBuffer<unsigned char> host_;
+  std::vector<Event> block_written_;
+  Event kernel_done_;
+  Timeline timeline_;
+  int open_visit_ = -1;
+  std::size_t uploaded_ = 0, offloaded_ = 0;
+};
+
+}  // namespace zo2::cuda
