@@ -1,0 +1,37 @@
+// zo2-opt: training checkpoints. A checkpoint is a directory
+//   <checkpoint-dir>/step-00000100/{config.json, model.safetensors, vocab.json, merges.txt, state.json}
+// that is itself an HF-loadable model directory; state.json adds what a bit-exact resume needs
+// (step, seed, optimizer config, data and batch settings). It is written into a temporary
+// directory, every file fsync'ed, then renamed into place: a crash leaves the old checkpoint or
+// the new one, never half of one. The optimizer is flush()ed first, so the weights are theta at
+// that step with no update owed.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include <zo2/models/opt/config.hpp>
+#include <zo2/optim/parameter_store.hpp>
+
+#include "tokenizer.hpp"
+
+namespace zo2_opt {
+
+inline constexpr const char* kStateFile = "state.json";
+
+std::filesystem::path save_checkpoint(const std::filesystem::path& checkpoint_dir, std::uint64_t step,
+                                      const zo2::opt::OPTConfig& config, const zo2::ParameterStore<float>& store,
+                                      const Tokenizer* tokenizer, const nlohmann::json& state);
+
+/// `dir` itself when it holds state.json, else its newest step-* subdirectory that does.
+std::filesystem::path find_checkpoint(const std::filesystem::path& dir);
+
+/// A model directory for eval/generate: `dir` when it holds config.json, else the newest
+/// checkpoint in it, else `dir` (whose loading then names the missing file).
+std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
+
+nlohmann::json read_state(const std::filesystem::path& checkpoint);
+
+}  // namespace zo2_opt

@@ -1,0 +1,78 @@
+// The CPU engine: OPTModel<float> (Eigen) + Resident<float, float> + ZOOptimizer.
+#include <memory>
+
+#include <zo2/zo2.hpp>
+#include <zo2/models/opt/model.hpp>
+
+#include "cli.hpp"
+#include "engine.hpp"
+
+namespace zo2_opt {
+
+namespace {
+
+using Model = zo2::opt::OPTModel<float>;
+
+Model::Batch to_model_batch(const TokenBatch& b) {
+  Model::Batch m;
+  m.batch = b.batch;
+  m.seq = b.seq;
+  m.input_ids = b.input_ids;
+  m.attention_mask = b.attention_mask;
+  m.labels = b.labels;
+  return m;
+}
+
+class CpuEngine final : public Engine {
+ public:
+  CpuEngine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store, const EngineOptions& options)
+      : model_(config), store_(std::move(store)), policy_(store_),
+        optimizer_(model_, policy_, options.zo, options.start_step) {}
+
+  zo2::StepResult step(const TokenBatch& batch) override { return optimizer_.step(to_model_batch(batch)); }
+
+  double loss(const TokenBatch& batch) override { return optimizer_.evaluate(to_model_batch(batch)); }
+
+  std::vector<float> next_token_logits(std::span<const std::int32_t> ids) override {
+    optimizer_.flush();
+    Model::Batch b;
+    b.batch = 1;
+    b.seq = ids.size();
+    b.input_ids.assign(ids.begin(), ids.end());
+    const auto logits = model_.logits(zo2::opt::param_set(store_), b, workspace_);
+    const auto last = logits.row(logits.rows() - 1);
+    return std::vector<float>(last.data(), last.data() + last.size());
+  }
+
+  std::vector<double> score_candidates(std::span<const std::int32_t> prompt,
+                                       const std::vector<std::vector<std::int32_t>>& candidates) override {
+    optimizer_.flush();
+    return model_.score_candidates(zo2::opt::param_set(store_), prompt, candidates, workspace_);
+  }
+
+  void flush() override { optimizer_.flush(); }
+  const zo2::ParameterStore<float>& parameters() override {
+    optimizer_.flush();
+    return store_;
+  }
+  zo2::OptimizerState state() const override { return optimizer_.state(); }
+  std::string device_description() const override { return "cpu"; }
+
+ private:
+  Model model_;
+  zo2::ParameterStore<float> store_;
+  zo2::Resident<float, float> policy_;
+  zo2::ZOOptimizer<Model> optimizer_;
+  Model::Workspace workspace_;
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> make_cpu_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+                                        const EngineOptions& options) {
+  if (options.offload)
+    throw UsageError("--offload: offload not available in this build (the host-offload engine needs --device cuda and a build with CUDA)");
+  return std::make_unique<CpuEngine>(config, std::move(store), options);
+}
+
+}  // namespace zo2_opt

@@ -1,0 +1,112 @@
+#include "model_setup.hpp"
+
+#include <unistd.h>
+
+#include <zo2/core/error.hpp>
+#include <zo2/core/philox.hpp>
+#include <zo2/models/opt/loader.hpp>
+
+#include "cli.hpp"
+#include "fs_util.hpp"
+
+namespace zo2_opt {
+
+namespace fs = std::filesystem;
+using zo2::opt::OPTConfig;
+
+LoadedModel load_model_dir(const fs::path& dir) {
+  if (!fs::is_directory(dir)) throw zo2::FileError(dir.string(), "no such model directory");
+  if (!fs::exists(dir / "config.json"))
+    throw zo2::FileError((dir / "config.json").string(), "missing (a model directory needs config.json and model.safetensors)");
+  if (!fs::exists(dir / "model.safetensors") && !fs::exists(dir / "model.safetensors.index.json"))
+    throw zo2::FileError((dir / "model.safetensors").string(),
+                         "missing (a model directory needs config.json and model.safetensors or model.safetensors.index.json)");
+  auto loaded = zo2::opt::load_opt_checkpoint<float>(dir);
+  std::optional<Tokenizer> tokenizer;
+  if (Tokenizer::present_in(dir)) tokenizer = Tokenizer::from_directory(dir);
+  return LoadedModel{std::move(loaded.config), std::move(loaded.store), std::move(tokenizer), dir.string()};
+}
+
+OPTConfig demo_config() {
+  OPTConfig c;
+  c.hidden_size = 96;
+  c.ffn_dim = 384;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.word_embed_proj_dim = 96;
+  c.vocab_size = Tokenizer::kByteVocabSize;
+  c.max_position_embeddings = 256;
+  return c;
+}
+
+OPTConfig preset_config(const std::string& name, std::int64_t layers, std::int64_t hidden, std::int64_t heads,
+                        std::int64_t vocab_size) {
+  OPTConfig c = name == "demo" ? demo_config() : OPTConfig::preset(name);
+  if (layers > 0) c.num_hidden_layers = layers;
+  if (hidden > 0) {
+    const bool projected = c.has_projection();
+    c.hidden_size = hidden;
+    c.ffn_dim = 4 * hidden;
+    if (!projected) c.word_embed_proj_dim = hidden;
+    if (heads <= 0 && hidden % c.num_attention_heads != 0)
+      c.num_attention_heads = hidden % 64 == 0 ? hidden / 64 : (hidden % 4 == 0 ? 4 : 1);
+  }
+  if (heads > 0) c.num_attention_heads = heads;
+  if (vocab_size > 0) c.vocab_size = vocab_size;
+  try {
+    c.validate();
+  } catch (const zo2::ConfigError& e) {
+    throw UsageError(std::string("model overrides give an invalid config: ") + e.what());
+  }
+  return c;
+}
+
+zo2::ParameterStore<float> random_parameters(const OPTConfig& config, std::uint64_t seed) {
+  zo2::ParameterStore<float> store(zo2::opt::model_layout(config));
+  const zo2::ModelLayout& ml = store.model_layout();
+  // A stream of its own (step 0xffffffff is never a training step's noise).
+  constexpr std::uint32_t kInitStep = 0xffffffffu;
+  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
+    const zo2::GroupIndex group{g};
+    auto view = store.group(group);
+    const zo2::ParamLayout& layout = view.layout();
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+      const std::string& name = layout.spec(r).name;
+      const std::size_t n = layout.spec(r).numel();
+      float* t = view.tensor(r);
+      const bool bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+      const bool norm = name.find("layer_norm") != std::string::npos;
+      const std::uint32_t id = ml.first_tensor_id(group) + static_cast<std::uint32_t>(r);
+      for (std::size_t j = 0; j < n; ++j) {
+        if (bias) t[j] = 0.0f;
+        else if (norm) t[j] = 1.0f;
+        else t[j] = 0.02f * zo2::normal_at(seed, kInitStep, id, j);
+      }
+    }
+  }
+  return store;
+}
+
+void export_model(const fs::path& dir, const OPTConfig& config, const zo2::ParameterStore<float>& store,
+                  const Tokenizer* tokenizer, const std::string& extra_file_name,
+                  const std::string& extra_file_content) {
+  const fs::path target = fs::absolute(dir).lexically_normal();
+  const fs::path parent = target.parent_path();
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  if (ec) throw zo2::FileError(parent.string(), "cannot create directory: " + ec.message());
+  const fs::path staging = parent / ("." + target.filename().string() + ".tmp." + std::to_string(::getpid()));
+  fs::remove_all(staging, ec);
+  try {
+    fs::create_directories(staging);
+    zo2::opt::save_hf_checkpoint(staging, config, store, zo2::io::Dtype::F32);
+    if (tokenizer) tokenizer->save(staging);
+    if (!extra_file_name.empty()) write_file_synced(staging / extra_file_name, extra_file_content);
+    publish_directory(staging, target);
+  } catch (...) {
+    fs::remove_all(staging, ec);
+    throw;
+  }
+}
+
+}  // namespace zo2_opt

@@ -1,0 +1,33 @@
+#include "options.hpp"
+
+#include <algorithm>
+
+namespace zo2_opt {
+
+std::string parse_device(const Args& args) {
+  const std::string device = args.str("--device", "cpu");
+  if (device != "cpu" && device != "cuda")
+    throw UsageError(args.command() + ": --device must be cpu or cuda, got '" + device + "'");
+  check_device_available(device);
+  return device;
+}
+
+DataOptions data_options_from(const Args& args, const zo2::opt::OPTConfig& config, std::int64_t default_cap) {
+  DataOptions o;
+  const std::int64_t seq = args.integer("--seq-len", std::min(config.max_position_embeddings, default_cap));
+  if (seq < 2) throw UsageError(args.command() + ": --seq-len must be >= 2, got " + std::to_string(seq));
+  if (seq > config.max_position_embeddings)
+    throw UsageError(args.command() + ": --seq-len " + std::to_string(seq) + " is longer than the model's max_position_embeddings = " +
+                     std::to_string(config.max_position_embeddings));
+  o.seq_len = static_cast<std::size_t>(seq);
+  o.max_positions = config.max_position_embeddings;
+  o.vocab_size = config.vocab_size;
+  o.template_text = args.str("--template", "{prompt}");
+  if (args.has("--candidates")) {
+    o.candidates = split_list(*args.get("--candidates"));
+    if (o.candidates.size() < 2) throw UsageError(args.command() + ": --candidates needs at least two label words, e.g. \"great,terrible\"");
+  }
+  return o;
+}
+
+}  // namespace zo2_opt

@@ -1,0 +1,23 @@
+// zo2-opt: options shared by several commands (device, data settings).
+#pragma once
+
+#include <string>
+
+#include <zo2/models/opt/config.hpp>
+
+#include "cli.hpp"
+#include "data.hpp"
+
+namespace zo2_opt {
+
+/// --device cpu|cuda, checked against this build and machine (one-line error otherwise).
+std::string parse_device(const Args& args);
+
+/// Throws when `device` cannot be used here (no CUDA in this build, or no GPU present).
+void check_device_available(const std::string& device);
+
+/// --seq-len (default: min(max_position_embeddings, default_cap)), --template, --candidates;
+/// --seq-len beyond max_position_embeddings is an error.
+DataOptions data_options_from(const Args& args, const zo2::opt::OPTConfig& config, std::int64_t default_cap);
+
+}  // namespace zo2_opt

@@ -1,0 +1,64 @@
+// zo2-opt tokenize: text in (stdin or --text), token ids out as a JSON array; or back with --decode.
+#include <cstdio>
+#include <iostream>
+#include <iterator>
+
+#include <nlohmann/json.hpp>
+
+#include "cli.hpp"
+#include "commands.hpp"
+#include "tokenizer.hpp"
+
+namespace zo2_opt {
+
+namespace {
+CommandSpec tokenize_spec() {
+  CommandSpec s;
+  s.name = "tokenize";
+  s.summary = "zo2-opt tokenize: GPT-2 byte-level BPE as OPT uses it (a leading </s>), text to ids as JSON";
+  s.usage = "zo2-opt tokenize (--tokenizer DIR | --bytes) [--text TEXT] [options]   (text from stdin without --text)";
+  s.options = {
+      {"--tokenizer", "DIR", "directory with vocab.json + merges.txt (an HF model directory)", ""},
+      {"--bytes", "", "the built-in byte vocabulary of the demo", ""},
+      {"--text", "TEXT", "the text to encode", "stdin"},
+      {"--no-bos", "", "do not prepend OPT's </s>", ""},
+      {"--decode", "", "the input is a JSON array of ids: print its text instead", ""},
+  };
+  s.epilog = "Example:\n  echo 'Hello world' | zo2-opt tokenize --tokenizer opt-125m/\n";
+  return s;
+}
+}  // namespace
+
+int run_tokenize(const std::vector<std::string>& argv) {
+  const CommandSpec spec = tokenize_spec();
+  const Args args(spec, argv);
+  if (args.help()) {
+    std::fputs(render_help(spec).c_str(), stdout);
+    return 0;
+  }
+  if (args.has("--tokenizer") == args.flag("--bytes")) throw UsageError("tokenize: pass exactly one of --tokenizer DIR and --bytes");
+  const Tokenizer tokenizer = args.flag("--bytes") ? Tokenizer::bytes() : Tokenizer::from_directory(*args.get("--tokenizer"));
+  std::string text;
+  if (args.has("--text")) text = *args.get("--text");
+  else text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+  if (args.flag("--decode")) {
+    nlohmann::json ids;
+    try {
+      ids = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception&) {
+      throw UsageError("tokenize --decode: the input is not a JSON array of ids");
+    }
+    if (!ids.is_array()) throw UsageError("tokenize --decode: the input is not a JSON array of ids");
+    std::vector<std::int32_t> v;
+    for (const auto& x : ids) {
+      if (!x.is_number_integer()) throw UsageError("tokenize --decode: " + x.dump() + " is not an integer id");
+      v.push_back(x.get<std::int32_t>());
+    }
+    std::fputs(tokenizer.decode(v).c_str(), stdout);
+    return 0;
+  }
+  std::printf("%s\n", nlohmann::json(tokenizer.encode(text, !args.flag("--no-bos"))).dump().c_str());
+  return 0;
+}
+
+}  // namespace zo2_opt

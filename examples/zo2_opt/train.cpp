@@ -1,0 +1,426 @@
+// zo2-opt train: MeZO-SGD fine-tuning with progress, logging, evaluation, checkpoints, resume
+// and export.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <optional>
+
+#include <nlohmann/json.hpp>
+
+#include <zo2/core/error.hpp>
+
+#include <zo2/models/opt/layout.hpp>
+
+#include "checkpoint.hpp"
+#include "cli.hpp"
+#include "commands.hpp"
+#include "data.hpp"
+#include "demo_corpus.hpp"
+#include "engine.hpp"
+#include "eval.hpp"
+#include "model_setup.hpp"
+#include "options.hpp"
+#include "progress.hpp"
+
+namespace zo2_opt {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// The demo's settings, measured on 2 CPU cores (see examples/README.md): the loss on the corpus
+// falls clearly within a minute or so.
+constexpr double kDemoLr = 2e-3;
+constexpr double kDemoEps = 1e-3;
+constexpr std::uint64_t kDemoSteps = 1500;
+constexpr std::int64_t kDemoBatch = 16;
+constexpr std::int64_t kDemoSeqLen = 64;
+constexpr std::uint64_t kDemoSeed = 1;
+
+CommandSpec train_spec() {
+  CommandSpec s;
+  s.name = "train";
+  s.summary = "zo2-opt train: fine-tune an OPT model with MeZO-SGD (two forward passes per step, no backward)";
+  s.usage = "zo2-opt train (--demo | --model DIR | --preset NAME | --resume DIR) [--data FILE | --text FILE] [options]";
+  s.options = {
+      {"--demo", "", "built-in demo: a small random OPT fine-tuned on an embedded corpus (no files needed)", ""},
+      {"--model", "DIR", "HF OPT checkpoint directory (config.json, model.safetensors, vocab.json, merges.txt)", ""},
+      {"--preset", "NAME", "random weights with a published size: opt-125m, opt-350m, opt-1.3b, ... (or 'demo')", ""},
+      {"--layers", "N", "with --preset/--demo: number of decoder layers", ""},
+      {"--hidden", "N", "with --preset/--demo: hidden size (ffn = 4x)", ""},
+      {"--heads", "N", "with --preset/--demo: attention heads", ""},
+      {"--vocab-size", "N", "with --preset: vocabulary size", "the tokenizer's"},
+      {"--tokenizer", "DIR", "directory with vocab.json + merges.txt", "the model's; else bytes"},
+      {"--data", "FILE", "training data: .jsonl ({\"text\"}, {\"prompt\",\"label\"}, {\"input_ids\"}), else plain text", ""},
+      {"--text", "FILE", "training data: a plain text file, cut into --seq-len windows", ""},
+      {"--template", "TEXT", "classification prompt template; {prompt} is replaced", "{prompt}"},
+      {"--candidates", "LIST", "classification label words, e.g. \"great,terrible\" (loss on the label's tokens)", ""},
+      {"--eval-data", "FILE", "evaluation data (same formats)", "the training data"},
+      {"--eval-every", "N", "evaluate every N steps", "0 (start and end only)"},
+      {"--eval-limit", "N", "evaluate at most N examples", "256"},
+      {"--device", "cpu|cuda", "where to compute", "cpu"},
+      {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
+      {"--codec", "NAME", "with --offload: how blocks are stored for transfer", ""},
+      {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the resident blocks may use", ""},
+      {"--lr", "X", "learning rate", "1e-6; demo 2e-3"},
+      {"--eps", "X", "perturbation scale", "1e-3"},
+      {"--weight-decay", "X", "weight decay (weights only, not biases or LayerNorm)", "0"},
+      {"--lr-schedule", "NAME", "constant or cosine (linear warm-up, then cosine to 0)", "constant"},
+      {"--warmup", "N", "warm-up steps of the cosine schedule", "0"},
+      {"--steps", "N", "total number of steps (a resumed run continues up to N)", "100; demo 1500"},
+      {"--batch", "N", "examples per step", "16"},
+      {"--seq-len", "N", "longest sequence; text is cut into windows of this many tokens", "min(max_position_embeddings, 128); demo 64"},
+      {"--seed", "N", "seed of the perturbations, the batch order and random weights", "0; demo 1"},
+      {"--checkpoint-every", "N", "save a checkpoint every N steps (and at the end)", "0 (never)"},
+      {"--checkpoint-dir", "DIR", "where checkpoints go (DIR/step-NNNNNNNN)", "checkpoints"},
+      {"--resume", "DIR", "continue bit-exactly from a checkpoint (or the newest one in DIR)", ""},
+      {"--log", "FILE", "append one JSON line per step (step, loss_plus, loss_minus, g, lr, tokens_per_s, elapsed_s)", ""},
+      {"--export", "DIR", "write an HF-loadable model (config.json, model.safetensors, tokenizer files) at the end", ""},
+      {"--quiet", "", "no progress line", ""},
+  };
+  s.epilog =
+      "Examples:\n"
+      "  zo2-opt train --demo\n"
+      "  zo2-opt train --model opt-125m/ --data sst2.jsonl --template \"{prompt} It was\" \\\n"
+      "      --candidates \"terrible,great\" --lr 1e-6 --eps 1e-3 --steps 20000 --batch 16\n"
+      "  zo2-opt train --preset opt-125m --layers 2 --hidden 128 --text book.txt --steps 500\n"
+      "  zo2-opt train --resume checkpoints/ --steps 1000\n";
+  return s;
+}
+
+/// A setting that a resumed run takes from state.json unless the command line gives it.
+struct Resolver {
+  const Args& args;
+  const json* state;  // the checkpoint's "train"/"optimizer" section, or null
+  std::vector<std::string> overridden;
+
+  template <class T, class Read>
+  T pick(const std::string& flag, const char* key, T fallback, Read read) {
+    std::optional<T> saved;
+    if (state && state->contains(key) && !(*state)[key].is_null()) saved = (*state)[key].get<T>();
+    if (args.has(flag)) {
+      T v = read();
+      if (saved && !(v == *saved)) overridden.push_back(flag);
+      return v;
+    }
+    return saved ? *saved : fallback;
+  }
+  double number(const std::string& flag, const char* key, double fallback) {
+    return pick<double>(flag, key, fallback, [&] { return args.number(flag, fallback); });
+  }
+  std::uint64_t count(const std::string& flag, const char* key, std::uint64_t fallback) {
+    return pick<std::uint64_t>(flag, key, fallback, [&] { return args.unsigned_integer(flag, fallback); });
+  }
+  std::string text(const std::string& flag, const char* key, const std::string& fallback) {
+    return pick<std::string>(flag, key, fallback, [&] { return args.str(flag, fallback); });
+  }
+};
+
+std::string fixed(double x, int digits = 4) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, x);
+  return buf;
+}
+
+std::string describe_eval(const EvalResult& r) {
+  std::string s = "loss " + fixed(r.loss) + "  ppl " + fixed(std::exp(r.loss), 2);
+  if (r.accuracy) s += "  accuracy " + fixed(100.0 * *r.accuracy, 1) + "%";
+  return s;
+}
+
+}  // namespace
+
+int run_train(const std::vector<std::string>& argv) {
+  const CommandSpec spec = train_spec();
+  const Args args(spec, argv);
+  if (args.help()) {
+    std::fputs(render_help(spec).c_str(), stdout);
+    return 0;
+  }
+  const std::string device = parse_device(args);
+  EngineOptions engine_options;
+  engine_options.device = device;
+  engine_options.offload = args.flag("--offload");
+  engine_options.codec = args.str("--codec", "");
+  if (args.has("--gpu-memory-budget")) engine_options.gpu_memory_budget_gib = args.number("--gpu-memory-budget", 0);
+  if (!engine_options.offload && (args.has("--codec") || args.has("--gpu-memory-budget")))
+    throw UsageError("train: --codec and --gpu-memory-budget apply only with --offload");
+
+  const int sources = args.has("--demo") + args.has("--model") + args.has("--preset") + args.has("--resume");
+  if (sources == 0) throw UsageError("train: say where the model comes from: --demo, --model DIR, --preset NAME or --resume DIR");
+  if (args.has("--model") + args.has("--preset") + args.has("--resume") > 1)
+    throw UsageError("train: --model, --preset and --resume are exclusive");
+  if ((args.has("--layers") || args.has("--hidden") || args.has("--heads") || args.has("--vocab-size")) &&
+      !args.has("--preset") && !(args.has("--demo") && !args.has("--resume")))
+    throw UsageError("train: --layers/--hidden/--heads/--vocab-size apply only to --preset or --demo (random weights)");
+  if (args.has("--data") && args.has("--text")) throw UsageError("train: --data and --text are exclusive");
+
+  // ---- resume state -------------------------------------------------------------------------
+  std::optional<fs::path> resume_dir;
+  json state;
+  if (args.has("--resume")) {
+    resume_dir = find_checkpoint(*args.get("--resume"));
+    state = read_state(*resume_dir);
+  }
+  const json* saved_train = resume_dir && state.contains("train") ? &state["train"] : nullptr;
+  const json* saved_opt = resume_dir && state.contains("optimizer") ? &state["optimizer"] : nullptr;
+  const bool demo = args.flag("--demo") ||
+                    (saved_train && !args.has("--data") && !args.has("--text") && saved_train->value("demo", false));
+
+  Resolver train_r{args, saved_train, {}};
+  Resolver opt_r{args, saved_opt, {}};
+  std::uint64_t seed = resume_dir ? state["seed"].get<std::uint64_t>() : (demo ? kDemoSeed : 0);
+  if (args.has("--seed")) {
+    const std::uint64_t s = args.unsigned_integer("--seed", 0);
+    if (resume_dir && s != seed) train_r.overridden.push_back("--seed");
+    seed = s;
+  }
+
+  // ---- model and tokenizer ------------------------------------------------------------------
+  std::optional<LoadedModel> model;
+  std::optional<Tokenizer> tokenizer;
+  if (resume_dir) {
+    model = load_model_dir(*resume_dir);
+    if (state.value("tokenizer", "") == "bytes") model->tokenizer = Tokenizer::bytes();
+  } else if (args.has("--model")) {
+    model = load_model_dir(*args.get("--model"));
+  }
+  if (args.has("--tokenizer")) tokenizer = Tokenizer::from_directory(*args.get("--tokenizer"));
+  else if (model && model->tokenizer) tokenizer = model->tokenizer;
+  if (!model) {  // random weights: --preset or --demo
+    if (!tokenizer) tokenizer = Tokenizer::bytes();
+    const std::string preset = args.str("--preset", "demo");
+    std::int64_t vocab = args.integer("--vocab-size", 0);
+    if (vocab == 0 && preset != "demo" && tokenizer->is_bytes()) vocab = Tokenizer::kByteVocabSize;
+    if (vocab == 0 && !tokenizer->is_bytes()) vocab = static_cast<std::int64_t>(tokenizer->vocab_size());
+    zo2::opt::OPTConfig config = preset_config(preset, args.integer("--layers", 0), args.integer("--hidden", 0),
+                                               args.integer("--heads", 0), vocab);
+    if (static_cast<std::size_t>(config.vocab_size) < tokenizer->vocab_size())
+      throw UsageError("train: --vocab-size " + std::to_string(config.vocab_size) + " is smaller than the tokenizer's " +
+                       std::to_string(tokenizer->vocab_size()));
+    auto store = random_parameters(config, seed);
+    model = LoadedModel{config, std::move(store), std::nullopt,
+                        (preset == "demo" ? std::string("demo model") : preset) + " (random weights, seed " + std::to_string(seed) + ")"};
+  }
+  const zo2::opt::OPTConfig config = model->config;
+  const std::int32_t pad = static_cast<std::int32_t>(std::max<std::int64_t>(0, config.pad_token_id));
+
+  // ---- hyper-parameters ---------------------------------------------------------------------
+  zo2::ZOConfig zo;
+  zo.seed = seed;
+  zo.lr = opt_r.number("--lr", "lr", demo ? kDemoLr : 1e-6);
+  zo.eps = opt_r.number("--eps", "eps", demo ? kDemoEps : 1e-3);
+  zo.weight_decay = opt_r.number("--weight-decay", "weight_decay", 0.0);
+  const std::string schedule = opt_r.text("--lr-schedule", "lr_schedule", "constant");
+  const std::uint64_t warmup = opt_r.count("--warmup", "warmup_steps", 0);
+  const std::uint64_t total_steps = train_r.count("--steps", "total_steps", demo ? kDemoSteps : 100);
+  const std::uint64_t batch_size = train_r.count("--batch", "batch", demo ? kDemoBatch : 16);
+  const std::uint64_t eval_every = train_r.count("--eval-every", "eval_every", 0);
+  const std::uint64_t eval_limit = train_r.count("--eval-limit", "eval_limit", 256);
+  const std::uint64_t checkpoint_every = train_r.count("--checkpoint-every", "checkpoint_every", 0);
+  const fs::path checkpoint_dir = train_r.text("--checkpoint-dir", "checkpoint_dir", "checkpoints");
+  if (schedule == "cosine") zo.lr_schedule = zo2::cosine_schedule(warmup, std::max<std::uint64_t>(1, total_steps));
+  else if (schedule != "constant") throw UsageError("train: --lr-schedule must be constant or cosine, got '" + schedule + "'");
+  if (batch_size == 0) throw UsageError("train: --batch must be > 0");
+  try {
+    zo.validate();
+  } catch (const zo2::ConfigError& e) {
+    throw UsageError(std::string("train: ") + e.what());
+  }
+  const std::uint64_t start_step = resume_dir ? state["step"].get<std::uint64_t>() : 0;
+  if (start_step > total_steps)
+    throw UsageError("train: the checkpoint is at step " + std::to_string(start_step) + ", past --steps " + std::to_string(total_steps));
+
+  // ---- data ---------------------------------------------------------------------------------
+  DataOptions data_options;
+  {
+    // The resumed run's --seq-len/--template/--candidates default to the checkpoint's.
+    std::vector<std::string> forwarded;
+    auto forward = [&](const char* flag, const char* key) {
+      if (args.has(flag)) {
+        forwarded.push_back(flag);
+        forwarded.push_back(*args.get(flag));
+      } else if (saved_train && saved_train->contains(key) && !(*saved_train)[key].is_null()) {
+        forwarded.push_back(flag);
+        const auto& v = (*saved_train)[key];
+        forwarded.push_back(v.is_string() ? v.get<std::string>() : v.dump());
+      }
+    };
+    forward("--seq-len", "seq_len");
+    forward("--template", "template");
+    forward("--candidates", "candidates");
+    if (demo && std::find(forwarded.begin(), forwarded.end(), "--seq-len") == forwarded.end()) {
+      forwarded.push_back("--seq-len");
+      forwarded.push_back(std::to_string(std::min<std::int64_t>(kDemoSeqLen, config.max_position_embeddings)));
+    }
+    CommandSpec data_spec{"train", "", "", {{"--seq-len", "N", "", ""}, {"--template", "T", "", ""}, {"--candidates", "L", "", ""}}, ""};
+    data_options = data_options_from(Args(data_spec, forwarded), config, 128);
+  }
+  const Tokenizer* tok = tokenizer ? &*tokenizer : nullptr;
+  std::string data_kind, data_path;
+  Dataset train;
+  if (args.has("--data") || args.has("--text")) {
+    data_kind = args.has("--text") ? "text" : "file";
+    data_path = fs::absolute(args.has("--text") ? *args.get("--text") : *args.get("--data")).string();
+    train = load_dataset(data_path, data_kind == "text", tok, data_options);
+  } else if (demo) {
+    if (!tok) throw UsageError("train: --demo needs a tokenizer");
+    data_kind = "demo";
+    train = text_windows(demo_corpus(), "demo corpus", *tok, data_options);
+  } else if (saved_train && saved_train->contains("data") && !(*saved_train)["data"].is_null()) {
+    data_kind = saved_train->value("data_kind", "file");
+    data_path = (*saved_train)["data"].get<std::string>();
+    train = load_dataset(data_path, data_kind == "text", tok, data_options);
+  } else {
+    throw UsageError("train: no training data: pass --data FILE (JSONL or text) or --text FILE, or use --demo");
+  }
+  std::optional<Dataset> eval_set;
+  const std::string eval_path = train_r.text("--eval-data", "eval_data", "");
+  if (!eval_path.empty()) eval_set = load_dataset(eval_path, false, tok, data_options);
+  const Dataset& eval_data = eval_set ? *eval_set : train;
+  const std::string eval_name = eval_set ? eval_path : (train.source + (eval_limit < train.examples.size() ? " (first " + std::to_string(eval_limit) + ")" : ""));
+
+  // ---- engine -------------------------------------------------------------------------------
+  engine_options.zo = zo;
+  engine_options.start_step = start_step;
+  const std::string model_description = model->description;
+  auto engine = make_engine(config, std::move(model->store), engine_options);
+  model.reset();
+  const BatchSchedule schedule_of_batches(train.examples.size(), batch_size, seed);
+
+  const bool quiet = args.flag("--quiet");
+  std::printf("model     %s: %lld layers, hidden %lld, %lld heads, vocab %lld, %zu parameters\n", model_description.c_str(),
+              static_cast<long long>(config.num_hidden_layers), static_cast<long long>(config.hidden_size),
+              static_cast<long long>(config.num_attention_heads), static_cast<long long>(config.vocab_size),
+              zo2::opt::parameter_count(config));
+  std::printf("tokenizer %s\n", tok ? tok->description().c_str() : "none (pre-tokenized data)");
+  std::printf("data      %s: %zu %s (%s)%s\n", train.source.c_str(), train.examples.size(),
+              data_kind == "file" ? "examples" : "windows",
+              train.kind == TaskKind::classification ? "classification" : "language modelling",
+              train.truncated ? (", " + std::to_string(train.truncated) + " cut to --seq-len").c_str() : "");
+  std::printf("optimizer MeZO-SGD lr %g eps %g weight decay %g (%s), batch %llu, seq-len %zu, seed %llu, device %s\n", zo.lr, zo.eps,
+              zo.weight_decay, schedule.c_str(), static_cast<unsigned long long>(batch_size), data_options.seq_len,
+              static_cast<unsigned long long>(seed), engine->device_description().c_str());
+  if (resume_dir) std::printf("resume    from %s at step %llu\n", resume_dir->string().c_str(), static_cast<unsigned long long>(start_step));
+  for (const auto& flag : train_r.overridden) std::printf("note      %s differs from the checkpoint's: the run will not match an uninterrupted one\n", flag.c_str());
+  for (const auto& flag : opt_r.overridden) std::printf("note      %s differs from the checkpoint's: the run will not match an uninterrupted one\n", flag.c_str());
+  std::fflush(stdout);
+
+  const EvalResult start_eval = evaluate_dataset(*engine, eval_data, batch_size, pad, eval_limit);
+  std::printf("start     %s  (on %s)\n", describe_eval(start_eval).c_str(), eval_name.c_str());
+  std::fflush(stdout);
+
+  std::ofstream log;
+  if (args.has("--log")) {
+    log.open(*args.get("--log"), std::ios::app);
+    if (!log) throw zo2::FileError(*args.get("--log"), "cannot open for writing");
+  }
+
+  auto state_json = [&](std::uint64_t step) {
+    const zo2::OptimizerState s = engine->state();
+    return json{
+        {"format", "zo2-opt-checkpoint/1"},
+        {"step", step},
+        {"seed", seed},
+        {"skipped_steps", s.skipped_steps},
+        {"tokenizer", tok && tok->is_bytes() ? "bytes" : (tok ? "bpe" : "none")},
+        {"optimizer", {{"algorithm", "mezo-sgd"}, {"lr", zo.lr}, {"eps", zo.eps}, {"weight_decay", zo.weight_decay},
+                       {"lr_schedule", schedule}, {"warmup_steps", warmup}}},
+        {"train", {{"total_steps", total_steps}, {"batch", batch_size}, {"seq_len", data_options.seq_len},
+                   {"demo", data_kind == "demo"}, {"data_kind", data_kind},
+                   {"data", data_path.empty() ? json(nullptr) : json(data_path)},
+                   {"template", data_options.template_text},
+                   {"candidates", data_options.candidates.empty() ? json(nullptr) : json([&] {
+                      std::string l;
+                      for (const auto& c : data_options.candidates) l += (l.empty() ? "" : ",") + c;
+                      return l;
+                    }())},
+                   {"eval_data", eval_path.empty() ? json(nullptr) : json(fs::absolute(eval_path).string())},
+                   {"eval_every", eval_every}, {"eval_limit", eval_limit},
+                   {"checkpoint_every", checkpoint_every}, {"checkpoint_dir", fs::absolute(checkpoint_dir).string()}}},
+        {"model", config.to_json()},
+    };
+  };
+
+  Progress progress(start_step, total_steps, quiet);
+  double smoothed = start_eval.loss, tokens_per_s = 0;
+  std::uint64_t tokens_total = 0, last_checkpoint = resume_dir ? start_step : ~0ull;
+  double first_losses = 0, last_losses = 0;
+  std::size_t first_count = 0;
+  std::vector<double> recent;
+  const std::uint64_t window = std::max<std::uint64_t>(1, std::min<std::uint64_t>(50, (total_steps - start_step + 9) / 10));
+  for (std::uint64_t t = start_step; t < total_steps; ++t) {
+    const std::vector<std::size_t> indices = schedule_of_batches.indices(t);
+    const TokenBatch batch = make_batch(train, indices, pad);
+    const auto t0 = std::chrono::steady_clock::now();
+    const zo2::StepResult r = engine->step(batch);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const std::size_t tokens = batch.real_tokens();
+    tokens_total += tokens;
+    const double step_tps = dt > 0 ? static_cast<double>(tokens) / dt : 0;
+    tokens_per_s = t == start_step ? step_tps : 0.9 * tokens_per_s + 0.1 * step_tps;
+    const double mean = 0.5 * (r.loss_plus + r.loss_minus);
+    if (std::isfinite(mean)) {
+      smoothed = t == start_step ? mean : 0.95 * smoothed + 0.05 * mean;
+      if (first_count < window) {
+        first_losses += mean;
+        ++first_count;
+      }
+      recent.push_back(mean);
+      if (recent.size() > window) recent.erase(recent.begin());
+    }
+    json line = {{"step", t}, {"loss_plus", r.loss_plus}, {"loss_minus", r.loss_minus}, {"g", r.projected_grad},
+                 {"lr", r.lr}, {"tokens_per_s", step_tps}, {"elapsed_s", progress.elapsed_s()}};
+    if (r.skipped) line["skipped"] = true;
+    if (eval_every && (t + 1) % eval_every == 0 && t + 1 < total_steps) {
+      const EvalResult ev = evaluate_dataset(*engine, eval_data, batch_size, pad, eval_limit);
+      progress.note("eval      step " + std::to_string(t + 1) + "  " + describe_eval(ev));
+      line["eval_loss"] = ev.loss;
+      if (ev.accuracy) line["eval_accuracy"] = *ev.accuracy;
+    }
+    if (log.is_open()) {
+      log << line.dump() << "\n";
+      log.flush();
+    }
+    progress.update(t, smoothed, tokens_per_s, engine->device_memory_used());
+    if (checkpoint_every && (t + 1) % checkpoint_every == 0 && t + 1 < total_steps) {
+      const fs::path saved = save_checkpoint(checkpoint_dir, t + 1, config, engine->parameters(), tok, state_json(t + 1));
+      last_checkpoint = t + 1;
+      progress.note("checkpoint " + saved.string());
+    }
+  }
+  progress.finish();
+  for (double l : recent) last_losses += l;
+  const double train_seconds = progress.elapsed_s();
+  const std::uint64_t steps_run = total_steps - start_step;
+
+  if (checkpoint_every && last_checkpoint != total_steps) {
+    const fs::path saved = save_checkpoint(checkpoint_dir, total_steps, config, engine->parameters(), tok, state_json(total_steps));
+    std::printf("checkpoint %s\n", saved.string().c_str());
+  }
+  const EvalResult end_eval = evaluate_dataset(*engine, eval_data, batch_size, pad, eval_limit);
+  std::printf("end       %s  (on %s)\n", describe_eval(end_eval).c_str(), eval_name.c_str());
+  if (steps_run > 0) {
+    std::printf("training  %llu steps in %s (%.1f ms/step, %.0f tokens/s), batch loss %.4f -> %.4f (mean of first/last %zu steps)",
+                static_cast<unsigned long long>(steps_run), format_duration(train_seconds).c_str(),
+                1000.0 * train_seconds / static_cast<double>(steps_run), static_cast<double>(tokens_total) / train_seconds,
+                first_count ? first_losses / static_cast<double>(first_count) : std::nan(""),
+                recent.empty() ? std::nan("") : last_losses / static_cast<double>(recent.size()), recent.size());
+    if (engine->state().skipped_steps) std::printf(", %llu steps skipped (non-finite loss)", static_cast<unsigned long long>(engine->state().skipped_steps));
+    std::printf("\n");
+  }
+  if (args.has("--export")) {
+    export_model(*args.get("--export"), config, engine->parameters(), tok);
+    std::printf("export    %s (config.json, model.safetensors%s)\n", args.get("--export")->c_str(), tok ? ", tokenizer" : "");
+  }
+  json summary = {{"steps", steps_run}, {"final_step", total_steps}, {"seconds", train_seconds},
+                  {"start_loss", start_eval.loss}, {"end_loss", end_eval.loss}};
+  if (end_eval.accuracy) summary["end_accuracy"] = *end_eval.accuracy;
+  std::printf("%s\n", json{{"summary", summary}}.dump().c_str());
+  return 0;
+}
+
+}  // namespace zo2_opt
