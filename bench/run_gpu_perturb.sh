@@ -55,14 +55,14 @@ cmake --build "$BUILD" -j "$JOBS" --target test_cuda_test_perturb_kernels test_c
 echo "built in $(( $(date +%s) - start )) s"
 
 echo "== tests"
-( cd "$BUILD" && timeout 150 ctest -R 'cuda_test_(perturb_kernels|cuda_resident)' -V ) > "$OUT/tests.log" 2>&1
+( cd "$BUILD" && timeout 90 ctest -R 'cuda_test_(perturb_kernels|cuda_resident)' -V ) > "$OUT/tests.log" 2>&1
 tests_rc=$?
 grep -E "MESSAGE|normals:|theta|g over|bf16 loss|test cases|assertions|Passed|Failed|ERROR|error|SKIPPED|tests passed" \
   "$OUT/tests.log" | head -60
 echo "tests rc=$tests_rc"
 
 echo "== bench"
-timeout 120 "$BUILD/bench/perturb_bandwidth" > "$OUT/perturb.jsonl" 2> "$OUT/bench.err"
+timeout 60 "$BUILD/bench/perturb_bandwidth" > "$OUT/perturb.jsonl" 2> "$OUT/bench.err"
 echo "bench rc=$?"; cat "$OUT/bench.err"
 python3 - "$OUT/perturb.jsonl" <<'EOF' || cat "$OUT/perturb.jsonl"
 import json, sys
@@ -77,7 +77,7 @@ EOF
 
 echo "== compute-sanitizer (memcheck) on test_cuda_test_perturb_kernels"
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-timeout 150 "$SAN" --tool memcheck --error-exitcode 3 "$BUILD/tests/test_cuda_test_perturb_kernels" \
+timeout 90 "$SAN" --tool memcheck --error-exitcode 3 "$BUILD/tests/test_cuda_test_perturb_kernels" \
   > "$OUT/sanitizer.log" 2>&1
 echo "sanitizer rc=$?"
 tail -5 "$OUT/sanitizer.log"
