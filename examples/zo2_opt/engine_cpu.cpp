@@ -71,7 +71,8 @@ class CpuEngine final : public Engine {
 std::unique_ptr<Engine> make_cpu_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
                                         const EngineOptions& options) {
   if (options.offload)
-    throw UsageError("--offload: offload not available in this build (the host-offload engine needs --device cuda and a build with CUDA)");
+    throw UsageError(cuda_built() ? "--offload streams weights to a GPU: it needs --device cuda"
+                                  : "--offload: offload not available in this build (built without CUDA; the offload engine needs --device cuda)");
   return std::make_unique<CpuEngine>(config, std::move(store), options);
 }
 

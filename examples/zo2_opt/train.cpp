@@ -264,8 +264,9 @@ int run_train(const std::vector<std::string>& argv) {
   Dataset train;
   if (args.has("--data") || args.has("--text")) {
     data_kind = args.has("--text") ? "text" : "file";
-    data_path = fs::absolute(args.has("--text") ? *args.get("--text") : *args.get("--data")).string();
-    train = load_dataset(data_path, data_kind == "text", tok, data_options);
+    const std::string given = args.has("--text") ? *args.get("--text") : *args.get("--data");
+    data_path = fs::absolute(given).string();  // recorded for --resume
+    train = load_dataset(given, data_kind == "text", tok, data_options);
   } else if (demo) {
     if (!tok) throw UsageError("train: --demo needs a tokenizer");
     data_kind = "demo";

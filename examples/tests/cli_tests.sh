@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Tests of the zo2-opt program, one case per CTest test (examples/tests.cmake):
+#   cli_tests.sh CASE ZO2_OPT_BINARY WORK_DIR REPO_ROOT
+# Each case runs in an empty WORK_DIR and fails with a message naming what went wrong.
+set -uo pipefail
+case_name=$1
+bin=$2
+work=$3
+root=$4
+corpus=$root/examples/zo2_opt/data/demo_corpus.txt
+rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
+
+fail() { echo "FAIL [$case_name]: $*" >&2; exit 1; }
+
+# run_ok NAME CMD...: runs CMD, keeps stdout/stderr in NAME.out/NAME.err, fails on non-zero exit.
+run_ok() {
+  local name=$1; shift
+  "$@" >"$name.out" 2>"$name.err" || { cat "$name.out" "$name.err" >&2; fail "'$*' exited with $?"; }
+}
+
+# expect_error REGEX CMD...: CMD must exit non-zero with exactly one line on stderr matching REGEX.
+expect_error() {
+  local regex=$1; shift
+  local rc=0
+  "$@" >err.out 2>err.err || rc=$?
+  [ "$rc" -ne 0 ] || fail "'$*' succeeded; expected an error matching /$regex/"
+  local lines
+  lines=$(wc -l <err.err)
+  [ "$lines" -eq 1 ] || { cat err.err >&2; fail "'$*' printed $lines lines on stderr, expected one"; }
+  grep -Eq -- "$regex" err.err || { cat err.err >&2; fail "'$*': stderr does not match /$regex/"; }
+  echo "ok: exit $rc: $(cat err.err)"
+}
+
+json_field() {  # json_field FILE KEY: the value of "KEY": in the summary line
+  grep -o "\"$2\":[^,}]*" "$1" | tail -1 | cut -d: -f2
+}
+
+case "$case_name" in
+  demo)
+    # A fresh cwd with nothing in it: the demo needs no files.
+    run_ok demo "$bin" train --demo --steps 60
+    grep -q '^start ' demo.out || fail "no start loss printed"
+    grep -q '^end ' demo.out || fail "no end loss printed"
+    start=$(json_field demo.out start_loss)
+    end=$(json_field demo.out end_loss)
+    awk -v s="$start" -v e="$end" 'BEGIN { exit !(e < s) }' || fail "loss did not fall: $start -> $end"
+    grep -q 'step 60/60' demo.err || fail "no progress line for the last step"
+    echo "demo loss $start -> $end"
+    ;;
+
+  help)
+    run_ok top "$bin" --help
+    for c in train eval generate tokenize; do
+      run_ok "help_$c" "$bin" "$c" --help
+      grep -q "^Usage: zo2-opt $c" "help_$c.out" || fail "$c --help has no usage line"
+    done
+    ;;
+
+  checkpoint_resume)
+    common=(--demo --layers 1 --hidden 32 --heads 2 --batch 4 --seq-len 32 --quiet)
+    # Uninterrupted: 30 steps.
+    run_ok full "$bin" train "${common[@]}" --steps 30 --export full_export --log full.jsonl
+    [ "$(wc -l <full.jsonl)" -eq 30 ] || fail "--log wrote $(wc -l <full.jsonl) lines for 30 steps"
+    grep -q '"loss_plus"' full.jsonl && grep -q '"tokens_per_s"' full.jsonl || fail "log lines lack fields"
+    # Interrupted: 15 steps with a checkpoint every 5, then resumed from the newest to 30.
+    run_ok first "$bin" train "${common[@]}" --steps 15 --checkpoint-every 5 --checkpoint-dir ck
+    for s in 00000005 00000010 00000015; do
+      for f in state.json config.json model.safetensors vocab.json merges.txt; do
+        [ -f "ck/step-$s/$f" ] || fail "checkpoint step-$s lacks $f"
+      done
+    done
+    if ls -a ck | grep -q tmp; then fail "a temporary directory was left in ck/: $(ls -a ck)"; fi
+    grep -q '"step": 15' ck/step-00000015/state.json || fail "state.json does not record step 15"
+    run_ok resumed "$bin" train --resume ck --steps 30 --export resumed_export --quiet
+    grep -q 'resume    from' resumed.out || fail "the resumed run did not say where it resumed from"
+    cmp full_export/model.safetensors resumed_export/model.safetensors ||
+      fail "resumed run's weights differ from the uninterrupted run's"
+    # Resuming from a specific step directory, and checkpointing on the way, changes nothing.
+    run_ok resumed2 "$bin" train --resume ck/step-00000010 --steps 30 --checkpoint-every 7 --checkpoint-dir ck2 --export resumed2_export --quiet
+    cmp full_export/model.safetensors resumed2_export/model.safetensors ||
+      fail "resume from step 10 with checkpoints differs from the uninterrupted run"
+    echo "resumed weights are bit-identical"
+    ;;
+
+  export_reload)
+    run_ok train "$bin" train --demo --layers 1 --hidden 32 --heads 2 --batch 4 --seq-len 32 --steps 20 --quiet --export exported
+    for f in config.json model.safetensors vocab.json merges.txt; do [ -f "exported/$f" ] || fail "export lacks $f"; done
+    # Our loader re-reads the export: the loss on the same data and batches is the same number.
+    run_ok eval "$bin" eval --model exported --text "$corpus" --seq-len 32 --batch 4
+    trained=$(json_field train.out end_loss)
+    reread=$(json_field eval.out loss)
+    [ "$trained" = "$reread" ] || fail "loss after export+reload $reread != loss at the end of training $trained"
+    run_ok per_example "$bin" eval --model exported --text "$corpus" --seq-len 32 --per-example --limit 3
+    [ "$(grep -c '"origin"' per_example.out)" -eq 3 ] || fail "--per-example did not print 3 lines"
+    run_ok gen "$bin" generate --model exported --prompt "The old man" --max-new-tokens 8
+    grep -q '^The old man' gen.out || fail "generate did not echo the prompt"
+    run_ok gen_json "$bin" generate --model exported --prompt "The" --max-new-tokens 6 --temperature 0.8 --top-p 0.9 --seed 3 --json
+    grep -q '"completion"' gen_json.out || fail "generate --json printed no completion"
+    run_ok tok "$bin" tokenize --tokenizer exported --text "Hi"
+    [ "$(cat tok.out)" = "[2,76,109]" ] || fail "byte tokenizer via exported files: $(cat tok.out)"
+    run_ok fixture_tok "$bin" tokenize --tokenizer "$root/tests/fixtures/tokenizer" --text "Hello world" --no-bos
+    [ "$(cat fixture_tok.out)" = "[43,287,586,303,288,79,71]" ] || fail "fixture tokenizer: $(cat fixture_tok.out)"
+    echo "loss $trained == $reread after reload"
+    ;;
+
+  data_formats)
+    small=(--demo --layers 1 --hidden 32 --heads 2 --batch 4 --seq-len 48 --steps 5 --quiet)
+    printf '%s\n' '{"prompt": "A wonderful, moving film.", "label": "great"}' \
+      '{"prompt": "Dull and far too long.", "label": "terrible"}' \
+      '{"prompt": "I loved every minute.", "label": 0}' >cls.jsonl
+    run_ok cls "$bin" train "${small[@]}" --data cls.jsonl --template "{prompt} It was" --candidates "great,terrible"
+    grep -q 'accuracy' cls.out || fail "classification training printed no accuracy"
+    printf '%s\n' '{"text": "The sun rose over the valley."}' '{"text": "Rain fell in the night."}' >lm.jsonl
+    run_ok lm "$bin" train "${small[@]}" --data lm.jsonl --eval-data lm.jsonl --eval-every 2
+    printf '%s\n' '{"input_ids": [2, 10, 11, 12, 13]}' '{"input_ids": [2, 20, 21], "labels": [-100, 20, 21]}' >ids.jsonl
+    run_ok ids "$bin" train "${small[@]}" --data ids.jsonl
+    run_ok text "$bin" train "${small[@]}" --text "$corpus" --lr-schedule cosine --warmup 2
+    ;;
+
+  errors)
+    mkdir -p empty_model config_only
+    echo '{}' >config_only/config.json
+    expect_error "empty_model/config.json: missing" "$bin" train --model empty_model --text "$corpus"
+    expect_error "config_only/model.safetensors: missing" "$bin" train --model config_only --text "$corpus"
+    printf '%s\n' '{"text": "fine"}' '{"text": broken' >bad.jsonl
+    expect_error "bad.jsonl:2: not valid JSON" "$bin" train --demo --data bad.jsonl
+    printf '%s\n' '{"prompt": "ok", "label": "great"}' '{"prompt": "meh", "label": "so-so"}' >labels.jsonl
+    expect_error "labels.jsonl:2: label 'so-so' is not among the candidates \(great, terrible\)" \
+      "$bin" train --demo --data labels.jsonl --candidates "great,terrible"
+    python3 -c 'print("{\"input_ids\": [" + ",".join(["5"] * 300) + "]}")' >long.jsonl 2>/dev/null ||
+      { printf '{"input_ids": [2'; for _ in $(seq 300); do printf ',5'; done; printf ']}\n'; } >long.jsonl
+    expect_error "long.jsonl:1: sequence of 300 tokens is longer than max_position_embeddings = 256" \
+      "$bin" train --demo --data long.jsonl
+    expect_error "--seq-len 1000 is longer than the model's max_position_embeddings = 256" "$bin" train --demo --seq-len 1000
+    expect_error "--device cuda: (this zo2-opt was built without CUDA|no CUDA GPU is present)" "$bin" train --demo --device cuda
+    expect_error "unknown option '--bogus'" "$bin" train --demo --bogus
+    expect_error "unknown option '--lr'" "$bin" tokenize --bytes --lr 1
+    expect_error "--lr expects a number, got 'fast'" "$bin" train --demo --lr fast
+    expect_error "unknown command 'trian'" "$bin" trian
+    expect_error "(offload not available in this build|--offload streams weights to a GPU)" "$bin" train --demo --offload
+    expect_error "nothing.jsonl: no such file" "$bin" train --demo --data nothing.jsonl
+    ;;
+
+  *) fail "unknown case" ;;
+esac
+echo "PASS [$case_name]"

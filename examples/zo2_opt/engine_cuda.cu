@@ -1,0 +1,145 @@
+// The CUDA engine (built when ZO2_ENABLE_CUDA is on): OPTCudaModel<float> with the weights on
+// the GPU (zo2::cuda::CudaResident), or streamed from host memory (zo2::cuda::HostOffload, ZO2's
+// offload engine) with --offload. Everything the model enqueues runs on the policy's stream.
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <string>
+
+#include <zo2/zo2.hpp>
+#include <zo2/models/opt/cuda/opt_cuda_model.cuh>
+#include <zo2/offload/codecs.hpp>
+#include <zo2/offload/cuda_resident.cuh>
+#include <zo2/offload/host_offload.cuh>
+
+#include "cli.hpp"
+#include "engine.hpp"
+#include "options.hpp"
+
+namespace zo2_opt {
+
+namespace {
+
+using Model = zo2::opt::OPTCudaModel<float>;
+
+template <class Policy>
+class CudaEngine final : public Engine {
+ public:
+  template <class... PolicyArgs>
+  CudaEngine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store, const EngineOptions& options,
+             std::string description, PolicyArgs&&... policy_args)
+      : host_(std::move(store)), model_(config), policy_(host_, std::forward<PolicyArgs>(policy_args)...),
+        optimizer_((model_.set_stream(policy_.stream()), model_), policy_, options.zo, options.start_step),
+        description_(std::move(description)) {}
+
+  zo2::StepResult step(const TokenBatch& batch) override { return optimizer_.step(model_.make_batch(batch)); }
+  double loss(const TokenBatch& batch) override { return optimizer_.evaluate(model_.make_batch(batch)); }
+
+  std::vector<float> next_token_logits(std::span<const std::int32_t> ids) override {
+    if constexpr (std::is_same_v<Policy, zo2::cuda::CudaResident<float, float>>) {
+      optimizer_.flush();
+      TokenBatch b;
+      b.batch = 1;
+      b.seq = ids.size();
+      b.input_ids.assign(ids.begin(), ids.end());
+      const auto& ml = policy_.model_layout();
+      typename Model::Params params{policy_.current(ml.prologue()), {}, policy_.current(ml.epilogue())};
+      for (std::size_t i = 0; i < ml.num_blocks(); ++i) params.blocks.push_back(policy_.current(ml.block(i)));
+      const std::vector<float> all = model_.logits(params, model_.make_batch(b), workspace_);
+      const std::size_t vocab = static_cast<std::size_t>(model_.config().vocab_size);
+      return std::vector<float>(all.end() - static_cast<std::ptrdiff_t>(vocab), all.end());
+    } else {
+      (void)ids;
+      throw UsageError("generation is not supported with --offload; run it without --offload");
+    }
+  }
+
+  /// Sum of log p over each candidate's tokens, from the loss of a batch whose only targets are
+  /// that candidate's tokens (mean loss x token count = -sum log p).
+  std::vector<double> score_candidates(std::span<const std::int32_t> prompt,
+                                       const std::vector<std::vector<std::int32_t>>& candidates) override {
+    std::vector<double> scores;
+    for (const auto& c : candidates) {
+      TokenBatch b;
+      b.batch = 1;
+      b.seq = prompt.size() + c.size();
+      b.input_ids.assign(prompt.begin(), prompt.end());
+      b.input_ids.insert(b.input_ids.end(), c.begin(), c.end());
+      b.attention_mask.assign(b.seq, 1);
+      b.labels.assign(prompt.size(), kIgnore);
+      b.labels.insert(b.labels.end(), c.begin(), c.end());
+      scores.push_back(-loss(b) * static_cast<double>(c.size()));
+    }
+    return scores;
+  }
+
+  void flush() override { optimizer_.flush(); }
+  const zo2::ParameterStore<float>& parameters() override {
+    optimizer_.flush();
+    if constexpr (std::is_same_v<Policy, zo2::cuda::CudaResident<float, float>>) policy_.download(host_);
+    else policy_.store_to(host_);
+    return host_;
+  }
+  zo2::OptimizerState state() const override { return optimizer_.state(); }
+  std::string device_description() const override { return description_; }
+  std::optional<std::size_t> device_memory_used() const override {
+    std::size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return std::nullopt;
+    return total_bytes - free_bytes;
+  }
+
+ private:
+  zo2::ParameterStore<float> host_;
+  Model model_;
+  Policy policy_;
+  zo2::ZOOptimizer<Model, Policy> optimizer_;
+  typename Model::Workspace workspace_;
+  std::string description_;
+};
+
+std::string gpu_name() {
+  int device = 0;
+  cudaDeviceProp prop{};
+  if (cudaGetDevice(&device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess) return "cuda";
+  return std::string("cuda (") + prop.name + ")";
+}
+
+template <class Codec>
+std::unique_ptr<Engine> make_offload(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+                                     const EngineOptions& options) {
+  zo2::cuda::OffloadOptions offload;
+  if (options.gpu_memory_budget_gib)
+    offload.gpu_memory_budget = static_cast<std::size_t>(*options.gpu_memory_budget_gib * 1024.0 * 1024.0 * 1024.0);
+  std::string description = gpu_name() + ", offload codec " + Codec::name;
+  if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
+  return std::make_unique<CudaEngine<zo2::cuda::HostOffload<Codec, float>>>(config, std::move(store), options, description,
+                                                                             offload);
+}
+
+}  // namespace
+
+bool cuda_built() { return true; }
+
+void check_device_available(const std::string& device) {
+  if (device != "cuda") return;
+  int count = 0;
+  const cudaError_t rc = cudaGetDeviceCount(&count);
+  if (rc != cudaSuccess || count == 0)
+    throw UsageError(std::string("--device cuda: no CUDA GPU is present (") +
+                     (rc != cudaSuccess ? cudaGetErrorString(rc) : "cudaGetDeviceCount found 0 devices") + ")");
+}
+
+std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+                                         const EngineOptions& options) {
+  check_device_available("cuda");
+  if (!options.offload)
+    return std::make_unique<CudaEngine<zo2::cuda::CudaResident<float, float>>>(config, std::move(store), options, gpu_name());
+  const std::string codec = options.codec.empty() ? "fp32" : options.codec;
+  if (codec == "fp32") return make_offload<zo2::offload::Fp32Codec>(config, std::move(store), options);
+  if (codec == "bf16") return make_offload<zo2::offload::Bf16Codec>(config, std::move(store), options);
+  if (codec == "fp16") return make_offload<zo2::offload::Fp16Codec>(config, std::move(store), options);
+  if (codec == "int8") return make_offload<zo2::offload::Int8RowCodec>(config, std::move(store), options);
+  throw UsageError("--codec must be fp32, bf16, fp16 or int8, got '" + codec + "'");
+}
+
+}  // namespace zo2_opt
