@@ -236,3 +236,13 @@ TEST_CASE("bad arguments throw with a message") {
   std::vector<float> ok(48 * 37, 1.0f);
   CHECK_THROWS_AS(bf16.encode(0, ok, {}, block), Error);  // an int8-sized buffer
 }
+
+TEST_CASE("int8 rescale after an update: sticky while the row fits, new when it overflows or shrinks") {
+  const float s = 1.0f / 127;
+  CHECK(Int8RowCodec::rescale(s, 1.0f) == s);
+  CHECK(Int8RowCodec::rescale(s, 0.6f) == s);
+  CHECK(Int8RowCodec::rescale(s, 1.01f) == Int8RowCodec::scale_for(1.01f));  // would clip
+  CHECK(Int8RowCodec::rescale(s, 0.3f) == Int8RowCodec::scale_for(0.3f));    // wastes range
+  CHECK(Int8RowCodec::rescale(0.0f, 0.5f) == Int8RowCodec::scale_for(0.5f));
+  CHECK(Int8RowCodec::rescale(s, 0.0f) == 0.0f);
+}

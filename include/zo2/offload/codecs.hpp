@@ -27,7 +27,9 @@
 // Rows (row-scaled codecs): a tensor of rank >= 2 has shape[0] rows of numel / shape[0]
 // elements (the leading dim: one scale per output feature of a Linear weight); a rank-1 tensor
 // (bias, LayerNorm gain) is a single row. Scale = absmax(row) / 127; code q in [-127, 127];
-// value = q * scale. An all-zero row has scale 0 and decodes to exact zeros.
+// value = q * scale. An all-zero row has scale 0 and decodes to exact zeros. A fresh encode
+// (GroupCodec::encode) sets scale = absmax / 127; a rewrite after an update keeps the old scale
+// while the row fits it (Int8RowCodec::rescale says why).
 //
 // Host functions (GroupCodec) validate their arguments and throw zo2::Error; the ZO2_HD element
 // functions (C::load / C::store) trust their caller, as kernels must.
@@ -131,6 +133,16 @@ struct Int8RowCodec {
     if (!(absmax > 0.0f)) return 0.0f;
     const float s = absmax / kMaxCode;
     return s > 0.0f ? s : 1.401298464324817e-45f;  // the smallest subnormal
+  }
+  /// The scale a row keeps when it is rewritten after an update (the kernels' rule). A rewrite
+  /// under a new scale puts every element on a new grid and SR then adds variance ~scale^2/6 to
+  /// each, every step: a random walk far larger than MeZO's updates. So the scale is sticky: it
+  /// is kept while the updated row still fits (absmax <= 127 scale) and still uses at least half
+  /// the code range; only then are elements moved by SR alone, with variance |update| * scale.
+  ZO2_HD ZO2_FORCEINLINE static float rescale(float old_scale, float new_absmax) {
+    if (old_scale > 0.0f && new_absmax <= kMaxCode * old_scale && new_absmax >= 0.5f * kMaxCode * old_scale)
+      return old_scale;
+    return scale_for(new_absmax);
   }
   ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j, float scale) {
     return static_cast<float>(reinterpret_cast<const std::int8_t*>(payload)[j]) * scale;

@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
           m = fmaxf(m, fabsf(updated_value<float>(C::load(payload, j, old_scale), z.z[k], u)));
         }
       }
-      scale = C::scale_for(block_max(m, shared));  // its __syncthreads: old_scale read by all
+      scale = C::rescale(old_scale, block_max(m, shared));  // its __syncthreads: old_scale read by all
       if (threadIdx.x == 0) scales[t.first_row + row] = scale;
     }
     if (!a.has_update && !a.perturb && !a.convert) continue;
@@ -282,6 +282,22 @@ class HostOffload {
       std::vector<unsigned char> staging(codec.bytes());
       codec.encode_group(flat, staging);
       ZO2_CUDA_CHECK(cudaMemcpy(device_master(g), staging.data(), staging.size(), cudaMemcpyHostToDevice));
+    }
+  }
+  /// Sets group g's master from bytes already in the codec's format (GroupCodec<Codec>::bytes()
+  /// of them), e.g. one encoding copied to many blocks, or a checkpoint saved encoded.
+  void set_group_encoded(GroupIndex g, std::span<const unsigned char> encoded) {
+    synchronize();
+    const auto& codec = codec_for(g);
+    if (encoded.size() != codec.bytes())
+      throw Error("HostOffload::set_group_encoded: got " + std::to_string(encoded.size()) + " bytes, group " +
+                  std::to_string(g.value) + " needs " + std::to_string(codec.bytes()));
+    if (is_streamed(g)) {
+      std::memcpy(host_block(g).data(), encoded.data(), encoded.size());
+      for (auto& slot : slots_)
+        if (slot.block == static_cast<long>(g.value)) slot.block = -1;
+    } else {
+      ZO2_CUDA_CHECK(cudaMemcpy(device_master(g), encoded.data(), encoded.size(), cudaMemcpyHostToDevice));
     }
   }
   /// Decodes group g's master into `flat`. Call the optimizer's flush() first for theta after
@@ -459,13 +475,13 @@ class HostOffload {
                                std::to_string(plan_.host_pinned_bytes >> 20) + " MiB) of host memory for " +
                                std::to_string(plan_.streamed_blocks) + " streamed blocks of " +
                                std::to_string(plan_.block_bytes) + " bytes in codec " + Codec::name;
-      if (avail && plan_.host_pinned_bytes > avail)
-        throw Error(what + ": only " + std::to_string(avail >> 20) +
-                    " MiB available; use a smaller codec or a larger gpu_memory_budget");
+      // MemAvailable only informs the message: some hosts grow their memory as it is used, so
+      // it may read less than the allocation would get.
       try {
         host_ = PinnedBuffer<unsigned char>(plan_.host_pinned_bytes);
       } catch (const CudaError& e) {
-        throw Error(what + ": " + e.what());
+        throw Error(what + (avail ? " (MemAvailable: " + std::to_string(avail >> 20) + " MiB)" : std::string()) +
+                    "; use a smaller codec or a larger gpu_memory_budget: " + e.what());
       }
       std::memset(host_.data(), 0, plan_.host_pinned_bytes);
     }
