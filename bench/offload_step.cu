@@ -32,6 +32,11 @@
 #include <zo2/offload/host_offload.cuh>
 #include <zo2/optim/zo_optimizer.hpp>
 
+#if __has_include(<zo2/models/opt/cuda/opt_cuda_model.cuh>)
+#include <zo2/models/opt/cuda/opt_cuda_model.cuh>
+#define ZO2_BENCH_HAVE_OPT_CUDA 1
+#endif
+
 #include "bench_util.hpp"
 
 using namespace zo2;
@@ -123,6 +128,12 @@ struct OptProxy {
   }
 };
 
+std::string json_safe(std::string s) {
+  for (char& ch : s)
+    if (ch == '"' || ch == '\\' || ch == '\n') ch = '\'';
+  return s;
+}
+
 struct Bandwidth {
   double h2d = 0, d2h = 0, bidir_h2d = 0, bidir_d2h = 0;  // GB/s
 };
@@ -184,12 +195,6 @@ std::pair<double, double> host_update_ns_per_elem(unsigned threads) {
   return {single, all};
 }
 
-std::string json_safe(std::string s) {
-  for (char& ch : s)
-    if (ch == '"' || ch == '\\' || ch == '\n') ch = '\'';
-  return s;
-}
-
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
   std::size_t p = 0;
@@ -209,6 +214,7 @@ struct Options {
   double deadline = 1e9;
   long seq = 2048;
   std::string timeline_for = "6.7b/bf16";
+  std::string forward = "opt";  // opt: OPTCudaModel when available (falls back to the proxy); proxy
 };
 
 opt::OPTConfig preset(const std::string& name) {
@@ -253,82 +259,109 @@ void run_one(const std::string& model_name, const Options& o, const Bandwidth& b
   }
   const double setup_s = zo2_bench::now_seconds() - t_setup;
 
-  cublasHandle_t handle;
-  ZO2_CUBLAS_CHECK(cublasCreate(&handle));
-  ZO2_CUBLAS_CHECK(cublasSetStream(handle, policy.stream()));
-  const long h = c.hidden_size, heads = c.num_attention_heads;
-  DeviceBuffer<bfloat16> q(o.seq * h), k(o.seq * h), v(o.seq * h), att(o.seq * h), ff(o.seq * c.ffn_dim),
-      scores(static_cast<std::size_t>(heads) * o.seq * o.seq), logits(o.seq * c.vocab_size);
-  DeviceBuffer<double> loss(1);
-  model.stream = policy.stream();
-  model.cublas = handle;
-  model.q = q.data(), model.k = k.data(), model.v = v.data(), model.att = att.data(), model.ff = ff.data();
-  model.scores = scores.data(), model.logits = logits.data(), model.loss = loss.data();
-
-  ZOConfig cfg;
-  cfg.lr = 1e-7;
-  cfg.eps = 1e-3;
-  cfg.seed = 5;
-  ZOOptimizer<OptProxy, Policy> zo(model, policy, cfg);
-  OptProxy::Batch batch;
-  zo.step(batch);
-  zo.step(batch);  // warm: the second step owes an update, as every later one does
-  std::vector<double> times;
-  std::size_t low = free0;
-  std::string timeline;
-  for (int s = 0; s < o.steps; ++s) {
-    if (s == o.steps - 1) policy.restart_timeline();
-    policy.reset_traffic();
-    const double t0 = zo2_bench::now_seconds();
+  const auto measure = [&](auto& model, auto& batch, const char* forward) {
+    ZOConfig cfg;
+    cfg.lr = 1e-7;
+    cfg.eps = 1e-3;
+    cfg.seed = 5;
+    using M = std::remove_reference_t<decltype(model)>;
+    ZOOptimizer<M, Policy> zo(model, policy, cfg);
     zo.step(batch);
-    times.push_back(zo2_bench::now_seconds() - t0);
-    std::size_t f = 0;
-    ZO2_CUDA_CHECK(cudaMemGetInfo(&f, &total));
-    low = std::min(low, f);
+    zo.step(batch);  // warm: the second step owes an update, as every later one does
+    std::vector<double> times;
+    std::size_t low = free0;
+    std::string timeline;
+    for (int s = 0; s < o.steps; ++s) {
+      if (s == o.steps - 1) policy.restart_timeline();
+      policy.reset_traffic();
+      const double t0 = zo2_bench::now_seconds();
+      zo.step(batch);
+      times.push_back(zo2_bench::now_seconds() - t0);
+      std::size_t f = 0;
+      ZO2_CUDA_CHECK(cudaMemGetInfo(&f, &total));
+      low = std::min(low, f);
+    }
+    policy.end_timeline_visit();
+    const auto visits = policy.timeline().read();
+    const double step = zo2_bench::median(times);
+    const double up = static_cast<double>(policy.bytes_uploaded()), down = static_cast<double>(policy.bytes_offloaded());
+    const double floor_h2d = up / (bw.h2d * 1e9);
+    const double floor_bidir = std::max(up / (bw.bidir_h2d * 1e9), down / (bw.bidir_d2h * 1e9));
+    const double params = static_cast<double>(opt::parameter_count(c));
+    JsonLine()
+        .add("bench", "offload_step")
+        .add("model", "opt-" + model_name)
+        .add("forward", forward)
+        .add("codec", Codec::name)
+        .add("params", params)
+        .add("batch", 1)
+        .add("seq", o.seq)
+        .add("blocks", c.num_hidden_layers)
+        .add("streamed_blocks", policy.streamed_blocks())
+        .add("slots", policy.plan().slots)
+        .add("block_bytes", policy.block_bytes())
+        .add("step_s", step)
+        .add("step_s_min", *std::min_element(times.begin(), times.end()))
+        .add("tokens_per_s", o.seq / step)
+        .add("h2d_bytes_per_step", up)
+        .add("d2h_bytes_per_step", down)
+        .add("pinned_h2d_GBps", bw.h2d)
+        .add("pinned_d2h_GBps", bw.d2h)
+        .add("pinned_bidir_h2d_GBps", bw.bidir_h2d)
+        .add("pinned_bidir_d2h_GBps", bw.bidir_d2h)
+        .add("pcie_floor_s", floor_bidir)
+        .add("pcie_floor_h2d_only_s", floor_h2d)
+        .add("ratio_to_floor", step / floor_bidir)
+        .add("peak_gpu_bytes", static_cast<double>(free0 - low))
+        .add("policy_device_bound_bytes", policy.plan().device_bound_bytes)
+        .add("host_pinned_bytes", policy.plan().host_pinned_bytes)
+        .add("host_rss_peak_bytes", zo2_bench::peak_host_rss_bytes())
+        .add("host_update_s_per_step_est", params * host_ns_all * 1e-9)
+        .add("setup_s", setup_s)
+        .add("elapsed_s", zo2_bench::now_seconds() - start_time)
+        .print();
+    if (o.timeline_for == model_name + "/" + Codec::name || o.timeline_for == "all")
+      std::fprintf(stderr, "timeline of one step, opt-%s %s (ms from the step's start):\n%s", model_name.c_str(),
+                   Codec::name, Timeline::format(visits).c_str());
+};
+  bool done = false;
+#ifdef ZO2_BENCH_HAVE_OPT_CUDA
+  if (o.forward == "opt") {
+    try {
+      opt::OPTCudaModel<bfloat16> m(c, policy.stream());
+      struct HostBatch {
+        std::size_t batch = 1, seq = 0;
+        std::vector<std::int32_t> input_ids, attention_mask, labels;
+      } hb;
+      hb.seq = static_cast<std::size_t>(o.seq);
+      for (long i = 0; i < o.seq; ++i) hb.input_ids.push_back(static_cast<std::int32_t>((i * 7919) % c.vocab_size));
+      hb.labels = hb.input_ids;
+      auto batch = m.make_batch(hb);
+      measure(m, batch, "OPTCudaModel<bf16> (models/opt/cuda)");
+      done = true;
+    } catch (const std::exception& e) {
+      JsonLine().add("bench", "offload_step").add("model", "opt-" + model_name).add("codec", Codec::name)
+          .add("forward", "OPTCudaModel<bf16>").add("error", json_safe(e.what())).print();
+    }
   }
-  policy.end_timeline_visit();
-  const auto visits = policy.timeline().read();
-  const double step = zo2_bench::median(times);
-  const double up = static_cast<double>(policy.bytes_uploaded()), down = static_cast<double>(policy.bytes_offloaded());
-  const double floor_h2d = up / (bw.h2d * 1e9);
-  const double floor_bidir = std::max(up / (bw.bidir_h2d * 1e9), down / (bw.bidir_d2h * 1e9));
-  const double params = static_cast<double>(opt::parameter_count(c));
-  JsonLine()
-      .add("bench", "offload_step")
-      .add("model", "opt-" + model_name)
-      .add("forward", "opt-shaped GEMM proxy (bf16 cuBLAS), no softmax/LN")
-      .add("codec", Codec::name)
-      .add("params", params)
-      .add("batch", 1)
-      .add("seq", o.seq)
-      .add("blocks", c.num_hidden_layers)
-      .add("streamed_blocks", policy.streamed_blocks())
-      .add("slots", policy.plan().slots)
-      .add("block_bytes", policy.block_bytes())
-      .add("step_s", step)
-      .add("step_s_min", *std::min_element(times.begin(), times.end()))
-      .add("tokens_per_s", o.seq / step)
-      .add("h2d_bytes_per_step", up)
-      .add("d2h_bytes_per_step", down)
-      .add("pinned_h2d_GBps", bw.h2d)
-      .add("pinned_d2h_GBps", bw.d2h)
-      .add("pinned_bidir_h2d_GBps", bw.bidir_h2d)
-      .add("pinned_bidir_d2h_GBps", bw.bidir_d2h)
-      .add("pcie_floor_s", floor_bidir)
-      .add("pcie_floor_h2d_only_s", floor_h2d)
-      .add("ratio_to_floor", step / floor_bidir)
-      .add("peak_gpu_bytes", static_cast<double>(free0 - low))
-      .add("policy_device_bound_bytes", policy.plan().device_bound_bytes)
-      .add("host_pinned_bytes", policy.plan().host_pinned_bytes)
-      .add("host_rss_peak_bytes", zo2_bench::peak_host_rss_bytes())
-      .add("host_update_s_per_step_est", params * host_ns_all * 1e-9)
-      .add("setup_s", setup_s)
-      .add("elapsed_s", zo2_bench::now_seconds() - start_time)
-      .print();
-  if (o.timeline_for == model_name + "/" + Codec::name || o.timeline_for == "all")
-    std::fprintf(stderr, "timeline of one step, opt-%s %s (ms from the step's start):\n%s", model_name.c_str(),
-                 Codec::name, Timeline::format(visits).c_str());
-  ZO2_CUBLAS_CHECK(cublasDestroy(handle));
+#endif
+  if (!done) {
+    cublasHandle_t handle;
+    ZO2_CUBLAS_CHECK(cublasCreate(&handle));
+    ZO2_CUBLAS_CHECK(cublasSetStream(handle, policy.stream()));
+    const long h = c.hidden_size, heads = c.num_attention_heads;
+    DeviceBuffer<bfloat16> q(o.seq * h), k(o.seq * h), v(o.seq * h), att(o.seq * h), ff(o.seq * c.ffn_dim),
+        scores(static_cast<std::size_t>(heads) * o.seq * o.seq), logits(o.seq * c.vocab_size);
+    DeviceBuffer<double> loss(1);
+    model.stream = policy.stream();
+    model.cublas = handle;
+    model.q = q.data(), model.k = k.data(), model.v = v.data(), model.att = att.data(), model.ff = ff.data();
+    model.scores = scores.data(), model.logits = logits.data(), model.loss = loss.data();
+
+    OptProxy::Batch batch;
+    measure(model, batch, "opt-shaped GEMM proxy (bf16 cuBLAS), no softmax/LN");
+    ZO2_CUBLAS_CHECK(cublasDestroy(handle));
+  }
 }
 
 }  // namespace
@@ -343,6 +376,7 @@ int main(int argc, char** argv) {
     else if (a == "--deadline") o.deadline = std::stod(v);
     else if (a == "--seq") o.seq = std::stol(v);
     else if (a == "--timeline") o.timeline_for = v;
+    else if (a == "--forward") o.forward = v;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
