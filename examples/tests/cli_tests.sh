@@ -96,6 +96,8 @@ case "$case_name" in
     grep -q '^The old man' gen.out || fail "generate did not echo the prompt"
     run_ok gen_json "$bin" generate --model exported --prompt "The" --max-new-tokens 6 --temperature 0.8 --top-p 0.9 --seed 3 --json
     grep -q '"completion"' gen_json.out || fail "generate --json printed no completion"
+    run_ok dump "$bin" generate --model exported --input-ids 2,40,41 --max-new-tokens 0 --dump-logits logits.npy
+    [ "$(wc -c <logits.npy)" -eq $((128 + 4 * 3 * 260)) ] || fail "logits.npy has $(wc -c <logits.npy) bytes, expected a [3, 260] float32 .npy"
     run_ok tok "$bin" tokenize --tokenizer exported --text "Hi"
     [ "$(cat tok.out)" = "[2,76,109]" ] || fail "byte tokenizer via exported files: $(cat tok.out)"
     run_ok fixture_tok "$bin" tokenize --tokenizer "$root/tests/fixtures/tokenizer" --text "Hello world" --no-bos

@@ -36,8 +36,13 @@ class Engine {
   virtual zo2::StepResult step(const TokenBatch& batch) = 0;
   /// Mean token loss at theta (flushes the owed update first).
   virtual double loss(const TokenBatch& batch) = 0;
-  /// Logits of the last position of a single sequence, at theta.
-  virtual std::vector<float> next_token_logits(std::span<const std::int32_t> ids) = 0;
+  /// Logits of every position of a single sequence, [ids.size(), vocab] row-major, at theta.
+  virtual std::vector<float> logits(std::span<const std::int32_t> ids) = 0;
+  /// Logits of the last position.
+  std::vector<float> next_token_logits(std::span<const std::int32_t> ids, std::size_t vocab) {
+    std::vector<float> all = logits(ids);
+    return std::vector<float>(all.end() - static_cast<std::ptrdiff_t>(vocab), all.end());
+  }
   /// MeZO's classification scores: sum of log p(candidate tokens | prompt), at theta.
   virtual std::vector<double> score_candidates(std::span<const std::int32_t> prompt,
                                                const std::vector<std::vector<std::int32_t>>& candidates) = 0;

@@ -33,15 +33,14 @@ class CpuEngine final : public Engine {
 
   double loss(const TokenBatch& batch) override { return optimizer_.evaluate(to_model_batch(batch)); }
 
-  std::vector<float> next_token_logits(std::span<const std::int32_t> ids) override {
+  std::vector<float> logits(std::span<const std::int32_t> ids) override {
     optimizer_.flush();
     Model::Batch b;
     b.batch = 1;
     b.seq = ids.size();
     b.input_ids.assign(ids.begin(), ids.end());
-    const auto logits = model_.logits(zo2::opt::param_set(store_), b, workspace_);
-    const auto last = logits.row(logits.rows() - 1);
-    return std::vector<float>(last.data(), last.data() + last.size());
+    const auto all = model_.logits(zo2::opt::param_set(store_), b, workspace_);  // row-major
+    return std::vector<float>(all.data(), all.data() + all.size());
   }
 
   std::vector<double> score_candidates(std::span<const std::int32_t> prompt,

@@ -35,7 +35,7 @@ class CudaEngine final : public Engine {
   zo2::StepResult step(const TokenBatch& batch) override { return optimizer_.step(model_.make_batch(batch)); }
   double loss(const TokenBatch& batch) override { return optimizer_.evaluate(model_.make_batch(batch)); }
 
-  std::vector<float> next_token_logits(std::span<const std::int32_t> ids) override {
+  std::vector<float> logits(std::span<const std::int32_t> ids) override {
     if constexpr (std::is_same_v<Policy, zo2::cuda::CudaResident<float, float>>) {
       optimizer_.flush();
       TokenBatch b;
@@ -45,12 +45,10 @@ class CudaEngine final : public Engine {
       const auto& ml = policy_.model_layout();
       typename Model::Params params{policy_.current(ml.prologue()), {}, policy_.current(ml.epilogue())};
       for (std::size_t i = 0; i < ml.num_blocks(); ++i) params.blocks.push_back(policy_.current(ml.block(i)));
-      const std::vector<float> all = model_.logits(params, model_.make_batch(b), workspace_);
-      const std::size_t vocab = static_cast<std::size_t>(model_.config().vocab_size);
-      return std::vector<float>(all.end() - static_cast<std::ptrdiff_t>(vocab), all.end());
+      return model_.logits(params, model_.make_batch(b), workspace_);
     } else {
       (void)ids;
-      throw UsageError("generation is not supported with --offload; run it without --offload");
+      throw UsageError("logits (generation) are not supported with --offload; run without --offload");
     }
   }
 

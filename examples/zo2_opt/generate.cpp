@@ -2,11 +2,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <iterator>
 #include <numeric>
 
 #include <nlohmann/json.hpp>
+
+#include <zo2/core/error.hpp>
 
 #include "checkpoint.hpp"
 #include "cli.hpp"
@@ -28,6 +32,8 @@ CommandSpec generate_spec() {
       {"--model", "DIR", "HF checkpoint directory or a zo2-opt checkpoint", ""},
       {"--tokenizer", "DIR", "directory with vocab.json + merges.txt", "the model directory"},
       {"--prompt", "TEXT", "the text to continue", "stdin"},
+      {"--input-ids", "LIST", "comma-separated token ids instead of a prompt (used as given: no </s> is added)", ""},
+      {"--dump-logits", "FILE", "write the logits of the prompt's positions as a float32 .npy [tokens, vocab]", ""},
       {"--max-new-tokens", "N", "tokens to generate", "32"},
       {"--temperature", "X", "0: greedy; > 0: sample from softmax(logits / X)", "0"},
       {"--top-p", "X", "with --temperature > 0: sample from the smallest set of tokens with probability >= X", "1"},
@@ -50,6 +56,23 @@ struct Sampler {
     return static_cast<double>(z >> 11) * 0x1.0p-53;
   }
 };
+
+/// A float32 .npy file of shape [rows, cols] (NumPy format 1.0), for check_export_hf.py.
+void write_npy(const std::string& path, const std::vector<float>& data, std::size_t rows, std::size_t cols) {
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + std::to_string(rows) + ", " +
+                       std::to_string(cols) + "), }";
+  header.append(63 - (10 + header.size()) % 64, ' ');  // magic(6)+version(2)+len(2)+header+\n: multiple of 64
+  header.push_back('\n');
+  std::ofstream out(path, std::ios::binary);
+  if (!out) throw zo2::FileError(path, "cannot create");
+  out.write("\x93NUMPY\x01\x00", 8);
+  const std::uint16_t length = static_cast<std::uint16_t>(header.size());
+  const char le[2] = {static_cast<char>(length & 0xff), static_cast<char>(length >> 8)};
+  out.write(le, 2);
+  out << header;
+  out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size() * sizeof(float)));
+  if (!out) throw zo2::FileError(path, "write failed");
+}
 
 std::int32_t pick_token(const std::vector<float>& logits, double temperature, double top_p, Sampler& rng) {
   if (temperature <= 0) return static_cast<std::int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
@@ -97,10 +120,23 @@ int run_generate(const std::vector<std::string>& argv) {
     throw UsageError("generate: " + (std::filesystem::path(*args.get("--model")) / "vocab.json").string() +
                      " is missing; pass --tokenizer DIR");
   std::string prompt;
-  if (args.has("--prompt")) prompt = *args.get("--prompt");
-  else prompt.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
-
-  std::vector<std::int32_t> ids = tokenizer->encode(prompt, true);
+  std::vector<std::int32_t> ids;
+  if (args.has("--input-ids")) {
+    if (args.has("--prompt")) throw UsageError("generate: --prompt and --input-ids are exclusive");
+    for (const std::string& piece : split_list(*args.get("--input-ids"))) {
+      char* end = nullptr;
+      const long v = std::strtol(piece.c_str(), &end, 10);
+      if (*end != '\0' || v < 0 || v >= model.config.vocab_size)
+        throw UsageError("generate: --input-ids: '" + piece + "' is not a token id in [0, " + std::to_string(model.config.vocab_size) + ")");
+      ids.push_back(static_cast<std::int32_t>(v));
+    }
+    if (ids.empty()) throw UsageError("generate: --input-ids is empty");
+    prompt = tokenizer->decode(ids);
+  } else {
+    if (args.has("--prompt")) prompt = *args.get("--prompt");
+    else prompt.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
+    ids = tokenizer->encode(prompt, true);
+  }
   const std::size_t prompt_length = ids.size();
   if (static_cast<std::int64_t>(ids.size()) > model.config.max_position_embeddings)
     throw UsageError("generate: the prompt has " + std::to_string(ids.size()) + " tokens, more than max_position_embeddings = " +
@@ -109,6 +145,8 @@ int run_generate(const std::vector<std::string>& argv) {
   EngineOptions engine_options;
   engine_options.device = device;
   auto engine = make_engine(config, std::move(model.store), engine_options);
+  const std::size_t vocab = static_cast<std::size_t>(config.vocab_size);
+  if (args.has("--dump-logits")) write_npy(*args.get("--dump-logits"), engine->logits(ids), ids.size(), vocab);
   Sampler rng{args.unsigned_integer("--seed", 0)};
   const bool json_out = args.flag("--json");
   if (!json_out) {
@@ -120,7 +158,7 @@ int run_generate(const std::vector<std::string>& argv) {
       std::fprintf(stderr, "\nzo2-opt: stopped at max_position_embeddings = %lld tokens\n", static_cast<long long>(config.max_position_embeddings));
       break;
     }
-    const std::vector<float> logits = engine->next_token_logits(ids);
+    const std::vector<float> logits = engine->next_token_logits(ids, vocab);
     const std::int32_t next = pick_token(logits, temperature, top_p, rng);
     if (next == config.eos_token_id && !args.flag("--ignore-eos")) break;
     ids.push_back(next);
@@ -132,7 +170,10 @@ int run_generate(const std::vector<std::string>& argv) {
   }
   const std::vector<std::int32_t> generated(ids.begin() + static_cast<std::ptrdiff_t>(prompt_length), ids.end());
   if (json_out) {
-    const nlohmann::json out = {{"prompt", prompt}, {"completion", tokenizer->decode(generated)}, {"ids", generated}};
+    const nlohmann::json out = {{"prompt", prompt},
+                                {"prompt_ids", std::vector<std::int32_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(prompt_length))},
+                                {"completion", tokenizer->decode(generated)},
+                                {"ids", generated}};
     std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::printf("\n");
