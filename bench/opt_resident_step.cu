@@ -296,7 +296,7 @@ int main(int argc, char** argv) {
     const double start = zo2_bench::now_seconds();
     cudaDeviceProp prop{};
     ZO2_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    JsonLine().add("kind", "device").add("name", prop.name).add("sms", prop.multiProcessorCount)
+    JsonLine().add("kind", "device").add("name", std::string(prop.name)).add("sms", prop.multiProcessorCount)
         .add("memory_bytes", prop.totalGlobalMem).print();
     double rate = 0;
     {

@@ -515,7 +515,7 @@ void check_fixture(const std::string& name, double logit_tol, bool relative, dou
   CHECK((relative ? e.rel : e.max_abs) <= logit_tol);
   const double loss = f.model.loss(params, batch, ws);
   CHECK(std::abs(loss - x.loss) / x.loss <= loss_tol);
-  MESSAGE(name << " " << zo2::cuda::type_name<T>() << ": logits max|d| " << e.max_abs << " rel " << e.rel
+  MESSAGE(name << " " << std::string(zo2::cuda::type_name<T>()) << ": logits max|d| " << e.max_abs << " rel " << e.rel
                << " (padding included: max|d| " << all.max_abs << "), loss " << loss << " vs HF " << x.loss
                << " rel " << std::abs(loss - x.loss) / x.loss);
 
