@@ -91,19 +91,22 @@ struct Context {
 };
 
 void print_line(const Context& c, const char* op, bool pending, const char* storage, const char* out, int chunks,
-                std::size_t elements, double bytes, double ms) {
+                int min_blocks, std::size_t elements, double bytes, double ms) {
   const double gbps = bytes / (ms * 1e-3) / 1e9;
   std::printf(
       "{\"bench\":\"perturb_bandwidth\",\"device\":\"%s\",\"op\":\"%s\",\"pending_update\":%s,\"storage\":\"%s\","
-      "\"out\":\"%s\",\"chunks\":%d,\"elements\":%zu,\"bytes\":%.0f,\"ms\":%.4f,\"gbps\":%.1f,"
-      "\"memcpy_gbps\":%.1f,\"ratio\":%.3f}\n",
-      c.device.c_str(), op, pending ? "true" : "false", storage, out, chunks, elements, bytes, ms, gbps,
+      "\"out\":\"%s\",\"chunks\":%d,\"min_blocks\":%d,\"elements\":%zu,\"bytes\":%.0f,\"ms\":%.4f,"
+      "\"gbps\":%.1f,\"memcpy_gbps\":%.1f,\"ratio\":%.3f}\n",
+      c.device.c_str(), op, pending ? "true" : "false", storage, out, chunks, min_blocks, elements, bytes, ms, gbps,
       c.memcpy_gbps, gbps / c.memcpy_gbps);
   std::fflush(stdout);
 }
 
-template <Op op, class S, class T, int Chunks>
-double time_op(const Context& c, S* theta, T* out0, T* out1, const cuda::GroupTable& table, bool pending) {
+/// Times one pass and prints its line. Chunks: 16-byte chunks per thread-iteration; MinBlocks:
+/// __launch_bounds__ minimum blocks per SM (1: the compiler's register choice).
+template <Op op, class S, class T, int Chunks, int MinBlocks>
+void measure(const Context& c, S* theta, T* out0, T* out1, const cuda::GroupTable& table, bool pending,
+             std::size_t elements) {
   cuda::detail::KernelArgs a{};
   a.first_tensor_id = 5;
   a.seed = 0x5eed;
@@ -114,7 +117,23 @@ double time_op(const Context& c, S* theta, T* out0, T* out1, const cuda::GroupTa
   a.lr = 1e-6;
   a.g = 0.37;
   a.wd = 0.01;
-  return time_ms(c.stream, [&] { cuda::detail::launch<op, S, T, Chunks>(theta, out0, out1, table, a, c.stream); });
+  const double ms = time_ms(c.stream, [&] {
+    cuda::detail::launch<op, S, T, Chunks, MinBlocks>(theta, out0, out1, table, a, c.stream);
+  });
+  const double s = sizeof(S), t = sizeof(T), e = static_cast<double>(elements);
+  double bytes = 0;
+  const char* name = "";
+  if constexpr (op == Op::kUpdateAndPerturb) {
+    name = "update_and_perturb";
+    bytes = e * ((pending ? 2 : 1) * s + 2 * t);
+  } else if constexpr (op == Op::kUpdate) {
+    name = "update";
+    bytes = e * 2 * s;
+  } else if constexpr (op == Op::kConvert) {
+    name = "convert";
+    bytes = e * (s + t);
+  }
+  print_line(c, name, pending, dtype_name<S>(), dtype_name<T>(), Chunks, MinBlocks, elements, bytes, ms);
 }
 
 template <class S, class T>
@@ -129,27 +148,18 @@ void bench_pair(const Context& c, const ParamLayout& layout) {
   ZO2_CUDA_CHECK_LAUNCH("init_kernel");
   ZO2_CUDA_CHECK(cudaMemsetAsync(plus.data(), 0x3c, plus.bytes(), c.stream));
   ZO2_CUDA_CHECK(cudaMemsetAsync(minus.data(), 0x3c, minus.bytes(), c.stream));
-  const double s = sizeof(S), t = sizeof(T), e = static_cast<double>(elements);
-  const char *sn = dtype_name<S>(), *tn = dtype_name<T>();
-
-  print_line(c, "update_and_perturb", true, sn, tn, 1, elements, e * (2 * s + 2 * t),
-             time_op<Op::kUpdateAndPerturb, S, T, 1>(c, theta.data(), plus.data(), minus.data(), table, true));
-  print_line(c, "update_and_perturb", true, sn, tn, 2, elements, e * (2 * s + 2 * t),
-             time_op<Op::kUpdateAndPerturb, S, T, 2>(c, theta.data(), plus.data(), minus.data(), table, true));
-  print_line(c, "update_and_perturb", true, sn, tn, 4, elements, e * (2 * s + 2 * t),
-             time_op<Op::kUpdateAndPerturb, S, T, 4>(c, theta.data(), plus.data(), minus.data(), table, true));
-  print_line(c, "update_and_perturb", false, sn, tn, 1, elements, e * (s + 2 * t),
-             time_op<Op::kUpdateAndPerturb, S, T, 1>(c, theta.data(), plus.data(), minus.data(), table, false));
-  print_line(c, "update_and_perturb", false, sn, tn, 2, elements, e * (s + 2 * t),
-             time_op<Op::kUpdateAndPerturb, S, T, 2>(c, theta.data(), plus.data(), minus.data(), table, false));
+  S* th = theta.data();
+  T *p = plus.data(), *m = minus.data();
+  measure<Op::kUpdateAndPerturb, S, T, 1, 1>(c, th, p, m, table, true, elements);
+  measure<Op::kUpdateAndPerturb, S, T, 2, 1>(c, th, p, m, table, true, elements);
+  measure<Op::kUpdateAndPerturb, S, T, 1, 5>(c, th, p, m, table, true, elements);
+  measure<Op::kUpdateAndPerturb, S, T, 1, 1>(c, th, p, m, table, false, elements);
+  measure<Op::kUpdateAndPerturb, S, T, 2, 1>(c, th, p, m, table, false, elements);
   if constexpr (std::is_same_v<S, T>) {
-    print_line(c, "update", true, sn, sn, 1, elements, e * 2 * s,
-               time_op<Op::kUpdate, S, S, 1>(c, theta.data(), nullptr, nullptr, table, true));
-    print_line(c, "update", true, sn, sn, 2, elements, e * 2 * s,
-               time_op<Op::kUpdate, S, S, 2>(c, theta.data(), nullptr, nullptr, table, true));
+    measure<Op::kUpdate, S, S, 1, 1>(c, th, nullptr, nullptr, table, true, elements);
+    measure<Op::kUpdate, S, S, 1, 5>(c, th, nullptr, nullptr, table, true, elements);
   } else {
-    print_line(c, "convert", false, sn, tn, 1, elements, e * (s + t),
-               time_op<Op::kConvert, S, T, 1>(c, theta.data(), plus.data(), nullptr, table, false));
+    measure<Op::kConvert, S, T, 1, 1>(c, th, p, nullptr, table, false, elements);
   }
 }
 

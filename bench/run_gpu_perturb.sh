@@ -71,7 +71,7 @@ for r in rows:
     if r["op"] == "cudaMemcpy_d2d":
         print(f'{r["device"]}: cudaMemcpy d2d {r["gbps"]:.0f} GB/s')
         continue
-    print(f'{r["op"]:>18} pend={str(r["pending_update"])[0]} {r["storage"]}->{r["out"]} chunks={r["chunks"]} '
+    print(f'{r["op"]:>18} pend={str(r["pending_update"])[0]} {r["storage"]}->{r["out"]} chunks={r["chunks"]} minb={r.get("min_blocks",1)} '
           f'{r["ms"]:.3f} ms {r["gbps"]:7.0f} GB/s ratio {r["ratio"]:.2f}')
 EOF
 

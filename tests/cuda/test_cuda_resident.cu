@@ -160,7 +160,7 @@ TEST_CASE("CudaResident<float, float> through ZOOptimizer matches the CPU Reside
   const double gpu_initial = gpu_opt.evaluate(d_batch);
   CHECK(close(gpu_initial, cpu_initial, 1e-5));
 
-  double max_rel_g = 0;
+  double max_rel_g = 0, sum_abs_g = 0;
   for (int t = 0; t < 12; ++t) {
     const StepResult c = cpu_opt.step(batch);
     const StepResult g = gpu_opt.step(d_batch);
@@ -168,6 +168,7 @@ TEST_CASE("CudaResident<float, float> through ZOOptimizer matches the CPU Reside
     CHECK(close(g.loss_plus, c.loss_plus, 1e-5));
     CHECK(close(g.loss_minus, c.loss_minus, 1e-5));
     CHECK(close(g.projected_grad, c.projected_grad, 1e-4, 1.0));
+    sum_abs_g += std::fabs(c.projected_grad);
     max_rel_g = std::max(max_rel_g, std::fabs(g.projected_grad - c.projected_grad) /
                                         std::max(std::fabs(c.projected_grad), 1.0));
   }
@@ -176,6 +177,9 @@ TEST_CASE("CudaResident<float, float> through ZOOptimizer matches the CPU Reside
   cpu_opt.flush();
   gpu_opt.flush();
   gpu_policy.download(gpu_store);
+  // theta moved by lr * sum_t g_t z_t: its rounding differences scale with that path, not with
+  // the final |theta| (an element can end near zero).
+  const double path = cfg.lr * sum_abs_g * 4.0;
   std::size_t bad = 0, differ = 0;
   const ModelLayout& ml = cpu_store.model_layout();
   for (std::size_t gi = 0; gi < ml.num_groups(); ++gi) {
@@ -185,7 +189,7 @@ TEST_CASE("CudaResident<float, float> through ZOOptimizer matches the CPU Reside
       for (std::size_t j = 0; j < a.numel(r); ++j) {
         const float x = a.tensor(r)[j], y = b.tensor(r)[j];
         if (x != y) ++differ;
-        if (!(std::fabs(x - y) <= 1e-5f * std::fabs(x) + 1e-7f)) ++bad;
+        if (!(std::fabs(x - y) <= 1e-5 * (std::fabs(x) + path))) ++bad;
       }
   }
   MESSAGE("theta elements that differ from the CPU run (within rounding): " << differ);

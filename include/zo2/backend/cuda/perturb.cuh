@@ -19,6 +19,7 @@
 // elements are written (the padding of theta, plus and minus is never touched, as on the CPU).
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -123,6 +124,21 @@ ZO2_HD ZO2_FORCEINLINE T to_output(C v) {
   else return static_cast<T>(v);
 }
 
+/// load() and to_output() on the device. fp16 <-> float conversions use the hardware's: exact
+/// (fp16 -> float) or IEEE round-to-nearest-even (float -> fp16), so bit-identical to
+/// half_types.hpp's software conversions for every non-NaN value (tests/cuda checks all of them),
+/// at a fraction of the instructions. NaN payloads may differ.
+template <class X>
+__device__ ZO2_FORCEINLINE compute_t<X> load_device(X x) {
+  if constexpr (std::is_same_v<X, float16>) return __half2float(__ushort_as_half(x.bits));
+  else return load(x);
+}
+template <class T, class C>
+__device__ ZO2_FORCEINLINE T to_output_device(C v) {
+  if constexpr (std::is_same_v<T, float16>) return float16{__half_as_ushort(__float2half_rn(static_cast<float>(v)))};
+  else return to_output<T>(v);
+}
+
 /// Loads N values of 2 or 4 bytes from a 16-byte aligned address with 16-byte loads, all issued
 /// before any is used.
 template <class X, int N>
@@ -191,7 +207,7 @@ __device__ ZO2_FORCEINLINE void perturb_vector(S* th, T* out0, T* out1, S (&s)[V
   C tv[V];
   float zn[V];
 #pragma unroll
-  for (int k = 0; k < V; ++k) tv[k] = load(s[k]);
+  for (int k = 0; k < V; ++k) tv[k] = load_device(s[k]);
 #pragma unroll
   for (int q = 0; q < V / 4; ++q) {
     const Normal4 z = normal4(a.seed, a.step, id, q0 + q);
@@ -205,12 +221,12 @@ __device__ ZO2_FORCEINLINE void perturb_vector(S* th, T* out0, T* out1, S (&s)[V
   } else {
     T plus[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) plus[k] = to_output<T>(perturbed_value<S>(tv[k], zn[k], a.c));
+    for (int k = 0; k < V; ++k) plus[k] = to_output_device<T>(perturbed_value<S>(tv[k], zn[k], a.c));
     store_masked(out0, plus, valid);
     if constexpr (op == Op::kUpdateAndPerturb) {
       T minus[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) minus[k] = to_output<T>(perturbed_value<S>(tv[k], zn[k], -a.c));
+      for (int k = 0; k < V; ++k) minus[k] = to_output_device<T>(perturbed_value<S>(tv[k], zn[k], -a.c));
       store_masked(out1, minus, valid);
     }
   }
@@ -220,8 +236,8 @@ __device__ ZO2_FORCEINLINE void perturb_vector(S* th, T* out0, T* out1, S (&s)[V
 /// 16-byte aligned. Grid-stride over vectors of Chunks x 16 bytes of S; a thread's vectors
 /// increase, so its tensor index only moves forward. V divides kTensorAlignment, so a vector
 /// never straddles two tensors.
-template <Op op, class S, class T, int Chunks>
-__global__ void __launch_bounds__(256) group_kernel(S* __restrict__ theta, T* __restrict__ out0,
+template <Op op, class S, class T, int Chunks, int MinBlocks>
+__global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ theta, T* __restrict__ out0,
                                                     T* __restrict__ out1, KernelArgs a) {
   constexpr int V = Chunks * 16 / static_cast<int>(sizeof(S));  // elements per vector
   static_assert(kTensorAlignment % V == 0);
@@ -260,7 +276,7 @@ __global__ void __launch_bounds__(256) group_kernel(S* __restrict__ theta, T* __
     if constexpr (op == Op::kConvert) {
       T o[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) o[k] = to_output<T>(load(s[k]));
+      for (int k = 0; k < V; ++k) o[k] = to_output_device<T>(load_device(s[k]));
       store_masked(out0 + v * V, o, valid);
     } else {
       if (op == Op::kUpdate || (op == Op::kUpdateAndPerturb && a.has_update)) {
@@ -271,7 +287,7 @@ __global__ void __launch_bounds__(256) group_kernel(S* __restrict__ theta, T* __
           if constexpr (kRounds16) bits = philox_words(a.seed, a.update_step, id | kRoundingStream, q0 + q);
 #pragma unroll
           for (int k = 0; k < 4; ++k)
-            s[4 * q + k] = store_rounded<S>(updated_value<S>(load(s[4 * q + k]), z.z[k], u), bits.v[k], true);
+            s[4 * q + k] = store_rounded<S>(updated_value<S>(load_device(s[4 * q + k]), z.z[k], u), bits.v[k], true);
         }
         store_masked(th, s, valid);
       }
@@ -297,7 +313,7 @@ inline void check_aligned(const void* p, const char* what) {
 }
 
 /// Blocks that fill the device once (the grid-stride loop does the rest), per kernel, per device.
-template <Op op, class S, class T, int Chunks>
+template <Op op, class S, class T, int Chunks, int MinBlocks>
 unsigned grid_for(std::uint64_t num_vectors, int threads) {
   static thread_local int cached_device = -1;
   static thread_local unsigned cached_blocks = 0;
@@ -306,7 +322,7 @@ unsigned grid_for(std::uint64_t num_vectors, int threads) {
   if (device != cached_device) {
     int sms = 0, per_sm = 0;
     ZO2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    ZO2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, group_kernel<op, S, T, Chunks>, threads, 0));
+    ZO2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, group_kernel<op, S, T, Chunks, MinBlocks>, threads, 0));
     cached_blocks = static_cast<unsigned>(sms * (per_sm > 0 ? per_sm : 1));
     cached_device = device;
   }
@@ -314,10 +330,12 @@ unsigned grid_for(std::uint64_t num_vectors, int threads) {
   return static_cast<unsigned>(needed < cached_blocks ? needed : cached_blocks);
 }
 
-/// 16-byte chunks of S a thread takes per iteration (the bench measures 1, 2 and 4).
+/// 16-byte chunks of S a thread takes per iteration, and the blocks of 256 threads per SM the
+/// register allocation must allow (__launch_bounds__); bench/perturb_bandwidth.cu measures both.
 inline constexpr int kDefaultChunks = 1;
+inline constexpr int kDefaultMinBlocks = 1;
 
-template <Op op, class S, class T, int Chunks = kDefaultChunks>
+template <Op op, class S, class T, int Chunks = kDefaultChunks, int MinBlocks = kDefaultMinBlocks>
 void launch(S* theta, T* out0, T* out1, const GroupTable& table, KernelArgs a, cudaStream_t stream) {
   check_storage_type<S>();
   check_output_type<T>();
@@ -330,8 +348,8 @@ void launch(S* theta, T* out0, T* out1, const GroupTable& table, KernelArgs a, c
   a.num_tensors = table.size();
   a.num_vectors = table.total_elements() / V;
   constexpr int kThreads = 256;
-  const unsigned blocks = grid_for<op, S, T, Chunks>(a.num_vectors, kThreads);
-  group_kernel<op, S, T, Chunks><<<blocks, kThreads, 0, stream>>>(theta, out0, out1, a);
+  const unsigned blocks = grid_for<op, S, T, Chunks, MinBlocks>(a.num_vectors, kThreads);
+  group_kernel<op, S, T, Chunks, MinBlocks><<<blocks, kThreads, 0, stream>>>(theta, out0, out1, a);
   ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::group_kernel");
 }
 
