@@ -27,6 +27,7 @@
 
 #include "bench_util.hpp"
 
+#include <zo2/backend/cuda/attention.cuh>
 #include <zo2/backend/cuda/gemm.cuh>
 #include <zo2/models/opt/config.hpp>
 #include <zo2/models/opt/cuda/opt_cuda_model.cuh>
@@ -167,6 +168,28 @@ void pair_gemm(const opt::OPTConfig& c, std::int64_t tokens, cudaStream_t s) {
       .add("two_calls_ms", sum_two).add("batched_ms", sum_batched).add("speedup", sum_two / sum_batched).print();
 }
 
+/// The attention of one layer (one sequence) alone: its share of a forward.
+template <class T>
+void attention_timing(const opt::OPTConfig& c, std::int64_t seq, zcuda::Gemm& gemm, cudaStream_t s) {
+  const std::int64_t hidden = c.hidden_size, n = seq * hidden;
+  zcuda::DeviceBuffer<T> q(n), k(n), v(n), ctx(n);
+  fill(q.data(), n, 11, 0.0f, 1.7f, s);
+  fill(k.data(), n, 12, 0.0f, 1.7f, s);
+  fill(v.data(), n, 13, 0.0f, 1.7f, s);
+  zcuda::DeviceBuffer<std::uint8_t> mask(seq);
+  ZO2_CUDA_CHECK(cudaMemsetAsync(mask.data(), 1, seq, s));
+  zcuda::AttentionScratch<T> scratch;
+  const double ms = time_ms(s, 3, 20, [&] {
+    zcuda::causal_attention<T>(gemm, q.data(), k.data(), v.data(), mask.data(), ctx.data(), 1, seq,
+                               c.num_attention_heads, c.head_dim(), scratch, s);
+  });
+  const double causal_flops = 2.0 * 2.0 * seq * seq * hidden / 2.0;  // QK^T and PV, lower triangle
+  JsonLine().add("kind", "attention").add("dtype", zcuda::type_name<T>()).add("hidden", hidden)
+      .add("heads", c.num_attention_heads).add("seq", seq).add("ms_per_layer", ms)
+      .add("ms_per_forward", ms * static_cast<double>(c.num_hidden_layers))
+      .add("causal_tflops", causal_flops / (ms * 1e-3) / 1e12).print();
+}
+
 double pytorch_reference_s(const std::string& model) {
   if (model == "125m") return 0.040;
   if (model == "1.3b") return 0.077;
@@ -305,6 +328,8 @@ int main(int argc, char** argv) {
       for (const std::string& m : split(models)) {
         const opt::OPTConfig c = opt::OPTConfig::preset("opt-" + m);
         pair_gemm<bfloat16>(c, seq, s.get());
+        zcuda::Gemm gemm;
+        attention_timing<bfloat16>(c, seq, gemm, s.get());
       }
     }
     for (const std::string& m : split(models)) {

@@ -11,7 +11,7 @@
 # With no binaries it configures and builds in build-cu2 (Eigen/doctest/nlohmann-json from the
 # system, or from a carried .deps/: see bench/run_gpu_perturb.sh --prepare-deps).
 #
-# Env: ZO2_SKIP_TEST=1, ZO2_MODELS (125m,1.3b,6.7b,13b), ZO2_DTYPES (bf16,fp16), ZO2_STEPS (10),
+# Env: ZO2_SKIP_TEST=1, ZO2_SANITIZE=1 (memcheck on the kernel tests), ZO2_MODELS (125m,1.3b,6.7b,13b), ZO2_DTYPES (bf16,fp16), ZO2_STEPS (10),
 #      ZO2_DEADLINE (seconds for the bench's configs, 200).
 # Writes $OUT/opt_resident.jsonl (JSON lines), $OUT/test_opt_cuda.log, $OUT/env.log.
 set -uo pipefail
@@ -43,6 +43,12 @@ if [[ -z ${ZO2_SKIP_TEST:-} ]]; then
   test_rc=$?
   grep -E "MESSAGE|logits max|ERROR|CHECK|error|SKIPPED|test cases|assertions|Status" "$out/test_opt_cuda.log" | head -80
   echo "test_opt_cuda rc=$test_rc"
+fi
+if [[ -n ${ZO2_SANITIZE:-} ]]; then  # memcheck on the kernel tests (the model tests take long under it)
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  ZO2_TEST_DATA_DIR=$root/tests/fixtures timeout 150 "$san" --tool memcheck --error-exitcode 3 "$test_bin" \
+    -tc='*layer_norm*,*positions*,*causal_attention*,*cross_entropy*,Gemm*' > "$out/sanitizer.log" 2>&1
+  echo "compute-sanitizer memcheck rc=$?"; tail -4 "$out/sanitizer.log"
 fi
 
 timeout $(( ${ZO2_DEADLINE:-200} + 60 )) "$bench_bin" --models "${ZO2_MODELS:-125m,1.3b,6.7b,13b}" \

@@ -317,7 +317,8 @@ TEST_CASE_TEMPLATE("causal_attention with padding (fully masked rows flat, no Na
   std::mt19937 rng(15);
   zo2::cuda::Gemm gemm;
   zo2::cuda::AttentionScratch<T> scratch;
-  for (auto [batch, seq, heads, hd] : {std::array<std::int64_t, 4>{3, 45, 4, 16}, {1, 130, 2, 64}}) {
+  // seq 130: three query chunks of 64, and padding rows spanning the first two.
+  for (auto [batch, seq, heads, hd] : {std::array<std::int64_t, 4>{3, 45, 4, 16}, {2, 130, 2, 64}, {1, 200, 3, 32}}) {
     CAPTURE(seq);
     CAPTURE(hd);
     const std::int64_t hidden = heads * hd, n = batch * seq * hidden;
@@ -327,6 +328,9 @@ TEST_CASE_TEMPLATE("causal_attention with padding (fully masked rows flat, no Na
       for (int s = 0; s < 7; ++s) mask[seq + s] = 0;   // left padding
       for (int s = 0; s < 30; ++s) mask[2 * seq + s] = 0;
       mask[2 * seq + 40] = 0;                           // a masked key inside a sequence
+    } else if (batch == 2) {
+      for (int s = 0; s < 70; ++s) mask[seq + s] = 0;  // fully masked rows in chunks 0 and 1
+      mask[seq + 100] = 0;
     }
     auto dq = upload(q), dk = upload(k), dv = upload(v);
     auto dm = upload(mask);
