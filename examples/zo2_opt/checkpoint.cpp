@@ -25,11 +25,18 @@ fs::path find_checkpoint(const fs::path& dir) {
   if (fs::exists(dir / kStateFile)) return dir;
   if (!fs::is_directory(dir)) throw zo2::FileError(dir.string(), "no such checkpoint directory");
   fs::path best;
+  unsigned long long best_step = 0;
   for (const auto& entry : fs::directory_iterator(dir)) {
     const std::string n = entry.path().filename().string();
-    if (entry.is_directory() && n.rfind("step-", 0) == 0 && fs::exists(entry.path() / kStateFile) &&
-        (best.empty() || n > best.filename().string()))
+    // "step-<digits>" only: not a "step-N.old.PID" left by an interrupted replacement.
+    if (!entry.is_directory() || n.size() < 6 || n.rfind("step-", 0) != 0 ||
+        n.find_first_not_of("0123456789", 5) != std::string::npos || !fs::exists(entry.path() / kStateFile))
+      continue;
+    const unsigned long long step = std::stoull(n.substr(5));
+    if (best.empty() || step > best_step) {
       best = entry.path();
+      best_step = step;
+    }
   }
   if (best.empty()) throw zo2::FileError((dir / kStateFile).string(), "missing (not a checkpoint, and no step-*/state.json inside)");
   return best;

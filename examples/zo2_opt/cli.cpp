@@ -15,7 +15,7 @@ Args::Args(const CommandSpec& spec, const std::vector<std::string>& argv) : comm
       continue;
     }
     std::optional<std::string> inline_value;
-    if (arg.rfind("--", 0) == 0) {
+    if (arg.size() > 2 && arg.compare(0, 2, "--") == 0) {
       const auto eq = arg.find('=');
       if (eq != std::string::npos) {
         inline_value = arg.substr(eq + 1);
@@ -30,7 +30,7 @@ Args::Args(const CommandSpec& spec, const std::vector<std::string>& argv) : comm
     if (!found) throw UsageError(spec.name + ": unknown option '" + arg + "' (see zo2-opt " + spec.name + " --help)");
     if (found->metavar.empty()) {
       if (inline_value) throw UsageError(spec.name + ": option '" + arg + "' takes no value");
-      values_[arg] = "1";
+      values_[arg] = std::string(1, '1');
     } else if (inline_value) {
       values_[arg] = *inline_value;
     } else {

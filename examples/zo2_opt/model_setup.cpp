@@ -29,11 +29,11 @@ LoadedModel load_model_dir(const fs::path& dir) {
 
 OPTConfig demo_config() {
   OPTConfig c;
-  c.hidden_size = 96;
-  c.ffn_dim = 384;
+  c.hidden_size = 64;
+  c.ffn_dim = 256;
   c.num_hidden_layers = 2;
   c.num_attention_heads = 4;
-  c.word_embed_proj_dim = 96;
+  c.word_embed_proj_dim = 64;
   c.vocab_size = Tokenizer::kByteVocabSize;
   c.max_position_embeddings = 256;
   return c;

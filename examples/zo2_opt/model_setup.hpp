@@ -26,7 +26,7 @@ struct LoadedModel {
 /// A missing config or weights file is an error naming it.
 LoadedModel load_model_dir(const std::filesystem::path& dir);
 
-/// The demo model: 2 layers, hidden 96, 4 heads, the byte vocabulary, 256 positions.
+/// The demo model: 2 layers, hidden 64, 4 heads, the byte vocabulary, 256 positions (~150k parameters).
 zo2::opt::OPTConfig demo_config();
 
 /// A named preset (or the demo config for "demo"), with optional overrides of the depth, width

@@ -31,11 +31,13 @@ using nlohmann::json;
 
 namespace {
 
-// The demo's settings, measured on 2 CPU cores (see examples/README.md): the loss on the corpus
-// falls clearly within a minute or so.
-constexpr double kDemoLr = 2e-3;
+// The demo's settings, measured on a shared 2-core machine: 2000 steps in ~50 s, the loss on the
+// corpus falls from 5.55 (uniform over 260 tokens) to ~2.8. MeZO's usable learning rate scales
+// inversely with the parameter count; for this ~150k-parameter model 4e-3 is about the largest
+// that stays stable (8e-3 diverges at hidden 96).
+constexpr double kDemoLr = 4e-3;
 constexpr double kDemoEps = 1e-3;
-constexpr std::uint64_t kDemoSteps = 1500;
+constexpr std::uint64_t kDemoSteps = 2000;
 constexpr std::int64_t kDemoBatch = 16;
 constexpr std::int64_t kDemoSeqLen = 64;
 constexpr std::uint64_t kDemoSeed = 1;
@@ -65,12 +67,12 @@ CommandSpec train_spec() {
       {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
       {"--codec", "NAME", "with --offload: how blocks are stored for transfer", ""},
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the resident blocks may use", ""},
-      {"--lr", "X", "learning rate", "1e-6; demo 2e-3"},
+      {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},
       {"--weight-decay", "X", "weight decay (weights only, not biases or LayerNorm)", "0"},
       {"--lr-schedule", "NAME", "constant or cosine (linear warm-up, then cosine to 0)", "constant"},
       {"--warmup", "N", "warm-up steps of the cosine schedule", "0"},
-      {"--steps", "N", "total number of steps (a resumed run continues up to N)", "100; demo 1500"},
+      {"--steps", "N", "total number of steps (a resumed run continues up to N)", "100; demo 2000"},
       {"--batch", "N", "examples per step", "16"},
       {"--seq-len", "N", "longest sequence; text is cut into windows of this many tokens", "min(max_position_embeddings, 128); demo 64"},
       {"--seed", "N", "seed of the perturbations, the batch order and random weights", "0; demo 1"},
