@@ -46,7 +46,7 @@ if [[ -z ${ZO2_SKIP_TEST:-} ]]; then
 fi
 if [[ -n ${ZO2_SANITIZE:-} ]]; then  # memcheck on the kernel tests (the model tests take long under it)
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  ZO2_TEST_DATA_DIR=$root/tests/fixtures timeout 150 "$san" --tool memcheck --error-exitcode 3 "$test_bin" \
+  ZO2_TEST_DATA_DIR=$root/tests/fixtures timeout 100 "$san" --tool memcheck --error-exitcode 3 "$test_bin" \
     -tc='*layer_norm*,*positions*,*causal_attention*,*cross_entropy*,Gemm*' > "$out/sanitizer.log" 2>&1
   echo "compute-sanitizer memcheck rc=$?"; tail -4 "$out/sanitizer.log"
 fi
