@@ -394,7 +394,7 @@ int main(int argc, char** argv) {
   ZO2_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   JsonLine()
       .add("bench", "offload_env")
-      .add("device", prop.name)
+      .add("device", std::string(prop.name))
       .add("pinned_h2d_GBps", bw.h2d)
       .add("pinned_d2h_GBps", bw.d2h)
       .add("pinned_bidir_h2d_GBps", bw.bidir_h2d)

@@ -16,13 +16,16 @@
 // overlaps it too (H2D and D2H use separate copy engines).
 //
 // Write-back, not a host-side update. The alternative -- upload theta only, and let the CPU
-// apply the owed update to its master -- halves PCIe traffic but puts Philox (20 rounds for z
-// and the SR word) plus Box-Muller plus the update on the CPU for every parameter every step. The
-// CPU perturber does ~20-40 ns per element per core (bench/offload_step.cu measures it as
-// "host_update_ns_per_elem"): 6.7e9 elements / 16 cores = 8-17 s per step, against 0.25 s for a
-// bf16 copy of OPT-6.7B at 55 GB/s. The D2H write-back runs on the other copy engine at the
-// same time as the uploads, so it costs bandwidth in the idle direction, not time. A visit with
-// no owed update (the first step, or after flush) skips the write-back.
+// apply the owed update to its master -- halves PCIe traffic but puts Philox (z and the SR
+// word), Box-Muller and the update on the CPU for every parameter every step. Measured on the
+// H100 machine's CPU (bench/offload_step.cu, bench/results/h100-offload-2026-11-23.jsonl):
+// cpu::Perturber<bfloat16>::update takes 19-20 ns per element on one core and 1.6-2.0 ns per
+// element on all 16, so OPT-6.7B's 6.7e9 elements cost 10.5-13 s per step on the host, against
+// 0.24 s for its bf16 copy at the 55 GB/s measured pinned H2D. The D2H write-back runs on the
+// other copy engine while the uploads run (48 GB/s H2D + 52 GB/s D2H measured concurrently), so
+// it costs bandwidth in the otherwise idle direction, not time: an offloaded OPT-6.7B bf16 step
+// took 0.289 s against a 0.270 s PCIe floor. A visit with no owed update (the first step, or
+// after flush) skips the write-back.
 //
 // Ordering across steps: the upload of a block for step t+1 may be issued while step t is still
 // running (prefetch wraps around); it waits on that block's last write-back event, and the slot
