@@ -88,6 +88,7 @@ int run_eval(const std::vector<std::string>& argv) {
   LoadedModel model = load_model_dir(resolve_model_dir(*args.get("--model")));
   std::optional<Tokenizer> tokenizer = model.tokenizer;
   if (args.has("--tokenizer")) tokenizer = Tokenizer::from_directory(*args.get("--tokenizer"));
+  if (tokenizer) check_tokenizer_fits(args, *tokenizer, model.config);
   const DataOptions data_options = data_options_from(args, model.config, 512);
   if (!args.has("--data") && !args.has("--text")) throw UsageError("eval: --data FILE or --text FILE is required");
   const Dataset data = args.has("--text")

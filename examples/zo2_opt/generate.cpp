@@ -119,6 +119,7 @@ int run_generate(const std::vector<std::string>& argv) {
   if (!tokenizer)
     throw UsageError("generate: " + (std::filesystem::path(*args.get("--model")) / "vocab.json").string() +
                      " is missing; pass --tokenizer DIR");
+  check_tokenizer_fits(args, *tokenizer, model.config);
   std::string prompt;
   std::vector<std::int32_t> ids;
   if (args.has("--input-ids")) {

@@ -30,4 +30,11 @@ DataOptions data_options_from(const Args& args, const zo2::opt::OPTConfig& confi
   return o;
 }
 
+void check_tokenizer_fits(const Args& args, const Tokenizer& tokenizer, const zo2::opt::OPTConfig& config) {
+  if (tokenizer.vocab_size() > static_cast<std::size_t>(config.vocab_size))
+    throw UsageError(args.command() + ": the tokenizer (" + tokenizer.description() + ") has " +
+                     std::to_string(tokenizer.vocab_size()) + " tokens, more than the model's vocab_size = " +
+                     std::to_string(config.vocab_size));
+}
+
 }  // namespace zo2_opt

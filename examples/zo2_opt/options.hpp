@@ -7,6 +7,7 @@
 
 #include "cli.hpp"
 #include "data.hpp"
+#include "tokenizer.hpp"
 
 namespace zo2_opt {
 
@@ -19,5 +20,8 @@ void check_device_available(const std::string& device);
 /// --seq-len (default: min(max_position_embeddings, default_cap)), --template, --candidates;
 /// --seq-len beyond max_position_embeddings is an error.
 DataOptions data_options_from(const Args& args, const zo2::opt::OPTConfig& config, std::int64_t default_cap);
+
+/// A tokenizer whose ids reach past the model's vocabulary is an error naming both sizes.
+void check_tokenizer_fits(const Args& args, const Tokenizer& tokenizer, const zo2::opt::OPTConfig& config);
 
 }  // namespace zo2_opt

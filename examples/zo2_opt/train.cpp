@@ -208,6 +208,7 @@ int run_train(const std::vector<std::string>& argv) {
                         (preset == "demo" ? std::string("demo model") : preset) + " (random weights, seed " + std::to_string(seed) + ")"};
   }
   const zo2::opt::OPTConfig config = model->config;
+  if (tokenizer) check_tokenizer_fits(args, *tokenizer, config);
   const std::int32_t pad = static_cast<std::int32_t>(std::max<std::int64_t>(0, config.pad_token_id));
 
   // ---- hyper-parameters ---------------------------------------------------------------------
