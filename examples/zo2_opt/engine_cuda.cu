@@ -118,6 +118,8 @@ std::unique_ptr<Engine> make_offload(const zo2::opt::OPTConfig& config, zo2::Par
 
 bool cuda_built() { return true; }
 
+bool cuda_device_present() { return zo2::cuda::device_available(); }
+
 void check_device_available(const std::string& device) {
   if (device != "cuda") return;
   int count = 0;

@@ -16,6 +16,8 @@ std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig&, zo2::Parame
 
 namespace zo2_opt {
 
+bool cuda_device_present() { return false; }
+
 void check_device_available(const std::string& device) {
   if (device == "cuda")
     throw UsageError("--device cuda: this zo2-opt was built without CUDA (configure with -DZO2_ENABLE_CUDA=ON)");

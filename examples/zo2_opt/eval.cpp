@@ -68,7 +68,7 @@ CommandSpec eval_spec() {
       {"--seq-len", "N", "longest sequence (longer text is cut)", "min(max_position_embeddings, 512)"},
       {"--limit", "N", "evaluate only the first N examples", "all"},
       {"--per-example", "", "print one JSON line per example with its mean token loss", ""},
-      {"--device", "cpu|cuda", "where to compute", "cpu"},
+      {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
   };
   s.epilog = "Prints one JSON object: {\"loss\", \"perplexity\", \"tokens\", \"examples\"[, \"accuracy\"]}.\n";
   return s;

@@ -40,7 +40,7 @@ CommandSpec generate_spec() {
       {"--seed", "N", "seed of the sampler", "0"},
       {"--ignore-eos", "", "keep going past </s>", ""},
       {"--json", "", "print {\"prompt\", \"completion\", \"ids\"} instead of the text", ""},
-      {"--device", "cpu|cuda", "where to compute", "cpu"},
+      {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
   };
   s.epilog = "Example:\n  zo2-opt generate --model out/ --prompt \"The old man\" --temperature 0.8 --top-p 0.9\n";
   return s;

@@ -5,9 +5,10 @@
 namespace zo2_opt {
 
 std::string parse_device(const Args& args) {
-  const std::string device = args.str("--device", "cpu");
+  std::string device = args.str("--device", "auto");
+  if (device == "auto") device = cuda_device_present() ? "cuda" : "cpu";
   if (device != "cpu" && device != "cuda")
-    throw UsageError(args.command() + ": --device must be cpu or cuda, got '" + device + "'");
+    throw UsageError(args.command() + ": --device must be auto, cpu or cuda, got '" + device + "'");
   check_device_available(device);
   return device;
 }

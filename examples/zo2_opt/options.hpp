@@ -11,8 +11,12 @@
 
 namespace zo2_opt {
 
-/// --device cpu|cuda, checked against this build and machine (one-line error otherwise).
+/// --device auto|cpu|cuda (auto, the default: cuda when this build has CUDA and a GPU is
+/// present, else cpu), checked against this build and machine (one-line error otherwise).
 std::string parse_device(const Args& args);
+
+/// True when this build has CUDA and a CUDA GPU is present.
+bool cuda_device_present();
 
 /// Throws when `device` cannot be used here (no CUDA in this build, or no GPU present).
 void check_device_available(const std::string& device);

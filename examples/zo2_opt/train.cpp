@@ -63,7 +63,7 @@ CommandSpec train_spec() {
       {"--eval-data", "FILE", "evaluation data (same formats)", "the training data"},
       {"--eval-every", "N", "evaluate every N steps", "0 (start and end only)"},
       {"--eval-limit", "N", "evaluate at most N examples", "256"},
-      {"--device", "cpu|cuda", "where to compute", "cpu"},
+      {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
       {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
       {"--codec", "NAME", "with --offload: how blocks are stored for transfer", ""},
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the resident blocks may use", ""},
