@@ -75,43 +75,54 @@ ZO2_HD ZO2_FORCEINLINE bfloat16 to_bfloat16_stochastic(float f, std::uint32_t ra
 
 ZO2_HD inline float to_float(float16 h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
-  std::uint32_t exp = (h.bits >> 10) & 0x1fu;
-  std::uint32_t man = h.bits & 0x3ffu;
-  if (exp == 0x1fu) return detail::bits_float(sign | 0x7f800000u | (man << 13));  // inf / NaN
-  if (exp == 0) {
-    if (man == 0) return detail::bits_float(sign);
-    // Subnormal: value = man * 2^-24; normalize it.
-    int e = -1;
-    do {
-      man <<= 1;
-      ++e;
-    } while ((man & 0x400u) == 0);
-    man &= 0x3ffu;
-    return detail::bits_float(sign | (static_cast<std::uint32_t>(127 - 15 - e) << 23) | (man << 13));
+  const std::uint32_t exponent = (h.bits >> 10) & 0x1fu;
+  std::uint32_t mantissa = h.bits & 0x3ffu;
+  if (exponent == 0x1fu)  // Inf or NaN: keep the payload, so a NaN stays a NaN
+    return detail::bits_float(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent != 0)  // normal: rebias 15 -> 127
+    return detail::bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  if (mantissa == 0) return detail::bits_float(sign);  // +-0
+  // Subnormal half = mantissa * 2^-24, a normal float: shift the leading one up to the
+  // implicit bit, lowering the exponent as we go.
+  std::uint32_t float_exponent = 113;  // 2^-14, the exponent of the smallest normal half
+  while ((mantissa & 0x400u) == 0) {
+    mantissa <<= 1;
+    --float_exponent;
   }
-  return detail::bits_float(sign | ((exp + 127 - 15) << 23) | (man << 13));
+  mantissa &= 0x3ffu;
+  return detail::bits_float(sign | (float_exponent << 23) | (mantissa << 13));
 }
 
-/// float -> fp16, round to nearest even, with subnormals, overflow to inf and NaN kept.
+/// float -> fp16, round to nearest even, with gradual underflow to subnormals and overflow to
+/// Inf (65520 and above, as IEEE says); a NaN stays a quiet NaN with its top payload bits.
 ZO2_HD inline float16 to_float16(float f) {
-  const std::uint32_t u = detail::float_bits(f);
-  const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
-  const std::uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return float16{static_cast<std::uint16_t>(sign | 0x7e00u)};
-  if (abs >= 0x477ff000u) return float16{static_cast<std::uint16_t>(sign | 0x7c00u)};  // >= 65520
-  if (abs < 0x38800000u) {  // below the smallest fp16 normal (2^-14): subnormal or zero
-    if (abs < 0x33000000u) return float16{sign};  // below half the smallest subnormal
-    const std::uint32_t e = abs >> 23;
-    const std::uint32_t man = (abs & 0x7fffffu) | 0x800000u;
-    const std::uint32_t shift = 126 - e;  // man * 2^(e-150) in units of 2^-24 (the fp16 subnormal ulp)
-    const std::uint32_t q = man >> shift;
-    const std::uint32_t rem = man & ((1u << shift) - 1u);
-    const std::uint32_t half = 1u << (shift - 1);
-    const std::uint32_t r = q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
-    return float16{static_cast<std::uint16_t>(sign | r)};
+  const std::uint32_t bits = detail::float_bits(f);
+  const std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
+  const std::uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude >= 0x7f800000u) {  // Inf or NaN
+    const bool is_nan = magnitude > 0x7f800000u;
+    return float16{static_cast<std::uint16_t>(
+        sign | 0x7c00u | (is_nan ? (0x0200u | ((magnitude >> 13) & 0x3ffu)) : 0u))};
   }
-  const std::uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
-  return float16{static_cast<std::uint16_t>(sign | ((rounded - 0x38000000u) >> 13))};
+  if (magnitude >= 0x47800000u) return float16{static_cast<std::uint16_t>(sign | 0x7c00u)};  // >= 2^16
+  const std::uint32_t float_exponent = magnitude >> 23;
+  if (float_exponent >= 113) {  // a normal half (or rounds up to Inf)
+    // Rebias and add the rounding bias in one go; a mantissa carry bumps the exponent
+    // (and 65520..65535 carry into Inf).
+    const std::uint32_t rounded = magnitude - (112u << 23) + 0xfffu + ((magnitude >> 13) & 1u);
+    return float16{static_cast<std::uint16_t>(sign | (rounded >> 13))};
+  }
+  if (float_exponent == 0) return float16{sign};  // float subnormals are far below 2^-24
+  // A half subnormal: value / 2^-24 rounded to an integer is its mantissa;
+  // value = significand * 2^(float_exponent - 150), so the quotient is significand >> shift.
+  const std::uint32_t significand = (magnitude & 0x7fffffu) | 0x800000u;
+  const std::uint32_t shift = 126u - float_exponent;  // >= 14
+  if (shift > 24) return float16{sign};                // below half of 2^-24: rounds to zero
+  std::uint32_t quotient = significand >> shift;
+  const std::uint32_t remainder = significand & ((1u << shift) - 1u);
+  const std::uint32_t halfway = 1u << (shift - 1u);
+  if (remainder > halfway || (remainder == halfway && (quotient & 1u))) ++quotient;
+  return float16{static_cast<std::uint16_t>(sign | quotient)};  // 0x400 is the smallest normal
 }
 
 /// float -> fp16 with stochastic rounding (13 random bits dither the discarded mantissa bits);

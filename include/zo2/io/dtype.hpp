@@ -5,6 +5,8 @@
 // written on one machine must read back identically on another.
 #pragma once
 
+#include <zo2/core/half_types.hpp>
+
 #include <zo2/core/error.hpp>
 
 #include <bit>
@@ -90,82 +92,13 @@ inline std::optional<Dtype> parse_dtype(std::string_view name) noexcept {
   return std::nullopt;
 }
 
-// ---- bf16: the top half of an IEEE float32 -------------------------------------------------
+// ---- 16-bit conversions on raw bits: the core's (core/half_types.hpp), one implementation for
+// the file formats, the CPU reference and the CUDA kernels. Round to nearest even, subnormals,
+// Inf and NaN handled; integer arithmetic only, so -ffast-math cannot change the bits.
 
-constexpr float bf16_to_float(std::uint16_t bits) noexcept {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
-}
-
-/// Round to nearest, ties to even. bf16 keeps float32's exponent range, so subnormals need no
-/// special path; a NaN stays a NaN (quieted, because truncating its payload could make an Inf).
-constexpr std::uint16_t float_to_bf16(float value) noexcept {
-  const std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
-  }
-  const std::uint32_t lsb_of_result = (bits >> 16) & 1u;
-  return static_cast<std::uint16_t>((bits + 0x7fffu + lsb_of_result) >> 16);
-}
-
-// ---- fp16: IEEE binary16 (1 sign, 5 exponent, 10 mantissa bits) ----------------------------
-
-constexpr float fp16_to_float(std::uint16_t half) noexcept {
-  const std::uint32_t sign = static_cast<std::uint32_t>(half & 0x8000u) << 16;
-  const std::uint32_t exponent = (half >> 10) & 0x1fu;
-  std::uint32_t mantissa = half & 0x3ffu;
-
-  if (exponent == 0x1f) {  // Inf or NaN: keep the payload, so a NaN stays a NaN
-    return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
-  }
-  if (exponent != 0) {  // normal: rebias 15 -> 127
-    return std::bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-  }
-  if (mantissa == 0) return std::bit_cast<float>(sign);  // +-0
-  // Subnormal half = mantissa * 2^-24; every one of them is a normal float. Shift the mantissa
-  // up until its leading one reaches the implicit bit, lowering the exponent as we go.
-  std::uint32_t float_exponent = 113;  // 2^-14 is the exponent of the smallest normal half
-  while ((mantissa & 0x400u) == 0) {
-    mantissa <<= 1;
-    --float_exponent;
-  }
-  mantissa &= 0x3ffu;
-  return std::bit_cast<float>(sign | (float_exponent << 23) | (mantissa << 13));
-}
-
-/// Round to nearest, ties to even, with gradual underflow to fp16 subnormals and overflow to
-/// Inf (65520 and above round to Inf, as IEEE says); NaN becomes a quiet NaN.
-constexpr std::uint16_t float_to_fp16(float value) noexcept {
-  const std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
-  const std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
-  const std::uint32_t magnitude = bits & 0x7fffffffu;
-
-  if (magnitude >= 0x7f800000u) {  // Inf or NaN
-    const bool is_nan = magnitude > 0x7f800000u;
-    return static_cast<std::uint16_t>(sign | 0x7c00u |
-                                      (is_nan ? (0x0200u | ((magnitude >> 13) & 0x3ffu)) : 0u));
-  }
-  if (magnitude >= 0x47800000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 2^16
-
-  const std::uint32_t float_exponent = magnitude >> 23;
-  if (float_exponent >= 113) {  // the result is a normal half (or rounds up to Inf)
-    const std::uint32_t lsb_of_result = (magnitude >> 13) & 1u;
-    // Rebias the exponent and add the rounding bias in one go; a mantissa carry correctly
-    // bumps the exponent (and 65520..65535 carry into Inf).
-    const std::uint32_t rounded = magnitude - (112u << 23) + 0xfffu + lsb_of_result;
-    return static_cast<std::uint16_t>(sign | (rounded >> 13));
-  }
-  if (float_exponent == 0) return sign;  // float subnormals are far below half's 2^-24
-
-  // The result is a half subnormal: value / 2^-24, rounded to an integer, is its mantissa.
-  // value = significand * 2^(float_exponent - 150), so the quotient is significand >> shift.
-  const std::uint32_t significand = (magnitude & 0x7fffffu) | 0x800000u;
-  const std::uint32_t shift = 126u - float_exponent;  // >= 14
-  if (shift > 24) return sign;                         // below half of 2^-24: rounds to zero
-  std::uint32_t quotient = significand >> shift;
-  const std::uint32_t remainder = significand & ((1u << shift) - 1u);
-  const std::uint32_t halfway = 1u << (shift - 1u);
-  if (remainder > halfway || (remainder == halfway && (quotient & 1u))) ++quotient;
-  return static_cast<std::uint16_t>(sign | quotient);  // 0x400 here is the smallest normal
-}
+inline float bf16_to_float(std::uint16_t bits) noexcept { return to_float(bfloat16{bits}); }
+inline std::uint16_t float_to_bf16(float value) noexcept { return to_bfloat16(value).bits; }
+inline float fp16_to_float(std::uint16_t bits) noexcept { return to_float(float16{bits}); }
+inline std::uint16_t float_to_fp16(float value) noexcept { return to_float16(value).bits; }
 
 }  // namespace zo2::io
