@@ -32,6 +32,9 @@ find_package(CUDAToolkit REQUIRED)
 if(TARGET zo2::cuda)
   set_property(TARGET zo2::cuda APPEND PROPERTY INTERFACE_LINK_LIBRARIES
                CUDA::cudart CUDA::cublas CUDA::cublasLt CUDA::curand)
+  # As in zo2's own zo2::cuda: C++20 for nvcc, and Eigen's flags under nvcc.
+  set_property(TARGET zo2::cuda APPEND PROPERTY INTERFACE_COMPILE_OPTIONS
+               "$<$<COMPILE_LANGUAGE:CUDA>:-std=c++20;--expt-relaxed-constexpr;-diag-suppress=20012>")
 endif()
 """
 
