@@ -41,14 +41,17 @@ class CudaResident {
   using storage_type = S;
   using value_type = T;
 
-  struct Perturbed {
-    ParamView<const T> plus, minus;
-  };
+  using Perturbed = PerturbedViews<T>;
 
   /// Uploads every group of `store` to the device; the policy owns a stream of its own.
   explicit CudaResident(const ParameterStore<S>& store) : CudaResident(store, nullptr, true) {}
   /// The same, running on `stream`, which the caller owns and keeps alive longer than the policy.
   CudaResident(const ParameterStore<S>& store, cudaStream_t stream) : CudaResident(store, stream, false) {}
+  /// Allocates the master for `layout` on the device, zeroed, with no host copy (fill it through
+  /// master(g) or upload()): a large model's weights can be drawn on the device without staging
+  /// them in host memory. Runs on `stream` (null: the policy owns one).
+  CudaResident(ModelLayout layout, cudaStream_t stream)
+      : CudaResident(std::move(layout), stream, stream == nullptr, Allocate{}) {}
 
   CudaResident(const CudaResident&) = delete;
   CudaResident& operator=(const CudaResident&) = delete;
@@ -121,8 +124,13 @@ class CudaResident {
     DeviceBuffer<T> plus, minus;
   };
 
+  struct Allocate {};
   CudaResident(const ParameterStore<S>& store, cudaStream_t stream, bool own_stream)
-      : layout_(std::make_unique<ModelLayout>(store.model_layout())) {
+      : CudaResident(store.model_layout(), stream, own_stream, Allocate{}) {
+    upload(store);
+  }
+  CudaResident(ModelLayout layout, cudaStream_t stream, bool own_stream, Allocate)
+      : layout_(std::make_unique<ModelLayout>(std::move(layout))) {
     if (own_stream) {
       owned_stream_.emplace();
       stream_ = owned_stream_->get();
@@ -144,7 +152,7 @@ class CudaResident {
     scratch_[0].minus = DeviceBuffer<T>(prologue);
     scratch_[1].plus = DeviceBuffer<T>(largest);
     scratch_[1].minus = DeviceBuffer<T>(largest);
-    upload(store);
+    if (master_.bytes()) ZO2_CUDA_CHECK(cudaMemsetAsync(master_.data(), 0, master_.bytes(), stream_));
   }
 
   void check_same_layout(const ModelLayout& other, const char* what) const {

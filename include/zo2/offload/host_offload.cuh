@@ -203,9 +203,7 @@ class HostOffload {
   using value_type = T;
   using codec_type = Codec;
 
-  struct Perturbed {
-    ParamView<const T> plus, minus;
-  };
+  using Perturbed = PerturbedViews<T>;
 
   /// Allocates everything (pinned host masters, the device arena) for `layout`; parameters are
   /// zero until set with load() or set_group(). `compute` is the stream the model runs on

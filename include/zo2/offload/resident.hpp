@@ -36,9 +36,7 @@ class Resident {
     scratch_[1].minus.assign(largest, T{});
   }
 
-  struct Perturbed {
-    ParamView<const T> plus, minus;
-  };
+  using Perturbed = PerturbedViews<T>;
 
   /// The fused pass for group g: apply the owed update (if any), then write theta +- eps z.
   Perturbed prepare(GroupIndex g, const StepNoise& noise) {

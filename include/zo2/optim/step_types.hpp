@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include <zo2/core/param_layout.hpp>
+
 namespace zo2 {
 
 /// An update whose projected gradient is known but which has not touched memory yet (ZO2's lazy
@@ -20,6 +22,13 @@ struct StepNoise {
   std::uint32_t step;
   double eps;
   const PendingUpdate* pending;  // null when nothing is owed
+};
+
+/// What a policy's prepare(group, noise) hands the model: theta + eps z and theta - eps z of one
+/// group, in the model's precision, valid until the next prepare() of a group of the same kind.
+template <class T>
+struct PerturbedViews {
+  ParamView<const T> plus, minus;
 };
 
 struct StepResult {
