@@ -18,7 +18,8 @@
 // Write-back, not a host-side update. The alternative -- upload theta only, and let the CPU
 // apply the owed update to its master -- halves PCIe traffic but puts Philox (z and the SR
 // word), Box-Muller and the update on the CPU for every parameter every step. Measured on the
-// H100 machine's CPU (bench/offload_step.cu, bench/results/h100-offload-2026-11-23.jsonl):
+// H100 machine's CPU (bench/offload_step.cu, now `zo2_bench --extras`;
+// bench/results/h100-offload-2026-11-23.jsonl):
 // cpu::Perturber<bfloat16>::update takes 19-20 ns per element on one core and 1.6-2.0 ns per
 // element on all 16, so OPT-6.7B's 6.7e9 elements cost 10.5-13 s per step on the host, against
 // 0.24 s for its bf16 copy at the 55 GB/s measured pinned H2D. The D2H write-back runs on the

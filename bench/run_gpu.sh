@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# bench/run_gpu.sh -- everything the GPU machine checks and measures, in one command (device
+# `run`, H100: ~7-8 minutes, kept under 9 by a time budget):
+#
+#   run(command="bash bench/run_gpu.sh", timeout_s=600)     # carry nothing (see below)
+#
+#   1. configure + build (Release, sm_90): the CUDA tests, zo2_bench, zo2-opt (for the HF check)
+#   2. ctest -R '^cuda_': every CUDA test
+#   3. zo2_bench --set reference: resident OPT-125M..13B bf16+fp16; offloaded OPT-125M..13B with
+#      the bf16, fp16 and int8 codecs (with the per-block timeline); OPT-30B offloaded bf16 when
+#      the host has >= 100 GB available. Configurations that would overrun the budget are skipped
+#      (a {"kind":"skipped"} line says so).
+#   4. the exported-checkpoint check against Hugging Face transformers
+#      (tests/fixtures/opt/check_export_hf.py, when it exists and torch + transformers import):
+#      zo2-opt train --demo --device cuda --export DIR, then the logits and token ids of DIR
+#      in zo2-opt and in transformers.
+#
+# Results: ${OUT:-bench/results}/<device>-<date>.jsonl (zo2_bench's lines, then {"kind":"tests"}
+# and {"kind":"hf_check"}); logs in ${OUT}/logs-<device>-<date>/. Then, here:
+#   python3 bench/plot.py && python3 bench/make_table.py > ...   (see docs/benchmarks.md)
+#
+# Env: ZO2_BUDGET_S (total seconds, 530), ZO2_BUILD_DIR (build-gpu-bench), ZO2_SET (reference),
+#      ZO2_BENCH_ARGS (extra zo2_bench arguments), ZO2_SKIP_TESTS=1, ZO2_SKIP_HF=1.
+# Dependencies: the GPU machine has Eigen, doctest and nlohmann-json; where it does not, run
+# `bash bench/run_gpu_perturb.sh --prepare-deps` here and carry .deps.
+set -uo pipefail
+t0=$(date +%s)
+budget=${ZO2_BUDGET_S:-530}
+elapsed() { echo $(( $(date +%s) - t0 )); }
+left() { echo $(( budget - $(date +%s) + t0 )); }
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/bench/results}
+mkdir -p "$out"
+cuda_bin=$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")
+export PATH="$cuda_bin:/usr/local/cuda/bin:$PATH"
+export LD_LIBRARY_PATH="${cuda_bin}/../lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+slug=$(echo "${gpu:-nogpu}" | tr 'A-Z' 'a-z' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')
+day=$(date -u +%F)
+results=$out/$slug-$day.jsonl
+n=2
+while [[ -e $results ]]; do results=$out/$slug-$day-run$n.jsonl; n=$((n + 1)); done
+logs=$out/logs-$(basename "$results" .jsonl)
+mkdir -p "$logs"
+echo "== machine ($(elapsed) s): results -> $results"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | tee "$logs/env.log"
+grep -E "MemTotal|MemAvailable" /proc/meminfo | tee -a "$logs/env.log"
+echo "cores $(nproc); $(cmake --version | head -1); $(nvcc --version | tail -1)" | tee -a "$logs/env.log"
+
+# One JSON line: json_line KIND KEY=VALUE... (values that look like integers stay numbers).
+json_line() {
+  python3 - "$@" <<'PY'
+import json, sys
+kind, rest = sys.argv[1], sys.argv[2:]
+d = {"kind": kind, "bench": "run_gpu"}
+for kv in rest:
+    k, _, v = kv.partition("=")
+    d[k] = int(v) if v.lstrip("-").isdigit() else v
+print(json.dumps(d))
+PY
+}
+
+# ---- 1. build ----------------------------------------------------------------------------------
+build=${ZO2_BUILD_DIR:-$root/build-gpu-bench}
+hf_script=$root/tests/fixtures/opt/check_export_hf.py
+examples=OFF
+[[ -f $hf_script && -z ${ZO2_SKIP_HF:-} ]] && examples=ON
+prefix=()
+[[ -d $root/.deps ]] && prefix=(-DCMAKE_PREFIX_PATH="$root/.deps") && echo "using carried .deps"
+generator=()
+command -v ninja > /dev/null && generator=(-G Ninja)
+[[ -f $build/CMakeCache.txt ]] && generator=()  # keep the generator an existing build dir has
+echo "== configure ($(elapsed) s)"
+cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DZO2_ENABLE_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DZO2_BUILD_TESTS=ON -DZO2_BUILD_BENCH=ON -DZO2_BUILD_EXAMPLES=$examples \
+  -DZO2_INSTALL=OFF "${prefix[@]}" > "$logs/configure.log" 2>&1 || { tail -40 "$logs/configure.log"; exit 1; }
+cuda_tests=()
+for f in tests/cuda/*.cu; do cuda_tests+=("test_cuda_$(basename "$f" .cu)"); done
+targets=("${cuda_tests[@]}" zo2_bench)
+[[ $examples == ON ]] && targets+=(zo2-opt)
+keep_going=(-k)
+grep -q "CMAKE_GENERATOR:INTERNAL=Ninja" "$build/CMakeCache.txt" && keep_going=(-k 0)
+echo "== build ${targets[*]} ($(elapsed) s)"
+timeout 360 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" -- "${keep_going[@]}" > "$logs/build.log" 2>&1
+build_rc=$?
+echo "build rc=$build_rc ($(elapsed) s)"
+[[ $build_rc -ne 0 ]] && grep -E "error" -A5 "$logs/build.log" | head -60
+bench_bin=$build/bench/zo2_bench
+[[ -x $bench_bin ]] || { echo "zo2_bench did not build"; exit 1; }
+
+# ---- 2. CUDA tests -----------------------------------------------------------------------------
+tests_rc=0
+if [[ -z ${ZO2_SKIP_TESTS:-} ]]; then
+  echo "== CUDA tests ($(elapsed) s)"
+  ZO2_TEST_DATA_DIR=$root/tests/fixtures timeout 200 ctest --test-dir "$build" -R '^cuda_' --timeout 150 \
+    --output-on-failure > "$logs/ctest.log" 2>&1
+  tests_rc=$?
+  grep -E "Test +#|tests passed|tests failed|Failed|Not Run|SKIPPED|Total Test" "$logs/ctest.log" | head -30
+  summary=$(grep -E "tests passed" "$logs/ctest.log" | tail -1)
+  json_line tests device="$gpu" ctest="-R ^cuda_" rc=$tests_rc summary="$summary" elapsed_s="$(elapsed)" >> "$results"
+fi
+
+# ---- 3. the reference protocol ------------------------------------------------------------------
+hf_reserve=0
+[[ $examples == ON && -x $build/examples/zo2-opt ]] && hf_reserve=45
+deadline=$(( $(left) - hf_reserve - 10 ))
+echo "== zo2_bench --set ${ZO2_SET:-reference}, deadline ${deadline} s ($(elapsed) s)"
+if (( deadline > 20 )); then
+  # shellcheck disable=SC2086
+  timeout $(( deadline + 40 )) "$bench_bin" --set "${ZO2_SET:-reference}" --timeline --extras --deadline "$deadline" \
+    ${ZO2_BENCH_ARGS:-} > "$logs/zo2_bench.jsonl" 2> "$logs/zo2_bench.err"
+  bench_rc=$?
+  cat "$logs/zo2_bench.jsonl" >> "$results"
+  echo "zo2_bench rc=$bench_rc ($(elapsed) s)"
+  grep -v "^ " "$logs/zo2_bench.err" | grep -v "^group\|^ *[0-9]" | tail -30
+  python3 "$root/bench/make_table.py" "$logs/zo2_bench.jsonl" 2>&1 || grep -v '"timeline"' "$logs/zo2_bench.jsonl"
+else
+  echo "no time left for the benchmark"; bench_rc=1
+fi
+
+# ---- 4. exported checkpoint vs Hugging Face -------------------------------------------------------
+hf_rc=-1
+opt_bin=$build/examples/zo2-opt
+if [[ $examples == ON && -x $opt_bin ]] && (( $(left) > 20 )); then
+  echo "== HF check ($(elapsed) s)"
+  if python3 -c "import torch, transformers, numpy" > /dev/null 2>&1; then
+    hf_dev=cpu
+    python3 -c "import torch; assert torch.cuda.is_available()" > /dev/null 2>&1 && hf_dev=cuda
+    work=$(mktemp -d)
+    timeout $(( $(left) - 5 )) bash -c "
+      '$opt_bin' train --demo --steps 30 --device cuda --export '$work/export' --quiet &&
+      python3 '$hf_script' '$work/export' --zo2-opt '$opt_bin' --device $hf_dev" > "$logs/hf_check.log" 2>&1
+    hf_rc=$?
+    tail -8 "$logs/hf_check.log"
+    rm -rf "$work"
+  else
+    echo "python3 lacks torch/transformers/numpy: HF check skipped" | tee "$logs/hf_check.log"
+  fi
+  detail=$(grep -E "max \||token ids|argmax|MISMATCH|^OK|FAILED|skipped|failed|rror" "$logs/hf_check.log" | head -8 | tr '\n' ' ' | cut -c1-800)
+  json_line hf_check device="$gpu" rc=$hf_rc device_for_hf="${hf_dev:-none}" detail="$detail" elapsed_s="$(elapsed)" >> "$results"
+  echo "hf_check rc=$hf_rc"
+elif [[ $examples == ON ]]; then
+  echo "HF check skipped: zo2-opt did not build or no time left ($(left) s)"
+fi
+
+echo "== done in $(elapsed) s: $results ($(grep -c '"kind":"config"' "$results") configurations)"
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && ( $hf_rc -eq 0 || $hf_rc -eq -1 ) ]]

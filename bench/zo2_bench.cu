@@ -1,0 +1,597 @@
+// bench/zo2_bench.cu -- zo2's benchmark against the PyTorch reference and the hardware's floors:
+// the MeZO-SGD step of OPT-shaped models (ZOOptimizer + OPTCudaModel) with the weights resident
+// on the GPU (CudaResident) or offloaded to pinned host memory (HostOffload<Codec>), one JSON
+// line per configuration. `zo2_bench --help` for the options, bench/bench_config.hpp for the
+// named sets, docs/benchmarks.md for the protocol and the results.
+//
+// What a configuration line holds (all times in seconds, memory in bytes):
+//   step_s_{median,p10,p90,min,max}  CUDA-event time of each timed step on the compute stream,
+//                                    after the warm-up steps (wall_s_median: host clock)
+//   tokens_per_s                     batch * seq / median
+//   gpu_zo2_peak_bytes               peak of the bytes zo2 itself holds in cudaMalloc
+//                                    allocations (counted by wrapping cudaMalloc/cudaFree at
+//                                    link time; the policy's masters and scratch, the model's
+//                                    activations and workspace, the batch), from the start of
+//                                    the configuration's setup to its last step
+//   gpu_policy_bytes                 what the policy holds (CudaResident::device_bytes,
+//                                    HostOffload's arena)
+//   gpu_device_used_peak_bytes       cudaMemGetInfo total - free, the largest after any timed
+//                                    step (adds the CUDA context, cuBLAS's own memory and
+//                                    whatever else runs on the GPU); gpu_nvml_used_peak_bytes
+//                                    the same from NVML where the driver library loads
+//   host_peak_rss_bytes              VmHWM over the configuration (reset at its start)
+//   compute_floor_s                  4 * params * tokens / the bf16 GEMM rate measured at start
+//   pcie_floor_s                     offload: max(bytes up / concurrent H2D bandwidth, bytes
+//                                    down / concurrent D2H bandwidth), both measured at start
+//                                    with the two directions running together, as the step
+//                                    runs them; pcie_floor_h2d_only_s: bytes up / H2D alone
+//                                    (the design notes' "one copy of the weights over PCIe");
+//                                    0 for resident
+//   ratio_to_floor                   step_s_median / max(compute_floor_s, pcie_floor_s)
+//   reference_*                      the PyTorch reference (ZO2) on an H100, fp16, batch 1,
+//                                    seq 2048, where it was measured: reference_s is the one
+//                                    matching the policy (MeZO on GPU for resident, ZO2
+//                                    offloaded for offload), speedup_vs_reference = it / ours
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "bench_config.hpp"
+#include "bench_cuda.cuh"
+#include "bench_util.hpp"
+
+#include <zo2/backend/cpu/perturber.hpp>
+#include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/memory.cuh>
+#include <zo2/models/opt/config.hpp>
+#include <zo2/models/opt/cuda/opt_cuda_model.cuh>
+#include <zo2/models/opt/layout.hpp>
+#include <zo2/offload/codecs.hpp>
+#include <zo2/offload/cuda_resident.cuh>
+#include <zo2/offload/host_offload.cuh>
+#include <zo2/optim/zo_optimizer.hpp>
+
+// ---- counting zo2's device allocations -------------------------------------------------------
+// The link wraps cudaMalloc/cudaFree (-Wl,--wrap, bench/CMakeLists.txt): every call made from
+// this program's code -- zo2's headers are compiled into it -- goes through here; cuBLAS's and
+// the runtime's own allocations do not.
+namespace alloc_count {
+struct Counter {
+  std::mutex mutex;
+  std::unordered_map<void*, std::size_t> sizes;
+  std::size_t live = 0, peak = 0, calls = 0;
+};
+inline Counter& counter() {
+  static Counter c;
+  return c;
+}
+#ifdef ZO2_BENCH_WRAP_CUDA_MALLOC
+constexpr bool kEnabled = true;
+#else
+constexpr bool kEnabled = false;
+#endif
+/// Starts a new peak at what is live now.
+inline void reset_peak() {
+  std::lock_guard<std::mutex> lock(counter().mutex);
+  counter().peak = counter().live;
+}
+inline std::size_t peak() {
+  std::lock_guard<std::mutex> lock(counter().mutex);
+  return counter().peak;
+}
+inline std::size_t live() {
+  std::lock_guard<std::mutex> lock(counter().mutex);
+  return counter().live;
+}
+}  // namespace alloc_count
+
+#ifdef ZO2_BENCH_WRAP_CUDA_MALLOC
+extern "C" cudaError_t __real_cudaMalloc(void** ptr, size_t size);
+extern "C" cudaError_t __real_cudaFree(void* ptr);
+extern "C" cudaError_t __wrap_cudaMalloc(void** ptr, size_t size) {
+  const cudaError_t s = __real_cudaMalloc(ptr, size);
+  if (s == cudaSuccess && ptr && *ptr) {
+    auto& c = alloc_count::counter();
+    std::lock_guard<std::mutex> lock(c.mutex);
+    c.sizes[*ptr] = size;
+    c.live += size;
+    c.peak = std::max(c.peak, c.live);
+    ++c.calls;
+  }
+  return s;
+}
+extern "C" cudaError_t __wrap_cudaFree(void* ptr) {
+  if (ptr) {
+    auto& c = alloc_count::counter();
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (auto it = c.sizes.find(ptr); it != c.sizes.end()) {
+      c.live -= it->second;
+      c.sizes.erase(it);
+    }
+  }
+  return __real_cudaFree(ptr);
+}
+#endif
+
+namespace {
+
+using namespace zo2;
+using namespace zo2_bench;
+
+/// What every configuration line repeats about the run (so each line stands alone).
+struct Env {
+  std::string device;
+  int device_index = 0;
+  GemmRate gemm;
+  Bandwidth bw;
+  std::unique_ptr<DeviceMemoryProbe> probe;
+  double start = 0;
+};
+
+/// A host batch as OPTCudaModel::make_batch reads it.
+struct HostBatch {
+  std::size_t batch = 1, seq = 0;
+  std::vector<std::int32_t> input_ids, attention_mask, labels;
+};
+
+HostBatch random_batch(const RunConfig& c, std::int64_t vocab) {
+  HostBatch h;
+  h.batch = static_cast<std::size_t>(c.batch), h.seq = static_cast<std::size_t>(c.seq);
+  std::uint64_t state = 12345;
+  for (std::size_t i = 0; i < h.batch * h.seq; ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    h.input_ids.push_back(static_cast<std::int32_t>(3 + (state >> 33) % static_cast<std::uint64_t>(vocab - 3)));
+  }
+  h.labels = h.input_ids;
+  return h;
+}
+
+ModelLayout opt_model_layout(const opt::OPTConfig& c) {
+  return ModelLayout(opt::prologue_layout(c), opt::block_layout(c), static_cast<std::size_t>(c.num_hidden_layers),
+                     opt::epilogue_layout(c));
+}
+
+unsigned host_threads() { return std::max(1u, std::min(32u, std::thread::hardware_concurrency())); }
+
+/// Runs fn(begin, end) over [0, n) on all host threads.
+template <class F>
+void parallel_for(std::size_t n, F&& fn) {
+  const unsigned t = host_threads();
+  if (n < (std::size_t{1} << 20) || t == 1) return fn(std::size_t{0}, n);
+  std::vector<std::thread> pool;
+  const std::size_t chunk = (n + t - 1) / t;
+  for (unsigned i = 0; i < t; ++i) {
+    const std::size_t b = i * chunk, e = std::min(n, b + chunk);
+    if (b < e) pool.emplace_back([&fn, b, e] { fn(b, e); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+/// A group's parameters as floats (padding zero), OPT-like values (init_range), on the host.
+std::vector<float> host_group_values(const ParamLayout& layout, std::uint64_t seed) {
+  std::vector<float> flat(layout.total_elements(), 0.0f);
+  for (std::size_t t = 0; t < layout.num_tensors(); ++t) {
+    const auto [center, half] = init_range(layout.spec(t).name);
+    float* p = flat.data() + layout.offset(t);
+    const std::uint64_t s = seed * 1000 + t;
+    parallel_for(layout.spec(t).numel(), [&](std::size_t b, std::size_t e) {
+      for (std::size_t i = b; i < e; ++i) p[i] = uniform_value(s, i, center, half);
+    });
+  }
+  return flat;
+}
+
+/// Fills every tensor of a device view with OPT-like values, on the device.
+template <class T>
+void device_fill_group(ParamView<T> view, std::uint64_t seed, cudaStream_t s) {
+  const ParamLayout& layout = view.layout();
+  for (std::size_t t = 0; t < layout.num_tensors(); ++t) {
+    const auto [center, half] = init_range(layout.spec(t).name);
+    fill_uniform(view.tensor(t), layout.spec(t).numel(), seed * 1000 + t, center, half, s);
+  }
+}
+
+/// What a configuration measured, policy-independent parts.
+struct Measured {
+  std::vector<double> step_s, wall_s;
+  int finite = 0;
+  StepResult last;
+  std::size_t device_used_peak = 0, nvml_used_peak = 0;
+};
+
+/// Warm-up, then the timed steps: events on `stream` around each optimizer.step. `before_last`
+/// runs before the last timed step (the timeline's restart).
+template <class Optimizer, class Batch, class BeforeLast>
+Measured timed_steps(Optimizer& optimizer, const Batch& batch, cudaStream_t stream, const RunConfig& c, Env& env,
+                     BeforeLast&& before_last) {
+  Measured m;
+  for (int i = 0; i < c.warmup; ++i) m.last = optimizer.step(batch);
+  zcuda::Event a(true), b(true);
+  for (int i = 0; i < c.steps; ++i) {
+    if (i == c.steps - 1) before_last();
+    const double w0 = now_seconds();
+    a.record(stream);
+    m.last = optimizer.step(batch);
+    b.record(stream);
+    b.synchronize();
+    m.wall_s.push_back(now_seconds() - w0);
+    m.step_s.push_back(b.elapsed_ms_since(a) * 1e-3);
+    m.finite += m.last.skipped ? 0 : 1;
+    m.device_used_peak = std::max(m.device_used_peak, env.probe->cuda_used());
+    m.nvml_used_peak = std::max(m.nvml_used_peak, env.probe->nvml_used());
+  }
+  return m;
+}
+
+/// The policy-dependent numbers of a configuration line.
+struct PolicyNumbers {
+  std::size_t policy_bytes = 0;
+  double h2d_bytes_per_step = 0, d2h_bytes_per_step = 0;
+  std::size_t host_pinned_bytes = 0, block_bytes = 0, streamed_blocks = 0, resident_blocks = 0, slots = 0;
+};
+
+struct Baseline {
+  std::size_t device_used = 0, nvml_used = 0, zo2_live = 0;
+  double t0 = 0;
+};
+
+Baseline begin_config(Env& env) {
+  ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+  reset_peak_host_rss();
+  alloc_count::reset_peak();
+  Baseline b;
+  b.device_used = env.probe->cuda_used();
+  b.nvml_used = env.probe->nvml_used();
+  b.zo2_live = alloc_count::live();
+  b.t0 = now_seconds();
+  return b;
+}
+
+void print_config_line(const RunConfig& c, const Env& env, const Baseline& base, double setup_s, const Measured& m,
+                       const PolicyNumbers& p, std::size_t gemm_plans) {
+  const double params = static_cast<double>(model_params(c.model));
+  const double tokens = static_cast<double>(c.batch) * c.seq;
+  const double med = median(m.step_s);
+  const double compute_floor = 4.0 * params * tokens / (env.gemm.tflops * 1e12);
+  double pcie_floor = 0, pcie_h2d_only = 0;
+  if (p.h2d_bytes_per_step > 0 || p.d2h_bytes_per_step > 0) {
+    pcie_floor = std::max(p.h2d_bytes_per_step / (env.bw.bidir_h2d * 1e9), p.d2h_bytes_per_step / (env.bw.bidir_d2h * 1e9));
+    if (p.d2h_bytes_per_step == 0) pcie_floor = p.h2d_bytes_per_step / (env.bw.h2d * 1e9);
+    pcie_h2d_only = p.h2d_bytes_per_step / (env.bw.h2d * 1e9);
+  }
+  const double floor_s = std::max(compute_floor, pcie_floor);
+  const Reference ref = reference_for(c);
+  const double ref_s = c.policy == "resident" ? ref.mezo_gpu_s : ref.zo2_offload_s;
+
+  JsonLine line;
+  line.add("kind", "config").add("bench", "zo2_bench").add("device", env.device);
+  add_config_fields(line, c);
+  line.add("params", static_cast<std::uint64_t>(params)).add("tokens_per_step", static_cast<std::uint64_t>(tokens))
+      .add("warmup_steps", c.warmup).add("timed_steps", c.steps).add("finite_steps", m.finite)
+      .add("step_s_median", med).add("step_s_p10", quantile(m.step_s, 0.1)).add("step_s_p90", quantile(m.step_s, 0.9))
+      .add("step_s_min", quantile(m.step_s, 0.0)).add("step_s_max", quantile(m.step_s, 1.0))
+      .add("wall_s_median", median(m.wall_s)).add("tokens_per_s", tokens / med);
+  if (alloc_count::kEnabled) line.add("gpu_zo2_peak_bytes", alloc_count::peak() - base.zo2_live);
+  else line.raw("gpu_zo2_peak_bytes", "null");
+  line.add("gpu_policy_bytes", p.policy_bytes).add("gpu_device_used_peak_bytes", m.device_used_peak)
+      .add("gpu_device_used_before_bytes", base.device_used);
+  if (env.probe->nvml_available()) line.add("gpu_nvml_used_peak_bytes", m.nvml_used_peak);
+  else line.raw("gpu_nvml_used_peak_bytes", "null");
+  line.add("host_peak_rss_bytes", peak_host_rss_bytes()).add("host_rss_bytes", host_rss_bytes());
+  if (c.policy == "offload")
+    line.add("host_pinned_bytes", p.host_pinned_bytes).add("block_bytes", p.block_bytes)
+        .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots);
+  line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
+      .add("gemm_tflops", env.gemm.tflops).add("pinned_h2d_GBps", env.bw.h2d)
+      .add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d).add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h)
+      .add("compute_floor_s", compute_floor).add("pcie_floor_s", pcie_floor).add("pcie_floor_h2d_only_s", pcie_h2d_only)
+      .add("floor_s", floor_s).add("floor", pcie_floor > compute_floor ? "pcie" : "compute")
+      .add("ratio_to_floor", med / floor_s);
+  if (ref_s > 0) line.add("reference_s", ref_s).add("speedup_vs_reference", ref_s / med);
+  else line.raw("reference_s", "null");
+  if (ref.mezo_gpu_s > 0)
+    line.add("reference_mezo_gpu_s", ref.mezo_gpu_s).add("reference_zo2_offload_s", ref.zo2_offload_s)
+        .add("reference_zo2_gpu_bytes", ref.zo2_gpu_bytes).add("reference_dtype", "fp16");
+  line.add("loss_plus", m.last.loss_plus).add("loss_minus", m.last.loss_minus).add("setup_s", setup_s)
+      .add("gemm_plans", gemm_plans).add("elapsed_s", now_seconds() - env.start);
+  line.print();
+}
+
+template <class T>
+void run_resident(const RunConfig& c, Env& env) {
+  const Baseline base = begin_config(env);
+  const opt::OPTConfig config = opt::OPTConfig::preset(c.model);
+  zcuda::Stream stream;
+  // The master is drawn on the device: no host copy of the weights, no upload.
+  zcuda::CudaResident<T, T> policy(opt_model_layout(config), stream.get());
+  const ModelLayout& ml = policy.model_layout();
+  for (std::size_t g = 0; g < ml.num_groups(); ++g) device_fill_group(policy.master(GroupIndex{g}), 1 + g, stream.get());
+  opt::OPTCudaModel<T> model(config, stream.get());
+  const auto batch = model.make_batch(random_batch(c, config.vocab_size));
+  ZOConfig zc;
+  zc.lr = 1e-6, zc.eps = 1e-3, zc.seed = 7;
+  ZOOptimizer<opt::OPTCudaModel<T>, zcuda::CudaResident<T, T>> optimizer(model, policy, zc);
+  policy.synchronize();
+  const double setup_s = now_seconds() - base.t0;
+
+  const Measured m = timed_steps(optimizer, batch, stream.get(), c, env, [] {});
+  PolicyNumbers p;
+  p.policy_bytes = policy.device_bytes();
+  print_config_line(c, env, base, setup_s, m, p, model.gemm().cached_plans());
+}
+
+std::string timeline_json(const std::vector<zcuda::GroupVisitTimes>& visits) {
+  // [group, kind, resident, upload_start, upload_end, compute_start, compute_end, offload_start,
+  //  offload_end] per visit, ms from the recording's start, null where the phase did not happen.
+  const auto num = [](float v) {
+    if (std::isnan(v)) return std::string("null");
+    char b[32];
+    std::snprintf(b, sizeof b, "%.4f", v);
+    return std::string(b);
+  };
+  std::string s = "[";
+  for (std::size_t i = 0; i < visits.size(); ++i) {
+    const auto& v = visits[i];
+    s += (i ? ",[" : "[") + std::to_string(v.group) + ",\"" + v.kind + "\"," + (v.resident ? "true" : "false") + "," +
+         num(v.upload_start) + "," + num(v.upload_end) + "," + num(v.compute_start) + "," + num(v.compute_end) + "," +
+         num(v.offload_start) + "," + num(v.offload_end) + "]";
+  }
+  return s + "]";
+}
+
+template <class Codec, class T>
+void run_offload(const RunConfig& c, const Options& o, Env& env) {
+  const Baseline base = begin_config(env);
+  const opt::OPTConfig config = opt::OPTConfig::preset(c.model);
+  using Policy = zcuda::HostOffload<Codec, T>;
+  zcuda::OffloadOptions opts;
+  opts.record_timeline = o.timeline;
+  opts.gpu_memory_budget = o.gpu_budget;
+  opts.slots = o.slots;
+  opts.prefetch_depth = o.prefetch;
+  Policy policy(opt_model_layout(config), opts);
+  {
+    // Values drawn on all host threads and encoded once per group kind; every block gets the
+    // same encoded bytes (encoding billions of values on one core would take minutes, and the
+    // step's time does not depend on which values the blocks hold).
+    const ModelLayout& ml = policy.model_layout();
+    for (const GroupIndex g : {ml.prologue(), ml.epilogue(), ml.block(0)}) {
+      const std::vector<float> flat = host_group_values(ml.layout(g), 1 + g.value);
+      offload::GroupCodec<Codec> codec(ml.layout(g));
+      std::vector<unsigned char> encoded(codec.bytes());
+      codec.encode_group(flat, encoded);
+      if (g.value != ml.block(0).value) {
+        policy.set_group_encoded(g, encoded);
+        continue;
+      }
+      policy.set_group_encoded(g, encoded);  // block 0 (resident or streamed), then the rest in parallel
+      // Blocks are independent host buffers (or device masters for resident blocks); a fresh
+      // policy holds none of them in a slot, so these calls touch disjoint memory.
+      const std::size_t n = ml.num_blocks();
+      std::vector<std::thread> pool;
+      const unsigned t = std::min<unsigned>(host_threads(), 8);
+      for (unsigned k = 0; k < t; ++k)
+        pool.emplace_back([&, k] {
+          for (std::size_t i = 1 + k; i < n; i += t) policy.set_group_encoded(ml.block(i), encoded);
+        });
+      for (auto& th : pool) th.join();
+    }
+  }
+  opt::OPTCudaModel<T> model(config, policy.stream());
+  const auto batch = model.make_batch(random_batch(c, config.vocab_size));
+  ZOConfig zc;
+  zc.lr = 1e-7, zc.eps = 1e-3, zc.seed = 5;
+  ZOOptimizer<opt::OPTCudaModel<T>, Policy> optimizer(model, policy, zc);
+  policy.synchronize();
+  const double setup_s = now_seconds() - base.t0;
+
+  // Warm-up here, so the traffic counters hold the timed steps' alone.
+  for (int i = 0; i < c.warmup; ++i) optimizer.step(batch);
+  policy.synchronize();
+  policy.reset_traffic();
+  RunConfig timed = c;
+  timed.warmup = 0;
+  const Measured m = timed_steps(optimizer, batch, policy.stream(), timed, env, [&] {
+    if (o.timeline) policy.restart_timeline();
+  });
+  PolicyNumbers p;
+  p.h2d_bytes_per_step = static_cast<double>(policy.bytes_uploaded()) / c.steps;
+  p.d2h_bytes_per_step = static_cast<double>(policy.bytes_offloaded()) / c.steps;
+  p.policy_bytes = policy.plan().arena_bytes + policy.plan().table_bytes;
+  p.host_pinned_bytes = policy.plan().host_pinned_bytes;
+  p.block_bytes = policy.block_bytes();
+  p.streamed_blocks = policy.streamed_blocks();
+  p.resident_blocks = policy.resident_blocks();
+  p.slots = policy.plan().slots;
+  print_config_line(c, env, base, setup_s, m, p, model.gemm().cached_plans());
+
+  if (o.timeline) {
+    policy.end_timeline_visit();
+    const auto visits = policy.timeline().read();
+    std::fprintf(stderr, "timeline of the last timed step, %s offload codec %s dtype %s (ms from its start):\n%s\n",
+                 c.model.c_str(), c.codec.c_str(), c.dtype.c_str(), zcuda::Timeline::format(visits).c_str());
+    JsonLine line;
+    line.add("kind", "timeline").add("bench", "zo2_bench").add("device", env.device);
+    add_config_fields(line, c);
+    line.add("columns", "group,kind,resident,upload_start,upload_end,compute_start,compute_end,offload_start,offload_end")
+        .raw("visits", timeline_json(visits));
+    line.print();
+  }
+}
+
+template <class T>
+void run_offload_codec(const RunConfig& c, const Options& o, Env& env) {
+  if (c.codec == "bf16") run_offload<offload::Bf16Codec, T>(c, o, env);
+  else if (c.codec == "fp16") run_offload<offload::Fp16Codec, T>(c, o, env);
+  else if (c.codec == "int8") run_offload<offload::Int8RowCodec, T>(c, o, env);
+  else if (c.codec == "fp32") run_offload<offload::Fp32Codec, T>(c, o, env);
+  else throw Error("unknown codec " + c.codec);
+}
+
+void run_config(const RunConfig& c, const Options& o, Env& env) {
+  if (c.policy == "resident") {
+    if (c.dtype == "bf16") run_resident<bfloat16>(c, env);
+    else run_resident<float16>(c, env);
+  } else {
+    if (c.dtype == "bf16") run_offload_codec<bfloat16>(c, o, env);
+    else run_offload_codec<float16>(c, o, env);
+  }
+}
+
+/// ns per element of the host-side alternative to write-back: cpu::Perturber<bfloat16>::update
+/// (Philox z and rounding word, Box-Muller, update, stochastic rounding), one thread and all.
+void host_update_rate(const Env& env) {
+  const unsigned threads = host_threads();
+  const std::size_t n = std::size_t{1} << 22;
+  std::vector<std::vector<bfloat16>> data(threads, std::vector<bfloat16>(n, to_bfloat16(0.02f)));
+  const UpdateCoeffs u{1e-6, 1.0, 0.0};
+  double t0 = now_seconds();
+  cpu::Perturber<bfloat16>::update(data[0].data(), n, NoiseId{1, 2, 3}, u);
+  const double single = (now_seconds() - t0) / n * 1e9;
+  t0 = now_seconds();
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] { cpu::Perturber<bfloat16>::update(data[t].data(), n, NoiseId{1, 2, 3 + t}, u); });
+  for (auto& th : pool) th.join();
+  const double all = (now_seconds() - t0) / (static_cast<double>(n) * threads) * 1e9;
+  JsonLine().add("kind", "host_update").add("bench", "zo2_bench").add("device", env.device)
+      .add("host_threads", threads).add("ns_per_elem_1thread", single).add("ns_per_elem_all_threads", all)
+      .add("s_per_step_opt6.7b_all_threads", 6.658e9 * all * 1e-9)
+      .add("bf16_copy_s_per_step_opt6.7b_h2d", 6.658e9 * 2 / (env.bw.h2d * 1e9)).print();
+}
+
+std::string today() {
+  const std::time_t t = std::time(nullptr);
+  char b[32];
+  std::strftime(b, sizeof b, "%Y-%m-%d", std::gmtime(&t));
+  return b;
+}
+
+void print_planned(const Plan& plan) {
+  for (const RunConfig& c : plan.configs) {
+    JsonLine line;
+    line.add("kind", "planned");
+    add_config_fields(line, c);
+    line.add("params", model_params(c.model)).add("warmup_steps", c.warmup).add("timed_steps", c.steps);
+    // The estimate at H100-like rates (790 TFLOP/s, 48 GB/s concurrent H2D).
+    line.add("estimate_s_h100", estimate_seconds(c, 790, 48)).print();
+  }
+  for (const Skipped& s : plan.skipped) {
+    JsonLine line;
+    line.add("kind", "skipped");
+    add_config_fields(line, s.config);
+    line.add("why", s.why).print();
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  try {
+    o = parse_options(argc, argv);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "zo2_bench: %s\n", e.what());
+    return 2;
+  }
+  if (o.help) {
+    std::fputs(usage_text(), stdout);
+    return 0;
+  }
+  Plan plan;
+  try {
+    plan = expand(o, host_available_bytes());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "zo2_bench: %s\n", e.what());
+    return 2;
+  }
+  if (o.list) {
+    print_planned(plan);
+    return 0;
+  }
+
+  int count = 0;
+  const cudaError_t probe = cudaGetDeviceCount(&count);
+  if (probe != cudaSuccess || count == 0) {
+    std::fprintf(stderr,
+                 "zo2_bench: no CUDA device (cudaGetDeviceCount: %s, %d devices); it measures the GPU engine and "
+                 "needs an NVIDIA GPU. `zo2_bench --list` shows what it would run.\n",
+                 probe == cudaSuccess ? "no error" : cudaGetErrorString(probe), count);
+    return 3;
+  }
+
+  int failures = 0;
+  try {
+    Env env;
+    env.start = now_seconds();
+    ZO2_CUDA_CHECK(cudaGetDevice(&env.device_index));
+    cudaDeviceProp prop{};
+    ZO2_CUDA_CHECK(cudaGetDeviceProperties(&prop, env.device_index));
+    env.device = prop.name;
+    env.probe = std::make_unique<DeviceMemoryProbe>(env.device_index);
+    {
+      zcuda::Stream s;
+      env.gemm = measure_gemm_rate(s.get());
+    }
+    env.bw = measure_pinned_bandwidth();
+    int driver = 0, runtime = 0;
+    cudaDriverGetVersion(&driver);
+    cudaRuntimeGetVersion(&runtime);
+    JsonLine().add("kind", "env").add("bench", "zo2_bench").add("device", env.device).add("date", today())
+        .add("sms", prop.multiProcessorCount).add("gpu_memory_bytes", prop.totalGlobalMem)
+        .add("cuda_driver", driver).add("cuda_runtime", runtime).add("gemm_n", env.gemm.n)
+        .add("gemm_ms", env.gemm.ms).add("gemm_tflops", env.gemm.tflops).add("pinned_h2d_GBps", env.bw.h2d)
+        .add("pinned_d2h_GBps", env.bw.d2h).add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d)
+        .add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h).add("host_memory_bytes", host_total_bytes())
+        .add("host_available_bytes", host_available_bytes()).add("host_threads", std::thread::hardware_concurrency())
+        .add("nvml", env.probe->nvml_available()).add("zo2_alloc_counting", alloc_count::kEnabled)
+        .add("set", o.set.empty() ? std::string("explicit") : o.set).print();
+    if (o.extras) host_update_rate(env);
+
+    for (const Skipped& s : plan.skipped) {
+      JsonLine line;
+      line.add("kind", "skipped").add("bench", "zo2_bench").add("device", env.device);
+      add_config_fields(line, s.config);
+      line.add("why", s.why).print();
+    }
+    for (const RunConfig& c : plan.configs) {
+      const double elapsed = now_seconds() - env.start;
+      const double estimate = estimate_seconds(c, env.gemm.tflops, env.bw.bidir_h2d);
+      if (o.deadline_s > 0 && elapsed + estimate > o.deadline_s) {
+        JsonLine line;
+        line.add("kind", "skipped").add("bench", "zo2_bench").add("device", env.device);
+        add_config_fields(line, c);
+        line.add("why", "deadline").add("elapsed_s", elapsed).add("estimate_s", estimate)
+            .add("deadline_s", o.deadline_s).print();
+        continue;
+      }
+      std::fprintf(stderr, "zo2_bench: %s %s codec %s dtype %s (estimate %.0f s, elapsed %.0f s)\n", c.model.c_str(),
+                   c.policy.c_str(), c.codec.c_str(), c.dtype.c_str(), estimate, elapsed);
+      try {
+        run_config(c, o, env);
+      } catch (const std::exception& e) {
+        ++failures;
+        JsonLine line;
+        line.add("kind", "error").add("bench", "zo2_bench").add("device", env.device);
+        add_config_fields(line, c);
+        line.add("what", e.what()).print();
+        cudaGetLastError();  // a sticky error stays; a recoverable one (out of memory) is cleared
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "zo2_bench: %s\n", e.what());
+    return 1;
+  }
+  return failures ? 1 : 0;
+}
