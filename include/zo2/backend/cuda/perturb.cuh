@@ -10,7 +10,10 @@
 // Why the results match the CPU: the per-element arithmetic is core/zo_element.hpp's and the
 // noise is core/philox.hpp's, the same inline functions the CPU perturber calls. The Philox
 // words, hence the stochastic-rounding bits, are bit-identical; z differs from the host's only
-// by device libm (logf, sincosf) ulps, and float results by that and FMA contraction.
+// by device libm (logf, sincosf) ulps, and float results by that and FMA contraction. Where the
+// noise feeds only 16-bit values (the update of 16-bit storage, 16-bit plus/minus), z comes from
+// box_muller_fast below instead (opt-in, ZO2_CUDA_FAST_NOISE): the same words, within ~1.3e-6 of
+// the radius of the host's z.
 //
 // Each thread takes whole 16-byte vectors: 4 elements (one Philox quad) for fp32 storage, 8 (two
 // quads) for 16-bit storage, so every Philox call serves 4 elements and no quad is split across
@@ -19,6 +22,7 @@
 // elements are written (the padding of theta, plus and minus is never touched, as on the CPU).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -36,6 +40,12 @@
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
 #include <zo2/optim/step_types.hpp>
+
+/// 1: the 16-bit passes use box_muller_fast and the hardware's float -> bf16 (see
+/// fast_noise_for_v below). Work in progress, 0 until verified on a GPU.
+#ifndef ZO2_CUDA_FAST_NOISE
+#define ZO2_CUDA_FAST_NOISE 0
+#endif
 
 namespace zo2::cuda {
 
@@ -124,8 +134,9 @@ ZO2_HD ZO2_FORCEINLINE T to_output(C v) {
   else return static_cast<T>(v);
 }
 
-/// load() and to_output() on the device. fp16 <-> float conversions use the hardware's: exact
-/// (fp16 -> float) or IEEE round-to-nearest-even (float -> fp16), so bit-identical to
+/// load() and to_output() on the device. fp16 <-> float (and float -> bf16 under
+/// ZO2_CUDA_FAST_NOISE) conversions use the hardware's: exact (fp16 -> float) or IEEE
+/// round-to-nearest-even (float -> fp16 / bf16), so bit-identical to
 /// half_types.hpp's software conversions for every non-NaN value (tests/cuda checks all of them),
 /// at a fraction of the instructions. NaN payloads may differ.
 template <class X>
@@ -136,8 +147,76 @@ __device__ ZO2_FORCEINLINE compute_t<X> load_device(X x) {
 template <class T, class C>
 __device__ ZO2_FORCEINLINE T to_output_device(C v) {
   if constexpr (std::is_same_v<T, float16>) return float16{__half_as_ushort(__float2half_rn(static_cast<float>(v)))};
+  else if constexpr (std::is_same_v<T, bfloat16> && ZO2_CUDA_FAST_NOISE != 0) return bfloat16{__bfloat16_as_ushort(__float2bfloat16_rn(static_cast<float>(v)))};
   else return to_output<T>(v);
 }
+
+/// Box-Muller on the special-function unit, for noise that only ever feeds a 16-bit result.
+///
+/// The words, u1 and u2 are exactly box_muller's (core/philox.hpp); only log, sqrt, sin and
+/// cos are approximations: MUFU.LG2 (where |ln u1| is not small), MUFU.SQRT, MUFU.SIN/COS. The
+/// precise functions cost about 75 instructions per pair (logf's polynomial, sqrtf's Newton
+/// step, sincosf's Cody-Waite reduction with a Payne-Hanek fallback), which made the 16-bit fused
+/// pass compute-bound; these cost about 25.
+///
+/// Accuracy against the host's z (derivation; tests/cuda/test_perturb_kernels.cu measures it):
+/// - -2 ln u1: lg2.approx has an absolute error of 2^-22 near 1, so for u1 >= 0.75 (where that
+///   would be a large relative error of a small radius) ln u1 = -2 atanh(s), s = w / (2 - w),
+///   w = 1 - u1 (exact for u1 in [0.5, 1]), s <= 1/7, by its series to s^9 (truncation < 1e-9
+///   relative); below 0.75, |log2 u1| >= 0.415 and lg2.approx is within ~6e-7 relative.
+///   The radius r is then within ~4e-7 relative.
+/// - sin/cos: of 2 pi (u2 - 1/2) in [-pi, pi) (sin.approx's documented range), negated: absolute
+///   error ~2^-21.4, plus the host's own rounding of 2 pi u2 (<= 2.4e-7 rad).
+/// So |z_fast - z_host| <= ~1.3e-6 r, r = sqrt(z0^2 + z1^2) of the pair. Relative to 2^-8
+/// (bf16) or 2^-11 (fp16), the resolution of every value this noise reaches, that is nothing;
+/// where a float result is written (fp32 storage or outputs) the kernels keep box_muller.
+__device__ ZO2_FORCEINLINE void box_muller_fast(std::uint32_t a, std::uint32_t b, float& z0, float& z1) {
+  constexpr float kTwoPow32Inv = 2.3283064365386963e-10f;  // 2^-32, as box_muller
+  constexpr float kTwoPi = 6.283185307179586f;
+  const float u1_raw = (static_cast<float>(a) + 1.0f) * kTwoPow32Inv;
+  const float u1 = u1_raw < 1.0f ? u1_raw : 1.0f;
+  const float u2 = static_cast<float>(b) * kTwoPow32Inv;
+  // -2 ln u1
+  const float w = 1.0f - u1;
+  const float s = __fdividef(w, 2.0f - w);
+  const float t = s * s;
+  const float series = fmaf(t, fmaf(t, fmaf(t, fmaf(t, 1.0f / 9.0f, 1.0f / 7.0f), 1.0f / 5.0f), 1.0f / 3.0f), 1.0f);
+  const float y_near_one = 4.0f * s * series;                      // -2 ln u1 = 4 atanh(s)
+  const float y_far = -1.3862943611198906f * __log2f(u1);          // -2 ln 2 log2 u1
+  const float y = u1 >= 0.75f ? y_near_one : y_far;
+  float r;
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(y));
+  float sn, cs;
+  __sincosf(kTwoPi * (u2 - 0.5f), &sn, &cs);  // = (-sin, -cos) of 2 pi u2
+  z0 = -r * cs;
+  z1 = -r * sn;
+}
+
+/// The four normals of a quad: box_muller_fast (Fast) or core's normal4.
+template <bool Fast>
+__device__ ZO2_FORCEINLINE Normal4 noise4(std::uint64_t seed, std::uint32_t step, std::uint32_t tensor,
+                                          std::uint64_t quad) {
+  if constexpr (Fast) {
+    const Philox4x32 w = philox_words(seed, step, tensor, quad);
+    Normal4 n;
+    box_muller_fast(w.v[0], w.v[1], n.z[0], n.z[1]);
+    box_muller_fast(w.v[2], w.v[3], n.z[2], n.z[3]);
+    return n;
+  } else {
+    return normal4(seed, step, tensor, quad);
+  }
+}
+
+/// Whether a pass uses box_muller_fast: where its noise is rounded to a 16-bit format before
+/// anyone sees it (the update's and the in-place perturbation's when S is 16-bit; plus/minus/into's
+/// when T is), and only when ZO2_CUDA_FAST_NOISE is 1 (with it, 16-bit outputs also convert
+/// through the hardware's float -> bf16). WORK IN PROGRESS, off by default: written and compiled
+/// (SASS: the bf16 fused pass drops from 2560 to 1256 instructions, no local memory) but not yet
+/// run on a GPU; turn it on by default once tests/cuda/test_perturb_kernels.cu,
+/// test_cuda_resident.cu, test_opt_cuda.cu and test_host_offload.cu pass with -DZO2_CUDA_FAST_NOISE=1.
+template <class X>
+inline constexpr bool fast_noise_for_v =
+    ZO2_CUDA_FAST_NOISE != 0 && (std::is_same_v<X, bfloat16> || std::is_same_v<X, float16>);
 
 /// Loads N values of 2 or 4 bytes from a 16-byte aligned address with 16-byte loads, all issued
 /// before any is used.
@@ -208,9 +287,10 @@ __device__ ZO2_FORCEINLINE void perturb_vector(S* th, T* out0, T* out1, S (&s)[V
   float zn[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) tv[k] = load_device(s[k]);
+  constexpr bool kFast = op == Op::kPerturbInPlace ? fast_noise_for_v<S> : fast_noise_for_v<T>;
 #pragma unroll
   for (int q = 0; q < V / 4; ++q) {
-    const Normal4 z = normal4(a.seed, a.step, id, q0 + q);
+    const Normal4 z = noise4<kFast>(a.seed, a.step, id, q0 + q);
 #pragma unroll
     for (int k = 0; k < 4; ++k) zn[4 * q + k] = z.z[k];
   }
@@ -282,7 +362,7 @@ __global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ t
       if (op == Op::kUpdate || (op == Op::kUpdateAndPerturb && a.has_update)) {
 #pragma unroll
         for (int q = 0; q < Q; ++q) {
-          const Normal4 z = normal4(a.seed, a.update_step, id, q0 + q);
+          const Normal4 z = noise4<fast_noise_for_v<S>>(a.seed, a.update_step, id, q0 + q);
           Philox4x32 bits{};
           if constexpr (kRounds16) bits = philox_words(a.seed, a.update_step, id | kRoundingStream, q0 + q);
 #pragma unroll

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include <zo2/backend/cuda/attention.cuh>
+#include <zo2/backend/cuda/flash_attention.cuh>
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/cross_entropy.cuh>
 #include <zo2/backend/cuda/embedding.cuh>
@@ -74,6 +75,10 @@ struct OPTCudaOptions {
   bool allow_tf32 = false;
   /// Q, K and V as one strided-batched GEMM of 3 when the layout allows it.
   bool fused_qkv = true;
+  /// Causal attention by the fused flash kernel (flash_attention.cuh: bf16/fp16, head_dim 64 or
+  /// 128; other cases take the materialized path regardless). Off by default until the kernel has
+  /// passed tests/cuda/test_flash_attention.cu on a GPU (work in progress: not yet run there).
+  bool flash_attention = false;
 };
 
 template <class T>
@@ -284,9 +289,10 @@ class OPTCudaModel {
     T* k = q + n_hidden;
     T* v = k + n_hidden;
     project_qkv(params, attn_in, q, k, v, tokens);
-    cuda::causal_attention<T>(*gemm_, q, k, v, in.key_mask, ws.context.data(), static_cast<std::int64_t>(in.batch),
-                              static_cast<std::int64_t>(in.seq), config_.num_attention_heads, config_.head_dim(),
-                              ws.attention, stream_);
+    cuda::causal_attention_dispatch<T>(*gemm_, q, k, v, in.key_mask, ws.context.data(),
+                                       static_cast<std::int64_t>(in.batch), static_cast<std::int64_t>(in.seq),
+                                       config_.num_attention_heads, config_.head_dim(), ws.attention, stream_,
+                                       options_.flash_attention);
     gemm_->linear<T>(ws.context.data(), tensor(blk_.o_w), tensor(blk_.o_b), ws.residual.data(), tokens, hidden, hidden,
                      stream_, false, x);
     if (!pre_ln)

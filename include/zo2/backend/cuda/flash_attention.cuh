@@ -1,0 +1,363 @@
+// zo2/backend/cuda/flash_attention.cuh -- fused causal attention (flash-attention style) for
+// 16-bit activations laid out [tokens, heads * head_dim], with HF eager semantics.
+//
+// WORK IN PROGRESS: compiled for sm_90 (SASS: 128 HMMA per key tile at D = 128, 180 registers,
+// no local memory) but NOT YET RUN ON A GPU; OPTCudaOptions::flash_attention is off until
+// tests/cuda/test_flash_attention.cu passes there.
+//
+// Why: attention.cuh materializes the scores [heads, seq, seq] in T, softmaxes them in place and
+// multiplies by V: three passes over heads * seq^2 elements (at seq 2048, 6.7B: 0.5 ms per layer,
+// 69 TFLOP/s). Here one block takes 64 queries of one head of one sequence and walks the key
+// tiles that the causal mask leaves visible (tiles past the block's last query are never
+// loaded), keeping a running max and sum per query row (online softmax, fp32) and the output in
+// fp32 registers; scores and probabilities never leave the chip.
+//
+// The kernel: 4 warps, 16 query rows each, head_dim D in {64, 128}. Q, K and V tiles (64 rows)
+// go to shared memory with cp.async (16 bytes per thread, rows XOR-swizzled by 16-byte chunk so
+// ldmatrix reads are conflict-free); V of tile j loads while Q K_j^T runs, K of tile j+1 while
+// P V_j runs. Q K^T and P V are mma.sync m16n8k16 (bf16 or fp16 in, fp32 accumulate) fed by
+// ldmatrix (V through ldmatrix.trans); P goes from the score accumulators to the A operand in
+// registers. Blocks run the heaviest (last) query tiles first.
+//
+// Semantics (as attention.cuh, HF eager): query i attends to keys j <= i with key_mask[j] = 1.
+// A query with no visible key (i before the sequence's first unmasked key) gets the flat
+// average of V over all seq keys: the kernel leaves its row zero (running sum 0) and
+// attention_fix_masked_rows (attention.cuh) overwrites it, as the materialized path does.
+//
+// Numerics: scores in fp32 (the materialized path rounds them to T first), P rounded to T for
+// the P V product (as every flash kernel), output rounded once. Other head dims and fp32 go to
+// causal_attention (causal_attention_dispatch below).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include <zo2/backend/cuda/attention.cuh>
+#include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/gemm.cuh>
+#include <zo2/core/error.hpp>
+
+namespace zo2::cuda {
+
+namespace detail {
+
+inline constexpr int kFlashRows = 64;     // queries per block (16 per warp)
+inline constexpr int kFlashKeys = 64;     // keys per tile
+inline constexpr int kFlashThreads = 128;
+
+__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+/// 16 bytes global -> shared, asynchronously; zeros when !valid (src must still be a valid address).
+__device__ __forceinline__ void cp_async_16(std::uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+/// d += a b for one m16n8k16 tile: a row-major 16x16, b "col" 16x8, fp32 accumulators.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                          std::uint32_t b1) {
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+/// Two floats as one register of two T (lo in the low half), round to nearest.
+template <class T>
+__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const std::uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const std::uint32_t*>(&h);
+  }
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/// Element offset of 16-byte chunk c of row r in a [rows, D] tile, chunks XOR-swizzled by r % 8.
+template <int D>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+/// Grid (query tiles, heads, batch); block 128 threads. q, k, v, out: [batch * seq, ld] with head
+/// h in columns [h D, (h + 1) D); scale_log2 = log2(e) / sqrt(D).
+template <class T, int D>
+__global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const std::uint8_t* __restrict__ key_mask, T* __restrict__ out, int seq, int ld, float scale_log2) {
+  constexpr int BM = kFlashRows, BN = kFlashKeys, kChunks = D / 8, kDSteps = D / 16, kNTiles = BN / 8,
+                kOTiles = D / 8;
+  extern __shared__ __align__(128) unsigned char flash_smem[];
+  T* sq = reinterpret_cast<T*>(flash_smem);
+  T* sk = sq + BM * D;
+  T* sv = sk + BN * D;
+  __shared__ std::uint8_t smask[2][BN];  // 1 = key visible by the padding mask and inside seq
+
+  const int num_m_tiles = (seq + BM - 1) / BM;
+  const int m_tile = num_m_tiles - 1 - static_cast<int>(blockIdx.x);  // heaviest first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int m0 = m_tile * BM;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const std::int64_t seq_row0 = static_cast<std::int64_t>(b) * seq;
+  const std::int64_t col0 = static_cast<std::int64_t>(h) * D;
+  const std::uint8_t* mask = key_mask ? key_mask + seq_row0 : nullptr;
+
+  auto load_tile = [&](T* dst, const T* src, int r0) {
+#pragma unroll
+    for (int i = tid; i < 64 * kChunks; i += kFlashThreads) {
+      const int row = i / kChunks, c = i % kChunks;
+      const int gr = r0 + row;
+      const bool ok = gr < seq;
+      const T* p = src + (seq_row0 + (ok ? gr : 0)) * ld + col0 + c * 8;
+      cp_async_16(smem_addr(dst + swizzled<D>(row, c)), p, ok);
+    }
+  };
+  auto load_mask = [&](int buf, int n0) {
+    if (tid < BN) {
+      const int j = n0 + tid;
+      smask[buf][tid] = static_cast<std::uint8_t>(j < seq && (mask == nullptr || mask[j] != 0));
+    }
+  };
+
+  const int n_tiles = m_tile + 1;  // BM == BN: key tiles 0 .. m_tile hold every key <= the block's last query
+  load_tile(sq, q, m0);
+  load_tile(sk, k, 0);
+  load_mask(0, 0);
+  cp_async_commit();
+
+  std::uint32_t qf[kDSteps][4];
+  float o[kOTiles][4];
+#pragma unroll
+  for (int i = 0; i < kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const int q_row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int n0 = j * BN;
+    cp_async_wait<0>();
+    __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
+    if (j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk)
+        ldmatrix_x4(qf[kk], smem_addr(sq + swizzled<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+    }
+    load_tile(sv, v, n0);
+    cp_async_commit();
+
+    // S = Q K_j^T: 16 x 64 per warp, as 8 tiles of m16n8.
+    float s[kNTiles][4];
+#pragma unroll
+    for (int i = 0; i < kNTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kDSteps; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        std::uint32_t bk[4];
+        const int row = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(bk, smem_addr(sk + swizzled<D>(row, kk * 2 + ((lane >> 3) & 1))));
+        mma_16816<T>(s[2 * np], qf[kk], bk[0], bk[1]);
+        mma_16816<T>(s[2 * np + 1], qf[kk], bk[2], bk[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with K_j
+    if (j + 1 < n_tiles) {
+      load_tile(sk, k, n0 + BN);
+      load_mask((j + 1) & 1, n0 + BN);
+    }
+    cp_async_commit();
+
+    // Mask, then the online softmax (log2 units) of rows g and g + 8.
+    const bool diagonal = j == m_tile;
+    const std::uint8_t* tile_mask = smask[j & 1];
+    // Off the diagonal with no padding mask every key is visible (keys >= seq only exist in the
+    // last tile, which is the diagonal of the only block that reaches it).
+    if (diagonal || mask != nullptr)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key_local = nt * 8 + 2 * t4 + (e & 1);
+        const int key = n0 + key_local;
+        const bool visible = tile_mask[key_local] != 0 && (!diagonal || key <= q_row[e >> 1]);
+        if (!visible) s[nt][e] = -INFINITY;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // Scores are raw (unscaled); scale > 0 keeps the order. A row with nothing visible yet
+      // keeps max -inf: use 0 there so exp2(-inf - 0) = 0 and no inf - inf appears.
+      const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
+      const float alpha = fast_exp2(row_max[r] == -INFINITY ? -INFINITY : row_max[r] * scale_log2 - m_scaled);
+      row_max[r] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        const float p0 = fast_exp2(fmaf(s[nt][2 * r], scale_log2, -m_scaled));
+        const float p1 = fast_exp2(fmaf(s[nt][2 * r + 1], scale_log2, -m_scaled));
+        s[nt][2 * r] = p0;
+        s[nt][2 * r + 1] = p1;
+        sum += p0 + p1;
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot) {
+        o[ot][2 * r] *= alpha;
+        o[ot][2 * r + 1] *= alpha;
+      }
+    }
+
+    cp_async_wait<1>();
+    __syncthreads();  // V_j landed (K_{j+1} may still be in flight)
+
+    // O += P V_j: P (16 x 64) from the score registers, 4 steps of 16 keys.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      std::uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < kOTiles / 2; ++dp) {
+        std::uint32_t bv[4];
+        const int row = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        ldmatrix_x4_trans(bv, smem_addr(sv + swizzled<D>(row, dp * 2 + (lane >> 4))));
+        mma_16816<T>(o[2 * dp], a, bv[0], bv[1]);
+        mma_16816<T>(o[2 * dp + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Normalize and store; rows with no visible key stay zero here (fixed up after the launch).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const int row = q_row[r];
+    if (row < seq) {
+      T* dst = out + (seq_row0 + row) * ld + col0 + 2 * t4;
+#pragma unroll
+      for (int ot = 0; ot < kOTiles; ++ot)
+        *reinterpret_cast<std::uint32_t*>(dst + ot * 8) = pack2<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
+    }
+  }
+}
+
+template <class T, int D>
+void launch_flash_attention(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context,
+                            std::int64_t batch, std::int64_t seq, std::int64_t heads, cudaStream_t stream) {
+  constexpr int kSmem = (kFlashRows + 2 * kFlashKeys) * D * static_cast<int>(sizeof(T));
+  static const bool configured = [] {
+    ZO2_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(static_cast<unsigned>((seq + kFlashRows - 1) / kFlashRows), static_cast<unsigned>(heads),
+                  static_cast<unsigned>(batch));
+  const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(D)));
+  flash_attention_kernel<T, D><<<grid, kFlashThreads, kSmem, stream>>>(
+      q, k, v, key_mask, context, static_cast<int>(seq), static_cast<int>(heads * D), scale_log2);
+  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::flash_attention_kernel");
+}
+
+}  // namespace detail
+
+/// Whether flash_causal_attention takes these arguments: T bf16 or fp16, head_dim 64 or 128,
+/// 16-byte aligned q, k, v, context, and seq, heads within the grid's limits.
+template <class T>
+bool flash_attention_supported(std::int64_t head_dim, std::int64_t seq, std::int64_t heads, std::int64_t batch,
+                               const void* q, const void* k, const void* v, const void* context) {
+  if constexpr (!std::is_same_v<T, bfloat16> && !std::is_same_v<T, float16>) {
+    return false;
+  } else {
+    auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+    return (head_dim == 64 || head_dim == 128) && aligned(q) && aligned(k) && aligned(v) && aligned(context) &&
+           seq > 0 && seq < (1ll << 30) && heads > 0 && heads <= 65535 && batch > 0 && batch <= 65535;
+  }
+}
+
+/// context = causal attention(q, k, v) with key_mask (null: none), as causal_attention computes it
+/// (same layout and semantics), by the fused kernel. Throws if !flash_attention_supported.
+template <class T>
+void flash_causal_attention(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context,
+                            std::int64_t batch, std::int64_t seq, std::int64_t heads, std::int64_t head_dim,
+                            cudaStream_t stream) {
+  if (!flash_attention_supported<T>(head_dim, seq, heads, batch, q, k, v, context))
+    throw ShapeError("flash_causal_attention: needs bf16/fp16, head_dim 64 or 128 (got " + std::to_string(head_dim) +
+                     ") and 16-byte aligned buffers");
+  if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
+    if (head_dim == 64) detail::launch_flash_attention<T, 64>(q, k, v, key_mask, context, batch, seq, heads, stream);
+    else detail::launch_flash_attention<T, 128>(q, k, v, key_mask, context, batch, seq, heads, stream);
+    if (key_mask) {
+      const std::int64_t hidden = heads * head_dim;
+      for (std::int64_t b = 0; b < batch; ++b)
+        attention_fix_masked_rows<T>(v + b * seq * hidden, key_mask + b * seq, context + b * seq * hidden, seq, hidden,
+                                     stream);
+    }
+  }
+}
+
+/// The fused kernel where it applies and `use_flash`, the materialized causal_attention otherwise.
+/// Returns whether the fused kernel ran.
+template <class T>
+bool causal_attention_dispatch(Gemm& gemm, const T* q, const T* k, const T* v, const std::uint8_t* key_mask,
+                               T* context, std::int64_t batch, std::int64_t seq, std::int64_t heads,
+                               std::int64_t head_dim, AttentionScratch<T>& scratch, cudaStream_t stream,
+                               bool use_flash = true) {
+  if (use_flash && flash_attention_supported<T>(head_dim, seq, heads, batch, q, k, v, context)) {
+    flash_causal_attention<T>(q, k, v, key_mask, context, batch, seq, heads, head_dim, stream);
+    return true;
+  }
+  causal_attention<T>(gemm, q, k, v, key_mask, context, batch, seq, heads, head_dim, scratch, stream);
+  return false;
+}
+
+}  // namespace zo2::cuda
