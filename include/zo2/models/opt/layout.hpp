@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 
+#include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/models/opt/config.hpp>
 
@@ -66,6 +67,50 @@ inline ParamLayout epilogue_layout(const OPTConfig& c) {
 
 /// Number of trainable parameters (padding excluded), as transformers counts them with tied
 /// embeddings: model.num_parameters().
+/// Where each tensor sits in its group's layout (ParamLayout::npos for the ones a config lacks:
+/// biases without enable_bias, LayerNorm parameters without elementwise affine, project_in/out
+/// without a projection). The CPU and CUDA models both read parameters through these.
+struct PrologueTensors {
+  std::size_t embed_tokens, embed_positions, project_in;
+};
+struct BlockTensors {
+  std::size_t q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln1_w, ln1_b, fc1_w, fc1_b, fc2_w, fc2_b, ln2_w, ln2_b;
+};
+struct EpilogueTensors {
+  std::size_t final_ln_weight, final_ln_bias, project_out;
+};
+struct TensorIndex {
+  PrologueTensors prologue;
+  BlockTensors block;
+  EpilogueTensors epilogue;
+};
+
+inline TensorIndex tensor_index(const ParamLayout& prologue, const ParamLayout& b, const ParamLayout& epilogue) {
+  return {{prologue.find("embed_tokens.weight"), prologue.find("embed_positions.weight"),
+           prologue.find("project_in.weight")},
+          {b.find("self_attn.q_proj.weight"), b.find("self_attn.q_proj.bias"),
+           b.find("self_attn.k_proj.weight"), b.find("self_attn.k_proj.bias"),
+           b.find("self_attn.v_proj.weight"), b.find("self_attn.v_proj.bias"),
+           b.find("self_attn.out_proj.weight"), b.find("self_attn.out_proj.bias"),
+           b.find("self_attn_layer_norm.weight"), b.find("self_attn_layer_norm.bias"),
+           b.find("fc1.weight"), b.find("fc1.bias"), b.find("fc2.weight"), b.find("fc2.bias"),
+           b.find("final_layer_norm.weight"), b.find("final_layer_norm.bias")},
+          {epilogue.find("final_layer_norm.weight"), epilogue.find("final_layer_norm.bias"),
+           epilogue.find("project_out.weight")}};
+}
+
+/// A forward was handed a group laid out for another configuration (or none at all): name the
+/// model and the group.
+template <class T>
+void check_group_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* model,
+                        const char* group) {
+  if (params.data() == nullptr && expected.total_elements() != 0)
+    throw ShapeError(std::string(model) + ": no parameters given for the " + group);
+  if (params.data() != nullptr && !(params.layout() == expected))
+    throw ShapeError(std::string(model) + ": the " + group +
+                     " parameters were laid out for a different OPT configuration");
+}
+
 inline std::size_t parameter_count(const OPTConfig& c) {
   auto count = [](const ParamLayout& l) {
     std::size_t n = 0;

@@ -96,21 +96,10 @@ class OPTModel {
     block_layout_ = opt::block_layout(config_);
     epilogue_layout_ = opt::epilogue_layout(config_);
     activation_ = kernels::parse_activation(config_.activation_function);
-    auto index = [](const ParamLayout& l, const char* name) { return l.find(name); };
-    pro_.embed_tokens = index(prologue_layout_, "embed_tokens.weight");
-    pro_.embed_positions = index(prologue_layout_, "embed_positions.weight");
-    pro_.project_in = index(prologue_layout_, "project_in.weight");
-    const ParamLayout& b = block_layout_;
-    blk_ = {index(b, "self_attn.q_proj.weight"),   index(b, "self_attn.q_proj.bias"),
-            index(b, "self_attn.k_proj.weight"),   index(b, "self_attn.k_proj.bias"),
-            index(b, "self_attn.v_proj.weight"),   index(b, "self_attn.v_proj.bias"),
-            index(b, "self_attn.out_proj.weight"), index(b, "self_attn.out_proj.bias"),
-            index(b, "self_attn_layer_norm.weight"), index(b, "self_attn_layer_norm.bias"),
-            index(b, "fc1.weight"), index(b, "fc1.bias"), index(b, "fc2.weight"), index(b, "fc2.bias"),
-            index(b, "final_layer_norm.weight"), index(b, "final_layer_norm.bias")};
-    epi_.final_ln_weight = index(epilogue_layout_, "final_layer_norm.weight");
-    epi_.final_ln_bias = index(epilogue_layout_, "final_layer_norm.bias");
-    epi_.project_out = index(epilogue_layout_, "project_out.weight");
+    const TensorIndex tensors = tensor_index(prologue_layout_, block_layout_, epilogue_layout_);
+    pro_ = tensors.prologue;
+    blk_ = tensors.block;
+    epi_ = tensors.epilogue;
   }
 
   const OPTConfig& config() const { return config_; }
@@ -305,22 +294,8 @@ class OPTModel {
   }
 
  private:
-  struct PrologueTensors {
-    std::size_t embed_tokens, embed_positions, project_in;
-  };
-  struct BlockTensors {
-    std::size_t q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln1_w, ln1_b, fc1_w, fc1_b, fc2_w, fc2_b, ln2_w, ln2_b;
-  };
-  struct EpilogueTensors {
-    std::size_t final_ln_weight, final_ln_bias, project_out;
-  };
-
   static void check_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* group) {
-    if (params.data() == nullptr && expected.total_elements() != 0)
-      throw ShapeError(std::string("OPTModel: no parameters given for the ") + group);
-    if (params.data() != nullptr && !(params.layout() == expected))
-      throw ShapeError(std::string("OPTModel: the ") + group +
-                       " parameters were laid out for a different OPT configuration");
+    check_group_layout(params, expected, "OPTModel", group);
   }
 
   void validate_inputs(const Batch& batch) const {

@@ -125,19 +125,11 @@ class OPTCudaModel {
     epilogue_layout_ = opt::epilogue_layout(config_);
     const std::string& a = config_.activation_function;
     act_ = a == "gelu" ? cuda_detail::Act::gelu : a == "gelu_new" ? cuda_detail::Act::gelu_tanh : cuda_detail::Act::relu;
-    auto index = [](const ParamLayout& l, const char* name) { return l.find(name); };
-    pro_ = {index(prologue_layout_, "embed_tokens.weight"), index(prologue_layout_, "embed_positions.weight"),
-            index(prologue_layout_, "project_in.weight")};
+    const TensorIndex tensors = tensor_index(prologue_layout_, block_layout_, epilogue_layout_);
+    pro_ = tensors.prologue;
+    blk_ = tensors.block;
+    epi_ = tensors.epilogue;
     const ParamLayout& b = block_layout_;
-    blk_ = {index(b, "self_attn.q_proj.weight"),   index(b, "self_attn.q_proj.bias"),
-            index(b, "self_attn.k_proj.weight"),   index(b, "self_attn.k_proj.bias"),
-            index(b, "self_attn.v_proj.weight"),   index(b, "self_attn.v_proj.bias"),
-            index(b, "self_attn.out_proj.weight"), index(b, "self_attn.out_proj.bias"),
-            index(b, "self_attn_layer_norm.weight"), index(b, "self_attn_layer_norm.bias"),
-            index(b, "fc1.weight"), index(b, "fc1.bias"), index(b, "fc2.weight"), index(b, "fc2.bias"),
-            index(b, "final_layer_norm.weight"), index(b, "final_layer_norm.bias")};
-    epi_ = {index(epilogue_layout_, "final_layer_norm.weight"), index(epilogue_layout_, "final_layer_norm.bias"),
-            index(epilogue_layout_, "project_out.weight")};
     // Q, K, V weights (and biases) at one fixed distance: one GEMM of batch 3.
     const std::int64_t dw = static_cast<std::int64_t>(b.offset(blk_.k_w)) - static_cast<std::int64_t>(b.offset(blk_.q_w));
     qkv_weight_stride_ = dw;
@@ -398,22 +390,8 @@ class OPTCudaModel {
   }
 
  private:
-  struct PrologueTensors {
-    std::size_t embed_tokens, embed_positions, project_in;
-  };
-  struct BlockTensors {
-    std::size_t q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln1_w, ln1_b, fc1_w, fc1_b, fc2_w, fc2_b, ln2_w, ln2_b;
-  };
-  struct EpilogueTensors {
-    std::size_t final_ln_weight, final_ln_bias, project_out;
-  };
-
   static void check_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* group) {
-    if (params.data() == nullptr && expected.total_elements() != 0)
-      throw ShapeError(std::string("OPTCudaModel: no parameters given for the ") + group);
-    if (params.data() != nullptr && !(params.layout() == expected))
-      throw ShapeError(std::string("OPTCudaModel: the ") + group +
-                       " parameters were laid out for a different OPT configuration");
+    check_group_layout(params, expected, "OPTCudaModel", group);
   }
 
   void project_qkv(const ParamView<const T>& params, const T* x, T* q, T* k, T* v, std::int64_t tokens) const {
