@@ -21,6 +21,10 @@
 #include <zo2/backend/cuda/gemm.cuh>
 #include <zo2/zo2.hpp>
 
+#include "../support/cuda_test_data.cuh"
+
+using namespace zo2_test::cuda_data;
+
 using namespace zo2;
 
 namespace {
@@ -30,50 +34,6 @@ const bool kHaveDevice = [] {
   if (!ok) std::printf("SKIPPED: no CUDA device (test_flash_attention)\n");
   return ok;
 }();
-
-template <class T>
-std::vector<T> random_values(std::size_t n, std::mt19937& rng, double scale) {
-  std::normal_distribution<double> d(0.0, scale);
-  std::vector<T> v(n);
-  for (auto& x : v) x = from_float<T>(static_cast<float>(d(rng)));
-  return v;
-}
-
-template <class T>
-std::vector<double> as_double(const std::vector<T>& v) {
-  std::vector<double> r(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) r[i] = static_cast<double>(to_float(v[i]));
-  return r;
-}
-
-template <class T>
-zo2::cuda::DeviceBuffer<T> upload(const std::vector<T>& v) {
-  zo2::cuda::DeviceBuffer<T> d(v.size());
-  ZO2_CUDA_CHECK(cudaMemcpy(d.data(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
-
-template <class T>
-std::vector<T> download(const T* p, std::size_t n) {
-  ZO2_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<T> v(n);
-  ZO2_CUDA_CHECK(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return v;
-}
-
-/// ||out - ref|| / ||ref||; infinity if any output is not finite.
-template <class T>
-double rel_error(const std::vector<T>& out, const std::vector<double>& ref) {
-  REQUIRE(out.size() == ref.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < out.size(); ++i) {
-    const double o = static_cast<double>(to_float(out[i]));
-    if (!std::isfinite(o)) return std::numeric_limits<double>::infinity();
-    num += (o - ref[i]) * (o - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 template <class T>
 double max_abs_error(const std::vector<T>& out, const std::vector<double>& ref) {
