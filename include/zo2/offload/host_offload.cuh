@@ -684,13 +684,7 @@ class HostOffload {
       a.eps = eps;
       a.perturb = mode == Mode::kPerturb;
       a.convert = mode == Mode::kConvert;
-      if (pending) {
-        a.has_update = true;
-        a.update_step = pending->step;
-        a.lr = pending->lr;
-        a.g = pending->g;
-        a.wd = pending->weight_decay;
-      }
+      if (pending) detail::set_owed_update(a, *pending);
       const std::uint32_t tensors = static_cast<std::uint32_t>(codecs_[k].num_tensors());
       if (tensors == 0) return;
       const dim3 grid(static_cast<unsigned>(std::min<std::uint64_t>(max_rows_[k], 2048)), tensors);

@@ -114,6 +114,17 @@ struct KernelArgs {
   double lr, g, wd;           // the update; wd applies only where the tensor's flag is set
 };
 
+/// Copies an owed update into a kernel's argument struct (KernelArgs here, the offload engine's
+/// RowArgs: both name the fields alike).
+template <class Args>
+void set_owed_update(Args& a, const PendingUpdate& pending) {
+  a.has_update = true;
+  a.update_step = pending.step;
+  a.lr = pending.lr;
+  a.g = pending.g;
+  a.wd = pending.weight_decay;
+}
+
 template <class X>
 inline constexpr bool is_half_v = std::is_same_v<X, bfloat16> || std::is_same_v<X, float16>;
 
@@ -451,13 +462,7 @@ void update_and_perturb(S* theta, T* plus, T* minus, const GroupTable& table,
   a.seed = seed;
   a.step = step;
   a.c = eps;
-  if (pending) {
-    a.has_update = true;
-    a.update_step = pending->step;
-    a.lr = pending->lr;
-    a.g = pending->g;
-    a.wd = pending->weight_decay;
-  }
+  if (pending) detail::set_owed_update(a, *pending);
   detail::launch<detail::Op::kUpdateAndPerturb>(theta, plus, minus, table, a, stream);
 }
 
@@ -476,11 +481,7 @@ void update(S* theta, const GroupTable& table, std::uint32_t first_tensor_id, st
   detail::KernelArgs a{};
   a.first_tensor_id = first_tensor_id;
   a.seed = seed;
-  a.has_update = true;
-  a.update_step = pending.step;
-  a.lr = pending.lr;
-  a.g = pending.g;
-  a.wd = pending.weight_decay;
+  detail::set_owed_update(a, pending);
   detail::launch<detail::Op::kUpdate, S, S>(theta, nullptr, nullptr, table, a, stream);
 }
 
