@@ -12,3 +12,21 @@ if(ZO2_BASH)
 endif()
 add_test(NAME zo2_user_stack COMMAND zo2-user-stack)
 set_tests_properties(zo2_user_stack PROPERTIES TIMEOUT 120 LABELS examples)
+
+# Parity with Hugging Face transformers, where a Python that has it is named:
+#   cmake -DZO2_HF_PYTHON=/path/to/python ...   (CI has no transformers and skips these)
+# zo2_opt_hf_export: a demo run exported by zo2-opt loads in transformers with the same logits
+# and token ids; tokenizer_hf: our tokenizer fixture's ids equal transformers' GPT2Tokenizer's.
+set(ZO2_HF_PYTHON "" CACHE FILEPATH "A Python with torch + transformers, for the HF parity tests")
+if(ZO2_HF_PYTHON AND ZO2_BASH)
+  set(_hf_dir ${CMAKE_CURRENT_BINARY_DIR}/test_work/hf_export)
+  add_test(NAME zo2_opt_hf_export
+           COMMAND ${ZO2_BASH} -c "rm -rf '${_hf_dir}' && mkdir -p '${_hf_dir}' && \
+'$<TARGET_FILE:zo2-opt>' train --demo --steps 30 --device cpu --export '${_hf_dir}/export' > '${_hf_dir}/train.log' && \
+'${ZO2_HF_PYTHON}' '${PROJECT_SOURCE_DIR}/tests/fixtures/opt/check_export_hf.py' '${_hf_dir}/export' \
+--zo2-opt '$<TARGET_FILE:zo2-opt>' --prompt 'Zeroth-order fine-tuning, naïve café 🙂'")
+  add_test(NAME tokenizer_hf
+           COMMAND ${ZO2_HF_PYTHON} ${PROJECT_SOURCE_DIR}/tests/fixtures/tokenizer/check_with_transformers.py
+                   ${PROJECT_SOURCE_DIR}/tests/fixtures/tokenizer)
+  set_tests_properties(zo2_opt_hf_export tokenizer_hf PROPERTIES TIMEOUT 300 LABELS "examples;hf")
+endif()
