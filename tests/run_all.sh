@@ -10,6 +10,7 @@ jobs=${ZO2_JOBS:-$(nproc)}
 bash "$root/cmake/install_deps.sh"
 if [ -x "$root/packaging/install_tools.sh" ]; then bash "$root/packaging/install_tools.sh"; fi
 
-cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DZO2_BUILD_TESTS=ON -DZO2_BUILD_EXAMPLES=ON
+# ZO2_CMAKE_ARGS adds configure options, e.g. -DZO2_HF_PYTHON=/path/to/python (HF parity tests).
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DZO2_BUILD_TESTS=ON -DZO2_BUILD_EXAMPLES=ON ${ZO2_CMAKE_ARGS:-}
 cmake --build "$build" -j"$jobs"
 ctest --test-dir "$build" --output-on-failure -j"$jobs" --timeout 1500
