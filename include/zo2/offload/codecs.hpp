@@ -48,6 +48,7 @@
 
 #include <zo2/core/error.hpp>
 #include <zo2/core/half_types.hpp>
+#include <zo2/core/zo_element.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/platform.hpp>
 
@@ -74,49 +75,35 @@ ZO2_HD ZO2_FORCEINLINE float unit_uniform(std::uint32_t bits) {
 }
 }  // namespace detail
 
-/// fp32: the exact format. `stochastic` and the random bits are ignored.
-struct Fp32Codec {
+/// The elementwise codecs: the payload is an array of S, written with core's rounding
+/// (store_rounded in zo_element.hpp: stochastic for 16-bit S when asked, to nearest otherwise;
+/// fp32 is exact and ignores the random bits). One definition, so the offload engine rounds
+/// exactly as the resident policies do.
+template <class S>
+struct PlainCodec {
+  using storage = S;  // the payload is an array of this type
+  static constexpr std::size_t element_bytes = sizeof(S);
+  static constexpr bool row_scaled = false;
+  ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
+    return zo2::load(reinterpret_cast<const S*>(payload)[j]);
+  }
+  ZO2_HD ZO2_FORCEINLINE static void store(unsigned char* payload, std::size_t j, float v,
+                                           std::uint32_t bits, bool stochastic) {
+    reinterpret_cast<S*>(payload)[j] = store_rounded<S>(v, bits, stochastic);
+  }
+};
+
+/// fp32: the exact format.
+struct Fp32Codec : PlainCodec<float> {
   static constexpr const char* name = "fp32";
-  using storage = float;  // the payload is an array of this type (elementwise codecs)
-  static constexpr std::size_t element_bytes = 4;
-  static constexpr bool row_scaled = false;
-  ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
-    return reinterpret_cast<const float*>(payload)[j];
-  }
-  ZO2_HD ZO2_FORCEINLINE static void store(unsigned char* payload, std::size_t j, float v,
-                                           std::uint32_t, bool) {
-    reinterpret_cast<float*>(payload)[j] = v;
-  }
 };
-
 /// bf16: 8 significant bits; SR with 16 random bits (see half_types.hpp).
-struct Bf16Codec {
+struct Bf16Codec : PlainCodec<bfloat16> {
   static constexpr const char* name = "bf16";
-  using storage = bfloat16;
-  static constexpr std::size_t element_bytes = 2;
-  static constexpr bool row_scaled = false;
-  ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
-    return to_float(reinterpret_cast<const bfloat16*>(payload)[j]);
-  }
-  ZO2_HD ZO2_FORCEINLINE static void store(unsigned char* payload, std::size_t j, float v,
-                                           std::uint32_t bits, bool stochastic) {
-    reinterpret_cast<bfloat16*>(payload)[j] = stochastic ? to_bfloat16_stochastic(v, bits) : to_bfloat16(v);
-  }
 };
-
 /// fp16: 11 significant bits, range +-65504; SR with 13 random bits in the normal range.
-struct Fp16Codec {
+struct Fp16Codec : PlainCodec<float16> {
   static constexpr const char* name = "fp16";
-  using storage = float16;
-  static constexpr std::size_t element_bytes = 2;
-  static constexpr bool row_scaled = false;
-  ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j) {
-    return to_float(reinterpret_cast<const float16*>(payload)[j]);
-  }
-  ZO2_HD ZO2_FORCEINLINE static void store(unsigned char* payload, std::size_t j, float v,
-                                           std::uint32_t bits, bool stochastic) {
-    reinterpret_cast<float16*>(payload)[j] = stochastic ? to_float16_stochastic(v, bits) : to_float16(v);
-  }
 };
 
 /// int8 with one absmax scale per row; SR with 24 random bits: q = floor(v / scale + u).
