@@ -31,6 +31,7 @@
 
 #include "../support/attention_reference.hpp"
 #include "../support/cuda_test_data.cuh"
+#include "../support/opt_fixtures.hpp"
 
 using namespace zo2_test::cuda_data;
 using zo2_test::attention_reference;
@@ -316,61 +317,8 @@ TEST_CASE_TEMPLATE("cross_entropy_loss over several vocabulary chunks vs float64
 
 namespace {
 
-fs::path fixture(const std::string& name) {
-  const char* env = std::getenv("ZO2_TEST_DATA_DIR");
-  return fs::path(env ? env : ZO2_TEST_DATA_DIR) / "opt" / name;
-}
-
-struct HostBatch {
-  std::size_t batch = 0, seq = 0;
-  std::vector<std::int32_t> input_ids, attention_mask, labels;
-};
-
-std::vector<std::int32_t> read_i64(const io::SafetensorsFile& file, const std::string& name) {
-  const auto& e = file.entry(name);
-  REQUIRE(e.dtype == io::Dtype::I64);
-  std::vector<std::int32_t> out(e.numel());
-  for (std::size_t i = 0; i < out.size(); ++i) {
-    std::int64_t v;
-    std::memcpy(&v, e.bytes.data() + 8 * i, 8);
-    out[i] = static_cast<std::int32_t>(v);
-  }
-  return out;
-}
-
-struct Expected {
-  HostBatch batch, unpadded;
-  std::vector<float> logits, logits_unpadded;
-  double loss = 0, loss_unpadded = 0;
-  std::vector<std::int32_t> prompt;
-  std::vector<std::vector<std::int32_t>> candidates;
-  std::vector<double> candidate_scores;
-};
-
-Expected read_expected(const std::string& name) {
-  const auto file = io::SafetensorsFile::open(fixture(name) / "expected.safetensors");
-  Expected x;
-  const auto shape = file.entry("input_ids").shape;
-  x.batch.batch = static_cast<std::size_t>(shape[0]);
-  x.batch.seq = static_cast<std::size_t>(shape[1]);
-  x.batch.input_ids = read_i64(file, "input_ids");
-  x.batch.attention_mask = read_i64(file, "attention_mask");
-  x.batch.labels = read_i64(file, "labels");
-  x.logits = file.read_as_float("logits");
-  x.loss = file.read_as_float("loss")[0];
-  x.unpadded.batch = 1;
-  x.unpadded.seq = x.batch.seq;
-  x.unpadded.input_ids.assign(x.batch.input_ids.begin(), x.batch.input_ids.begin() + x.batch.seq);
-  x.unpadded.labels = x.unpadded.input_ids;
-  x.logits_unpadded = file.read_as_float("logits_unpadded");
-  x.loss_unpadded = file.read_as_float("loss_unpadded")[0];
-  x.prompt = nlohmann::json::parse(file.metadata().at("prompt")).get<std::vector<std::int32_t>>();
-  x.candidates = nlohmann::json::parse(file.metadata().at("candidates")).get<std::vector<std::vector<std::int32_t>>>();
-  const auto& e = file.entry("candidate_scores");
-  x.candidate_scores.resize(e.numel());
-  std::memcpy(x.candidate_scores.data(), e.bytes.data(), 8 * e.numel());
-  return x;
-}
+using namespace zo2_test::opt_fixtures;
+using HostBatch = Expected::Batch;
 
 struct LogitErrors {
   double max_abs = 0, rel = 0;

@@ -15,12 +15,14 @@
 
 #include <zo2/models/opt/opt.hpp>
 
+#include "../support/opt_fixtures.hpp"
+
 namespace {
 
 namespace fs = std::filesystem;
 using zo2::opt::OPTConfig;
 
-fs::path fixture(const std::string& name) { return fs::path(ZO2_TEST_DATA_DIR) / "opt" / name; }
+using zo2_test::opt_fixtures::fixture;
 
 struct TempDir {
   fs::path path = fs::temp_directory_path() / ("zo2_test_opt_loader_" + std::to_string(::getpid()));
