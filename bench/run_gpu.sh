@@ -66,8 +66,7 @@ PY
 # ---- 1. build ----------------------------------------------------------------------------------
 build=${ZO2_BUILD_DIR:-$root/build-gpu-bench}
 hf_script=$root/tests/fixtures/opt/check_export_hf.py
-examples=OFF
-[[ -f $hf_script && -z ${ZO2_SKIP_HF:-} ]] && examples=ON
+examples=ON  # zo2-opt: its GPU test, and the HF check
 prefix=()
 [[ -d $root/.deps ]] && prefix=(-DCMAKE_PREFIX_PATH="$root/.deps") && echo "using carried .deps"
 generator=()
@@ -95,17 +94,39 @@ bench_bin=$build/bench/zo2_bench
 tests_rc=0
 if [[ -z ${ZO2_SKIP_TESTS:-} ]]; then
   echo "== CUDA tests ($(elapsed) s)"
-  ZO2_TEST_DATA_DIR=$root/tests/fixtures timeout 200 ctest --test-dir "$build" -R '^cuda_' --timeout 150 \
+  test_regex='^cuda_'
+  [[ -x $build/examples/zo2-opt ]] && test_regex='^cuda_|^zo2_opt_gpu$'
+  ZO2_TEST_DATA_DIR=$root/tests/fixtures timeout 240 ctest --test-dir "$build" -R "$test_regex" --timeout 150 \
     --output-on-failure > "$logs/ctest.log" 2>&1
   tests_rc=$?
   grep -E "Test +#|tests passed|tests failed|Failed|Not Run|SKIPPED|Total Test" "$logs/ctest.log" | head -30
   summary=$(grep -E "tests passed" "$logs/ctest.log" | tail -1)
-  json_line tests device="$gpu" ctest="-R ^cuda_" rc=$tests_rc summary="$summary" elapsed_s="$(elapsed)" >> "$results"
+  json_line tests device="$gpu" ctest="-R $test_regex" rc=$tests_rc summary="$summary" elapsed_s="$(elapsed)" >> "$results"
+  grep -E "^(resident|fp32|bf16|fp16|int8|bf16_budget):|offload fp32 ==" "$logs/ctest.log" | head -10
+  # compute-sanitizer (memcheck, then racecheck on the flash kernel's shared memory) on the
+  # kernels' own tests; ZO2_SANITIZE=0 skips it.
+  sanitizer=$(command -v compute-sanitizer || echo "$cuda_bin/compute-sanitizer")
+  if [[ ${ZO2_SANITIZE:-1} != 0 && -x $sanitizer ]]; then
+    echo "== compute-sanitizer ($(elapsed) s)"
+    for spec in memcheck:test_cuda_flash_attention racecheck:test_cuda_flash_attention memcheck:test_cuda_perturb_kernels \
+                memcheck:test_cuda_opt_cuda memcheck:test_cuda_host_offload; do
+      tool=${spec%%:*}; t=${spec#*:}
+      exe=$(find "$build" -name "$t" -type f -perm -u+x | head -1)
+      [[ -n $exe ]] || continue
+      ZO2_TEST_DATA_DIR=$root/tests/fixtures timeout 120 "$sanitizer" --tool "$tool" --error-exitcode 9 "$exe" \
+        > "$logs/sanitizer-$tool-$t.log" 2>&1
+      src=$?
+      echo "$tool $t: rc=$src $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test cases" "$logs/sanitizer-$tool-$t.log" | tr '\n' ' ')"
+      json_line sanitizer device="$gpu" tool="$tool" test="$t" rc=$src \
+        summary="$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$logs/sanitizer-$tool-$t.log" | head -1)" >> "$results"
+      [[ $src -ne 0 && $src -ne 124 ]] && tests_rc=$src
+    done
+  fi
 fi
 
 # ---- 3. the reference protocol ------------------------------------------------------------------
 hf_reserve=0
-[[ $examples == ON && -x $build/examples/zo2-opt ]] && hf_reserve=45
+[[ -z ${ZO2_SKIP_HF:-} && -x $build/examples/zo2-opt ]] && hf_reserve=45
 deadline=$(( $(left) - hf_reserve - 10 ))
 echo "== zo2_bench --set ${ZO2_SET:-reference}, deadline ${deadline} s ($(elapsed) s)"
 if (( deadline > 20 )); then
@@ -124,7 +145,7 @@ fi
 # ---- 4. exported checkpoint vs Hugging Face -------------------------------------------------------
 hf_rc=-1
 opt_bin=$build/examples/zo2-opt
-if [[ $examples == ON && -x $opt_bin ]] && (( $(left) > 20 )); then
+if [[ -f $hf_script && -z ${ZO2_SKIP_HF:-} && -x $opt_bin ]] && (( $(left) > 20 )); then
   echo "== HF check ($(elapsed) s)"
   if python3 -c "import torch, transformers, numpy" > /dev/null 2>&1; then
     hf_dev=cpu
@@ -142,7 +163,7 @@ if [[ $examples == ON && -x $opt_bin ]] && (( $(left) > 20 )); then
   detail=$(grep -E "max \||token ids|argmax|MISMATCH|^OK|FAILED|skipped|failed|rror" "$logs/hf_check.log" | head -8 | tr '\n' ' ' | cut -c1-800)
   json_line hf_check device="$gpu" rc=$hf_rc device_for_hf="${hf_dev:-none}" detail="$detail" elapsed_s="$(elapsed)" >> "$results"
   echo "hf_check rc=$hf_rc"
-elif [[ $examples == ON ]]; then
+elif [[ -z ${ZO2_SKIP_HF:-} ]]; then
   echo "HF check skipped: zo2-opt did not build or no time left ($(left) s)"
 fi
 

@@ -143,6 +143,52 @@ case "$case_name" in
     expect_error "nothing.jsonl: no such file" "$bin" train --demo --data nothing.jsonl
     ;;
 
+  gpu)
+    # The CUDA paths of zo2-opt: resident and offloaded (each codec, a memory budget), each
+    # resumed bit-exactly from a checkpoint. Skipped (and says so) without a GPU.
+    if ! "$bin" train --demo --device cuda --steps 1 --quiet >probe.out 2>probe.err; then
+      if grep -Eq "built without CUDA|no CUDA GPU is present" probe.err; then
+        echo "SKIPPED: no CUDA device ($(cat probe.err))"
+        exit 0
+      fi
+      cat probe.out probe.err >&2
+      fail "train --device cuda failed"
+    fi
+    common=(--demo --layers 2 --hidden 64 --heads 4 --batch 4 --seq-len 32 --quiet --device cuda)
+    declare -A modes=(
+      [resident]=""
+      [fp32]="--offload --codec fp32"
+      [bf16]="--offload --codec bf16"
+      [fp16]="--offload --codec fp16"
+      [int8]="--offload --codec int8"
+      [bf16_budget]="--offload --codec bf16 --gpu-memory-budget 0.001"
+    )
+    for mode in resident fp32 bf16 fp16 int8 bf16_budget; do
+      # shellcheck disable=SC2206
+      extra=(${modes[$mode]})
+      run_ok "full_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 24 --export "full_$mode"
+      start=$(json_field "full_$mode.out" start_loss)
+      end=$(json_field "full_$mode.out" end_loss)
+      awk -v s="$start" -v e="$end" 'BEGIN { exit !(e < s) }' || fail "$mode: loss did not fall: $start -> $end"
+      [ -n "${extra[*]}" ] && { grep -q "offload codec" "full_$mode.out" || fail "$mode: the log does not name the codec"; }
+      run_ok "first_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 12 --checkpoint-every 6 --checkpoint-dir "ck_$mode"
+      run_ok "resumed_$mode" "$bin" train --resume "ck_$mode" --device cuda "${extra[@]}" --steps 24 --export "resumed_$mode" --quiet
+      cmp "full_$mode/model.safetensors" "resumed_$mode/model.safetensors" ||
+        fail "$mode: the resumed run's weights differ from the uninterrupted run's"
+      echo "$mode: loss $start -> $end, resume bit-exact"
+    done
+    # fp32 streamed through the offload engine computes exactly what the resident GPU run does.
+    cmp full_resident/model.safetensors full_fp32/model.safetensors ||
+      fail "offload fp32 and resident runs differ"
+    # The CPU and the GPU agree to rounding on the start loss (different summation orders).
+    run_ok cpu "$bin" train --demo --layers 2 --hidden 64 --heads 4 --batch 4 --seq-len 32 --quiet --device cpu --steps 1
+    awk -v a="$(json_field cpu.out start_loss)" -v b="$(json_field full_resident.out start_loss)" \
+      'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d < 1e-4 * (a < 0 ? -a : a)) }' ||
+      fail "CPU start loss $(json_field cpu.out start_loss) != GPU $(json_field full_resident.out start_loss)"
+    expect_error "gpu_memory_budget" "$bin" train "${common[@]}" --offload --gpu-memory-budget 0.0000001 --steps 1
+    echo "offload fp32 == resident; CPU and GPU start losses agree"
+    ;;
+
   *) fail "unknown case" ;;
 esac
 echo "PASS [$case_name]"
