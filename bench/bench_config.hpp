@@ -49,6 +49,7 @@ struct Options {
   bool help = false;
   std::size_t gpu_budget = 0;   // HostOffload gpu_memory_budget in bytes (0: the minimum)
   std::size_t slots = 2, prefetch = 1;
+  bool two_copies = false;  // offload: both perturbed copies at once (OffloadOptions::one_perturbed_copy = false)
 };
 
 inline const char* usage_text() {
@@ -83,6 +84,7 @@ Options:
                        streams)
   --slots N            offload: device slots (default 2)
   --prefetch N         offload: blocks uploaded ahead (default 1)
+  --two-copies         offload: keep theta+ez and theta-ez at once (default: one copy, more memory saved)
   --min-host-gb-30b G  the reference set runs OPT-30B offloaded when MemAvailable >= G GB
                        (default 100)
   --extras             also measure the host-side update rate (the alternative to write-back)
@@ -183,6 +185,7 @@ inline Options parse_options(int argc, char** argv) {
     else if (key == "--gpu-budget") o.gpu_budget = static_cast<std::size_t>(parse_double(key, next()) * (1ull << 30));
     else if (key == "--slots") o.slots = static_cast<std::size_t>(parse_int(key, next(), 2));
     else if (key == "--prefetch") o.prefetch = static_cast<std::size_t>(parse_int(key, next(), 1));
+    else if (key == "--two-copies") flag(), o.two_copies = true;
     else throw UsageError("unknown option '" + key + "' (--help lists them)");
   }
   if (o.help) return o;

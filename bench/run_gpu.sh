@@ -108,10 +108,10 @@ if [[ -z ${ZO2_SKIP_TESTS:-} ]]; then
   sanitizer=$(command -v compute-sanitizer || echo "$cuda_bin/compute-sanitizer")
   if [[ ${ZO2_SANITIZE:-1} != 0 && -x $sanitizer ]]; then
     echo "== compute-sanitizer ($(elapsed) s)"
-    for spec in memcheck:test_cuda_flash_attention racecheck:test_cuda_flash_attention memcheck:test_cuda_perturb_kernels \
-                memcheck:test_cuda_opt_cuda memcheck:test_cuda_host_offload; do
+    for spec in memcheck:test_flash_attention racecheck:test_flash_attention memcheck:test_perturb_kernels \
+                memcheck:test_opt_cuda memcheck:test_host_offload memcheck:test_cuda_resident; do
       tool=${spec%%:*}; t=${spec#*:}
-      exe=$(find "$build" -name "$t" -type f -perm -u+x | head -1)
+      exe=$(find "$build" -name "test_cuda_$t" -type f -perm -u+x | head -1)
       [[ -n $exe ]] || continue
       ZO2_TEST_DATA_DIR=$root/tests/fixtures timeout 120 "$sanitizer" --tool "$tool" --error-exitcode 9 "$exe" \
         > "$logs/sanitizer-$tool-$t.log" 2>&1

@@ -238,7 +238,8 @@ Measured timed_steps(Optimizer& optimizer, const Batch& batch, cudaStream_t stre
 struct PolicyNumbers {
   std::size_t policy_bytes = 0;
   double h2d_bytes_per_step = 0, d2h_bytes_per_step = 0;
-  std::size_t host_pinned_bytes = 0, block_bytes = 0, streamed_blocks = 0, resident_blocks = 0, slots = 0;
+  std::size_t host_pinned_bytes = 0, block_bytes = 0, streamed_blocks = 0, resident_blocks = 0, slots = 0,
+              perturbed_copies = 2;
 };
 
 struct Baseline {
@@ -291,7 +292,8 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   line.add("host_peak_rss_bytes", peak_host_rss_bytes()).add("host_rss_bytes", host_rss_bytes());
   if (c.policy == "offload")
     line.add("host_pinned_bytes", p.host_pinned_bytes).add("block_bytes", p.block_bytes)
-        .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots);
+        .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots)
+        .add("perturbed_copies", p.perturbed_copies);
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
       .add("gemm_tflops", env.gemm.tflops).add("pinned_h2d_GBps", env.bw.h2d)
       .add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d).add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h)
@@ -305,6 +307,54 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
         .add("reference_zo2_gpu_bytes", ref.zo2_gpu_bytes).add("reference_dtype", "fp16");
   line.add("loss_plus", m.last.loss_plus).add("loss_minus", m.last.loss_minus).add("setup_s", setup_s)
       .add("gemm_plans", gemm_plans).add("elapsed_s", now_seconds() - env.start);
+  line.print();
+}
+
+/// Where a resident step's time goes: the fused update + perturb passes over every group alone,
+/// and the two forwards alone (on the master, no perturbation), each timed with CUDA events
+/// (median of 3). Printed as a {"kind":"breakdown"} line after the configuration's line.
+template <class Model, class Policy, class DeviceBatch>
+void resident_breakdown(const RunConfig& c, Env& env, const Model& model, Policy& policy, const DeviceBatch& batch,
+                        cudaStream_t stream) {
+  const ModelLayout& ml = policy.model_layout();
+  const PendingUpdate owed{1000, 1e-3, 1e-9, 0.0};
+  const StepNoise noise{7, 1001, 1e-3, &owed};
+  typename Model::Activation plus, minus, next;
+  typename Model::Workspace ws;
+  const auto forwards = [&] {
+    const auto pro = policy.master(ml.prologue());
+    double loss = 0;
+    for (auto* h : {&plus, &minus}) {
+      model.prologue(pro, batch, *h, ws);
+      for (std::size_t i = 0; i < ml.num_blocks(); ++i) {
+        model.forward_block(i, policy.master(ml.block(i)), *h, next, ws);
+        std::swap(*h, next);
+      }
+      loss += model.epilogue(policy.master(ml.epilogue()), pro, *h, batch, ws);
+    }
+    return loss;
+  };
+  const auto perturb = [&] {
+    for (std::size_t g = 0; g < ml.num_groups(); ++g) policy.prepare(GroupIndex{g}, noise);
+  };
+  const auto time_of = [&](auto&& f) {
+    std::vector<double> t;
+    zcuda::Event a(true), b(true);
+    for (int r = 0; r < 4; ++r) {
+      a.record(stream);
+      f();
+      b.record(stream);
+      b.synchronize();
+      if (r > 0) t.push_back(b.elapsed_ms_since(a) * 1e-3);  // the first run warms up
+    }
+    return median(t);
+  };
+  const double perturb_s = time_of(perturb);
+  const double forward_s = time_of(forwards);
+  JsonLine line;
+  line.add("kind", "breakdown").add("bench", "zo2_bench").add("device", env.device);
+  add_config_fields(line, c);
+  line.add("perturb_all_groups_s", perturb_s).add("two_forwards_s", forward_s).add("sum_s", perturb_s + forward_s);
   line.print();
 }
 
@@ -329,6 +379,7 @@ void run_resident(const RunConfig& c, Env& env) {
   PolicyNumbers p;
   p.policy_bytes = policy.device_bytes();
   print_config_line(c, env, base, setup_s, m, p, model.gemm().cached_plans());
+  resident_breakdown(c, env, model, policy, batch, stream.get());
 }
 
 std::string timeline_json(const std::vector<zcuda::GroupVisitTimes>& visits) {
@@ -360,6 +411,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   opts.gpu_memory_budget = o.gpu_budget;
   opts.slots = o.slots;
   opts.prefetch_depth = o.prefetch;
+  opts.one_perturbed_copy = !o.two_copies;
   Policy policy(opt_model_layout(config), opts);
   {
     // Values drawn on all host threads and encoded once per group kind; every block gets the
@@ -414,6 +466,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   p.streamed_blocks = policy.streamed_blocks();
   p.resident_blocks = policy.resident_blocks();
   p.slots = policy.plan().slots;
+  p.perturbed_copies = policy.shares_perturbed_copy() ? 1 : 2;
   print_config_line(c, env, base, setup_s, m, p, model.gemm().cached_plans());
 
   if (o.timeline) {

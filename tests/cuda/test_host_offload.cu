@@ -243,9 +243,12 @@ TEST_CASE("fp32 codec: same g and theta as the all-resident policy, streamed or 
 
   using Policy = HostOffload<offload::Fp32Codec, float>;
   const auto plan = Policy::plan_for(ModelLayout::of(model), {});
-  for (std::size_t resident : {std::size_t{0}, std::size_t{2}}) {
+  for (const auto& [resident, one_copy] : {std::pair{std::size_t{0}, true}, std::pair{std::size_t{2}, true},
+                                          std::pair{std::size_t{0}, false}}) {
     CAPTURE(resident);
+    CAPTURE(one_copy);
     OffloadOptions opt;
+    opt.one_perturbed_copy = one_copy;
     if (resident) opt.gpu_memory_budget = plan.minimum_bytes + resident * plan.block_bytes;
     Policy policy(init, opt);
     REQUIRE(policy.resident_blocks() == resident);
@@ -301,6 +304,44 @@ TEST_CASE("bf16 and int8 codecs: training runs and the loss falls") {
   auto p = bf16_out.prepare(GroupIndex{1}, noise);
   bf16_out.synchronize();
   CHECK(p.plus.data() != nullptr);
+}
+
+TEST_CASE("one perturbed copy gives the same steps as two, in less memory (bf16 and int8)") {
+  if (!gpu_or_skip("one perturbed copy")) return;
+  TinyCudaStack model;
+  model.width = 8;
+  const auto init = make_store(model, 17);
+  const auto batch = make_batch(64, model.width, 9);
+  const auto compare = [&](auto tag) {
+    using Policy = HostOffload<decltype(tag), float>;
+    OffloadOptions two;
+    two.one_perturbed_copy = false;
+    Policy a(init), b(init, two);
+    CHECK(a.shares_perturbed_copy());
+    CHECK_FALSE(b.shares_perturbed_copy());
+    const auto ra = run_steps(model, a, batch, 5);
+    const auto rb = run_steps(model, b, batch, 5);
+    for (int s = 0; s < 5; ++s) {
+      CHECK(ra[s].loss_plus == rb[s].loss_plus);
+      CHECK(ra[s].loss_minus == rb[s].loss_minus);
+    }
+    ParameterStore<float> ta(init.model_layout()), tb(init.model_layout());
+    a.store_to(ta);
+    b.store_to(tb);
+    CHECK(max_abs_diff(ta, tb) == 0.0);
+    CHECK(max_abs_diff(ta, init) > 0.0);
+    // The saving: one block's perturbed copy and the prologue's.
+    const ModelLayout ml = ModelLayout::of(model);
+    const std::size_t saved = b.plan().fixed_bytes - a.plan().fixed_bytes;
+    CHECK(saved >= (ml.layout(ml.block(0)).total_elements() + ml.layout(ml.prologue()).total_elements()) * sizeof(float));
+    // materialize() of a streamed block other than the one being visited is refused.
+    StepNoise noise{1, 9, 1e-3, nullptr};
+    a.prepare(GroupIndex{1}, noise);
+    CHECK_THROWS_AS(a.materialize(GroupIndex{2}, noise, Side::kMinus), Error);
+    a.synchronize();
+  };
+  SUBCASE("bf16") { compare(offload::Bf16Codec{}); }
+  SUBCASE("int8") { compare(offload::Int8RowCodec{}); }
 }
 
 TEST_CASE("a 2-slot run stays within its computed device memory bound") {
@@ -433,9 +474,9 @@ TEST_CASE("configuration errors name the field and the numbers") {
   // A model far larger than the device: the message says what budget would fit.
   TinyCudaStack huge = model;
   huge.bulk = std::size_t{1} << 30;  // 4 GiB per fp32 block (2 GiB in fp16)
-  huge.blocks = 64;  // 128 GiB in fp16: more than any device
   std::size_t free_b = 0, total_b = 0;
   ZO2_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  huge.blocks = total_b / (std::size_t{2} << 30) + 4;  // 2 GiB fp16 blocks: more than this device holds
   const auto hplan = Policy::plan_for(ModelLayout::of(huge), {});
   OffloadOptions too_much;
   too_much.gpu_memory_budget = hplan.minimum_bytes + (total_b / hplan.block_bytes + 1) * hplan.block_bytes;

@@ -78,6 +78,11 @@ struct OffloadOptions {
   std::size_t slots = 2;
   /// Blocks uploaded ahead of the one being computed (1 <= depth <= slots - 1).
   std::size_t prefetch_depth = 1;
+  /// One perturbed copy per group instead of two: the fused pass writes theta + eps z, and
+  /// theta - eps z is written over it between the group's two forwards (materialize(): z is
+  /// regenerated, one more pass over the group on the GPU, which the PCIe-bound step hides).
+  /// Saves one block's and the prologue's size of device memory. false: both copies at once.
+  bool one_perturbed_copy = true;
   /// Record a timeline of every visit (CUDA timing events; see timeline.cuh).
   bool record_timeline = false;
   /// Timing events in the pool (0: 6 per group visit for 3 steps).
@@ -169,7 +174,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
         }
         if (a.perturb) {
           plus[t.offset + j] = from_float<T>(perturbed_value<float>(theta, z_now.z[k], a.eps));
-          minus[t.offset + j] = from_float<T>(perturbed_value<float>(theta, z_now.z[k], -a.eps));
+          if (minus) minus[t.offset + j] = from_float<T>(perturbed_value<float>(theta, z_now.z[k], -a.eps));
         } else if (a.convert) {
           plus[t.offset + j] = from_float<T>(theta);
         }
@@ -230,16 +235,40 @@ class HostOffload {
 
   // ---- the policy interface (Resident / CudaResident) ----------------------------------------
 
-  /// The fused pass for group g: apply the owed update (if any), write theta +- eps z in T.
+  /// The fused pass for group g: apply the owed update (if any), write theta +- eps z in T
+  /// (with one_perturbed_copy, theta + eps z only, in the one buffer both views point at:
+  /// materialize(g, noise, Side::kMinus) turns it into theta - eps z).
   Perturbed prepare(GroupIndex g, const StepNoise& noise) {
     close_visit();
     const ParamLayout& layout = layout_->layout(g);
     Scratch& s = scratch_for(g);
     const bool write_back = noise.pending != nullptr;
     unsigned char* master = begin_visit(g, 'p', write_back);
-    launch(master, g, s.plus, s.minus, noise.seed, noise.step, noise.eps, noise.pending, Mode::kPerturb);
-    end_visit(g, write_back);
+    launch(master, g, s.plus, options_.one_perturbed_copy ? nullptr : s.minus, noise.seed, noise.step, noise.eps,
+           noise.pending, Mode::kPerturb);
+    end_visit(g, write_back, options_.one_perturbed_copy);
     return {ParamView<const T>(s.plus, &layout), ParamView<const T>(s.minus, &layout)};
+  }
+
+  /// Whether prepare() leaves one copy for both views (OffloadOptions::one_perturbed_copy).
+  bool shares_perturbed_copy() const { return options_.one_perturbed_copy; }
+
+  /// Rewrites group g's perturbed copy as theta + eps z (kPlus) or theta - eps z (kMinus) of
+  /// noise.step, from the master as prepare() left it (updated). For a streamed block, only
+  /// between its prepare() and the next policy call: its slot is held until kMinus is written.
+  void materialize(GroupIndex g, const StepNoise& noise, Side side) {
+    const double c = side == Side::kPlus ? noise.eps : -noise.eps;
+    T* dst = scratch_for(g).plus;
+    if (is_streamed(g)) {
+      Slot* s = find_slot(g.value);
+      if (!s || s != held_slot_)
+        throw Error("HostOffload::materialize: block group " + std::to_string(g.value) +
+                    " is not the one being visited (call it right after its prepare())");
+      launch(s->data, g, dst, nullptr, noise.seed, noise.step, c, nullptr, Mode::kPerturbOnly);
+      if (side == Side::kMinus) release_held_slot();
+    } else {
+      launch(device_master(g), g, dst, nullptr, noise.seed, noise.step, c, nullptr, Mode::kPerturbOnly);
+    }
   }
 
   /// theta of group g in T, no perturbation, no write-back (evaluation).
@@ -356,8 +385,10 @@ class HostOffload {
         epi(ml.layout(ml.epilogue()));
     p.block_bytes = align_up(blk.bytes(), A);
     const std::size_t shared_elems = std::max(blk.total_elements(), epi.total_elements());
+    const std::size_t copies = opt.one_perturbed_copy ? 1 : 2;
     p.fixed_bytes = align_up(pro.bytes(), A) + align_up(epi.bytes(), A) +
-                    2 * align_up(pro.total_elements() * sizeof(T), A) + 2 * align_up(shared_elems * sizeof(T), A);
+                    copies * align_up(pro.total_elements() * sizeof(T), A) +
+                    copies * align_up(shared_elems * sizeof(T), A);
     p.minimum_bytes = p.fixed_bytes + opt.slots * p.block_bytes;
     const std::size_t n = ml.num_blocks();
     if (opt.gpu_memory_budget == 0) {
@@ -406,7 +437,7 @@ class HostOffload {
   void reset_traffic() { uploaded_ = offloaded_ = 0; }
 
  private:
-  enum class Mode { kPerturb, kConvert, kUpdate };
+  enum class Mode { kPerturb, kPerturbOnly, kConvert, kUpdate };
 
   struct Scratch {
     T* plus = nullptr;
@@ -462,10 +493,11 @@ class HostOffload {
     prologue_master_ = take(codecs_[0].bytes());
     epilogue_master_ = take(codecs_[2].bytes());
     const std::size_t shared_elems = std::max(codecs_[1].total_elements(), codecs_[2].total_elements());
+    const bool one = options_.one_perturbed_copy;
     scratch_[0].plus = reinterpret_cast<T*>(take(codecs_[0].total_elements() * sizeof(T)));
-    scratch_[0].minus = reinterpret_cast<T*>(take(codecs_[0].total_elements() * sizeof(T)));
+    scratch_[0].minus = one ? scratch_[0].plus : reinterpret_cast<T*>(take(codecs_[0].total_elements() * sizeof(T)));
     scratch_[1].plus = reinterpret_cast<T*>(take(shared_elems * sizeof(T)));
-    scratch_[1].minus = reinterpret_cast<T*>(take(shared_elems * sizeof(T)));
+    scratch_[1].minus = one ? scratch_[1].plus : reinterpret_cast<T*>(take(shared_elems * sizeof(T)));
     for (std::size_t i = 0; i < plan_.resident_blocks; ++i) resident_masters_.push_back(take(plan_.block_bytes));
     slots_ = std::vector<Slot>(plan_.slots);
     for (auto& s : slots_) s.data = take(plan_.block_bytes);
@@ -489,6 +521,7 @@ class HostOffload {
     }
     block_written_ = std::vector<Event>(plan_.streamed_blocks);
     kernel_done_ = Event(false);
+    reads_done_ = Event(false);
 
     const std::size_t visits_per_step = ml.num_groups();
     timeline_ = Timeline(options_.record_timeline
@@ -638,7 +671,8 @@ class HostOffload {
   }
 
   /// Ends a visit after its kernel was launched: write-back and freeing of the slot, prefetch.
-  void end_visit(GroupIndex g, bool write_back) {
+  /// `hold`: the slot is freed later, by release_held_slot(), when materialize() has read it.
+  void end_visit(GroupIndex g, bool write_back, bool hold = false) {
     if (!current_slot_) {
       if (kind_of(g) == 2) prefetch_first();
       return;
@@ -656,17 +690,33 @@ class HostOffload {
         v->offload_end = end;
       }
       block_written_[g.value - 1].record(off);
-      s.freed.record(off);
       offloaded_ += codecs_[1].bytes();
-    } else {
-      s.freed.record(compute_);
     }
+    held_slot_ = &s;
+    held_written_back_ = write_back;
+    if (!hold) release_held_slot();
     prefetch_after(g.value - 1, &s);
     current_slot_ = nullptr;
   }
 
-  /// The compute of the previous visit ends where the next policy call begins on compute_.
+  /// Frees the held slot for the next upload once everything enqueued so far that reads it
+  /// (the kernels on compute_, the write-back on offload_) is done.
+  void release_held_slot() {
+    if (!held_slot_) return;
+    if (held_written_back_) {
+      reads_done_.record(compute_);
+      reads_done_.wait_on(offload_.get());
+      held_slot_->freed.record(offload_.get());
+    } else {
+      held_slot_->freed.record(compute_);
+    }
+    held_slot_ = nullptr;
+  }
+
+  /// The compute of the previous visit ends where the next policy call begins on compute_; a
+  /// slot still held (materialize() was not called) is freed there.
   void close_visit() {
+    release_held_slot();
     if (auto* v = timeline_.visit(open_visit_)) v->compute_end = timeline_.mark(compute_);
     open_visit_ = -1;
   }
@@ -682,7 +732,7 @@ class HostOffload {
       a.seed = seed;
       a.step = step;
       a.eps = eps;
-      a.perturb = mode == Mode::kPerturb;
+      a.perturb = mode == Mode::kPerturb || mode == Mode::kPerturbOnly;
       a.convert = mode == Mode::kConvert;
       if (pending) detail::set_owed_update(a, *pending);
       const std::uint32_t tensors = static_cast<std::uint32_t>(codecs_[k].num_tensors());
@@ -698,6 +748,7 @@ class HostOffload {
         case Mode::kPerturb:
           update_and_perturb<S, T>(theta, plus, minus, tables_[k], first_id, seed, step, eps, pending, compute_);
           break;
+        case Mode::kPerturbOnly: perturb_into<S, T>(plus, theta, tables_[k], first_id, seed, step, eps, compute_); break;
         case Mode::kConvert: convert<S, T>(plus, theta, tables_[k], compute_); break;
         case Mode::kUpdate: update<S>(theta, tables_[k], first_id, seed, *pending, compute_); break;
       }
@@ -722,11 +773,13 @@ class HostOffload {
   Scratch scratch_[2];
   std::vector<Slot> slots_;
   Slot* current_slot_ = nullptr;
+  Slot* held_slot_ = nullptr;  // visited, not yet freed (see end_visit)
+  bool held_written_back_ = false;
   std::uint64_t use_clock_ = 0;
 
   PinnedBuffer<unsigned char> host_;
   std::vector<Event> block_written_;
-  Event kernel_done_;
+  Event kernel_done_, reads_done_;
   Timeline timeline_;
   int open_visit_ = -1;
   std::size_t uploaded_ = 0, offloaded_ = 0;

@@ -26,10 +26,15 @@ struct StepNoise {
 
 /// What a policy's prepare(group, noise) hands the model: theta + eps z and theta - eps z of one
 /// group, in the model's precision, valid until the next prepare() of a group of the same kind.
+/// A policy that keeps one perturbed copy per group (see ZOOptimizer) hands out two views of the
+/// same memory, holding theta + eps z until it is told to materialize theta - eps z.
 template <class T>
 struct PerturbedViews {
   ParamView<const T> plus, minus;
 };
+
+/// Which of the two perturbed copies.
+enum class Side { kPlus, kMinus };
 
 struct StepResult {
   std::uint64_t step = 0;

@@ -9,6 +9,11 @@
 //     run the group's forward on both copies (h+ and h- advance side by side);
 //   g_t = (L+ - L-) / (2 eps); the update of step t is now owed to every group.
 // So each group is visited once per step, and the update costs no pass of its own.
+//
+// A policy may keep ONE perturbed copy of a group instead of two (OnePerturbedCopy below: the
+// offload engine does, to halve its scratch): prepare() then writes theta + eps z only, and the
+// optimizer asks for theta - eps z (z regenerated from the seed) between the group's two
+// forwards. The tied prologue copy is re-materialized for the epilogue, minus side first.
 #pragma once
 
 #include <cmath>
@@ -25,6 +30,14 @@
 #include <zo2/optim/step_types.hpp>
 
 namespace zo2 {
+
+/// A policy whose prepare() may leave both views on one buffer holding theta + eps z;
+/// materialize(g, noise, side) then rewrites group g's buffer as theta +- eps z (no update).
+template <class P>
+concept OnePerturbedCopy = requires(P& p, const P& cp, GroupIndex g, const StepNoise& noise) {
+  { cp.shares_perturbed_copy() } -> std::convertible_to<bool>;
+  p.materialize(g, noise, Side::kMinus);
+};
 
 /// Where a run stands; with the parameters (flushed) it is all a checkpoint needs.
 struct OptimizerState {
@@ -59,21 +72,39 @@ class ZOOptimizer {
     const StepNoise noise{config_.seed, static_cast<std::uint32_t>(step_), config_.eps,
                           pending_ ? &*pending_ : nullptr};
 
+    const bool one_copy = shares_perturbed_copy();
+    const auto to_minus = [&](GroupIndex g) {
+      if constexpr (OnePerturbedCopy<Policy>) {
+        if (one_copy) policy_->materialize(g, noise, Side::kMinus);
+      }
+    };
+
     auto p = policy_->prepare(ml.prologue(), noise);
     model_->prologue(p.plus, batch, plus_, workspace_);
+    to_minus(ml.prologue());
     model_->prologue(p.minus, batch, minus_, workspace_);
     for (std::size_t i = 0; i < ml.num_blocks(); ++i) {
       auto b = policy_->prepare(ml.block(i), noise);
       model_->forward_block(i, b.plus, plus_, next_, workspace_);
       std::swap(plus_, next_);
+      to_minus(ml.block(i));
       model_->forward_block(i, b.minus, minus_, next_, workspace_);
       std::swap(minus_, next_);
     }
     auto e = policy_->prepare(ml.epilogue(), noise);
     StepResult r;
     r.step = step_;
-    r.loss_plus = model_->epilogue(e.plus, p.plus, plus_, batch, workspace_);
-    r.loss_minus = model_->epilogue(e.minus, p.minus, minus_, batch, workspace_);
+    if (!one_copy) {
+      r.loss_plus = model_->epilogue(e.plus, p.plus, plus_, batch, workspace_);
+      r.loss_minus = model_->epilogue(e.minus, p.minus, minus_, batch, workspace_);
+    } else if constexpr (OnePerturbedCopy<Policy>) {
+      // The prologue's copy holds theta - eps z since its second forward: the minus loss first.
+      policy_->materialize(ml.epilogue(), noise, Side::kMinus);
+      r.loss_minus = model_->epilogue(e.minus, p.minus, minus_, batch, workspace_);
+      policy_->materialize(ml.epilogue(), noise, Side::kPlus);
+      policy_->materialize(ml.prologue(), noise, Side::kPlus);
+      r.loss_plus = model_->epilogue(e.plus, p.plus, plus_, batch, workspace_);
+    }
     r.lr = config_.lr_at(step_);
     // The owed update was applied to every group by the prepare() calls above.
     pending_.reset();
@@ -113,6 +144,11 @@ class ZOOptimizer {
   }
 
   OptimizerState state() const { return {step_, config_.seed, skipped_}; }
+  /// Whether the policy keeps one perturbed copy per group (see OnePerturbedCopy).
+  bool shares_perturbed_copy() const {
+    if constexpr (OnePerturbedCopy<Policy>) return policy_->shares_perturbed_copy();
+    else return false;
+  }
   bool has_pending_update() const { return pending_.has_value(); }
   const ZOConfig& config() const { return config_; }
 

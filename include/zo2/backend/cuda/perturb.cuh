@@ -317,6 +317,7 @@ __device__ ZO2_FORCEINLINE void perturb_vector(S* th, T* out0, T* out1, S (&s)[V
     for (int k = 0; k < V; ++k) plus[k] = to_output_device<T>(perturbed_value<S>(tv[k], zn[k], a.c));
     store_masked(out0, plus, valid);
     if constexpr (op == Op::kUpdateAndPerturb) {
+      if (!out1) return;  // the caller keeps one copy and writes theta - c z later (perturb_into)
       T minus[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) minus[k] = to_output_device<T>(perturbed_value<S>(tv[k], zn[k], -a.c));
@@ -384,7 +385,7 @@ __global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ t
         }
         store_masked(th, s, valid);
       }
-      if constexpr (op != Op::kUpdate) perturb_vector<op, S, T>(th, out0 + v * V, out1 + v * V, s, a, id, q0, valid);
+      if constexpr (op != Op::kUpdate) perturb_vector<op, S, T>(th, out0 + v * V, out1 ? out1 + v * V : nullptr, s, a, id, q0, valid);
     }
   }
 }
@@ -451,7 +452,7 @@ void launch(S* theta, T* out0, T* out1, const GroupTable& table, KernelArgs a, c
 /// The fused pass of the lazy update over one group (cpu::Perturber::update_and_perturb_into on
 /// every tensor): if `pending`, theta <- theta - lr (g z_prev + wd theta), rounded to S
 /// (stochastically for 16-bit S); then plus = theta + eps z_now and minus = theta - eps z_now,
-/// converted to T. z_prev is the noise of pending->step, z_now that of `step`; tensor ids are
+/// converted to T (minus may be null: perturb_into with c = -eps writes the same values later). z_prev is the noise of pending->step, z_now that of `step`; tensor ids are
 /// first_tensor_id + index in the group. Asynchronous on `stream`.
 template <class S, class T>
 void update_and_perturb(S* theta, T* plus, T* minus, const GroupTable& table,
