@@ -2,7 +2,7 @@
 //
 // The CPU perturber and the CUDA kernels both call these, so the two paths cannot drift apart:
 // they differ only in how z is computed (host vs device libm, a few ulps) and never in formula,
-// rounding or order of operations.
+// rounding or order of operations (no fused multiply-adds: see detail::mul_rn).
 #pragma once
 
 #include <cstdint>
@@ -52,19 +52,49 @@ ZO2_HD ZO2_FORCEINLINE compute_t<S> load(S s) {
   else return static_cast<compute_t<S>>(s);
 }
 
+namespace detail {
+// Each product and sum rounded on its own, in every kernel. nvcc contracts a * b + c into one
+// fused multiply-add where it sees fit, and not alike in every kernel: where theta + c z and
+// theta - c z share the product, it rounds the product; where theta - c z stands alone, it
+// fuses it -- so the same value would depend on which kernel computed it. The _rn intrinsics
+// are never contracted. On the host, x86-64 code without FMA instructions (GCC's and Clang's
+// default target) rounds each operation as written, as these do.
+template <class C>
+ZO2_HD ZO2_FORCEINLINE C mul_rn(C a, C b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<C, float>) return __fmul_rn(a, b);
+  else return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+template <class C>
+ZO2_HD ZO2_FORCEINLINE C add_rn(C a, C b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<C, float>) return __fadd_rn(a, b);
+  else return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+}  // namespace detail
+
 /// theta - lr * (g * z + wd * theta), in compute_t<S>.
 template <class S>
 ZO2_HD ZO2_FORCEINLINE compute_t<S> updated_value(compute_t<S> theta, float z, const UpdateCoeffs& u) {
   using C = compute_t<S>;
-  return theta - static_cast<C>(u.lr) * (static_cast<C>(u.g) * static_cast<C>(z) +
-                                         static_cast<C>(u.wd) * theta);
+  using detail::add_rn;
+  using detail::mul_rn;
+  const C step = mul_rn(static_cast<C>(u.lr), add_rn(mul_rn(static_cast<C>(u.g), static_cast<C>(z)),
+                                                     mul_rn(static_cast<C>(u.wd), theta)));
+  return add_rn(theta, -step);
 }
 
 /// theta + c * z, in compute_t<S>.
 template <class S>
 ZO2_HD ZO2_FORCEINLINE compute_t<S> perturbed_value(compute_t<S> theta, float z, double c) {
   using C = compute_t<S>;
-  return theta + static_cast<C>(c) * static_cast<C>(z);
+  return detail::add_rn(theta, detail::mul_rn(static_cast<C>(c), static_cast<C>(z)));
 }
 
 }  // namespace zo2
