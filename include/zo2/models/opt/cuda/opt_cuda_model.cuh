@@ -95,6 +95,9 @@ class OPTCudaModel {
     std::size_t batch = 0, seq = 0;
     cuda::DeviceBuffer<std::int32_t> input_ids, positions;
     cuda::DeviceBuffer<std::uint8_t> key_mask;
+    /// Every key visible (no 0 in attention_mask): attention then runs without a mask, which
+    /// gives the same result and skips the per-tile masking and the masked-row fix-up.
+    bool all_visible = true;
     /// Rows (b * seq + s) whose shifted label labels[b, s + 1] is a target, and those targets.
     cuda::DeviceBuffer<std::int32_t> loss_rows, loss_targets;
     std::size_t num_loss_rows = 0;
@@ -186,6 +189,7 @@ class OPTCudaModel {
           throw ShapeError("OPT batch: attention_mask[" + std::to_string(t / host.seq) + "][" +
                            std::to_string(t % host.seq) + "] must be 0 or 1");
         mask[t] = static_cast<std::uint8_t>(m);
+        if (m == 0) b.all_visible = false;
       }
     }
     for (std::size_t s = 0; s < host.batch; ++s) {
@@ -235,7 +239,7 @@ class OPTCudaModel {
     const std::int64_t hidden = config_.hidden_size, proj = config_.word_embed_proj_dim;
     out.batch = batch.batch;
     out.seq = batch.seq;
-    out.key_mask = batch.key_mask.data();
+    out.key_mask = batch.all_visible ? nullptr : batch.key_mask.data();
     out.hidden.reserve(static_cast<std::size_t>(tokens * hidden));
     const T* positions = params.tensor(pro_.embed_positions);
     if (config_.has_projection()) {
