@@ -120,6 +120,8 @@ def load(paths=None, device=None):
         stamp = _commit_time(path)
         for r in rows:
             rec = None
+            if r.get("variant"):  # an experiment beside the defaults (e.g. a compile-time knob)
+                continue
             if r.get("kind") == "config" and r.get("bench") == "zo2_bench":
                 rec, rank = _from_zo2_bench(r), 2
             elif r.get("kind") == "step" and "config" in r and "step_s_median" in r:

@@ -5,7 +5,9 @@
 #   run(command="bash bench/run_gpu.sh", timeout_s=600)     # carry nothing (see below)
 #
 #   1. configure + build (Release, sm_90): the CUDA tests, zo2_bench, zo2-opt (for the HF check)
-#   2. ctest -R '^cuda_': every CUDA test
+#   2. ctest -R '^cuda_|^zo2_opt_gpu$': every CUDA test and zo2-opt's GPU test (resident and
+#      offloaded training, bit-exact resume); then compute-sanitizer memcheck on the CUDA test
+#      binaries and racecheck on the flash kernel's (ZO2_SANITIZE=0 skips it)
 #   3. zo2_bench --set reference: resident OPT-125M..13B bf16+fp16; offloaded OPT-125M..13B with
 #      the bf16, fp16 and int8 codecs (with the per-block timeline); OPT-30B offloaded bf16 when
 #      the host has >= 100 GB available. Configurations that would overrun the budget are skipped
