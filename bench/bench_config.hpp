@@ -45,7 +45,7 @@ struct Options {
   double min_host_gb_30b = 100; // the reference set's OPT-30B needs this much MemAvailable
   bool timeline = false;        // offload: the per-block timeline of the last timed step
   bool list = false;            // print the expanded configurations and exit (no GPU needed)
-  bool extras = false;          // also: host-side update rate (the write-back argument)
+  bool extras = false;          // also: host-side update rate (the write-back argument), attention rates
   bool help = false;
   std::size_t gpu_budget = 0;   // HostOffload gpu_memory_budget in bytes (0: the minimum)
   std::size_t slots = 2, prefetch = 1;
@@ -87,7 +87,8 @@ Options:
   --two-copies         offload: keep theta+ez and theta-ez at once (default: one copy, more memory saved)
   --min-host-gb-30b G  the reference set runs OPT-30B offloaded when MemAvailable >= G GB
                        (default 100)
-  --extras             also measure the host-side update rate (the alternative to write-back)
+  --extras             also measure the host-side update rate (the alternative to write-back) and
+                       flash vs materialized attention at OPT shapes
   --list               print the configurations ({"kind":"planned"}) and exit; needs no GPU
   --help               this text
 

@@ -42,6 +42,7 @@
 #include <ctime>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -502,6 +503,60 @@ void run_config(const RunConfig& c, const Options& o, Env& env) {
   }
 }
 
+/// The fused flash kernel against the materialized path (cuBLAS batched GEMMs + masked softmax)
+/// at OPT's attention shapes, seq 2048, batch 1, bf16, with an all-ones mask as a padded batch
+/// passes it; median of 20 after 5 warm-ups; one {"kind":"attention"} line per shape.
+void attention_rates(const Env& env) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  zcuda::Gemm gemm;
+  zcuda::AttentionScratch<bfloat16> scratch;
+  const std::int64_t seq = 2048;
+  const std::int64_t shapes[4][3] = {{768, 12, 64}, {2048, 32, 64}, {4096, 32, 128}, {5120, 40, 128}};
+  for (const auto& shape : shapes) {
+    const std::int64_t hidden = shape[0], heads = shape[1], hd = shape[2];
+    const auto n = static_cast<std::size_t>(seq * hidden);
+    std::vector<bfloat16> host(n);
+    zcuda::DeviceBuffer<bfloat16> q(n), k(n), v(n), out(n);
+    for (auto* buf : {&q, &k, &v}) {
+      for (auto& x : host) x = to_bfloat16(normal(rng));
+      zcuda::copy_to_device(buf->data(), host.data(), n, nullptr);
+    }
+    const std::vector<std::uint8_t> ones(static_cast<std::size_t>(seq), 1);
+    zcuda::DeviceBuffer<std::uint8_t> mask(ones.size());
+    zcuda::copy_to_device(mask.data(), ones.data(), ones.size(), nullptr);
+    double ms[2];
+    for (int path = 0; path < 2; ++path) {
+      const auto run = [&] {
+        if (path == 0)
+          zcuda::flash_causal_attention<bfloat16>(q.data(), k.data(), v.data(), mask.data(), out.data(), 1, seq, heads,
+                                                  hd, nullptr);
+        else
+          zcuda::causal_attention<bfloat16>(gemm, q.data(), k.data(), v.data(), mask.data(), out.data(), 1, seq, heads,
+                                            hd, scratch, nullptr);
+      };
+      for (int i = 0; i < 5; ++i) run();
+      std::vector<double> times;
+      zcuda::Event a(true), b(true);
+      for (int i = 0; i < 20; ++i) {
+        a.record(nullptr);
+        run();
+        b.record(nullptr);
+        b.synchronize();
+        times.push_back(b.elapsed_ms_since(a));
+      }
+      ms[path] = median(times);
+    }
+    const double causal_flop = 4.0 * heads * hd * (static_cast<double>(seq) * (seq + 1) / 2);
+    JsonLine()
+        .add("kind", "attention").add("bench", "zo2_bench").add("device", env.device).add("dtype", "bf16")
+        .add("hidden", hidden).add("heads", heads).add("head_dim", hd).add("seq", seq).add("flash_ms", ms[0])
+        .add("materialized_ms", ms[1]).add("flash_tflops", causal_flop / ms[0] * 1e-9)
+        .add("materialized_tflops", causal_flop / ms[1] * 1e-9).add("speedup", ms[1] / ms[0])
+        .print();
+  }
+}
+
 /// ns per element of the host-side alternative to write-back: cpu::Perturber<bfloat16>::update
 /// (Philox z and rounding word, Box-Muller, update, stochastic rounding), one thread and all.
 void host_update_rate(const Env& env) {
@@ -610,7 +665,10 @@ int main(int argc, char** argv) {
         .add("host_available_bytes", host_available_bytes()).add("host_threads", std::thread::hardware_concurrency())
         .add("nvml", env.probe->nvml_available()).add("zo2_alloc_counting", alloc_count::kEnabled)
         .add("set", o.set.empty() ? std::string("explicit") : o.set).print();
-    if (o.extras) host_update_rate(env);
+    if (o.extras) {
+      host_update_rate(env);
+      attention_rates(env);
+    }
 
     for (const Skipped& s : plan.skipped) {
       JsonLine line;
