@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include <zo2/core/error.hpp>
+#include <zo2/io/safetensors.hpp>
 
 #include "fs_util.hpp"
 #include "model_setup.hpp"
@@ -13,12 +14,46 @@ namespace fs = std::filesystem;
 
 fs::path save_checkpoint(const fs::path& checkpoint_dir, std::uint64_t step, const zo2::opt::OPTConfig& config,
                          const zo2::ParameterStore<float>& store, const Tokenizer* tokenizer,
-                         const nlohmann::json& state) {
+                         const nlohmann::json& state, const EncodedState* encoded) {
   char name[32];
   std::snprintf(name, sizeof name, "step-%08llu", static_cast<unsigned long long>(step));
   const fs::path target = checkpoint_dir / name;
-  export_model(target, config, store, tokenizer, kStateFile, state.dump(2) + "\n");
+  export_model(target, config, store, tokenizer, [&](const fs::path& staging) {
+    write_file_synced(staging / kStateFile, state.dump(2) + "\n");
+    if (!encoded) return;
+    std::vector<zo2::io::TensorToWrite> tensors;
+    for (std::size_t g = 0; g < encoded->groups.size(); ++g)
+      tensors.push_back({"group." + std::to_string(g), zo2::io::Dtype::U8,
+                         {static_cast<std::int64_t>(encoded->groups[g].size())}, encoded->groups[g].data()});
+    zo2::io::write_safetensors(staging / kEncodedStateFile, tensors,
+                               {{"codec", encoded->codec}, {"groups", std::to_string(encoded->groups.size())}});
+  });
   return target;
+}
+
+std::optional<EncodedState> read_encoded_state(const fs::path& checkpoint) {
+  const fs::path file = checkpoint / kEncodedStateFile;
+  if (!fs::exists(file)) return std::nullopt;
+  const auto st = zo2::io::SafetensorsFile::open(file);
+  const auto& meta = st.metadata();
+  const auto codec = meta.find("codec"), groups = meta.find("groups");
+  if (codec == meta.end() || groups == meta.end())
+    throw zo2::FileError(file.string(), "no \"codec\" and \"groups\" in __metadata__");
+  EncodedState out{codec->second, {}};
+  std::size_t n = 0;
+  try {
+    n = std::stoull(groups->second);
+  } catch (const std::exception&) {
+    throw zo2::FileError(file.string(), "__metadata__ \"groups\" is not a count: '" + groups->second + "'");
+  }
+  for (std::size_t g = 0; g < n; ++g) {
+    const std::string name = "group." + std::to_string(g);
+    const auto& t = st.entry(name);
+    if (t.dtype != zo2::io::Dtype::U8) throw zo2::FileError(file.string(), name + " is not U8");
+    const auto* p = reinterpret_cast<const unsigned char*>(t.bytes.data());
+    out.groups.emplace_back(p, p + t.bytes.size());
+  }
+  return out;
 }
 
 fs::path find_checkpoint(const fs::path& dir) {

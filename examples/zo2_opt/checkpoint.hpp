@@ -9,21 +9,31 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
 #include <zo2/models/opt/config.hpp>
 #include <zo2/optim/parameter_store.hpp>
 
+#include "engine.hpp"
 #include "tokenizer.hpp"
 
 namespace zo2_opt {
 
 inline constexpr const char* kStateFile = "state.json";
+/// The offload engine's encoded masters, where the float weights would not restore them exactly
+/// (the int8 codec): one U8 tensor "group.<g>" per parameter group, the codec in the metadata.
+inline constexpr const char* kEncodedStateFile = "offload_state.safetensors";
 
+/// `encoded` (optional) is written as kEncodedStateFile beside the weights.
 std::filesystem::path save_checkpoint(const std::filesystem::path& checkpoint_dir, std::uint64_t step,
                                       const zo2::opt::OPTConfig& config, const zo2::ParameterStore<float>& store,
-                                      const Tokenizer* tokenizer, const nlohmann::json& state);
+                                      const Tokenizer* tokenizer, const nlohmann::json& state,
+                                      const EncodedState* encoded = nullptr);
+
+/// The checkpoint's kEncodedStateFile, or nullopt when it has none.
+std::optional<EncodedState> read_encoded_state(const std::filesystem::path& checkpoint);
 
 /// `dir` itself when it holds state.json, else its newest step-* subdirectory that does.
 std::filesystem::path find_checkpoint(const std::filesystem::path& dir);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <zo2/core/config.hpp>
+#include <zo2/core/error.hpp>
 #include <zo2/models/opt/config.hpp>
 #include <zo2/optim/parameter_store.hpp>
 #include <zo2/optim/step_types.hpp>
@@ -19,6 +20,14 @@
 #include "data.hpp"
 
 namespace zo2_opt {
+
+/// The offload engine's masters in its codec's format, one byte string per parameter group:
+/// what a checkpoint adds when the float parameters alone would not restore the run exactly
+/// (the int8 codec, whose row scales are sticky).
+struct EncodedState {
+  std::string codec;
+  std::vector<std::vector<unsigned char>> groups;
+};
 
 struct EngineOptions {
   std::string device = "cpu";  // "cpu" | "cuda"
@@ -52,6 +61,13 @@ class Engine {
   virtual const zo2::ParameterStore<float>& parameters() = 0;
   virtual zo2::OptimizerState state() const = 0;
   virtual std::string device_description() const = 0;
+  /// The encoded masters when parameters() does not restore this engine exactly (flushes
+  /// first); nullopt otherwise.
+  virtual std::optional<EncodedState> encoded_state() { return std::nullopt; }
+  /// Restores encoded_state() saved by an engine of the same kind (after construction).
+  virtual void restore_encoded_state(const EncodedState& state) {
+    throw zo2::Error("this engine cannot restore encoded state of codec '" + state.codec + "'");
+  }
   /// Bytes of device memory in use, when there is a device.
   virtual std::optional<std::size_t> device_memory_used() const { return std::nullopt; }
 };

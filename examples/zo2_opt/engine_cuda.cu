@@ -24,6 +24,12 @@ using Model = zo2::opt::OPTCudaModel<float>;
 
 template <class Policy>
 class CudaEngine final : public Engine {
+  /// Whether float parameters alone would not restore the policy exactly (row-scaled codecs).
+  static constexpr bool kSticky = [] {
+    if constexpr (requires { Policy::codec_type::row_scaled; }) return Policy::codec_type::row_scaled;
+    else return false;
+  }();
+
  public:
   template <class... PolicyArgs>
   CudaEngine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store, const EngineOptions& options,
@@ -78,6 +84,34 @@ class CudaEngine final : public Engine {
     else policy_.store_to(host_);
     return host_;
   }
+  std::optional<EncodedState> encoded_state() override {
+    if constexpr (kSticky) {
+      optimizer_.flush();
+      EncodedState st{Policy::codec_type::name, {}};
+      const auto& ml = policy_.model_layout();
+      for (std::size_t g = 0; g < ml.num_groups(); ++g) {
+        std::vector<unsigned char> bytes(policy_.group_encoded_bytes(zo2::GroupIndex{g}));
+        policy_.get_group_encoded(zo2::GroupIndex{g}, bytes);
+        st.groups.push_back(std::move(bytes));
+      }
+      return st;
+    } else {
+      return std::nullopt;
+    }
+  }
+  void restore_encoded_state(const EncodedState& st) override {
+    if constexpr (kSticky) {
+      const auto& ml = policy_.model_layout();
+      if (st.codec != Policy::codec_type::name || st.groups.size() != ml.num_groups())
+        throw zo2::Error("encoded state of codec '" + st.codec + "' with " + std::to_string(st.groups.size()) +
+                         " groups does not fit this run (codec " + Policy::codec_type::name + ", " +
+                         std::to_string(ml.num_groups()) + " groups)");
+      for (std::size_t g = 0; g < ml.num_groups(); ++g) policy_.set_group_encoded(zo2::GroupIndex{g}, st.groups[g]);
+    } else {
+      Engine::restore_encoded_state(st);
+    }
+  }
+
   zo2::OptimizerState state() const override { return optimizer_.state(); }
   std::string device_description() const override { return description_; }
   std::optional<std::size_t> device_memory_used() const override {

@@ -88,8 +88,7 @@ zo2::ParameterStore<float> random_parameters(const OPTConfig& config, std::uint6
 }
 
 void export_model(const fs::path& dir, const OPTConfig& config, const zo2::ParameterStore<float>& store,
-                  const Tokenizer* tokenizer, const std::string& extra_file_name,
-                  const std::string& extra_file_content) {
+                  const Tokenizer* tokenizer, const std::function<void(const fs::path&)>& write_extra) {
   const fs::path target = fs::absolute(dir).lexically_normal();
   const fs::path parent = target.parent_path();
   std::error_code ec;
@@ -101,7 +100,7 @@ void export_model(const fs::path& dir, const OPTConfig& config, const zo2::Param
     fs::create_directories(staging);
     zo2::opt::save_hf_checkpoint(staging, config, store, zo2::io::Dtype::F32);
     if (tokenizer) tokenizer->save(staging);
-    if (!extra_file_name.empty()) write_file_synced(staging / extra_file_name, extra_file_content);
+    if (write_extra) write_extra(staging);
     publish_directory(staging, target);
   } catch (...) {
     fs::remove_all(staging, ec);

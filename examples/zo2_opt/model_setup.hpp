@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -40,8 +41,9 @@ zo2::ParameterStore<float> random_parameters(const zo2::opt::OPTConfig& config, 
 
 /// Writes config.json + model.safetensors (F32) + tokenizer files into `dir`, atomically: the
 /// files are written and fsync'ed in a temporary sibling directory which is then renamed.
+/// `write_extra`, when given, adds files to the staging directory before it is published.
 void export_model(const std::filesystem::path& dir, const zo2::opt::OPTConfig& config,
                   const zo2::ParameterStore<float>& store, const Tokenizer* tokenizer,
-                  const std::string& extra_file_name = "", const std::string& extra_file_content = "");
+                  const std::function<void(const std::filesystem::path&)>& write_extra = {});
 
 }  // namespace zo2_opt

@@ -293,6 +293,17 @@ int run_train(const std::vector<std::string>& argv) {
   const std::string model_description = model->description;
   auto engine = make_engine(config, std::move(model->store), engine_options);
   model.reset();
+  // The int8 codec's masters are restored from their codes and row scales, not re-quantized.
+  std::string encoded_note;
+  if (resume_dir) {
+    if (auto encoded = read_encoded_state(*resume_dir)) {
+      const bool wanted = engine_options.offload && encoded->codec == engine_options.codec;
+      if (wanted) engine->restore_encoded_state(*encoded);
+      encoded_note = wanted ? "restored the " + encoded->codec + " codec's codes and row scales from " + kEncodedStateFile
+                            : std::string("not using ") + kEncodedStateFile + " (codec " + encoded->codec +
+                                  "): this run re-encodes the float weights";
+    }
+  }
   const BatchSchedule schedule_of_batches(train.examples.size(), batch_size, seed);
 
   const bool quiet = args.flag("--quiet");
@@ -309,6 +320,7 @@ int run_train(const std::vector<std::string>& argv) {
               zo.weight_decay, schedule.c_str(), static_cast<unsigned long long>(batch_size), data_options.seq_len,
               static_cast<unsigned long long>(seed), engine->device_description().c_str());
   if (resume_dir) std::printf("resume    from %s at step %llu\n", resume_dir->string().c_str(), static_cast<unsigned long long>(start_step));
+  if (!encoded_note.empty()) std::printf("resume    %s\n", encoded_note.c_str());
   for (const auto& flag : train_r.overridden) std::printf("note      %s differs from the checkpoint's: the run will not match an uninterrupted one\n", flag.c_str());
   for (const auto& flag : opt_r.overridden) std::printf("note      %s differs from the checkpoint's: the run will not match an uninterrupted one\n", flag.c_str());
   std::fflush(stdout);
@@ -391,7 +403,9 @@ int run_train(const std::vector<std::string>& argv) {
     }
     progress.update(t, smoothed, tokens_per_s, engine->device_memory_used());
     if (checkpoint_every && (t + 1) % checkpoint_every == 0 && t + 1 < total_steps) {
-      const fs::path saved = save_checkpoint(checkpoint_dir, t + 1, config, engine->parameters(), tok, state_json(t + 1));
+      const auto encoded = engine->encoded_state();
+      const fs::path saved = save_checkpoint(checkpoint_dir, t + 1, config, engine->parameters(), tok, state_json(t + 1),
+                                             encoded ? &*encoded : nullptr);
       last_checkpoint = t + 1;
       progress.note("checkpoint " + saved.string());
     }
@@ -402,7 +416,9 @@ int run_train(const std::vector<std::string>& argv) {
   const std::uint64_t steps_run = total_steps - start_step;
 
   if (checkpoint_every && last_checkpoint != total_steps) {
-    const fs::path saved = save_checkpoint(checkpoint_dir, total_steps, config, engine->parameters(), tok, state_json(total_steps));
+    const auto encoded = engine->encoded_state();
+    const fs::path saved = save_checkpoint(checkpoint_dir, total_steps, config, engine->parameters(), tok,
+                                           state_json(total_steps), encoded ? &*encoded : nullptr);
     std::printf("checkpoint %s\n", saved.string().c_str());
   }
   const EvalResult end_eval = evaluate_dataset(*engine, eval_data, batch_size, pad, eval_limit);

@@ -331,6 +331,20 @@ class HostOffload {
       ZO2_CUDA_CHECK(cudaMemcpy(device_master(g), encoded.data(), encoded.size(), cudaMemcpyHostToDevice));
     }
   }
+  /// Copies group g's master, in the codec's format, into `encoded` (GroupCodec<Codec>::bytes()
+  /// of them): with set_group_encoded, an exact save and restore where decoding to float and
+  /// encoding again would not be (the int8 codec's row scales are sticky).
+  void get_group_encoded(GroupIndex g, std::span<unsigned char> encoded) const {
+    synchronize();
+    const auto& codec = codec_for(g);
+    if (encoded.size() != codec.bytes())
+      throw Error("HostOffload::get_group_encoded: got " + std::to_string(encoded.size()) + " bytes, group " +
+                  std::to_string(g.value) + " holds " + std::to_string(codec.bytes()));
+    if (is_streamed(g)) std::memcpy(encoded.data(), host_block(g).data(), encoded.size());
+    else ZO2_CUDA_CHECK(cudaMemcpy(encoded.data(), device_master(g), encoded.size(), cudaMemcpyDeviceToHost));
+  }
+  /// Bytes of group g's master in the codec's format.
+  std::size_t group_encoded_bytes(GroupIndex g) const { return codec_for(g).bytes(); }
   /// Decodes group g's master into `flat`. Call the optimizer's flush() first for theta after
   /// the last step.
   void get_group(GroupIndex g, std::span<float> flat) const {
