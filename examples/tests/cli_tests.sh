@@ -82,6 +82,15 @@ case "$case_name" in
     cmp full_export/model.safetensors resumed2_export/model.safetensors ||
       fail "resume from step 10 with checkpoints differs from the uninterrupted run"
     echo "resumed weights are bit-identical"
+    # state.json records where the run computed; a resume elsewhere says it will not be bit-exact.
+    grep -q '"engine"' ck/step-00000015/state.json && grep -q '"device": "cpu"' ck/step-00000015/state.json ||
+      fail "state.json does not record the engine"
+    if grep -q "computed on" resumed.out; then fail "a same-device resume warned about a device change"; fi
+    cp -r ck/step-00000015 moved_ck &&
+      sed -i 's/"description": "[^"]*"/"description": "cuda (Some GPU)"/' moved_ck/state.json
+    run_ok moved "$bin" train --resume moved_ck --steps 16 --quiet --device cpu
+    grep -q "note      the checkpoint was computed on cuda (Some GPU), this run on cpu" moved.out ||
+      fail "no note that the device changed: $(grep note moved.out)"
     # A checkpoint's offload_state.safetensors (the int8 offload codec's codes) is checked on resume.
     cp -r ck/step-00000015 bad_ck && printf 'not safetensors' >bad_ck/offload_state.safetensors
     expect_error "bad_ck/offload_state.safetensors" "$bin" train --resume bad_ck --steps 16 --quiet

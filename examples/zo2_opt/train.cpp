@@ -143,13 +143,6 @@ int run_train(const std::vector<std::string>& argv) {
     return 0;
   }
   const std::string device = parse_device(args);
-  EngineOptions engine_options;
-  engine_options.device = device;
-  engine_options.offload = args.flag("--offload");
-  engine_options.codec = args.str("--codec", "");
-  if (args.has("--gpu-memory-budget")) engine_options.gpu_memory_budget_gib = args.number("--gpu-memory-budget", 0);
-  if (!engine_options.offload && (args.has("--codec") || args.has("--gpu-memory-budget")))
-    throw UsageError("train: --codec and --gpu-memory-budget apply only with --offload");
 
   const int sources = args.has("--demo") + args.has("--model") + args.has("--preset") + args.has("--resume");
   if (sources == 0) throw UsageError("train: say where the model comes from: --demo, --model DIR, --preset NAME or --resume DIR");
@@ -169,6 +162,22 @@ int run_train(const std::vector<std::string>& argv) {
   }
   const json* saved_train = resume_dir && state.contains("train") ? &state["train"] : nullptr;
   const json* saved_opt = resume_dir && state.contains("optimizer") ? &state["optimizer"] : nullptr;
+  // Where to compute: the command line's choice, else (resuming on a GPU) the checkpoint's
+  // offload settings, so `train --resume DIR --steps N` continues the run as it was configured.
+  const json* saved_engine =
+      saved_train && saved_train->contains("engine") && (*saved_train)["engine"].is_object() ? &(*saved_train)["engine"] : nullptr;
+  EngineOptions engine_options;
+  engine_options.device = device;
+  const bool use_saved_engine = saved_engine && device == "cuda" && !args.has("--offload");
+  engine_options.offload = use_saved_engine ? saved_engine->value("offload", false) : args.flag("--offload");
+  engine_options.codec = args.str("--codec", use_saved_engine && engine_options.offload ? saved_engine->value("codec", "") : "");
+  if (args.has("--gpu-memory-budget")) engine_options.gpu_memory_budget_gib = args.number("--gpu-memory-budget", 0);
+  else if (use_saved_engine && engine_options.offload && saved_engine->contains("gpu_memory_budget_gib") &&
+           (*saved_engine)["gpu_memory_budget_gib"].is_number())
+    engine_options.gpu_memory_budget_gib = (*saved_engine)["gpu_memory_budget_gib"].get<double>();
+  if (!engine_options.offload && (args.has("--codec") || args.has("--gpu-memory-budget")))
+    throw UsageError("train: --codec and --gpu-memory-budget apply only with --offload");
+
   const bool demo = args.flag("--demo") ||
                     (saved_train && !args.has("--data") && !args.has("--text") && saved_train->value("demo", false));
 
@@ -321,6 +330,11 @@ int run_train(const std::vector<std::string>& argv) {
               static_cast<unsigned long long>(seed), engine->device_description().c_str());
   if (resume_dir) std::printf("resume    from %s at step %llu\n", resume_dir->string().c_str(), static_cast<unsigned long long>(start_step));
   if (!encoded_note.empty()) std::printf("resume    %s\n", encoded_note.c_str());
+  if (saved_engine && saved_engine->contains("description") &&
+      saved_engine->value("description", "") != engine->device_description())
+    std::printf("note      the checkpoint was computed on %s, this run on %s: rounding differs, so the run will not "
+                "match an uninterrupted one bit for bit\n",
+                saved_engine->value("description", "").c_str(), engine->device_description().c_str());
   for (const auto& flag : train_r.overridden) std::printf("note      %s differs from the checkpoint's: the run will not match an uninterrupted one\n", flag.c_str());
   for (const auto& flag : opt_r.overridden) std::printf("note      %s differs from the checkpoint's: the run will not match an uninterrupted one\n", flag.c_str());
   std::fflush(stdout);
@@ -356,7 +370,11 @@ int run_train(const std::vector<std::string>& argv) {
                     }())},
                    {"eval_data", eval_path.empty() ? json(nullptr) : json(fs::absolute(eval_path).string())},
                    {"eval_every", eval_every}, {"eval_limit", eval_limit},
-                   {"checkpoint_every", checkpoint_every}, {"checkpoint_dir", fs::absolute(checkpoint_dir).string()}}},
+                   {"checkpoint_every", checkpoint_every}, {"checkpoint_dir", fs::absolute(checkpoint_dir).string()},
+                   {"engine", {{"device", engine_options.device}, {"offload", engine_options.offload},
+                               {"codec", engine_options.offload ? json(engine_options.codec.empty() ? "fp32" : engine_options.codec) : json(nullptr)},
+                               {"gpu_memory_budget_gib", engine_options.gpu_memory_budget_gib ? json(*engine_options.gpu_memory_budget_gib) : json(nullptr)},
+                               {"description", engine->device_description()}}}}},
         {"model", config.to_json()},
     };
   };
