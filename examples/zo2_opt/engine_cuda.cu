@@ -142,7 +142,10 @@ std::unique_ptr<Engine> make_offload(const zo2::opt::OPTConfig& config, zo2::Par
   zo2::cuda::OffloadOptions offload;
   if (options.gpu_memory_budget_gib)
     offload.gpu_memory_budget = static_cast<std::size_t>(*options.gpu_memory_budget_gib * 1024.0 * 1024.0 * 1024.0);
-  std::string description = gpu_name() + ", offload codec " + Codec::name;
+  // The codec is both the precision the weights rest in on the host (the master) and the one
+  // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>).
+  std::string description = gpu_name() + ", offload: master and transfer " + Codec::name +
+                            (Codec::row_scaled ? " (per-row scales)" : "") + ", forward fp32";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
   return std::make_unique<CudaEngine<zo2::cuda::HostOffload<Codec, float>>>(config, std::move(store), options, description,
                                                                              offload);

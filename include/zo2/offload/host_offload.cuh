@@ -9,9 +9,12 @@
 //   upload stream   H2D host master[i] -> slot            (issued ahead: prefetch depth >= 1)
 //   compute stream  wait upload; ONE fused kernel: decode the slot, apply the update owed from
 //                   the previous step, write the updated master back into the slot (encoded,
-//                   stochastic rounding), write theta +- eps z in T into the perturbed scratch;
-//                   then the model's two forwards of block i (enqueued by the caller)
+//                   stochastic rounding), write theta + eps z in T into the perturbed scratch;
+//                   the model's + forward of block i; materialize(): theta - eps z over the same
+//                   scratch (z regenerated from the slot); the - forward (both enqueued by the
+//                   caller). With one_perturbed_copy = false the fused kernel writes both copies.
 //   offload stream  wait kernel; D2H slot -> host master[i]; the slot is free for the next upload
+//                   once that copy and the materialize() pass are done
 // so the upload of block i+1 overlaps the compute of block i, and the offload of block i
 // overlaps it too (H2D and D2H use separate copy engines).
 //
