@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -342,6 +343,38 @@ TEST_CASE("one perturbed copy gives the same steps as two, in less memory (bf16 
   };
   SUBCASE("bf16") { compare(offload::Bf16Codec{}); }
   SUBCASE("int8") { compare(offload::Int8RowCodec{}); }
+}
+
+TEST_CASE("a NaN loss: the step is skipped and counted, the streamed weights stay as they were") {
+  if (!gpu_or_skip("NaN loss")) return;
+  TinyCudaStack model;
+  const auto init = make_store(model, 23);
+  const auto good = make_batch(64, model.width, 3);
+  auto bad = make_batch(64, model.width, 4);
+  const std::vector<float> nan_targets(64, std::numeric_limits<float>::quiet_NaN());
+  ZO2_CUDA_CHECK(cudaMemcpy(bad.y.data(), nan_targets.data(), nan_targets.size() * sizeof(float), cudaMemcpyHostToDevice));
+  using Policy = HostOffload<offload::Bf16Codec, float>;
+  Policy policy(init);
+  REQUIRE(policy.streamed_blocks() == model.blocks);
+  TinyCudaStack m = model;
+  m.stream = policy.stream();
+  ZOOptimizer<TinyCudaStack, Policy> opt(m, policy, config());
+  CHECK_FALSE(opt.step(good).skipped);
+  opt.flush();
+  ParameterStore<float> before(init.model_layout()), after(init.model_layout());
+  policy.store_to(before);
+  const auto r = opt.step(bad);
+  CHECK(r.skipped);
+  CHECK_FALSE(std::isfinite(r.loss_plus));
+  CHECK(opt.state().skipped_steps == 1);
+  CHECK_FALSE(opt.has_pending_update());
+  opt.flush();
+  policy.store_to(after);
+  CHECK(max_abs_diff(before, after) == 0.0);
+  // and the run goes on
+  const auto next = opt.step(good);
+  CHECK_FALSE(next.skipped);
+  CHECK(std::isfinite(next.loss_plus));
 }
 
 TEST_CASE("a 2-slot run stays within its computed device memory bound") {
