@@ -5,6 +5,11 @@
 // changes by an update, never by the round trip theta + ez - 2ez + ez of in-place MeZO.
 // The prologue has scratch of its own, so its perturbed copies stay valid until the epilogue
 // (which may read them: an LM head tied to the token embeddings).
+//
+// With ResidentOptions::one_perturbed_copy the policy keeps one scratch per group kind, as the
+// offload engine does by default: prepare() writes theta + eps z and materialize() rewrites it
+// as theta - eps z when ZOOptimizer asks (OnePerturbedCopy). It saves a block's and the
+// prologue's copy of host memory for one more noise pass per group; results are bit-identical.
 #pragma once
 
 #include <algorithm>
@@ -18,6 +23,11 @@
 
 namespace zo2 {
 
+struct ResidentOptions {
+  /// One perturbed copy per group kind instead of two (see the file comment).
+  bool one_perturbed_copy = false;
+};
+
 /// S: storage precision of the master copy; T: the precision the model's forward reads.
 template <class S, class T>
 class Resident {
@@ -25,15 +35,17 @@ class Resident {
   using storage_type = S;
   using value_type = T;
 
-  explicit Resident(ParameterStore<S>& store) : store_(&store) {
+  explicit Resident(ParameterStore<S>& store, ResidentOptions options = {}) : store_(&store), options_(options) {
     const ModelLayout& ml = store.model_layout();
     const std::size_t prologue = ml.layout(ml.prologue()).total_elements();
     const std::size_t largest = std::max(ml.layout(ml.block(0)).total_elements(),
                                          ml.layout(ml.epilogue()).total_elements());
     scratch_[0].plus.assign(prologue, T{});
-    scratch_[0].minus.assign(prologue, T{});
     scratch_[1].plus.assign(largest, T{});
-    scratch_[1].minus.assign(largest, T{});
+    if (!options_.one_perturbed_copy) {
+      scratch_[0].minus.assign(prologue, T{});
+      scratch_[1].minus.assign(largest, T{});
+    }
   }
 
   using Perturbed = PerturbedViews<T>;
@@ -54,12 +66,28 @@ class Resident {
         previous.step = noise.pending->step;
       }
       cpu::Perturber<S>::update_and_perturb_into(theta.tensor(r), scratch.plus.data() + off,
-                                                 scratch.minus.data() + off, layout.spec(r).numel(),
-                                                 noise.pending ? &coeffs : nullptr, previous,
-                                                 NoiseId{noise.seed, noise.step, id}, noise.eps);
+                                                 minus_of(scratch) ? minus_of(scratch) + off : nullptr,
+                                                 layout.spec(r).numel(), noise.pending ? &coeffs : nullptr,
+                                                 previous, NoiseId{noise.seed, noise.step, id}, noise.eps);
     }
-    return {ParamView<const T>(scratch.plus.data(), &layout),
-            ParamView<const T>(scratch.minus.data(), &layout)};
+    const T* minus = minus_of(scratch) ? minus_of(scratch) : scratch.plus.data();
+    return {ParamView<const T>(scratch.plus.data(), &layout), ParamView<const T>(minus, &layout)};
+  }
+
+  /// Whether prepare() leaves one copy for both views (ResidentOptions::one_perturbed_copy).
+  bool shares_perturbed_copy() const { return options_.one_perturbed_copy; }
+
+  /// Rewrites group g's (single) perturbed copy as theta + eps z or theta - eps z of noise.step.
+  void materialize(GroupIndex g, const StepNoise& noise, Side side) {
+    ParamView<const S> theta = std::as_const(*store_).group(g);
+    const ParamLayout& layout = theta.layout();
+    const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
+    const double c = side == Side::kPlus ? noise.eps : -noise.eps;
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+      cpu::Perturber<S>::add_scaled_noise_into(scratch_for(g).plus.data() + layout.offset(r), theta.tensor(r),
+                                               layout.spec(r).numel(),
+                                               NoiseId{noise.seed, noise.step, first_id + static_cast<std::uint32_t>(r)},
+                                               c);
   }
 
   /// theta of group g in the model's precision (no perturbation), for evaluation.
@@ -101,8 +129,10 @@ class Resident {
     std::vector<T> plus, minus;
   };
   Scratch& scratch_for(GroupIndex g) { return scratch_[g.value == 0 ? 0 : 1]; }
+  T* minus_of(Scratch& s) const { return options_.one_perturbed_copy ? nullptr : s.minus.data(); }
 
   ParameterStore<S>* store_;
+  ResidentOptions options_;
   Scratch scratch_[2];  // [0]: the prologue's, [1]: shared by the blocks and the epilogue
 };
 

@@ -43,7 +43,8 @@ struct Perturber {
   }
 
   /// The fused pass of the lazy update: apply step t-1's update to theta (if `pending`), then
-  /// write plus = theta + eps z_t and minus = theta - eps z_t. Bit-identical to update()
+  /// write plus = theta + eps z_t and minus = theta - eps z_t (minus may be null: a caller
+  /// that keeps one copy writes it later with add_scaled_noise_into). Bit-identical to update()
   /// followed by two add_scaled_noise_into() calls, since the updated theta is rounded to S before
   /// it is perturbed: a resumed run (which applies the update, saves, then perturbs) matches.
   template <class T>
@@ -64,7 +65,7 @@ struct Perturber {
         if (pending) theta[j] = store_rounded<S>(updated_value<S>(load(theta[j]), z_prev.z[k], *pending), bits.v[k], true);
         const C t = load(theta[j]);
         plus[j] = static_cast<T>(perturbed_value<S>(t, z_now.z[k], eps));
-        minus[j] = static_cast<T>(perturbed_value<S>(t, z_now.z[k], -eps));
+        if (minus) minus[j] = static_cast<T>(perturbed_value<S>(t, z_now.z[k], -eps));
       }
     }
   }
