@@ -338,20 +338,9 @@ void resident_breakdown(const RunConfig& c, Env& env, const Model& model, Policy
   const auto perturb = [&] {
     for (std::size_t g = 0; g < ml.num_groups(); ++g) policy.prepare(GroupIndex{g}, noise);
   };
-  const auto time_of = [&](auto&& f) {
-    std::vector<double> t;
-    zcuda::Event a(true), b(true);
-    for (int r = 0; r < 4; ++r) {
-      a.record(stream);
-      f();
-      b.record(stream);
-      b.synchronize();
-      if (r > 0) t.push_back(b.elapsed_ms_since(a) * 1e-3);  // the first run warms up
-    }
-    return median(t);
-  };
-  const double perturb_s = time_of(perturb);
-  const double forward_s = time_of(forwards);
+  // Median of 3 after one warm-up run.
+  const double perturb_s = time_ms(stream, 1, 3, perturb) * 1e-3;
+  const double forward_s = time_ms(stream, 1, 3, forwards) * 1e-3;
   JsonLine line;
   line.add("kind", "breakdown").add("bench", "zo2_bench").add("device", env.device);
   add_config_fields(line, c);
@@ -535,17 +524,7 @@ void attention_rates(const Env& env) {
           zcuda::causal_attention<bfloat16>(gemm, q.data(), k.data(), v.data(), mask.data(), out.data(), 1, seq, heads,
                                             hd, scratch, nullptr);
       };
-      for (int i = 0; i < 5; ++i) run();
-      std::vector<double> times;
-      zcuda::Event a(true), b(true);
-      for (int i = 0; i < 20; ++i) {
-        a.record(nullptr);
-        run();
-        b.record(nullptr);
-        b.synchronize();
-        times.push_back(b.elapsed_ms_since(a));
-      }
-      ms[path] = median(times);
+      ms[path] = time_ms(nullptr, 5, 20, run);
     }
     const double causal_flop = 4.0 * heads * hd * (static_cast<double>(seq) * (seq + 1) / 2);
     JsonLine()

@@ -322,10 +322,7 @@ class HostOffload {
   /// of them), e.g. one encoding copied to many blocks, or a checkpoint saved encoded.
   void set_group_encoded(GroupIndex g, std::span<const unsigned char> encoded) {
     synchronize();
-    const auto& codec = codec_for(g);
-    if (encoded.size() != codec.bytes())
-      throw Error("HostOffload::set_group_encoded: got " + std::to_string(encoded.size()) + " bytes, group " +
-                  std::to_string(g.value) + " needs " + std::to_string(codec.bytes()));
+    check_encoded_size(g, encoded.size(), "set_group_encoded");
     if (is_streamed(g)) {
       std::memcpy(host_block(g).data(), encoded.data(), encoded.size());
       for (auto& slot : slots_)
@@ -339,10 +336,7 @@ class HostOffload {
   /// encoding again would not be (the int8 codec's row scales are sticky).
   void get_group_encoded(GroupIndex g, std::span<unsigned char> encoded) const {
     synchronize();
-    const auto& codec = codec_for(g);
-    if (encoded.size() != codec.bytes())
-      throw Error("HostOffload::get_group_encoded: got " + std::to_string(encoded.size()) + " bytes, group " +
-                  std::to_string(g.value) + " holds " + std::to_string(codec.bytes()));
+    check_encoded_size(g, encoded.size(), "get_group_encoded");
     if (is_streamed(g)) std::memcpy(encoded.data(), host_block(g).data(), encoded.size());
     else ZO2_CUDA_CHECK(cudaMemcpy(encoded.data(), device_master(g), encoded.size(), cudaMemcpyDeviceToHost));
   }
@@ -605,6 +599,11 @@ class HostOffload {
     throw Error("HostOffload: group index " + std::to_string(g.value) + " out of range");
   }
   const offload::GroupCodec<Codec>& codec_for(GroupIndex g) const { return codecs_[kind_of(g)]; }
+  void check_encoded_size(GroupIndex g, std::size_t size, const char* what) const {
+    if (size != codec_for(g).bytes())
+      throw Error(std::string("HostOffload::") + what + ": got " + std::to_string(size) + " bytes, group " +
+                  std::to_string(g.value) + " needs " + std::to_string(codec_for(g).bytes()));
+  }
   Scratch& scratch_for(GroupIndex g) { return scratch_[g.value == 0 ? 0 : 1]; }
   bool is_streamed(GroupIndex g) const { return kind_of(g) == 1 && g.value - 1 < plan_.streamed_blocks; }
   std::span<unsigned char> host_block(GroupIndex g) const {

@@ -56,6 +56,7 @@ class Resident {
     const ParamLayout& layout = theta.layout();
     Scratch& scratch = scratch_for(g);
     const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
+    T* minus = options_.one_perturbed_copy ? nullptr : scratch.minus.data();  // null: one copy
     for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
       const std::size_t off = layout.offset(r);
       const std::uint32_t id = first_id + static_cast<std::uint32_t>(r);
@@ -66,12 +67,12 @@ class Resident {
         previous.step = noise.pending->step;
       }
       cpu::Perturber<S>::update_and_perturb_into(theta.tensor(r), scratch.plus.data() + off,
-                                                 minus_of(scratch) ? minus_of(scratch) + off : nullptr,
+                                                 minus ? minus + off : nullptr,
                                                  layout.spec(r).numel(), noise.pending ? &coeffs : nullptr,
                                                  previous, NoiseId{noise.seed, noise.step, id}, noise.eps);
     }
-    const T* minus = minus_of(scratch) ? minus_of(scratch) : scratch.plus.data();
-    return {ParamView<const T>(scratch.plus.data(), &layout), ParamView<const T>(minus, &layout)};
+    return {ParamView<const T>(scratch.plus.data(), &layout),
+            ParamView<const T>(minus ? minus : scratch.plus.data(), &layout)};
   }
 
   /// Whether prepare() leaves one copy for both views (ResidentOptions::one_perturbed_copy).
@@ -129,7 +130,6 @@ class Resident {
     std::vector<T> plus, minus;
   };
   Scratch& scratch_for(GroupIndex g) { return scratch_[g.value == 0 ? 0 : 1]; }
-  T* minus_of(Scratch& s) const { return options_.one_perturbed_copy ? nullptr : s.minus.data(); }
 
   ParameterStore<S>* store_;
   ResidentOptions options_;
