@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# bench/ncu_kernels.sh BENCH_BINARY [OUT_JSONL] -- where a resident OPT step's GPU time goes, by
-# kernel: Nsight Compute's gpu__time_duration over a window of launches inside the timed step of
-#   zo2_bench --model ${MODEL:-opt-6.7b} --policy resident --dtype ${DTYPE:-bf16} --steps 1 --warmup 1
+# bench/ncu_kernels.sh BENCH_BINARY [OUT_JSONL] -- where an OPT step's GPU time goes, by kernel:
+# Nsight Compute's gpu__time_duration over a window of launches inside the timed step of
+#   zo2_bench --model ${MODEL:-opt-6.7b} --policy ${POLICY:-resident} [--codec $CODEC]
+#             --dtype ${DTYPE:-bf16} --steps 1 --warmup 1
 # (SKIP, COUNT: the window, default 1000 and 260). ncu serializes kernels and locks base clocks, so
 # the times are for shares, not for the step's total. Writes one {"kind":"ncu_summary"} line and
 # one {"kind":"ncu_kernel"} line per kernel name (launches, total and mean us, share), largest
@@ -9,16 +10,17 @@
 set -euo pipefail
 bin=$1
 out=${2:-/dev/stdout}
-model=${MODEL:-opt-6.7b} dtype=${DTYPE:-bf16} skip=${SKIP:-1000} count=${COUNT:-260}
+model=${MODEL:-opt-6.7b} dtype=${DTYPE:-bf16} policy=${POLICY:-resident} skip=${SKIP:-1000} count=${COUNT:-260}
 ncu=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
 [[ -x $ncu ]] || { echo "ncu_kernels.sh: no ncu at $ncu" >&2; exit 1; }
 csv=$(mktemp)
 trap 'rm -f "$csv"' EXIT
 "$ncu" --metrics gpu__time_duration.sum --csv --launch-skip "$skip" --launch-count "$count" \
-  "$bin" --model "$model" --policy resident --dtype "$dtype" --steps 1 --warmup 1 > "$csv" 2> /dev/null
-python3 - "$csv" "$model" "$dtype" "$skip" "$count" > "$out" <<'PY'
+  "$bin" --model "$model" --policy "$policy" ${CODEC:+--codec "$CODEC"} --dtype "$dtype" --steps 1 --warmup 1 \
+  > "$csv" 2> /dev/null
+python3 - "$csv" "$model" "$dtype" "$skip" "$count" "$policy" "${CODEC:-}" > "$out" <<'PY'
 import collections, csv, json, sys
-path, model, dtype, skip, count = sys.argv[1:]
+path, model, dtype, skip, count, policy, codec = sys.argv[1:]
 rows = list(csv.reader(l for l in open(path) if l.startswith('"')))  # ncu's CSV lines only
 if not rows:
     sys.exit("ncu_kernels.sh: ncu printed no kernel rows")
@@ -31,7 +33,7 @@ for r in rows[1:]:
     agg[r[name][:120]][0] += 1
     agg[r[name][:120]][1] += us
 total = sum(t for _, t in agg.values())
-print(json.dumps({"kind": "ncu_summary", "model": model, "dtype": dtype, "launch_skip": int(skip),
+print(json.dumps({"kind": "ncu_summary", "model": model, "policy": policy, "codec": codec or None, "dtype": dtype, "launch_skip": int(skip),
                   "launch_count": int(count), "kernels": len(rows) - 1, "total_us": round(total, 1),
                   "note": "ncu kernel times (base clocks, serialized) over a window of launches of the timed step"}))
 for k, (n, t) in sorted(agg.items(), key=lambda kv: -kv[1][1]):

@@ -95,7 +95,7 @@ TEST_CASE("round trip vs float64, round to nearest") {
           // normal range: half ulp relative; below 2^-14 the subnormal spacing 2^-24 applies.
           return std::fabs(v) * (0x1p-11 + 0x1p-24) + 0x1p-25;
         }) <= 1.0);
-  CHECK(worst_ratio<Int8RowCodec>(false, [](double, double absmax) { return absmax / 127 * (0.5 + 1e-5); }) <= 1.0);
+  CHECK(worst_ratio<Int8RowCodec>(false, [](double, double absmax) { return absmax / Int8RowCodec::kEncodeCode * (0.5 + 1e-5); }) <= 1.0);
 }
 
 TEST_CASE("round trip vs float64, stochastic rounding: strictly within one step of the format") {
@@ -103,13 +103,13 @@ TEST_CASE("round trip vs float64, stochastic rounding: strictly within one step 
   CHECK(worst_ratio<Fp32Codec>(true, rel(0)) <= 1.0);
   CHECK(worst_ratio<Bf16Codec>(true, rel(0x1p-7)) < 1.0);
   CHECK(worst_ratio<Fp16Codec>(true, [](double v, double) { return std::fabs(v) * (0x1p-10 + 0x1p-24) + 0x1p-24; }) < 1.0);
-  const double int8 = worst_ratio<Int8RowCodec>(true, [](double, double absmax) { return absmax / 127 * (1 + 1e-5); });
+  const double int8 = worst_ratio<Int8RowCodec>(true, [](double, double absmax) { return absmax / Int8RowCodec::kEncodeCode * (1 + 1e-5); });
   CHECK(int8 < 1.0);
   CHECK(int8 > 0.5);  // SR does move values by more than half a step: it is not round-to-nearest
 }
 
 TEST_CASE("int8 stochastic rounding is unbiased; round-to-nearest is not") {
-  // One row with its absmax fixed at 1 (scale 1/127) and values at fractions of a step.
+  // One row with its absmax fixed at 1 (scale 1/124) and values at fractions of a step.
   ParamLayout layout;
   layout.add("w", {1, 64});
   const GroupCodec<Int8RowCodec> codec(layout);
@@ -126,7 +126,7 @@ TEST_CASE("int8 stochastic rounding is unbiased; round-to-nearest is not") {
     codec.decode(0, block, out);
     for (std::size_t k = 0; k < 64; ++k) sum[k] += out[k];
   }
-  const double step = 1.0 / 127.0;
+  const double step = 1.0 / Int8RowCodec::kEncodeCode;
   double worst_sr = 0, worst_rne = 0;
   codec.encode(0, values, {}, block);
   codec.decode(0, block, out);
@@ -184,7 +184,7 @@ TEST_CASE("int8 scales: all-equal rows, zero rows, tiny rows, subnormal rows") {
     codec.decode(0, block, out);
     const float* scales = reinterpret_cast<const float*>(block.data() + codec.scales_offset());
     for (std::size_t k = 0; k < 33; ++k) {
-      CHECK(out[k] == doctest::Approx(0.731).epsilon(1e-6));  // code 127 * scale
+      CHECK(out[k] == doctest::Approx(0.731).epsilon(1e-6));  // code 124 * scale
       CHECK(out[33 + k] == doctest::Approx(-2.5e3).epsilon(1e-6));
       CHECK(out[66 + k] == 0.0f);
       CHECK(std::fabs(out[99 + k] - values[99 + k]) <= scales[3] * 1.0001f);
@@ -245,4 +245,42 @@ TEST_CASE("int8 rescale after an update: sticky while the row fits, new when it 
   CHECK(Int8RowCodec::rescale(s, 0.3f) == Int8RowCodec::scale_for(0.3f));    // wastes range
   CHECK(Int8RowCodec::rescale(0.0f, 0.5f) == Int8RowCodec::scale_for(0.5f));
   CHECK(Int8RowCodec::rescale(s, 0.0f) == 0.0f);
+}
+
+TEST_CASE("int8 keeps_scale: whenever it holds, the exact rescale keeps the scale; it holds for MeZO-sized updates") {
+  // Rows of random codes under a fresh-encode scale, updated with random z (|z| <= the bound);
+  // the kernel skips the exact absmax sweep exactly when keeps_scale holds.
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> code(-124, 124);
+  std::size_t held = 0, trials = 0;
+  for (const double lr : {1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2}) {
+    for (int row = 0; row < 200; ++row) {
+      const float scale = 0.01f * (1.0f + static_cast<float>(row % 7));
+      std::vector<float> theta(96);
+      float largest = 0.0f;
+      for (auto& t : theta) {
+        t = static_cast<float>(code(rng)) * scale;
+        largest = std::fmax(largest, std::fabs(t));
+      }
+      const UpdateCoeffs u{lr, 40.0 * normal(rng), row % 2 ? 0.1 : 0.0};
+      float absmax = 0.0f;
+      for (auto t : theta) {
+        float z = normal(rng) * 2.0f;
+        z = std::fmax(-6.66f, std::fmin(6.66f, z));
+        absmax = std::fmax(absmax, std::fabs(updated_value<float>(t, z, u)));
+      }
+      const bool keeps = Int8RowCodec::keeps_scale(scale, largest, u);
+      if (keeps) CHECK(Int8RowCodec::rescale(scale, absmax) == scale);
+      held += keeps;
+      ++trials;
+      if (lr <= 1e-5 && largest >= 0.6f * 124 * scale) CHECK(keeps);  // MeZO-sized: no exact sweep
+      // where the update could pass the top code, nothing can be proved
+      if (largest * (1 + lr * u.wd) + std::fabs(lr * u.g) * 6.67 > 127 * scale * (1 + 1e-4)) CHECK_FALSE(keeps);
+    }
+  }
+  MESSAGE(held << " of " << trials << " rows provably keep their scale");
+  CHECK_FALSE(Int8RowCodec::keeps_scale(0.0f, 0.0f, UpdateCoeffs{1e-6, 1.0, 0.0}));  // zero row
+  CHECK_FALSE(Int8RowCodec::keeps_scale(0.01f, 1.0f, UpdateCoeffs{1e-6, NAN, 0.0}));  // non-finite g
+  CHECK_FALSE(Int8RowCodec::keeps_scale(0.01f, 1.27f, UpdateCoeffs{1e-6, 1.0, 0.0}));  // at the top code
 }

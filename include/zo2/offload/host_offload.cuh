@@ -65,6 +65,7 @@
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
 #include <zo2/offload/codecs.hpp>
+#include <zo2/offload/row_kernel.cuh>
 #include <zo2/offload/timeline.cuh>
 #include <zo2/optim/layer_stack.hpp>
 #include <zo2/optim/parameter_store.hpp>
@@ -93,99 +94,6 @@ struct OffloadOptions {
 };
 
 namespace offload_detail {
-
-/// One tensor of a group for the row-scaled kernel.
-struct RowTensor {
-  std::uint64_t offset, numel, rows, row_len, first_row;
-  std::uint32_t index, weight_decay;
-};
-
-struct RowArgs {
-  const RowTensor* table;
-  std::uint32_t first_tensor_id;
-  std::uint64_t seed;
-  std::uint32_t step, update_step;
-  bool has_update, perturb, convert;
-  double eps, lr, g, wd;
-};
-
-__device__ ZO2_FORCEINLINE float block_max(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    v = lane < static_cast<int>(blockDim.x / 32) ? shared[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if (lane == 0) shared[0] = v;
-  }
-  __syncthreads();
-  const float r = shared[0];
-  __syncthreads();
-  return r;
-}
-
-/// The fused pass for a row-scaled codec: one CUDA block per row (grid-stride), blockIdx.y the
-/// tensor. With an owed update the row is swept twice -- once for the new absmax (the scale of
-/// the updated row), once to encode with SR and perturb; z is regenerated, not stored. Each
-/// element is handled by the thread owning its Philox quad in both sweeps, so in-place writes
-/// never race reads; the old scale is read by every thread before the new one is written.
-template <class C, class T>
-__global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ block, float* __restrict__ scales,
-                                                  T* __restrict__ plus, T* __restrict__ minus, RowArgs a) {
-  __shared__ float shared[32];
-  const RowTensor t = a.table[blockIdx.y];
-  const std::uint32_t id = a.first_tensor_id + t.index;
-  const UpdateCoeffs u{a.lr, a.g, t.weight_decay ? a.wd : 0.0};
-  unsigned char* payload = block + t.offset * C::element_bytes;
-  for (std::uint64_t row = blockIdx.x; row < t.rows; row += gridDim.x) {
-    const std::uint64_t j0 = row * t.row_len, j1 = j0 + t.row_len;
-    const std::uint64_t q_begin = j0 / 4, q_end = (j1 + 3) / 4;
-    const float old_scale = scales[t.first_row + row];
-    float scale = old_scale;
-    if (a.has_update) {
-      float m = 0.0f;
-      for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
-        const Normal4 z = normal4(a.seed, a.update_step, id, q);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const std::uint64_t j = 4 * q + k;
-          if (j < j0 || j >= j1) continue;
-          m = fmaxf(m, fabsf(updated_value<float>(C::load(payload, j, old_scale), z.z[k], u)));
-        }
-      }
-      scale = C::rescale(old_scale, block_max(m, shared));  // its __syncthreads: old_scale read by all
-      if (threadIdx.x == 0) scales[t.first_row + row] = scale;
-    }
-    if (!a.has_update && !a.perturb && !a.convert) continue;
-    for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
-      Normal4 z_prev{}, z_now{};
-      Philox4x32 bits{};
-      if (a.has_update) {
-        z_prev = normal4(a.seed, a.update_step, id, q);
-        bits = philox_words(a.seed, a.update_step, id | kRoundingStream, q);
-      }
-      if (a.perturb) z_now = normal4(a.seed, a.step, id, q);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const std::uint64_t j = 4 * q + k;
-        if (j < j0 || j >= j1) continue;
-        float theta = C::load(payload, j, old_scale);
-        if (a.has_update) {
-          C::store(payload, j, updated_value<float>(theta, z_prev.z[k], u), scale, bits.v[k], true);
-          theta = C::load(payload, j, scale);
-        }
-        if (a.perturb) {
-          plus[t.offset + j] = from_float<T>(perturbed_value<float>(theta, z_now.z[k], a.eps));
-          if (minus) minus[t.offset + j] = from_float<T>(perturbed_value<float>(theta, z_now.z[k], -a.eps));
-        } else if (a.convert) {
-          plus[t.offset + j] = from_float<T>(theta);
-        }
-      }
-    }
-    __syncthreads();  // the next row's block_max reuses `shared`
-  }
-}
 
 inline std::size_t align_up(std::size_t n, std::size_t a) { return (n + a - 1) / a * a; }
 
@@ -752,11 +660,8 @@ class HostOffload {
       a.convert = mode == Mode::kConvert;
       if (pending) detail::set_owed_update(a, *pending);
       const std::uint32_t tensors = static_cast<std::uint32_t>(codecs_[k].num_tensors());
-      if (tensors == 0) return;
-      const dim3 grid(static_cast<unsigned>(std::min<std::uint64_t>(max_rows_[k], 2048)), tensors);
       float* scales = reinterpret_cast<float*>(master + codecs_[k].scales_offset());
-      offload_detail::row_kernel<Codec, T><<<grid, 256, 0, compute_>>>(master, scales, plus, minus, a);
-      ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::row_kernel");
+      offload_detail::launch_row_kernel<Codec, T>(master, scales, plus, minus, tensors, max_rows_[k], a, compute_);
     } else {
       using S = typename Codec::storage;
       S* theta = reinterpret_cast<S*>(master);

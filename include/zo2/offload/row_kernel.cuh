@@ -1,0 +1,201 @@
+// zo2/offload/row_kernel.cuh -- the fused update / perturb pass of a row-scaled codec
+// (codecs.hpp: Int8RowCodec), one launch per group, as HostOffload runs it on a streamed block.
+//
+// Why a kernel of its own: a row's scale depends on the whole updated row, so the update can
+// only be encoded after a reduction over the row. One CUDA block takes one row (grid-stride over
+// rows, blockIdx.y the tensor):
+//   1. (owed update only) the row's largest code; when Int8RowCodec::keeps_scale proves from it
+//      that the update cannot move the row out of its scale -- nearly every row, every step --
+//      the scale stays. Otherwise an exact sweep decodes, applies the update with z of the
+//      previous step, takes the absmax and chooses the new scale (Int8RowCodec::rescale).
+//   2. decode, apply the update, encode it with stochastic rounding under that scale, decode
+//      it again, and write theta + eps z (and theta - eps z) in T.
+// So the common row costs what the 16-bit fused pass costs (three Philox calls and two
+// Box-Muller pairs per 4 elements) plus one byte-per-element read for step 1, and gives the same
+// bits as always running the exact sweep.
+//
+// Noise: z goes through box_muller_fast (backend/cuda/perturb.cuh) under ZO2_CUDA_FAST_NOISE,
+// as in the 16-bit passes: the perturbation feeds 16-bit T, the update feeds 8-bit codes, both far
+// coarser than fast Box-Muller's ~1.3e-6 relative error. fp32 T keeps the precise transform.
+//
+// Each element is handled by the thread that owns its Philox quad in every sweep, so in-place
+// writes never race reads; the old scale is read by every thread before the new one is written
+// (block_max synchronizes).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/perturb.cuh>
+#include <zo2/core/philox.hpp>
+#include <zo2/core/zo_element.hpp>
+
+namespace zo2::cuda::offload_detail {
+
+/// One tensor of a group for the row-scaled kernel.
+struct RowTensor {
+  std::uint64_t offset, numel, rows, row_len, first_row;
+  std::uint32_t index, weight_decay;
+};
+
+struct RowArgs {
+  const RowTensor* table;
+  std::uint32_t first_tensor_id;
+  std::uint64_t seed;
+  std::uint32_t step, update_step;
+  bool has_update, perturb, convert;
+  double eps, lr, g, wd;
+};
+
+__device__ ZO2_FORCEINLINE float block_max(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    v = lane < static_cast<int>(blockDim.x / 32) ? shared[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) shared[0] = v;
+  }
+  __syncthreads();
+  const float r = shared[0];
+  __syncthreads();
+  return r;
+}
+
+/// Quad q's elements [4q, 4q + 4) of a tensor, as they fall in the row [j0, j1): `whole` when
+/// all four do (one 4-byte load or store; tensor offsets are multiples of 32, so it is aligned).
+struct QuadSpan {
+  std::uint64_t first;
+  bool whole;
+  __device__ ZO2_FORCEINLINE bool has(int k, std::uint64_t j0, std::uint64_t j1) const {
+    return whole || (first + k >= j0 && first + k < j1);
+  }
+};
+
+/// The decoded values of a quad's codes (0 where outside the row).
+template <class C>
+__device__ ZO2_FORCEINLINE void load_quad(const std::int8_t* codes, QuadSpan s, std::uint64_t j0, std::uint64_t j1,
+                                          float scale, float (&out)[4]) {
+  if (s.whole) {
+    const char4 c = *reinterpret_cast<const char4*>(codes + s.first);
+    out[0] = C::value(c.x, scale);
+    out[1] = C::value(c.y, scale);
+    out[2] = C::value(c.z, scale);
+    out[3] = C::value(c.w, scale);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) out[k] = s.has(k, j0, j1) ? C::value(codes[s.first + k], scale) : 0.0f;
+  }
+}
+
+template <class T>
+__device__ ZO2_FORCEINLINE void store_quad(T* dst, QuadSpan s, std::uint64_t j0, std::uint64_t j1, const float (&v)[4]) {
+  T o[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) o[k] = cuda::detail::to_output_device<T>(v[k]);
+  if (s.whole) {
+    cuda::detail::store_vector(dst + s.first, o);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (s.has(k, j0, j1)) dst[s.first + k] = o[k];
+  }
+}
+
+template <class C, class T>
+__global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ block, float* __restrict__ scales,
+                                                  T* __restrict__ plus, T* __restrict__ minus, RowArgs a) {
+  static_assert(C::element_bytes == 1, "row_kernel handles 8-bit codes");
+  __shared__ float reduce[32];
+  constexpr bool kFastUpdate = ZO2_CUDA_FAST_NOISE != 0;
+  constexpr bool kFastPerturb = cuda::detail::fast_noise_for_v<T>;
+  const RowTensor t = a.table[blockIdx.y];
+  const std::uint32_t id = a.first_tensor_id + t.index;
+  const UpdateCoeffs u{a.lr, a.g, t.weight_decay ? a.wd : 0.0};
+  std::int8_t* codes = reinterpret_cast<std::int8_t*>(block) + t.offset;
+  T* plus_t = plus + t.offset;
+  T* minus_t = minus ? minus + t.offset : nullptr;
+  for (std::uint64_t row = blockIdx.x; row < t.rows; row += gridDim.x) {
+    const std::uint64_t j0 = row * t.row_len, j1 = j0 + t.row_len;
+    const std::uint64_t q_begin = j0 / 4, q_end = (j1 + 3) / 4;
+    const float old_scale = scales[t.first_row + row];
+    float scale = old_scale;
+    if (a.has_update) {
+      float largest = 0.0f;  // the row's largest decoded magnitude
+      for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
+        float th[4];
+        load_quad<C>(codes, QuadSpan{4 * q, 4 * q >= j0 && 4 * q + 4 <= j1}, j0, j1, old_scale, th);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) largest = fmaxf(largest, fabsf(th[k]));
+      }
+      // block_max's __syncthreads also orders every thread's read of old_scale before its write
+      if (!C::keeps_scale(old_scale, block_max(largest, reduce), u)) {
+        float m = 0.0f;
+        for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
+          const QuadSpan s{4 * q, 4 * q >= j0 && 4 * q + 4 <= j1};
+          float th[4];
+          load_quad<C>(codes, s, j0, j1, old_scale, th);
+          const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            if (s.has(k, j0, j1)) m = fmaxf(m, fabsf(updated_value<float>(th[k], z.z[k], u)));
+        }
+        scale = C::rescale(old_scale, block_max(m, reduce));
+      }
+      if (threadIdx.x == 0) scales[t.first_row + row] = scale;
+    }
+    if (!a.has_update && !a.perturb && !a.convert) continue;
+    for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
+      const QuadSpan s{4 * q, 4 * q >= j0 && 4 * q + 4 <= j1};
+      float th[4];
+      load_quad<C>(codes, s, j0, j1, old_scale, th);
+      if (a.has_update) {
+        const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
+        const Philox4x32 bits = philox_words(a.seed, a.update_step, id | kRoundingStream, q);
+        std::int8_t c[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          c[k] = C::code(updated_value<float>(th[k], z.z[k], u), scale, bits.v[k], true);
+          th[k] = C::value(c[k], scale);
+        }
+        if (s.whole) {
+          *reinterpret_cast<char4*>(codes + s.first) = make_char4(c[0], c[1], c[2], c[3]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            if (s.has(k, j0, j1)) codes[s.first + k] = c[k];
+        }
+      }
+      if (a.perturb) {
+        const Normal4 z = cuda::detail::noise4<kFastPerturb>(a.seed, a.step, id, q);
+        float v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], a.eps);
+        store_quad(plus_t, s, j0, j1, v);
+        if (minus_t) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], -a.eps);
+          store_quad(minus_t, s, j0, j1, v);
+        }
+      } else if (a.convert) {
+        store_quad(plus_t, s, j0, j1, th);
+      }
+    }
+    __syncthreads();  // the next row's block_max reuses `reduce`
+  }
+}
+
+/// Launches row_kernel on one group.
+template <class C, class T>
+void launch_row_kernel(unsigned char* master, float* scales, T* plus, T* minus, std::uint32_t tensors,
+                       std::uint64_t max_rows, const RowArgs& a, cudaStream_t stream) {
+  if (tensors == 0) return;
+  const dim3 grid(static_cast<unsigned>(max_rows < 2048 ? max_rows : 2048), tensors);
+  row_kernel<C, T><<<grid, 256, 0, stream>>>(master, scales, plus, minus, a);
+  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::row_kernel");
+}
+
+}  // namespace zo2::cuda::offload_detail
