@@ -244,16 +244,24 @@ TEST_CASE("fp32 codec: same g and theta as the all-resident policy, streamed or 
 
   using Policy = HostOffload<offload::Fp32Codec, float>;
   const auto plan = Policy::plan_for(ModelLayout::of(model), {});
-  for (const auto& [resident, one_copy] : {std::pair{std::size_t{0}, true}, std::pair{std::size_t{2}, true},
-                                          std::pair{std::size_t{0}, false}}) {
-    CAPTURE(resident);
-    CAPTURE(one_copy);
+  struct Setup {
+    std::size_t budget_blocks;  // blocks' worth of budget above the minimum (0: no budget)
+    bool one_copy, adds_slot;
+    std::size_t resident, slots;  // what the plan must make of it
+  };
+  for (const Setup& c : {Setup{0, true, true, 0, 2}, Setup{2, true, false, 2, 2}, Setup{0, false, true, 0, 2},
+                         Setup{2, true, true, 1, 3}}) {
+    CAPTURE(c.budget_blocks);
+    CAPTURE(c.one_copy);
+    CAPTURE(c.adds_slot);
     OffloadOptions opt;
-    opt.one_perturbed_copy = one_copy;
-    if (resident) opt.gpu_memory_budget = plan.minimum_bytes + resident * plan.block_bytes;
+    opt.one_perturbed_copy = c.one_copy;
+    opt.budget_adds_slot = c.adds_slot;
+    if (c.budget_blocks) opt.gpu_memory_budget = plan.minimum_bytes + c.budget_blocks * plan.block_bytes;
     Policy policy(init, opt);
-    REQUIRE(policy.resident_blocks() == resident);
-    REQUIRE(policy.streamed_blocks() == model.blocks - resident);
+    REQUIRE(policy.resident_blocks() == c.resident);
+    REQUIRE(policy.streamed_blocks() == model.blocks - c.resident);
+    REQUIRE(policy.plan().slots == c.slots);
     double eval = 0;
     const auto got = run_steps(model, policy, batch, steps, &eval);
     for (int s = 0; s < steps; ++s) {

@@ -76,10 +76,19 @@ namespace zo2::cuda {
 struct OffloadOptions {
   /// Bytes of device memory the policy may hold (masters, slots, perturbed scratch; not the
   /// model's activations). 0: the minimum -- prologue, epilogue, scratch and `slots` slots, every
-  /// block streams. Otherwise every byte above the minimum keeps blocks resident (no transfer).
+  /// block streams. Otherwise the bytes above the minimum buy a third slot (budget_adds_slot),
+  /// then keep blocks resident (no transfer).
   std::size_t gpu_memory_budget = 0;
   /// Device slots blocks stream through (>= 2).
   std::size_t slots = 2;
+  /// With a budget above the minimum and slots = 2, the first block's worth of it buys a third
+  /// slot before any block stays resident, as long as at least half the blocks still stream (the
+  /// slot saves a little on every streamed block; a resident block saves one block's transfer
+  /// each way). With two, a slot's next upload waits for its
+  /// write-back, so a block costs about (upload + fused kernel + write-back) / 2 and follows the
+  /// concurrent PCIe bandwidth; a third slot decouples them (OPT-6.7B int8 on an H200: 0.151-0.171 s
+  /// with two slots, 0.144 s with three; bench/results/h200-2026-12-02-int8-slots.jsonl).
+  bool budget_adds_slot = true;
   /// Blocks uploaded ahead of the one being computed (1 <= depth <= slots - 1).
   std::size_t prefetch_depth = 1;
   /// One perturbed copy per group instead of two: the fused pass writes theta + eps z, and
@@ -310,6 +319,7 @@ class HostOffload {
                     copies * align_up(shared_elems * sizeof(T), A);
     p.minimum_bytes = p.fixed_bytes + opt.slots * p.block_bytes;
     const std::size_t n = ml.num_blocks();
+    std::size_t slots = opt.slots;
     if (opt.gpu_memory_budget == 0) {
       p.resident_blocks = 0;
     } else {
@@ -320,11 +330,19 @@ class HostOffload {
                               std::to_string(opt.slots) + " slots of " + std::to_string(p.block_bytes) +
                               " bytes); got " + std::to_string(opt.gpu_memory_budget) + " (0 means the minimum)");
       // All blocks resident needs no slots at all.
-      if (opt.gpu_memory_budget >= p.fixed_bytes + n * p.block_bytes) p.resident_blocks = n;
-      else p.resident_blocks = std::min(n, (opt.gpu_memory_budget - p.minimum_bytes) / p.block_bytes);
+      if (opt.gpu_memory_budget >= p.fixed_bytes + n * p.block_bytes) {
+        p.resident_blocks = n;
+      } else {
+        std::size_t extra = (opt.gpu_memory_budget - p.minimum_bytes) / p.block_bytes;
+        if (opt.budget_adds_slot && slots == 2 && extra >= 1 && 2 * (extra - 1) <= n) {
+          slots = 3;
+          --extra;
+        }
+        p.resident_blocks = std::min(n, extra);
+      }
     }
     p.streamed_blocks = n - p.resident_blocks;
-    p.slots = p.streamed_blocks == 0 ? 0 : opt.slots;
+    p.slots = p.streamed_blocks == 0 ? 0 : slots;
     p.arena_bytes = p.fixed_bytes + (p.resident_blocks + p.slots) * p.block_bytes;
     const std::size_t tables = 3;  // one tensor table per layout (prologue, block, epilogue)
     p.table_bytes = tables * A;    // a few KiB; accounted at 2 MiB each below
