@@ -66,7 +66,7 @@ CommandSpec train_spec() {
       {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
       {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
       {"--codec", "NAME", "with --offload: how blocks are stored for transfer", ""},
-      {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the resident blocks may use", ""},
+      {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the engine may hold (above the minimum: a third slot, then resident blocks)", ""},
       {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},
       {"--weight-decay", "X", "weight decay (weights only, not biases or LayerNorm)", "0"},
