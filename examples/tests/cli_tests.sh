@@ -185,6 +185,7 @@ case "$case_name" in
       end=$(json_field "full_$mode.out" end_loss)
       awk -v s="$start" -v e="$end" 'BEGIN { exit !(e < s) }' || fail "$mode: loss did not fall: $start -> $end"
       [ -n "${extra[*]}" ] && { grep -q "offload: master and transfer ${extra[2]}" "full_$mode.out" || fail "$mode: the log does not state the codec"; }
+      [ -n "${extra[*]}" ] && { grep -qE "blocks streamed through [23] slots|all [0-9]+ blocks resident" "full_$mode.out" || fail "$mode: the log does not state the offload plan"; }
       run_ok "first_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 12 --checkpoint-every 6 --checkpoint-dir "ck_$mode"
       run_ok "resumed_$mode" "$bin" train --resume "ck_$mode" --device cuda "${extra[@]}" --steps 24 --export "resumed_$mode" --quiet
       if [ "$mode" = int8 ]; then

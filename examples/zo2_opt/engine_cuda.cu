@@ -36,7 +36,17 @@ class CudaEngine final : public Engine {
              std::string description, PolicyArgs&&... policy_args)
       : host_(std::move(store)), model_(config), policy_(host_, std::forward<PolicyArgs>(policy_args)...),
         optimizer_((model_.set_stream(policy_.stream()), model_), policy_, options.zo, options.start_step),
-        description_(std::move(description)) {}
+        description_(std::move(description)) {
+    // The offload plan, as the budget decided it: what streams, through how many slots.
+    if constexpr (requires { policy_.plan().slots; }) {
+      const auto& plan = policy_.plan();
+      description_ += plan.streamed_blocks == 0
+                          ? ", all " + std::to_string(plan.resident_blocks) + " blocks resident"
+                          : ", " + std::to_string(plan.streamed_blocks) + " blocks streamed through " +
+                                std::to_string(plan.slots) + " slots, " + std::to_string(plan.resident_blocks) +
+                                " resident";
+    }
+  }
 
   zo2::StepResult step(const TokenBatch& batch) override { return optimizer_.step(model_.make_batch(batch)); }
   double loss(const TokenBatch& batch) override { return optimizer_.evaluate(model_.make_batch(batch)); }
