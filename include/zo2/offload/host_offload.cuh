@@ -84,10 +84,10 @@ struct OffloadOptions {
   /// With a budget above the minimum and slots = 2, the first block's worth of it buys a third
   /// slot before any block stays resident, as long as at least half the blocks still stream (the
   /// slot saves a little on every streamed block; a resident block saves one block's transfer
-  /// each way). With two, a slot's next upload waits for its
-  /// write-back, so a block costs about (upload + fused kernel + write-back) / 2 and follows the
-  /// concurrent PCIe bandwidth; a third slot decouples them (OPT-6.7B int8 on an H200: 0.151-0.171 s
-  /// with two slots, 0.144 s with three; bench/results/h200-2026-12-02-int8-slots.jsonl).
+  /// each way). With two slots, a slot's next upload waits for its write-back, so a block costs
+  /// about (upload + fused kernel + write-back) / 2 and follows the concurrent PCIe bandwidth; a
+  /// third slot decouples them (OPT-6.7B int8 on an H200: 0.151-0.171 s with two slots, 0.144 s
+  /// with three; bench/results/h200-2026-12-02-int8-slots.jsonl).
   bool budget_adds_slot = true;
   /// Blocks uploaded ahead of the one being computed (1 <= depth <= slots - 1).
   std::size_t prefetch_depth = 1;
