@@ -32,8 +32,7 @@ struct Fixture {
   ParamLayout layout;
   offload::GroupCodec<Int8RowCodec> codec;
   std::vector<unsigned char> block;  // encoded group: codes, then scales
-  DeviceBuffer<offload_detail::RowTensor> table;
-  std::uint64_t max_rows = 0;
+  offload_detail::RowTable table;
   static constexpr std::uint32_t kFirstId = 40;
   static constexpr std::uint64_t kSeed = 0x5eed1234abcdull;
 
@@ -49,21 +48,11 @@ struct Fixture {
       for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) flat[layout.offset(r) + j] = normal(rng) * (1.0f + r);
     block.resize(codec.bytes());
     codec.encode_group(flat, block);
-    std::vector<offload_detail::RowTensor> host;
-    for (std::size_t r = 0; r < codec.num_tensors(); ++r) {
-      const auto& t = codec.tensor(r);
-      host.push_back({t.offset, t.numel, t.rows, t.row_len, t.first_row, static_cast<std::uint32_t>(r),
-                      layout.spec(r).weight_decay ? 1u : 0u});
-      max_rows = std::max<std::uint64_t>(max_rows, t.rows);
-    }
-    table = DeviceBuffer<offload_detail::RowTensor>(host.size());
-    copy_to_device(table.data(), host.data(), host.size(), nullptr);
-    ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+    table = offload_detail::RowTable(codec, layout);
   }
 
   offload_detail::RowArgs args(bool update, bool perturb, bool convert, double eps, double lr = 0.0) const {
     offload_detail::RowArgs a{};
-    a.table = table.data();
     a.first_tensor_id = kFirstId;
     a.seed = kSeed;
     a.step = 12;
@@ -93,7 +82,7 @@ struct Fixture {
     float* scales = reinterpret_cast<float*>(d_block.data() + codec.scales_offset());
     offload_detail::launch_row_kernel<Int8RowCodec, bfloat16>(
         d_block.data(), scales, d_plus.data(), with_minus ? d_minus.data() : nullptr,
-        static_cast<std::uint32_t>(codec.num_tensors()), max_rows, a, nullptr);
+        table, a, nullptr);
     ZO2_CUDA_CHECK(cudaDeviceSynchronize());
     Result r{std::vector<unsigned char>(block.size()), std::vector<bfloat16>(n), std::vector<bfloat16>(n)};
     copy_to_host(r.block.data(), d_block.data(), block.size(), nullptr);

@@ -492,17 +492,7 @@ class HostOffload {
     const GroupIndex gi = i == 0 ? ml.prologue() : i == 1 ? ml.block(0) : ml.epilogue();
     const ParamLayout& layout = ml.layout(gi);
     if constexpr (Codec::row_scaled) {
-      std::vector<offload_detail::RowTensor> host;
-      std::uint64_t max_rows = 0;
-      for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
-        const auto& t = codecs_[i].tensor(r);
-        host.push_back({t.offset, t.numel, t.rows, t.row_len, t.first_row, static_cast<std::uint32_t>(r),
-                        layout.spec(r).weight_decay ? 1u : 0u});
-        max_rows = std::max<std::uint64_t>(max_rows, t.rows);
-      }
-      row_tables_[i] = DeviceBuffer<offload_detail::RowTensor>(host.size());
-      ZO2_CUDA_CHECK(cudaMemcpy(row_tables_[i].data(), host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
-      max_rows_[i] = max_rows;
+      row_tables_[i] = offload_detail::RowTable(codecs_[i], layout);
     } else {
       tables_[i] = GroupTable(layout);
     }
@@ -669,7 +659,6 @@ class HostOffload {
     const std::uint32_t first_id = layout_->first_tensor_id(g);
     if constexpr (Codec::row_scaled) {
       offload_detail::RowArgs a{};
-      a.table = row_tables_[k].data();
       a.first_tensor_id = first_id;
       a.seed = seed;
       a.step = step;
@@ -677,9 +666,8 @@ class HostOffload {
       a.perturb = mode == Mode::kPerturb || mode == Mode::kPerturbOnly;
       a.convert = mode == Mode::kConvert;
       if (pending) detail::set_owed_update(a, *pending);
-      const std::uint32_t tensors = static_cast<std::uint32_t>(codecs_[k].num_tensors());
       float* scales = reinterpret_cast<float*>(master + codecs_[k].scales_offset());
-      offload_detail::launch_row_kernel<Codec, T>(master, scales, plus, minus, tensors, max_rows_[k], a, compute_);
+      offload_detail::launch_row_kernel<Codec, T>(master, scales, plus, minus, row_tables_[k], a, compute_);
     } else {
       using S = typename Codec::storage;
       S* theta = reinterpret_cast<S*>(master);
@@ -702,8 +690,7 @@ class HostOffload {
   Stream upload_, offload_;
   offload::GroupCodec<Codec> codecs_[3];
   GroupTable tables_[3];
-  DeviceBuffer<offload_detail::RowTensor> row_tables_[3];
-  std::uint64_t max_rows_[3] = {0, 0, 0};
+  offload_detail::RowTable row_tables_[3];
 
   DeviceBuffer<unsigned char> arena_;
   unsigned char* prologue_master_ = nullptr;

@@ -26,11 +26,15 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 #include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/memory.cuh>
 #include <zo2/backend/cuda/perturb.cuh>
+#include <zo2/core/param_layout.hpp>
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
+#include <zo2/offload/codecs.hpp>
 
 namespace zo2::cuda::offload_detail {
 
@@ -40,8 +44,37 @@ struct RowTensor {
   std::uint32_t index, weight_decay;
 };
 
+/// A group's row tensors in device memory (its codec's geometry, the tensors' indices and
+/// weight-decay flags), and the most rows any of them has: what launch_row_kernel needs.
+class RowTable {
+ public:
+  RowTable() = default;
+  template <class C>
+  RowTable(const offload::GroupCodec<C>& codec, const ParamLayout& layout) {
+    std::vector<RowTensor> host;
+    for (std::size_t r = 0; r < codec.num_tensors(); ++r) {
+      const auto& t = codec.tensor(r);
+      host.push_back({t.offset, t.numel, t.rows, t.row_len, t.first_row, static_cast<std::uint32_t>(r),
+                      layout.spec(r).weight_decay ? 1u : 0u});
+      if (t.rows > max_rows_) max_rows_ = t.rows;
+    }
+    count_ = static_cast<std::uint32_t>(host.size());
+    entries_ = DeviceBuffer<RowTensor>(host.size());
+    if (!host.empty())
+      ZO2_CUDA_CHECK(cudaMemcpy(entries_.data(), host.data(), host.size() * sizeof(RowTensor), cudaMemcpyHostToDevice));
+  }
+  const RowTensor* data() const { return entries_.data(); }
+  std::uint32_t size() const { return count_; }
+  std::uint64_t max_rows() const { return max_rows_; }
+
+ private:
+  DeviceBuffer<RowTensor> entries_;
+  std::uint32_t count_ = 0;
+  std::uint64_t max_rows_ = 0;
+};
+
 struct RowArgs {
-  const RowTensor* table;
+  const RowTensor* table;  // set by launch_row_kernel
   std::uint32_t first_tensor_id;
   std::uint64_t seed;
   std::uint32_t step, update_step;
@@ -70,6 +103,9 @@ __device__ ZO2_FORCEINLINE float block_max(float v, float* shared) {
 struct QuadSpan {
   std::uint64_t first;
   bool whole;
+  __device__ ZO2_FORCEINLINE static QuadSpan of(std::uint64_t q, std::uint64_t j0, std::uint64_t j1) {
+    return QuadSpan{4 * q, 4 * q >= j0 && 4 * q + 4 <= j1};
+  }
   __device__ ZO2_FORCEINLINE bool has(int k, std::uint64_t j0, std::uint64_t j1) const {
     return whole || (first + k >= j0 && first + k < j1);
   }
@@ -127,7 +163,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
       float largest = 0.0f;  // the row's largest decoded magnitude
       for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
         float th[4];
-        load_quad<C>(codes, QuadSpan{4 * q, 4 * q >= j0 && 4 * q + 4 <= j1}, j0, j1, old_scale, th);
+        load_quad<C>(codes, QuadSpan::of(q, j0, j1), j0, j1, old_scale, th);
 #pragma unroll
         for (int k = 0; k < 4; ++k) largest = fmaxf(largest, fabsf(th[k]));
       }
@@ -135,7 +171,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
       if (!C::keeps_scale(old_scale, block_max(largest, reduce), u)) {
         float m = 0.0f;
         for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
-          const QuadSpan s{4 * q, 4 * q >= j0 && 4 * q + 4 <= j1};
+          const QuadSpan s = QuadSpan::of(q, j0, j1);
           float th[4];
           load_quad<C>(codes, s, j0, j1, old_scale, th);
           const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
@@ -149,7 +185,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
     }
     if (!a.has_update && !a.perturb && !a.convert) continue;
     for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
-      const QuadSpan s{4 * q, 4 * q >= j0 && 4 * q + 4 <= j1};
+      const QuadSpan s = QuadSpan::of(q, j0, j1);
       float th[4];
       load_quad<C>(codes, s, j0, j1, old_scale, th);
       if (a.has_update) {
@@ -188,12 +224,14 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
   }
 }
 
-/// Launches row_kernel on one group.
+/// Launches row_kernel on one group (a.table is set from `table`).
 template <class C, class T>
-void launch_row_kernel(unsigned char* master, float* scales, T* plus, T* minus, std::uint32_t tensors,
-                       std::uint64_t max_rows, const RowArgs& a, cudaStream_t stream) {
-  if (tensors == 0) return;
-  const dim3 grid(static_cast<unsigned>(max_rows < 2048 ? max_rows : 2048), tensors);
+void launch_row_kernel(unsigned char* master, float* scales, T* plus, T* minus, const RowTable& table, RowArgs a,
+                       cudaStream_t stream) {
+  if (table.size() == 0) return;
+  a.table = table.data();
+  const std::uint64_t rows = table.max_rows();
+  const dim3 grid(static_cast<unsigned>(rows < 2048 ? rows : 2048), table.size());
   row_kernel<C, T><<<grid, 256, 0, stream>>>(master, scales, plus, minus, a);
   ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::row_kernel");
 }
