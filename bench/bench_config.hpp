@@ -50,6 +50,7 @@ struct Options {
   std::size_t gpu_budget = 0;   // HostOffload gpu_memory_budget in bytes (0: the minimum)
   std::size_t slots = 2, prefetch = 1;
   bool two_copies = false;  // offload: both perturbed copies at once (OffloadOptions::one_perturbed_copy = false)
+  std::string flash = "auto";  // the flash-attention kernel: auto | mma | wgmma
 };
 
 inline const char* usage_text() {
@@ -85,6 +86,8 @@ Options:
   --slots N            offload: device slots (default 2)
   --prefetch N         offload: blocks uploaded ahead (default 1)
   --two-copies         offload: keep theta+ez and theta-ez at once (default: one copy, more memory saved)
+  --flash KERNEL       the flash-attention kernel: auto (wgmma on Hopper in a build for sm_90a,
+                       else mma.sync), mma, wgmma                  (default auto)
   --min-host-gb-30b G  the reference set runs OPT-30B offloaded when MemAvailable >= G GB
                        (default 100)
   --extras             also measure the host-side update rate (the alternative to write-back) and
@@ -187,6 +190,11 @@ inline Options parse_options(int argc, char** argv) {
     else if (key == "--slots") o.slots = static_cast<std::size_t>(parse_int(key, next(), 2));
     else if (key == "--prefetch") o.prefetch = static_cast<std::size_t>(parse_int(key, next(), 1));
     else if (key == "--two-copies") flag(), o.two_copies = true;
+    else if (key == "--flash") {
+      const auto kernel = parse_list(key, next(), {"auto", "mma", "wgmma"});
+      if (kernel.size() != 1) throw UsageError("--flash takes one of auto, mma, wgmma");
+      o.flash = kernel[0];
+    }
     else throw UsageError("unknown option '" + key + "' (--help lists them)");
   }
   if (o.help) return o;

@@ -4,7 +4,7 @@
 #
 #   run(command="bash bench/run_gpu.sh", timeout_s=600)     # carry nothing (see below)
 #
-#   1. configure + build (Release, sm_90): the CUDA tests, zo2_bench, zo2-opt (for the HF check)
+#   1. configure + build (Release, sm_90a; ZO2_CUDA_ARCH overrides): the CUDA tests, zo2_bench, zo2-opt (for the HF check)
 #   2. ctest -R '^cuda_|^zo2_opt_gpu$': every CUDA test and zo2-opt's GPU test (resident and
 #      offloaded training, bit-exact resume); then compute-sanitizer memcheck on the CUDA test
 #      binaries and racecheck on the flash kernel's (ZO2_SANITIZE=0 skips it)
@@ -76,7 +76,7 @@ command -v ninja > /dev/null && generator=(-G Ninja)
 [[ -f $build/CMakeCache.txt ]] && generator=()  # keep the generator an existing build dir has
 echo "== configure ($(elapsed) s)"
 cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DZO2_ENABLE_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90 -DZO2_BUILD_TESTS=ON -DZO2_BUILD_BENCH=ON -DZO2_BUILD_EXAMPLES=$examples \
+  -DCMAKE_CUDA_ARCHITECTURES="${ZO2_CUDA_ARCH:-90a}" -DZO2_BUILD_TESTS=ON -DZO2_BUILD_BENCH=ON -DZO2_BUILD_EXAMPLES=$examples \
   -DZO2_INSTALL=OFF "${prefix[@]}" > "$logs/configure.log" 2>&1 || { tail -40 "$logs/configure.log"; exit 1; }
 cuda_tests=()
 for f in tests/cuda/*.cu; do cuda_tests+=("test_cuda_$(basename "$f" .cu)"); done

@@ -44,7 +44,7 @@ if [[ -d $ROOT/.deps ]]; then PREFIX=(-DCMAKE_PREFIX_PATH="$ROOT/.deps"); echo "
 echo "== configure"
 # -std=c++20 for nvcc: the project asks C++20 of CXX only (cxx_std_20), and CMake before 3.27
 # or so does not know nvcc 13's C++20 support (cuda_std_20).
-cmake -S . -B "$BUILD" -DZO2_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DZO2_BUILD_BENCH=ON \
+cmake -S . -B "$BUILD" -DZO2_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DZO2_BUILD_BENCH=ON \
   -DZO2_BUILD_EXAMPLES=OFF -DZO2_INSTALL=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS=-std=c++20 \
   "${PREFIX[@]}" > "$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
 

@@ -138,7 +138,17 @@ struct Env {
   Bandwidth bw;
   std::unique_ptr<DeviceMemoryProbe> probe;
   double start = 0;
+  zcuda::FlashKernel flash = zcuda::FlashKernel::kAuto;  // resolved: kMmaSync or kWgmma
 };
+
+const char* flash_kernel_name(zcuda::FlashKernel k) { return k == zcuda::FlashKernel::kWgmma ? "wgmma" : "mma.sync"; }
+
+/// The model's options for this run: the flash kernel --flash chose.
+opt::OPTCudaOptions model_options(const Env& env) {
+  opt::OPTCudaOptions mo;
+  mo.flash_kernel = env.flash;
+  return mo;
+}
 
 /// A host batch as OPTCudaModel::make_batch reads it.
 struct HostBatch {
@@ -279,6 +289,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   JsonLine line;
   line.add("kind", "config").add("bench", "zo2_bench").add("device", env.device);
   add_config_fields(line, c);
+  line.add("flash_kernel", flash_kernel_name(env.flash));
   line.add("params", static_cast<std::uint64_t>(params)).add("tokens_per_step", static_cast<std::uint64_t>(tokens))
       .add("warmup_steps", c.warmup).add("timed_steps", c.steps).add("finite_steps", m.finite)
       .add("step_s_median", med).add("step_s_p10", quantile(m.step_s, 0.1)).add("step_s_p90", quantile(m.step_s, 0.9))
@@ -357,7 +368,7 @@ void run_resident(const RunConfig& c, Env& env) {
   zcuda::CudaResident<T, T> policy(opt_model_layout(config), stream.get());
   const ModelLayout& ml = policy.model_layout();
   for (std::size_t g = 0; g < ml.num_groups(); ++g) device_fill_group(policy.master(GroupIndex{g}), 1 + g, stream.get());
-  opt::OPTCudaModel<T> model(config, stream.get());
+  opt::OPTCudaModel<T> model(config, stream.get(), model_options(env));
   const auto batch = model.make_batch(random_batch(c, config.vocab_size));
   ZOConfig zc;
   zc.lr = 1e-6, zc.eps = 1e-3, zc.seed = 7;
@@ -430,7 +441,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
       for (auto& th : pool) th.join();
     }
   }
-  opt::OPTCudaModel<T> model(config, policy.stream());
+  opt::OPTCudaModel<T> model(config, policy.stream(), model_options(env));
   const auto batch = model.make_batch(random_batch(c, config.vocab_size));
   ZOConfig zc;
   zc.lr = 1e-7, zc.eps = 1e-3, zc.seed = 5;
@@ -492,9 +503,10 @@ void run_config(const RunConfig& c, const Options& o, Env& env) {
   }
 }
 
-/// The fused flash kernel against the materialized path (cuBLAS batched GEMMs + masked softmax)
-/// at OPT's attention shapes, seq 2048, batch 1, bf16, with an all-ones mask as a padded batch
-/// passes it; median of 20 after 5 warm-ups; one {"kind":"attention"} line per shape.
+/// The fused flash kernels (mma.sync; wgmma where the build and device have it) against the
+/// materialized path (cuBLAS batched GEMMs + masked softmax) at OPT's attention shapes, seq 2048,
+/// batch 1, bf16, no padding mask (as a resident step passes an all-ones mask); median of 20
+/// after 5 warm-ups; one {"kind":"attention"} line per shape.
 void attention_rates(const Env& env) {
   std::mt19937 rng(9);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -502,6 +514,7 @@ void attention_rates(const Env& env) {
   zcuda::AttentionScratch<bfloat16> scratch;
   const std::int64_t seq = 2048;
   const std::int64_t shapes[4][3] = {{768, 12, 64}, {2048, 32, 64}, {4096, 32, 128}, {5120, 40, 128}};
+  const bool have_wgmma = zcuda::flash_wgmma_available();
   for (const auto& shape : shapes) {
     const std::int64_t hidden = shape[0], heads = shape[1], hd = shape[2];
     const auto n = static_cast<std::size_t>(seq * hidden);
@@ -511,27 +524,28 @@ void attention_rates(const Env& env) {
       for (auto& x : host) x = to_bfloat16(normal(rng));
       zcuda::copy_to_device(buf->data(), host.data(), n, nullptr);
     }
-    const std::vector<std::uint8_t> ones(static_cast<std::size_t>(seq), 1);
-    zcuda::DeviceBuffer<std::uint8_t> mask(ones.size());
-    zcuda::copy_to_device(mask.data(), ones.data(), ones.size(), nullptr);
-    double ms[2];
-    for (int path = 0; path < 2; ++path) {
-      const auto run = [&] {
-        if (path == 0)
-          zcuda::flash_causal_attention<bfloat16>(q.data(), k.data(), v.data(), mask.data(), out.data(), 1, seq, heads,
-                                                  hd, nullptr);
-        else
-          zcuda::causal_attention<bfloat16>(gemm, q.data(), k.data(), v.data(), mask.data(), out.data(), 1, seq, heads,
-                                            hd, scratch, nullptr);
-      };
-      ms[path] = time_ms(nullptr, 5, 20, run);
-    }
+    const auto flash = [&](zcuda::FlashKernel kernel) {
+      return time_ms(nullptr, 5, 20, [&] {
+        zcuda::flash_causal_attention<bfloat16>(q.data(), k.data(), v.data(), nullptr, out.data(), 1, seq, heads, hd,
+                                                nullptr, kernel);
+      });
+    };
+    const double mma_ms = flash(zcuda::FlashKernel::kMmaSync);
+    const double wgmma_ms = have_wgmma ? flash(zcuda::FlashKernel::kWgmma) : 0.0;
+    const double materialized_ms = time_ms(nullptr, 5, 20, [&] {
+      zcuda::causal_attention<bfloat16>(gemm, q.data(), k.data(), v.data(), nullptr, out.data(), 1, seq, heads, hd,
+                                        scratch, nullptr);
+    });
+    const double flash_ms = have_wgmma ? wgmma_ms : mma_ms;
     const double causal_flop = 4.0 * heads * hd * (static_cast<double>(seq) * (seq + 1) / 2);
-    JsonLine()
-        .add("kind", "attention").add("bench", "zo2_bench").add("device", env.device).add("dtype", "bf16")
-        .add("hidden", hidden).add("heads", heads).add("head_dim", hd).add("seq", seq).add("flash_ms", ms[0])
-        .add("materialized_ms", ms[1]).add("flash_tflops", causal_flop / ms[0] * 1e-9)
-        .add("materialized_tflops", causal_flop / ms[1] * 1e-9).add("speedup", ms[1] / ms[0])
+    JsonLine line;
+    line.add("kind", "attention").add("bench", "zo2_bench").add("device", env.device).add("dtype", "bf16")
+        .add("hidden", hidden).add("heads", heads).add("head_dim", hd).add("seq", seq).add("mask", "none")
+        .add("flash_kernel", have_wgmma ? "wgmma" : "mma.sync").add("flash_ms", flash_ms)
+        .add("mma_sync_ms", mma_ms).add("mma_sync_tflops", causal_flop / mma_ms * 1e-9);
+    if (have_wgmma) line.add("wgmma_ms", wgmma_ms).add("wgmma_tflops", causal_flop / wgmma_ms * 1e-9);
+    line.add("materialized_ms", materialized_ms).add("flash_tflops", causal_flop / flash_ms * 1e-9)
+        .add("materialized_tflops", causal_flop / materialized_ms * 1e-9).add("speedup", materialized_ms / flash_ms)
         .print();
   }
 }
@@ -627,6 +641,10 @@ int main(int argc, char** argv) {
     ZO2_CUDA_CHECK(cudaGetDeviceProperties(&prop, env.device_index));
     env.device = prop.name;
     env.probe = std::make_unique<DeviceMemoryProbe>(env.device_index);
+    const bool have_wgmma = zcuda::flash_wgmma_available();
+    if (o.flash == "wgmma" && !have_wgmma)
+      throw std::runtime_error("--flash wgmma: this build or device has no wgmma kernel (build for sm_90a)");
+    env.flash = o.flash == "mma" || !have_wgmma ? zcuda::FlashKernel::kMmaSync : zcuda::FlashKernel::kWgmma;
     {
       zcuda::Stream s;
       env.gemm = measure_gemm_rate(s.get());
@@ -642,7 +660,7 @@ int main(int argc, char** argv) {
         .add("pinned_d2h_GBps", env.bw.d2h).add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d)
         .add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h).add("host_memory_bytes", host_total_bytes())
         .add("host_available_bytes", host_available_bytes()).add("host_threads", std::thread::hardware_concurrency())
-        .add("nvml", env.probe->nvml_available()).add("zo2_alloc_counting", alloc_count::kEnabled)
+        .add("nvml", env.probe->nvml_available()).add("flash_kernel", flash_kernel_name(env.flash)).add("zo2_alloc_counting", alloc_count::kEnabled)
         .add("set", o.set.empty() ? std::string("explicit") : o.set).print();
     if (o.extras) {
       host_update_rate(env);

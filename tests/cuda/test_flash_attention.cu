@@ -73,8 +73,20 @@ double tolerance() {
   return std::is_same_v<T, bfloat16> ? 1e-2 : 2e-3;
 }
 
+using zo2::cuda::FlashKernel;
+
+const char* kernel_name(FlashKernel k) { return k == FlashKernel::kWgmma ? "wgmma" : "mma.sync"; }
+
+/// Both kernels where the build and the device have wgmma (sm_90a on Hopper), else mma.sync alone.
+std::vector<FlashKernel> flash_kernels() {
+  if (zo2::cuda::flash_wgmma_available()) return {FlashKernel::kMmaSync, FlashKernel::kWgmma};
+  std::printf("SKIPPED: the wgmma flash kernel (needs a Hopper GPU and a build for sm_90a): mma.sync only\n");
+  return {FlashKernel::kMmaSync};
+}
+
 template <class T>
 void check_cases() {
+  const std::vector<FlashKernel> kernels = flash_kernels();
   std::mt19937 rng(2026 + sizeof(T) + (std::is_same_v<T, bfloat16> ? 100 : 0));
   zo2::cuda::Gemm gemm;
   zo2::cuda::AttentionScratch<T> scratch;
@@ -96,27 +108,32 @@ void check_cases() {
     auto dq = upload(q), dk = upload(k), dv = upload(v);
     auto dm = upload(mask);
     zo2::cuda::DeviceBuffer<T> flash(n), materialized(n);
-    ZO2_CUDA_CHECK(cudaMemset(flash.data(), 0xff, n * sizeof(T)));  // NaN patterns: unwritten fails
     ZO2_CUDA_CHECK(cudaMemset(materialized.data(), 0xff, n * sizeof(T)));
     REQUIRE(zo2::cuda::flash_attention_supported<T>(c.hd, c.seq, c.heads, c.batch, dq.data(), dk.data(), dv.data(),
                                                     flash.data()));
     const std::uint8_t* mask_ptr = c.padding ? dm.data() : nullptr;
-    zo2::cuda::flash_causal_attention<T>(dq.data(), dk.data(), dv.data(), mask_ptr, flash.data(), c.batch, c.seq,
-                                         c.heads, c.hd, nullptr);
-    ZO2_CUDA_CHECK(cudaGetLastError());
     zo2::cuda::causal_attention<T>(gemm, dq.data(), dk.data(), dv.data(), mask_ptr, materialized.data(), c.batch,
                                    c.seq, c.heads, c.hd, scratch, nullptr);
-    const auto out = download(flash.data(), n), old = download(materialized.data(), n);
+    const auto old = download(materialized.data(), n);
     const auto ref = attention_reference(as_double(q), as_double(k), as_double(v), mask, c.batch, c.seq, c.heads, c.hd);
-    const double err = rel_error(out, ref), err_old = rel_error(old, ref), err_vs_old = rel_error(out, as_double(old));
-    const double max_abs = max_abs_error(out, ref);
-    MESSAGE(zo2::cuda::type_name<T>() << " b" << c.batch << " s" << c.seq << " h" << c.heads << " d" << c.hd
-                                      << " pad" << c.padding << ": flash vs f64 " << err << " (max abs " << max_abs
-                                      << "), materialized vs f64 " << err_old << ", flash vs materialized "
-                                      << err_vs_old);
-    CHECK(err <= tolerance<T>());
-    CHECK(max_abs <= 10 * tolerance<T>());
-    CHECK(err_vs_old <= err_old + 2 * tolerance<T>());  // the materialized path rounds scores to T
+    const double err_old = rel_error(old, ref);
+    for (const FlashKernel kernel : kernels) {
+      CAPTURE(kernel_name(kernel));
+      ZO2_CUDA_CHECK(cudaMemset(flash.data(), 0xff, n * sizeof(T)));  // NaN patterns: unwritten fails
+      zo2::cuda::flash_causal_attention<T>(dq.data(), dk.data(), dv.data(), mask_ptr, flash.data(), c.batch, c.seq,
+                                           c.heads, c.hd, nullptr, kernel);
+      ZO2_CUDA_CHECK(cudaGetLastError());
+      const auto out = download(flash.data(), n);
+      const double err = rel_error(out, ref), err_vs_old = rel_error(out, as_double(old));
+      const double max_abs = max_abs_error(out, ref);
+      MESSAGE(zo2::cuda::type_name<T>() << " " << kernel_name(kernel) << " b" << c.batch << " s" << c.seq << " h"
+                                        << c.heads << " d" << c.hd << " pad" << c.padding << ": flash vs f64 " << err
+                                        << " (max abs " << max_abs << "), materialized vs f64 " << err_old
+                                        << ", flash vs materialized " << err_vs_old);
+      CHECK(err <= tolerance<T>());
+      CHECK(max_abs <= 10 * tolerance<T>());
+      CHECK(err_vs_old <= err_old + 2 * tolerance<T>());  // the materialized path rounds scores to T
+    }
   }
 }
 

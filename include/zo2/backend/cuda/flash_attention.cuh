@@ -41,6 +41,8 @@
 
 #include <zo2/backend/cuda/attention.cuh>
 #include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/flash_attention_wgmma.cuh>
+#include <zo2/backend/cuda/flash_tile.cuh>
 #include <zo2/backend/cuda/gemm.cuh>
 #include <zo2/core/error.hpp>
 
@@ -48,9 +50,6 @@ namespace zo2::cuda {
 
 namespace detail {
 
-inline constexpr int kFlashRows = 64;     // queries per block (16 per warp)
-inline constexpr int kFlashKeys = 64;     // keys per tile
-inline constexpr int kFlashThreads = 128;
 // Blocks per SM the register allocation must allow (__launch_bounds__' second argument). 1: the
 // compiler's choice (180 registers at D = 128, two blocks per SM); 3 caps it at 168 registers
 // (a few bytes spilled) for three. Measured by bench/run_gpu.sh's flash A/B.
@@ -58,67 +57,10 @@ inline constexpr int kFlashThreads = 128;
 #define ZO2_FLASH_MIN_BLOCKS 1
 #endif
 
-__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-/// 16 bytes global -> shared, asynchronously; zeros when !valid (src must still be a valid address).
-__device__ __forceinline__ void cp_async_16(std::uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], std::uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], std::uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-/// d += a b for one m16n8k16 tile: a row-major 16x16, b "col" 16x8, fp32 accumulators.
-template <class T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
-                                          std::uint32_t b1) {
-  if constexpr (std::is_same_v<T, bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-/// Two floats as one register of two T (lo in the low half), round to nearest.
-template <class T>
-__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, bfloat16>) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const std::uint32_t*>(&h);
-  } else {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const std::uint32_t*>(&h);
-  }
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
+/// Dynamic shared memory of the mma.sync kernel: one Q, one K and one V tile.
+template <class T, int D>
+constexpr int flash_mma_smem_bytes() {
+  return (kFlashRows + 2 * kFlashKeys) * D * static_cast<int>(sizeof(T));
 }
 
 /// Element offset of 16-byte chunk c of row r in a [rows, D] tile, chunks XOR-swizzled by r % 8.
@@ -133,7 +75,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_attention_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const std::uint8_t* __restrict__ key_mask, T* __restrict__ out, int seq, int ld, float scale_log2) {
-  constexpr int BM = kFlashRows, BN = kFlashKeys, kChunks = D / 8, kDSteps = D / 16, kNTiles = BN / 8,
+  constexpr int BM = kFlashRows, BN = kFlashKeys, kChunks = D / 8, kDSteps = D / 16, kNTiles = kFlashScoreTiles,
                 kOTiles = D / 8;
   extern __shared__ __align__(128) unsigned char flash_smem[];
   T* sq = reinterpret_cast<T*>(flash_smem);
@@ -215,49 +157,10 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
     }
     cp_async_commit();
 
-    // Mask, then the online softmax (log2 units) of rows g and g + 8.
+    // Mask, then the online softmax of rows g and g + 8.
     const bool diagonal = j == m_tile;
-    const std::uint8_t* tile_mask = smask[j & 1];
-    // Off the diagonal with no padding mask every key is visible (keys >= seq only exist in the
-    // last tile, which is the diagonal of the only block that reaches it).
-    if (diagonal || mask != nullptr)
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key_local = nt * 8 + 2 * t4 + (e & 1);
-        const int key = n0 + key_local;
-        const bool visible = tile_mask[key_local] != 0 && (!diagonal || key <= q_row[e >> 1]);
-        if (!visible) s[nt][e] = -INFINITY;
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // Scores are raw (unscaled); scale > 0 keeps the order. A row with nothing visible yet
-      // keeps max -inf: use 0 there so exp2(-inf - 0) = 0 and no inf - inf appears.
-      const float m_scaled = mx == -INFINITY ? 0.0f : mx * scale_log2;
-      const float alpha = fast_exp2(row_max[r] == -INFINITY ? -INFINITY : row_max[r] * scale_log2 - m_scaled);
-      row_max[r] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-        const float p0 = fast_exp2(fmaf(s[nt][2 * r], scale_log2, -m_scaled));
-        const float p1 = fast_exp2(fmaf(s[nt][2 * r + 1], scale_log2, -m_scaled));
-        s[nt][2 * r] = p0;
-        s[nt][2 * r + 1] = p1;
-        sum += p0 + p1;
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int ot = 0; ot < kOTiles; ++ot) {
-        o[ot][2 * r] *= alpha;
-        o[ot][2 * r + 1] *= alpha;
-      }
-    }
+    if (diagonal || mask != nullptr) flash_mask_scores(s, smask[j & 1], n0, diagonal, q_row, t4);
+    flash_online_softmax(s, o, row_max, row_sum, scale_log2);
 
     cp_async_wait<1>();
     __syncthreads();  // V_j landed (K_{j+1} may still be in flight)
@@ -266,10 +169,7 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       std::uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      flash_probabilities<T>(s, kk, a);
 #pragma unroll
       for (int dp = 0; dp < kOTiles / 2; ++dp) {
         std::uint32_t bv[4];
@@ -283,37 +183,7 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
   cp_async_wait<0>();
 
   // Normalize and store; rows with no visible key stay zero here (fixed up after the launch).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    const int row = q_row[r];
-    if (row < seq) {
-      T* dst = out + (seq_row0 + row) * ld + col0 + 2 * t4;
-#pragma unroll
-      for (int ot = 0; ot < kOTiles; ++ot)
-        *reinterpret_cast<std::uint32_t*>(dst + ot * 8) = pack2<T>(o[ot][2 * r] * inv, o[ot][2 * r + 1] * inv);
-    }
-  }
-}
-
-template <class T, int D>
-void launch_flash_attention(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context,
-                            std::int64_t batch, std::int64_t seq, std::int64_t heads, cudaStream_t stream) {
-  constexpr int kSmem = (kFlashRows + 2 * kFlashKeys) * D * static_cast<int>(sizeof(T));
-  static const bool configured = [] {
-    ZO2_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    return true;
-  }();
-  (void)configured;
-  const dim3 grid(static_cast<unsigned>((seq + kFlashRows - 1) / kFlashRows), static_cast<unsigned>(heads),
-                  static_cast<unsigned>(batch));
-  const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(D)));
-  flash_attention_kernel<T, D><<<grid, kFlashThreads, kSmem, stream>>>(
-      q, k, v, key_mask, context, static_cast<int>(seq), static_cast<int>(heads * D), scale_log2);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::flash_attention_kernel");
+  flash_store_rows<T>(o, row_sum, q_row, seq, out + col0, seq_row0, ld, t4);
 }
 
 }  // namespace detail
@@ -332,18 +202,50 @@ bool flash_attention_supported(std::int64_t head_dim, std::int64_t seq, std::int
   }
 }
 
+/// Which fused kernel runs: kAuto takes wgmma where the device and the build have it.
+enum class FlashKernel { kAuto, kMmaSync, kWgmma };
+
+/// Whether the current device runs an image with the wgmma kernel (Hopper, built for sm_90a).
+inline bool flash_wgmma_available() { return detail::device_has_wgmma(); }
+
 /// context = causal attention(q, k, v) with key_mask (null: none), as causal_attention computes it
-/// (same layout and semantics), by the fused kernel. Throws if !flash_attention_supported.
+/// (same layout and semantics), by a fused kernel. Throws if !flash_attention_supported, or if
+/// kWgmma is asked for where !flash_wgmma_available().
 template <class T>
 void flash_causal_attention(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context,
                             std::int64_t batch, std::int64_t seq, std::int64_t heads, std::int64_t head_dim,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, FlashKernel kernel = FlashKernel::kAuto) {
   if (!flash_attention_supported<T>(head_dim, seq, heads, batch, q, k, v, context))
     throw ShapeError("flash_causal_attention: needs bf16/fp16, head_dim 64 or 128 (got " + std::to_string(head_dim) +
                      ") and 16-byte aligned buffers");
   if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
-    if (head_dim == 64) detail::launch_flash_attention<T, 64>(q, k, v, key_mask, context, batch, seq, heads, stream);
-    else detail::launch_flash_attention<T, 128>(q, k, v, key_mask, context, batch, seq, heads, stream);
+    bool wgmma = kernel == FlashKernel::kWgmma;
+    if (kernel == FlashKernel::kAuto) wgmma = flash_wgmma_available();
+    else if (wgmma && !flash_wgmma_available())
+      throw Error("flash_causal_attention: the wgmma kernel needs a Hopper GPU and a build for sm_90a "
+                  "(CMAKE_CUDA_ARCHITECTURES=90a)");
+    using namespace detail;
+    if (wgmma) {
+      constexpr int kStages = kFlashWgmmaStages;
+      constexpr int kWG64 = kFlashWgmmaWarpgroups<64>, kWG128 = kFlashWgmmaWarpgroups<128>;
+      const char* name = "zo2::cuda::flash_attention_wgmma_kernel";
+      if (head_dim == 64)
+        launch_flash<flash_attention_wgmma_kernel<T, 64, kWG64, kStages>,
+                     flash_wgmma_smem_bytes<64, kWG64, kStages>(), kFlashRows * kWG64, kFlashThreads * kWG64>(
+            q, k, v, key_mask, context, batch, seq, heads, 64, stream, name);
+      else
+        launch_flash<flash_attention_wgmma_kernel<T, 128, kWG128, kStages>,
+                     flash_wgmma_smem_bytes<128, kWG128, kStages>(), kFlashRows * kWG128, kFlashThreads * kWG128>(
+            q, k, v, key_mask, context, batch, seq, heads, 128, stream, name);
+    } else {
+      const char* name = "zo2::cuda::flash_attention_kernel";
+      if (head_dim == 64)
+        launch_flash<flash_attention_kernel<T, 64>, flash_mma_smem_bytes<T, 64>(), kFlashRows, kFlashThreads>(
+            q, k, v, key_mask, context, batch, seq, heads, 64, stream, name);
+      else
+        launch_flash<flash_attention_kernel<T, 128>, flash_mma_smem_bytes<T, 128>(), kFlashRows, kFlashThreads>(
+            q, k, v, key_mask, context, batch, seq, heads, 128, stream, name);
+    }
     if (key_mask) {
       const std::int64_t hidden = heads * head_dim;
       for (std::int64_t b = 0; b < batch; ++b)
@@ -353,15 +255,15 @@ void flash_causal_attention(const T* q, const T* k, const T* v, const std::uint8
   }
 }
 
-/// The fused kernel where it applies and `use_flash`, the materialized causal_attention otherwise.
-/// Returns whether the fused kernel ran.
+/// A fused kernel (`kernel`) where one applies and `use_flash`, the materialized causal_attention
+/// otherwise. Returns whether a fused kernel ran.
 template <class T>
 bool causal_attention_dispatch(Gemm& gemm, const T* q, const T* k, const T* v, const std::uint8_t* key_mask,
                                T* context, std::int64_t batch, std::int64_t seq, std::int64_t heads,
                                std::int64_t head_dim, AttentionScratch<T>& scratch, cudaStream_t stream,
-                               bool use_flash = true) {
+                               bool use_flash = true, FlashKernel kernel = FlashKernel::kAuto) {
   if (use_flash && flash_attention_supported<T>(head_dim, seq, heads, batch, q, k, v, context)) {
-    flash_causal_attention<T>(q, k, v, key_mask, context, batch, seq, heads, head_dim, stream);
+    flash_causal_attention<T>(q, k, v, key_mask, context, batch, seq, heads, head_dim, stream, kernel);
     return true;
   }
   causal_attention<T>(gemm, q, k, v, key_mask, context, batch, seq, heads, head_dim, scratch, stream);

@@ -80,6 +80,9 @@ struct OPTCudaOptions {
   /// tests/cuda/test_flash_attention.cu and the HF parity tests on an H100 (2026-11-23); 1.9-3.3x
   /// faster than the materialized path at seq 2048 (bench/results/h100-attention-*-flash.jsonl).
   bool flash_attention = true;
+  /// Which fused kernel: kAuto takes the wgmma kernel (flash_attention_wgmma.cuh) on a Hopper GPU
+  /// when the build targets sm_90a, the mma.sync kernel otherwise.
+  cuda::FlashKernel flash_kernel = cuda::FlashKernel::kAuto;
 };
 
 template <class T>
@@ -289,7 +292,7 @@ class OPTCudaModel {
     cuda::causal_attention_dispatch<T>(*gemm_, q, k, v, in.key_mask, ws.context.data(),
                                        static_cast<std::int64_t>(in.batch), static_cast<std::int64_t>(in.seq),
                                        config_.num_attention_heads, config_.head_dim(), ws.attention, stream_,
-                                       options_.flash_attention);
+                                       options_.flash_attention, options_.flash_kernel);
     gemm_->linear<T>(ws.context.data(), tensor(blk_.o_w), tensor(blk_.o_b), ws.residual.data(), tokens, hidden, hidden,
                      stream_, false, x);
     if (!pre_ln)
