@@ -3,9 +3,10 @@
 //
 // Status: OPTCudaOptions::flash_attention's default since tests/cuda/test_flash_attention.cu
 // passed on an H100 (2026-11-23); compute-sanitizer memcheck and racecheck clean on an H200
-// (2026-12-01). At OPT-6.7B's shapes (seq 2048, 32 heads of 128) it runs at ~110 TFLOP/s (ncu,
-// H200): about 16% of a resident step, the largest term after the GEMMs. FA3-style wgmma tiles
-// would be the next step.
+// (2026-12-01). This file's kernel is mma.sync (sm_80+); on Hopper, in a build for sm_90a,
+// flash_causal_attention runs flash_attention_wgmma.cuh's kernel instead (FlashKernel::kAuto):
+// at OPT-6.7B's shapes (seq 2048, 32 heads of 128) 207 against 175 TFLOP/s on an H200
+// (bench/results/h200-2026-12-02-wgmma-step.jsonl), about 9% of a resident step.
 //
 // Why: attention.cuh materializes the scores [heads, seq, seq] in T, softmaxes them in place and
 // multiplies by V: three passes over heads * seq^2 elements (at seq 2048, 6.7B: 0.5 ms per layer,

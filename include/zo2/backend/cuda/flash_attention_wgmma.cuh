@@ -3,22 +3,29 @@
 // mma.sync kernel (that file's header says what is computed), with the two products on wgmma and
 // kWG warpgroups sharing each K/V tile.
 //
-// Why: the mma.sync kernel tops out near 170 TFLOP/s on an H200 at OPT-6.7B's shapes, and a
-// one-warpgroup wgmma kernel with its tiles (64 queries per block) ran no faster: each 64-query
-// block streams every K/V tile it needs from L2 (32 KB per 64 keys at head_dim 128), and that
-// traffic, not the tensor cores, set the pace. Here kWG warpgroups (64 query rows each) share one
-// copy of each K/V tile, so the L2 traffic per query falls by kWG, and a ring of kStages K/V
-// tiles keeps the loads kStages - 1 tiles ahead.
+// Why, and what was measured (H200, seq 2048, bf16; bench/results/h200-2026-12-02-flash-wgmma.jsonl):
+// the mma.sync kernel runs at ~175 TFLOP/s at OPT-6.7B's shape. The same tiles on wgmma (one
+// warpgroup, 64 queries per block) ran no faster (172). Sharing each K/V tile among kWG
+// warpgroups, which cuts the K/V traffic from L2 per query by kWG, gave 194-205 (two) and
+// 210-224 (three) at head_dim 128. Keeping S_j and P_{j-1} V_{j-1} in flight together so that the
+// softmax overlaps the tensor cores helped only once no wgmma sat under a data-dependent branch:
+// with one, ptxas serialized every wgmma (its warning C7514) and the rate fell to 177-185.
+// What FlashAttention-3 adds and this kernel does not (producer warps with TMA, ping-pong
+// scheduling of the warpgroups' softmax against each other's GEMMs, 128-key tiles) is where the
+// remaining factor of two or more lies.
 //
 // The kernel: kWG x 128 threads, 64 kWG queries per block, 64-key tiles, head_dim D in {64, 128}.
 // Q, K and V tiles sit in shared memory in wgmma's 128-byte-swizzled layout (wgmma.cuh), split
 // into D / 64 column halves of 64 rows x 128 bytes, loaded by cp.async with every thread of the
-// block taking part. One barrier per key tile: after it, tile j is resident, every warpgroup is
-// done with tile j - 1, and tile j + kStages - 1 starts loading into the stage tile j - 1 held.
-// Each warpgroup then computes S = Q K_j^T (m64n64k16 x D / 16, both operands in shared memory),
-// masks it and runs the online softmax, and O += P V_j with P from S's accumulators as the
-// register A operand (m64n64k16 per 64 columns of D, V MN-major). A warpgroup skips the tiles
-// past its own diagonal (its causal mask hides them), still passing the barriers.
+// block taking part, into a ring of kStages K/V stages. One barrier per key tile j: after it,
+// tile j is resident for every thread, every warpgroup is done with tile j - 2, and tile
+// j + kStages - 2 starts loading into the stage tile j - 2 held. Each warpgroup then issues
+// S_j = Q K_j^T (m64n64k16 x D / 16, both operands in shared memory) and P_{j-1} V_{j-1}
+// (m64n64k16 per 64 columns of D, P from registers, V MN-major), waits for S_j, masks it and runs
+// the softmax step while P V finishes, then rescales O and turns S_j into P_j. Every warpgroup
+// issues the same sequence: tiles past a warpgroup's own diagonal are computed too, their keys
+// all hidden by the causal mask (P = 0, the running max unchanged), so no wgmma is under a
+// branch.
 #pragma once
 
 #include <cuda_runtime.h>
