@@ -2,9 +2,11 @@
 # bench/run_gpu.sh -- everything the GPU machine checks and measures, in one command (device
 # `run`, H100: ~7-8 minutes, kept under 9 by a time budget):
 #
-#   run(command="bash bench/run_gpu.sh", timeout_s=600)     # carry nothing (see below)
+#   run(command="bash bench/run_gpu.sh", timeout_s=600)     # carry nothing (see below), or
+#   run(command="bash bench/run_gpu.sh", carry=["build-device.tar"])   # after bench/prebuild.sh
 #
-#   1. configure + build (Release, sm_90a; ZO2_CUDA_ARCH overrides): the CUDA tests, zo2_bench, zo2-opt (for the HF check)
+#   1. configure + build (Release, sm_90a; ZO2_CUDA_ARCH overrides): the CUDA tests, zo2_bench, zo2-opt (for the HF check);
+#      skipped when a carried build-device.tar (bench/prebuild.sh) matches the sources
 #   2. ctest -R '^cuda_|^zo2_opt_gpu$': every CUDA test and zo2-opt's GPU test (resident and
 #      offloaded training, bit-exact resume); then compute-sanitizer memcheck on the CUDA test
 #      binaries and racecheck on the flash kernel's (ZO2_SANITIZE=0 skips it)
@@ -22,7 +24,8 @@
 #   python3 bench/plot.py && python3 bench/make_table.py > ...   (see docs/benchmarks.md)
 #
 # Env: ZO2_BUDGET_S (total seconds, 530), ZO2_BUILD_DIR (build-gpu-bench), ZO2_SET (reference),
-#      ZO2_BENCH_ARGS (extra zo2_bench arguments), ZO2_SKIP_TESTS=1, ZO2_SKIP_HF=1.
+#      ZO2_BENCH_ARGS (extra zo2_bench arguments), ZO2_SKIP_TESTS=1, ZO2_SKIP_HF=1,
+#      ZO2_PREBUILT=0 (ignore a carried build-device.tar).
 # Dependencies: the GPU machine has Eigen, doctest and nlohmann-json; where it does not, run
 # `bash bench/run_gpu_perturb.sh --prepare-deps` here and carry .deps.
 set -uo pipefail
@@ -74,21 +77,37 @@ prefix=()
 generator=()
 command -v ninja > /dev/null && generator=(-G Ninja)
 [[ -f $build/CMakeCache.txt ]] && generator=()  # keep the generator an existing build dir has
-echo "== configure ($(elapsed) s)"
-cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DZO2_ENABLE_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="${ZO2_CUDA_ARCH:-90a}" -DZO2_BUILD_TESTS=ON -DZO2_BUILD_BENCH=ON -DZO2_BUILD_EXAMPLES=$examples \
-  -DZO2_INSTALL=OFF "${prefix[@]}" > "$logs/configure.log" 2>&1 || { tail -40 "$logs/configure.log"; exit 1; }
-cuda_tests=()
-for f in tests/cuda/*.cu; do cuda_tests+=("test_cuda_$(basename "$f" .cu)"); done
-targets=("${cuda_tests[@]}" zo2_bench)
-[[ $examples == ON ]] && targets+=(zo2-opt)
-keep_going=(-k)
-grep -q "CMAKE_GENERATOR:INTERNAL=Ninja" "$build/CMakeCache.txt" && keep_going=(-k 0)
-echo "== build ${targets[*]} ($(elapsed) s)"
-timeout 360 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" -- "${keep_going[@]}" > "$logs/build.log" 2>&1
-build_rc=$?
-echo "build rc=$build_rc ($(elapsed) s)"
-[[ $build_rc -ne 0 ]] && grep -E "error" -A5 "$logs/build.log" | head -60
+# A prebuilt build carried from the machine with the editor (bench/prebuild.sh): used when it was
+# built from the sources this tree holds.
+prebuilt=0
+if [[ -f $root/build-device.tar && ${ZO2_PREBUILT:-1} != 0 ]]; then
+  want=$(tar xOf "$root/build-device.tar" build-device/zo2-source-hash 2> /dev/null)
+  have=$(bash "$root/bench/source_hash.sh")
+  if [[ -n $want && $want == "$have" ]] && tar xf "$root/build-device.tar" -C "$root"; then
+    build=$root/build-device
+    prebuilt=1
+    echo "== prebuilt build-device.tar (sources $have): no build here ($(elapsed) s)"
+  else
+    echo "== build-device.tar was built from other sources (${want:-none}, tree $have): building here"
+  fi
+fi
+if [[ $prebuilt == 0 ]]; then
+  echo "== configure ($(elapsed) s)"
+  cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DZO2_ENABLE_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="${ZO2_CUDA_ARCH:-90a}" -DZO2_BUILD_TESTS=ON -DZO2_BUILD_BENCH=ON -DZO2_BUILD_EXAMPLES=$examples \
+    -DZO2_INSTALL=OFF "${prefix[@]}" > "$logs/configure.log" 2>&1 || { tail -40 "$logs/configure.log"; exit 1; }
+  cuda_tests=()
+  for f in tests/cuda/*.cu; do cuda_tests+=("test_cuda_$(basename "$f" .cu)"); done
+  targets=("${cuda_tests[@]}" zo2_bench)
+  [[ $examples == ON ]] && targets+=(zo2-opt)
+  keep_going=(-k)
+  grep -q "CMAKE_GENERATOR:INTERNAL=Ninja" "$build/CMakeCache.txt" && keep_going=(-k 0)
+  echo "== build ${targets[*]} ($(elapsed) s)"
+  timeout 360 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" -- "${keep_going[@]}" > "$logs/build.log" 2>&1
+  build_rc=$?
+  echo "build rc=$build_rc ($(elapsed) s)"
+  [[ $build_rc -ne 0 ]] && grep -E "error" -A5 "$logs/build.log" | head -60
+fi
 bench_bin=$build/bench/zo2_bench
 [[ -x $bench_bin ]] || { echo "zo2_bench did not build"; exit 1; }
 
