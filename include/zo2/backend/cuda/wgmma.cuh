@@ -17,6 +17,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -157,24 +158,25 @@ __global__ void wgmma_probe_kernel(int* has) {
 }
 
 /// Whether the image the current device runs was compiled with wgmma (sm_90a), asked once per
-/// device by a one-thread kernel.
+/// device by a one-thread kernel (threads racing on the first call both ask; same answer).
 inline bool device_has_wgmma() {
-  static int cached[64];  // 0: not asked yet, 1: no, 2: yes
+  static std::atomic<int> cached[64];  // 0: not asked yet, 1: no, 2: yes
   int dev = 0;
   ZO2_CUDA_CHECK(cudaGetDevice(&dev));
   if (dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
+  if (cached[dev].load(std::memory_order_acquire) == 0) {
     int* flag = nullptr;
     ZO2_CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
     int has = 0;
     wgmma_probe_kernel<><<<1, 1>>>(flag);
     cudaError_t err = cudaGetLastError();
     if (err == cudaSuccess) err = cudaMemcpy(&has, flag, sizeof(int), cudaMemcpyDeviceToHost);
-    cudaFree(flag);
+    const cudaError_t freed = cudaFree(flag);
     ZO2_CUDA_CHECK(err);
-    cached[dev] = has ? 2 : 1;
+    ZO2_CUDA_CHECK(freed);
+    cached[dev].store(has ? 2 : 1, std::memory_order_release);
   }
-  return cached[dev] == 2;
+  return cached[dev].load(std::memory_order_acquire) == 2;
 }
 
 }  // namespace zo2::cuda::detail
