@@ -141,8 +141,6 @@ struct Env {
   zcuda::FlashKernel flash = zcuda::FlashKernel::kAuto;  // resolved: kMmaSync or kWgmma
 };
 
-const char* flash_kernel_name(zcuda::FlashKernel k) { return k == zcuda::FlashKernel::kWgmma ? "wgmma" : "mma.sync"; }
-
 /// The model's options for this run: the flash kernel --flash chose.
 opt::OPTCudaOptions model_options(const Env& env) {
   opt::OPTCudaOptions mo;
@@ -289,7 +287,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   JsonLine line;
   line.add("kind", "config").add("bench", "zo2_bench").add("device", env.device);
   add_config_fields(line, c);
-  line.add("flash_kernel", flash_kernel_name(env.flash));
+  line.add("flash_kernel", zcuda::flash_kernel_name(env.flash));
   line.add("params", static_cast<std::uint64_t>(params)).add("tokens_per_step", static_cast<std::uint64_t>(tokens))
       .add("warmup_steps", c.warmup).add("timed_steps", c.steps).add("finite_steps", m.finite)
       .add("step_s_median", med).add("step_s_p10", quantile(m.step_s, 0.1)).add("step_s_p90", quantile(m.step_s, 0.9))
@@ -660,7 +658,8 @@ int main(int argc, char** argv) {
         .add("pinned_d2h_GBps", env.bw.d2h).add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d)
         .add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h).add("host_memory_bytes", host_total_bytes())
         .add("host_available_bytes", host_available_bytes()).add("host_threads", std::thread::hardware_concurrency())
-        .add("nvml", env.probe->nvml_available()).add("flash_kernel", flash_kernel_name(env.flash)).add("zo2_alloc_counting", alloc_count::kEnabled)
+        .add("nvml", env.probe->nvml_available()).add("flash_kernel", zcuda::flash_kernel_name(env.flash))
+        .add("zo2_alloc_counting", alloc_count::kEnabled)
         .add("set", o.set.empty() ? std::string("explicit") : o.set).print();
     if (o.extras) {
       host_update_rate(env);

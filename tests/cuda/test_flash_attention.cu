@@ -75,8 +75,6 @@ double tolerance() {
 
 using zo2::cuda::FlashKernel;
 
-const char* kernel_name(FlashKernel k) { return k == FlashKernel::kWgmma ? "wgmma" : "mma.sync"; }
-
 /// Both kernels where the build and the device have wgmma (sm_90a on Hopper), else mma.sync alone.
 std::vector<FlashKernel> flash_kernels() {
   if (zo2::cuda::flash_wgmma_available()) return {FlashKernel::kMmaSync, FlashKernel::kWgmma};
@@ -118,7 +116,7 @@ void check_cases() {
     const auto ref = attention_reference(as_double(q), as_double(k), as_double(v), mask, c.batch, c.seq, c.heads, c.hd);
     const double err_old = rel_error(old, ref);
     for (const FlashKernel kernel : kernels) {
-      CAPTURE(kernel_name(kernel));
+      CAPTURE(zo2::cuda::flash_kernel_name(kernel));
       ZO2_CUDA_CHECK(cudaMemset(flash.data(), 0xff, n * sizeof(T)));  // NaN patterns: unwritten fails
       zo2::cuda::flash_causal_attention<T>(dq.data(), dk.data(), dv.data(), mask_ptr, flash.data(), c.batch, c.seq,
                                            c.heads, c.hd, nullptr, kernel);
@@ -126,10 +124,11 @@ void check_cases() {
       const auto out = download(flash.data(), n);
       const double err = rel_error(out, ref), err_vs_old = rel_error(out, as_double(old));
       const double max_abs = max_abs_error(out, ref);
-      MESSAGE(zo2::cuda::type_name<T>() << " " << kernel_name(kernel) << " b" << c.batch << " s" << c.seq << " h"
-                                        << c.heads << " d" << c.hd << " pad" << c.padding << ": flash vs f64 " << err
-                                        << " (max abs " << max_abs << "), materialized vs f64 " << err_old
-                                        << ", flash vs materialized " << err_vs_old);
+      MESSAGE(zo2::cuda::type_name<T>() << " " << zo2::cuda::flash_kernel_name(kernel) << " b" << c.batch
+                                        << " s" << c.seq << " h" << c.heads << " d" << c.hd << " pad" << c.padding
+                                        << ": flash vs f64 " << err << " (max abs " << max_abs
+                                        << "), materialized vs f64 " << err_old << ", flash vs materialized "
+                                        << err_vs_old);
       CHECK(err <= tolerance<T>());
       CHECK(max_abs <= 10 * tolerance<T>());
       CHECK(err_vs_old <= err_old + 2 * tolerance<T>());  // the materialized path rounds scores to T

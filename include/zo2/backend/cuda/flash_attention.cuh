@@ -206,6 +206,11 @@ bool flash_attention_supported(std::int64_t head_dim, std::int64_t seq, std::int
 /// Which fused kernel runs: kAuto takes wgmma where the device and the build have it.
 enum class FlashKernel { kAuto, kMmaSync, kWgmma };
 
+/// "auto", "mma.sync" or "wgmma", for logs and benchmark records.
+inline const char* flash_kernel_name(FlashKernel k) {
+  return k == FlashKernel::kWgmma ? "wgmma" : k == FlashKernel::kMmaSync ? "mma.sync" : "auto";
+}
+
 /// Whether the current device runs an image with the wgmma kernel (Hopper, built for sm_90a).
 inline bool flash_wgmma_available() { return detail::device_has_wgmma(); }
 
