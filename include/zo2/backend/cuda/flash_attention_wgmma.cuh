@@ -10,9 +10,10 @@
 // 210-224 (three) at head_dim 128. Keeping S_j and P_{j-1} V_{j-1} in flight together so that the
 // softmax overlaps the tensor cores helped only once no wgmma sat under a data-dependent branch:
 // with one, ptxas serialized every wgmma (its warning C7514) and the rate fell to 177-185.
-// What FlashAttention-3 adds and this kernel does not (producer warps with TMA, ping-pong
-// scheduling of the warpgroups' softmax against each other's GEMMs, 128-key tiles) is where the
-// remaining factor of two or more lies.
+// The SASS says the loop is issue-bound on overhead (~1500 instructions a tile: cp.async address
+// arithmetic ~470, descriptor rebuilds ~145, the mask's branches ~130): that first, then what
+// FlashAttention-3 adds and this kernel does not (producer warps with TMA, ping-pong scheduling
+// of the warpgroups' softmax against each other's GEMMs, 128-key tiles).
 //
 // The kernel: kWG x 128 threads, 64 kWG queries per block, 64-key tiles, head_dim D in {64, 128}.
 // Q, K and V tiles sit in shared memory in wgmma's 128-byte-swizzled layout (wgmma.cuh), split
