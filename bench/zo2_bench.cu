@@ -539,7 +539,9 @@ void attention_rates(const Env& env) {
     JsonLine line;
     line.add("kind", "attention").add("bench", "zo2_bench").add("device", env.device).add("dtype", "bf16")
         .add("hidden", hidden).add("heads", heads).add("head_dim", hd).add("seq", seq).add("mask", "none")
-        .add("flash_kernel", have_wgmma ? "wgmma" : "mma.sync").add("flash_ms", flash_ms)
+        .add("flash_kernel", zcuda::flash_kernel_name(have_wgmma ? zcuda::FlashKernel::kWgmma
+                                                                 : zcuda::FlashKernel::kMmaSync))
+        .add("flash_ms", flash_ms)
         .add("mma_sync_ms", mma_ms).add("mma_sync_tflops", causal_flop / mma_ms * 1e-9);
     if (have_wgmma) line.add("wgmma_ms", wgmma_ms).add("wgmma_tflops", causal_flop / wgmma_ms * 1e-9);
     line.add("materialized_ms", materialized_ms).add("flash_tflops", causal_flop / flash_ms * 1e-9)

@@ -52,8 +52,8 @@ namespace zo2::cuda {
 namespace detail {
 
 // Blocks per SM the register allocation must allow (__launch_bounds__' second argument). 1: the
-// compiler's choice (180 registers at D = 128, two blocks per SM); 3 caps it at 168 registers
-// (a few bytes spilled) for three. Measured by bench/run_gpu.sh's flash A/B.
+// compiler's choice (204 registers at D = 128 with sm_90a, two blocks per SM); 3 caps it at 168
+// registers (a few bytes spilled) for three. Measured by bench/run_gpu.sh's flash A/B.
 #ifndef ZO2_FLASH_MIN_BLOCKS
 #define ZO2_FLASH_MIN_BLOCKS 1
 #endif
@@ -230,28 +230,21 @@ void flash_causal_attention(const T* q, const T* k, const T* v, const std::uint8
     else if (wgmma && !flash_wgmma_available())
       throw Error("flash_causal_attention: the wgmma kernel needs a Hopper GPU and a build for sm_90a "
                   "(CMAKE_CUDA_ARCHITECTURES=90a)");
-    using namespace detail;
-    if (wgmma) {
-      constexpr int kStages = kFlashWgmmaStages;
-      constexpr int kWG64 = kFlashWgmmaWarpgroups<64>, kWG128 = kFlashWgmmaWarpgroups<128>;
-      const char* name = "zo2::cuda::flash_attention_wgmma_kernel";
-      if (head_dim == 64)
-        launch_flash<flash_attention_wgmma_kernel<T, 64, kWG64, kStages>,
-                     flash_wgmma_smem_bytes<64, kWG64, kStages>(), kFlashRows * kWG64, kFlashThreads * kWG64>(
-            q, k, v, key_mask, context, batch, seq, heads, 64, stream, name);
-      else
-        launch_flash<flash_attention_wgmma_kernel<T, 128, kWG128, kStages>,
-                     flash_wgmma_smem_bytes<128, kWG128, kStages>(), kFlashRows * kWG128, kFlashThreads * kWG128>(
-            q, k, v, key_mask, context, batch, seq, heads, 128, stream, name);
-    } else {
-      const char* name = "zo2::cuda::flash_attention_kernel";
-      if (head_dim == 64)
-        launch_flash<flash_attention_kernel<T, 64>, flash_mma_smem_bytes<T, 64>(), kFlashRows, kFlashThreads>(
-            q, k, v, key_mask, context, batch, seq, heads, 64, stream, name);
-      else
-        launch_flash<flash_attention_kernel<T, 128>, flash_mma_smem_bytes<T, 128>(), kFlashRows, kFlashThreads>(
-            q, k, v, key_mask, context, batch, seq, heads, 128, stream, name);
-    }
+    // One launch per kernel family and head dim; the kernels share arguments, grid and block shape.
+    const auto launch = [&]<int D>() {
+      using namespace detail;
+      if (wgmma) {
+        constexpr int kWG = kFlashWgmmaWarpgroups<D>, kStages = kFlashWgmmaStages;
+        launch_flash<flash_attention_wgmma_kernel<T, D, kWG, kStages>, flash_wgmma_smem_bytes<D, kWG, kStages>(),
+                     kFlashRows * kWG, kFlashThreads * kWG>(q, k, v, key_mask, context, batch, seq, heads, D, stream,
+                                                            "zo2::cuda::flash_attention_wgmma_kernel");
+      } else {
+        launch_flash<flash_attention_kernel<T, D>, flash_mma_smem_bytes<T, D>(), kFlashRows, kFlashThreads>(
+            q, k, v, key_mask, context, batch, seq, heads, D, stream, "zo2::cuda::flash_attention_kernel");
+      }
+    };
+    if (head_dim == 64) launch.template operator()<64>();
+    else launch.template operator()<128>();
     if (key_mask) {
       const std::int64_t hidden = heads * head_dim;
       for (std::int64_t b = 0; b < batch; ++b)
