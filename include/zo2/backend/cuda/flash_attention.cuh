@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
   T* sq = reinterpret_cast<T*>(flash_smem);
   T* sk = sq + BM * D;
   T* sv = sk + BN * D;
-  __shared__ std::uint8_t smask[2][BN];  // 1 = key visible by the padding mask and inside seq
+  __shared__ alignas(16) std::uint8_t smask[2][BN];  // 1 = key visible by the padding mask and inside seq
 
   const int num_m_tiles = (seq + BM - 1) / BM;
   const int m_tile = num_m_tiles - 1 - static_cast<int>(blockIdx.x);  // heaviest first

@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
   constexpr std::uint32_t kTile = kHalves * kWgmmaTileHalfBytes;  // one 64-row tile
   static_assert(kStages >= 3, "the ring needs two stages in use (S_j, P V_{j-1}) and one loading");
   extern __shared__ unsigned char flash_wgmma_smem[];
-  __shared__ std::uint8_t smask[kStages][BN];  // 1 = key visible by the padding mask and inside seq
+  __shared__ alignas(16) std::uint8_t smask[kStages][BN];  // 1 = key visible by the padding mask and inside seq
   const std::uint32_t base = (smem_addr(flash_wgmma_smem) + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
   const auto sk = [&](int stage) { return base + (kWG + stage) * kTile; };
   const auto sv = [&](int stage) { return base + (kWG + kStages + stage) * kTile; };
@@ -84,17 +84,35 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
   const std::uint8_t* mask = key_mask ? key_mask + seq_row0 : nullptr;
   const std::uint32_t sq = base + wg * kTile;  // this warpgroup's 64 queries
   const int my_tile = m0 / BN + wg;            // its diagonal key tile (BN == 64 == its rows)
+  // Descriptors of this warpgroup's Q, and of stage 0's K and V; every operand is an advance.
+  const std::uint64_t desc_q = wgmma_desc_sw128(sq), desc_k = wgmma_desc_sw128(sk(0)),
+                      desc_v = wgmma_desc_sw128(sv(0));
 
   // Rows r0 .. r0 + 63 of src into the swizzled tile at dst: chunk c (8 elements) of row r goes to
-  // column half c / 8, chunk (c % 8) ^ (r % 8) of that half's row r.
-  auto load_tile = [&](std::uint32_t dst, const T* src, int r0) {
+  // column half c / 8, chunk (c % 8) ^ (r % 8) of that half's row r. A thread always takes the
+  // same chunks i = tid + n kThreads of a tile, so their shared-memory offsets and their offsets
+  // from the tile's first element are worked out once here: the per-tile work is an add and a
+  // bounds test per chunk (the address arithmetic inline cost ~470 instructions a tile).
+  constexpr int kTileChunks = kFlashRows * kChunks;
+  constexpr int kPerThread = (kTileChunks + kThreads - 1) / kThreads;
+  std::uint32_t chunk_smem[kPerThread];
+  int chunk_global[kPerThread], chunk_row[kPerThread];
 #pragma unroll
-    for (int i = tid; i < kFlashRows * kChunks; i += kThreads) {
-      const int row = i / kChunks, c = i % kChunks;
-      const int gr = r0 + row;
-      const bool ok = gr < seq;
-      const T* p = src + (seq_row0 + (ok ? gr : 0)) * ld + col0 + c * 8;
-      cp_async_16(dst + (c >> 3) * kWgmmaTileHalfBytes + row * 128 + (((c & 7) ^ (row & 7)) << 4), p, ok);
+  for (int n = 0; n < kPerThread; ++n) {
+    const int i = tid + n * kThreads;
+    const int row = i / kChunks, c = i % kChunks;
+    chunk_smem[n] = (c >> 3) * kWgmmaTileHalfBytes + row * 128 + (((c & 7) ^ (row & 7)) << 4);
+    chunk_global[n] = row * ld + c * 8;
+    chunk_row[n] = i < kTileChunks ? row : kFlashRows;  // kFlashRows: not a chunk of the tile
+  }
+  auto load_tile = [&](std::uint32_t dst, const T* src, int r0) {
+    const T* tile = src + (seq_row0 + r0) * ld + col0;  // r0 < seq: a valid address
+    const int rows = min(seq - r0, kFlashRows);
+#pragma unroll
+    for (int n = 0; n < kPerThread; ++n) {
+      if (kTileChunks % kThreads != 0 && chunk_row[n] == kFlashRows) continue;
+      const bool ok = chunk_row[n] < rows;
+      cp_async_16(dst + chunk_smem[n], ok ? tile + chunk_global[n] : tile, ok);
     }
   };
   // Key tile j (K, V and its mask) into stage j % kStages.
@@ -139,7 +157,7 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
 #pragma unroll
       for (int hf = 0; hf < kHalves; ++hf)
         wgmma_m64n64k16_rs_tb<T>(*reinterpret_cast<float(*)[8][4]>(&o[hf * 8]), p[kk],
-                                 wgmma_desc_sw128(sv(stage) + hf * kWgmmaTileHalfBytes + kk * 2048));
+                                 wgmma_desc_advance(desc_v, stage * kTile + hf * kWgmmaTileHalfBytes + kk * 2048));
     wgmma_commit();
   };
 
@@ -159,7 +177,8 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) {
       const std::uint32_t off = (kk >> 2) * kWgmmaTileHalfBytes + (kk & 3) * 32;
-      wgmma_m64n64k16_ss<T>(s, wgmma_desc_sw128(sq + off), wgmma_desc_sw128(sk(stage) + off), kk > 0);
+      wgmma_m64n64k16_ss<T>(s, wgmma_desc_advance(desc_q, off), wgmma_desc_advance(desc_k, stage * kTile + off),
+                            kk > 0);
     }
     wgmma_commit();
   };

@@ -48,6 +48,13 @@ __device__ __forceinline__ std::uint64_t wgmma_desc_sw128(std::uint32_t addr, st
   return d;
 }
 
+/// The descriptor of the same operand layout offset_bytes further on (a multiple of 16): the start
+/// address is the descriptor's low 14 bits in 16-byte units, and a shared address stays below
+/// 2^18 bytes, so the add never carries out of that field. Cheaper than building it anew.
+__device__ __forceinline__ std::uint64_t wgmma_desc_advance(std::uint64_t desc, std::uint32_t offset_bytes) {
+  return desc + (offset_bytes >> 4);
+}
+
 /// Orders this thread's earlier register writes (accumulators, A fragments) before the next wgmma.
 __device__ __forceinline__ void wgmma_fence() {
 #if ZO2_DEVICE_WGMMA
