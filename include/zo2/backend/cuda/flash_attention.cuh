@@ -94,14 +94,27 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
   const std::int64_t col0 = static_cast<std::int64_t>(h) * D;
   const std::uint8_t* mask = key_mask ? key_mask + seq_row0 : nullptr;
 
-  auto load_tile = [&](T* dst, const T* src, int r0) {
+  // A thread always takes the same 8-element chunks i = tid + n kFlashThreads of a tile: their
+  // swizzled shared-memory offsets and their offsets from the tile's first element are worked out
+  // once (inline, the address arithmetic cost ~230 instructions per tile and operand).
+  constexpr int kPerThread = BM * kChunks / kFlashThreads;
+  static_assert(BM * kChunks % kFlashThreads == 0);
+  int chunk_smem[kPerThread], chunk_global[kPerThread], chunk_row[kPerThread];
 #pragma unroll
-    for (int i = tid; i < 64 * kChunks; i += kFlashThreads) {
-      const int row = i / kChunks, c = i % kChunks;
-      const int gr = r0 + row;
-      const bool ok = gr < seq;
-      const T* p = src + (seq_row0 + (ok ? gr : 0)) * ld + col0 + c * 8;
-      cp_async_16(smem_addr(dst + swizzled<D>(row, c)), p, ok);
+  for (int n = 0; n < kPerThread; ++n) {
+    const int i = tid + n * kFlashThreads;
+    const int row = i / kChunks, c = i % kChunks;
+    chunk_smem[n] = swizzled<D>(row, c);
+    chunk_global[n] = row * ld + c * 8;
+    chunk_row[n] = row;
+  }
+  auto load_tile = [&](T* dst, const T* src, int r0) {
+    const T* tile = src + (seq_row0 + r0) * ld + col0;  // r0 < seq: a valid address
+    const int rows = min(seq - r0, BM);
+#pragma unroll
+    for (int n = 0; n < kPerThread; ++n) {
+      const bool ok = chunk_row[n] < rows;
+      cp_async_16(smem_addr(dst + chunk_smem[n]), ok ? tile + chunk_global[n] : tile, ok);
     }
   };
   auto load_mask = [&](int buf, int n0) {
