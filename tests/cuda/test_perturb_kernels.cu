@@ -131,11 +131,11 @@ __global__ void fast_normal_kernel(std::uint64_t seed, std::uint32_t step, std::
 
 // The fast Box-Muller of the 16-bit passes (perturb.cuh) reads the same Philox words (checked
 // above) and differs from the host's precise transform only by the special-function unit's
-// approximations: the bound below, 4e-6 of the pair's radius r = |(z0, z1)|, is 3x the
-// derivation in perturb.cuh (~1.3e-6 r). Not yet measured on a GPU (the MESSAGE prints it; put
-// the measured bound here once it has run). The kernels use this transform only under
-// ZO2_CUDA_FAST_NOISE=1 (perturb.cuh); this test checks the transform itself either way.
-TEST_CASE("fast Box-Muller (16-bit passes): within 4e-6 of the pair's radius of the host's normals" *
+// approximations: perturb.cuh derives |z_fast - z_host| <= ~1.5e-6 r + 3.5e-7 / r (r = |(z0, z1)|,
+// the second term from lg2.approx's absolute error near u1 = 1); the bound checked is twice
+// that. The kernels use this transform only under ZO2_CUDA_FAST_NOISE=1 (perturb.cuh); this test
+// checks the transform itself either way.
+TEST_CASE("fast Box-Muller (16-bit passes): within 3e-6 r + 7e-7 / r of the host's normals" *
           doctest::skip(!kHaveDevice)) {
   constexpr std::size_t kQuads = 1 << 20;  // 4 * 2^20 normals, u1 near 1 and near 2^-32 included
   const std::uint64_t seed = 0x0123456789abcdefull;
@@ -147,7 +147,7 @@ TEST_CASE("fast Box-Muller (16-bit passes): within 4e-6 of the pair's radius of 
   ZO2_CUDA_CHECK_LAUNCH("fast_normal_kernel");
   std::vector<Normal4> normals(kQuads);
   ZO2_CUDA_CHECK(cudaMemcpy(normals.data(), d_normals.data(), d_normals.bytes(), cudaMemcpyDeviceToHost));
-  double max_rel_radius = 0, max_abs = 0, sum = 0, sum2 = 0;
+  double max_rel_radius = 0, max_abs = 0, max_small_r = 0, sum = 0, sum2 = 0;
   std::size_t bad = 0;
   for (std::size_t i = 0; i < kQuads; ++i) {
     const Normal4 h = normal4(seed, step, stream, first_quad + i);
@@ -155,14 +155,16 @@ TEST_CASE("fast Box-Muller (16-bit passes): within 4e-6 of the pair's radius of 
       const double d = normals[i].z[k], want = h.z[k];
       const double r = std::hypot(static_cast<double>(h.z[k & 2]), static_cast<double>(h.z[(k & 2) + 1]));
       const double diff = std::fabs(d - want);
-      if (!std::isfinite(d) || !(diff <= 4e-6 * r + 1e-9)) ++bad;
-      if (r > 0) max_rel_radius = std::max(max_rel_radius, diff / r);
+      if (!std::isfinite(d) || !(diff <= 3e-6 * r + (r > 0 ? 7e-7 / r : 1.0))) ++bad;
+      if (r >= 0.5) max_rel_radius = std::max(max_rel_radius, diff / r);
+      if (r > 0 && r < 0.5) max_small_r = std::max(max_small_r, diff * r);
       max_abs = std::max(max_abs, diff);
       sum += d;
       sum2 += d * d;
     }
   }
-  MESSAGE("fast normals: max |z_fast - z_host| / r = " << max_rel_radius << ", max abs " << max_abs);
+  MESSAGE("fast normals: max |z_fast - z_host| / r (r >= 0.5) = " << max_rel_radius << ", max |z_fast - z_host| r (r < 0.5) = "
+          << max_small_r << ", max abs " << max_abs);
   CHECK(bad == 0);
   const double n = 4.0 * kQuads, mean = sum / n, var = sum2 / n - mean * mean;
   CHECK(std::fabs(mean) < 5e-3);
@@ -357,7 +359,7 @@ void check_fused(bool pending) {
         float pre = 0;
         if (contraction_stable(load(theta0[f]), z_dev[f], u, pre)) {
           ++stable;
-          const std::uint32_t bits = philox_words(kSeed, kPending.step, id | kRoundingStream, j / 4).v[j % 4];
+          const std::uint32_t bits = rounding_bits_at(kSeed, kPending.step, id, j);
           if (store_rounded<S>(pre, bits, true).bits != theta[f].bits) ++mismatch_where_stable;
           const float pre_cpu = updated_value<S>(load(theta0[f]), normal_at(kSeed, kPending.step, id, j), u);
           if (std::memcmp(&pre_cpu, &pre, 4) == 0) ++stable_as_cpu;

@@ -154,7 +154,7 @@ std::size_t check_update(const Fixture& f, double lr) {
       rescaled += got_scale != old_scale;
       for (std::size_t k = 0; k < t.row_len; ++k) {
         const std::size_t j = row * t.row_len + k;
-        const std::uint32_t bits = philox_words(Fixture::kSeed, a.update_step, id | kRoundingStream, j / 4).v[j % 4];
+        const std::uint32_t bits = rounding_bits_at(Fixture::kSeed, a.update_step, id, j);
         const int want = Int8RowCodec::code(updated[k], got_scale, bits, true);
         const int code = static_cast<std::int8_t>(got.block[t.offset + j]);
         REQUIRE(std::abs(code - want) <= 1);

@@ -74,6 +74,26 @@ TEST_CASE_TEMPLATE("the fused pass equals update followed by two perturbations, 
   CHECK(plus == plus2);
 }
 
+TEST_CASE_TEMPLATE("a 16-bit update rounds with the documented rounding bits of each element", S, bfloat16,
+                   float16) {
+  const std::size_t n = 203;  // not a multiple of 8: the last octet is partial
+  const auto init = random_values(n, 5, 0.05);
+  std::vector<S> theta(n);
+  for (std::size_t j = 0; j < n; ++j) theta[j] = store_rounded<S>(static_cast<float>(init[j]), 0, false);
+  const std::vector<S> before = theta;
+  const UpdateCoeffs u{1e-2, 3.0, 0.01};
+  const NoiseId id{99, 7, 4};
+  cpu::Perturber<S>::update(theta.data(), n, id, u);
+  std::size_t moved = 0;
+  for (std::size_t j = 0; j < n; ++j) {
+    const float pre = updated_value<S>(load(before[j]), normal_at(id.seed, id.step, id.tensor, j), u);
+    const S want = store_rounded<S>(pre, rounding_bits_at(id.seed, id.step, id.tensor, j), true);
+    CHECK(theta[j].bits == want.bits);
+    moved += theta[j].bits != before[j].bits;
+  }
+  CHECK(moved > n / 2);  // the update is large enough to show in most elements
+}
+
 TEST_CASE("bf16: round-to-nearest loses a 1e-7 update, stochastic rounding keeps it on average") {
   // A weight of 0.02 has a bf16 ulp of 2^-13 = 1.2e-4; an update of 1e-7 is ~1e-3 ulp.
   const float w = 0.02f;

@@ -37,6 +37,36 @@ TEST_CASE("philox_words lays the counter out as documented") {
   for (int i = 0; i < 4; ++i) CHECK(a.v[i] == b.v[i]);
 }
 
+TEST_CASE("rounding bits: 16 per element, eight elements per call of the rounding stream") {
+  const std::uint64_t seed = 0x0123456789abcdefULL;
+  const std::uint32_t step = 42, tensor = 17;
+  // Element j: half j % 2 of word (j / 2) % 4 at counter j / 8, stream tensor | kRoundingStream.
+  for (std::uint64_t j : {0ull, 1ull, 6ull, 7ull, 8ull, 13ull, 0x0000000500000007ull * 8 + 5}) {
+    CAPTURE(j);
+    const Philox4x32 w = zo2::philox4x32_10(
+        Philox4x32{{static_cast<std::uint32_t>(j / 8), static_cast<std::uint32_t>(j / 8 >> 32),
+                    tensor | zo2::kRoundingStream, step}},
+        0x89abcdef, 0x01234567);
+    const std::uint32_t want = (w.v[(j / 2) % 4] >> (16 * (j % 2))) & 0xffffu;
+    CHECK(zo2::rounding_bits_at(seed, step, tensor, j) == want);
+    CHECK(zo2::rounding_bits(zo2::rounding_words(seed, step, tensor, j / 8), j % 8) == want);
+  }
+  // All 16 bits vary, the two halves of a word independently: means of 2^15 - 0.5 over 10^5
+  // elements, and each bit set half the time.
+  const std::size_t n = 100000;
+  double mean = 0;
+  std::size_t set[16] = {};
+  for (std::size_t j = 0; j < n; ++j) {
+    const std::uint32_t b = zo2::rounding_bits_at(7, 3, 2, j);
+    REQUIRE(b <= 0xffffu);
+    mean += b;
+    for (int i = 0; i < 16; ++i) set[i] += (b >> i) & 1u;
+  }
+  mean /= n;
+  CHECK(std::abs(mean - 32767.5) < 5 * 18918.6 / std::sqrt(static_cast<double>(n)));  // sd of U{0..65535}
+  for (int i = 0; i < 16; ++i) CHECK(std::abs(static_cast<double>(set[i]) / n - 0.5) < 0.01);
+}
+
 TEST_CASE("normals over 10^6 draws: mean, variance, tails and Kolmogorov-Smirnov") {
   const std::size_t n = 1'000'000;
   std::vector<double> z(n);

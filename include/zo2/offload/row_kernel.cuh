@@ -10,13 +10,13 @@
 //      previous step, takes the absmax and chooses the new scale (Int8RowCodec::rescale).
 //   2. decode, apply the update, encode it with stochastic rounding under that scale, decode
 //      it again, and write theta + eps z (and theta - eps z) in T.
-// So the common row costs what the 16-bit fused pass costs (three Philox calls and two
-// Box-Muller pairs per 4 elements) plus one byte-per-element read for step 1, and gives the same
+// So the common row costs about what the 16-bit fused pass costs (three Philox calls -- the
+// rounding call serves only this thread's quad -- and two Box-Muller pairs per 4 elements) plus one byte-per-element read for step 1, and gives the same
 // bits as always running the exact sweep.
 //
 // Noise: z goes through box_muller_fast (backend/cuda/perturb.cuh) under ZO2_CUDA_FAST_NOISE,
 // as in the 16-bit passes: the perturbation feeds 16-bit T, the update feeds 8-bit codes, both far
-// coarser than fast Box-Muller's ~1.3e-6 relative error. fp32 T keeps the precise transform.
+// coarser than fast Box-Muller's error (perturb.cuh). fp32 T keeps the precise transform.
 //
 // Each element is handled by the thread that owns its Philox quad in every sweep, so in-place
 // writes never race reads; the old scale is read by every thread before the new one is written
@@ -190,11 +190,14 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
       load_quad<C>(codes, s, j0, j1, old_scale, th);
       if (a.has_update) {
         const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
-        const Philox4x32 bits = philox_words(a.seed, a.update_step, id | kRoundingStream, q);
+        // The octet's words; this thread uses the half of them that is quad q's (row_kernel
+        // walks quads, so a call per quad: no worse than before the 16-bit scheme).
+        const Philox4x32 bits = rounding_words(a.seed, a.update_step, id, q / 2);
         std::int8_t c[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          c[k] = C::code(updated_value<float>(th[k], z.z[k], u), scale, bits.v[k], true);
+          c[k] = C::code(updated_value<float>(th[k], z.z[k], u), scale,
+                         rounding_bits(bits, static_cast<unsigned>(4 * (q % 2) + k)), true);
           th[k] = C::value(c[k], scale);
         }
         if (s.whole) {

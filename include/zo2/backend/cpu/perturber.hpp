@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
@@ -17,6 +18,8 @@ namespace zo2::cpu {
 template <class S>
 struct Perturber {
   using C = compute_t<S>;
+  /// Whether an update's result is rounded stochastically (and so needs rounding bits).
+  static constexpr bool kStochastic = std::is_same_v<S, bfloat16> || std::is_same_v<S, float16>;
 
   /// theta += c * z in place. 16-bit storage rounds to nearest here: zo2's own paths never
   /// perturb 16-bit masters in place (they perturb into a scratch copy), and in-place
@@ -37,7 +40,7 @@ struct Perturber {
 
   /// theta <- theta - lr * (g * z + wd * theta); 16-bit storage rounds stochastically.
   static void update(S* theta, std::size_t n, NoiseId id, const UpdateCoeffs& u) {
-    for_each_quad(n, id, [&](std::size_t j, float z, std::uint32_t bits) {
+    for_each_quad<kStochastic>(n, id, [&](std::size_t j, float z, std::uint32_t bits) {
       theta[j] = store_rounded<S>(updated_value<S>(load(theta[j]), z, u), bits, true);
     });
   }
@@ -52,17 +55,19 @@ struct Perturber {
                                       const UpdateCoeffs* pending, NoiseId previous, NoiseId now,
                                       double eps) {
     const std::size_t quads = (n + 3) / 4;
+    Philox4x32 bits{};  // the rounding words of quads q and q + 1, q even
     for (std::size_t q = 0; q < quads; ++q) {
       Normal4 z_now = normal4(now.seed, now.step, now.tensor, q);
       Normal4 z_prev{};
-      Philox4x32 bits{};
       if (pending) {
         z_prev = normal4(previous.seed, previous.step, previous.tensor, q);
-        bits = philox_words(previous.seed, previous.step, previous.tensor | kRoundingStream, q);
+        if (kStochastic && q % 2 == 0) bits = rounding_words(previous.seed, previous.step, previous.tensor, q / 2);
       }
       for (std::size_t k = 0; k < 4 && 4 * q + k < n; ++k) {
         const std::size_t j = 4 * q + k;
-        if (pending) theta[j] = store_rounded<S>(updated_value<S>(load(theta[j]), z_prev.z[k], *pending), bits.v[k], true);
+        if (pending)
+          theta[j] = store_rounded<S>(updated_value<S>(load(theta[j]), z_prev.z[k], *pending),
+                                      rounding_bits(bits, static_cast<unsigned>(j % 8)), true);
         const C t = load(theta[j]);
         plus[j] = static_cast<T>(perturbed_value<S>(t, z_now.z[k], eps));
         if (minus) minus[j] = static_cast<T>(perturbed_value<S>(t, z_now.z[k], -eps));
@@ -71,14 +76,19 @@ struct Perturber {
   }
 
  private:
-  /// Calls f(j, z_j, rounding_word_j) for j in [0, n).
-  template <class F>
+  /// Calls f(j, z_j, rounding_bits_j) for j in [0, n); the rounding bits only if Rounding
+  /// (0 otherwise, and no Philox call spent on them).
+  template <bool Rounding = false, class F>
   static void for_each_quad(std::size_t n, NoiseId id, F&& f) {
     const std::size_t quads = (n + 3) / 4;
+    Philox4x32 bits{};  // the rounding words of quads q and q + 1, q even
     for (std::size_t q = 0; q < quads; ++q) {
       const Normal4 z = normal4(id.seed, id.step, id.tensor, q);
-      const Philox4x32 bits = philox_words(id.seed, id.step, id.tensor | kRoundingStream, q);
-      for (std::size_t k = 0; k < 4 && 4 * q + k < n; ++k) f(4 * q + k, z.z[k], bits.v[k]);
+      if (Rounding && q % 2 == 0) bits = rounding_words(id.seed, id.step, id.tensor, q / 2);
+      for (std::size_t k = 0; k < 4 && 4 * q + k < n; ++k) {
+        const std::size_t j = 4 * q + k;
+        f(j, z.z[k], Rounding ? rounding_bits(bits, static_cast<unsigned>(j % 8)) : 0u);
+      }
     }
   }
 };

@@ -12,8 +12,8 @@
 // words, hence the stochastic-rounding bits, are bit-identical; z differs from the host's only
 // by device libm (logf, sincosf) ulps, and float results by that and FMA contraction. Where the
 // noise feeds only 16-bit values (the update of 16-bit storage, 16-bit plus/minus), z comes from
-// box_muller_fast below instead (ZO2_CUDA_FAST_NOISE, on by default; 0 restores the precise transform): the same words, within ~1.3e-6 of
-// the radius of the host's z.
+// box_muller_fast below instead (ZO2_CUDA_FAST_NOISE, on by default; 0 restores the precise
+// transform): the same words, within ~1.5e-6 r + 3.5e-7 / r of the host's z (r: the pair's radius).
 //
 // Each thread takes whole 16-byte vectors: 4 elements (one Philox quad) for fp32 storage, 8 (two
 // quads) for 16-bit storage, so every Philox call serves 4 elements and no quad is split across
@@ -164,58 +164,51 @@ __device__ ZO2_FORCEINLINE T to_output_device(C v) {
   else return to_output<T>(v);
 }
 
-/// box_muller_fast's special functions are the .ftz forms of the PTX approximations: the plain forms wrap each
-/// MUFU op in a test and a rescale for subnormal operands (about 10 instructions per pair, 8% of
-/// the bf16 fused pass), and no operand here is subnormal: u1 >= 2^-32, 2 - w in [1, 2], w = 0
-/// or >= 2^-24, y = 0 or >= ~1.2e-7. So the results are those of the plain forms, bit for bit.
-__device__ ZO2_FORCEINLINE float div_approx_ftz(float a, float b) {
-  float r;
-  asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
+/// box_muller_fast's special functions are the .ftz forms of the PTX approximations: the plain
+/// forms wrap each MUFU op in a test and a rescale for subnormal operands, and no operand here is
+/// subnormal (u1 >= 2^-32; y = 0 or >= ~1.7e-7), so the results are those of the plain forms.
 __device__ ZO2_FORCEINLINE float lg2_approx_ftz(float x) {
   float r;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
+__device__ ZO2_FORCEINLINE float sqrt_approx_ftz(float x) {
+  float r;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
 
 /// Box-Muller on the special-function unit, for noise that only ever feeds a 16-bit result.
 ///
-/// The words, u1 and u2 are exactly box_muller's (core/philox.hpp); only log, sqrt, sin and
-/// cos are approximations: MUFU.LG2 (where |ln u1| is not small), MUFU.SQRT, MUFU.SIN/COS. The
-/// precise functions cost about 75 instructions per pair (logf's polynomial, sqrtf's Newton
-/// step, sincosf's Cody-Waite reduction with a Payne-Hanek fallback), which made the 16-bit fused
-/// pass compute-bound; these cost about 25.
+/// The words and u1 are exactly box_muller's (core/philox.hpp); log, sqrt, sin and cos are the
+/// MUFU approximations (MUFU.LG2, MUFU.SQRT, MUFU.SIN/COS), and the angle 2 pi (u2 - 1/2) is one
+/// FFMA of the word (sin.approx wants [-pi, pi); the result is negated back). The precise
+/// functions cost about 75 instructions per pair (logf's polynomial, sqrtf's Newton step,
+/// sincosf's Cody-Waite reduction with a Payne-Hanek fallback); these cost about 12.
 ///
 /// Accuracy against the host's z (derivation; tests/cuda/test_perturb_kernels.cu measures it):
-/// - -2 ln u1: lg2.approx has an absolute error of 2^-22 near 1, so for u1 >= 0.75 (where that
-///   would be a large relative error of a small radius) ln u1 = -2 atanh(s), s = w / (2 - w),
-///   w = 1 - u1 (exact for u1 in [0.5, 1]), s <= 1/7, by its series to s^9 (truncation < 1e-9
-///   relative); below 0.75, |log2 u1| >= 0.415 and lg2.approx is within ~6e-7 relative.
-///   The radius r is then within ~4e-7 relative.
-/// - sin/cos: of 2 pi (u2 - 1/2) in [-pi, pi) (sin.approx's documented range), negated: absolute
-///   error ~2^-21.4, plus the host's own rounding of 2 pi u2 (<= 2.4e-7 rad).
-/// So |z_fast - z_host| <= ~1.3e-6 r, r = sqrt(z0^2 + z1^2) of the pair. Relative to 2^-8
-/// (bf16) or 2^-11 (fp16), the resolution of every value this noise reaches, that is nothing;
-/// where a float result is written (fp32 storage or outputs) the kernels keep box_muller.
+/// - y = -2 ln u1 = -2 ln 2 log2 u1: lg2.approx's absolute error is about 2^-22, so
+///   |y_fast - y| <= ~3.5e-7 absolute (+ float rounding, ~1e-7 relative). The radius r = sqrt(y)
+///   is then within ~1e-7 r + 3.5e-7 / r: relatively worst where r is small, i.e. where z is
+///   small (P(r < 0.01) = 5e-5, and there |dz| <= ~3.5e-5).
+///   (Until 2026-12-02 u1 >= 0.75 took an atanh series instead, exact to ~4e-7 r; on the bf16
+///   fused pass the series cost a sixth of the time, 0.76 -> 0.65 ms per OPT-6.7B block on an
+///   H200: bench/results/h200-2026-12-02-perturb-variants.jsonl.)
+/// - sin/cos: absolute error ~2^-21.4, plus the angle's roundings (<= ~4e-7 rad).
+/// So |z_fast - z_host| <= ~1.5e-6 r + 3.5e-7 / r. Against 2^-8 (bf16) or 2^-11 (fp16) of the
+/// values this noise reaches (theta +- eps z, theta - lr g z), that is nothing; and each pass
+/// uses the same z_fast for a given (step, element) in the perturbation and in the update, so
+/// the algorithm is MeZO with these z. Where a float result is written (fp32 storage or
+/// outputs) the kernels keep box_muller.
 __device__ ZO2_FORCEINLINE void box_muller_fast(std::uint32_t a, std::uint32_t b, float& z0, float& z1) {
   constexpr float kTwoPow32Inv = 2.3283064365386963e-10f;  // 2^-32, as box_muller
-  constexpr float kTwoPi = 6.283185307179586f;
+  constexpr float kTwoPiOver2Pow32 = 1.4629180792671596e-09f;  // 2 pi 2^-32
+  constexpr float kPi = 3.14159265358979f;
   const float u1_raw = (static_cast<float>(a) + 1.0f) * kTwoPow32Inv;
   const float u1 = u1_raw < 1.0f ? u1_raw : 1.0f;
-  const float u2 = static_cast<float>(b) * kTwoPow32Inv;
-  // -2 ln u1
-  const float w = 1.0f - u1;
-  const float s = div_approx_ftz(w, 2.0f - w);
-  const float t = s * s;
-  const float series = fmaf(t, fmaf(t, fmaf(t, fmaf(t, 1.0f / 9.0f, 1.0f / 7.0f), 1.0f / 5.0f), 1.0f / 3.0f), 1.0f);
-  const float y_near_one = 4.0f * s * series;                      // -2 ln u1 = 4 atanh(s)
-  const float y_far = -1.3862943611198906f * lg2_approx_ftz(u1);  // -2 ln 2 log2 u1
-  const float y = u1 >= 0.75f ? y_near_one : y_far;
-  float r;
-  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  const float r = sqrt_approx_ftz(-1.3862943611198906f * lg2_approx_ftz(u1));  // sqrt(-2 ln u1)
   float sn, cs;
-  __sincosf(kTwoPi * (u2 - 0.5f), &sn, &cs);  // = (-sin, -cos) of 2 pi u2
+  __sincosf(fmaf(static_cast<float>(b), kTwoPiOver2Pow32, -kPi), &sn, &cs);  // = (-sin, -cos) of 2 pi u2
   z0 = -r * cs;
   z1 = -r * sn;
 }
@@ -350,6 +343,7 @@ __global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ t
   static_assert(kTensorAlignment % V == 0);
   constexpr int Q = V / 4;                              // Philox quads per vector
   constexpr bool kRounds16 = is_half_v<S>;             // stochastic rounding needs its own words
+  static_assert(!kRounds16 || V % 8 == 0, "a vector of 16-bit storage covers whole rounding octets");
 
   const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
   std::uint64_t v = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -387,14 +381,17 @@ __global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ t
       store_masked(out0 + v * V, o, valid);
     } else {
       if (op == Op::kUpdate || (op == Op::kUpdateAndPerturb && a.has_update)) {
+        Philox4x32 bits{};  // rounding words of quads q and q + 1, q even
 #pragma unroll
         for (int q = 0; q < Q; ++q) {
           const Normal4 z = noise4<fast_noise_for_v<S>>(a.seed, a.update_step, id, q0 + q);
-          Philox4x32 bits{};
-          if constexpr (kRounds16) bits = philox_words(a.seed, a.update_step, id | kRoundingStream, q0 + q);
+          // One rounding call per 8 elements (core/philox.hpp); q0 is even here (V >= 8 elements).
+          if constexpr (kRounds16)
+            if (q % 2 == 0) bits = rounding_words(a.seed, a.update_step, id, (q0 + q) / 2);
 #pragma unroll
           for (int k = 0; k < 4; ++k)
-            s[4 * q + k] = store_rounded<S>(updated_value<S>(load_device(s[4 * q + k]), z.z[k], u), bits.v[k], true);
+            s[4 * q + k] = store_rounded<S>(updated_value<S>(load_device(s[4 * q + k]), z.z[k], u),
+                                            kRounds16 ? rounding_bits(bits, 4 * (q % 2) + k) : 0u, true);
         }
         store_masked(th, s, valid);
       }
@@ -419,7 +416,11 @@ inline void check_aligned(const void* p, const char* what) {
     throw Error(std::string("CUDA perturb: ") + what + " is not 16-byte aligned");
 }
 
-/// Blocks that fill the device once (the grid-stride loop does the rest), per kernel, per device.
+/// Blocks that fill the device kGridWaves times over (the grid-stride loop does the rest), per
+/// kernel, per device. Four waves rather than one: blocks that finish early (their share crosses
+/// padding or a tensor end) hand their SM to a waiting block; 3-5% faster on the 16-bit fused
+/// pass on an H200 (bench/results/h200-2026-12-02-perturb-variants.jsonl).
+inline constexpr unsigned kGridWaves = 4;
 template <Op op, class S, class T, int Chunks, int MinBlocks>
 unsigned grid_for(std::uint64_t num_vectors, int threads) {
   static thread_local int cached_device = -1;
@@ -430,7 +431,7 @@ unsigned grid_for(std::uint64_t num_vectors, int threads) {
     int sms = 0, per_sm = 0;
     ZO2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     ZO2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, group_kernel<op, S, T, Chunks, MinBlocks>, threads, 0));
-    cached_blocks = static_cast<unsigned>(sms * (per_sm > 0 ? per_sm : 1));
+    cached_blocks = static_cast<unsigned>(sms * (per_sm > 0 ? per_sm : 1)) * kGridWaves;
     cached_device = device;
   }
   const std::uint64_t needed = (num_vectors + threads - 1) / threads;
