@@ -51,6 +51,7 @@ struct Options {
   std::size_t slots = 2, prefetch = 1;
   bool two_copies = false;  // offload: both perturbed copies at once (OffloadOptions::one_perturbed_copy = false)
   std::string flash = "auto";  // the flash-attention kernel: auto | mma | wgmma
+  int gemm_autotune = 0;       // cuBLASLt algorithms timed per GEMM shape (0: the heuristic's first)
 };
 
 inline const char* usage_text() {
@@ -88,6 +89,9 @@ Options:
   --two-copies         offload: keep theta+ez and theta-ez at once (default: one copy, more memory saved)
   --flash KERNEL       the flash-attention kernel: auto (wgmma on Hopper in a build for sm_90a,
                        else mma.sync), mma, wgmma                  (default auto)
+  --gemm-autotune N    time up to N cuBLASLt algorithms per GEMM shape at its first run and keep
+                       the fastest, in the model and in the GEMM-rate measurement (default 0:
+                       the heuristic's first choice; OPTCudaOptions::gemm_autotune says why)
   --min-host-gb-30b G  the reference set runs OPT-30B offloaded when MemAvailable >= G GB
                        (default 100)
   --extras             also measure the host-side update rate (the alternative to write-back) and
@@ -190,6 +194,7 @@ inline Options parse_options(int argc, char** argv) {
     else if (key == "--slots") o.slots = static_cast<std::size_t>(parse_int(key, next(), 2));
     else if (key == "--prefetch") o.prefetch = static_cast<std::size_t>(parse_int(key, next(), 1));
     else if (key == "--two-copies") flag(), o.two_copies = true;
+    else if (key == "--gemm-autotune") o.gemm_autotune = parse_int(key, next(), 0);
     else if (key == "--flash") {
       const auto kernel = parse_list(key, next(), {"auto", "mma", "wgmma"});
       if (kernel.size() != 1) throw UsageError("--flash takes one of auto, mma, wgmma");

@@ -85,7 +85,7 @@ struct GemmRate {
 };
 
 /// A large square bf16 GEMM through zo2's own cuBLASLt wrapper: the rate the compute floor uses.
-inline GemmRate measure_gemm_rate(cudaStream_t s, std::int64_t n = 8192) {
+inline GemmRate measure_gemm_rate(cudaStream_t s, int autotune = 0, std::int64_t n = 8192) {
   // Several operand sets, so repeated runs do not measure one buffer's cache residency.
   constexpr int kSets = 3;
   std::vector<zcuda::DeviceBuffer<zo2::bfloat16>> x, w, y;
@@ -95,6 +95,7 @@ inline GemmRate measure_gemm_rate(cudaStream_t s, std::int64_t n = 8192) {
     fill_uniform(w[i].data(), n * n, 200 + i, 0.0f, 1.0f, s);
   }
   zcuda::Gemm gemm;
+  gemm.set_autotune(autotune);
   int k = 0;
   GemmRate r;
   r.n = n;

@@ -139,12 +139,14 @@ struct Env {
   std::unique_ptr<DeviceMemoryProbe> probe;
   double start = 0;
   zcuda::FlashKernel flash = zcuda::FlashKernel::kAuto;  // resolved: kMmaSync or kWgmma
+  int gemm_autotune = 0;
 };
 
 /// The model's options for this run: the flash kernel --flash chose.
 opt::OPTCudaOptions model_options(const Env& env) {
   opt::OPTCudaOptions mo;
   mo.flash_kernel = env.flash;
+  mo.gemm_autotune = env.gemm_autotune;
   return mo;
 }
 
@@ -287,7 +289,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   JsonLine line;
   line.add("kind", "config").add("bench", "zo2_bench").add("device", env.device);
   add_config_fields(line, c);
-  line.add("flash_kernel", zcuda::flash_kernel_name(env.flash));
+  line.add("flash_kernel", zcuda::flash_kernel_name(env.flash)).add("gemm_autotune", env.gemm_autotune);
   line.add("params", static_cast<std::uint64_t>(params)).add("tokens_per_step", static_cast<std::uint64_t>(tokens))
       .add("warmup_steps", c.warmup).add("timed_steps", c.steps).add("finite_steps", m.finite)
       .add("step_s_median", med).add("step_s_p10", quantile(m.step_s, 0.1)).add("step_s_p90", quantile(m.step_s, 0.9))
@@ -647,7 +649,8 @@ int main(int argc, char** argv) {
     env.flash = o.flash == "mma" || !have_wgmma ? zcuda::FlashKernel::kMmaSync : zcuda::FlashKernel::kWgmma;
     {
       zcuda::Stream s;
-      env.gemm = measure_gemm_rate(s.get());
+      env.gemm_autotune = o.gemm_autotune;
+      env.gemm = measure_gemm_rate(s.get(), o.gemm_autotune);
     }
     env.bw = measure_pinned_bandwidth();
     int driver = 0, runtime = 0;
@@ -661,6 +664,7 @@ int main(int argc, char** argv) {
         .add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h).add("host_memory_bytes", host_total_bytes())
         .add("host_available_bytes", host_available_bytes()).add("host_threads", std::thread::hardware_concurrency())
         .add("nvml", env.probe->nvml_available()).add("flash_kernel", zcuda::flash_kernel_name(env.flash))
+        .add("gemm_autotune", env.gemm_autotune)
         .add("zo2_alloc_counting", alloc_count::kEnabled)
         .add("set", o.set.empty() ? std::string("explicit") : o.set).print();
     if (o.extras) {

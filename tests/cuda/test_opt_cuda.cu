@@ -65,63 +65,90 @@ double tolerance() {
 TEST_CASE_TEMPLATE("Gemm: x W^T + bias, ReLU, residual, batched, shared operand, x W vs float64" *
                        doctest::skip(!kHaveDevice),
                    T, ZO2_KERNEL_TYPES) {
-  std::mt19937 rng(11);
-  zo2::cuda::Gemm gemm;
-  zo2::cuda::Stream stream;
-  struct Case {
-    std::int64_t m, n, k;
-    bool bias, relu, residual, transposed;
-    int batch;
-    bool shared_x;
-  };
-  const Case cases[] = {
-      {37, 53, 29, false, false, false, true, 1, false}, {64, 96, 128, true, false, false, true, 1, false},
-      {40, 72, 56, true, true, false, true, 1, false},   {48, 32, 80, true, false, true, true, 1, false},
-      {33, 40, 24, true, true, false, true, 2, false},   {32, 48, 64, true, false, false, true, 3, true},
-      {24, 40, 56, false, false, false, false, 4, false}, {16, 24, 8, false, true, false, true, 1, false},
-  };
-  for (const Case& c : cases) {
-    const std::string shape = std::to_string(c.m) + "x" + std::to_string(c.n) + "x" + std::to_string(c.k) +
-                              " batch " + std::to_string(c.batch) + (c.bias ? " bias" : "") + (c.relu ? " relu" : "") +
-                              (c.residual ? " residual" : "") + (c.transposed ? " xW^T" : " xW");
-    CAPTURE(shape);
-    const std::int64_t xs = c.shared_x ? 0 : c.m * c.k, ws = c.n * c.k + 32, ys = c.m * c.n, bs = c.n + 8;
-    const auto x = random_values<T>(static_cast<std::size_t>(c.shared_x ? c.m * c.k : xs * c.batch), rng);
-    const auto w = random_values<T>(static_cast<std::size_t>(ws * c.batch), rng, 0.2);
-    const auto bias = random_values<T>(static_cast<std::size_t>(bs * c.batch), rng);
-    const auto resid = random_values<T>(static_cast<std::size_t>(ys * c.batch), rng);
-    auto dx = upload(x), dw = upload(w), db = upload(bias), dr = upload(resid);
-    zo2::cuda::DeviceBuffer<T> dy(static_cast<std::size_t>(ys * c.batch));
-    poison(dy.data(), dy.size());
-    zo2::cuda::GemmArgs<T, T> a;
-    a.m = c.m, a.n = c.n, a.k = c.k;
-    a.x = dx.data(), a.ldx = c.k, a.stride_x = xs;
-    a.w = dw.data(), a.ldw = c.transposed ? c.k : c.n, a.stride_w = ws, a.w_transposed = c.transposed;
-    a.y = dy.data(), a.ldy = c.n, a.stride_y = ys;
-    if (c.bias) a.bias = db.data(), a.stride_bias = bs;
-    if (c.residual) a.c = dr.data(), a.beta = 1.0f;
-    a.relu = c.relu;
-    a.batch = c.batch;
-    gemm.run(a, stream);
-    const auto y = download(dy.data(), dy.size());
-    const auto X = as_double(x), W = as_double(w), B = as_double(bias), R = as_double(resid);
-    std::vector<double> ref(y.size());
-    for (int b = 0; b < c.batch; ++b)
-      for (std::int64_t i = 0; i < c.m; ++i)
-        for (std::int64_t j = 0; j < c.n; ++j) {
-          double s = 0;
-          for (std::int64_t k = 0; k < c.k; ++k) {
-            const double wv = c.transposed ? W[b * ws + j * c.k + k] : W[b * ws + k * c.n + j];
-            s += X[b * xs + i * c.k + k] * wv;
+  for (const int autotune : {0, 8}) {
+    CAPTURE(autotune);  // 8: each shape's first run times up to 8 algorithms (into scratch) first
+    std::mt19937 rng(11);
+    zo2::cuda::Gemm gemm;
+    gemm.set_autotune(autotune);
+    zo2::cuda::Stream stream;
+    struct Case {
+      std::int64_t m, n, k;
+      bool bias, relu, residual, transposed;
+      int batch;
+      bool shared_x;
+    };
+    const Case cases[] = {
+        {37, 53, 29, false, false, false, true, 1, false}, {64, 96, 128, true, false, false, true, 1, false},
+        {40, 72, 56, true, true, false, true, 1, false},   {48, 32, 80, true, false, true, true, 1, false},
+        {33, 40, 24, true, true, false, true, 2, false},   {32, 48, 64, true, false, false, true, 3, true},
+        {24, 40, 56, false, false, false, false, 4, false}, {16, 24, 8, false, true, false, true, 1, false},
+    };
+    for (const Case& c : cases) {
+      const std::string shape = std::to_string(c.m) + "x" + std::to_string(c.n) + "x" + std::to_string(c.k) +
+                                " batch " + std::to_string(c.batch) + (c.bias ? " bias" : "") + (c.relu ? " relu" : "") +
+                                (c.residual ? " residual" : "") + (c.transposed ? " xW^T" : " xW");
+      CAPTURE(shape);
+      const std::int64_t xs = c.shared_x ? 0 : c.m * c.k, ws = c.n * c.k + 32, ys = c.m * c.n, bs = c.n + 8;
+      const auto x = random_values<T>(static_cast<std::size_t>(c.shared_x ? c.m * c.k : xs * c.batch), rng);
+      const auto w = random_values<T>(static_cast<std::size_t>(ws * c.batch), rng, 0.2);
+      const auto bias = random_values<T>(static_cast<std::size_t>(bs * c.batch), rng);
+      const auto resid = random_values<T>(static_cast<std::size_t>(ys * c.batch), rng);
+      auto dx = upload(x), dw = upload(w), db = upload(bias), dr = upload(resid);
+      zo2::cuda::DeviceBuffer<T> dy(static_cast<std::size_t>(ys * c.batch));
+      poison(dy.data(), dy.size());
+      zo2::cuda::GemmArgs<T, T> a;
+      a.m = c.m, a.n = c.n, a.k = c.k;
+      a.x = dx.data(), a.ldx = c.k, a.stride_x = xs;
+      a.w = dw.data(), a.ldw = c.transposed ? c.k : c.n, a.stride_w = ws, a.w_transposed = c.transposed;
+      a.y = dy.data(), a.ldy = c.n, a.stride_y = ys;
+      if (c.bias) a.bias = db.data(), a.stride_bias = bs;
+      if (c.residual) a.c = dr.data(), a.beta = 1.0f;
+      a.relu = c.relu;
+      a.batch = c.batch;
+      gemm.run(a, stream);
+      const auto y = download(dy.data(), dy.size());
+      const auto X = as_double(x), W = as_double(w), B = as_double(bias), R = as_double(resid);
+      std::vector<double> ref(y.size());
+      for (int b = 0; b < c.batch; ++b)
+        for (std::int64_t i = 0; i < c.m; ++i)
+          for (std::int64_t j = 0; j < c.n; ++j) {
+            double s = 0;
+            for (std::int64_t k = 0; k < c.k; ++k) {
+              const double wv = c.transposed ? W[b * ws + j * c.k + k] : W[b * ws + k * c.n + j];
+              s += X[b * xs + i * c.k + k] * wv;
+            }
+            if (c.residual) s += R[b * ys + i * c.n + j];
+            if (c.bias) s += B[b * bs + j];
+            if (c.relu) s = std::max(s, 0.0);
+            ref[b * ys + i * c.n + j] = s;
           }
-          if (c.residual) s += R[b * ys + i * c.n + j];
-          if (c.bias) s += B[b * bs + j];
-          if (c.relu) s = std::max(s, 0.0);
-          ref[b * ys + i * c.n + j] = s;
-        }
-    CHECK(rel_error(y, ref) <= tolerance<T>());
+      CHECK(rel_error(y, ref) <= tolerance<T>());
+    }
+    CHECK(gemm.cached_plans() == std::size(cases));
   }
-  CHECK(gemm.cached_plans() == std::size(cases));
+}
+
+TEST_CASE("Gemm autotuning: an in-place residual (y = x W^T + y) is applied once" * doctest::skip(!kHaveDevice)) {
+  std::mt19937 rng(12);
+  zo2::cuda::Gemm gemm;
+  gemm.set_autotune(8);
+  zo2::cuda::Stream stream;
+  const std::int64_t m = 96, n = 128, k = 64;
+  const auto x = random_values<float>(static_cast<std::size_t>(m * k), rng);
+  const auto w = random_values<float>(static_cast<std::size_t>(n * k), rng, 0.2);
+  const auto y0 = random_values<float>(static_cast<std::size_t>(m * n), rng);
+  auto dx = upload(x), dw = upload(w), dy = upload(y0);
+  gemm.linear<float>(dx.data(), dw.data(), nullptr, dy.data(), m, n, k, stream.get(), false, dy.data());
+  stream.synchronize();
+  const auto y = download(dy.data(), dy.size());
+  std::vector<double> ref(y.size());
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) {
+      double s = y0[i * n + j];
+      for (std::int64_t q = 0; q < k; ++q) s += static_cast<double>(x[i * k + q]) * w[j * k + q];
+      ref[i * n + j] = s;
+    }
+  CHECK(rel_error(y, ref) <= tolerance<float>());
 }
 
 TEST_CASE("Gemm: bf16 inputs to fp32 outputs with alpha; TF32 is opt-in" * doctest::skip(!kHaveDevice)) {
@@ -156,7 +183,9 @@ TEST_CASE_TEMPLATE("layer_norm vs float64, with and without affine, wide rows, o
                        doctest::skip(!kHaveDevice),
                    T, ZO2_KERNEL_TYPES) {
   std::mt19937 rng(13);
-  for (std::int64_t cols : {32, 768, 1000, 5120}) {
+  // 16-byte multiples take the register-row kernel (12288: 6 vectors a thread in bf16), 1003 and
+  // fp32's 12288 (12 vectors a thread) the three-pass one.
+  for (std::int64_t cols : {32, 768, 1000, 1003, 5120, 12288}) {
     for (bool affine : {true, false}) {
       CAPTURE(cols);
       CAPTURE(affine);

@@ -106,6 +106,8 @@ struct GemmArgs {
 class Gemm {
  public:
   static constexpr std::size_t kDefaultWorkspaceBytes = std::size_t{32} << 20;
+  /// The most algorithms autotuning times per shape.
+  static constexpr int kMaxAutotune = 16;
 
   explicit Gemm(std::size_t workspace_bytes = kDefaultWorkspaceBytes)
       : workspace_(workspace_bytes) {}
@@ -119,6 +121,16 @@ class Gemm {
   /// (what the parity tests against float64 and transformers need).
   void set_allow_tf32(bool allow) { allow_tf32_ = allow; }
   bool allow_tf32() const { return allow_tf32_; }
+
+  /// Autotuning: with candidates > 1, a shape's first run times up to that many of the
+  /// heuristic's algorithms (at most kMaxAutotune) on its own operands (into a scratch output, so an in-place residual
+  /// is never applied twice) and keeps the fastest; 0 or 1 takes the heuristic's first choice.
+  /// Off by default: the choice depends on timing, so two processes may pick different kernels
+  /// and round differently, and a resumed run would no longer repeat the original bit for bit.
+  /// Applies to shapes first seen after the call. A run under stream capture is not tuned (it
+  /// takes the first choice and tunes at its first run outside a capture).
+  void set_autotune(int candidates) { autotune_ = candidates; }
+  int autotune() const { return autotune_; }
   std::size_t cached_plans() const { return plans_.size(); }
 
   /// Enqueues the product on `stream`. Throws CudaError naming the shape when cuBLASLt has no
@@ -139,6 +151,7 @@ class Gemm {
       const void* bias = a.bias;
       ZO2_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     }
+    if (!plan.tuned) tune(plan, a, stream);
     const float alpha = a.alpha, beta = a.c ? a.beta : 0.0f;
     const void* c = a.c ? static_cast<const void*>(a.c) : static_cast<const void*>(a.y);
     ZO2_CUBLAS_CHECK(cublasLtMatmul(handle_.get(), plan.op, &alpha, a.w, plan.a, a.x, plan.b, &beta, c, plan.c,
@@ -177,9 +190,12 @@ class Gemm {
 
   struct Plan {
     bool ok = false;
+    bool tuned = true;  // false while autotuning candidates wait to be timed
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
+    cublasLtMatmulAlgo_t candidates[kMaxAutotune] = {};  // the heuristic's, best first (autotuning only)
+    int num_candidates = 0;
     void destroy() noexcept {
       if (op) cublasLtMatmulDescDestroy(op);
       if (a) cublasLtMatrixLayoutDestroy(a);
@@ -294,20 +310,67 @@ class Gemm {
     ZO2_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof al_b));
     ZO2_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof al_c));
     ZO2_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof al_d));
-    cublasLtMatmulHeuristicResult_t result{};
+    const int wanted = autotune_ > 1 ? (autotune_ < kMaxAutotune ? autotune_ : kMaxAutotune) : 1;
+    cublasLtMatmulHeuristicResult_t results[kMaxAutotune] = {};
     int found = 0;
-    const cublasStatus_t s =
-        cublasLtMatmulAlgoGetHeuristic(handle_.get(), p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+    const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle_.get(), p.op, p.a, p.b, p.c, p.c, pref, wanted,
+                                                            results, &found);
     if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED)
       detail::throw_cublas(s, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__);
     p.ok = s == CUBLAS_STATUS_SUCCESS && found > 0;
-    if (p.ok) p.algo = result.algo;
+    if (!p.ok) return;
+    p.algo = results[0].algo;
+    if (found > 1) {
+      for (int i = 0; i < found; ++i)
+        if (results[i].state == CUBLAS_STATUS_SUCCESS) p.candidates[p.num_candidates++] = results[i].algo;
+      p.tuned = p.num_candidates < 2;
+    }
+  }
+
+  /// Times each candidate (one warm-up, then kTimedRuns runs) on a's operands with the output in
+  /// scratch, and keeps the fastest in plan.algo. Synchronizes `stream`.
+  template <class TIn, class TOut>
+  void tune(Plan& plan, const GemmArgs<TIn, TOut>& a, cudaStream_t stream) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    ZO2_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return;
+    constexpr int kTimedRuns = 3;
+    // D's span in elements, with Y's leading dimension and batch stride (Y's layout is D's).
+    const std::int64_t span = (a.batch - 1) * a.stride_y + (a.m - 1) * a.ldy + a.n;
+    DeviceBuffer<TOut> scratch(static_cast<std::size_t>(span));
+    ZO2_CUDA_CHECK(cudaMemsetAsync(scratch.data(), 0, scratch.bytes(), stream));  // C when there is no residual
+    const float alpha = a.alpha, beta = a.c ? a.beta : 0.0f;
+    const void* c = a.c ? static_cast<const void*>(a.c) : static_cast<const void*>(scratch.data());
+    Event start(true), stop(true);
+    float best_ms = 0;
+    int best = 0;
+    bool any = false;
+    for (int i = 0; i < plan.num_candidates; ++i) {
+      auto run = [&] {
+        return cublasLtMatmul(handle_.get(), plan.op, &alpha, a.w, plan.a, a.x, plan.b, &beta, c, plan.c,
+                              scratch.data(), plan.c, &plan.candidates[i], workspace_.data(), workspace_.bytes(),
+                              stream);
+      };
+      if (run() != CUBLAS_STATUS_SUCCESS) continue;  // an algorithm that refuses these operands
+      start.record(stream);
+      bool ok = true;
+      for (int r = 0; r < kTimedRuns && ok; ++r) ok = run() == CUBLAS_STATUS_SUCCESS;
+      stop.record(stream);
+      stop.synchronize();
+      if (!ok) continue;
+      const float ms = stop.elapsed_ms_since(start);
+      if (!any || ms < best_ms) best_ms = ms, best = i, any = true;
+    }
+    ZO2_CUDA_CHECK(cudaGetLastError());
+    if (any) plan.algo = plan.candidates[best];
+    plan.tuned = true;
   }
 
   CublasLtHandle handle_;
   DeviceBuffer<std::byte> workspace_;
   std::map<Key, Plan> plans_;
   bool allow_tf32_ = false;
+  int autotune_ = 0;
 };
 
 }  // namespace zo2::cuda

@@ -83,6 +83,9 @@ struct OPTCudaOptions {
   /// Which fused kernel: kAuto takes the wgmma kernel (flash_attention_wgmma.cuh) on a Hopper GPU
   /// when the build targets sm_90a, the mma.sync kernel otherwise.
   cuda::FlashKernel flash_kernel = cuda::FlashKernel::kAuto;
+  /// cuBLASLt algorithms each GEMM shape times at its first run, keeping the fastest
+  /// (cuda::Gemm::set_autotune); 0: the heuristic's first choice, reproducible across processes.
+  int gemm_autotune = 0;
 };
 
 template <class T>
@@ -126,6 +129,7 @@ class OPTCudaModel {
       : config_(std::move(config)), options_(options), stream_(stream), gemm_(std::make_unique<cuda::Gemm>()) {
     config_.validate();
     gemm_->set_allow_tf32(options_.allow_tf32);
+    gemm_->set_autotune(options_.gemm_autotune);
     prologue_layout_ = opt::prologue_layout(config_);
     block_layout_ = opt::block_layout(config_);
     epilogue_layout_ = opt::epilogue_layout(config_);
