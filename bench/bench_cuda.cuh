@@ -8,6 +8,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -81,11 +82,14 @@ double time_ms(cudaStream_t s, int warmup, int reps, F&& fn) {
 
 struct GemmRate {
   std::int64_t n = 0;
-  double ms = 0, tflops = 0;
+  double ms = 0, tflops = 0;  // a burst of 12 products (~20 ms): what the compute floor uses
+  // After `sustain_s` of back-to-back products: the rate the GPU holds once its power limit
+  // (700 W on an H200) has pulled the clocks down -- where a long run's forwards actually are.
+  double sustain_s = 0, sustained_ms = 0, sustained_tflops = 0;
 };
 
 /// A large square bf16 GEMM through zo2's own cuBLASLt wrapper: the rate the compute floor uses.
-inline GemmRate measure_gemm_rate(cudaStream_t s, int autotune = 0, std::int64_t n = 8192) {
+inline GemmRate measure_gemm_rate(cudaStream_t s, int autotune = 0, double sustain_s = 0, std::int64_t n = 8192) {
   // Several operand sets, so repeated runs do not measure one buffer's cache residency.
   constexpr int kSets = 3;
   std::vector<zcuda::DeviceBuffer<zo2::bfloat16>> x, w, y;
@@ -104,6 +108,24 @@ inline GemmRate measure_gemm_rate(cudaStream_t s, int autotune = 0, std::int64_t
     ++k;
   });
   r.tflops = 2.0 * n * n * n / (r.ms * 1e-3) / 1e12;
+  if (sustain_s > 0) {
+    // Products back to back for sustain_s (no host sync in between, so no idle gap lets the
+    // clocks recover), then 12 more timed one by one, as the burst.
+    const auto t0 = std::chrono::steady_clock::now();
+    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < sustain_s) {
+      for (int i = 0; i < 20; ++i) {
+        gemm.linear<zo2::bfloat16>(x[k % kSets].data(), w[k % kSets].data(), nullptr, y[k % kSets].data(), n, n, n, s);
+        ++k;
+      }
+      ZO2_CUDA_CHECK(cudaStreamSynchronize(s));
+    }
+    r.sustain_s = sustain_s;
+    r.sustained_ms = time_ms(s, 0, 12, [&] {
+      gemm.linear<zo2::bfloat16>(x[k % kSets].data(), w[k % kSets].data(), nullptr, y[k % kSets].data(), n, n, n, s);
+      ++k;
+    });
+    r.sustained_tflops = 2.0 * n * n * n / (r.sustained_ms * 1e-3) / 1e12;
+  }
   return r;
 }
 
