@@ -152,6 +152,7 @@ void bench_pair(const Context& c, const ParamLayout& layout) {
   T *p = plus.data(), *m = minus.data();
   measure<Op::kUpdateAndPerturb, S, T, 1, 1>(c, th, p, m, table, true, elements);
   measure<Op::kUpdateAndPerturb, S, T, 2, 1>(c, th, p, m, table, true, elements);
+  measure<Op::kUpdateAndPerturb, S, T, 1, 4>(c, th, p, m, table, true, elements);
   measure<Op::kUpdateAndPerturb, S, T, 1, 5>(c, th, p, m, table, true, elements);
   measure<Op::kUpdateAndPerturb, S, T, 1, 1>(c, th, p, m, table, false, elements);
   measure<Op::kUpdateAndPerturb, S, T, 2, 1>(c, th, p, m, table, false, elements);
