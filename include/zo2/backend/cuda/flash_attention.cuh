@@ -85,8 +85,8 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
   __shared__ alignas(16) std::uint8_t smask[2][BN];  // 1 = key visible by the padding mask and inside seq
 
   const int num_m_tiles = (seq + BM - 1) / BM;
-  const int m_tile = num_m_tiles - 1 - static_cast<int>(blockIdx.x);  // heaviest first
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int m_tile = num_m_tiles - 1 - static_cast<int>(blockIdx.y);  // heaviest first (launch_flash)
+  const int h = blockIdx.x, b = blockIdx.z;
   const int m0 = m_tile * BM;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;

@@ -74,8 +74,8 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
   const auto sv = [&](int stage) { return base + (kWG + kStages + stage) * kTile; };
 
   const int num_blocks_m = (seq + BM - 1) / BM;
-  const int m_block = num_blocks_m - 1 - static_cast<int>(blockIdx.x);  // heaviest first
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int m_block = num_blocks_m - 1 - static_cast<int>(blockIdx.y);  // heaviest first (launch_flash)
+  const int h = blockIdx.x, b = blockIdx.z;
   const int m0 = m_block * BM;
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;

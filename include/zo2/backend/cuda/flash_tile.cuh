@@ -130,9 +130,11 @@ __device__ __forceinline__ void flash_store_rows(const float (&o)[kOTiles][4], c
   }
 }
 
-/// Launches a flash kernel (both take the same arguments) over grid (query tiles of kRows, heads,
+/// Launches a flash kernel (both take the same arguments) over grid (heads, query tiles of kRows,
 /// batch) with kThreads per block and kSmem bytes of dynamic shared memory (the limit raised once
-/// per kernel).
+/// per kernel). Heads vary fastest and a kernel takes query tile num_tiles - 1 - blockIdx.y, so
+/// blocks start in order of decreasing causal work across all heads (longest first): the
+/// last wave holds the shortest tiles, not one head's mix of long and short.
 template <auto Kernel, int kSmem, int kRows, int kThreads, class T>
 void launch_flash(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context, std::int64_t batch,
                   std::int64_t seq, std::int64_t heads, int head_dim, cudaStream_t stream, const char* name) {
@@ -141,8 +143,9 @@ void launch_flash(const T* q, const T* k, const T* v, const std::uint8_t* key_ma
     return true;
   }();
   (void)configured;
-  const dim3 grid(static_cast<unsigned>((seq + kRows - 1) / kRows), static_cast<unsigned>(heads),
-                  static_cast<unsigned>(batch));
+  const std::int64_t tiles = (seq + kRows - 1) / kRows;
+  if (tiles > 65535 || batch > 65535) throw ShapeError("flash attention: sequence or batch too large for one launch");
+  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(tiles), static_cast<unsigned>(batch));
   const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)));
   Kernel<<<grid, kThreads, kSmem, stream>>>(q, k, v, key_mask, context, static_cast<int>(seq),
                                                  static_cast<int>(heads * head_dim), scale_log2);
