@@ -91,6 +91,13 @@ case "$case_name" in
     run_ok moved "$bin" train --resume moved_ck --steps 16 --quiet --device cpu
     grep -q "note      the checkpoint was computed on cuda (Some GPU), this run on cpu" moved.out ||
       fail "no note that the device changed: $(grep note moved.out)"
+    # A checkpoint from another noise scheme (or from before state.json recorded one) says so.
+    grep -q '"noise_scheme"' ck/step-00000015/state.json || fail "state.json does not record the noise scheme"
+    if grep -q "noise scheme" resumed.out; then fail "a same-scheme resume warned about the noise scheme"; fi
+    cp -r ck/step-00000015 old_scheme_ck && sed -i '/"noise_scheme"/d' old_scheme_ck/state.json
+    run_ok old_scheme "$bin" train --resume old_scheme_ck --steps 16 --quiet
+    grep -q "note      the checkpoint was written under noise scheme 1" old_scheme.out ||
+      fail "no note that the noise scheme changed: $(grep note old_scheme.out)"
     # A checkpoint's offload_state.safetensors (the int8 offload codec's codes) is checked on resume.
     cp -r ck/step-00000015 bad_ck && printf 'not safetensors' >bad_ck/offload_state.safetensors
     expect_error "bad_ck/offload_state.safetensors" "$bin" train --resume bad_ck --steps 16 --quiet

@@ -335,6 +335,17 @@ int run_train(const std::vector<std::string>& argv) {
     std::printf("note      the checkpoint was computed on %s, this run on %s: rounding differs, so the run will not "
                 "match an uninterrupted one bit for bit\n",
                 saved_engine->value("description", "").c_str(), engine->device_description().c_str());
+  if (resume_dir) {
+    // Checkpoints before the field existed were written under scheme 1.
+    const int saved_scheme = state.contains("noise_scheme") && state["noise_scheme"].is_number_integer()
+                                 ? state["noise_scheme"].get<int>()
+                                 : 1;
+    if (saved_scheme != zo2::kNoiseScheme)
+      std::printf("note      the checkpoint was written under noise scheme %d, this build draws scheme %d "
+                  "(zo2/core/philox.hpp: kNoiseScheme): the run continues correctly but will not match an "
+                  "uninterrupted one bit for bit\n",
+                  saved_scheme, zo2::kNoiseScheme);
+  }
   for (const auto& flag : train_r.overridden) std::printf("note      %s differs from the checkpoint's: the run will not match an uninterrupted one\n", flag.c_str());
   for (const auto& flag : opt_r.overridden) std::printf("note      %s differs from the checkpoint's: the run will not match an uninterrupted one\n", flag.c_str());
   std::fflush(stdout);
@@ -353,6 +364,7 @@ int run_train(const std::vector<std::string>& argv) {
     const zo2::OptimizerState s = engine->state();
     return json{
         {"format", "zo2-opt-checkpoint/1"},
+        {"noise_scheme", zo2::kNoiseScheme},
         {"step", step},
         {"seed", seed},
         {"skipped_steps", s.skipped_steps},

@@ -69,6 +69,14 @@ ZO2_HD ZO2_FORCEINLINE Philox4x32 philox4x32_10(Philox4x32 ctr, std::uint32_t k0
 /// Stream word flag for the random bits of stochastic rounding (see the layout above).
 inline constexpr std::uint32_t kRoundingStream = 0x80000000u;
 
+/// Which values this build draws, for checkpoints: a run resumed from a checkpoint written under
+/// another scheme continues correctly but does not repeat an uninterrupted run bit for bit.
+///   1: rounding bits one 32-bit word per element (counter j / 4); the GPU's fast Box-Muller with
+///      an atanh series near u1 = 1.
+///   2 (2026-12-02): 16 rounding bits per element (counter j / 8, rounding_bits); fast
+///      Box-Muller on MUFU.LG2 alone (backend/cuda/perturb.cuh). z on the host is unchanged.
+inline constexpr int kNoiseScheme = 2;
+
 /// The four 32-bit words that cover elements [4q, 4q + 4) of one stream at one step.
 ZO2_HD ZO2_FORCEINLINE Philox4x32 philox_words(std::uint64_t seed, std::uint32_t step,
                                                std::uint32_t stream, std::uint64_t quad) {
