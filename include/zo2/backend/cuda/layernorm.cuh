@@ -20,33 +20,39 @@ namespace zo2::cuda {
 
 namespace detail {
 
+/// The sum over the block of each thread's `v`, returned to every thread. The shared storage
+/// is reused by the next call, after the closing barrier.
+template <int kThreads>
+__device__ __forceinline__ float block_sum_to_all(float v) {
+  using Reduce = cub::BlockReduce<float, kThreads>;
+  __shared__ typename Reduce::TempStorage temp;
+  __shared__ float total;
+  v = Reduce(temp).Sum(v);
+  if (threadIdx.x == 0) total = v;
+  __syncthreads();
+  const float result = total;
+  __syncthreads();
+  return result;
+}
+
 template <int kThreads, class T>
 __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const T* x, const T* __restrict__ gamma,
                                                               const T* __restrict__ beta, T* y,
                                                               int cols, float eps) {
-  using Reduce = cub::BlockReduce<float, kThreads>;
-  __shared__ typename Reduce::TempStorage temp;
-  __shared__ float shared_mean, shared_rstd;
   const std::int64_t row = blockIdx.x;
   const T* in = x + row * cols;
   T* out = y + row * cols;
 
   float sum = 0.0f;
   for (int i = threadIdx.x; i < cols; i += kThreads) sum += ld_f32(in[i]);
-  sum = Reduce(temp).Sum(sum);
-  if (threadIdx.x == 0) shared_mean = sum / static_cast<float>(cols);
-  __syncthreads();
-  const float mean = shared_mean;
+  const float mean = block_sum_to_all<kThreads>(sum) / static_cast<float>(cols);
 
   float sq = 0.0f;
   for (int i = threadIdx.x; i < cols; i += kThreads) {
     const float d = ld_f32(in[i]) - mean;
     sq += d * d;
   }
-  sq = Reduce(temp).Sum(sq);
-  if (threadIdx.x == 0) shared_rstd = rsqrtf(sq / static_cast<float>(cols) + eps);
-  __syncthreads();
-  const float rstd = shared_rstd;
+  const float rstd = rsqrtf(block_sum_to_all<kThreads>(sq) / static_cast<float>(cols) + eps);
 
   for (int i = threadIdx.x; i < cols; i += kThreads) {
     float v = (ld_f32(in[i]) - mean) * rstd;
@@ -66,9 +72,6 @@ __global__ void __launch_bounds__(kThreads) layer_norm_rows_kernel(const T* x, c
                                                                    const T* __restrict__ beta, T* y, int cols,
                                                                    float eps) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // elements per vector
-  using Reduce = cub::BlockReduce<float, kThreads>;
-  __shared__ typename Reduce::TempStorage temp;
-  __shared__ float shared_mean, shared_rstd;
   const std::int64_t row = blockIdx.x;
   const T* in = x + row * cols;
   T* out = y + row * cols;
@@ -87,10 +90,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_rows_kernel(const T* x, c
       }
     }
   }
-  sum = Reduce(temp).Sum(sum);
-  if (threadIdx.x == 0) shared_mean = sum / static_cast<float>(cols);
-  __syncthreads();
-  const float mean = shared_mean;
+  const float mean = block_sum_to_all<kThreads>(sum) / static_cast<float>(cols);
   float sq = 0.0f;
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
@@ -103,10 +103,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_rows_kernel(const T* x, c
       }
     }
   }
-  sq = Reduce(temp).Sum(sq);  // temp's reuse is ordered by the __syncthreads above
-  if (threadIdx.x == 0) shared_rstd = rsqrtf(sq / static_cast<float>(cols) + eps);
-  __syncthreads();
-  const float rstd = shared_rstd;
+  const float rstd = rsqrtf(block_sum_to_all<kThreads>(sq) / static_cast<float>(cols) + eps);
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
     const int c = (i * kThreads + static_cast<int>(threadIdx.x)) * kPer;
