@@ -61,7 +61,6 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const T* x, const 
   }
 }
 
-
 /// The same LayerNorm with the row held in registers: each thread loads up to kVecs 16-byte
 /// vectors once (one read of the row from memory, not three), both reductions run on registers,
 /// and the output goes out as 16-byte stores. For rows of a multiple of 16 bytes at 16-byte
