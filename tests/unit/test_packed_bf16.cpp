@@ -170,7 +170,7 @@ TEST_CASE("packed bf16: refuses what it cannot hold, names the tensor, and catch
   REQUIRE(codec.escape_count(0, block) >= 1);
   std::vector<bfloat16> out(4096);
   auto bad = block;
-  bad[codec.entries_offset()] ^= 0x01;  // the first escape now names another element
+  bad[codec.entries_offset() + 4] ^= 0x01;  // the first escape's index (high half) now names another element
   CHECK_THROWS_WITH_AS(codec.decode_bf16(0, bad, out), doctest::Contains("wide.weight element"), Error);
   bad = block;
   bad[codec.counts_offset()] = 0xff;  // 255 escapes recorded, room for 64

@@ -17,7 +17,7 @@
 //   [1.5n, 1.5n + n/32)    E of chunk j / 32 (0 for an all-zero chunk)
 //   then, 16-aligned:      escape count of each tensor (uint32), then, 16-aligned, each
 //                          tensor's escape list: uint64 entries (element index within the tensor)
-//                          | exponent << 32, sorted by index, at most escape_capacity(r) of them
+//                          << 32 | exponent, sorted by index, at most escape_capacity(r) of them
 //
 // So it is exact for every bf16 value, inf and NaN included (they only push their chunk's
 // neighbours into the escape list). n is the layout's total (padding encodes as zero). Escapes
@@ -74,7 +74,11 @@ struct PackedBf16 {
   ZO2_HD ZO2_FORCEINLINE static unsigned exponent_of(unsigned code, unsigned E) {
     return code == kZeroExponent ? 0u : E - code;
   }
-  static std::uint64_t escape_entry(std::uint64_t index, unsigned e) { return index | (std::uint64_t{e} << 32); }
+  /// An escape list entry: the element's index within its tensor in the high half (so sorting
+  /// entries as integers sorts them by index), its exponent field in the low byte.
+  ZO2_HD ZO2_FORCEINLINE static std::uint64_t escape_entry(std::uint64_t index, unsigned e) { return index << 32 | e; }
+  ZO2_HD ZO2_FORCEINLINE static std::uint64_t entry_index(std::uint64_t entry) { return entry >> 32; }
+  ZO2_HD ZO2_FORCEINLINE static unsigned entry_exponent(std::uint64_t entry) { return static_cast<unsigned>(entry & 0xffu); }
 };
 
 /// Where tensor r of a group lives in the packed buffer.
@@ -210,10 +214,10 @@ class PackedBf16Group {
       const unsigned code = get_code(block, g);
       unsigned e;
       if (code == PackedBf16::kEscape) {
-        if (next >= escapes.size() || (escapes[next] & 0xffffffffull) != j)
+        if (next >= escapes.size() || PackedBf16::entry_index(escapes[next]) != j)
           throw Error(std::string(name) + ": " + names_[r] + " element " + std::to_string(j) +
                       " is an escape the list does not hold (a corrupt block)");
-        e = static_cast<unsigned>(escapes[next++] >> 32) & 0xffu;
+        e = PackedBf16::entry_exponent(escapes[next++]);
       } else {
         e = PackedBf16::exponent_of(code, E);
       }
