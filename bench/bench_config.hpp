@@ -30,7 +30,7 @@ struct UsageError : std::runtime_error {
 struct RunConfig {
   std::string model;   // an OPT preset: opt-125m ... opt-175b
   std::string policy;  // resident | offload
-  std::string codec;   // offload: bf16 | fp16 | int8 | fp32 (what rests on the host and crosses
+  std::string codec;   // offload: bf16 | bf16p | fp16 | int8 | fp32 (what rests on the host and crosses
                        // PCIe); resident: the master's storage precision (= dtype)
   std::string dtype;   // bf16 | fp16: the forward's precision (weights and activations)
   int batch = 1, seq = 2048, steps = 10, warmup = 3;
@@ -70,7 +70,8 @@ Configurations:
   --set quick          125m and 1.3b, resident bf16 and offloaded bf16 (1.3b also int8)
   --model LIST         opt-125m,opt-1.3b,... (the "opt-" may be left out)
   --policy LIST        resident | offload                          (default resident)
-  --codec LIST         offload: bf16 | fp16 | int8 | fp32          (default bf16)
+  --codec LIST         offload: bf16 | bf16p | fp16 | int8 | fp32  (default bf16; bf16p: bf16
+                       values packed losslessly in ~12.6 bits, offload/packed_bf16.hpp)
   --dtype LIST         bf16 | fp16 (default: bf16; offload with the fp16 codec: fp16)
   --batch N            sequences per step                          (default 1)
   --seq N              tokens per sequence                         (default 2048)
@@ -182,7 +183,7 @@ inline Options parse_options(int argc, char** argv) {
       o.models.clear();
       for (const std::string& m : parse_list(key, next(), {})) o.models.push_back(canonical_model(m));
     } else if (key == "--policy" || key == "--policies") o.policies = parse_list(key, next(), {"resident", "offload"});
-    else if (key == "--codec" || key == "--codecs") o.codecs = parse_list(key, next(), {"bf16", "fp16", "int8", "fp32"});
+    else if (key == "--codec" || key == "--codecs") o.codecs = parse_list(key, next(), {"bf16", "bf16p", "fp16", "int8", "fp32"});
     else if (key == "--dtype" || key == "--dtypes") o.dtypes = parse_list(key, next(), {"bf16", "fp16"});
     else if (key == "--batch") o.batch = parse_int(key, next(), 1);
     else if (key == "--seq") o.seq = parse_int(key, next(), 2);
@@ -298,6 +299,7 @@ inline Reference reference_for(const RunConfig& c) {
 inline double codec_bytes_per_param(const std::string& codec) {
   if (codec == "fp32") return 4;
   if (codec == "int8") return 1.0;  // plus a float scale per row: negligible
+  if (codec == "bf16p") return 12.57 / 8;  // packed bf16 with its escape room
   return 2;
 }
 

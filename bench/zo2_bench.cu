@@ -432,7 +432,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
     const ModelLayout& ml = policy.model_layout();
     for (const GroupIndex g : {ml.prologue(), ml.epilogue(), ml.block(0)}) {
       const std::vector<float> flat = host_group_values(ml.layout(g), 1 + g.value);
-      offload::GroupCodec<Codec> codec(ml.layout(g));
+      typename offload::GroupCodecOf<Codec>::type codec(ml.layout(g));
       std::vector<unsigned char> encoded(codec.bytes());
       codec.encode_group(flat, encoded);
       if (g.value != ml.block(0).value) {
@@ -498,6 +498,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
 template <class T>
 void run_offload_codec(const RunConfig& c, const Options& o, Env& env) {
   if (c.codec == "bf16") run_offload<offload::Bf16Codec, T>(c, o, env);
+  else if (c.codec == "bf16p") run_offload<offload::Bf16PackedCodec, T>(c, o, env);
   else if (c.codec == "fp16") run_offload<offload::Fp16Codec, T>(c, o, env);
   else if (c.codec == "int8") run_offload<offload::Int8RowCodec, T>(c, o, env);
   else if (c.codec == "fp32") run_offload<offload::Fp32Codec, T>(c, o, env);

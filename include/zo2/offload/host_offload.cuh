@@ -65,6 +65,8 @@
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
 #include <zo2/offload/codecs.hpp>
+#include <zo2/offload/packed_bf16.hpp>
+#include <zo2/offload/packed_kernel.cuh>
 #include <zo2/offload/row_kernel.cuh>
 #include <zo2/offload/timeline.cuh>
 #include <zo2/optim/layer_stack.hpp>
@@ -128,6 +130,7 @@ class HostOffload {
  public:
   using value_type = T;
   using codec_type = Codec;
+  using GroupCodecT = typename offload::GroupCodecOf<Codec>::type;
 
   using Perturbed = PerturbedViews<T>;
 
@@ -309,7 +312,7 @@ class HostOffload {
     using offload_detail::align_up;
     constexpr std::size_t A = 256;
     Plan p;
-    const offload::GroupCodec<Codec> pro(ml.layout(ml.prologue())), blk(ml.layout(ml.block(0))),
+    const GroupCodecT pro(ml.layout(ml.prologue())), blk(ml.layout(ml.block(0))),
         epi(ml.layout(ml.epilogue()));
     p.block_bytes = align_up(blk.bytes(), A);
     const std::size_t shared_elems = std::max(blk.total_elements(), epi.total_elements());
@@ -403,9 +406,9 @@ class HostOffload {
       owned_compute_.emplace();
       compute_ = owned_compute_->get();
     }
-    codecs_[0] = offload::GroupCodec<Codec>(ml.layout(ml.prologue()));
-    codecs_[1] = offload::GroupCodec<Codec>(ml.layout(ml.block(0)));
-    codecs_[2] = offload::GroupCodec<Codec>(ml.layout(ml.epilogue()));
+    codecs_[0] = GroupCodecT(ml.layout(ml.prologue()));
+    codecs_[1] = GroupCodecT(ml.layout(ml.block(0)));
+    codecs_[2] = GroupCodecT(ml.layout(ml.epilogue()));
 
     // Device: check the plan against free memory first, for a message that says what would fit.
     std::size_t free_b = 0, total_b = 0;
@@ -491,7 +494,9 @@ class HostOffload {
     const ModelLayout& ml = *layout_;
     const GroupIndex gi = i == 0 ? ml.prologue() : i == 1 ? ml.block(0) : ml.epilogue();
     const ParamLayout& layout = ml.layout(gi);
-    if constexpr (Codec::row_scaled) {
+    if constexpr (offload::is_packed_codec_v<Codec>) {
+      packed_passes_[i] = offload_detail::PackedPass(codecs_[i], layout);
+    } else if constexpr (Codec::row_scaled) {
       row_tables_[i] = offload_detail::RowTable(codecs_[i], layout);
     } else {
       tables_[i] = GroupTable(layout);
@@ -514,7 +519,7 @@ class HostOffload {
     if (g.value == layout_->num_blocks() + 1) return 2;
     throw Error("HostOffload: group index " + std::to_string(g.value) + " out of range");
   }
-  const offload::GroupCodec<Codec>& codec_for(GroupIndex g) const { return codecs_[kind_of(g)]; }
+  const GroupCodecT& codec_for(GroupIndex g) const { return codecs_[kind_of(g)]; }
   void check_encoded_size(GroupIndex g, std::size_t size, const char* what) const {
     if (size != codec_for(g).bytes())
       throw Error(std::string("HostOffload::") + what + ": got " + std::to_string(size) + " bytes, group " +
@@ -657,7 +662,17 @@ class HostOffload {
               double eps, const PendingUpdate* pending, Mode mode) {
     const int k = kind_of(g);
     const std::uint32_t first_id = layout_->first_tensor_id(g);
-    if constexpr (Codec::row_scaled) {
+    if constexpr (offload::is_packed_codec_v<Codec>) {
+      offload_detail::PackedArgs a{};
+      a.first_tensor_id = first_id;
+      a.seed = seed;
+      a.step = step;
+      a.eps = eps;
+      a.perturb = mode == Mode::kPerturb || mode == Mode::kPerturbOnly;
+      a.convert = mode == Mode::kConvert;
+      if (pending) detail::set_owed_update(a, *pending);
+      packed_passes_[k].run(master, plus, minus, a, compute_);
+    } else if constexpr (Codec::row_scaled) {
       offload_detail::RowArgs a{};
       a.first_tensor_id = first_id;
       a.seed = seed;
@@ -688,9 +703,10 @@ class HostOffload {
   std::optional<Stream> owned_compute_;
   cudaStream_t compute_ = nullptr;
   Stream upload_, offload_;
-  offload::GroupCodec<Codec> codecs_[3];
+  GroupCodecT codecs_[3];
   GroupTable tables_[3];
   offload_detail::RowTable row_tables_[3];
+  offload_detail::PackedPass packed_passes_[3];  // the packed codec's device side (empty otherwise)
 
   DeviceBuffer<unsigned char> arena_;
   unsigned char* prologue_master_ = nullptr;

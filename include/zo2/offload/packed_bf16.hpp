@@ -39,12 +39,14 @@
 #include <cstring>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <zo2/core/error.hpp>
 #include <zo2/core/half_types.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/platform.hpp>
+#include <zo2/offload/codecs.hpp>
 
 namespace zo2::offload {
 
@@ -278,6 +280,26 @@ class PackedBf16Group {
   std::vector<PackedTensor> tensors_;
   std::vector<std::string> names_;
   std::size_t total_ = 0, n_ = 0, counts_offset_ = 0, entries_offset_ = 0, bytes_ = 0;
+};
+
+/// The codec HostOffload takes (HostOffload<Bf16PackedCodec, T>): bf16 values, packed.
+struct Bf16PackedCodec {
+  static constexpr const char* name = "bf16p";
+  static constexpr std::size_t element_bytes = 2;  // of the values it carries; its size is PackedBf16Group::bytes()
+  static constexpr bool row_scaled = false;
+};
+
+template <class C>
+inline constexpr bool is_packed_codec_v = std::is_same_v<C, Bf16PackedCodec>;
+
+/// The group-level codec of a codec: GroupCodec<C>, or PackedBf16Group for the packed one.
+template <class C>
+struct GroupCodecOf {
+  using type = GroupCodec<C>;
+};
+template <>
+struct GroupCodecOf<Bf16PackedCodec> {
+  using type = PackedBf16Group;
 };
 
 }  // namespace zo2::offload
