@@ -7,7 +7,7 @@
 // (perturb.cuh: the same noise, updated_value and stochastic rounding to bf16 -- so the packed
 // codec's weights are the bf16 codec's, bit for bit), re-encode against the chunk's new largest
 // exponent (a reduction over its four threads), and write theta + eps z (and theta - eps z) in T.
-// New escapes go to a scratch list by atomic append; finish_packed_pass then sorts each tensor's
+// New escapes go to a scratch list by atomic append; packed_sort_kernel then sorts each tensor's
 // list into the block and writes the counts. An escape beyond a tensor's room (never seen with
 // trained weights: the room is ~30x the rate of normal weights) is flushed to zero and counted
 // in `overflow`, which the caller reports.
@@ -15,7 +15,6 @@
 // Status: compiled, not yet run on a GPU (tests/cuda/test_packed_kernel.cu is written for it).
 #pragma once
 
-#include <cub/device/device_segmented_sort.cuh>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -41,7 +40,8 @@ struct PackedTensorArgs {
 struct PackedArgs {
   const PackedTensorArgs* table;
   std::uint64_t codes_offset, exponents_offset, counts_offset, entries_offset;  // bytes into the block
-  std::uint64_t* new_entries;  // scratch: every tensor's room, at its escape_offset
+  std::uint64_t* new_entries;             // scratch: tensor r's new escapes at scratch_offsets[r]
+  const std::uint64_t* scratch_offsets;
   std::uint32_t* new_counts;   // scratch: one per tensor, zeroed before the pass
   std::uint32_t* overflow;     // escapes that found no room (flushed to zero)
   std::uint32_t first_tensor_id;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
           if (code == PackedBf16::kEscape) {
             const std::uint32_t at = atomicAdd(a.new_counts + t.index, 1u);
             if (at < t.escape_capacity) {
-              a.new_entries[t.escape_offset + at] = PackedBf16::escape_entry(j0 + k, e);
+              a.new_entries[a.scratch_offsets[blockIdx.y] + at] = PackedBf16::escape_entry(j0 + k, e);
             } else {
               atomicAdd(a.overflow, 1u);
               code = PackedBf16::kZeroExponent;  // flushed to the subnormal of its sign and mantissa
@@ -184,16 +184,42 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
   }
 }
 
-/// Writes each tensor's count (clamped to its room) into the block, and the end of each
-/// tensor's new list for the segmented sort.
-__global__ void packed_counts_kernel(unsigned char* __restrict__ block, const PackedTensorArgs* __restrict__ table,
-                                     std::uint32_t num_tensors, std::uint64_t counts_offset,
-                                     const std::uint32_t* __restrict__ new_counts, std::uint64_t* __restrict__ ends) {
-  const std::uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r >= num_tensors) return;
-  const std::uint64_t count = new_counts[r] < table[r].escape_capacity ? new_counts[r] : table[r].escape_capacity;
-  reinterpret_cast<std::uint32_t*>(block + counts_offset)[r] = static_cast<std::uint32_t>(count);
-  ends[r] = table[r].escape_offset + count;
+/// Puts each tensor's new escape list in index order and into the block, with its count. One
+/// block of threads per tensor: a bitonic sort over the list padded to a power of two in the
+/// scratch (the scratch room per tensor is that power of two), then a copy. (Not CUB's segmented
+/// sort: its device-level headers bring the global namespace `cuda` of libcu++, which collides
+/// with zo2::cuda in code that says `using namespace zo2`.)
+__global__ void __launch_bounds__(1024) packed_sort_kernel(unsigned char* __restrict__ block,
+                                                          const PackedTensorArgs* __restrict__ table,
+                                                          std::uint64_t counts_offset, std::uint64_t entries_offset,
+                                                          std::uint64_t* __restrict__ scratch,
+                                                          const std::uint64_t* __restrict__ scratch_offsets,
+                                                          const std::uint32_t* __restrict__ new_counts) {
+  const PackedTensorArgs t = table[blockIdx.x];
+  const std::uint64_t count = new_counts[blockIdx.x] < t.escape_capacity ? new_counts[blockIdx.x] : t.escape_capacity;
+  std::uint64_t m = 1;
+  while (m < count) m <<= 1;
+  std::uint64_t* e = scratch + scratch_offsets[blockIdx.x];
+  for (std::uint64_t i = count + threadIdx.x; i < m; i += blockDim.x) e[i] = ~std::uint64_t{0};  // sorts last
+  __syncthreads();
+  for (std::uint64_t k = 2; k <= m; k <<= 1) {
+    for (std::uint64_t j = k >> 1; j > 0; j >>= 1) {
+      for (std::uint64_t i = threadIdx.x; i < m; i += blockDim.x) {
+        const std::uint64_t partner = i ^ j;
+        if (partner > i) {
+          const std::uint64_t a = e[i], b = e[partner];
+          if ((a > b) == ((i & k) == 0)) {
+            e[i] = b;
+            e[partner] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  std::uint64_t* out = reinterpret_cast<std::uint64_t*>(block + entries_offset) + t.escape_offset;
+  for (std::uint64_t i = threadIdx.x; i < count; i += blockDim.x) out[i] = e[i];
+  if (threadIdx.x == 0) reinterpret_cast<std::uint32_t*>(block + counts_offset)[t.index] = static_cast<std::uint32_t>(count);
 }
 
 /// The device side of one packed group kind: its table, scratch for new escape lists and the
@@ -203,33 +229,29 @@ class PackedPass {
   PackedPass() = default;
   /// For groups laid out as `layout` and packed by `codec` (which must outlive the pass).
   PackedPass(const offload::PackedBf16Group& codec, const ParamLayout& layout) : codec_(&codec) {
-    std::vector<std::uint64_t> begins;
-    std::uint64_t room = 0;
+    std::vector<std::uint64_t> scratch_offsets;
+    std::uint64_t scratch = 0;
     for (std::size_t r = 0; r < codec.num_tensors(); ++r) {
       const auto& t = codec.tensor(r);
       host_table_.push_back({t.offset, t.numel, t.escape_offset, t.escape_capacity, static_cast<std::uint32_t>(r),
                              layout.spec(r).weight_decay ? 1u : 0u});
-      begins.push_back(t.escape_offset);
-      room += t.escape_capacity;
+      std::uint64_t m = 1;
+      while (m < t.escape_capacity) m <<= 1;
+      scratch_offsets.push_back(scratch);
+      scratch += m;
     }
     num_tensors_ = static_cast<std::uint32_t>(host_table_.size());
-    room_ = room;
     if (num_tensors_ == 0) return;
     table_ = DeviceBuffer<PackedTensorArgs>(host_table_.size());
-    begins_ = DeviceBuffer<std::uint64_t>(host_table_.size());
-    ends_ = DeviceBuffer<std::uint64_t>(host_table_.size());
+    scratch_offsets_ = DeviceBuffer<std::uint64_t>(host_table_.size());
     new_counts_ = DeviceBuffer<std::uint32_t>(host_table_.size());
-    new_entries_ = DeviceBuffer<std::uint64_t>(room);
+    new_entries_ = DeviceBuffer<std::uint64_t>(scratch);
     overflow_ = DeviceBuffer<std::uint32_t>(1);
     ZO2_CUDA_CHECK(cudaMemcpy(table_.data(), host_table_.data(), host_table_.size() * sizeof(PackedTensorArgs),
                               cudaMemcpyHostToDevice));
-    ZO2_CUDA_CHECK(cudaMemcpy(begins_.data(), begins.data(), begins.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice));
+    ZO2_CUDA_CHECK(cudaMemcpy(scratch_offsets_.data(), scratch_offsets.data(),
+                              scratch_offsets.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice));
     ZO2_CUDA_CHECK(cudaMemset(overflow_.data(), 0, sizeof(std::uint32_t)));
-    std::size_t temp = 0;
-    ZO2_CUDA_CHECK(cub::DeviceSegmentedSort::SortKeys(nullptr, temp, new_entries_.data(), new_entries_.data(),
-                                                       static_cast<std::int64_t>(room), num_tensors_, begins_.data(),
-                                                       ends_.data()));
-    sort_temp_ = DeviceBuffer<unsigned char>(temp > 0 ? temp : 1);
   }
 
   /// The pass over `block` (a device slot holding the group packed), then its escape lists
@@ -243,6 +265,7 @@ class PackedPass {
     a.counts_offset = codec_->counts_offset();
     a.entries_offset = codec_->entries_offset();
     a.new_entries = new_entries_.data();
+    a.scratch_offsets = scratch_offsets_.data();
     a.new_counts = new_counts_.data();
     a.overflow = overflow_.data();
     ZO2_CUDA_CHECK(cudaMemsetAsync(new_counts_.data(), 0, num_tensors_ * sizeof(std::uint32_t), stream));
@@ -253,15 +276,10 @@ class PackedPass {
     packed_kernel<T><<<dim3(blocks, num_tensors_), 256, 0, stream>>>(block, plus, minus, a);
     ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_kernel");
     if (!a.has_update) return;  // the lists are unchanged
-    packed_counts_kernel<<<(num_tensors_ + 127) / 128, 128, 0, stream>>>(block, table_.data(), num_tensors_,
-                                                                         a.counts_offset, new_counts_.data(),
-                                                                         ends_.data());
-    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_counts_kernel");
-    std::size_t temp = sort_temp_.bytes();
-    auto* out = reinterpret_cast<std::uint64_t*>(block + a.entries_offset);
-    ZO2_CUDA_CHECK(cub::DeviceSegmentedSort::SortKeys(sort_temp_.data(), temp, new_entries_.data(), out,
-                                                       static_cast<std::int64_t>(room_), num_tensors_, begins_.data(),
-                                                       ends_.data(), stream));
+    packed_sort_kernel<<<num_tensors_, 1024, 0, stream>>>(block, table_.data(), a.counts_offset, a.entries_offset,
+                                                          new_entries_.data(), scratch_offsets_.data(),
+                                                          new_counts_.data());
+    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_sort_kernel");
   }
 
   /// Escapes that found no room since the last reset (each flushed to zero): blocks until known.
@@ -276,11 +294,9 @@ class PackedPass {
   const offload::PackedBf16Group* codec_ = nullptr;
   std::vector<PackedTensorArgs> host_table_;
   std::uint32_t num_tensors_ = 0;
-  std::uint64_t room_ = 0;
   DeviceBuffer<PackedTensorArgs> table_;
-  DeviceBuffer<std::uint64_t> begins_, ends_, new_entries_;
+  DeviceBuffer<std::uint64_t> scratch_offsets_, new_entries_;
   DeviceBuffer<std::uint32_t> new_counts_, overflow_;
-  DeviceBuffer<unsigned char> sort_temp_;
 };
 
 }  // namespace zo2::cuda::offload_detail
