@@ -77,7 +77,10 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
   const std::uint32_t id = a.first_tensor_id + t.index;
   const UpdateCoeffs u{a.lr, a.g, t.weight_decay ? a.wd : 0.0};
   const std::uint64_t octets = (t.numel + PackedBf16::kChunk - 1) / PackedBf16::kChunk * kThreadsPerChunk;
-  const std::uint32_t old_count = *reinterpret_cast<const std::uint32_t*>(block + a.counts_offset + 4 * t.index);
+  // Clamped to the room, so a corrupt count cannot send the search outside the tensor's list.
+  const std::uint32_t stored_count = *reinterpret_cast<const std::uint32_t*>(block + a.counts_offset + 4 * t.index);
+  const std::uint32_t old_count =
+      stored_count < t.escape_capacity ? stored_count : static_cast<std::uint32_t>(t.escape_capacity);
   const std::uint64_t* old_entries =
       reinterpret_cast<const std::uint64_t*>(block + a.entries_offset) + t.escape_offset;
   const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
