@@ -257,6 +257,7 @@ struct PolicyNumbers {
   double h2d_bytes_per_step = 0, d2h_bytes_per_step = 0;
   std::size_t host_pinned_bytes = 0, block_bytes = 0, streamed_blocks = 0, resident_blocks = 0, slots = 0,
               perturbed_copies = 2;
+  std::uint64_t escape_overflow = 0;  // packed codec: escapes flushed to zero for want of room
 };
 
 struct Baseline {
@@ -311,7 +312,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   if (c.policy == "offload")
     line.add("host_pinned_bytes", p.host_pinned_bytes).add("block_bytes", p.block_bytes)
         .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots)
-        .add("perturbed_copies", p.perturbed_copies);
+        .add("perturbed_copies", p.perturbed_copies).add("escape_overflow", p.escape_overflow);
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
       .add("gemm_tflops", env.gemm.tflops).add("pinned_h2d_GBps", env.bw.h2d)
       .add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d).add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h)
@@ -474,6 +475,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   p.d2h_bytes_per_step = static_cast<double>(policy.bytes_offloaded()) / c.steps;
   p.policy_bytes = policy.plan().arena_bytes + policy.plan().table_bytes;
   p.host_pinned_bytes = policy.plan().host_pinned_bytes;
+  p.escape_overflow = policy.escape_overflow();
   p.block_bytes = policy.block_bytes();
   p.streamed_blocks = policy.streamed_blocks();
   p.resident_blocks = policy.resident_blocks();

@@ -65,7 +65,7 @@ CommandSpec train_spec() {
       {"--eval-limit", "N", "evaluate at most N examples", "256"},
       {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
       {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
-      {"--codec", "NAME", "with --offload: how blocks are stored for transfer", ""},
+      {"--codec", "NAME", "with --offload: how blocks are stored for transfer (fp32, bf16, bf16p: bf16 packed losslessly in ~12.6 bits, fp16, int8)", ""},
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the engine may hold (above the minimum: a third slot, then resident blocks)", ""},
       {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},

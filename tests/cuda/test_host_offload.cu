@@ -374,6 +374,8 @@ TEST_CASE("the packed bf16 codec gives the bf16 codec's steps bit for bit, in fe
   packed.store_to(tq);
   CHECK(max_abs_diff(tp, tq) == 0.0);
   CHECK(max_abs_diff(tp, init) > 0.0);
+  CHECK(packed.escape_overflow() == 0);
+  CHECK(plain.escape_overflow() == 0);
   const ModelLayout ml = ModelLayout::of(model);
   MESSAGE("block bytes: bf16 " << plain.group_encoded_bytes(ml.block(0)) << ", packed "
                                << packed.group_encoded_bytes(ml.block(0)));

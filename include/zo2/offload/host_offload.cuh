@@ -215,6 +215,16 @@ class HostOffload {
 
   const ModelLayout& model_layout() const { return *layout_; }
   cudaStream_t stream() const { return compute_; }
+  /// Packed codec only (0 otherwise): escapes that found no room in their tensor's list since
+  /// the start, each flushed to zero -- the one way the packed codec can lose information.
+  /// Blocks until the count is known.
+  std::uint64_t escape_overflow() const {
+    std::uint64_t n = 0;
+    if constexpr (offload::is_packed_codec_v<Codec>)
+      for (const auto& p : packed_passes_) n += p.overflow(compute_);
+    return n;
+  }
+
   /// Waits for all three streams.
   void synchronize() const {
     ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));

@@ -288,6 +288,7 @@ class PackedPass {
   /// Escapes that found no room since the last reset (each flushed to zero): blocks until known.
   std::uint32_t overflow(cudaStream_t stream) const {
     std::uint32_t n = 0;
+    if (num_tensors_ == 0) return 0;
     ZO2_CUDA_CHECK(cudaMemcpyAsync(&n, overflow_.data(), sizeof n, cudaMemcpyDeviceToHost, stream));
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream));
     return n;
