@@ -311,7 +311,7 @@ class HostOffload {
     std::size_t streamed_blocks = 0;
     std::size_t slots = 0;
     std::size_t arena_bytes = 0;        // the one device allocation holding all of it
-    std::size_t table_bytes = 0;        // the kernels' tensor tables (separate allocations)
+    std::size_t table_bytes = 0;        // the kernels' tables and (packed codec) scratch: separate allocations
     /// Upper bound of the device memory the policy's allocations take from cudaMemGetInfo's
     /// point of view (each allocation rounded up to the 2 MiB the driver maps in).
     std::size_t device_bound_bytes = 0;
@@ -361,6 +361,15 @@ class HostOffload {
     p.table_bytes = tables * A;    // a few KiB; accounted at 2 MiB each below
     constexpr std::size_t kMiB2 = std::size_t{2} << 20;
     p.device_bound_bytes = align_up(p.arena_bytes, kMiB2) + tables * kMiB2;
+    if constexpr (offload::is_packed_codec_v<Codec>) {
+      // The packed passes' scratch (escape lists, their sort room, counters), one per layout.
+      using offload_detail::PackedPass;
+      for (const GroupCodecT* c : {&pro, &blk, &epi}) {
+        const std::size_t bytes = PackedPass::device_bytes(*c);
+        p.table_bytes += bytes;
+        p.device_bound_bytes += align_up(bytes, kMiB2) + PackedPass::kAllocations * kMiB2;
+      }
+    }
     p.host_pinned_bytes = p.streamed_blocks * p.block_bytes;
     return p;
   }

@@ -230,6 +230,22 @@ __global__ void __launch_bounds__(1024) packed_sort_kernel(unsigned char* __rest
 class PackedPass {
  public:
   PackedPass() = default;
+  /// The next power of two >= n (the sort's room for a list of up to n entries).
+  static std::uint64_t pow2_at_least(std::uint64_t n) {
+    std::uint64_t m = 1;
+    while (m < n) m <<= 1;
+    return m;
+  }
+  /// Device bytes a pass over groups packed by `codec` allocates, and how many allocations.
+  static std::size_t device_bytes(const offload::PackedBf16Group& codec) {
+    std::size_t entries = 0;
+    for (std::size_t r = 0; r < codec.num_tensors(); ++r) entries += pow2_at_least(codec.tensor(r).escape_capacity);
+    return entries * sizeof(std::uint64_t) +
+           codec.num_tensors() * (sizeof(PackedTensorArgs) + sizeof(std::uint64_t) + sizeof(std::uint32_t)) +
+           sizeof(std::uint32_t);
+  }
+  static constexpr std::size_t kAllocations = 5;
+
   /// For groups laid out as `layout` and packed by `codec` (which must outlive the pass).
   PackedPass(const offload::PackedBf16Group& codec, const ParamLayout& layout) : codec_(&codec) {
     std::vector<std::uint64_t> scratch_offsets;
@@ -238,10 +254,8 @@ class PackedPass {
       const auto& t = codec.tensor(r);
       host_table_.push_back({t.offset, t.numel, t.escape_offset, t.escape_capacity, static_cast<std::uint32_t>(r),
                              layout.spec(r).weight_decay ? 1u : 0u});
-      std::uint64_t m = 1;
-      while (m < t.escape_capacity) m <<= 1;
       scratch_offsets.push_back(scratch);
-      scratch += m;
+      scratch += pow2_at_least(t.escape_capacity);
     }
     num_tensors_ = static_cast<std::uint32_t>(host_table_.size());
     if (num_tensors_ == 0) return;
