@@ -101,30 +101,26 @@ inline GemmRate measure_gemm_rate(cudaStream_t s, int autotune = 0, double susta
   zcuda::Gemm gemm;
   gemm.set_autotune(autotune);
   int k = 0;
-  GemmRate r;
-  r.n = n;
-  r.ms = time_ms(s, 3, 12, [&] {
+  const auto product = [&] {
     gemm.linear<zo2::bfloat16>(x[k % kSets].data(), w[k % kSets].data(), nullptr, y[k % kSets].data(), n, n, n, s);
     ++k;
-  });
-  r.tflops = 2.0 * n * n * n / (r.ms * 1e-3) / 1e12;
+  };
+  const auto tflops = [&](double ms) { return 2.0 * n * n * n / (ms * 1e-3) / 1e12; };
+  GemmRate r;
+  r.n = n;
+  r.ms = time_ms(s, 3, 12, product);
+  r.tflops = tflops(r.ms);
   if (sustain_s > 0) {
     // Products back to back for sustain_s (no host sync in between, so no idle gap lets the
     // clocks recover), then 12 more timed one by one, as the burst.
     const auto t0 = std::chrono::steady_clock::now();
     while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < sustain_s) {
-      for (int i = 0; i < 20; ++i) {
-        gemm.linear<zo2::bfloat16>(x[k % kSets].data(), w[k % kSets].data(), nullptr, y[k % kSets].data(), n, n, n, s);
-        ++k;
-      }
+      for (int i = 0; i < 20; ++i) product();
       ZO2_CUDA_CHECK(cudaStreamSynchronize(s));
     }
     r.sustain_s = sustain_s;
-    r.sustained_ms = time_ms(s, 0, 12, [&] {
-      gemm.linear<zo2::bfloat16>(x[k % kSets].data(), w[k % kSets].data(), nullptr, y[k % kSets].data(), n, n, n, s);
-      ++k;
-    });
-    r.sustained_tflops = 2.0 * n * n * n / (r.sustained_ms * 1e-3) / 1e12;
+    r.sustained_ms = time_ms(s, 0, 12, product);
+    r.sustained_tflops = tflops(r.sustained_ms);
   }
   return r;
 }

@@ -44,6 +44,10 @@ struct float16 {
   std::uint16_t bits;
 };
 
+/// Whether X is one of the 16-bit float formats (the storage that rounds updates stochastically).
+template <class X>
+inline constexpr bool is_half_v = std::is_same_v<X, bfloat16> || std::is_same_v<X, float16>;
+
 ZO2_HD ZO2_FORCEINLINE float to_float(bfloat16 h) {
   return detail::bits_float(static_cast<std::uint32_t>(h.bits) << 16);
 }

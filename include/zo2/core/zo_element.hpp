@@ -48,7 +48,7 @@ ZO2_HD ZO2_FORCEINLINE S store_rounded(compute_t<S> v, std::uint32_t random_bits
 
 template <class S>
 ZO2_HD ZO2_FORCEINLINE compute_t<S> load(S s) {
-  if constexpr (std::is_same_v<S, bfloat16> || std::is_same_v<S, float16>) return to_float(s);
+  if constexpr (is_half_v<S>) return to_float(s);
   else return static_cast<compute_t<S>>(s);
 }
 

@@ -11,8 +11,9 @@
 //   2. decode, apply the update, encode it with stochastic rounding under that scale, decode
 //      it again, and write theta + eps z (and theta - eps z) in T.
 // So the common row costs about what the 16-bit fused pass costs (three Philox calls -- the
-// rounding call serves only this thread's quad -- and two Box-Muller pairs per 4 elements) plus one byte-per-element read for step 1, and gives the same
-// bits as always running the exact sweep.
+// rounding call serves only this thread's quad -- and two Box-Muller pairs per 4 elements)
+// plus one byte-per-element read for step 1, and gives the same bits as always running the
+// exact sweep.
 //
 // Noise: z goes through box_muller_fast (backend/cuda/perturb.cuh) under ZO2_CUDA_FAST_NOISE,
 // as in the 16-bit passes: the perturbation feeds 16-bit T, the update feeds 8-bit codes, both far

@@ -8,7 +8,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <type_traits>
 
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
@@ -19,7 +18,7 @@ template <class S>
 struct Perturber {
   using C = compute_t<S>;
   /// Whether an update's result is rounded stochastically (and so needs rounding bits).
-  static constexpr bool kStochastic = std::is_same_v<S, bfloat16> || std::is_same_v<S, float16>;
+  static constexpr bool kStochastic = is_half_v<S>;
 
   /// theta += c * z in place. 16-bit storage rounds to nearest here: zo2's own paths never
   /// perturb 16-bit masters in place (they perturb into a scratch copy), and in-place

@@ -5,8 +5,8 @@
 // passed on an H100 (2026-11-23); compute-sanitizer memcheck and racecheck clean on an H200
 // (2026-12-01). This file's kernel is mma.sync (sm_80+); on Hopper, in a build for sm_90a,
 // flash_causal_attention runs flash_attention_wgmma.cuh's kernel instead (FlashKernel::kAuto):
-// at OPT-6.7B's shapes (seq 2048, 32 heads of 128) 207 against 175 TFLOP/s on an H200
-// (bench/results/h200-2026-12-02-wgmma-step.jsonl), about 9% of a resident step.
+// at OPT-6.7B's shapes (seq 2048, 32 heads of 128) 307 against 266 TFLOP/s on an H200
+// (bench/results/h200-2026-12-02-flash-lpt.jsonl), about 7% of a resident step.
 //
 // Why: attention.cuh materializes the scores [heads, seq, seq] in T, softmaxes them in place and
 // multiplies by V: three passes over heads * seq^2 elements (at seq 2048, 6.7B: 0.5 ms per layer,

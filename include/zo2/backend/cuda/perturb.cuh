@@ -126,9 +126,6 @@ void set_owed_update(Args& a, const PendingUpdate& pending) {
 }
 
 template <class X>
-inline constexpr bool is_half_v = std::is_same_v<X, bfloat16> || std::is_same_v<X, float16>;
-
-template <class X>
 ZO2_HD ZO2_FORCEINLINE std::uint32_t bits_of(X x) {
   if constexpr (std::is_same_v<X, float>) return zo2::detail::float_bits(x);
   else return x.bits;
@@ -234,8 +231,7 @@ __device__ ZO2_FORCEINLINE Normal4 noise4(std::uint64_t seed, std::uint32_t step
 /// convert through the hardware's float -> bf16): the bf16 fused pass drops from 2560 to 1256
 /// SASS instructions; every CUDA test passes with it (H100 2026-11-23, H200 2026-12-01).
 template <class X>
-inline constexpr bool fast_noise_for_v =
-    ZO2_CUDA_FAST_NOISE != 0 && (std::is_same_v<X, bfloat16> || std::is_same_v<X, float16>);
+inline constexpr bool fast_noise_for_v = ZO2_CUDA_FAST_NOISE != 0 && is_half_v<X>;
 
 /// Loads N values of 2 or 4 bytes from a 16-byte aligned address with 16-byte loads, all issued
 /// before any is used.
