@@ -48,7 +48,8 @@ TEST_CASE("packed pass equals the bf16 group pass bit for bit over several steps
   GroupTable table(layout);
   const std::size_t n = layout.total_elements();
 
-  // Weights: N(0, 0.02), plus chunks spanning 40 binades and a few tiny values (escapes).
+  // Weights: N(0, 0.02), plus one chunk in 512 spanning 40 binades and a few tiny values
+  // (escapes). Denser extremes would need more escapes than a tensor's room (0.5% of it).
   std::vector<bfloat16> theta(n, bfloat16{0});
   std::mt19937 rng(21);
   std::normal_distribution<float> normal(0.0f, 0.02f);
@@ -56,7 +57,7 @@ TEST_CASE("packed pass equals the bf16 group pass bit for bit over several steps
     for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) {
       float v = normal(rng);
       if (j % 997 == 3) v = std::ldexp(v, -25);  // far below its chunk's largest
-      if (j % 4096 < 32 && j % 2 == 0) v = std::ldexp(v, static_cast<int>(rng() % 40) - 20);
+      if (j % 16384 < 32 && j % 2 == 0) v = std::ldexp(v, static_cast<int>(rng() % 40) - 20);
       theta[layout.offset(r) + j] = to_bfloat16(v);
     }
   std::vector<unsigned char> packed(codec.bytes(), 0);
