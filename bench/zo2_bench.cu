@@ -422,8 +422,8 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   zcuda::OffloadOptions opts;
   opts.record_timeline = o.timeline;
   opts.gpu_memory_budget = o.gpu_budget;
-  opts.slots = o.slots;
-  opts.prefetch_depth = o.prefetch;
+  opts.slots = c.slots ? c.slots : o.slots;
+  opts.prefetch_depth = std::min(o.prefetch, opts.slots - 1);
   opts.one_perturbed_copy = !o.two_copies;
   Policy policy(opt_model_layout(config), opts);
   {
@@ -595,11 +595,12 @@ std::string today() {
   return b;
 }
 
-void print_planned(const Plan& plan) {
+void print_planned(const Plan& plan, const Options& o) {
   for (const RunConfig& c : plan.configs) {
     JsonLine line;
     line.add("kind", "planned");
     add_config_fields(line, c);
+    if (c.policy == "offload") line.add("slots", planned_slots(c, o));
     line.add("params", model_params(c.model)).add("warmup_steps", c.warmup).add("timed_steps", c.steps);
     // The estimate at H100-like rates (790 TFLOP/s, 48 GB/s concurrent H2D).
     line.add("estimate_s_h100", estimate_seconds(c, 790, 48)).print();
@@ -634,7 +635,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (o.list) {
-    print_planned(plan);
+    print_planned(plan, o);
     return 0;
   }
 

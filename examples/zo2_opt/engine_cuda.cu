@@ -130,6 +130,12 @@ class CudaEngine final : public Engine {
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return std::nullopt;
     return total_bytes - free_bytes;
   }
+  std::uint64_t values_lost() const override {
+    if constexpr (requires(const Policy& p) { p.escape_overflow(); })
+      return policy_.escape_overflow();
+    else
+      return 0;
+  }
 
  private:
   zo2::ParameterStore<float> host_;

@@ -5,6 +5,7 @@
 // dropped by the updates and read back from the GPU-sorted lists the next step.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -117,4 +118,70 @@ TEST_CASE("packed pass equals the bf16 group pass bit for bit over several steps
     CHECK(out_differ == 0);
   }
   CHECK(pass.overflow(stream.get()) == 0);
+}
+
+TEST_CASE("escapes beyond a tensor's room are counted and flushed, nothing else changes" *
+          doctest::skip(!kHaveDevice)) {
+  // Every 32-element chunk: one 1.0 and 31 values of +-3e-4 (12 binades below, inside the
+  // 4-bit code, so the start needs no escapes). An update of ~5e-3 z takes ~2% of the small
+  // values below 2^-13 -- escapes, ~600 of them against the tensor's room of 163.
+  ParamLayout layout;
+  layout.add("w.weight", {128, 256});
+  const offload::PackedBf16Group codec(layout);
+  offload_detail::PackedPass pass(codec, layout);
+  GroupTable table(layout);
+  const std::size_t n = layout.total_elements();
+  std::vector<bfloat16> theta(n);
+  std::mt19937 rng(5);
+  for (std::size_t j = 0; j < n; ++j)
+    theta[j] = to_bfloat16(j % 32 == 0 ? 1.0f : (rng() & 1 ? 3e-4f : -3e-4f));
+  std::vector<unsigned char> packed(codec.bytes(), 0);
+  {
+    std::vector<float> flat(n);
+    for (std::size_t j = 0; j < n; ++j) flat[j] = to_float(theta[j]);
+    codec.encode_group(flat, packed);
+  }
+  REQUIRE(codec.escape_count(0, packed) == 0);
+  const std::size_t room = codec.tensor(0).escape_capacity;
+
+  DeviceBuffer<bfloat16> d_theta(n), d_plus(n), d_minus(n);
+  DeviceBuffer<unsigned char> d_packed(packed.size());
+  ZO2_CUDA_CHECK(cudaMemcpy(d_theta.data(), theta.data(), n * sizeof(bfloat16), cudaMemcpyHostToDevice));
+  ZO2_CUDA_CHECK(cudaMemcpy(d_packed.data(), packed.data(), packed.size(), cudaMemcpyHostToDevice));
+  Stream stream;
+  const PendingUpdate pending{1, 0.5, 0.01, 0.0};
+  update_and_perturb(d_theta.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, 2, 1e-3, &pending,
+                     stream.get());
+  offload_detail::PackedArgs a{};
+  a.first_tensor_id = kFirstId;
+  a.seed = kSeed;
+  a.step = 2;
+  a.eps = 1e-3;
+  a.perturb = true;
+  zo2::cuda::detail::set_owed_update(a, pending);
+  pass.run(d_packed.data(), d_plus.data(), d_minus.data(), a, stream.get());
+  const std::uint32_t overflow = pass.overflow(stream.get());
+
+  std::vector<bfloat16> want(n), got(n);
+  ZO2_CUDA_CHECK(cudaMemcpy(want.data(), d_theta.data(), n * sizeof(bfloat16), cudaMemcpyDeviceToHost));
+  ZO2_CUDA_CHECK(cudaMemcpy(packed.data(), d_packed.data(), packed.size(), cudaMemcpyDeviceToHost));
+  codec.decode_bf16(0, packed, got);
+  std::size_t needed = 0, differ = 0, differ_not_flushed = 0;
+  const auto exponent = [](bfloat16 v) { return static_cast<unsigned>((v.bits >> 7) & 0xffu); };
+  for (std::size_t j = 0; j < n; ++j) {
+    unsigned largest = 0;  // the chunk's largest exponent field after the update (1.0 +- 5e-3)
+    for (std::size_t k = j / 32 * 32; k < std::min(n, j / 32 * 32 + 32); ++k) largest = std::max(largest, exponent(want[k]));
+    needed += exponent(want[j]) != 0 && exponent(want[j]) + 13 < largest;
+    if (got[j].bits != want[j].bits) {
+      ++differ;
+      // Flushed: exponent field 0, sign and mantissa kept (a subnormal below 1.2e-38).
+      differ_not_flushed += exponent(got[j]) != 0 || (got[j].bits & 0x807f) != (want[j].bits & 0x807f);
+    }
+  }
+  MESSAGE("escapes needed " << needed << ", room " << room << ", overflow " << overflow);
+  REQUIRE(needed > room);
+  CHECK(overflow == needed - room);  // the list is filled to its room, the rest are counted
+  CHECK(codec.escape_count(0, packed) == room);
+  CHECK(differ == overflow);         // exactly the overflowed values differ ...
+  CHECK(differ_not_flushed == 0);    // ... and they are flushed
 }
