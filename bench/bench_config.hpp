@@ -3,8 +3,9 @@
 //
 // A configuration is one (model, policy, codec, dtype, batch, seq, steps, warmup). Named sets:
 //   reference  the protocol of docs/benchmarks.md: resident OPT-125M..13B in bf16 and fp16;
-//              offloaded OPT-125M..13B with the bf16, fp16 and int8 codecs; OPT-30B offloaded
-//              (bf16) when the host has >= 100 GB available (--min-host-gb-30b)
+//              offloaded OPT-125M..13B with the bf16, fp16 and int8 codecs, and 1.3B..13B with
+//              bf16p in three slots; OPT-30B offloaded (bf16) when the host has >= 100 GB
+//              available (--min-host-gb-30b)
 //   quick      a minute's sanity check: 125M and 1.3B, resident and offloaded
 // or explicit lists: --model opt-1.3b,opt-6.7b --policy resident,offload --codec bf16,int8 ...
 #pragma once
@@ -30,10 +31,11 @@ struct UsageError : std::runtime_error {
 struct RunConfig {
   std::string model;   // an OPT preset: opt-125m ... opt-175b
   std::string policy;  // resident | offload
-  std::string codec;   // offload: bf16 | fp16 | int8 | fp32 (what rests on the host and crosses
+  std::string codec;   // offload: bf16 | bf16p | fp16 | int8 | fp32 (what rests on the host and crosses
                        // PCIe); resident: the master's storage precision (= dtype)
   std::string dtype;   // bf16 | fp16: the forward's precision (weights and activations)
   int batch = 1, seq = 2048, steps = 10, warmup = 3;
+  std::size_t slots = 0;  // offload: device slots; 0: --slots (the set's bf16p rows use 3, see expand)
 };
 
 struct Options {
@@ -66,11 +68,13 @@ the step time to the larger floor, and the PyTorch reference (docs/benchmarks.md
 
 Configurations:
   --set reference      resident 125m,1.3b,6.7b,13b x bf16,fp16; offloaded 125m..13b x codecs
-                       bf16,fp16,int8; offloaded 30b bf16 when the host has enough memory
+                       bf16,fp16,int8; offloaded 1.3b..13b bf16p in 3 slots (whatever --slots
+                       says); offloaded 30b bf16 when the host has enough memory
   --set quick          125m and 1.3b, resident bf16 and offloaded bf16 (1.3b also int8)
   --model LIST         opt-125m,opt-1.3b,... (the "opt-" may be left out)
   --policy LIST        resident | offload                          (default resident)
-  --codec LIST         offload: bf16 | fp16 | int8 | fp32          (default bf16)
+  --codec LIST         offload: bf16 | bf16p | fp16 | int8 | fp32  (default bf16; bf16p: bf16
+                       values packed losslessly in ~12.6 bits, offload/packed_bf16.hpp)
   --dtype LIST         bf16 | fp16 (default: bf16; offload with the fp16 codec: fp16)
   --batch N            sequences per step                          (default 1)
   --seq N              tokens per sequence                         (default 2048)
@@ -182,7 +186,7 @@ inline Options parse_options(int argc, char** argv) {
       o.models.clear();
       for (const std::string& m : parse_list(key, next(), {})) o.models.push_back(canonical_model(m));
     } else if (key == "--policy" || key == "--policies") o.policies = parse_list(key, next(), {"resident", "offload"});
-    else if (key == "--codec" || key == "--codecs") o.codecs = parse_list(key, next(), {"bf16", "fp16", "int8", "fp32"});
+    else if (key == "--codec" || key == "--codecs") o.codecs = parse_list(key, next(), {"bf16", "bf16p", "fp16", "int8", "fp32"});
     else if (key == "--dtype" || key == "--dtypes") o.dtypes = parse_list(key, next(), {"bf16", "fp16"});
     else if (key == "--batch") o.batch = parse_int(key, next(), 1);
     else if (key == "--seq") o.seq = parse_int(key, next(), 2);
@@ -230,9 +234,9 @@ inline std::string default_dtype_for_codec(const std::string& codec) { return co
 inline Plan expand(const Options& o, long long host_available) {
   Plan plan;
   const auto add = [&](const std::string& model, const std::string& policy, const std::string& codec,
-                       const std::string& dtype) {
+                       const std::string& dtype, std::size_t slots = 0) {
     RunConfig c;
-    c.model = model, c.policy = policy, c.codec = codec, c.dtype = dtype;
+    c.model = model, c.policy = policy, c.codec = codec, c.dtype = dtype, c.slots = slots;
     c.batch = o.batch, c.seq = o.seq;
     const bool big = model_params(model) > 10'000'000'000ull;
     c.steps = o.steps > 0 ? o.steps : 10;
@@ -244,6 +248,11 @@ inline Plan expand(const Options& o, long long host_available) {
       for (const char* d : {"bf16", "fp16"}) add(m, "resident", d, d);
     for (const char* m : {"opt-125m", "opt-1.3b", "opt-6.7b", "opt-13b"})
       for (const char* c : {"bf16", "fp16", "int8"}) add(m, "offload", c, default_dtype_for_codec(c));
+    // Packed bf16 moves ~0.79x the bytes of bf16 but its fused pass re-encodes before the
+    // write-back can start, so with two slots the next upload waits on it (OPT-6.7B on an H200:
+    // 0.230 s with two slots, 0.208 s with three, 2.47 GB; bench/results/h200-2026-12-02-bf16p.jsonl).
+    // The third slot still keeps the peak under the reference's memory.
+    for (const char* m : {"opt-1.3b", "opt-6.7b", "opt-13b"}) add(m, "offload", "bf16p", "bf16", 3);
     const double need = o.min_host_gb_30b * 1e9;
     if (static_cast<double>(host_available) >= need) {
       add("opt-30b", "offload", "bf16", "bf16");
@@ -298,6 +307,7 @@ inline Reference reference_for(const RunConfig& c) {
 inline double codec_bytes_per_param(const std::string& codec) {
   if (codec == "fp32") return 4;
   if (codec == "int8") return 1.0;  // plus a float scale per row: negligible
+  if (codec == "bf16p") return 12.57 / 8;  // packed bf16 with its escape room
   return 2;
 }
 
@@ -322,6 +332,11 @@ inline double estimate_seconds(const RunConfig& c, double gemm_tflops, double bi
 inline JsonLine& add_config_fields(JsonLine& line, const RunConfig& c) {
   return line.add("model", c.model).add("policy", c.policy).add("codec", c.codec).add("dtype", c.dtype)
       .add("batch", c.batch).add("seq", c.seq);
+}
+
+/// The "slots" a planned or skipped line states: the configuration's own, or --slots.
+inline std::size_t planned_slots(const RunConfig& c, const Options& o) {
+  return c.policy == "offload" ? (c.slots ? c.slots : o.slots) : 0;
 }
 
 }  // namespace zo2_bench

@@ -56,9 +56,15 @@ def _num(x):
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
+def _codec_label(r):
+    # Offloaded runs with more than the minimum two device slots are a different configuration.
+    slots = r.get("slots") or 0
+    return r["codec"] + (f" ({slots} slots)" if r["policy"] == "offload" and slots > 2 else "")
+
+
 def _from_zo2_bench(r):
     return dict(
-        device=r.get("device"), model=r["model"], params=r["params"], policy=r["policy"], codec=r["codec"],
+        device=r.get("device"), model=r["model"], params=r["params"], policy=r["policy"], codec=_codec_label(r),
         dtype=r["dtype"], batch=r.get("batch", 1), seq=r.get("seq", 2048),
         step_s=r["step_s_median"], step_p10=_num(r.get("step_s_p10")), step_p90=_num(r.get("step_s_p90")),
         tokens_per_s=r.get("tokens_per_s"), timed_steps=r.get("timed_steps"),

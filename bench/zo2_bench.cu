@@ -257,6 +257,7 @@ struct PolicyNumbers {
   double h2d_bytes_per_step = 0, d2h_bytes_per_step = 0;
   std::size_t host_pinned_bytes = 0, block_bytes = 0, streamed_blocks = 0, resident_blocks = 0, slots = 0,
               perturbed_copies = 2;
+  std::uint64_t escape_overflow = 0;  // packed codec: escapes flushed to zero for want of room
 };
 
 struct Baseline {
@@ -311,7 +312,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   if (c.policy == "offload")
     line.add("host_pinned_bytes", p.host_pinned_bytes).add("block_bytes", p.block_bytes)
         .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots)
-        .add("perturbed_copies", p.perturbed_copies);
+        .add("perturbed_copies", p.perturbed_copies).add("escape_overflow", p.escape_overflow);
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
       .add("gemm_tflops", env.gemm.tflops).add("pinned_h2d_GBps", env.bw.h2d)
       .add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d).add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h)
@@ -421,8 +422,8 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   zcuda::OffloadOptions opts;
   opts.record_timeline = o.timeline;
   opts.gpu_memory_budget = o.gpu_budget;
-  opts.slots = o.slots;
-  opts.prefetch_depth = o.prefetch;
+  opts.slots = c.slots ? c.slots : o.slots;
+  opts.prefetch_depth = std::min(o.prefetch, opts.slots - 1);
   opts.one_perturbed_copy = !o.two_copies;
   Policy policy(opt_model_layout(config), opts);
   {
@@ -432,7 +433,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
     const ModelLayout& ml = policy.model_layout();
     for (const GroupIndex g : {ml.prologue(), ml.epilogue(), ml.block(0)}) {
       const std::vector<float> flat = host_group_values(ml.layout(g), 1 + g.value);
-      offload::GroupCodec<Codec> codec(ml.layout(g));
+      typename offload::GroupCodecOf<Codec>::type codec(ml.layout(g));
       std::vector<unsigned char> encoded(codec.bytes());
       codec.encode_group(flat, encoded);
       if (g.value != ml.block(0).value) {
@@ -474,6 +475,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   p.d2h_bytes_per_step = static_cast<double>(policy.bytes_offloaded()) / c.steps;
   p.policy_bytes = policy.plan().arena_bytes + policy.plan().table_bytes;
   p.host_pinned_bytes = policy.plan().host_pinned_bytes;
+  p.escape_overflow = policy.escape_overflow();
   p.block_bytes = policy.block_bytes();
   p.streamed_blocks = policy.streamed_blocks();
   p.resident_blocks = policy.resident_blocks();
@@ -498,6 +500,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
 template <class T>
 void run_offload_codec(const RunConfig& c, const Options& o, Env& env) {
   if (c.codec == "bf16") run_offload<offload::Bf16Codec, T>(c, o, env);
+  else if (c.codec == "bf16p") run_offload<offload::Bf16PackedCodec, T>(c, o, env);
   else if (c.codec == "fp16") run_offload<offload::Fp16Codec, T>(c, o, env);
   else if (c.codec == "int8") run_offload<offload::Int8RowCodec, T>(c, o, env);
   else if (c.codec == "fp32") run_offload<offload::Fp32Codec, T>(c, o, env);
@@ -592,11 +595,12 @@ std::string today() {
   return b;
 }
 
-void print_planned(const Plan& plan) {
+void print_planned(const Plan& plan, const Options& o) {
   for (const RunConfig& c : plan.configs) {
     JsonLine line;
     line.add("kind", "planned");
     add_config_fields(line, c);
+    if (c.policy == "offload") line.add("slots", planned_slots(c, o));
     line.add("params", model_params(c.model)).add("warmup_steps", c.warmup).add("timed_steps", c.steps);
     // The estimate at H100-like rates (790 TFLOP/s, 48 GB/s concurrent H2D).
     line.add("estimate_s_h100", estimate_seconds(c, 790, 48)).print();
@@ -631,7 +635,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (o.list) {
-    print_planned(plan);
+    print_planned(plan, o);
     return 0;
   }
 

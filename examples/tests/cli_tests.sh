@@ -182,9 +182,10 @@ case "$case_name" in
       [bf16]="--offload --codec bf16"
       [fp16]="--offload --codec fp16"
       [int8]="--offload --codec int8"
+      [bf16p]="--offload --codec bf16p"
       [bf16_budget]="--offload --codec bf16 --gpu-memory-budget 0.001"
     )
-    for mode in resident fp32 bf16 fp16 int8 bf16_budget; do
+    for mode in resident fp32 bf16 fp16 int8 bf16p bf16_budget; do
       # shellcheck disable=SC2206
       extra=(${modes[$mode]})
       run_ok "full_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 24 --export "full_$mode"
@@ -211,6 +212,8 @@ case "$case_name" in
     # fp32 streamed through the offload engine computes exactly what the resident GPU run does.
     cmp full_resident/model.safetensors full_fp32/model.safetensors ||
       fail "offload fp32 and resident runs differ"
+    # The packed bf16 codec holds exactly the bf16 codec's values, so it trains identically.
+    cmp full_bf16/model.safetensors full_bf16p/model.safetensors || fail "the bf16p and bf16 codecs trained differently"
     # The CPU and the GPU agree to rounding on the start loss (different summation orders).
     run_ok cpu "$bin" train --demo --layers 2 --hidden 64 --heads 4 --batch 4 --seq-len 32 --quiet --device cpu --steps 1
     awk -v a="$(json_field cpu.out start_loss)" -v b="$(json_field full_resident.out start_loss)" \

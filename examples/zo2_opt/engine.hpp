@@ -70,6 +70,10 @@ class Engine {
   }
   /// Bytes of device memory in use, when there is a device.
   virtual std::optional<std::size_t> device_memory_used() const { return std::nullopt; }
+  /// Weights the storage has lost since the start: the packed bf16 codec flushes a value to
+  /// zero when its tensor's escape list is full (HostOffload::escape_overflow). 0 for every
+  /// other engine.
+  virtual std::uint64_t values_lost() const { return 0; }
 };
 
 std::unique_ptr<Engine> make_cpu_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,

@@ -9,6 +9,7 @@
 #include <zo2/zo2.hpp>
 #include <zo2/models/opt/cuda/opt_cuda_model.cuh>
 #include <zo2/offload/codecs.hpp>
+#include <zo2/offload/packed_bf16.hpp>
 #include <zo2/offload/cuda_resident.cuh>
 #include <zo2/offload/host_offload.cuh>
 
@@ -129,6 +130,12 @@ class CudaEngine final : public Engine {
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return std::nullopt;
     return total_bytes - free_bytes;
   }
+  std::uint64_t values_lost() const override {
+    if constexpr (requires(const Policy& p) { p.escape_overflow(); })
+      return policy_.escape_overflow();
+    else
+      return 0;
+  }
 
  private:
   zo2::ParameterStore<float> host_;
@@ -186,7 +193,8 @@ std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, zo2:
   if (codec == "bf16") return make_offload<zo2::offload::Bf16Codec>(config, std::move(store), options);
   if (codec == "fp16") return make_offload<zo2::offload::Fp16Codec>(config, std::move(store), options);
   if (codec == "int8") return make_offload<zo2::offload::Int8RowCodec>(config, std::move(store), options);
-  throw UsageError("--codec must be fp32, bf16, fp16 or int8, got '" + codec + "'");
+  if (codec == "bf16p") return make_offload<zo2::offload::Bf16PackedCodec>(config, std::move(store), options);
+  throw UsageError("--codec must be fp32, bf16, bf16p, fp16 or int8, got '" + codec + "'");
 }
 
 }  // namespace zo2_opt

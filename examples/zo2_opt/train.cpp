@@ -65,7 +65,7 @@ CommandSpec train_spec() {
       {"--eval-limit", "N", "evaluate at most N examples", "256"},
       {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
       {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
-      {"--codec", "NAME", "with --offload: how blocks are stored for transfer", ""},
+      {"--codec", "NAME", "with --offload: how blocks are stored for transfer (fp32, bf16, bf16p: bf16 packed losslessly in ~12.6 bits, fp16, int8)", ""},
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the engine may hold (above the minimum: a third slot, then resident blocks)", ""},
       {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},
@@ -393,6 +393,7 @@ int run_train(const std::vector<std::string>& argv) {
 
   Progress progress(start_step, total_steps, quiet);
   double smoothed = start_eval.loss, tokens_per_s = 0;
+  std::uint64_t values_lost = 0;  // engine->values_lost() as last reported
   std::uint64_t tokens_total = 0, last_checkpoint = resume_dir ? start_step : ~0ull;
   double first_losses = 0, last_losses = 0;
   std::size_t first_count = 0;
@@ -421,6 +422,14 @@ int run_train(const std::vector<std::string>& argv) {
     json line = {{"step", t}, {"loss_plus", r.loss_plus}, {"loss_minus", r.loss_minus}, {"g", r.projected_grad},
                  {"lr", r.lr}, {"tokens_per_s", step_tps}, {"elapsed_s", progress.elapsed_s()}};
     if (r.skipped) line["skipped"] = true;
+    if (const std::uint64_t lost = engine->values_lost(); lost != values_lost) {
+      // Silent loss is the one thing a lossless codec must never do: say it at once.
+      progress.note("warning   step " + std::to_string(t) + ": " + std::to_string(lost - values_lost) +
+                    " weights flushed to zero (" + std::to_string(lost) +
+                    " in all): a packed tensor's escape list was full; --codec bf16 stores every value");
+      values_lost = lost;
+      line["values_lost"] = lost;
+    }
     if (eval_every && (t + 1) % eval_every == 0 && t + 1 < total_steps) {
       const EvalResult ev = evaluate_dataset(*engine, eval_data, batch_size, pad, eval_limit);
       progress.note("eval      step " + std::to_string(t + 1) + "  " + describe_eval(ev));
@@ -468,6 +477,7 @@ int run_train(const std::vector<std::string>& argv) {
   }
   json summary = {{"steps", steps_run}, {"final_step", total_steps}, {"seconds", train_seconds},
                   {"start_loss", start_eval.loss}, {"end_loss", end_eval.loss}};
+  if (values_lost) summary["values_lost"] = values_lost;
   if (end_eval.accuracy) summary["end_accuracy"] = *end_eval.accuracy;
   std::printf("%s\n", json{{"summary", summary}}.dump().c_str());
   return 0;

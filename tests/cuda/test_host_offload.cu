@@ -353,6 +353,34 @@ TEST_CASE("one perturbed copy gives the same steps as two, in less memory (bf16 
   SUBCASE("int8") { compare(offload::Int8RowCodec{}); }
 }
 
+TEST_CASE("the packed bf16 codec gives the bf16 codec's steps bit for bit, in fewer bytes") {
+  if (!gpu_or_skip("packed bf16")) return;
+  TinyCudaStack model;
+  model.width = 8;
+  const auto init = make_store(model, 23);
+  const auto batch = make_batch(64, model.width, 13);
+  HostOffload<offload::Bf16Codec, float> plain(init);
+  HostOffload<offload::Bf16PackedCodec, float> packed(init);
+  const auto rp = run_steps(model, plain, batch, 6);
+  const auto rq = run_steps(model, packed, batch, 6);
+  for (int s = 0; s < 6; ++s) {
+    CAPTURE(s);
+    CHECK(rq[s].loss_plus == rp[s].loss_plus);
+    CHECK(rq[s].loss_minus == rp[s].loss_minus);
+    CHECK(rq[s].projected_grad == rp[s].projected_grad);
+  }
+  ParameterStore<float> tp(init.model_layout()), tq(init.model_layout());
+  plain.store_to(tp);
+  packed.store_to(tq);
+  CHECK(max_abs_diff(tp, tq) == 0.0);
+  CHECK(max_abs_diff(tp, init) > 0.0);
+  CHECK(packed.escape_overflow() == 0);
+  CHECK(plain.escape_overflow() == 0);
+  const ModelLayout ml = ModelLayout::of(model);
+  MESSAGE("block bytes: bf16 " << plain.group_encoded_bytes(ml.block(0)) << ", packed "
+                               << packed.group_encoded_bytes(ml.block(0)));
+}
+
 TEST_CASE("a NaN loss: the step is skipped and counted, the streamed weights stay as they were") {
   if (!gpu_or_skip("NaN loss")) return;
   TinyCudaStack model;

@@ -65,6 +65,8 @@
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
 #include <zo2/offload/codecs.hpp>
+#include <zo2/offload/packed_bf16.hpp>
+#include <zo2/offload/packed_kernel.cuh>
 #include <zo2/offload/row_kernel.cuh>
 #include <zo2/offload/timeline.cuh>
 #include <zo2/optim/layer_stack.hpp>
@@ -128,6 +130,7 @@ class HostOffload {
  public:
   using value_type = T;
   using codec_type = Codec;
+  using GroupCodecT = typename offload::GroupCodecOf<Codec>::type;
 
   using Perturbed = PerturbedViews<T>;
 
@@ -212,6 +215,16 @@ class HostOffload {
 
   const ModelLayout& model_layout() const { return *layout_; }
   cudaStream_t stream() const { return compute_; }
+  /// Packed codec only (0 otherwise): escapes that found no room in their tensor's list since
+  /// the start, each flushed to zero -- the one way the packed codec can lose information.
+  /// Blocks until the count is known.
+  std::uint64_t escape_overflow() const {
+    std::uint64_t n = 0;
+    if constexpr (offload::is_packed_codec_v<Codec>)
+      for (const auto& p : packed_passes_) n += p.overflow(compute_);
+    return n;
+  }
+
   /// Waits for all three streams.
   void synchronize() const {
     ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
@@ -298,7 +311,7 @@ class HostOffload {
     std::size_t streamed_blocks = 0;
     std::size_t slots = 0;
     std::size_t arena_bytes = 0;        // the one device allocation holding all of it
-    std::size_t table_bytes = 0;        // the kernels' tensor tables (separate allocations)
+    std::size_t table_bytes = 0;        // the kernels' tables and (packed codec) scratch: separate allocations
     /// Upper bound of the device memory the policy's allocations take from cudaMemGetInfo's
     /// point of view (each allocation rounded up to the 2 MiB the driver maps in).
     std::size_t device_bound_bytes = 0;
@@ -309,7 +322,7 @@ class HostOffload {
     using offload_detail::align_up;
     constexpr std::size_t A = 256;
     Plan p;
-    const offload::GroupCodec<Codec> pro(ml.layout(ml.prologue())), blk(ml.layout(ml.block(0))),
+    const GroupCodecT pro(ml.layout(ml.prologue())), blk(ml.layout(ml.block(0))),
         epi(ml.layout(ml.epilogue()));
     p.block_bytes = align_up(blk.bytes(), A);
     const std::size_t shared_elems = std::max(blk.total_elements(), epi.total_elements());
@@ -348,6 +361,15 @@ class HostOffload {
     p.table_bytes = tables * A;    // a few KiB; accounted at 2 MiB each below
     constexpr std::size_t kMiB2 = std::size_t{2} << 20;
     p.device_bound_bytes = align_up(p.arena_bytes, kMiB2) + tables * kMiB2;
+    if constexpr (offload::is_packed_codec_v<Codec>) {
+      // The packed passes' scratch (escape lists, their sort room, counters), one per layout.
+      using offload_detail::PackedPass;
+      for (const GroupCodecT* c : {&pro, &blk, &epi}) {
+        const std::size_t bytes = PackedPass::device_bytes(*c);
+        p.table_bytes += bytes;
+        p.device_bound_bytes += align_up(bytes, kMiB2) + PackedPass::kAllocations * kMiB2;
+      }
+    }
     p.host_pinned_bytes = p.streamed_blocks * p.block_bytes;
     return p;
   }
@@ -403,9 +425,9 @@ class HostOffload {
       owned_compute_.emplace();
       compute_ = owned_compute_->get();
     }
-    codecs_[0] = offload::GroupCodec<Codec>(ml.layout(ml.prologue()));
-    codecs_[1] = offload::GroupCodec<Codec>(ml.layout(ml.block(0)));
-    codecs_[2] = offload::GroupCodec<Codec>(ml.layout(ml.epilogue()));
+    codecs_[0] = GroupCodecT(ml.layout(ml.prologue()));
+    codecs_[1] = GroupCodecT(ml.layout(ml.block(0)));
+    codecs_[2] = GroupCodecT(ml.layout(ml.epilogue()));
 
     // Device: check the plan against free memory first, for a message that says what would fit.
     std::size_t free_b = 0, total_b = 0;
@@ -491,7 +513,9 @@ class HostOffload {
     const ModelLayout& ml = *layout_;
     const GroupIndex gi = i == 0 ? ml.prologue() : i == 1 ? ml.block(0) : ml.epilogue();
     const ParamLayout& layout = ml.layout(gi);
-    if constexpr (Codec::row_scaled) {
+    if constexpr (offload::is_packed_codec_v<Codec>) {
+      packed_passes_[i] = offload_detail::PackedPass(codecs_[i], layout);
+    } else if constexpr (Codec::row_scaled) {
       row_tables_[i] = offload_detail::RowTable(codecs_[i], layout);
     } else {
       tables_[i] = GroupTable(layout);
@@ -514,7 +538,7 @@ class HostOffload {
     if (g.value == layout_->num_blocks() + 1) return 2;
     throw Error("HostOffload: group index " + std::to_string(g.value) + " out of range");
   }
-  const offload::GroupCodec<Codec>& codec_for(GroupIndex g) const { return codecs_[kind_of(g)]; }
+  const GroupCodecT& codec_for(GroupIndex g) const { return codecs_[kind_of(g)]; }
   void check_encoded_size(GroupIndex g, std::size_t size, const char* what) const {
     if (size != codec_for(g).bytes())
       throw Error(std::string("HostOffload::") + what + ": got " + std::to_string(size) + " bytes, group " +
@@ -657,7 +681,17 @@ class HostOffload {
               double eps, const PendingUpdate* pending, Mode mode) {
     const int k = kind_of(g);
     const std::uint32_t first_id = layout_->first_tensor_id(g);
-    if constexpr (Codec::row_scaled) {
+    if constexpr (offload::is_packed_codec_v<Codec>) {
+      offload_detail::PackedArgs a{};
+      a.first_tensor_id = first_id;
+      a.seed = seed;
+      a.step = step;
+      a.eps = eps;
+      a.perturb = mode == Mode::kPerturb || mode == Mode::kPerturbOnly;
+      a.convert = mode == Mode::kConvert;
+      if (pending) detail::set_owed_update(a, *pending);
+      packed_passes_[k].run(master, plus, minus, a, compute_);
+    } else if constexpr (Codec::row_scaled) {
       offload_detail::RowArgs a{};
       a.first_tensor_id = first_id;
       a.seed = seed;
@@ -688,9 +722,10 @@ class HostOffload {
   std::optional<Stream> owned_compute_;
   cudaStream_t compute_ = nullptr;
   Stream upload_, offload_;
-  offload::GroupCodec<Codec> codecs_[3];
+  GroupCodecT codecs_[3];
   GroupTable tables_[3];
   offload_detail::RowTable row_tables_[3];
+  offload_detail::PackedPass packed_passes_[3];  // the packed codec's device side (empty otherwise)
 
   DeviceBuffer<unsigned char> arena_;
   unsigned char* prologue_master_ = nullptr;

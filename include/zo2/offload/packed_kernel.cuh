@@ -1,0 +1,320 @@
+// zo2/offload/packed_kernel.cuh -- the fused update / perturb pass over a group in the packed
+// bf16 format (packed_bf16.hpp), in place in its device slot.
+//
+// Each thread takes one octet (8 elements), four threads one 32-element chunk, a warp eight
+// chunks. A pass: decode the quad (an escaped element's exponent by binary search in its
+// tensor's sorted escape list), apply the owed update exactly as the bf16 group kernel does
+// (perturb.cuh: the same noise, updated_value and stochastic rounding to bf16 -- so the packed
+// codec's weights are the bf16 codec's, bit for bit), re-encode against the chunk's new largest
+// exponent (a reduction over its four threads), and write theta + eps z (and theta - eps z) in T.
+// New escapes go to a scratch list by atomic append; packed_sort_kernel then sorts each tensor's
+// list into the block and writes the counts. An escape beyond a tensor's room (never seen with
+// trained weights: the room is ~30x the rate of normal weights) is flushed to zero and counted
+// in `overflow`, which the caller reports.
+//
+// Status: compiled, not yet run on a GPU (tests/cuda/test_packed_kernel.cu is written for it).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/memory.cuh>
+#include <zo2/backend/cuda/perturb.cuh>
+#include <zo2/core/param_layout.hpp>
+#include <zo2/core/philox.hpp>
+#include <zo2/core/zo_element.hpp>
+#include <zo2/offload/packed_bf16.hpp>
+
+namespace zo2::cuda::offload_detail {
+
+/// One tensor of a packed group as the kernel sees it.
+struct PackedTensorArgs {
+  std::uint64_t offset, numel, escape_offset, escape_capacity;
+  std::uint32_t index, weight_decay;
+};
+
+struct PackedArgs {
+  const PackedTensorArgs* table;
+  std::uint64_t codes_offset, exponents_offset, counts_offset, entries_offset;  // bytes into the block
+  std::uint64_t* new_entries;             // scratch: tensor r's new escapes at scratch_offsets[r]
+  const std::uint64_t* scratch_offsets;
+  std::uint32_t* new_counts;   // scratch: one per tensor, zeroed before the pass
+  std::uint32_t* overflow;     // escapes that found no room (flushed to zero)
+  std::uint32_t first_tensor_id;
+  std::uint64_t seed;
+  std::uint32_t step, update_step;
+  bool has_update, perturb, convert;
+  double eps, lr, g, wd;
+};
+
+/// The exponent field of escaped element j of a tensor: binary search of its sorted list.
+__device__ ZO2_FORCEINLINE unsigned escaped_exponent(const std::uint64_t* entries, std::uint32_t count, std::uint64_t j) {
+  std::uint32_t lo = 0, hi = count;
+  while (lo < hi) {
+    const std::uint32_t mid = (lo + hi) / 2;
+    if (offload::PackedBf16::entry_index(entries[mid]) < j) lo = mid + 1;
+    else hi = mid;
+  }
+  // A corrupt block (no entry for j) decodes as exponent 0, i.e. a tiny value, rather than read
+  // outside the list; host decode reports such blocks.
+  return lo < count && offload::PackedBf16::entry_index(entries[lo]) == j ? offload::PackedBf16::entry_exponent(entries[lo])
+                                                                          : 0u;
+}
+
+template <class T>
+__global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__ block, T* __restrict__ plus,
+                                                     T* __restrict__ minus, PackedArgs a) {
+  using offload::PackedBf16;
+  constexpr int kPer = 8;                                           // elements a thread takes: an octet
+  constexpr unsigned kThreadsPerChunk = PackedBf16::kChunk / kPer;  // 4
+  constexpr bool kFastUpdate = detail::fast_noise_for_v<bfloat16>;
+  constexpr bool kFastPerturb = detail::fast_noise_for_v<T>;
+  const PackedTensorArgs t = a.table[blockIdx.y];
+  const std::uint32_t id = a.first_tensor_id + t.index;
+  const UpdateCoeffs u{a.lr, a.g, t.weight_decay ? a.wd : 0.0};
+  const std::uint64_t octets = (t.numel + PackedBf16::kChunk - 1) / PackedBf16::kChunk * kThreadsPerChunk;
+  // Clamped to the room, so a corrupt count cannot send the search outside the tensor's list.
+  const std::uint32_t stored_count = *reinterpret_cast<const std::uint32_t*>(block + a.counts_offset + 4 * t.index);
+  const std::uint32_t old_count =
+      stored_count < t.escape_capacity ? stored_count : static_cast<std::uint32_t>(t.escape_capacity);
+  const std::uint64_t* old_entries =
+      reinterpret_cast<const std::uint64_t*>(block + a.entries_offset) + t.escape_offset;
+  const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
+  // The loop runs while any octet of the thread's warp is in the tensor (octets is a multiple of
+  // 4 and a warp's 32 octets start at a multiple of 32), so the shuffles see whole chunks.
+  const std::uint64_t warp_base = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31u);
+  for (std::uint64_t w = warp_base; w < octets; w += stride) {
+    const std::uint64_t o = w + (threadIdx.x & 31u);  // octet within the tensor
+    const bool live = o < octets;                     // inside one of the tensor's chunks
+    const std::uint64_t j0 = kPer * o;                // first element within the tensor
+    const std::uint64_t g0 = t.offset + j0;           // ... within the group
+    std::uint16_t bits[kPer] = {};
+    if (live) {
+      const uint2 low8 = *reinterpret_cast<const uint2*>(block + g0);
+      const std::uint32_t codes = *reinterpret_cast<const std::uint32_t*>(block + a.codes_offset + g0 / 2);
+      const unsigned E = block[a.exponents_offset + g0 / PackedBf16::kChunk];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const unsigned code = (codes >> (4 * k)) & 0xfu;
+        const unsigned e = code == PackedBf16::kEscape ? escaped_exponent(old_entries, old_count, j0 + k)
+                                                       : PackedBf16::exponent_of(code, E);
+        const std::uint32_t low = (k < 4 ? low8.x >> (8 * k) : low8.y >> (8 * (k - 4))) & 0xffu;
+        bits[k] = PackedBf16::bits(static_cast<std::uint8_t>(low), e);
+      }
+    }
+    float th[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) th[k] = load(bfloat16{bits[k]});
+    if (a.has_update) {
+      // The update exactly as the bf16 group kernel applies it (perturb.cuh): z of the update
+      // step per quad, 16 rounding bits per element from the octet's words.
+      const Philox4x32 words = rounding_words(a.seed, a.update_step, id, o);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const Normal4 z = detail::noise4<kFastUpdate>(a.seed, a.update_step, id, 2 * o + half);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int k = 4 * half + i;
+          if (!live || j0 + k >= t.numel) continue;  // padding stays zero
+          const bfloat16 b = store_rounded<bfloat16>(updated_value<bfloat16>(th[k], z.z[i], u),
+                                                     rounding_bits(words, static_cast<unsigned>(k)), true);
+          bits[k] = b.bits;
+          th[k] = load(b);
+        }
+      }
+      // Re-encode against the chunk's new largest exponent (its four threads).
+      unsigned E = 0;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) E = max(E, PackedBf16::exponent(bits[k]));
+      E = max(E, __shfl_xor_sync(0xffffffffu, E, 1));
+      E = max(E, __shfl_xor_sync(0xffffffffu, E, 2));
+      if (live) {
+        uint2 low8 = make_uint2(0u, 0u);
+        std::uint32_t codes = 0;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const unsigned e = PackedBf16::exponent(bits[k]);
+          unsigned code = PackedBf16::code(e, E);
+          if (code == PackedBf16::kEscape) {
+            const std::uint32_t at = atomicAdd(a.new_counts + t.index, 1u);
+            if (at < t.escape_capacity) {
+              a.new_entries[a.scratch_offsets[blockIdx.y] + at] = PackedBf16::escape_entry(j0 + k, e);
+            } else {
+              atomicAdd(a.overflow, 1u);
+              code = PackedBf16::kZeroExponent;  // flushed to the subnormal of its sign and mantissa
+              th[k] = load(bfloat16{PackedBf16::bits(PackedBf16::low_byte(bits[k]), 0)});
+            }
+          }
+          const std::uint32_t low = PackedBf16::low_byte(bits[k]);
+          if (k < 4) low8.x |= low << (8 * k);
+          else low8.y |= low << (8 * (k - 4));
+          codes |= code << (4 * k);
+        }
+        *reinterpret_cast<uint2*>(block + g0) = low8;
+        *reinterpret_cast<std::uint32_t*>(block + a.codes_offset + g0 / 2) = codes;
+        if (o % kThreadsPerChunk == 0) block[a.exponents_offset + g0 / PackedBf16::kChunk] = static_cast<unsigned char>(E);
+      }
+    }
+    if (!live || j0 >= t.numel || (!a.perturb && !a.convert)) continue;
+    const std::uint64_t valid = t.numel - j0;
+    if (a.perturb) {
+      float z[kPer];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const Normal4 n = detail::noise4<kFastPerturb>(a.seed, a.step, id, 2 * o + half);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) z[4 * half + i] = n.z[i];
+      }
+      T out[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) out[k] = detail::to_output_device<T>(perturbed_value<bfloat16>(th[k], z[k], a.eps));
+      detail::store_masked(plus + g0, out, valid);
+      if (minus) {
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) out[k] = detail::to_output_device<T>(perturbed_value<bfloat16>(th[k], z[k], -a.eps));
+        detail::store_masked(minus + g0, out, valid);
+      }
+    } else {
+      T out[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) out[k] = detail::to_output_device<T>(th[k]);
+      detail::store_masked(plus + g0, out, valid);
+    }
+  }
+}
+
+/// Puts each tensor's new escape list in index order and into the block, with its count. One
+/// block of threads per tensor: a bitonic sort over the list padded to a power of two in the
+/// scratch (the scratch room per tensor is that power of two), then a copy. (Not CUB's segmented
+/// sort: its device-level headers bring the global namespace `cuda` of libcu++, which collides
+/// with zo2::cuda in code that says `using namespace zo2`.)
+__global__ void __launch_bounds__(1024) packed_sort_kernel(unsigned char* __restrict__ block,
+                                                          const PackedTensorArgs* __restrict__ table,
+                                                          std::uint64_t counts_offset, std::uint64_t entries_offset,
+                                                          std::uint64_t* __restrict__ scratch,
+                                                          const std::uint64_t* __restrict__ scratch_offsets,
+                                                          const std::uint32_t* __restrict__ new_counts) {
+  const PackedTensorArgs t = table[blockIdx.x];
+  const std::uint64_t count = new_counts[blockIdx.x] < t.escape_capacity ? new_counts[blockIdx.x] : t.escape_capacity;
+  std::uint64_t m = 1;
+  while (m < count) m <<= 1;
+  std::uint64_t* e = scratch + scratch_offsets[blockIdx.x];
+  for (std::uint64_t i = count + threadIdx.x; i < m; i += blockDim.x) e[i] = ~std::uint64_t{0};  // sorts last
+  __syncthreads();
+  for (std::uint64_t k = 2; k <= m; k <<= 1) {
+    for (std::uint64_t j = k >> 1; j > 0; j >>= 1) {
+      for (std::uint64_t i = threadIdx.x; i < m; i += blockDim.x) {
+        const std::uint64_t partner = i ^ j;
+        if (partner > i) {
+          const std::uint64_t a = e[i], b = e[partner];
+          if ((a > b) == ((i & k) == 0)) {
+            e[i] = b;
+            e[partner] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  std::uint64_t* out = reinterpret_cast<std::uint64_t*>(block + entries_offset) + t.escape_offset;
+  for (std::uint64_t i = threadIdx.x; i < count; i += blockDim.x) out[i] = e[i];
+  if (threadIdx.x == 0) reinterpret_cast<std::uint32_t*>(block + counts_offset)[t.index] = static_cast<std::uint32_t>(count);
+}
+
+/// The device side of one packed group kind: its table, scratch for new escape lists and the
+/// sort, the overflow counter. Allocated once (no allocation in the steady state).
+class PackedPass {
+ public:
+  PackedPass() = default;
+  /// The next power of two >= n (the sort's room for a list of up to n entries).
+  static std::uint64_t pow2_at_least(std::uint64_t n) {
+    std::uint64_t m = 1;
+    while (m < n) m <<= 1;
+    return m;
+  }
+  /// Device bytes a pass over groups packed by `codec` allocates, and how many allocations.
+  static std::size_t device_bytes(const offload::PackedBf16Group& codec) {
+    std::size_t entries = 0;
+    for (std::size_t r = 0; r < codec.num_tensors(); ++r) entries += pow2_at_least(codec.tensor(r).escape_capacity);
+    return entries * sizeof(std::uint64_t) +
+           codec.num_tensors() * (sizeof(PackedTensorArgs) + sizeof(std::uint64_t) + sizeof(std::uint32_t)) +
+           sizeof(std::uint32_t);
+  }
+  static constexpr std::size_t kAllocations = 5;
+
+  /// For groups laid out as `layout` and packed by `codec` (which must outlive the pass).
+  PackedPass(const offload::PackedBf16Group& codec, const ParamLayout& layout) : codec_(&codec) {
+    std::vector<std::uint64_t> scratch_offsets;
+    std::uint64_t scratch = 0;
+    for (std::size_t r = 0; r < codec.num_tensors(); ++r) {
+      const auto& t = codec.tensor(r);
+      host_table_.push_back({t.offset, t.numel, t.escape_offset, t.escape_capacity, static_cast<std::uint32_t>(r),
+                             layout.spec(r).weight_decay ? 1u : 0u});
+      scratch_offsets.push_back(scratch);
+      scratch += pow2_at_least(t.escape_capacity);
+    }
+    num_tensors_ = static_cast<std::uint32_t>(host_table_.size());
+    if (num_tensors_ == 0) return;
+    table_ = DeviceBuffer<PackedTensorArgs>(host_table_.size());
+    scratch_offsets_ = DeviceBuffer<std::uint64_t>(host_table_.size());
+    new_counts_ = DeviceBuffer<std::uint32_t>(host_table_.size());
+    new_entries_ = DeviceBuffer<std::uint64_t>(scratch);
+    overflow_ = DeviceBuffer<std::uint32_t>(1);
+    ZO2_CUDA_CHECK(cudaMemcpy(table_.data(), host_table_.data(), host_table_.size() * sizeof(PackedTensorArgs),
+                              cudaMemcpyHostToDevice));
+    ZO2_CUDA_CHECK(cudaMemcpy(scratch_offsets_.data(), scratch_offsets.data(),
+                              scratch_offsets.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice));
+    ZO2_CUDA_CHECK(cudaMemset(overflow_.data(), 0, sizeof(std::uint32_t)));
+  }
+
+  /// The pass over `block` (a device slot holding the group packed), then its escape lists
+  /// sorted into place. a's table, offsets and scratch are filled in here.
+  template <class T>
+  void run(unsigned char* block, T* plus, T* minus, PackedArgs a, cudaStream_t stream) {
+    if (num_tensors_ == 0) return;
+    a.table = table_.data();
+    a.codes_offset = codec_->codes_offset();
+    a.exponents_offset = codec_->exponents_offset();
+    a.counts_offset = codec_->counts_offset();
+    a.entries_offset = codec_->entries_offset();
+    a.new_entries = new_entries_.data();
+    a.scratch_offsets = scratch_offsets_.data();
+    a.new_counts = new_counts_.data();
+    a.overflow = overflow_.data();
+    ZO2_CUDA_CHECK(cudaMemsetAsync(new_counts_.data(), 0, num_tensors_ * sizeof(std::uint32_t), stream));
+    std::uint64_t most = 0;
+    for (const auto& t : host_table_) most = t.numel > most ? t.numel : most;
+    const std::uint64_t octets = (most + 31) / 32 * 4;
+    const unsigned blocks = static_cast<unsigned>(octets / 256 + 1 < 1024 ? octets / 256 + 1 : 1024);
+    packed_kernel<T><<<dim3(blocks, num_tensors_), 256, 0, stream>>>(block, plus, minus, a);
+    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_kernel");
+    if (!a.has_update) return;  // the lists are unchanged
+    packed_sort_kernel<<<num_tensors_, 1024, 0, stream>>>(block, table_.data(), a.counts_offset, a.entries_offset,
+                                                          new_entries_.data(), scratch_offsets_.data(),
+                                                          new_counts_.data());
+    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_sort_kernel");
+  }
+
+  /// Escapes that found no room since the last reset (each flushed to zero): blocks until known.
+  std::uint32_t overflow(cudaStream_t stream) const {
+    std::uint32_t n = 0;
+    if (num_tensors_ == 0) return 0;
+    ZO2_CUDA_CHECK(cudaMemcpyAsync(&n, overflow_.data(), sizeof n, cudaMemcpyDeviceToHost, stream));
+    ZO2_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return n;
+  }
+
+ private:
+  const offload::PackedBf16Group* codec_ = nullptr;
+  std::vector<PackedTensorArgs> host_table_;
+  std::uint32_t num_tensors_ = 0;
+  DeviceBuffer<PackedTensorArgs> table_;
+  DeviceBuffer<std::uint64_t> scratch_offsets_, new_entries_;
+  DeviceBuffer<std::uint32_t> new_counts_, overflow_;
+};
+
+}  // namespace zo2::cuda::offload_detail
