@@ -132,7 +132,8 @@ if [[ -z ${ZO2_SKIP_TESTS:-} ]]; then
     slog=$logs/sanitizer.log
     : > "$slog"
     for spec in memcheck:test_flash_attention racecheck:test_flash_attention memcheck:test_perturb_kernels \
-                memcheck:test_opt_cuda memcheck:test_host_offload memcheck:test_cuda_resident memcheck:test_row_kernel; do
+                memcheck:test_opt_cuda memcheck:test_host_offload memcheck:test_cuda_resident memcheck:test_row_kernel \
+                memcheck:test_packed_kernel; do
       tool=${spec%%:*}; t=${spec#*:}
       exe=$(find "$build" -name "test_cuda_$t" -type f -perm -u+x | head -1)
       [[ -n $exe ]] || continue

@@ -480,6 +480,7 @@ class HostOffload {
     }
     block_written_ = std::vector<Event>(plan_.streamed_blocks);
     kernel_done_ = Event(false);
+    body_done_ = Event(false);
     reads_done_ = Event(false);
 
     const std::size_t visits_per_step = ml.num_groups();
@@ -636,10 +637,21 @@ class HostOffload {
     Slot& s = *current_slot_;
     if (write_back) {
       const cudaStream_t off = offload_.get();
+      unsigned char* host = host_block(g).data();
+      std::size_t head = 0;  // bytes final before the whole pass is: copied out first
+      if constexpr (offload::is_packed_codec_v<Codec>) {
+        // The packed pass re-encodes the block, then sorts its escape lists (at the end of the
+        // block) in a second kernel: the write-back of everything before them starts as soon as
+        // the first is done, so the sort does not delay it (with two slots the next upload into
+        // this slot waits for the write-back).
+        head = codecs_[1].counts_offset();
+        body_done_.wait_on(off);
+      }
+      const int start = timeline_.mark(off);
+      if (head) ZO2_CUDA_CHECK(cudaMemcpyAsync(host, s.data, head, cudaMemcpyDeviceToHost, off));
       kernel_done_.record(compute_);
       kernel_done_.wait_on(off);
-      const int start = timeline_.mark(off);
-      ZO2_CUDA_CHECK(cudaMemcpyAsync(host_block(g).data(), s.data, codecs_[1].bytes(), cudaMemcpyDeviceToHost, off));
+      ZO2_CUDA_CHECK(cudaMemcpyAsync(host + head, s.data + head, codecs_[1].bytes() - head, cudaMemcpyDeviceToHost, off));
       const int end = timeline_.mark(off);
       if (auto* v = timeline_.visit(open_visit_)) {
         v->offload_start = start;
@@ -690,7 +702,7 @@ class HostOffload {
       a.perturb = mode == Mode::kPerturb || mode == Mode::kPerturbOnly;
       a.convert = mode == Mode::kConvert;
       if (pending) detail::set_owed_update(a, *pending);
-      packed_passes_[k].run(master, plus, minus, a, compute_);
+      packed_passes_[k].run(master, plus, minus, a, compute_, &body_done_);
     } else if constexpr (Codec::row_scaled) {
       offload_detail::RowArgs a{};
       a.first_tensor_id = first_id;
@@ -740,7 +752,7 @@ class HostOffload {
 
   PinnedBuffer<unsigned char> host_;
   std::vector<Event> block_written_;
-  Event kernel_done_, reads_done_;
+  Event kernel_done_, body_done_, reads_done_;  // body_done_: the packed pass's first kernel
   Timeline timeline_;
   int open_visit_ = -1;
   std::size_t uploaded_ = 0, offloaded_ = 0;

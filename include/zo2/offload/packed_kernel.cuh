@@ -273,8 +273,17 @@ class PackedPass {
 
   /// The pass over `block` (a device slot holding the group packed), then its escape lists
   /// sorted into place. a's table, offsets and scratch are filled in here.
+  ///
+  /// `body_done`, when given, is recorded as soon as the block's body is final: from there on
+  /// only the counts and escape lists (from codec.counts_offset() on) change, so the body can be
+  /// copied out while the rest runs. With an update and outputs to write, the pass is then split
+  /// in two launches: update and re-encode (body_done), the sort, then the outputs decoded from
+  /// the updated block (the same values: the format is exact). The write-back starts after the
+  /// first launch instead of the whole fused pass, which is what a two-slot HostOffload waits
+  /// on before the next upload into that slot.
   template <class T>
-  void run(unsigned char* block, T* plus, T* minus, PackedArgs a, cudaStream_t stream) {
+  void run(unsigned char* block, T* plus, T* minus, PackedArgs a, cudaStream_t stream,
+           const Event* body_done = nullptr) {
     if (num_tensors_ == 0) return;
     a.table = table_.data();
     a.codes_offset = codec_->codes_offset();
@@ -290,13 +299,23 @@ class PackedPass {
     for (const auto& t : host_table_) most = t.numel > most ? t.numel : most;
     const std::uint64_t octets = (most + 31) / 32 * 4;
     const unsigned blocks = static_cast<unsigned>(octets / 256 + 1 < 1024 ? octets / 256 + 1 : 1024);
-    packed_kernel<T><<<dim3(blocks, num_tensors_), 256, 0, stream>>>(block, plus, minus, a);
+    const dim3 grid(blocks, num_tensors_);
+    const bool split = body_done && a.has_update && (a.perturb || a.convert);
+    PackedArgs first = a;
+    if (split) first.perturb = first.convert = false;
+    packed_kernel<T><<<grid, 256, 0, stream>>>(block, plus, minus, first);
     ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_kernel");
+    if (body_done) body_done->record(stream);
     if (!a.has_update) return;  // the lists are unchanged
     packed_sort_kernel<<<num_tensors_, 1024, 0, stream>>>(block, table_.data(), a.counts_offset, a.entries_offset,
                                                           new_entries_.data(), scratch_offsets_.data(),
                                                           new_counts_.data());
     ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_sort_kernel");
+    if (!split) return;
+    PackedArgs second = a;
+    second.has_update = false;  // decode the updated block and its sorted lists; write the outputs
+    packed_kernel<T><<<grid, 256, 0, stream>>>(block, plus, minus, second);
+    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_kernel (outputs)");
   }
 
   /// Escapes that found no room since the last reset (each flushed to zero): blocks until known.
