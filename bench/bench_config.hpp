@@ -248,10 +248,11 @@ inline Plan expand(const Options& o, long long host_available) {
       for (const char* d : {"bf16", "fp16"}) add(m, "resident", d, d);
     for (const char* m : {"opt-125m", "opt-1.3b", "opt-6.7b", "opt-13b"})
       for (const char* c : {"bf16", "fp16", "int8"}) add(m, "offload", c, default_dtype_for_codec(c));
-    // Packed bf16 moves ~0.79x the bytes of bf16 but its fused pass re-encodes before the
-    // write-back can start, so with two slots the next upload waits on it (OPT-6.7B on an H200:
-    // 0.230 s with two slots, 0.208 s with three, 2.47 GB; bench/results/h200-2026-12-02-bf16p.jsonl).
-    // The third slot still keeps the peak under the reference's memory.
+    // Packed bf16 moves ~0.79x the bytes of bf16, but its pass re-encodes a block before the
+    // write-back can start, and with two slots the next upload into that slot waits for the
+    // write-back. A third slot decouples them: OPT-6.7B on an H200, 0.2145-0.2184 s with two
+    // slots (2.16 GB), 0.205 s with three (2.47 GB, still under the reference's 2.5 GB;
+    // bench/results/h200-2026-12-02-bf16p-slots-ab.jsonl).
     for (const char* m : {"opt-1.3b", "opt-6.7b", "opt-13b"}) add(m, "offload", "bf16p", "bf16", 3);
     const double need = o.min_host_gb_30b * 1e9;
     if (static_cast<double>(host_available) >= need) {
