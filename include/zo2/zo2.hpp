@@ -8,6 +8,7 @@
 #include <zo2/core/config.hpp>
 #include <zo2/core/error.hpp>
 #include <zo2/core/half_types.hpp>
+#include <zo2/core/parallel.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
