@@ -214,6 +214,25 @@ std::vector<StepResult> run_steps(TinyCudaStack model, Policy& policy, const Tin
   return out;
 }
 
+/// Two runs of the same steps that must agree bit for bit: every loss and g, then theta (after
+/// the runs' flush) equal, and different from `init` (they trained).
+template <class PolicyA, class PolicyB>
+void check_identical_runs(const std::vector<StepResult>& ra, const std::vector<StepResult>& rb, const PolicyA& a,
+                          const PolicyB& b, const ParameterStore<float>& init) {
+  REQUIRE(ra.size() == rb.size());
+  for (std::size_t s = 0; s < ra.size(); ++s) {
+    CAPTURE(s);
+    CHECK(ra[s].loss_plus == rb[s].loss_plus);
+    CHECK(ra[s].loss_minus == rb[s].loss_minus);
+    CHECK(ra[s].projected_grad == rb[s].projected_grad);
+  }
+  ParameterStore<float> ta(init.model_layout()), tb(init.model_layout());
+  a.store_to(ta);
+  b.store_to(tb);
+  CHECK(max_abs_diff(ta, tb) == 0.0);
+  CHECK(max_abs_diff(ta, init) > 0.0);
+}
+
 }  // namespace
 
 TEST_CASE("fp32 codec: same g and theta as the all-resident policy, streamed or partly resident") {
@@ -328,17 +347,7 @@ TEST_CASE("one perturbed copy gives the same steps as two, in less memory (bf16 
     Policy a(init), b(init, two);
     CHECK(a.shares_perturbed_copy());
     CHECK_FALSE(b.shares_perturbed_copy());
-    const auto ra = run_steps(model, a, batch, 5);
-    const auto rb = run_steps(model, b, batch, 5);
-    for (int s = 0; s < 5; ++s) {
-      CHECK(ra[s].loss_plus == rb[s].loss_plus);
-      CHECK(ra[s].loss_minus == rb[s].loss_minus);
-    }
-    ParameterStore<float> ta(init.model_layout()), tb(init.model_layout());
-    a.store_to(ta);
-    b.store_to(tb);
-    CHECK(max_abs_diff(ta, tb) == 0.0);
-    CHECK(max_abs_diff(ta, init) > 0.0);
+    check_identical_runs(run_steps(model, a, batch, 5), run_steps(model, b, batch, 5), a, b, init);
     // The saving: one block's perturbed copy and the prologue's.
     const ModelLayout ml = ModelLayout::of(model);
     const std::size_t saved = b.plan().fixed_bytes - a.plan().fixed_bytes;
@@ -361,19 +370,7 @@ TEST_CASE("the packed bf16 codec gives the bf16 codec's steps bit for bit, in fe
   const auto batch = make_batch(64, model.width, 13);
   HostOffload<offload::Bf16Codec, float> plain(init);
   HostOffload<offload::Bf16PackedCodec, float> packed(init);
-  const auto rp = run_steps(model, plain, batch, 6);
-  const auto rq = run_steps(model, packed, batch, 6);
-  for (int s = 0; s < 6; ++s) {
-    CAPTURE(s);
-    CHECK(rq[s].loss_plus == rp[s].loss_plus);
-    CHECK(rq[s].loss_minus == rp[s].loss_minus);
-    CHECK(rq[s].projected_grad == rp[s].projected_grad);
-  }
-  ParameterStore<float> tp(init.model_layout()), tq(init.model_layout());
-  plain.store_to(tp);
-  packed.store_to(tq);
-  CHECK(max_abs_diff(tp, tq) == 0.0);
-  CHECK(max_abs_diff(tp, init) > 0.0);
+  check_identical_runs(run_steps(model, plain, batch, 6), run_steps(model, packed, batch, 6), plain, packed, init);
   CHECK(packed.escape_overflow() == 0);
   CHECK(plain.escape_overflow() == 0);
   const ModelLayout ml = ModelLayout::of(model);

@@ -711,8 +711,8 @@ class HostOffload {
               double eps, const PendingUpdate* pending, Mode mode) {
     const int k = kind_of(g);
     const std::uint32_t first_id = layout_->first_tensor_id(g);
-    if constexpr (offload::is_packed_codec_v<Codec>) {
-      offload_detail::PackedArgs a{};
+    // The arguments the packed and row kernels share (PackedArgs, RowArgs).
+    const auto fill = [&](auto& a) {
       a.first_tensor_id = first_id;
       a.seed = seed;
       a.step = step;
@@ -720,16 +720,14 @@ class HostOffload {
       a.perturb = mode == Mode::kPerturb || mode == Mode::kPerturbOnly;
       a.convert = mode == Mode::kConvert;
       if (pending) detail::set_owed_update(a, *pending);
+    };
+    if constexpr (offload::is_packed_codec_v<Codec>) {
+      offload_detail::PackedArgs a{};
+      fill(a);
       packed_passes_[k].run(master, plus, minus, a, compute_, &body_done_);
     } else if constexpr (Codec::row_scaled) {
       offload_detail::RowArgs a{};
-      a.first_tensor_id = first_id;
-      a.seed = seed;
-      a.step = step;
-      a.eps = eps;
-      a.perturb = mode == Mode::kPerturb || mode == Mode::kPerturbOnly;
-      a.convert = mode == Mode::kConvert;
-      if (pending) detail::set_owed_update(a, *pending);
+      fill(a);
       float* scales = reinterpret_cast<float*>(master + codecs_[k].scales_offset());
       offload_detail::launch_row_kernel<Codec, T>(master, scales, plus, minus, row_tables_[k], a, compute_);
     } else {
