@@ -178,4 +178,11 @@ TEST_CASE("packed bf16: refuses what it cannot hold, names the tensor, and catch
   std::vector<unsigned char> short_block(codec.bytes() - 1);
   CHECK_THROWS_WITH_AS(codec.decode_bf16(0, short_block, out), doctest::Contains("the layout needs"), Error);
   CHECK_THROWS_AS(codec.encode_bf16(1, ok, block), Error);
+  // Wrong counts name the tensor and both sizes.
+  const std::vector<bfloat16> short_values(4095);
+  CHECK_THROWS_WITH_AS(codec.encode_bf16(0, short_values, block),
+                       doctest::Contains("encode of wide.weight got 4095 values, expected 4096"), Error);
+  std::vector<float> long_floats(4097);
+  CHECK_THROWS_WITH_AS(codec.decode(0, block, long_floats),
+                       doctest::Contains("decode of wide.weight got 4097 floats, expected 4096"), Error);
 }

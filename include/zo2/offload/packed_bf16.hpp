@@ -146,38 +146,8 @@ class PackedBf16Group {
   /// Encodes tensor r from bf16 values (numel of them), exactly. Throws, naming the tensor, when
   /// it needs more escapes than its room.
   void encode_bf16(std::size_t r, std::span<const bfloat16> values, std::span<unsigned char> block) const {
-    const PackedTensor& t = tensor(r);
-    check_block(block.size(), "encode");
-    if (values.size() != t.numel)
-      throw Error(std::string(name) + ": encode of " + names_[r] + " got " + std::to_string(values.size()) +
-                  " values, expected " + std::to_string(t.numel));
-    std::vector<std::uint64_t> escapes;
-    for (std::size_t c0 = 0; c0 < t.numel; c0 += PackedBf16::kChunk) {
-      std::uint16_t b[PackedBf16::kChunk] = {};  // padding past numel encodes as zero
-      const std::size_t len = std::min(PackedBf16::kChunk, t.numel - c0);
-      unsigned E = 0;
-      for (std::size_t k = 0; k < len; ++k) {
-        b[k] = values[c0 + k].bits;
-        E = std::max(E, PackedBf16::exponent(b[k]));
-      }
-      const std::size_t j0 = t.offset + c0;
-      block[exponents_offset() + j0 / PackedBf16::kChunk] = static_cast<unsigned char>(E);
-      for (std::size_t k = 0; k < PackedBf16::kChunk; ++k) {
-        const unsigned e = PackedBf16::exponent(b[k]);
-        const unsigned code = PackedBf16::code(e, E);
-        if (code == PackedBf16::kEscape) escapes.push_back(PackedBf16::escape_entry(c0 + k, e));
-        block[j0 + k] = PackedBf16::low_byte(b[k]);
-        set_code(block, j0 + k, code);
-      }
-    }
-    if (escapes.size() > t.escape_capacity)
-      throw Error(std::string(name) + ": " + names_[r] + " needs " + std::to_string(escapes.size()) +
-                  " escapes (elements more than 13 binades below their 32-element chunk's largest), room for " +
-                  std::to_string(t.escape_capacity) + ": use the bf16 codec for this model");
-    const auto count = static_cast<std::uint32_t>(escapes.size());
-    std::memcpy(block.data() + counts_offset_ + r * sizeof(std::uint32_t), &count, sizeof count);
-    std::memcpy(block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t), escapes.data(),
-                escapes.size() * sizeof(std::uint64_t));  // in index order: chunks were walked in order
+    check_count(r, values.size(), "encode", "values");
+    encode_with(r, [&](std::size_t j) { return values[j].bits; }, block);
   }
 
   /// Encodes tensor r from floats, rounded to bf16 as Bf16Codec rounds them: to nearest, or
@@ -189,51 +159,21 @@ class PackedBf16Group {
       throw Error(std::string(name) + ": encode of " + names_[r] + " got " + std::to_string(values.size()) +
                   " values and " + std::to_string(random_words.size()) + " random words, expected " +
                   std::to_string(t.numel) + " and 0 or " + std::to_string(t.numel));
-    std::vector<bfloat16> rounded(t.numel);
-    for (std::size_t j = 0; j < t.numel; ++j)
-      rounded[j] = random_words.empty() ? to_bfloat16(values[j]) : to_bfloat16_stochastic(values[j], random_words[j]);
-    encode_bf16(r, rounded, block);
+    if (random_words.empty())
+      encode_with(r, [&](std::size_t j) { return to_bfloat16(values[j]).bits; }, block);
+    else
+      encode_with(r, [&](std::size_t j) { return to_bfloat16_stochastic(values[j], random_words[j]).bits; }, block);
   }
 
   /// Decodes tensor r into bf16 values (numel of them).
   void decode_bf16(std::size_t r, std::span<const unsigned char> block, std::span<bfloat16> out) const {
-    const PackedTensor& t = tensor(r);
-    check_block(block.size(), "decode");
-    if (out.size() != t.numel)
-      throw Error(std::string(name) + ": decode of " + names_[r] + " into " + std::to_string(out.size()) +
-                  " values, expected " + std::to_string(t.numel));
-    const std::uint32_t count = escape_count(r, block);
-    if (count > t.escape_capacity)
-      throw Error(std::string(name) + ": " + names_[r] + " records " + std::to_string(count) +
-                  " escapes, more than its room of " + std::to_string(t.escape_capacity) + " (a corrupt block)");
-    std::vector<std::uint64_t> escapes(count);
-    std::memcpy(escapes.data(), block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t),
-                count * sizeof(std::uint64_t));
-    std::size_t next = 0;  // escapes are in index order
-    for (std::size_t j = 0; j < t.numel; ++j) {
-      const std::size_t g = t.offset + j;
-      const unsigned E = block[exponents_offset() + g / PackedBf16::kChunk];
-      const unsigned code = get_code(block, g);
-      unsigned e;
-      if (code == PackedBf16::kEscape) {
-        if (next >= escapes.size() || PackedBf16::entry_index(escapes[next]) != j)
-          throw Error(std::string(name) + ": " + names_[r] + " element " + std::to_string(j) +
-                      " is an escape the list does not hold (a corrupt block)");
-        e = PackedBf16::entry_exponent(escapes[next++]);
-      } else {
-        e = PackedBf16::exponent_of(code, E);
-      }
-      out[j] = bfloat16{PackedBf16::bits(block[g], e)};
-    }
+    check_count(r, out.size(), "decode", "values");
+    decode_with(r, block, [&](std::size_t j, std::uint16_t bits) { out[j] = bfloat16{bits}; });
   }
 
   void decode(std::size_t r, std::span<const unsigned char> block, std::span<float> out) const {
-    std::vector<bfloat16> values(tensor(r).numel);
-    decode_bf16(r, block, values);
-    if (out.size() != values.size())
-      throw Error(std::string(name) + ": decode of " + names_[r] + " into " + std::to_string(out.size()) +
-                  " floats, expected " + std::to_string(values.size()));
-    for (std::size_t j = 0; j < values.size(); ++j) out[j] = to_float(values[j]);
+    check_count(r, out.size(), "decode", "floats");
+    decode_with(r, block, [&](std::size_t j, std::uint16_t bits) { out[j] = to_float(bfloat16{bits}); });
   }
 
   /// Whole group from / to a float flat buffer laid out by the same ParamLayout (round to
@@ -262,14 +202,88 @@ class PackedBf16Group {
       throw Error(std::string(name) + ": " + what + " got " + std::to_string(size) + " floats, the layout has " +
                   std::to_string(total_) + " elements");
   }
-  void set_code(std::span<unsigned char> block, std::size_t j, unsigned code) const {
-    unsigned char& byte = block[codes_offset() + j / 2];
-    byte = j % 2 ? static_cast<unsigned char>((byte & 0x0fu) | (code << 4))
-                 : static_cast<unsigned char>((byte & 0xf0u) | code);
+  void check_count(std::size_t r, std::size_t size, const char* what, const char* of) const {
+    const PackedTensor& t = tensor(r);
+    if (size != t.numel)
+      throw Error(std::string(name) + ": " + what + " of " + names_[r] + " got " + std::to_string(size) + " " + of +
+                  ", expected " + std::to_string(t.numel));
   }
-  unsigned get_code(std::span<const unsigned char> block, std::size_t j) const {
-    const unsigned byte = block[codes_offset() + j / 2];
-    return j % 2 ? byte >> 4 : byte & 0x0fu;
+
+  /// The encoder: bits_of(j) gives element j's bf16 bits. Chunk by chunk (padding past numel
+  /// encodes as zero), each chunk's low bytes and codes built here and stored with two copies.
+  template <class BitsOf>
+  void encode_with(std::size_t r, BitsOf&& bits_of, std::span<unsigned char> block) const {
+    const PackedTensor& t = tensor(r);
+    check_block(block.size(), "encode");
+    std::vector<std::uint64_t> escapes;
+    for (std::size_t c0 = 0; c0 < t.numel; c0 += PackedBf16::kChunk) {
+      std::uint16_t b[PackedBf16::kChunk] = {};
+      const std::size_t len = std::min(PackedBf16::kChunk, t.numel - c0);
+      unsigned E = 0;
+      for (std::size_t k = 0; k < len; ++k) {
+        b[k] = bits_of(c0 + k);
+        E = std::max(E, PackedBf16::exponent(b[k]));
+      }
+      const std::size_t j0 = t.offset + c0;
+      block[exponents_offset() + j0 / PackedBf16::kChunk] = static_cast<unsigned char>(E);
+      unsigned char low[PackedBf16::kChunk], codes[PackedBf16::kChunk / 2];
+      for (std::size_t k = 0; k < PackedBf16::kChunk; k += 2) {
+        const unsigned e0 = PackedBf16::exponent(b[k]), e1 = PackedBf16::exponent(b[k + 1]);
+        const unsigned code0 = PackedBf16::code(e0, E), code1 = PackedBf16::code(e1, E);
+        if (code0 == PackedBf16::kEscape) escapes.push_back(PackedBf16::escape_entry(c0 + k, e0));
+        if (code1 == PackedBf16::kEscape) escapes.push_back(PackedBf16::escape_entry(c0 + k + 1, e1));
+        low[k] = PackedBf16::low_byte(b[k]);
+        low[k + 1] = PackedBf16::low_byte(b[k + 1]);
+        codes[k / 2] = static_cast<unsigned char>(code0 | code1 << 4);  // element j in nibble j % 2
+      }
+      std::memcpy(block.data() + j0, low, sizeof low);
+      std::memcpy(block.data() + codes_offset() + j0 / 2, codes, sizeof codes);
+    }
+    if (escapes.size() > t.escape_capacity)
+      throw Error(std::string(name) + ": " + names_[r] + " needs " + std::to_string(escapes.size()) +
+                  " escapes (elements more than 13 binades below their 32-element chunk's largest), room for " +
+                  std::to_string(t.escape_capacity) + ": use the bf16 codec for this model");
+    const auto count = static_cast<std::uint32_t>(escapes.size());
+    std::memcpy(block.data() + counts_offset_ + r * sizeof(std::uint32_t), &count, sizeof count);
+    std::memcpy(block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t), escapes.data(),
+                escapes.size() * sizeof(std::uint64_t));  // in index order: chunks were walked in order
+  }
+
+  /// The decoder: put(j, bits) receives element j's bf16 bits. Checks the escape list against
+  /// the codes (a corrupt block throws, naming the tensor and element).
+  template <class Put>
+  void decode_with(std::size_t r, std::span<const unsigned char> block, Put&& put) const {
+    const PackedTensor& t = tensor(r);
+    check_block(block.size(), "decode");
+    const std::uint32_t count = escape_count(r, block);
+    if (count > t.escape_capacity)
+      throw Error(std::string(name) + ": " + names_[r] + " records " + std::to_string(count) +
+                  " escapes, more than its room of " + std::to_string(t.escape_capacity) + " (a corrupt block)");
+    std::vector<std::uint64_t> escapes(count);
+    std::memcpy(escapes.data(), block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t),
+                count * sizeof(std::uint64_t));
+    std::size_t next = 0;  // escapes are in index order
+    for (std::size_t c0 = 0; c0 < t.numel; c0 += PackedBf16::kChunk) {
+      const std::size_t g0 = t.offset + c0;
+      const unsigned E = block[exponents_offset() + g0 / PackedBf16::kChunk];
+      const unsigned char* low = block.data() + g0;
+      const unsigned char* codes = block.data() + codes_offset() + g0 / 2;
+      const std::size_t len = std::min(PackedBf16::kChunk, t.numel - c0);
+      for (std::size_t k = 0; k < len; ++k) {
+        const unsigned code = k % 2 ? codes[k / 2] >> 4 : codes[k / 2] & 0x0fu;
+        unsigned e;
+        if (code == PackedBf16::kEscape) {
+          const std::size_t j = c0 + k;
+          if (next >= escapes.size() || PackedBf16::entry_index(escapes[next]) != j)
+            throw Error(std::string(name) + ": " + names_[r] + " element " + std::to_string(j) +
+                        " is an escape the list does not hold (a corrupt block)");
+          e = PackedBf16::entry_exponent(escapes[next++]);
+        } else {
+          e = PackedBf16::exponent_of(code, E);
+        }
+        put(c0 + k, PackedBf16::bits(low[k], e));
+      }
+    }
   }
   void check_block(std::size_t size, const char* what) const {
     if (size != bytes_)
