@@ -288,7 +288,7 @@ class HostOffload {
   }
   /// Encodes every group of `store` as the masters. The streamed blocks are encoded straight
   /// into pinned host memory on all cores: encoding a large model is most of a start-up (the
-  /// packed codec encodes ~220 M values/s on one core, OPT-30B has 30 G).
+  /// packed codec encodes ~370 M values/s on one core, OPT-30B has 30 G).
   void load(const ParameterStore<float>& store) {
     check_same_layout(store.model_layout());
     synchronize();
@@ -658,10 +658,10 @@ class HostOffload {
       unsigned char* host = host_block(g).data();
       std::size_t head = 0;  // bytes final before the whole pass is: copied out first
       if constexpr (offload::is_packed_codec_v<Codec>) {
-        // The packed pass re-encodes the block, then sorts its escape lists (at the end of the
-        // block) in a second kernel: the write-back of everything before them starts as soon as
-        // the first is done, so the sort does not delay it (with two slots the next upload into
-        // this slot waits for the write-back).
+        // PackedPass::run records body_done_ once the block is re-encoded, before it sorts the
+        // escape lists (at the end of the block) and writes the outputs: the write-back of
+        // everything before the lists starts there (with two slots the next upload into this
+        // slot waits for the write-back).
         head = codecs_[1].counts_offset();
         body_done_.wait_on(off);
       }
