@@ -335,7 +335,7 @@ inline JsonLine& add_config_fields(JsonLine& line, const RunConfig& c) {
       .add("batch", c.batch).add("seq", c.seq);
 }
 
-/// The "slots" a planned or skipped line states: the configuration's own, or --slots.
+/// The device slots an offloaded configuration runs with: its own, or --slots (0 for resident).
 inline std::size_t planned_slots(const RunConfig& c, const Options& o) {
   return c.policy == "offload" ? (c.slots ? c.slots : o.slots) : 0;
 }

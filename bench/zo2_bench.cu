@@ -422,7 +422,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   zcuda::OffloadOptions opts;
   opts.record_timeline = o.timeline;
   opts.gpu_memory_budget = o.gpu_budget;
-  opts.slots = c.slots ? c.slots : o.slots;
+  opts.slots = planned_slots(c, o);
   opts.prefetch_depth = std::min(o.prefetch, opts.slots - 1);
   opts.one_perturbed_copy = !o.two_copies;
   Policy policy(opt_model_layout(config), opts);
