@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <string>
@@ -27,9 +28,19 @@ struct TensorSpec {
   /// Whether weight decay applies (weights: yes; biases and LayerNorm parameters: no).
   bool weight_decay = true;
 
+  /// Product of the dimensions; throws ShapeError naming the tensor when a dimension is
+  /// negative or the product does not fit in std::size_t.
   std::size_t numel() const {
-    return std::accumulate(shape.begin(), shape.end(), std::size_t{1},
-                           [](std::size_t a, std::int64_t d) { return a * static_cast<std::size_t>(d); });
+    std::size_t n = 1;
+    for (const std::int64_t d : shape) {
+      if (d < 0)
+        throw ShapeError("tensor '" + name + "' has a negative dimension " + std::to_string(d));
+      const auto u = static_cast<std::size_t>(d);
+      if (u != 0 && n > std::numeric_limits<std::size_t>::max() / u)
+        throw ShapeError("tensor '" + name + "': the element count of its shape overflows std::size_t");
+      n *= u;
+    }
+    return n;
   }
 };
 
@@ -41,8 +52,12 @@ class ParamLayout {
       if (d <= 0) throw ShapeError("tensor '" + name + "' has a non-positive dimension");
     if (find(name) != npos) throw ShapeError("tensor '" + name + "' added twice to a layout");
     TensorSpec spec{std::move(name), std::move(shape), weight_decay};
+    const std::size_t n = spec.numel();
+    constexpr std::size_t kMax = std::numeric_limits<std::size_t>::max();
+    if (n > kMax - kTensorAlignment || round_up(n) > kMax - total_)
+      throw ShapeError("tensor '" + spec.name + "': the group's element count overflows std::size_t");
     offsets_.push_back(total_);
-    total_ += round_up(spec.numel());
+    total_ += round_up(n);
     specs_.push_back(std::move(spec));
     return specs_.size() - 1;
   }
