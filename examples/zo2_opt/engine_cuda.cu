@@ -1,6 +1,11 @@
 // The CUDA engine (built when ZO2_ENABLE_CUDA is on): OPTCudaModel<float> with the weights on
 // the GPU (zo2::cuda::CudaResident), or streamed from host memory (zo2::cuda::HostOffload, ZO2's
 // offload engine) with --offload. Everything the model enqueues runs on the policy's stream.
+// Training, evaluation and generation all run under either policy: evaluation and logits take
+// every group through the policy's current() in order (a streamed block passes through a slot,
+// unperturbed, and is not written back), so a model larger than the GPU is evaluated and sampled
+// as it is trained. One device Batch is refilled for every call (no allocation once it is as
+// large as the largest batch so far).
 #include <cuda_runtime.h>
 
 #include <memory>
@@ -49,24 +54,34 @@ class CudaEngine final : public Engine {
     }
   }
 
-  zo2::StepResult step(const TokenBatch& batch) override { return optimizer_.step(model_.make_batch(batch)); }
-  double loss(const TokenBatch& batch) override { return optimizer_.evaluate(model_.make_batch(batch)); }
+  zo2::StepResult step(const TokenBatch& batch) override {
+    model_.upload_batch(batch, batch_);
+    return optimizer_.step(batch_);
+  }
+  double loss(const TokenBatch& batch) override {
+    model_.upload_batch(batch, batch_);
+    return optimizer_.evaluate(batch_);
+  }
 
+  /// The forward at theta group by group (prologue, blocks, epilogue through current()), then
+  /// the LM head over every position.
   std::vector<float> logits(std::span<const std::int32_t> ids) override {
-    if constexpr (std::is_same_v<Policy, zo2::cuda::CudaResident<float, float>>) {
-      optimizer_.flush();
-      TokenBatch b;
-      b.batch = 1;
-      b.seq = ids.size();
-      b.input_ids.assign(ids.begin(), ids.end());
-      const auto& ml = policy_.model_layout();
-      typename Model::Params params{policy_.current(ml.prologue()), {}, policy_.current(ml.epilogue())};
-      for (std::size_t i = 0; i < ml.num_blocks(); ++i) params.blocks.push_back(policy_.current(ml.block(i)));
-      return model_.logits(params, model_.make_batch(b), workspace_);
-    } else {
-      (void)ids;
-      throw UsageError("logits (generation) are not supported with --offload; run without --offload");
+    optimizer_.flush();
+    TokenBatch b;
+    b.batch = 1;
+    b.seq = ids.size();
+    b.input_ids.assign(ids.begin(), ids.end());
+    model_.upload_batch(b, batch_);
+    const auto& ml = policy_.model_layout();
+    // The prologue's view stays valid until the epilogue (the tied LM head reads it).
+    const auto prologue = policy_.current(ml.prologue());
+    std::size_t cur = 0;
+    model_.prologue(prologue, batch_, hidden_[cur], workspace_);
+    for (std::size_t i = 0; i < ml.num_blocks(); ++i) {
+      model_.forward_block(i, policy_.current(ml.block(i)), hidden_[cur], hidden_[1 - cur], workspace_);
+      cur = 1 - cur;
     }
+    return model_.output_logits(policy_.current(ml.epilogue()), prologue, hidden_[cur], workspace_);
   }
 
   /// Sum of log p over each candidate's tokens, from the loss of a batch whose only targets are
@@ -142,6 +157,8 @@ class CudaEngine final : public Engine {
   Model model_;
   Policy policy_;
   zo2::ZOOptimizer<Model, Policy> optimizer_;
+  typename Model::Batch batch_;
+  typename Model::Activation hidden_[2];
   typename Model::Workspace workspace_;
   std::string description_;
 };

@@ -1,14 +1,31 @@
 // zo2/backend/cuda/memory.cuh -- RAII owners for device buffers, pinned host buffers, streams,
 // events and the cuBLASLt handle. Move-only; destructors never throw.
+//
+// cudaFree waits for the whole device, so nothing on a step's path frees: buffers that follow a
+// shape grow with reserve() (never shrink, with headroom) and are reused. device_buffer_stats()
+// counts DeviceBuffer's cudaMalloc and cudaFree calls, for tests that assert a steady-state step
+// allocates nothing.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <utility>
 
 #include <zo2/backend/cuda/check.cuh>
 
 namespace zo2::cuda {
+
+/// Process-wide counts of DeviceBuffer's cudaMalloc and cudaFree calls (all element types).
+struct DeviceBufferStats {
+  std::atomic<std::uint64_t> allocations{0}, frees{0};
+};
+inline DeviceBufferStats& device_buffer_stats() {
+  static DeviceBufferStats stats;
+  return stats;
+}
 
 template <class T>
 class DeviceBuffer {
@@ -21,6 +38,7 @@ class DeviceBuffer {
     if (s != cudaSuccess)
       detail::throw_cuda(s, ("cudaMalloc(" + std::to_string(count * sizeof(T)) + " bytes)").c_str(),
                          __FILE__, __LINE__);
+    device_buffer_stats().allocations.fetch_add(1, std::memory_order_relaxed);
     ptr_ = static_cast<T*>(p);
   }
   DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, 0)) {}
@@ -37,17 +55,28 @@ class DeviceBuffer {
   ~DeviceBuffer() { release(); }
 
   T* data() const { return ptr_; }
+  /// Elements allocated (the capacity: reserve() may have allocated more than it was asked for).
   std::size_t size() const { return count_; }
   std::size_t bytes() const { return count_ * sizeof(T); }
-  /// Grows (never shrinks) to at least `count` elements; contents are not preserved.
+  /// Ensures room for at least `count` elements; contents are not preserved when it grows. The
+  /// first allocation is exact (a fixed-shape run holds no more than it needs); a buffer that
+  /// grows again takes max(count, 1.5 x its size), so a shape that creeps up by a token at a
+  /// time (generation) reallocates O(log n) times, not on every call. Never shrinks.
   void reserve(std::size_t count) {
-    if (count > count_) *this = DeviceBuffer(count);
+    if (count <= count_) return;
+    const std::size_t grown = count_ == 0 ? count : std::max(count, count_ + count_ / 2);
+    release();  // before allocating: the old and the new buffer are never held together
+    *this = DeviceBuffer(grown);
   }
 
  private:
   void release() noexcept {
-    if (ptr_) cudaFree(ptr_);
+    if (ptr_) {
+      cudaFree(ptr_);
+      device_buffer_stats().frees.fetch_add(1, std::memory_order_relaxed);
+    }
     ptr_ = nullptr;
+    count_ = 0;
   }
   T* ptr_ = nullptr;
   std::size_t count_ = 0;

@@ -15,9 +15,11 @@
 //
 // Streams and memory: everything is enqueued on one stream (the policy's, given to the
 // constructor or set_stream), so the policy's perturbation kernels and the forward are ordered
-// without events. Activation and Workspace buffers grow on first use and are reused: a
-// steady-state step makes no cudaMalloc. The Batch is uploaded once (make_batch) and stays on
-// the device.
+// without events. Activation, Workspace and Batch buffers grow on first use and are reused
+// (DeviceBuffer::reserve: grow-only, with headroom), so a steady-state step makes no cudaMalloc
+// and no cudaFree (which would wait for the whole device): upload_batch refills a Batch in place,
+// and the whole-model conveniences (logits, loss, label_log_probs) keep their activations and
+// outputs in the Workspace.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -96,7 +98,8 @@ class OPTCudaModel {
 
   using Options = OPTCudaOptions;
 
-  /// A batch on the device: uploaded once by make_batch, read by every pass.
+  /// A batch on the device: uploaded by make_batch (or refilled by upload_batch), read by every
+  /// pass. Its buffers are capacities: the first batch_ * seq_ (or num_loss_rows) entries count.
   struct Batch {
     std::size_t batch = 0, seq = 0;
     cuda::DeviceBuffer<std::int32_t> input_ids, positions;
@@ -121,8 +124,10 @@ class OPTCudaModel {
     cuda::DeviceBuffer<T> normed, qkv, context, residual, ffn, projected, gathered;
     cuda::AttentionScratch<T> attention;
     cuda::CrossEntropyScratch loss;
-    cuda::DeviceBuffer<float> logits;
+    cuda::DeviceBuffer<float> logits, log_probs;
     cuda::PinnedBuffer<double> loss_host;
+    /// The residual stream of the whole-model conveniences (logits, loss, label_log_probs).
+    Activation whole[2];
   };
 
   explicit OPTCudaModel(OPTConfig config, cudaStream_t stream = nullptr, Options options = {})
@@ -168,8 +173,17 @@ class OPTCudaModel {
   template <class HostBatch>
   Batch make_batch(const HostBatch& host) const {
     Batch b;
-    b.batch = host.batch;
-    b.seq = host.seq;
+    upload_batch(host, b);
+    return b;
+  }
+
+  /// make_batch into an existing Batch, reusing its device buffers (they grow when the batch is
+  /// larger than any before; no allocation otherwise). Enqueued on the model's stream after
+  /// whatever reads `b` there, and waits for that stream (not the device) before returning. On a
+  /// validation error `b` is left as it was.
+  template <class HostBatch>
+  void upload_batch(const HostBatch& host, Batch& b) const {
+    bool all_visible = true;
     const std::size_t tokens = host.batch * host.seq;
     if (tokens == 0) throw ShapeError("OPT batch: batch and seq must be > 0");
     if (host.input_ids.size() != tokens)
@@ -196,7 +210,7 @@ class OPTCudaModel {
           throw ShapeError("OPT batch: attention_mask[" + std::to_string(t / host.seq) + "][" +
                            std::to_string(t % host.seq) + "] must be 0 or 1");
         mask[t] = static_cast<std::uint8_t>(m);
-        if (m == 0) b.all_visible = false;
+        if (m == 0) all_visible = false;
       }
     }
     for (std::size_t s = 0; s < host.batch; ++s) {
@@ -207,7 +221,6 @@ class OPTCudaModel {
     }
     std::vector<std::int32_t> rows, targets;
     if (!host.labels.empty()) {
-      b.has_labels = true;
       for (std::size_t s = 0; s < host.batch; ++s)
         for (std::size_t p = 0; p + 1 < host.seq; ++p) {
           const auto label = static_cast<std::int64_t>(host.labels[s * host.seq + p + 1]);
@@ -219,22 +232,25 @@ class OPTCudaModel {
           targets.push_back(static_cast<std::int32_t>(label));
         }
     }
-    b.input_ids = cuda::DeviceBuffer<std::int32_t>(tokens);
-    b.positions = cuda::DeviceBuffer<std::int32_t>(tokens);
-    b.key_mask = cuda::DeviceBuffer<std::uint8_t>(tokens);
+    b.batch = host.batch;
+    b.seq = host.seq;
+    b.all_visible = all_visible;
+    b.has_labels = !host.labels.empty();
+    b.input_ids.reserve(tokens);
+    b.positions.reserve(tokens);
+    b.key_mask.reserve(tokens);
     cuda::copy_to_device(b.input_ids.data(), ids.data(), tokens, stream_);
     cuda::copy_to_device(b.key_mask.data(), mask.data(), tokens, stream_);
     b.num_loss_rows = rows.size();
     if (!rows.empty()) {
-      b.loss_rows = cuda::DeviceBuffer<std::int32_t>(rows.size());
-      b.loss_targets = cuda::DeviceBuffer<std::int32_t>(rows.size());
+      b.loss_rows.reserve(rows.size());
+      b.loss_targets.reserve(rows.size());
       cuda::copy_to_device(b.loss_rows.data(), rows.data(), rows.size(), stream_);
       cuda::copy_to_device(b.loss_targets.data(), targets.data(), targets.size(), stream_);
     }
     cuda::positions_from_mask(b.key_mask.data(), b.positions.data(), static_cast<std::int64_t>(b.batch),
                               static_cast<std::int64_t>(b.seq), static_cast<int>(OPTConfig::position_offset), stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return b;
   }
 
   // ---- the LayerStack interface -------------------------------------------------------------
@@ -354,15 +370,22 @@ class OPTCudaModel {
 
   /// Logits [batch * seq, vocab] (row b * seq + s), fp32, copied to the host.
   std::vector<float> logits(const Params& params, const Batch& batch, Workspace& ws) const {
-    Activation h;
-    forward_to_output(params, batch, h, ws);
-    const T* features = output_features(params.epilogue, h, ws);
-    const auto tokens = static_cast<std::int64_t>(batch.batch * batch.seq);
+    return output_logits(params.epilogue, params.prologue, forward_to_output(params, batch, ws), ws);
+  }
+
+  /// Logits [batch * seq, vocab] of the last block's output `in` (a forward run group by group,
+  /// e.g. with the blocks streamed through a policy's current()), fp32, copied to the host.
+  /// `prologue_params` supplies the tied LM head (the token embedding).
+  std::vector<float> output_logits(ParamView<const T> params, ParamView<const T> prologue_params, const Activation& in,
+                                   Workspace& ws) const {
+    check_layout(prologue_params, prologue_layout_, "prologue");
+    const T* features = output_features(params, in, ws);
+    const auto tokens = static_cast<std::int64_t>(in.batch * in.seq);
     ws.logits.reserve(static_cast<std::size_t>(tokens * config_.vocab_size));
     cuda::GemmArgs<T, float> g;
     g.m = tokens, g.n = config_.vocab_size, g.k = config_.word_embed_proj_dim;
     g.x = features, g.ldx = g.k;
-    g.w = params.prologue.tensor(pro_.embed_tokens), g.ldw = g.k;
+    g.w = prologue_params.tensor(pro_.embed_tokens), g.ldw = g.k;
     g.y = ws.logits.data(), g.ldy = g.n;
     gemm_->run(g, stream_);
     std::vector<float> result(static_cast<std::size_t>(tokens * config_.vocab_size));
@@ -373,29 +396,25 @@ class OPTCudaModel {
 
   /// The causal-LM loss at the given parameters.
   double loss(const Params& params, const Batch& batch, Workspace& ws) const {
-    Activation h;
-    forward_to_output(params, batch, h, ws);
-    return epilogue(params.epilogue, params.prologue, h, batch, ws);
+    return epilogue(params.epilogue, params.prologue, forward_to_output(params, batch, ws), batch, ws);
   }
 
   /// log p(label | prefix) of every loss row (b * seq + s predicting labels[b, s + 1]), in the
   /// order of the batch's loss rows: candidate scoring sums these over a candidate's tokens.
   std::vector<float> label_log_probs(const Params& params, const Batch& batch, Workspace& ws) const {
     if (batch.num_loss_rows == 0) return {};
-    Activation h;
-    forward_to_output(params, batch, h, ws);
-    const T* features = output_features(params.epilogue, h, ws);
+    const T* features = output_features(params.epilogue, forward_to_output(params, batch, ws), ws);
     const std::int64_t proj = config_.word_embed_proj_dim;
     const auto rows = static_cast<std::int64_t>(batch.num_loss_rows);
     ws.gathered.reserve(static_cast<std::size_t>(rows * proj));
     cuda::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, proj, stream_);
     ws.loss.loss.reserve(1);
-    cuda::DeviceBuffer<float> log_probs(static_cast<std::size_t>(rows));
+    ws.log_probs.reserve(static_cast<std::size_t>(rows));
     cuda::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), params.prologue.tensor(pro_.embed_tokens),
                                 batch.loss_targets.data(), rows, proj, config_.vocab_size, options_.vocab_chunk, ws.loss,
-                                ws.loss.loss.data(), log_probs.data(), stream_);
+                                ws.loss.loss.data(), ws.log_probs.data(), stream_);
     std::vector<float> result(static_cast<std::size_t>(rows));
-    cuda::copy_to_host(result.data(), log_probs.data(), result.size(), stream_);
+    cuda::copy_to_host(result.data(), ws.log_probs.data(), result.size(), stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return result;
   }
@@ -430,16 +449,18 @@ class OPTCudaModel {
     ZO2_CUDA_CHECK_LAUNCH("zo2::opt::cuda_detail::activation_kernel");
   }
 
-  void forward_to_output(const Params& params, const Batch& batch, Activation& h, Workspace& ws) const {
+  /// Prologue and every block into ws.whole; returns the one holding the last block's output.
+  const Activation& forward_to_output(const Params& params, const Batch& batch, Workspace& ws) const {
     if (params.blocks.size() != num_blocks())
       throw ShapeError("OPTCudaModel: " + std::to_string(params.blocks.size()) +
                        " blocks of parameters given, the model has " + std::to_string(num_blocks()));
-    Activation next;
-    prologue(params.prologue, batch, h, ws);
+    std::size_t cur = 0;
+    prologue(params.prologue, batch, ws.whole[cur], ws);
     for (std::size_t i = 0; i < num_blocks(); ++i) {
-      forward_block(i, params.blocks[i], h, next, ws);
-      std::swap(h, next);
+      forward_block(i, params.blocks[i], ws.whole[cur], ws.whole[1 - cur], ws);
+      cur = 1 - cur;
     }
+    return ws.whole[cur];
   }
 
   /// Final LayerNorm (if any), then project_out (if any): [tokens, word_embed_proj_dim].
