@@ -56,6 +56,11 @@ case "$case_name" in
       run_ok "help_$c" "$bin" "$c" --help
       grep -q "^Usage: zo2-opt $c" "help_$c.out" || fail "$c --help has no usage line"
     done
+    for c in train eval generate; do
+      for f in --offload --codec --gpu-memory-budget; do
+        grep -q -- "^  $f" "help_$c.out" || fail "$c --help does not document $f"
+      done
+    done
     ;;
 
   checkpoint_resume)
@@ -221,6 +226,32 @@ case "$case_name" in
       fail "CPU start loss $(json_field cpu.out start_loss) != GPU $(json_field full_resident.out start_loss)"
     expect_error "gpu_memory_budget" "$bin" train "${common[@]}" --offload --gpu-memory-budget 0.0000001 --steps 1
     echo "offload fp32 == resident; CPU and GPU start losses agree"
+
+    # eval and generate offloaded: the blocks stream through the slots, unperturbed, and give
+    # the resident numbers (fp32 codec: the same weights; bf16: the weights rounded to bf16).
+    ev=(eval --model full_resident --text "$corpus" --seq-len 32 --batch 4 --limit 24 --device cuda)
+    run_ok eval_resident "$bin" "${ev[@]}"
+    run_ok eval_fp32 "$bin" "${ev[@]}" --offload --codec fp32
+    run_ok eval_fp32_budget "$bin" "${ev[@]}" --offload --codec fp32 --gpu-memory-budget 0.001
+    run_ok eval_bf16 "$bin" "${ev[@]}" --offload --codec bf16
+    # close A B REL: |A - B| <= REL * |A|
+    close() { awk -v a="$1" -v b="$2" -v r="$3" 'BEGIN { d = a - b; if (d < 0) d = -d; m = a < 0 ? -a : a; exit !(a != "" && d <= r * m) }'; }
+    resident_loss=$(json_field eval_resident.out loss)
+    for m in fp32:1e-6 fp32_budget:1e-6 bf16:2e-2; do
+      name=${m%%:*}
+      close "$resident_loss" "$(json_field "eval_$name.out" loss)" "${m#*:}" ||
+        fail "offloaded eval ($name) loss $(json_field "eval_$name.out" loss) != resident $resident_loss"
+    done
+    expect_error "eval: --codec and --gpu-memory-budget apply only with --offload" "$bin" "${ev[@]}" --codec bf16
+    gen=(generate --model full_resident --input-ids 2,40,41,42 --max-new-tokens 12 --ignore-eos --json --device cuda)
+    run_ok gen_resident "$bin" "${gen[@]}" --dump-logits resident.npy
+    run_ok gen_fp32 "$bin" "${gen[@]}" --offload --codec fp32 --dump-logits fp32.npy
+    run_ok gen_bf16 "$bin" "${gen[@]}" --offload --codec bf16 --gpu-memory-budget 0.001
+    cmp resident.npy fp32.npy || fail "generate --offload --codec fp32: the prompt's logits differ from the resident run's"
+    [ "$(grep -o '"ids":\[[^]]*\]' gen_resident.out)" = "$(grep -o '"ids":\[[^]]*\]' gen_fp32.out)" ] ||
+      fail "generate --offload --codec fp32 sampled other tokens: $(cat gen_fp32.out) vs $(cat gen_resident.out)"
+    grep -q '"completion"' gen_bf16.out || fail "generate --offload --codec bf16 printed no completion"
+    echo "offloaded eval == resident eval (loss $resident_loss; bf16 $(json_field eval_bf16.out loss)); offloaded generate == resident"
     ;;
 
   *) fail "unknown case" ;;

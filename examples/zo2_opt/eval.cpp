@@ -11,6 +11,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "model_setup.hpp"
+#include "offload_flags.hpp"
 #include "options.hpp"
 
 namespace zo2_opt {
@@ -70,6 +71,7 @@ CommandSpec eval_spec() {
       {"--per-example", "", "print one JSON line per example with its mean token loss", ""},
       {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
   };
+  for (OptionSpec& o : offload_option_specs()) s.options.push_back(std::move(o));
   s.epilog = "Prints one JSON object: {\"loss\", \"perplexity\", \"tokens\", \"examples\"[, \"accuracy\"]}.\n";
   return s;
 }
@@ -96,6 +98,7 @@ int run_eval(const std::vector<std::string>& argv) {
                            : load_dataset(*args.get("--data"), false, tokenizer ? &*tokenizer : nullptr, data_options);
   EngineOptions engine_options;
   engine_options.device = device;
+  apply_offload_flags(args, engine_options);
   auto engine = make_engine(model.config, std::move(model.store), engine_options);
   const std::int32_t pad = static_cast<std::int32_t>(std::max<std::int64_t>(0, model.config.pad_token_id));
   const bool per_example = args.flag("--per-example");

@@ -17,6 +17,7 @@
 #include "commands.hpp"
 #include "engine.hpp"
 #include "model_setup.hpp"
+#include "offload_flags.hpp"
 #include "options.hpp"
 
 namespace zo2_opt {
@@ -42,6 +43,7 @@ CommandSpec generate_spec() {
       {"--json", "", "print {\"prompt\", \"completion\", \"ids\"} instead of the text", ""},
       {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
   };
+  for (OptionSpec& o : offload_option_specs()) s.options.push_back(std::move(o));
   s.epilog = "Example:\n  zo2-opt generate --model out/ --prompt \"The old man\" --temperature 0.8 --top-p 0.9\n";
   return s;
 }
@@ -145,6 +147,7 @@ int run_generate(const std::vector<std::string>& argv) {
   const zo2::opt::OPTConfig config = model.config;
   EngineOptions engine_options;
   engine_options.device = device;
+  apply_offload_flags(args, engine_options);
   auto engine = make_engine(config, std::move(model.store), engine_options);
   const std::size_t vocab = static_cast<std::size_t>(config.vocab_size);
   if (args.has("--dump-logits")) write_npy(*args.get("--dump-logits"), engine->logits(ids), ids.size(), vocab);
