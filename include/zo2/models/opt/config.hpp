@@ -50,18 +50,30 @@ struct OPTConfig {
 
   static std::vector<std::string> supported_activations() { return {"relu", "gelu", "gelu_new"}; }
 
+  /// Upper bounds validate() enforces: several times the largest published OPT (opt-175b:
+  /// hidden 12288, ffn 49152, 96 layers, 96 heads, vocab 50272, 2048 positions), and small
+  /// enough that no tensor's element count, no layout offset and parameter_count() can overflow.
+  static constexpr std::int64_t kMaxHiddenSize = std::int64_t{1} << 16;
+  static constexpr std::int64_t kMaxFfnDim = std::int64_t{1} << 18;
+  static constexpr std::int64_t kMaxLayers = std::int64_t{1} << 12;
+  static constexpr std::int64_t kMaxHeads = std::int64_t{1} << 12;
+  static constexpr std::int64_t kMaxVocabSize = std::int64_t{1} << 24;
+  static constexpr std::int64_t kMaxPositions = std::int64_t{1} << 20;
+
   /// Throws ConfigError naming the first field that is out of range or inconsistent.
   void validate() const {
-    auto positive = [](const char* field, std::int64_t v) {
+    auto in_range = [](const char* field, std::int64_t v, std::int64_t max) {
       if (v <= 0) throw ConfigError(field, "must be > 0, got " + std::to_string(v));
+      if (v > max)
+        throw ConfigError(field, "must be at most " + std::to_string(max) + ", got " + std::to_string(v));
     };
-    positive("hidden_size", hidden_size);
-    positive("ffn_dim", ffn_dim);
-    positive("num_hidden_layers", num_hidden_layers);
-    positive("num_attention_heads", num_attention_heads);
-    positive("vocab_size", vocab_size);
-    positive("max_position_embeddings", max_position_embeddings);
-    positive("word_embed_proj_dim", word_embed_proj_dim);
+    in_range("hidden_size", hidden_size, kMaxHiddenSize);
+    in_range("ffn_dim", ffn_dim, kMaxFfnDim);
+    in_range("num_hidden_layers", num_hidden_layers, kMaxLayers);
+    in_range("num_attention_heads", num_attention_heads, kMaxHeads);
+    in_range("vocab_size", vocab_size, kMaxVocabSize);
+    in_range("max_position_embeddings", max_position_embeddings, kMaxPositions);
+    in_range("word_embed_proj_dim", word_embed_proj_dim, kMaxHiddenSize);
     if (hidden_size % num_attention_heads != 0)
       throw ConfigError("num_attention_heads", "hidden_size " + std::to_string(hidden_size) +
                                                    " is not divisible by num_attention_heads " +

@@ -19,7 +19,10 @@ namespace zo2::opt {
 
 /// Token embedding [vocab, word_embed_proj_dim] (also the tied LM head), learned positions
 /// [max_position_embeddings + 2, hidden], and project_in [hidden, proj] when the widths differ.
+/// Each layout function validates the config first (ConfigError naming the field), so no shape
+/// is computed from out-of-range sizes.
 inline ParamLayout prologue_layout(const OPTConfig& c) {
+  c.validate();
   ParamLayout l;
   l.add("embed_tokens.weight", {c.vocab_size, c.word_embed_proj_dim});
   l.add("embed_positions.weight", {c.max_position_embeddings + OPTConfig::position_offset, c.hidden_size});
@@ -30,6 +33,7 @@ inline ParamLayout prologue_layout(const OPTConfig& c) {
 /// One decoder layer. Biases and LayerNorm parameters are excluded from weight decay (MeZO,
 /// like HF's Trainer, decays only the weight matrices).
 inline ParamLayout block_layout(const OPTConfig& c) {
+  c.validate();
   ParamLayout l;
   const std::int64_t h = c.hidden_size, f = c.ffn_dim;
   auto linear = [&](const std::string& name, std::int64_t out, std::int64_t in) {
@@ -56,6 +60,7 @@ inline ParamLayout block_layout(const OPTConfig& c) {
 /// is not here: it is the prologue's embed_tokens (tied), so it gets the same perturbation.
 /// May be empty (a post-LN model without projection).
 inline ParamLayout epilogue_layout(const OPTConfig& c) {
+  c.validate();
   ParamLayout l;
   if (c.has_final_layer_norm() && c.layer_norm_elementwise_affine) {
     l.add("final_layer_norm.weight", {c.hidden_size}, false);

@@ -74,14 +74,22 @@ class TensorReader {
 
   /// Reads the tensor known canonically as `canonical` into dst (converted to S), after
   /// checking its shape; throws FileError naming the file and the tensor.
-  template <class S>
-  void read(const std::string& canonical, const TensorSpec& spec, S* dst) {
+  /// Checks that the tensor known canonically as `canonical` is present with spec's shape and
+  /// marks it used; throws FileError naming the file and the tensor. Reads no data.
+  std::string check(const std::string& canonical, const TensorSpec& spec) {
     const std::string name = resolve(canonical);
     const io::TensorEntry& entry = checkpoint_->entry(name);
     if (entry.shape != spec.shape)
       throw FileError(file_holding(*checkpoint_, name),
                       "tensor '" + name + "' has shape " + shape_text(entry.shape) + ", config.json implies " +
                           shape_text(spec.shape));
+    used_.insert(name);
+    return name;
+  }
+
+  template <class S>
+  void read(const std::string& canonical, const TensorSpec& spec, S* dst) {
+    const std::string name = check(canonical, spec);
     const std::size_t n = spec.numel();
     if constexpr (std::is_same_v<S, float>) {
       checkpoint_->read_as_float(name, dst, n);
@@ -90,7 +98,6 @@ class TensorReader {
       checkpoint_->read_as_float(name, buffer_.data(), n);
       for (std::size_t i = 0; i < n; ++i) dst[i] = store_rounded<S>(static_cast<compute_t<S>>(buffer_[i]), 0, false);
     }
-    used_.insert(name);
   }
 
   std::string resolve(const std::string& canonical) const {
@@ -112,25 +119,44 @@ class TensorReader {
 /// Reads the weights of an OPT checkpoint directory (or a .safetensors / index .json path)
 /// laid out for `config` into a new store. A tensor that is missing, has the wrong shape, or is
 /// left over (e.g. layer 12 of a 12-layer config: the config does not match the weights) is a
-/// FileError naming the file and tensor. lm_head.weight may be absent (tied) or equal to the
-/// token embedding; a different LM head cannot be represented and is an error.
+/// FileError naming the file and tensor; every tensor is checked before the store is
+/// allocated, so a config.json that disagrees with the weights never costs the memory its sizes
+/// imply. lm_head.weight may be absent (tied) or equal to the token embedding; a different LM
+/// head cannot be represented and is an error.
 template <class S>
 ParameterStore<S> load_opt_weights(const std::filesystem::path& checkpoint_path, const OPTConfig& config) {
   const io::SafetensorsCheckpoint checkpoint = io::SafetensorsCheckpoint::open(checkpoint_path);
-  ParameterStore<S> store(model_layout(config));
-  const ModelLayout& ml = store.model_layout();
+  ModelLayout layout = model_layout(config);
   detail::TensorReader reader(checkpoint);
 
-  auto read_group = [&](GroupIndex g, auto canonical_name) {
-    ParamView<S> view = store.group(g);
-    const ParamLayout& layout = view.layout();
-    for (std::size_t r = 0; r < layout.num_tensors(); ++r)
-      reader.read(canonical_name(layout.spec(r).name), layout.spec(r), view.tensor(r));
+  // fn(spec, group, tensor index, canonical checkpoint name) for every tensor of `ml`.
+  auto for_each_tensor = [](const ModelLayout& ml, auto fn) {
+    auto group = [&](GroupIndex g, auto canonical_name) {
+      const ParamLayout& l = ml.layout(g);
+      for (std::size_t r = 0; r < l.num_tensors(); ++r) fn(l.spec(r), g, r, canonical_name(l.spec(r).name));
+    };
+    group(ml.prologue(), [](const std::string& n) { return hf_prologue_name(n); });
+    for (std::size_t i = 0; i < ml.num_blocks(); ++i)
+      group(ml.block(i), [i](const std::string& n) { return hf_block_name(i, n); });
+    group(ml.epilogue(), [](const std::string& n) { return hf_epilogue_name(n); });
   };
-  read_group(ml.prologue(), [](const std::string& n) { return hf_prologue_name(n); });
-  for (std::size_t i = 0; i < ml.num_blocks(); ++i)
-    read_group(ml.block(i), [i](const std::string& n) { return hf_block_name(i, n); });
-  read_group(ml.epilogue(), [](const std::string& n) { return hf_epilogue_name(n); });
+  for_each_tensor(layout, [&](const TensorSpec& spec, GroupIndex, std::size_t, const std::string& canonical) {
+    reader.check(canonical, spec);
+  });
+  for (const std::string& name : checkpoint.names()) {
+    const bool decoder_tensor = name.find("decoder.") != std::string::npos || name.find("layers.") == 0 ||
+                                name.find("embed_") == 0 || name.find("project_") == 0 ||
+                                name.find("final_layer_norm") == 0;
+    if (decoder_tensor && reader.used().count(name) == 0)
+      throw FileError(detail::file_holding(checkpoint, name),
+                      "unexpected tensor '" + name + "': config.json does not describe it (wrong config?)");
+  }
+
+  ParameterStore<S> store(std::move(layout));
+  for_each_tensor(store.model_layout(), [&](const TensorSpec& spec, GroupIndex g, std::size_t r,
+                                            const std::string& canonical) {
+    reader.read(canonical, spec, store.group(g).tensor(r));
+  });
 
   for (const std::string head : {"lm_head.weight", "model.lm_head.weight"}) {
     if (!checkpoint.contains(head)) continue;
@@ -141,15 +167,6 @@ ParameterStore<S> load_opt_weights(const std::filesystem::path& checkpoint_path,
       throw FileError(detail::file_holding(checkpoint, head),
                       "tensor '" + head + "' differs from '" + embed +
                           "'; only LM heads tied to the token embedding are supported");
-  }
-
-  for (const std::string& name : checkpoint.names()) {
-    const bool decoder_tensor = name.find("decoder.") != std::string::npos || name.find("layers.") == 0 ||
-                                name.find("embed_") == 0 || name.find("project_") == 0 ||
-                                name.find("final_layer_norm") == 0;
-    if (decoder_tensor && reader.used().count(name) == 0)
-      throw FileError(detail::file_holding(checkpoint, name),
-                      "unexpected tensor '" + name + "': config.json does not describe it (wrong config?)");
   }
   return store;
 }
