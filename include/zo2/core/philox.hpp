@@ -6,9 +6,13 @@
 // and a run resumes bit-exactly from (theta, t, seed) with no RNG state to save.
 //
 // Counter layout (documented because checkpoints depend on it):
-//   c0 = low 32 bits of (j / 4), c1 = high 32 bits of (j / 4), c2 = stream word, c3 = step t.
+//   c0 = low 32 bits of (j / 4), c1 = bits 32..47 of (j / 4) | query << 16, c2 = stream word,
+//   c3 = step t.
 //   The stream word is the tensor id for the perturbation z, and tensor id | kRoundingStream
-//   for the random bits of stochastic rounding, so the two never share words.
+//   for the random bits of stochastic rounding, so the two never share words. The query index
+//   (q-query estimates draw q independent z per step) sits in the top half of c1, which no
+//   tensor of fewer than 2^50 elements reaches: query 0 draws exactly the words of a build
+//   without queries. Rounding bits always come from query 0.
 //   key = {low 32 bits of seed, high 32 bits of seed}.
 //
 // Stochastic rounding takes 16 random bits per element (all that rounding float to bf16 can use:
@@ -77,11 +81,15 @@ inline constexpr std::uint32_t kRoundingStream = 0x80000000u;
 ///      Box-Muller on MUFU.LG2 alone (backend/cuda/perturb.cuh). z on the host is unchanged.
 inline constexpr int kNoiseScheme = 2;
 
-/// The four 32-bit words that cover elements [4q, 4q + 4) of one stream at one step.
+/// Queries a step may draw (the query index has 16 bits of the counter).
+inline constexpr std::uint32_t kMaxNoiseQueries = 1u << 16;
+
+/// The four 32-bit words that cover elements [4q, 4q + 4) of one stream at one step and query.
 ZO2_HD ZO2_FORCEINLINE Philox4x32 philox_words(std::uint64_t seed, std::uint32_t step,
-                                               std::uint32_t stream, std::uint64_t quad) {
-  const Philox4x32 ctr{{static_cast<std::uint32_t>(quad), static_cast<std::uint32_t>(quad >> 32),
-                        stream, step}};
+                                               std::uint32_t stream, std::uint64_t quad,
+                                               std::uint32_t query = 0) {
+  const Philox4x32 ctr{{static_cast<std::uint32_t>(quad),
+                        static_cast<std::uint32_t>(quad >> 32) | (query << 16), stream, step}};
   return philox4x32_10(ctr, static_cast<std::uint32_t>(seed),
                        static_cast<std::uint32_t>(seed >> 32));
 }
@@ -131,8 +139,9 @@ struct Normal4 {
   float z[4];
 };
 ZO2_HD ZO2_FORCEINLINE Normal4 normal4(std::uint64_t seed, std::uint32_t step,
-                                       std::uint32_t tensor, std::uint64_t quad) {
-  const Philox4x32 w = philox_words(seed, step, tensor, quad);
+                                       std::uint32_t tensor, std::uint64_t quad,
+                                       std::uint32_t query = 0) {
+  const Philox4x32 w = philox_words(seed, step, tensor, quad, query);
   Normal4 n;
   box_muller(w.v[0], w.v[1], n.z[0], n.z[1]);
   box_muller(w.v[2], w.v[3], n.z[2], n.z[3]);
@@ -141,8 +150,8 @@ ZO2_HD ZO2_FORCEINLINE Normal4 normal4(std::uint64_t seed, std::uint32_t step,
 
 /// z for a single element: a convenience for tests and scalar code (wasteful: 3 of 4 unused).
 ZO2_HD inline float normal_at(std::uint64_t seed, std::uint32_t step, std::uint32_t tensor,
-                              std::uint64_t element) {
-  return normal4(seed, step, tensor, element / 4).z[element % 4];
+                              std::uint64_t element, std::uint32_t query = 0) {
+  return normal4(seed, step, tensor, element / 4, query).z[element % 4];
 }
 
 }  // namespace zo2

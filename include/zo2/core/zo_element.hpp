@@ -23,6 +23,7 @@ struct NoiseId {
   std::uint64_t seed;
   std::uint32_t step;
   std::uint32_t tensor;
+  std::uint32_t query = 0;  // which of the step's independent z (q-query estimates)
 };
 
 /// The scalars of one MeZO update theta <- theta - lr * (g * z + wd * theta).

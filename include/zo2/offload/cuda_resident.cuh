@@ -65,6 +65,13 @@ class CudaResident {
     return {ParamView<const T>(s.plus.data(), &layout), ParamView<const T>(s.minus.data(), &layout)};
   }
 
+  /// Rewrites group g's perturbed copy (the buffer of prepare()'s plus view) as theta + eps z or
+  /// theta - eps z of noise.step and noise.query (ZOOptimizer's further probes).
+  void materialize(GroupIndex g, const StepNoise& noise, Side side) {
+    perturb_into(scratch_for(g).plus.data(), master_ptr(g), table_for(g), layout_->first_tensor_id(g), noise.seed,
+                 noise.step, side == Side::kPlus ? noise.eps : -noise.eps, stream_, noise.query);
+  }
+
   /// theta of group g in the model's precision (no perturbation), for evaluation.
   ParamView<const T> current(GroupIndex g) {
     const ParamLayout& layout = layout_->layout(g);

@@ -170,7 +170,7 @@ class HostOffload {
     unsigned char* master = begin_visit(g, 'p', write_back);
     launch(master, g, s.plus, options_.one_perturbed_copy ? nullptr : s.minus, noise.seed, noise.step, noise.eps,
            noise.pending, Mode::kPerturb);
-    end_visit(g, write_back, options_.one_perturbed_copy);
+    end_visit(g, write_back, options_.one_perturbed_copy || noise.materialize_follows);
     return {ParamView<const T>(s.plus, &layout), ParamView<const T>(s.minus, &layout)};
   }
 
@@ -181,6 +181,8 @@ class HostOffload {
   /// noise.step, from the master as prepare() left it (updated). For a streamed block, only
   /// between its prepare() and the next policy call: its slot is held until kMinus is written.
   void materialize(GroupIndex g, const StepNoise& noise, Side side) {
+    if (noise.query != 0)
+      throw ConfigError("queries", "HostOffload perturbs with query 0 only (queries = 1)");
     const double c = side == Side::kPlus ? noise.eps : -noise.eps;
     T* dst = scratch_for(g).plus;
     if (is_streamed(g)) {
@@ -189,7 +191,7 @@ class HostOffload {
         throw Error("HostOffload::materialize: block group " + std::to_string(g.value) +
                     " is not the one being visited (call it right after its prepare())");
       launch(s->data, g, dst, nullptr, noise.seed, noise.step, c, nullptr, Mode::kPerturbOnly);
-      if (side == Side::kMinus) release_held_slot();
+      if (side == Side::kMinus && noise.final_probe) release_held_slot();
     } else {
       launch(device_master(g), g, dst, nullptr, noise.seed, noise.step, c, nullptr, Mode::kPerturbOnly);
     }

@@ -13,11 +13,15 @@
 #pragma once
 
 #include <algorithm>
+#include <span>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <zo2/backend/cpu/perturber.hpp>
+#include <zo2/core/error.hpp>
+#include <zo2/core/update_rules.hpp>
 #include <zo2/optim/parameter_store.hpp>
 #include <zo2/optim/step_types.hpp>
 
@@ -34,6 +38,7 @@ class Resident {
  public:
   using storage_type = S;
   using value_type = T;
+  using state_type = compute_t<S>;  // the rule state's element type
 
   explicit Resident(ParameterStore<S>& store, ResidentOptions options = {}) : store_(&store), options_(options) {
     const ModelLayout& ml = store.model_layout();
@@ -55,22 +60,14 @@ class Resident {
     ParamView<S> theta = store_->group(g);
     const ParamLayout& layout = theta.layout();
     Scratch& scratch = scratch_for(g);
-    const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
     T* minus = options_.one_perturbed_copy ? nullptr : scratch.minus.data();  // null: one copy
-    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+    for_each_tensor(g, noise.seed, noise.pending, [&]<class Rule>(std::size_t r, NoiseId id, state_type* state, std::size_t stride) {
       const std::size_t off = layout.offset(r);
-      const std::uint32_t id = first_id + static_cast<std::uint32_t>(r);
-      UpdateCoeffs coeffs{};
-      NoiseId previous{noise.seed, 0, id};
-      if (noise.pending) {
-        coeffs = coeffs_for(*noise.pending, layout.spec(r));
-        previous.step = noise.pending->step;
-      }
-      cpu::Perturber<S>::update_and_perturb_into(theta.tensor(r), scratch.plus.data() + off,
-                                                 minus ? minus + off : nullptr,
-                                                 layout.spec(r).numel(), noise.pending ? &coeffs : nullptr,
-                                                 previous, NoiseId{noise.seed, noise.step, id}, noise.eps);
-    }
+      cpu::Perturber<S>::template update_and_perturb_into<Rule, T>(
+          theta.tensor(r), scratch.plus.data() + off, minus ? minus + off : nullptr, layout.spec(r).numel(),
+          noise.pending, layout.spec(r).weight_decay, state, stride, id,
+          NoiseId{noise.seed, noise.step, id.tensor, noise.query}, noise.eps);
+    });
     return {ParamView<const T>(scratch.plus.data(), &layout),
             ParamView<const T>(minus ? minus : scratch.plus.data(), &layout)};
   }
@@ -78,7 +75,8 @@ class Resident {
   /// Whether prepare() leaves one copy for both views (ResidentOptions::one_perturbed_copy).
   bool shares_perturbed_copy() const { return options_.one_perturbed_copy; }
 
-  /// Rewrites group g's (single) perturbed copy as theta + eps z or theta - eps z of noise.step.
+  /// Rewrites group g's perturbed copy (the buffer of prepare()'s plus view) as theta + eps z or
+  /// theta - eps z of noise.step and noise.query.
   void materialize(GroupIndex g, const StepNoise& noise, Side side) {
     ParamView<const S> theta = std::as_const(*store_).group(g);
     const ParamLayout& layout = theta.layout();
@@ -87,7 +85,8 @@ class Resident {
     for (std::size_t r = 0; r < layout.num_tensors(); ++r)
       cpu::Perturber<S>::add_scaled_noise_into(scratch_for(g).plus.data() + layout.offset(r), theta.tensor(r),
                                                layout.spec(r).numel(),
-                                               NoiseId{noise.seed, noise.step, first_id + static_cast<std::uint32_t>(r)},
+                                               NoiseId{noise.seed, noise.step, first_id + static_cast<std::uint32_t>(r),
+                                                       noise.query},
                                                c);
   }
 
@@ -112,17 +111,48 @@ class Resident {
   void apply_update(GroupIndex g, std::uint64_t seed, const PendingUpdate& pending) {
     ParamView<S> theta = store_->group(g);
     const ParamLayout& layout = theta.layout();
-    const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
-    for (std::size_t r = 0; r < layout.num_tensors(); ++r)
-      cpu::Perturber<S>::update(theta.tensor(r), layout.spec(r).numel(),
-                                NoiseId{seed, pending.step, first_id + static_cast<std::uint32_t>(r)},
-                                coeffs_for(pending, layout.spec(r)));
+    for_each_tensor(g, seed, &pending, [&]<class Rule>(std::size_t r, NoiseId id, state_type* state, std::size_t stride) {
+      cpu::Perturber<S>::template apply<Rule>(theta.tensor(r), state, stride, layout.spec(r).numel(), pending,
+                                              layout.spec(r).weight_decay, id);
+    });
   }
 
   const ModelLayout& model_layout() const { return store_->model_layout(); }
 
-  static UpdateCoeffs coeffs_for(const PendingUpdate& p, const TensorSpec& spec) {
-    return UpdateCoeffs{p.lr, p.g, spec.weight_decay ? p.weight_decay : 0.0};
+  // ---- optimizer state (momentum, Adam's moments) ----------------------------------------------
+
+  /// Per-element state values for a stateful rule: `slots` arrays the size of each group's flat
+  /// buffer, zeroed. Called by ZOOptimizer for rules with state; a second call with another count
+  /// starts over from zero.
+  void reserve_rule_state(unsigned slots) {
+    const ModelLayout& ml = store_->model_layout();
+    state_slots_ = slots;
+    state_offset_.assign(ml.num_groups() + 1, 0);
+    for (std::size_t g = 0; g < ml.num_groups(); ++g)
+      state_offset_[g + 1] = state_offset_[g] + slots * ml.layout(GroupIndex{g}).total_elements();
+    state_.assign(state_offset_.back(), state_type{});
+  }
+  unsigned rule_state_slots() const { return state_slots_; }
+  /// Group g's state: rule_state_slots() arrays of the group's flat size, one after another.
+  std::span<const state_type> rule_state(GroupIndex g) const {
+    if (state_slots_ == 0) return {};
+    return std::span<const state_type>(state_).subspan(state_offset_.at(g.value), state_offset_.at(g.value + 1) - state_offset_[g.value]);
+  }
+  std::span<state_type> rule_state(GroupIndex g) {
+    if (state_slots_ == 0) return {};
+    return std::span<state_type>(state_).subspan(state_offset_.at(g.value), state_offset_.at(g.value + 1) - state_offset_[g.value]);
+  }
+
+  /// Group g's state as floats (checkpoints), and back.
+  void get_rule_state(GroupIndex g, std::span<float> out) const {
+    const auto s = rule_state(g);
+    if (out.size() != s.size()) throw ShapeError("get_rule_state: expected " + std::to_string(s.size()) + " values");
+    for (std::size_t i = 0; i < s.size(); ++i) out[i] = static_cast<float>(s[i]);
+  }
+  void set_rule_state(GroupIndex g, std::span<const float> in) {
+    auto s = rule_state(g);
+    if (in.size() != s.size()) throw ShapeError("set_rule_state: expected " + std::to_string(s.size()) + " values");
+    for (std::size_t i = 0; i < s.size(); ++i) s[i] = static_cast<state_type>(in[i]);
   }
 
  private:
@@ -131,9 +161,29 @@ class Resident {
   };
   Scratch& scratch_for(GroupIndex g) { return scratch_[g.value == 0 ? 0 : 1]; }
 
+  /// Calls f.template operator()<Rule>(tensor r, its noise id, its state, state stride) for each
+  /// tensor of group g, Rule the owed update's rule (SgdRule when nothing is owed).
+  template <class F>
+  void for_each_tensor(GroupIndex g, std::uint64_t seed, const PendingUpdate* pending, F&& f) {
+    const ParamLayout& layout = store_->model_layout().layout(g);
+    const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
+    const std::size_t stride = layout.total_elements();
+    visit_rule(pending ? pending->rule : RuleId::kSgd, [&]<class Rule>() {
+      if (pending && Rule::kStateSlots > state_slots_)
+        throw ConfigError("optimizer", "the policy holds no state for this update rule (reserve_rule_state)");
+      state_type* state = Rule::kStateSlots > 0 ? state_.data() + state_offset_.at(g.value) : nullptr;
+      for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+        f.template operator()<Rule>(r, NoiseId{seed, 0, first_id + static_cast<std::uint32_t>(r)},
+                                    state ? state + layout.offset(r) : nullptr, stride);
+    });
+  }
+
   ParameterStore<S>* store_;
   ResidentOptions options_;
   Scratch scratch_[2];  // [0]: the prologue's, [1]: shared by the blocks and the epilogue
+  unsigned state_slots_ = 0;
+  std::vector<std::size_t> state_offset_;  // group g's state starts at state_offset_[g]
+  std::vector<state_type> state_;
 };
 
 }  // namespace zo2

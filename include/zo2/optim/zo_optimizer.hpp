@@ -1,8 +1,8 @@
-// zo2/optim/zo_optimizer.hpp -- MeZO-SGD over any layer stack, with ZO2's dual forward and
-// lazy update. It knows nothing about transformers or devices: the Model computes, the Policy
-// decides where parameters rest and hands out perturbed copies.
+// zo2/optim/zo_optimizer.hpp -- the ZO optimizer family over any layer stack, with ZO2's dual
+// forward and lazy update. It knows nothing about transformers or devices: the Model computes,
+// the Policy decides where parameters rest and hands out perturbed copies.
 //
-// One step t (ARCHITECTURE.md):
+// One step t of MeZO-SGD (ARCHITECTURE.md):
 //   for each group in order (prologue, block 0..N-1, epilogue):
 //     policy.prepare(group): apply step t-1's update (owed since t-1's loss was known), and
 //                            produce theta + eps z_t and theta - eps z_t in one pass;
@@ -10,20 +10,44 @@
 //   g_t = (L+ - L-) / (2 eps); the update of step t is now owed to every group.
 // So each group is visited once per step, and the update costs no pass of its own.
 //
+// The family (ZOConfig::method, ::estimator, ::queries; core/update_rules.hpp for the rules):
+// - A sweep evaluates a list of probes, each a point theta + s eps z_i (query i, s = +1 or -1,
+//   or theta itself), block by block: a group's first probe comes from prepare(), the others
+//   from materialize(), which rewrites the group's perturbed copy from its master. So with q
+//   queries each block is visited once while all 2q forwards run on it (offloaded: q costs
+//   compute, not PCIe). The activations of every probe advance side by side.
+// - Two-side probes: +-eps z_i for each query; one-side: +eps z_i for each query and theta.
+// - Accumulation: step() over n micro-batches runs one sweep per micro-batch with the same z;
+//   the owed update is applied by the first; the losses are the batch-weighted means
+//   (batch_weight(), e.g. scored tokens; equal weights where the model has none).
+// - The owed update is a PendingUpdate: coefficients c_i per query (g_i / q for zo-sgd,
+//   sign(g_i) / q for zo-sign, s g for zo-cons) and the rule (SGD, momentum, Adam), whose
+//   per-element state the policy keeps (reserve_rule_state).
+// - zo-cons adds theta as a probe (L0), then sweeps theta -+ lr g z (L1, L2) with no update,
+//   and keeps the best of the three by ZO-Bench's rule (5 forwards).
+//
 // A policy may keep ONE perturbed copy of a group instead of two (OnePerturbedCopy below: the
 // offload engine does, to halve its scratch): prepare() then writes theta + eps z only, and the
 // optimizer asks for theta - eps z (z regenerated from the seed) between the group's two
-// forwards. The tied prologue copy is re-materialized for the epilogue, minus side first.
+// forwards. The tied prologue copy is re-materialized for the epilogue's probes.
+//
+// Exception safety: the owed update is applied group by group, in group order; the optimizer
+// counts the groups it has reached, so a step that throws part-way can be retried (or flushed)
+// without applying any group's update twice.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <span>
 #include <utility>
+#include <vector>
 
 #include <zo2/core/config.hpp>
 #include <zo2/core/error.hpp>
+#include <zo2/core/update_rules.hpp>
 #include <zo2/offload/resident.hpp>
 #include <zo2/optim/layer_stack.hpp>
 #include <zo2/optim/parameter_store.hpp>
@@ -39,11 +63,34 @@ concept OnePerturbedCopy = requires(P& p, const P& cp, GroupIndex g, const StepN
   p.materialize(g, noise, Side::kMinus);
 };
 
-/// Where a run stands; with the parameters (flushed) it is all a checkpoint needs.
+/// A policy that can rewrite a group's perturbed copy for another query (q > 1, one-side, cons).
+template <class P>
+concept Materializes = requires(P& p, GroupIndex g, const StepNoise& noise) { p.materialize(g, noise, Side::kMinus); };
+
+/// A policy that keeps per-element optimizer state for stateful rules (momentum, Adam).
+template <class P>
+concept KeepsRuleState = requires(P& p, const P& cp, unsigned slots) {
+  p.reserve_rule_state(slots);
+  { cp.rule_state_slots() } -> std::convertible_to<unsigned>;
+};
+
+/// A layer stack that weighs its batches (e.g. by scored tokens) for accumulation.
+template <class M>
+concept WeighsBatches = requires(const M& m, const typename M::Batch& b) {
+  { m.batch_weight(b) } -> std::convertible_to<double>;
+};
+
+/// A layer stack that can check a batch before any parameter is touched.
+template <class M>
+concept ValidatesBatches = requires(const M& m, const typename M::Batch& b) { m.validate_batch(b); };
+
+/// Where a run stands; with the parameters (flushed) and the policy's rule state it is all a
+/// checkpoint needs.
 struct OptimizerState {
   std::uint64_t step = 0;  // index of the next step to run
   std::uint64_t seed = 0;
   std::uint64_t skipped_steps = 0;
+  std::uint64_t updates = 0;  // updates scheduled so far (Adam's bias-correction count)
 };
 
 template <LayerStack Model,
@@ -54,7 +101,8 @@ class ZOOptimizer {
   using Activation = typename Model::Activation;
 
   /// `start_step` resumes a run: with the parameters saved after flush() at that step and the
-  /// same seed, the continuation is bit-identical to an uninterrupted run.
+  /// same seed, the continuation is bit-identical to an uninterrupted run (restore() the rest
+  /// of the state for stateful rules).
   ZOOptimizer(const Model& model, Policy& policy, ZOConfig config, std::uint64_t start_step = 0)
       : model_(&model), policy_(&policy), config_(std::move(config)), step_(start_step) {
     config_.validate();
@@ -62,60 +110,115 @@ class ZOOptimizer {
     if (!(ModelLayout::of(model).layout(GroupIndex{1}) == policy.model_layout().layout(GroupIndex{1})) ||
         policy.model_layout().num_blocks() != model.num_blocks())
       throw ConfigError("policy", "the parameter store was built for a different model layout");
+    const bool needs_materialize = config_.queries > 1 || config_.estimator == ZOEstimator::kOneSide ||
+                                   config_.method == ZOMethod::kConservative;
+    if constexpr (!Materializes<Policy>)
+      if (needs_materialize)
+        throw ConfigError("optimizer", "this policy cannot re-perturb a group (materialize): queries = 1, "
+                                       "the two-side estimator and no zo-cons only");
+    const unsigned slots = rule_state_slots(rule());
+    if constexpr (KeepsRuleState<Policy>) {
+      if (slots > 0 && policy.rule_state_slots() != slots) policy.reserve_rule_state(slots);
+    } else if (slots > 0) {
+      throw ConfigError("optimizer", std::string(method_name(config_.method)) +
+                                         " keeps per-element state, which this policy cannot hold");
+    }
   }
 
-  /// One MeZO-SGD step on `batch`.
-  StepResult step(const Batch& batch) {
+  /// Continues from a saved state (step, skipped steps, update count); the seed must match.
+  void restore(const OptimizerState& s) {
+    if (s.seed != config_.seed) throw ConfigError("seed", "the saved state has another seed");
+    if (pending_) throw Error("restore: an update is owed; restore a fresh optimizer");
+    step_ = s.step;
+    skipped_ = s.skipped_steps;
+    updates_ = s.updates;
+  }
+
+  /// One step on `batch`.
+  StepResult step(const Batch& batch) { return step_accumulated(std::span<const Batch>(&batch, 1)); }
+
+  /// One step on n micro-batches that share the step's z (gradient accumulation): the losses
+  /// are the batch-weighted means over them, at the activation memory of one.
+  StepResult step_accumulated(std::span<const Batch> micro) {
+    if (micro.empty()) throw ConfigError("batch", "a step needs at least one micro-batch");
+    if (config_.method == ZOMethod::kConservative && micro.size() != 1)
+      throw ConfigError("accumulate", "zo-cons takes one batch per step");
     if (step_ >= std::numeric_limits<std::uint32_t>::max())
       throw Error("step counter exhausted: the noise counter holds 2^32 - 1 steps");
-    const ModelLayout& ml = policy_->model_layout();
-    const StepNoise noise{config_.seed, static_cast<std::uint32_t>(step_), config_.eps,
-                          pending_ ? &*pending_ : nullptr};
+    if constexpr (ValidatesBatches<Model>)
+      for (const Batch& b : micro) model_->validate_batch(b);
 
-    const bool one_copy = shares_perturbed_copy();
-    const auto to_minus = [&](GroupIndex g) {
-      if constexpr (OnePerturbedCopy<Policy>) {
-        if (one_copy) policy_->materialize(g, noise, Side::kMinus);
-      }
-    };
-
-    auto p = policy_->prepare(ml.prologue(), noise);
-    model_->prologue(p.plus, batch, plus_, workspace_);
-    to_minus(ml.prologue());
-    model_->prologue(p.minus, batch, minus_, workspace_);
-    for (std::size_t i = 0; i < ml.num_blocks(); ++i) {
-      auto b = policy_->prepare(ml.block(i), noise);
-      model_->forward_block(i, b.plus, plus_, next_, workspace_);
-      std::swap(plus_, next_);
-      to_minus(ml.block(i));
-      model_->forward_block(i, b.minus, minus_, next_, workspace_);
-      std::swap(minus_, next_);
+    const std::uint32_t q = config_.queries;
+    const bool one_side = config_.estimator == ZOEstimator::kOneSide;
+    const bool cons = config_.method == ZOMethod::kConservative;
+    // The probes: +-eps z_i (two-side) or +eps z_i then theta (one-side); zo-cons adds theta.
+    std::vector<Probe> probes;
+    for (std::uint32_t i = 0; i < q; ++i) {
+      probes.push_back({i, Side::kPlus, 1.0});
+      if (!one_side) probes.push_back({i, Side::kMinus, 1.0});
     }
-    auto e = policy_->prepare(ml.epilogue(), noise);
+    const std::size_t base = probes.size();
+    if (one_side || cons) probes.push_back({q - 1, Side::kMinus, 0.0});
+
     StepResult r;
     r.step = step_;
-    if (!one_copy) {
-      r.loss_plus = model_->epilogue(e.plus, p.plus, plus_, batch, workspace_);
-      r.loss_minus = model_->epilogue(e.minus, p.minus, minus_, batch, workspace_);
-    } else if constexpr (OnePerturbedCopy<Policy>) {
-      // The prologue's copy holds theta - eps z since its second forward: the minus loss first.
-      policy_->materialize(ml.epilogue(), noise, Side::kMinus);
-      r.loss_minus = model_->epilogue(e.minus, p.minus, minus_, batch, workspace_);
-      policy_->materialize(ml.epilogue(), noise, Side::kPlus);
-      policy_->materialize(ml.prologue(), noise, Side::kPlus);
-      r.loss_plus = model_->epilogue(e.plus, p.plus, plus_, batch, workspace_);
-    }
     r.lr = config_.lr_at(step_);
-    // The owed update was applied to every group by the prepare() calls above.
-    pending_.reset();
-    if (!std::isfinite(r.loss_plus) || !std::isfinite(r.loss_minus)) {
+    r.queries = q;
+    std::vector<double> loss(probes.size(), 0.0);
+    if (micro.size() == 1) {
+      loss = sweep(micro[0], probes, config_.eps);
+    } else {
+      double total = 0;
+      for (const Batch& b : micro) {
+        const std::vector<double> l = sweep(b, probes, config_.eps);
+        const double w = weight_of(b);
+        total += w;
+        for (std::size_t k = 0; k < l.size(); ++k) loss[k] += w * l[k];
+      }
+      for (double& l : loss) l /= total;
+    }
+
+    bool finite = true;
+    for (double l : loss) finite = finite && std::isfinite(l);
+    double sum_plus = 0, sum_minus = 0, sum_g = 0;
+    for (std::uint32_t i = 0; i < q; ++i) {
+      const double lp = loss[one_side ? i : 2 * i];
+      const double lm = loss[one_side ? base : 2 * i + 1];
+      r.query_grads[i] = one_side ? (lp - lm) / config_.eps : (lp - lm) / (2.0 * config_.eps);
+      sum_plus += lp;
+      sum_minus += lm;
+      sum_g += r.query_grads[i];
+    }
+    r.loss_plus = q == 1 ? loss[0] : sum_plus / q;
+    r.loss_minus = q == 1 ? loss[one_side ? base : 1] : sum_minus / q;
+    r.projected_grad = q == 1 ? r.query_grads[0] : sum_g / q;
+    if (cons) r.loss_base = loss[base];
+
+    std::optional<PendingUpdate> next;
+    if (finite) next = make_update(r);
+    if (next && cons) {
+      // theta -+ lr g z: a sweep with eps' = lr g and nothing owed (the first sweep applied it).
+      const std::vector<double> l = sweep(micro[0], {{0, Side::kPlus, 1.0}, {0, Side::kMinus, 1.0}},
+                                          r.lr * r.projected_grad);
+      r.loss_ascent = l[0];
+      r.loss_descent = l[1];
+      if (!std::isfinite(r.loss_ascent) || !std::isfinite(r.loss_descent)) {
+        next.reset();
+      } else {
+        // ZO-Bench's ZO_Conserv: of theta (L0), theta - lr g z (L1), theta + lr g z (L2).
+        const double l0 = r.loss_base, l1 = r.loss_descent, l2 = r.loss_ascent;
+        r.conservative_choice = l1 > l0 ? (l0 < l2 ? 0 : -1) : (l1 < l2 ? 1 : -1);
+        next->g = r.conservative_choice * r.projected_grad;
+      }
+    }
+    if (next) {
+      pending_ = next;
+      ++updates_;
+    } else {
       r.skipped = true;
       ++skipped_;
-    } else {
-      r.projected_grad = (r.loss_plus - r.loss_minus) / (2.0 * config_.eps);
-      pending_ = PendingUpdate{static_cast<std::uint32_t>(step_), r.projected_grad, r.lr,
-                               config_.weight_decay};
     }
+    owed_applied_ = 0;
     ++step_;
     return r;
   }
@@ -125,9 +228,12 @@ class ZOOptimizer {
   void flush() {
     if (!pending_) return;
     const ModelLayout& ml = policy_->model_layout();
-    for (std::size_t g = 0; g < ml.num_groups(); ++g)
+    for (std::size_t g = owed_applied_; g < ml.num_groups(); ++g) {
       policy_->apply_update(GroupIndex{g}, config_.seed, *pending_);
+      owed_applied_ = g + 1;
+    }
     pending_.reset();
+    owed_applied_ = 0;
   }
 
   /// Loss at the current parameters (after flush), no perturbation.
@@ -135,31 +241,154 @@ class ZOOptimizer {
     flush();
     const ModelLayout& ml = policy_->model_layout();
     const auto prologue = policy_->current(ml.prologue());
-    model_->prologue(prologue, batch, plus_, workspace_);
+    model_->prologue(prologue, batch, next_, workspace_);
+    Activation a;
+    std::swap(a, next_);
     for (std::size_t i = 0; i < ml.num_blocks(); ++i) {
-      model_->forward_block(i, policy_->current(ml.block(i)), plus_, next_, workspace_);
-      std::swap(plus_, next_);
+      model_->forward_block(i, policy_->current(ml.block(i)), a, next_, workspace_);
+      std::swap(a, next_);
     }
-    return model_->epilogue(policy_->current(ml.epilogue()), prologue, plus_, batch, workspace_);
+    return model_->epilogue(policy_->current(ml.epilogue()), prologue, a, batch, workspace_);
   }
 
-  OptimizerState state() const { return {step_, config_.seed, skipped_}; }
+  OptimizerState state() const { return {step_, config_.seed, skipped_, updates_}; }
   /// Whether the policy keeps one perturbed copy per group (see OnePerturbedCopy).
   bool shares_perturbed_copy() const {
     if constexpr (OnePerturbedCopy<Policy>) return policy_->shares_perturbed_copy();
     else return false;
   }
   bool has_pending_update() const { return pending_.has_value(); }
+  /// The owed update, if any (what the next step's prepare() calls apply).
+  const std::optional<PendingUpdate>& pending_update() const { return pending_; }
   const ZOConfig& config() const { return config_; }
+  /// The element rule of this configuration's updates.
+  RuleId rule() const {
+    switch (config_.method) {
+      case ZOMethod::kMomentum: return RuleId::kMomentum;
+      case ZOMethod::kAdam: return RuleId::kAdam;
+      default: return RuleId::kSgd;
+    }
+  }
 
  private:
+  /// A point a sweep evaluates: theta + s eps' z_query (s = +1 kPlus, -1 kMinus), eps' = eps *
+  /// scale; scale 0 is theta itself.
+  struct Probe {
+    std::uint32_t query;
+    Side side;
+    double scale;
+  };
+
+  /// Which probe a group's perturbed copies hold.
+  struct Copies {
+    PerturbedViews<typename Policy::value_type> views;
+    std::size_t plus_holds = 0;   // probe in the plus view's buffer
+    bool minus_holds_one = false; // the minus view's own buffer holds probe 1 (two copies)
+  };
+
+  double weight_of(const Batch& b) const {
+    if constexpr (WeighsBatches<Model>) return model_->batch_weight(b);
+    else return 1.0;
+  }
+
+  StepNoise noise_for(const Probe& p, double eps, bool final_probe) const {
+    StepNoise n{config_.seed, static_cast<std::uint32_t>(step_), eps * p.scale, nullptr};
+    n.query = p.query;
+    n.final_probe = final_probe;
+    return n;
+  }
+
+  /// prepare() of group g for the sweep's first probe, applying the owed update unless this
+  /// group already has it.
+  Copies prepare(GroupIndex g, const std::vector<Probe>& probes, double eps) {
+    const PendingUpdate* owed = pending_ && g.value >= owed_applied_ ? &*pending_ : nullptr;
+    StepNoise n{config_.seed, static_cast<std::uint32_t>(step_), eps, owed};
+    const bool two_copies = !shares_perturbed_copy();
+    const bool second_is_minus = probes.size() > 1 && probes[1].query == 0 && probes[1].side == Side::kMinus &&
+                                 probes[1].scale == 1.0;
+    n.materialize_follows = probes.size() > 2 || (probes.size() == 2 && !(two_copies && second_is_minus));
+    Copies c{policy_->prepare(g, n)};
+    c.minus_holds_one = two_copies && second_is_minus;
+    if (owed) owed_applied_ = g.value + 1;
+    return c;
+  }
+
+  /// The view of group g holding probe k, materializing it into the plus buffer if needed.
+  ParamView<const typename Policy::value_type> view_for(GroupIndex g, Copies& c, const std::vector<Probe>& probes,
+                                                        std::size_t k, double eps) {
+    if (c.plus_holds == k) return c.views.plus;
+    if (k == 1 && c.minus_holds_one) return c.views.minus;
+    if constexpr (Materializes<Policy>) {
+      policy_->materialize(g, noise_for(probes[k], eps, k + 1 == probes.size()), probes[k].side);
+      c.plus_holds = k;
+      return c.views.plus;
+    } else {
+      throw Error("ZOOptimizer: the policy cannot materialize a probe");
+    }
+  }
+
+  /// Runs every probe through the layer stack on `batch`, block by block; returns the losses in
+  /// probe order. Applies the owed update to each group it prepares.
+  std::vector<double> sweep(const Batch& batch, const std::vector<Probe>& probes, double eps) {
+    const ModelLayout& ml = policy_->model_layout();
+    const std::size_t n = probes.size();
+    if (acts_.size() < n) acts_.resize(n);
+
+    Copies pro = prepare(ml.prologue(), probes, eps);
+    for (std::size_t k = 0; k < n; ++k)
+      model_->prologue(view_for(ml.prologue(), pro, probes, k, eps), batch, acts_[k], workspace_);
+    for (std::size_t i = 0; i < ml.num_blocks(); ++i) {
+      Copies b = prepare(ml.block(i), probes, eps);
+      for (std::size_t k = 0; k < n; ++k) {
+        model_->forward_block(i, view_for(ml.block(i), b, probes, k, eps), acts_[k], next_, workspace_);
+        std::swap(acts_[k], next_);
+      }
+    }
+    // The epilogue reads the prologue's copy too (a tied LM head): the last probe first, which
+    // the prologue's copy still holds.
+    Copies epi = prepare(ml.epilogue(), probes, eps);
+    std::vector<double> loss(n);
+    for (std::size_t k = n; k-- > 0;) {
+      const auto pv = view_for(ml.prologue(), pro, probes, k, eps);
+      const auto ev = view_for(ml.epilogue(), epi, probes, k, eps);
+      loss[k] = model_->epilogue(ev, pv, acts_[k], batch, workspace_);
+    }
+    // Every group has the owed update now.
+    if (pending_ && owed_applied_ >= ml.num_groups()) pending_.reset();
+    return loss;
+  }
+
+  /// The update a step schedules from its estimates (zo-cons sets its multiple afterwards).
+  PendingUpdate make_update(const StepResult& r) const {
+    PendingUpdate u{static_cast<std::uint32_t>(step_), 0.0, r.lr, config_.weight_decay};
+    u.rule = rule();
+    u.num_queries = r.queries;
+    for (std::uint32_t i = 0; i < r.queries; ++i) {
+      double g = r.query_grads[i];
+      if (config_.method == ZOMethod::kSign) g = g > 0 ? 1.0 : g < 0 ? -1.0 : 0.0;
+      u.set_coeff(i, r.queries == 1 ? g : g / r.queries);
+    }
+    if (config_.method == ZOMethod::kConservative) u.g = r.projected_grad;
+    u.momentum = config_.momentum;
+    u.beta1 = config_.beta1;
+    u.beta2 = config_.beta2;
+    u.adam_eps = config_.adam_eps;
+    const double t = static_cast<double>(updates_ + 1);
+    u.step_size = r.lr / (1.0 - std::pow(config_.beta1, t));
+    u.inv_sqrt_bc2 = 1.0 / std::sqrt(1.0 - std::pow(config_.beta2, t));
+    return u;
+  }
+
   const Model* model_;
   Policy* policy_;
   ZOConfig config_;
   std::uint64_t step_;
   std::uint64_t skipped_ = 0;
+  std::uint64_t updates_ = 0;
   std::optional<PendingUpdate> pending_;
-  Activation plus_, minus_, next_;
+  std::size_t owed_applied_ = 0;  // groups [0, owed_applied_) already have pending_ applied
+  std::vector<Activation> acts_;
+  Activation next_;
   typename Model::Workspace workspace_;
 };
 

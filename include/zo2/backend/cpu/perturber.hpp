@@ -10,7 +10,9 @@
 #include <cstdint>
 
 #include <zo2/core/philox.hpp>
+#include <zo2/core/update_rules.hpp>
 #include <zo2/core/zo_element.hpp>
+#include <zo2/optim/step_types.hpp>
 
 namespace zo2::cpu {
 
@@ -32,16 +34,25 @@ struct Perturber {
   /// dst = theta + c * z, computed in compute_t<S> and converted to T (the model's precision).
   template <class T>
   static void add_scaled_noise_into(T* dst, const S* theta, std::size_t n, NoiseId id, double c) {
-    for_each_quad(n, id, [&](std::size_t j, float z, std::uint32_t) {
+    for_each_quad(n, id, [&](std::size_t j, float z, std::uint32_t) {  // z of id.query
       dst[j] = static_cast<T>(perturbed_value<S>(load(theta[j]), z, c));
     });
   }
 
   /// theta <- theta - lr * (g * z + wd * theta); 16-bit storage rounds stochastically.
   static void update(S* theta, std::size_t n, NoiseId id, const UpdateCoeffs& u) {
-    for_each_quad<kStochastic>(n, id, [&](std::size_t j, float z, std::uint32_t bits) {
-      theta[j] = store_rounded<S>(updated_value<S>(load(theta[j]), z, u), bits, true);
-    });
+    const PendingUpdate p{id.step, u.g, u.lr, u.wd};
+    apply<SgdRule>(theta, nullptr, 0, n, p, true, id);
+  }
+
+  /// The owed update `p` of one tensor with rule Rule: d_j = sum_i c_i z(p.step, query i)_j,
+  /// theta_j <- Rule::apply(theta_j, d_j), rounded to S (stochastically for 16-bit S).
+  /// `state` holds Rule::kStateSlots arrays of n values, `state_stride` apart; `decays` whether
+  /// the tensor takes weight decay; id names the tensor (its step and query are ignored).
+  template <class Rule>
+  static void apply(S* theta, C* state, std::size_t state_stride, std::size_t n, const PendingUpdate& p,
+                    bool decays, NoiseId id) {
+    update_and_perturb_into<Rule, S>(theta, nullptr, nullptr, n, &p, decays, state, state_stride, id, id, 0.0);
   }
 
   /// The fused pass of the lazy update: apply step t-1's update to theta (if `pending`), then
@@ -53,20 +64,51 @@ struct Perturber {
   static void update_and_perturb_into(S* theta, T* plus, T* minus, std::size_t n,
                                       const UpdateCoeffs* pending, NoiseId previous, NoiseId now,
                                       double eps) {
+    if (!pending) {
+      update_and_perturb_into<SgdRule, T>(theta, plus, minus, n, nullptr, false, nullptr, 0, previous, now, eps);
+      return;
+    }
+    const PendingUpdate p{previous.step, pending->g, pending->lr, pending->wd};
+    update_and_perturb_into<SgdRule, T>(theta, plus, minus, n, &p, true, nullptr, 0, previous, now, eps);
+  }
+
+  /// The same for any rule and any number of queries: `pending` (if not null) is applied with
+  /// rule Rule (previous names the tensor; the update's step and queries come from `pending`),
+  /// then plus = theta + eps z(now) and minus = theta - eps z(now), now.query selecting the z.
+  /// plus may be null (an update alone).
+  template <class Rule, class T>
+  static void update_and_perturb_into(S* theta, T* plus, T* minus, std::size_t n, const PendingUpdate* pending,
+                                      bool decays, C* state, std::size_t state_stride, NoiseId previous,
+                                      NoiseId now, double eps) {
     const std::size_t quads = (n + 3) / 4;
+    const RuleCoeffs coeffs = pending ? pending->rule_coeffs(decays) : RuleCoeffs{};
+    const std::uint32_t queries = pending ? pending->num_queries : 0;
     Philox4x32 bits{};  // the rounding words of quads q and q + 1, q even
     for (std::size_t q = 0; q < quads; ++q) {
-      Normal4 z_now = normal4(now.seed, now.step, now.tensor, q);
-      Normal4 z_prev{};
+      C d[4] = {};
       if (pending) {
-        z_prev = normal4(previous.seed, previous.step, previous.tensor, q);
-        if (kStochastic && q % 2 == 0) bits = rounding_words(previous.seed, previous.step, previous.tensor, q / 2);
+        for (std::uint32_t i = 0; i < queries; ++i) {
+          const Normal4 z = normal4(previous.seed, pending->step, previous.tensor, q, i);
+          const C c = static_cast<C>(pending->coeff(i));
+          for (int k = 0; k < 4; ++k) {
+            const C term = detail::mul_rn(c, static_cast<C>(z.z[k]));
+            d[k] = i == 0 ? term : detail::add_rn(d[k], term);
+          }
+        }
+        if (kStochastic && q % 2 == 0) bits = rounding_words(previous.seed, pending->step, previous.tensor, q / 2);
       }
+      Normal4 z_now{};
+      if (plus) z_now = normal4(now.seed, now.step, now.tensor, q, now.query);
       for (std::size_t k = 0; k < 4 && 4 * q + k < n; ++k) {
         const std::size_t j = 4 * q + k;
-        if (pending)
-          theta[j] = store_rounded<S>(updated_value<S>(load(theta[j]), z_prev.z[k], *pending),
+        if (pending) {
+          C s[Rule::kStateSlots > 0 ? Rule::kStateSlots : 1];
+          for (unsigned r = 0; r < Rule::kStateSlots; ++r) s[r] = state[r * state_stride + j];
+          theta[j] = store_rounded<S>(Rule::apply(load(theta[j]), d[k], coeffs, s),
                                       rounding_bits(bits, static_cast<unsigned>(j % 8)), true);
+          for (unsigned r = 0; r < Rule::kStateSlots; ++r) state[r * state_stride + j] = s[r];
+        }
+        if (!plus) continue;
         const C t = load(theta[j]);
         plus[j] = static_cast<T>(perturbed_value<S>(t, z_now.z[k], eps));
         if (minus) minus[j] = static_cast<T>(perturbed_value<S>(t, z_now.z[k], -eps));
@@ -82,7 +124,7 @@ struct Perturber {
     const std::size_t quads = (n + 3) / 4;
     Philox4x32 bits{};  // the rounding words of quads q and q + 1, q even
     for (std::size_t q = 0; q < quads; ++q) {
-      const Normal4 z = normal4(id.seed, id.step, id.tensor, q);
+      const Normal4 z = normal4(id.seed, id.step, id.tensor, q, id.query);
       if (Rounding && q % 2 == 0) bits = rounding_words(id.seed, id.step, id.tensor, q / 2);
       for (std::size_t k = 0; k < 4 && 4 * q + k < n; ++k) {
         const std::size_t j = 4 * q + k;

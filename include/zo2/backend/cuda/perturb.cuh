@@ -108,6 +108,7 @@ struct KernelArgs {
   std::uint64_t num_vectors;  // group elements / elements per vector
   std::uint64_t seed;
   std::uint32_t step;         // step of the perturbation z
+  std::uint32_t query;        // query of the perturbation z
   std::uint32_t update_step;  // step whose z the update uses
   bool has_update;
   double c;                   // perturbation scale (eps)
@@ -118,6 +119,8 @@ struct KernelArgs {
 /// RowArgs: both name the fields alike).
 template <class Args>
 void set_owed_update(Args& a, const PendingUpdate& pending) {
+  if (!pending.plain_sgd())
+    throw ConfigError("optimizer", "this CUDA pass applies zo-sgd/zo-sign/zo-cons updates of one query only");
   a.has_update = true;
   a.update_step = pending.step;
   a.lr = pending.lr;
@@ -213,15 +216,15 @@ __device__ ZO2_FORCEINLINE void box_muller_fast(std::uint32_t a, std::uint32_t b
 /// The four normals of a quad: box_muller_fast (Fast) or core's normal4.
 template <bool Fast>
 __device__ ZO2_FORCEINLINE Normal4 noise4(std::uint64_t seed, std::uint32_t step, std::uint32_t tensor,
-                                          std::uint64_t quad) {
+                                          std::uint64_t quad, std::uint32_t query = 0) {
   if constexpr (Fast) {
-    const Philox4x32 w = philox_words(seed, step, tensor, quad);
+    const Philox4x32 w = philox_words(seed, step, tensor, quad, query);
     Normal4 n;
     box_muller_fast(w.v[0], w.v[1], n.z[0], n.z[1]);
     box_muller_fast(w.v[2], w.v[3], n.z[2], n.z[3]);
     return n;
   } else {
-    return normal4(seed, step, tensor, quad);
+    return normal4(seed, step, tensor, quad, query);
   }
 }
 
@@ -305,7 +308,7 @@ __device__ ZO2_FORCEINLINE void perturb_vector(S* th, T* out0, T* out1, S (&s)[V
   constexpr bool kFast = op == Op::kPerturbInPlace ? fast_noise_for_v<S> : fast_noise_for_v<T>;
 #pragma unroll
   for (int q = 0; q < V / 4; ++q) {
-    const Normal4 z = noise4<kFast>(a.seed, a.step, id, q0 + q);
+    const Normal4 z = noise4<kFast>(a.seed, a.step, id, q0 + q, a.query);
 #pragma unroll
     for (int k = 0; k < 4; ++k) zn[4 * q + k] = z.z[k];
   }
@@ -496,14 +499,15 @@ void update(S* theta, const GroupTable& table, std::uint32_t first_tensor_id, st
   detail::launch<detail::Op::kUpdate, S, S>(theta, nullptr, nullptr, table, a, stream);
 }
 
-/// dst = theta + c z (cpu::Perturber::add_scaled_noise_into), converted to T.
+/// dst = theta + c z (cpu::Perturber::add_scaled_noise_into), converted to T; z of `query`.
 template <class S, class T>
 void perturb_into(T* dst, const S* theta, const GroupTable& table, std::uint32_t first_tensor_id,
-                  std::uint64_t seed, std::uint32_t step, double c, cudaStream_t stream) {
+                  std::uint64_t seed, std::uint32_t step, double c, cudaStream_t stream, std::uint32_t query = 0) {
   detail::KernelArgs a{};
   a.first_tensor_id = first_tensor_id;
   a.seed = seed;
   a.step = step;
+  a.query = query;
   a.c = c;
   detail::launch<detail::Op::kPerturbInto, S, T>(const_cast<S*>(theta), dst, nullptr, table, a, stream);
 }
