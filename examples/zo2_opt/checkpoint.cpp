@@ -1,10 +1,15 @@
 #include "checkpoint.hpp"
 
+#include <algorithm>
 #include <cstdio>
+#include <limits>
+#include <sstream>
+#include <string>
 
 #include <zo2/core/error.hpp>
 #include <zo2/io/safetensors.hpp>
 
+#include "cli.hpp"
 #include "fs_util.hpp"
 #include "model_setup.hpp"
 
@@ -86,16 +91,149 @@ fs::path resolve_model_dir(const fs::path& dir) {
   }
 }
 
+// ---- state.json validation: every field a resume reads, checked for type and range -------------
+
+namespace {
+
+using nlohmann::json;
+
+enum class Kind { integer, number, string, boolean, object };
+
+struct StateField {
+  const char* section;  // "" (top level), "optimizer", "train" or "train.engine"
+  const char* key;
+  Kind kind;
+  std::uint64_t min = 0, max = 0;  // integer fields
+  double min_number = -std::numeric_limits<double>::max(), max_number = std::numeric_limits<double>::max();
+  bool required = false;
+};
+
+constexpr std::uint64_t kMaxU32 = 0xffffffffu;
+constexpr std::uint64_t kMaxU64 = std::numeric_limits<std::uint64_t>::max();
+
+const StateField kStateFields[] = {
+    {"", "step", Kind::integer, 0, kMaxU32, 0, 0, true},  // the noise counter holds 2^32 - 1 steps
+    {"", "seed", Kind::integer, 0, kMaxU64, 0, 0, true},
+    {"", "skipped_steps", Kind::integer, 0, kMaxU32},  // also at most "step", checked below
+    {"", "noise_scheme", Kind::integer, 0, 0x7fffffffu},
+    {"", "format", Kind::string},
+    {"", "tokenizer", Kind::string},
+    {"", "optimizer", Kind::object},
+    {"", "train", Kind::object},
+    {"optimizer", "lr", Kind::number},
+    {"optimizer", "eps", Kind::number},
+    {"optimizer", "weight_decay", Kind::number},
+    {"optimizer", "lr_schedule", Kind::string},
+    {"optimizer", "warmup_steps", Kind::integer, 0, kMaxU32},
+    {"train", "total_steps", Kind::integer, 0, kMaxU32},
+    {"train", "batch", Kind::integer, 1, kMaxBatch},
+    {"train", "seq_len", Kind::integer, 2, static_cast<std::uint64_t>(zo2::opt::OPTConfig::kMaxPositions)},
+    {"train", "eval_every", Kind::integer, 0, kMaxU64},
+    {"train", "eval_limit", Kind::integer, 0, kMaxU64},
+    {"train", "checkpoint_every", Kind::integer, 0, kMaxU64},
+    {"train", "demo", Kind::boolean},
+    {"train", "data_kind", Kind::string},
+    {"train", "data", Kind::string},
+    {"train", "template", Kind::string},
+    {"train", "candidates", Kind::string},
+    {"train", "eval_data", Kind::string},
+    {"train", "checkpoint_dir", Kind::string},
+    {"train", "engine", Kind::object},
+    {"train.engine", "device", Kind::string},
+    {"train.engine", "offload", Kind::boolean},
+    {"train.engine", "codec", Kind::string},
+    {"train.engine", "gpu_memory_budget_gib", Kind::number, 0, 0, 0.0, kMaxGpuMemoryBudgetGib},
+    {"train.engine", "description", Kind::string},
+};
+
+/// `v` as JSON text for a message, cut to a line's worth.
+std::string shown(const json& v) {
+  std::string text = v.dump();
+  if (text.size() > 64) text = text.substr(0, 60) + " ...";
+  return text;
+}
+
+/// The object at `section` ("a.b" walks nested objects), or null when it is absent.
+const json* state_section(const json& state, const std::string& section) {
+  const json* at = &state;
+  std::size_t begin = 0;
+  while (begin < section.size()) {
+    const std::size_t dot = std::min(section.find('.', begin), section.size());
+    const std::string key = section.substr(begin, dot - begin);
+    if (!at->is_object() || !at->contains(key) || !(*at)[key].is_object()) return nullptr;
+    at = &(*at)[key];
+    begin = dot + 1;
+  }
+  return at;
+}
+
+/// Throws FileError naming `file` and the field when a field of `state` has the wrong type or
+/// is out of range. A field may be absent unless it is required, and null unless it is an
+/// object (a resume reads absent and null settings alike, as "not recorded").
+void check_state(const json& state, const std::string& file) {
+  for (const StateField& f : kStateFields) {
+    const std::string name = std::string(f.section) + (*f.section ? "." : "") + f.key;
+    auto fail = [&](const std::string& why) { return zo2::FileError(file, "field '" + name + "' " + why); };
+    const json* section = state_section(state, f.section);
+    if (!section || !section->contains(f.key) || ((*section)[f.key].is_null() && f.kind != Kind::object)) {
+      if (f.required) throw fail("is missing");
+      continue;
+    }
+    const json& v = (*section)[f.key];
+    switch (f.kind) {
+      case Kind::integer:
+        // Only JSON integers: a float (2^70 parses as one) or a negative number is rejected
+        // before anything converts it to an unsigned integer.
+        if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<std::int64_t>() < 0) ||
+            v.get<std::uint64_t>() < f.min || v.get<std::uint64_t>() > f.max)
+          throw fail("must be an integer in [" + std::to_string(f.min) + ", " + std::to_string(f.max) + "], got " +
+                     shown(v));
+        break;
+      case Kind::number:
+        if (!v.is_number()) throw fail("must be a number, got " + shown(v));
+        if (!(v.get<double>() >= f.min_number && v.get<double>() <= f.max_number)) {
+          std::ostringstream os;
+          os << "must be in [" << f.min_number << ", " << f.max_number << "], got " << shown(v);
+          throw fail(os.str());
+        }
+        break;
+      case Kind::string:
+        if (!v.is_string()) throw fail("must be a string, got " + shown(v));
+        break;
+      case Kind::boolean:
+        if (!v.is_boolean()) throw fail("must be true or false, got " + shown(v));
+        break;
+      case Kind::object:
+        if (!v.is_object()) throw fail("must be an object, got " + shown(v));
+        break;
+    }
+  }
+  const auto skipped = state.find("skipped_steps");
+  if (skipped != state.end() && !skipped->is_null() && skipped->get<std::uint64_t>() > state["step"].get<std::uint64_t>())
+    throw zo2::FileError(file, "field 'skipped_steps' (" + skipped->dump() + ") exceeds field 'step' (" +
+                                   state["step"].dump() + ")");
+}
+
+}  // namespace
+
 nlohmann::json read_state(const fs::path& checkpoint) {
   const fs::path file = checkpoint / kStateFile;
+  nlohmann::json j;
   try {
-    auto j = nlohmann::json::parse(read_file(file));
-    if (!j.is_object() || !j.contains("step") || !j.contains("seed"))
-      throw zo2::FileError(file.string(), "not a zo2-opt state file (needs \"step\" and \"seed\")");
-    return j;
+    j = nlohmann::json::parse(read_file(file));
   } catch (const nlohmann::json::exception& e) {
     throw zo2::FileError(file.string(), std::string("not valid JSON: ") + e.what());
   }
+  if (!j.is_object() || !j.contains("step") || !j.contains("seed"))
+    throw zo2::FileError(file.string(), "not a zo2-opt state file (needs \"step\" and \"seed\")");
+  check_state(j, file.string());
+  return j;
+}
+
+SavedProgress saved_progress(const nlohmann::json& state) {
+  const auto skipped = state.find("skipped_steps");
+  return {state.at("step").get<std::uint64_t>(), state.at("seed").get<std::uint64_t>(),
+          skipped == state.end() || skipped->is_null() ? 0 : skipped->get<std::uint64_t>()};
 }
 
 }  // namespace zo2_opt

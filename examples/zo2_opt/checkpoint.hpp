@@ -42,6 +42,18 @@ std::filesystem::path find_checkpoint(const std::filesystem::path& dir);
 /// checkpoint in it, else `dir` (whose loading then names the missing file).
 std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
 
+/// The checkpoint's state.json, parsed and checked: every field a resume reads has its type
+/// and range (integers: non-negative, no floats, bounded), or a FileError names the file and the
+/// field.
 nlohmann::json read_state(const std::filesystem::path& checkpoint);
+
+/// Where a run stood when it saved `state` (a read_state() result): the next step, the seed,
+/// and the steps skipped so far (0 when the checkpoint does not record them).
+struct SavedProgress {
+  std::uint64_t step = 0;
+  std::uint64_t seed = 0;
+  std::uint64_t skipped_steps = 0;
+};
+SavedProgress saved_progress(const nlohmann::json& state);
 
 }  // namespace zo2_opt

@@ -50,6 +50,17 @@ std::string Args::str(const std::string& name, const std::string& fallback) cons
   return get(name).value_or(fallback);
 }
 
+void Args::check_range(const std::string& name, double value, const std::string& text) const {
+  for (const FlagRange& r : kFlagRanges) {
+    if (name != r.name) continue;
+    if (!(value >= r.min && value <= r.max)) {
+      std::ostringstream os;
+      os << command_ << ": " << name << " must be between " << r.min << " and " << r.max << ", got '" << text << "'";
+      throw UsageError(os.str());
+    }
+  }
+}
+
 double Args::number(const std::string& name, double fallback) const {
   const auto v = get(name);
   if (!v) return fallback;
@@ -58,6 +69,7 @@ double Args::number(const std::string& name, double fallback) const {
   const double x = std::strtod(v->c_str(), &end);
   if (v->empty() || *end != '\0' || errno != 0 || !std::isfinite(x))
     throw UsageError(command_ + ": " + name + " expects a number, got '" + *v + "'");
+  check_range(name, x, *v);
   return x;
 }
 
@@ -69,6 +81,7 @@ std::int64_t Args::integer(const std::string& name, std::int64_t fallback) const
   const long long x = std::strtoll(v->c_str(), &end, 10);
   if (v->empty() || *end != '\0' || errno != 0)
     throw UsageError(command_ + ": " + name + " expects an integer, got '" + *v + "'");
+  check_range(name, static_cast<double>(x), *v);
   return x;
 }
 
@@ -80,6 +93,7 @@ std::uint64_t Args::unsigned_integer(const std::string& name, std::uint64_t fall
   const unsigned long long x = std::strtoull(v->c_str(), &end, 10);
   if (v->empty() || (*v)[0] == '-' || *end != '\0' || errno != 0)
     throw UsageError(command_ + ": " + name + " expects a non-negative integer, got '" + *v + "'");
+  check_range(name, static_cast<double>(x), *v);
   return x;
 }
 

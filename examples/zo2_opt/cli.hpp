@@ -33,7 +33,24 @@ struct CommandSpec {
   std::string epilog;   // examples, shown after the options
 };
 
-/// Parsed arguments of one subcommand.
+/// Largest --batch (and state.json's train.batch): far beyond what a step can use, small
+/// enough that a batch's token buffers never ask for absurd memory.
+inline constexpr std::uint64_t kMaxBatch = std::uint64_t{1} << 16;
+/// Largest --gpu-memory-budget, in GiB (64 TiB: more than any device holds).
+inline constexpr double kMaxGpuMemoryBudgetGib = 65536.0;
+
+/// The range the parser enforces on a flag's value, in whichever subcommand declares it.
+struct FlagRange {
+  const char* name;
+  double min, max;
+};
+inline constexpr FlagRange kFlagRanges[] = {
+    {"--batch", 1, static_cast<double>(kMaxBatch)},
+    {"--gpu-memory-budget", 0, kMaxGpuMemoryBudgetGib},
+};
+
+/// Parsed arguments of one subcommand. number(), integer() and unsigned_integer() reject a
+/// malformed value, and one outside the flag's kFlagRanges entry, naming the flag.
 class Args {
  public:
   Args(const CommandSpec& spec, const std::vector<std::string>& argv);
@@ -49,6 +66,9 @@ class Args {
   const std::string& command() const { return command_; }
 
  private:
+  /// Throws UsageError naming the flag when `value` is outside its kFlagRanges entry.
+  void check_range(const std::string& name, double value, const std::string& text) const;
+
   std::string command_;
   std::map<std::string, std::string> values_;
   bool help_ = false;

@@ -2,6 +2,10 @@
 
 #include <unistd.h>
 
+#include <cstdio>
+#include <new>
+#include <optional>
+
 #include <zo2/core/error.hpp>
 #include <zo2/core/philox.hpp>
 #include <zo2/models/opt/loader.hpp>
@@ -42,6 +46,17 @@ OPTConfig demo_config() {
 OPTConfig preset_config(const std::string& name, std::int64_t layers, std::int64_t hidden, std::int64_t heads,
                         std::int64_t vocab_size) {
   OPTConfig c = name == "demo" ? demo_config() : OPTConfig::preset(name);
+  // The flag each overridden field comes from, for the message when validate() rejects it.
+  auto flag_of = [](const std::string& field) -> std::string {
+    if (field == "num_hidden_layers") return "--layers";
+    if (field == "hidden_size" || field == "ffn_dim" || field == "word_embed_proj_dim") return "--hidden";
+    if (field == "num_attention_heads") return "--heads";
+    if (field == "vocab_size") return "--vocab-size";
+    return "";
+  };
+  if (hidden > OPTConfig::kMaxHiddenSize)  // before ffn_dim = 4 * hidden is computed
+    throw UsageError("--hidden " + std::to_string(hidden) + " is too large: the most is " +
+                     std::to_string(OPTConfig::kMaxHiddenSize));
   if (layers > 0) c.num_hidden_layers = layers;
   if (hidden > 0) {
     const bool projected = c.has_projection();
@@ -56,13 +71,39 @@ OPTConfig preset_config(const std::string& name, std::int64_t layers, std::int64
   try {
     c.validate();
   } catch (const zo2::ConfigError& e) {
-    throw UsageError(std::string("model overrides give an invalid config: ") + e.what());
+    const std::string flag = flag_of(e.field());
+    throw UsageError((flag.empty() ? std::string() : flag + ": ") + "model overrides give an invalid config: " + e.what());
   }
   return c;
 }
 
 zo2::ParameterStore<float> random_parameters(const OPTConfig& config, std::uint64_t seed) {
-  zo2::ParameterStore<float> store(zo2::opt::model_layout(config));
+  // A config inside OPTConfig's bounds can still ask for more memory than the machine has:
+  // say so with the size rather than fail in the allocator.
+  const zo2::ModelLayout layout = zo2::opt::model_layout(config);
+  const double gib = static_cast<double>(layout.total_elements()) * sizeof(float) / (1024.0 * 1024.0 * 1024.0);
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGE_SIZE);
+  const double memory_gib = pages > 0 && page_size > 0
+                                ? static_cast<double>(pages) * static_cast<double>(page_size) / (1024.0 * 1024.0 * 1024.0)
+                                : 0.0;
+  auto too_large = [&] {
+    char what[320];
+    std::snprintf(what, sizeof what,
+                  "the model's %zu parameters need %.1f GiB of host memory as fp32, more than this machine %s: "
+                  "choose a smaller --preset, --layers or --hidden",
+                  zo2::opt::parameter_count(config), gib,
+                  memory_gib > 0 ? ("has (" + std::to_string(static_cast<long long>(memory_gib)) + " GiB)").c_str()
+                                 : "can allocate");
+    return zo2::Error(what);
+  };
+  if (memory_gib > 0 && gib > memory_gib) throw too_large();
+  std::optional<zo2::ParameterStore<float>> allocated;
+  try {
+    allocated.emplace(layout);
+  } catch (const std::bad_alloc&) {
+    throw too_large();
+  }
+  zo2::ParameterStore<float>& store = *allocated;
   const zo2::ModelLayout& ml = store.model_layout();
   // A stream of its own (step 0xffffffff is never a training step's noise).
   constexpr std::uint32_t kInitStep = 0xffffffffu;
@@ -84,7 +125,7 @@ zo2::ParameterStore<float> random_parameters(const OPTConfig& config, std::uint6
       }
     }
   }
-  return store;
+  return std::move(store);
 }
 
 void export_model(const fs::path& dir, const OPTConfig& config, const zo2::ParameterStore<float>& store,
