@@ -6,9 +6,11 @@
   step_time.png   step time vs parameters: zo2 resident and offloaded (per codec), the compute
                   floor (4*params*tokens / measured bf16 GEMM rate), the PCIe floor of the bf16
                   offload (bytes crossing per step / measured pinned bandwidth), and the PyTorch
-                  reference (MeZO on GPU, ZO2 offloaded; fp16, batch 1, seq 2048)
+                  reference (MeZO on GPU, ZO2 offloaded; fp16, batch 1, seq 2048) where it was
+                  measured in the same file as the zo2 point it sits beside
   gpu_memory.png  peak GPU memory vs parameters: zo2's allocations and the device's view, for
-                  resident and offloaded bf16, and the reference's offloaded (torch-allocated)
+                  resident and offloaded bf16, and the reference's offloaded (torch-allocated),
+                  again only from the same files
 
 FILES default to bench/results/*.jsonl; bench/bench_results.py reads every format committed
 there. Needs matplotlib (pip install matplotlib).
@@ -41,11 +43,22 @@ def series(records, **match):
     return sorted(rows, key=lambda r: r["params"])
 
 
+def reference_points(records, method, key):
+    """(zo2 params, the paired reference's `key`) for each model whose zo2 record has a reference
+    of `method` from its own file (bench_results pairs them); the model's zo2 parameter count
+    places it on the axis."""
+    points = {}
+    for r in records:
+        ref = r.get("reference")
+        if ref and ref["method"] == method and ref.get(key) is not None:
+            points[r["params"]] = ref[key]
+    return sorted(points.items())
+
+
 def setup_axes(ax, records, ylabel):
     ax.set_xscale("log")
     ax.set_yscale("log")
-    names = {v["params"]: m for m, v in bench_results.REFERENCE.items()}
-    names.update({r["params"]: r["model"] for r in records})
+    names = {r["params"]: r["model"] for r in records}
     ticks = sorted(names)
     ax.set_xticks(ticks)
     ax.xaxis.set_major_formatter(FuncFormatter(
@@ -84,11 +97,11 @@ def plot_step_time(records, device, path):
     if pcie:
         ax.plot([r["params"] for r in pcie], [r["pcie_floor_s"] for r in pcie], color="0.35", linestyle=":",
                 linewidth=1.6, label="PCIe floor, bf16 offload (bytes each way / pinned GB/s)")
-    ref = sorted(bench_results.REFERENCE.values(), key=lambda v: v["params"])
-    ax.plot([v["params"] for v in ref], [v["mezo_gpu_s"] for v in ref], color="black", marker="o",
-            markerfacecolor="white", linestyle="-", linewidth=1.0, label="reference (PyTorch) MeZO on GPU, fp16")
-    ax.plot([v["params"] for v in ref], [v["zo2_offload_s"] for v in ref], color="black", marker="s",
-            markerfacecolor="white", linestyle="--", linewidth=1.0, label="reference (PyTorch) ZO2 offloaded, fp16")
+    for method, marker, style, label in (("mezo", "o", "-", "MeZO on GPU"), ("zo2", "s", "--", "ZO2 offloaded")):
+        ref = reference_points(records, method, "step_s")
+        if ref:
+            ax.plot(*zip(*ref), color="black", marker=marker, markerfacecolor="white", linestyle=style, linewidth=1.0,
+                    label=f"reference (PyTorch) {label}, fp16, same run")
     setup_axes(ax, records, "seconds per MeZO step (batch 1 × 2048 tokens; median, p10–p90)")
     ax.set_title(f"MeZO-SGD step time vs model size — {device}", fontsize=11)
     ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
@@ -120,10 +133,10 @@ def plot_gpu_memory(records, device, path):
                         markerfacecolor="white", markersize=6, linewidth=0.9, alpha=0.8,
                         label=f"{tag}: device-seen{' (drop in free)' if old and policy == 'offload' else ''}")
             del x
-    ref = sorted(bench_results.REFERENCE.values(), key=lambda v: v["params"])
-    ax.plot([v["params"] for v in ref], [v["zo2_gpu_bytes"] / 1e9 for v in ref], color="black", marker="s",
-            markerfacecolor="white", linestyle="--", linewidth=1.0,
-            label="reference (PyTorch) ZO2 offloaded, fp16: torch-allocated")
+    ref = [(p, b / 1e9) for p, b in reference_points(records, "zo2", "gpu_torch_bytes")]
+    if ref:
+        ax.plot(*zip(*ref), color="black", marker="s", markerfacecolor="white", linestyle="--", linewidth=1.0,
+                label="reference (PyTorch) ZO2 offloaded, fp16: torch-allocated, same run")
     weights = sorted({r["params"] for r in records})
     ax.plot(weights, [2 * p / 1e9 for p in weights], color="0.5", linestyle=":", linewidth=1.2,
             label="one 16-bit copy of the weights")

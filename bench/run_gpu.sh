@@ -10,10 +10,16 @@
 #   2. ctest -R '^cuda_|^zo2_opt_gpu$': every CUDA test and zo2-opt's GPU test (resident and
 #      offloaded training, bit-exact resume); then compute-sanitizer memcheck on the CUDA test
 #      binaries and racecheck on the flash kernel's (ZO2_SANITIZE=0 skips it)
-#   3. zo2_bench --set reference: resident OPT-125M..13B bf16+fp16; offloaded OPT-125M..13B with
-#      the bf16, fp16 and int8 codecs (with the per-block timeline); OPT-30B offloaded bf16 when
-#      the host has >= 100 GB available. Configurations that would overrun the budget are skipped
-#      (a {"kind":"skipped"} line says so).
+#   3. the PyTorch reference, side by side (when ZO2_REFERENCE names its folder, or .reference/
+#      holds it): bench/run_reference.py runs its harness (zo2_bench.py: fp16, batch 1, seq 2048)
+#      for ZO2_REFERENCE_RUNS, each in its own process, within ZO2_REFERENCE_BUDGET_S, and writes
+#      {"kind":"reference"} lines into the same results file. Speed-ups are computed only from
+#      such pairs in one file (bench/bench_results.py); without a reference run there are none.
+#      Then zo2_bench --set reference: resident OPT-125M..13B bf16+fp16; offloaded OPT-125M..13B
+#      with the bf16, fp16 and int8 codecs (with the per-block timeline); OPT-30B offloaded bf16
+#      when the host has >= 100 GB available. Configurations that would overrun the budget are
+#      skipped (a {"kind":"skipped"} line says so). Its env line holds the link's pinned
+#      bandwidths, one way and duplex; the side-by-side table prints them beside it.
 #   4. the exported-checkpoint check against Hugging Face transformers
 #      (tests/fixtures/opt/check_export_hf.py, when it exists and torch + transformers import):
 #      zo2-opt train --demo --device cuda --export DIR, then the logits and token ids of DIR
@@ -23,9 +29,18 @@
 # and {"kind":"hf_check"}); logs in ${OUT}/logs-<device>-<date>/. Then, here:
 #   python3 bench/plot.py && python3 bench/make_table.py > ...   (see docs/benchmarks.md)
 #
-# Env: ZO2_BUDGET_S (total seconds, 530), ZO2_BUILD_DIR (build-gpu-bench), ZO2_SET (reference),
+# Env: ZO2_BUDGET_S (total seconds, 530), ZO2_BUILD_DIR (build-gpu-bench), ZO2_SET (reference;
+#      set but empty: no --set, the configurations come from ZO2_BENCH_ARGS, e.g.
+#      "--model opt-1.3b,opt-6.7b --policy offload --codec bf16,bf16p,int8"),
 #      ZO2_BENCH_ARGS (extra zo2_bench arguments), ZO2_SKIP_TESTS=1, ZO2_SKIP_HF=1,
-#      ZO2_PREBUILT=0 (ignore a carried build-device.tar).
+#      ZO2_PREBUILT=0 (ignore a carried build-device.tar),
+#      ZO2_REFERENCE (the reference's folder, with zo2_bench.py and zo2/; default .reference when
+#      it holds zo2_bench.py; 0: no reference run), ZO2_REFERENCE_RUNS (MODEL:METHOD list,
+#      default "opt_6_7b:zo2,opt_1_3b:zo2"; METHOD zo2 = offloaded ZO2, zo = MeZO on the GPU),
+#      ZO2_REFERENCE_BUDGET_S (200: 6.7B takes ~80 s to initialise), ZO2_REFERENCE_STEPS (10).
+# Side by side in one command (the reference copied in first: cp -r ../shared/reference .reference):
+#   run(command="ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 ZO2_SET= ZO2_BENCH_ARGS='--model opt-1.3b,opt-6.7b
+#       --policy offload --codec bf16,bf16p,int8' bash bench/run_gpu.sh", carry=[".reference"])
 # Dependencies: the GPU machine has Eigen, doctest and nlohmann-json; where it does not, run
 # `bash bench/run_gpu_perturb.sh --prepare-deps` here and carry .deps.
 set -uo pipefail
@@ -152,20 +167,50 @@ if [[ -z ${ZO2_SKIP_TESTS:-} ]]; then
   fi
 fi
 
-# ---- 3. the reference protocol ------------------------------------------------------------------
+# ---- 3. the reference protocol: the PyTorch reference, then zo2 -------------------------------------
 hf_reserve=0
 [[ -z ${ZO2_SKIP_HF:-} && -x $build/examples/zo2-opt ]] && hf_reserve=45
+reference=${ZO2_REFERENCE-}
+[[ -z $reference && -f $root/.reference/zo2_bench.py ]] && reference=$root/.reference
+[[ $reference == 0 ]] && reference=
+if [[ -n $reference ]]; then
+  # What is left after the reference must still hold zo2's side (at least a minute).
+  ref_budget=$(( $(left) - hf_reserve - 70 ))
+  (( ref_budget > ${ZO2_REFERENCE_BUDGET_S:-200} )) && ref_budget=${ZO2_REFERENCE_BUDGET_S:-200}
+  echo "== the reference ($reference): ${ZO2_REFERENCE_RUNS:-opt_6_7b:zo2,opt_1_3b:zo2}, budget ${ref_budget} s ($(elapsed) s)"
+  if [[ ! -f $reference/zo2_bench.py ]]; then
+    echo "ZO2_REFERENCE=$reference has no zo2_bench.py: no reference run"
+    json_line reference device="$gpu" rc=-1 error="no zo2_bench.py in $reference" >> "$results"
+  elif ! python3 -c "import torch, pynvml" > /dev/null 2>&1; then
+    echo "python3 lacks torch or pynvml: no reference run"
+    json_line reference device="$gpu" rc=-1 error="python3 lacks torch or pynvml" >> "$results"
+  elif (( ref_budget < 30 )); then
+    echo "no time left for the reference"
+    json_line reference device="$gpu" rc=-1 error="no time left (${ref_budget} s)" >> "$results"
+  else
+    python3 "$root/bench/run_reference.py" "$reference" --runs "${ZO2_REFERENCE_RUNS:-opt_6_7b:zo2,opt_1_3b:zo2}" \
+      --steps "${ZO2_REFERENCE_STEPS:-10}" --budget-s "$ref_budget" --device "$gpu" --log-dir "$logs" \
+      > "$logs/reference.jsonl" 2> "$logs/reference.err"
+    echo "reference rc=$? ($(elapsed) s)"
+    cat "$logs/reference.err"
+    cat "$logs/reference.jsonl" >> "$results"
+  fi
+fi
 deadline=$(( $(left) - hf_reserve - 10 ))
-echo "== zo2_bench --set ${ZO2_SET:-reference}, deadline ${deadline} s ($(elapsed) s)"
+set_args=(--set "${ZO2_SET-reference}")
+[[ -z ${ZO2_SET-reference} ]] && set_args=()
+echo "== zo2_bench ${set_args[*]} ${ZO2_BENCH_ARGS:-}, deadline ${deadline} s ($(elapsed) s)"
 if (( deadline > 20 )); then
   # shellcheck disable=SC2086
-  timeout $(( deadline + 40 )) "$bench_bin" --set "${ZO2_SET:-reference}" --timeline --extras --deadline "$deadline" \
+  timeout $(( deadline + 40 )) "$bench_bin" "${set_args[@]}" --timeline --extras --deadline "$deadline" \
     ${ZO2_BENCH_ARGS:-} > "$logs/zo2_bench.jsonl" 2> "$logs/zo2_bench.err"
   bench_rc=$?
   cat "$logs/zo2_bench.jsonl" >> "$results"
   echo "zo2_bench rc=$bench_rc ($(elapsed) s)"
   grep -v "^ " "$logs/zo2_bench.err" | grep -v "^group\|^ *[0-9]" | tail -30
-  python3 "$root/bench/make_table.py" "$logs/zo2_bench.jsonl" 2>&1 || grep -v '"timeline"' "$logs/zo2_bench.jsonl"
+  python3 "$root/bench/make_table.py" "$results" 2>&1 || grep -v '"timeline"' "$logs/zo2_bench.jsonl"
+  # zo2 beside the reference (pairs from this file only), with the link's bandwidths.
+  python3 "$root/bench/bench_results.py" "$results" 2>&1
 else
   echo "no time left for the benchmark"; bench_rc=1
 fi
