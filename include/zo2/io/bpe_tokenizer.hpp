@@ -62,6 +62,51 @@ inline std::string read_text_file(const std::filesystem::path& path) {
   return content.str();
 }
 
+/// The leftmost special token at or after a position, for positions that only move forward
+/// (one encode() call). Each token's next occurrence is remembered and searched for again only
+/// once the position has passed it, so the text is scanned about once per special token, not
+/// once per special token per match (quadratic in a text full of "</s>").
+class SpecialScanner {
+ public:
+  struct Match {
+    std::size_t offset;  // text.size() when none
+    std::int32_t id;     // -1 when none
+    std::size_t length;  // 0 when none
+  };
+
+  SpecialScanner(std::string_view text, const std::vector<std::pair<std::string, std::int32_t>>& specials)
+      : text_(text), specials_(&specials), next_(specials.size(), kUnknown) {}
+
+  /// The leftmost match at or after `from` (the longest where several start there); `from`
+  /// must not be less than in the previous call.
+  Match next(std::size_t from) {
+    Match best{text_.size(), -1, 0};
+    for (std::size_t i = 0; i < specials_->size(); ++i) {
+      const auto& [token, id] = (*specials_)[i];
+      if (next_[i] == kUnknown || next_[i] < from) {
+        const std::size_t at = text_.find(token, from);
+        next_[i] = at == std::string_view::npos ? text_.size() : at;
+        scanned_ += next_[i] - from;
+      }
+      const std::size_t at = next_[i];
+      if (at == text_.size()) continue;
+      if (at < best.offset || (at == best.offset && token.size() > best.length)) best = {at, id, token.size()};
+    }
+    return best;
+  }
+
+  /// Bytes the searches have stepped over so far, summed over the special tokens: at most
+  /// about text.size() per token.
+  std::size_t bytes_scanned() const noexcept { return scanned_; }
+
+ private:
+  static constexpr std::size_t kUnknown = static_cast<std::size_t>(-1);
+  std::string_view text_;
+  const std::vector<std::pair<std::string, std::int32_t>>* specials_;
+  std::vector<std::size_t> next_;  // each token's next occurrence; text.size(): none left
+  std::size_t scanned_ = 0;
+};
+
 }  // namespace bpe_detail
 
 /// Splits text into GPT-2 pre-tokens (views into `text`). Exposed for tests and for callers
@@ -149,8 +194,9 @@ class BpeTokenizer {
     std::vector<std::int32_t> ids;
     if (add_bos) ids.push_back(bos_id());
     std::size_t position = 0;
+    bpe_detail::SpecialScanner specials(text, specials_);
     while (position < text.size()) {
-      const auto [special_at, special_id, special_length] = find_special(text, position);
+      const auto [special_at, special_id, special_length] = specials.next(position);
       for (std::string_view piece : gpt2_pre_tokenize(text.substr(position, special_at - position))) {
         encode_piece(piece, ids);
       }
@@ -213,11 +259,6 @@ class BpeTokenizer {
     std::mutex mutex;
     std::unordered_map<std::string, std::vector<std::int32_t>> pieces;
   };
-  struct SpecialMatch {
-    std::size_t offset;  // text.size() when none
-    std::int32_t id;
-    std::size_t length;  // 0 when none
-  };
   // Text has a bounded number of distinct pieces in practice, but a pathological stream (say,
   // random numbers) need not; past this many the cache starts over.
   static constexpr std::size_t kMaxCachedPieces = 1 << 16;
@@ -238,10 +279,18 @@ class BpeTokenizer {
       throw FileError(file, std::string("not valid JSON: ") + e.what());  // names line and column
     }
     if (!vocab.is_object()) throw FileError(file, "expected a JSON object {token: id}");
+    // Ids index a table of vocab_size() entries: they may leave gaps, but not ask for a table
+    // far larger than the file's entries (an id near INT32_MAX would be 2^31 strings).
+    const std::int64_t max_id = 2 * static_cast<std::int64_t>(vocab.size()) + 1024;
     for (const auto& [token, id_value] : vocab.items()) {
       if (!id_value.is_number_integer() || id_value.get<std::int64_t>() < 0 ||
           id_value.get<std::int64_t>() > INT32_MAX - 1) {
         throw FileError(file, "token '" + token + "' has id " + id_value.dump() + ", not a non-negative integer");
+      }
+      if (id_value.get<std::int64_t>() >= max_id) {
+        throw FileError(file, "token '" + token + "' has id " + id_value.dump() + ", far beyond the file's " +
+                                  std::to_string(vocab.size()) + " entries (ids must be below " +
+                                  std::to_string(max_id) + ")");
       }
       const auto id = static_cast<std::int32_t>(id_value.get<std::int64_t>());
       if (static_cast<std::size_t>(id) >= id_to_token_.size()) {
@@ -312,17 +361,6 @@ class BpeTokenizer {
     }
     bos_token_ = options.bos_token;
     if (const auto found = token_to_id_.find(bos_token_); found != token_to_id_.end()) bos_id_ = found->second;
-  }
-
-  /// The leftmost special token at or after `from` (the longest, where several start there).
-  SpecialMatch find_special(std::string_view text, std::size_t from) const {
-    SpecialMatch best{text.size(), -1, 0};
-    for (const auto& [token, id] : specials_) {
-      const std::size_t at = text.find(token, from);
-      if (at == std::string_view::npos) continue;
-      if (at < best.offset || (at == best.offset && token.size() > best.length)) best = {at, id, token.size()};
-    }
-    return best;
   }
 
   void encode_piece(std::string_view piece, std::vector<std::int32_t>& out) const {
