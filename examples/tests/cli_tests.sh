@@ -232,7 +232,7 @@ case "$case_name" in
     ev=(eval --model full_resident --text "$corpus" --seq-len 32 --batch 4 --limit 24 --device cuda)
     run_ok eval_resident "$bin" "${ev[@]}"
     run_ok eval_fp32 "$bin" "${ev[@]}" --offload --codec fp32
-    run_ok eval_fp32_budget "$bin" "${ev[@]}" --offload --codec fp32 --gpu-memory-budget 0.001
+    run_ok eval_fp32_budget "$bin" "${ev[@]}" --offload --codec fp32 --gpu-memory-budget 0.002
     run_ok eval_bf16 "$bin" "${ev[@]}" --offload --codec bf16
     # close A B REL: |A - B| <= REL * |A|
     close() { awk -v a="$1" -v b="$2" -v r="$3" 'BEGIN { d = a - b; if (d < 0) d = -d; m = a < 0 ? -a : a; exit !(a != "" && d <= r * m) }'; }
