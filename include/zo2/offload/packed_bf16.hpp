@@ -245,12 +245,16 @@ class PackedBf16Group {
                   std::to_string(t.escape_capacity) + ": use the bf16 codec for this model");
     const auto count = static_cast<std::uint32_t>(escapes.size());
     std::memcpy(block.data() + counts_offset_ + r * sizeof(std::uint32_t), &count, sizeof count);
-    std::memcpy(block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t), escapes.data(),
-                escapes.size() * sizeof(std::uint64_t));  // in index order: chunks were walked in order
+    if (!escapes.empty())  // (an empty vector's data() may be null, which memcpy must not get)
+      std::memcpy(block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t), escapes.data(),
+                  escapes.size() * sizeof(std::uint64_t));  // in index order: chunks were walked in order
   }
 
-  /// The decoder: put(j, bits) receives element j's bf16 bits. Checks the escape list against
-  /// the codes (a corrupt block throws, naming the tensor and element).
+  /// The decoder: put(j, bits) receives element j's bf16 bits. Checks the codes against their
+  /// chunk's E (a code 0..13 must name an exponent field in 1..E), the escape list against the
+  /// codes (each escape code has the list's next entry, whose exponent is one the encoder would
+  /// have escaped, and no entry is left over): a corrupt block throws, naming the tensor and
+  /// element.
   template <class Put>
   void decode_with(std::size_t r, std::span<const unsigned char> block, Put&& put) const {
     const PackedTensor& t = tensor(r);
@@ -260,8 +264,13 @@ class PackedBf16Group {
       throw Error(std::string(name) + ": " + names_[r] + " records " + std::to_string(count) +
                   " escapes, more than its room of " + std::to_string(t.escape_capacity) + " (a corrupt block)");
     std::vector<std::uint64_t> escapes(count);
-    std::memcpy(escapes.data(), block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t),
-                count * sizeof(std::uint64_t));
+    if (count != 0)  // (an empty vector's data() may be null, which memcpy must not get)
+      std::memcpy(escapes.data(), block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t),
+                  count * sizeof(std::uint64_t));
+    auto corrupt = [&](std::size_t j, const std::string& why) {
+      return Error(std::string(name) + ": " + names_[r] + " element " + std::to_string(j) + " " + why +
+                   " (a corrupt block)");
+    };
     std::size_t next = 0;  // escapes are in index order
     for (std::size_t c0 = 0; c0 < t.numel; c0 += PackedBf16::kChunk) {
       const std::size_t g0 = t.offset + c0;
@@ -269,21 +278,37 @@ class PackedBf16Group {
       const unsigned char* low = block.data() + g0;
       const unsigned char* codes = block.data() + codes_offset() + g0 / 2;
       const std::size_t len = std::min(PackedBf16::kChunk, t.numel - c0);
+      unsigned bad_code = 0;  // nonzero once a code 0..13 points outside 1..E
       for (std::size_t k = 0; k < len; ++k) {
         const unsigned code = k % 2 ? codes[k / 2] >> 4 : codes[k / 2] & 0x0fu;
         unsigned e;
         if (code == PackedBf16::kEscape) {
           const std::size_t j = c0 + k;
           if (next >= escapes.size() || PackedBf16::entry_index(escapes[next]) != j)
-            throw Error(std::string(name) + ": " + names_[r] + " element " + std::to_string(j) +
-                        " is an escape the list does not hold (a corrupt block)");
-          e = PackedBf16::entry_exponent(escapes[next++]);
+            throw corrupt(j, "is an escape the list does not hold");
+          const std::uint64_t entry = escapes[next++];
+          e = PackedBf16::entry_exponent(entry);
+          if ((entry & 0xffffff00u) != 0 || e == 0 || e + PackedBf16::kMaxDistance >= E)
+            throw corrupt(j, "has an escape entry with exponent field " + std::to_string(entry & 0xffffffffu) +
+                                 ", not one more than 13 binades below its chunk's " + std::to_string(E));
         } else {
           e = PackedBf16::exponent_of(code, E);
+          if (code != PackedBf16::kZeroExponent) bad_code |= static_cast<unsigned>(code >= E);
         }
         put(c0 + k, PackedBf16::bits(low[k], e));
       }
+      if (bad_code) {
+        for (std::size_t k = 0; k < len; ++k) {
+          const unsigned code = k % 2 ? codes[k / 2] >> 4 : codes[k / 2] & 0x0fu;
+          if (code <= PackedBf16::kMaxDistance && code >= E)
+            throw corrupt(c0 + k, "has exponent code " + std::to_string(code) + ", impossible below its chunk's " +
+                                      "largest exponent field " + std::to_string(E));
+        }
+      }
     }
+    if (next != escapes.size())
+      throw Error(std::string(name) + ": " + names_[r] + " records " + std::to_string(escapes.size()) +
+                  " escapes, its codes use " + std::to_string(next) + " (a corrupt block)");
   }
   void check_block(std::size_t size, const char* what) const {
     if (size != bytes_)
