@@ -124,13 +124,18 @@ struct Int8RowCodec {
   /// A bound on |z| of core's Box-Muller (and the CUDA fast variant): u1 >= 2^-32, so the radius
   /// is at most sqrt(-2 ln 2^-32) = 6.6604, and |sin|, |cos| <= 1 (+2^-21 for the fast ones).
   static constexpr double kMaxAbsNormal = 6.67;
+  /// The largest scale under which every code decodes to a finite float: 127 * kMaxScale is
+  /// 0x1.fffffcp+127, just below FLT_MAX (the next float up overflows to inf).
+  static constexpr float kMaxScale = 0x1.020406p+121f;
 
   /// The scale of a row whose largest magnitude is `absmax` (finite, >= 0). Zero rows get 0;
   /// rows so tiny that absmax / 124 underflows keep the smallest positive scale, so they round
-  /// (stochastically) to multiples of it instead of dividing by zero.
+  /// (stochastically) to multiples of it instead of dividing by zero; rows within 2.4% of
+  /// FLT_MAX get kMaxScale (their largest codes reach up to 127), so no code decodes to inf.
   ZO2_HD ZO2_FORCEINLINE static float scale_for(float absmax) {
     if (!(absmax > 0.0f)) return 0.0f;
     const float s = absmax / kEncodeCode;
+    if (s > kMaxScale) return kMaxScale;
     return s > 0.0f ? s : 1.401298464324817e-45f;  // the smallest subnormal
   }
   /// The scale a row keeps when it is rewritten after an update (the kernels' rule). A rewrite
