@@ -52,6 +52,10 @@ inline const char* cublas_status_name(cublasStatus_t s) {
     default: return "CUBLAS_STATUS_<unknown>";
   }
 }
+/// A kernel launch failed: the message names the kernel (`kernel`), the error, file and line.
+inline void throw_launch(cudaError_t status, const std::string& kernel, const char* file, int line) {
+  throw_cuda(status, ("launch of " + kernel).c_str(), file, line);
+}
 inline void throw_cublas(cublasStatus_t status, const char* call, const char* file, int line) {
   throw CudaError(std::string(call) + " failed: " + cublas_status_name(status) + " at " + file +
                   ":" + std::to_string(line));
@@ -78,8 +82,14 @@ inline bool device_available() {
       ::zo2::cuda::detail::throw_cuda(zo2_status_, #call, __FILE__, __LINE__);          \
   } while (0)
 
-/// After a kernel launch: the launch itself (configuration errors) is checked.
-#define ZO2_CUDA_CHECK_LAUNCH(what) ZO2_CUDA_CHECK(cudaPeekAtLastError())
+/// After a kernel launch: the launch itself (configuration errors) is checked; a failure names
+/// the kernel, `what` (a string: "zo2::cuda::layer_norm_kernel").
+#define ZO2_CUDA_CHECK_LAUNCH(what)                                                     \
+  do {                                                                                  \
+    const cudaError_t zo2_status_ = cudaPeekAtLastError();                              \
+    if (zo2_status_ != cudaSuccess)                                                     \
+      ::zo2::cuda::detail::throw_launch(zo2_status_, (what), __FILE__, __LINE__);       \
+  } while (0)
 
 #define ZO2_CUBLAS_CHECK(call)                                                          \
   do {                                                                                  \

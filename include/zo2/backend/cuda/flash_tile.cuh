@@ -14,6 +14,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/mma_primitives.cuh>
@@ -130,19 +133,36 @@ __device__ __forceinline__ void flash_store_rows(const float (&o)[kOTiles][4], c
   }
 }
 
+/// Calls configure() the first time it is asked for `device` under `Key` (one registry per Key),
+/// never again for that device: for per-device settings such as a kernel's dynamic shared memory
+/// limit, which cudaFuncSetAttribute sets for the current device only. Thread-safe; a configure()
+/// that throws is tried again on the next call.
+template <auto Key, class Configure>
+void once_per_device(int device, Configure&& configure) {
+  static std::mutex mutex;
+  static std::vector<bool> done;
+  if (device < 0) throw Error("once_per_device: device id " + std::to_string(device) + " is negative");
+  const auto d = static_cast<std::size_t>(device);
+  std::lock_guard lock(mutex);
+  if (d < done.size() && done[d]) return;
+  configure();
+  if (done.size() <= d) done.resize(d + 1, false);
+  done[d] = true;
+}
+
 /// Launches a flash kernel (both take the same arguments) over grid (heads, query tiles of kRows,
 /// batch) with kThreads per block and kSmem bytes of dynamic shared memory (the limit raised once
-/// per kernel). Heads vary fastest and a kernel takes query tile num_tiles - 1 - blockIdx.y, so
+/// per kernel and device). Heads vary fastest and a kernel takes query tile num_tiles - 1 - blockIdx.y, so
 /// blocks start in order of decreasing causal work across all heads (longest first): the
 /// last wave holds the shortest tiles, not one head's mix of long and short.
 template <auto Kernel, int kSmem, int kRows, int kThreads, class T>
 void launch_flash(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context, std::int64_t batch,
                   std::int64_t seq, std::int64_t heads, int head_dim, cudaStream_t stream, const char* name) {
-  static const bool configured = [] {
+  int device = 0;
+  ZO2_CUDA_CHECK(cudaGetDevice(&device));
+  once_per_device<Kernel>(device, [] {
     ZO2_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    return true;
-  }();
-  (void)configured;
+  });
   const std::int64_t tiles = (seq + kRows - 1) / kRows;
   if (tiles > 65535 || batch > 65535) throw ShapeError("flash attention: sequence or batch too large for one launch");
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(tiles), static_cast<unsigned>(batch));
