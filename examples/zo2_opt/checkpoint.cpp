@@ -1,6 +1,7 @@
 #include "checkpoint.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <cstdio>
 #include <limits>
 #include <sstream>
@@ -19,12 +20,21 @@ namespace fs = std::filesystem;
 
 fs::path save_checkpoint(const fs::path& checkpoint_dir, std::uint64_t step, const zo2::opt::OPTConfig& config,
                          const zo2::ParameterStore<float>& store, const Tokenizer* tokenizer,
-                         const nlohmann::json& state, const EncodedState* encoded) {
+                         const nlohmann::json& state, const EncodedState* encoded, const RuleState* rule_state) {
   char name[32];
   std::snprintf(name, sizeof name, "step-%08llu", static_cast<unsigned long long>(step));
   const fs::path target = checkpoint_dir / name;
   export_model(target, config, store, tokenizer, [&](const fs::path& staging) {
     write_file_synced(staging / kStateFile, state.dump(2) + "\n");
+    if (rule_state && rule_state->slots > 0) {
+      std::vector<zo2::io::TensorToWrite> tensors;
+      for (std::size_t g = 0; g < rule_state->groups.size(); ++g)
+        tensors.push_back({"group." + std::to_string(g), zo2::io::Dtype::F32,
+                           {static_cast<std::int64_t>(rule_state->groups[g].size())}, rule_state->groups[g].data()});
+      zo2::io::write_safetensors(staging / kRuleStateFile, tensors,
+                                 {{"slots", std::to_string(rule_state->slots)},
+                                  {"groups", std::to_string(rule_state->groups.size())}});
+    }
     if (!encoded) return;
     std::vector<zo2::io::TensorToWrite> tensors;
     for (std::size_t g = 0; g < encoded->groups.size(); ++g)
@@ -57,6 +67,34 @@ std::optional<EncodedState> read_encoded_state(const fs::path& checkpoint) {
     if (t.dtype != zo2::io::Dtype::U8) throw zo2::FileError(file.string(), name + " is not U8");
     const auto* p = reinterpret_cast<const unsigned char*>(t.bytes.data());
     out.groups.emplace_back(p, p + t.bytes.size());
+  }
+  return out;
+}
+
+std::optional<RuleState> read_rule_state(const fs::path& checkpoint) {
+  const fs::path file = checkpoint / kRuleStateFile;
+  if (!fs::exists(file)) return std::nullopt;
+  const auto st = zo2::io::SafetensorsFile::open(file);
+  const auto& meta = st.metadata();
+  const auto slots = meta.find("slots"), groups = meta.find("groups");
+  if (slots == meta.end() || groups == meta.end())
+    throw zo2::FileError(file.string(), "no \"slots\" and \"groups\" in __metadata__");
+  auto count = [&](const std::string& key, const std::string& v, unsigned long long most) {
+    if (v.empty() || v.size() > 8 || v.find_first_not_of("0123456789") != std::string::npos || std::stoull(v) > most)
+      throw zo2::FileError(file.string(), "__metadata__ \"" + key + "\" is not a count up to " + std::to_string(most) +
+                                              ": '" + v + "'");
+    return std::stoull(v);
+  };
+  RuleState out;
+  out.slots = static_cast<unsigned>(count("slots", slots->second, 8));
+  const std::size_t n = count("groups", groups->second, 1u << 20);
+  for (std::size_t g = 0; g < n; ++g) {
+    const std::string name = "group." + std::to_string(g);
+    const auto& t = st.entry(name);
+    if (t.dtype != zo2::io::Dtype::F32) throw zo2::FileError(file.string(), name + " is not F32");
+    std::vector<float> v(t.bytes.size() / sizeof(float));
+    std::memcpy(v.data(), t.bytes.data(), v.size() * sizeof(float));
+    out.groups.push_back(std::move(v));
   }
   return out;
 }
@@ -125,6 +163,15 @@ const StateField kStateFields[] = {
     {"optimizer", "weight_decay", Kind::number},
     {"optimizer", "lr_schedule", Kind::string},
     {"optimizer", "warmup_steps", Kind::integer, 0, kMaxU32},
+    {"optimizer", "algorithm", Kind::string},
+    {"optimizer", "estimator", Kind::string},
+    {"optimizer", "queries", Kind::integer, 1, 16},
+    {"optimizer", "accumulate", Kind::integer, 1, 4096},
+    {"optimizer", "momentum", Kind::number},
+    {"optimizer", "beta1", Kind::number},
+    {"optimizer", "beta2", Kind::number},
+    {"optimizer", "adam_eps", Kind::number},
+    {"", "updates", Kind::integer, 0, kMaxU32},  // also at most "step"
     {"train", "total_steps", Kind::integer, 0, kMaxU32},
     {"train", "batch", Kind::integer, 1, kMaxBatch},
     {"train", "seq_len", Kind::integer, 2, static_cast<std::uint64_t>(zo2::opt::OPTConfig::kMaxPositions)},
@@ -208,10 +255,12 @@ void check_state(const json& state, const std::string& file) {
         break;
     }
   }
-  const auto skipped = state.find("skipped_steps");
-  if (skipped != state.end() && !skipped->is_null() && skipped->get<std::uint64_t>() > state["step"].get<std::uint64_t>())
-    throw zo2::FileError(file, "field 'skipped_steps' (" + skipped->dump() + ") exceeds field 'step' (" +
-                                   state["step"].dump() + ")");
+  for (const char* key : {"skipped_steps", "updates"}) {
+    const auto it = state.find(key);
+    if (it != state.end() && !it->is_null() && it->get<std::uint64_t>() > state["step"].get<std::uint64_t>())
+      throw zo2::FileError(file, std::string("field '") + key + "' (" + it->dump() + ") exceeds field 'step' (" +
+                                     state["step"].dump() + ")");
+  }
 }
 
 }  // namespace
@@ -231,9 +280,16 @@ nlohmann::json read_state(const fs::path& checkpoint) {
 }
 
 SavedProgress saved_progress(const nlohmann::json& state) {
-  const auto skipped = state.find("skipped_steps");
-  return {state.at("step").get<std::uint64_t>(), state.at("seed").get<std::uint64_t>(),
-          skipped == state.end() || skipped->is_null() ? 0 : skipped->get<std::uint64_t>()};
+  const auto count = [&](const char* key) -> std::optional<std::uint64_t> {
+    const auto it = state.find(key);
+    if (it == state.end() || it->is_null()) return std::nullopt;
+    return it->get<std::uint64_t>();
+  };
+  SavedProgress p{state.at("step").get<std::uint64_t>(), state.at("seed").get<std::uint64_t>(),
+                  count("skipped_steps").value_or(0)};
+  // Checkpoints before the field counted every step that was not skipped as an update.
+  p.updates = count("updates").value_or(p.step - std::min(p.step, p.skipped_steps));
+  return p;
 }
 
 }  // namespace zo2_opt

@@ -26,11 +26,19 @@ inline constexpr const char* kStateFile = "state.json";
 /// (the int8 codec): one U8 tensor "group.<g>" per parameter group, the codec in the metadata.
 inline constexpr const char* kEncodedStateFile = "offload_state.safetensors";
 
-/// `encoded` (optional) is written as kEncodedStateFile beside the weights.
+/// A stateful optimizer's per-element state (zo-mmt, zo-adam): one F32 tensor "group.<g>" per
+/// parameter group, the slot count in the metadata.
+inline constexpr const char* kRuleStateFile = "optimizer_state.safetensors";
+
+/// `encoded` (optional) is written as kEncodedStateFile beside the weights, `rule_state` (when
+/// it has slots) as kRuleStateFile.
 std::filesystem::path save_checkpoint(const std::filesystem::path& checkpoint_dir, std::uint64_t step,
                                       const zo2::opt::OPTConfig& config, const zo2::ParameterStore<float>& store,
                                       const Tokenizer* tokenizer, const nlohmann::json& state,
-                                      const EncodedState* encoded = nullptr);
+                                      const EncodedState* encoded = nullptr, const RuleState* rule_state = nullptr);
+
+/// The checkpoint's kRuleStateFile, or nullopt when it has none.
+std::optional<RuleState> read_rule_state(const std::filesystem::path& checkpoint);
 
 /// The checkpoint's kEncodedStateFile, or nullopt when it has none.
 std::optional<EncodedState> read_encoded_state(const std::filesystem::path& checkpoint);
@@ -48,11 +56,13 @@ std::filesystem::path resolve_model_dir(const std::filesystem::path& dir);
 nlohmann::json read_state(const std::filesystem::path& checkpoint);
 
 /// Where a run stood when it saved `state` (a read_state() result): the next step, the seed,
-/// and the steps skipped so far (0 when the checkpoint does not record them).
+/// the steps skipped so far (0 when the checkpoint does not record them) and the updates
+/// scheduled (zo-adam's bias-correction count; steps - skipped when not recorded).
 struct SavedProgress {
   std::uint64_t step = 0;
   std::uint64_t seed = 0;
   std::uint64_t skipped_steps = 0;
+  std::uint64_t updates = 0;
 };
 SavedProgress saved_progress(const nlohmann::json& state);
 

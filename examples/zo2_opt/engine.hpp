@@ -29,6 +29,13 @@ struct EncodedState {
   std::vector<std::vector<unsigned char>> groups;
 };
 
+/// Per-element optimizer state of a stateful rule (zo-mmt's momentum, zo-adam's moments): the
+/// policy's get_rule_state() of each parameter group, `slots` arrays of the group's flat size.
+struct RuleState {
+  unsigned slots = 0;
+  std::vector<std::vector<float>> groups;
+};
+
 struct EngineOptions {
   std::string device = "cpu";  // "cpu" | "cuda"
   bool offload = false;
@@ -41,8 +48,17 @@ struct EngineOptions {
 class Engine {
  public:
   virtual ~Engine() = default;
-  /// One MeZO-SGD step.
+  /// One optimizer step.
   virtual zo2::StepResult step(const TokenBatch& batch) = 0;
+  /// One step over micro-batches that share the step's z (gradient accumulation): the losses are
+  /// their scored-token-weighted means.
+  virtual zo2::StepResult step_accumulated(std::span<const TokenBatch> micro) = 0;
+  /// Continues a saved run's counters (skipped steps, update count); the step is start_step.
+  virtual void restore_progress(const zo2::OptimizerState& saved) = 0;
+  /// The rule state (flushes first); slots 0 when the rule keeps none.
+  virtual RuleState rule_state() = 0;
+  /// Restores rule_state() saved by a run with the same rule and model.
+  virtual void set_rule_state(const RuleState& state) = 0;
   /// Mean token loss at theta (flushes the owed update first).
   virtual double loss(const TokenBatch& batch) = 0;
   /// Logits of every position of a single sequence, [ids.size(), vocab] row-major, at theta.

@@ -6,6 +6,7 @@
 
 #include "cli.hpp"
 #include "engine.hpp"
+#include "engine_rule_state.hpp"
 
 namespace zo2_opt {
 
@@ -30,6 +31,17 @@ class CpuEngine final : public Engine {
         optimizer_(model_, policy_, options.zo, options.start_step) {}
 
   zo2::StepResult step(const TokenBatch& batch) override { return optimizer_.step(to_model_batch(batch)); }
+  zo2::StepResult step_accumulated(std::span<const TokenBatch> micro) override {
+    std::vector<Model::Batch> batches;
+    for (const TokenBatch& b : micro) batches.push_back(to_model_batch(b));
+    return optimizer_.step_accumulated(batches);
+  }
+  void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
+  RuleState rule_state() override {
+    optimizer_.flush();
+    return read_rule_state(policy_);
+  }
+  void set_rule_state(const RuleState& state) override { write_rule_state(policy_, state); }
 
   double loss(const TokenBatch& batch) override { return optimizer_.evaluate(to_model_batch(batch)); }
 

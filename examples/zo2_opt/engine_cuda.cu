@@ -20,6 +20,7 @@
 
 #include "cli.hpp"
 #include "engine.hpp"
+#include "engine_rule_state.hpp"
 #include "options.hpp"
 
 namespace zo2_opt {
@@ -58,6 +59,18 @@ class CudaEngine final : public Engine {
     model_.upload_batch(batch, batch_);
     return optimizer_.step(batch_);
   }
+  /// Every micro-batch is on the device at once (token ids only; activations are one batch's).
+  zo2::StepResult step_accumulated(std::span<const TokenBatch> micro) override {
+    if (micro_.size() < micro.size()) micro_.resize(micro.size());
+    for (std::size_t i = 0; i < micro.size(); ++i) model_.upload_batch(micro[i], micro_[i]);
+    return optimizer_.step_accumulated(std::span<const typename Model::Batch>(micro_.data(), micro.size()));
+  }
+  void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
+  RuleState rule_state() override {
+    optimizer_.flush();
+    return read_rule_state(policy_);
+  }
+  void set_rule_state(const RuleState& state) override { write_rule_state(policy_, state); }
   double loss(const TokenBatch& batch) override {
     model_.upload_batch(batch, batch_);
     return optimizer_.evaluate(batch_);
@@ -158,6 +171,7 @@ class CudaEngine final : public Engine {
   Policy policy_;
   zo2::ZOOptimizer<Model, Policy> optimizer_;
   typename Model::Batch batch_;
+  std::vector<typename Model::Batch> micro_;  // accumulation's micro-batches, on the device
   typename Model::Activation hidden_[2];
   typename Model::Workspace workspace_;
   std::string description_;

@@ -1,5 +1,5 @@
-// zo2-opt train: MeZO-SGD fine-tuning with progress, logging, evaluation, checkpoints, resume
-// and export.
+// zo2-opt train: zeroth-order fine-tuning (MeZO-SGD and the ZO-Bench family) with progress,
+// logging, evaluation, checkpoints, resume and export.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -45,7 +45,7 @@ constexpr std::uint64_t kDemoSeed = 1;
 CommandSpec train_spec() {
   CommandSpec s;
   s.name = "train";
-  s.summary = "zo2-opt train: fine-tune an OPT model with MeZO-SGD (two forward passes per step, no backward)";
+  s.summary = "zo2-opt train: fine-tune an OPT model with zeroth-order optimization (MeZO-SGD and the ZO-Bench family: forward passes only, no backward)";
   s.usage = "zo2-opt train (--demo | --model DIR | --preset NAME | --resume DIR) [--data FILE | --text FILE] [options]";
   s.options = {
       {"--demo", "", "built-in demo: a small random OPT fine-tuned on an embedded corpus (no files needed)", ""},
@@ -70,6 +70,14 @@ CommandSpec train_spec() {
       {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},
       {"--weight-decay", "X", "weight decay (weights only, not biases or LayerNorm)", "0"},
+      {"--optimizer", "NAME", "zo-sgd (MeZO), zo-sign (sign of g), zo-mmt (momentum), zo-adam, zo-cons (keep the best of theta, theta -+ lr g z; 5 forwards a step)", "zo-sgd"},
+      {"--momentum", "M", "zo-mmt's momentum", "0.9"},
+      {"--beta1", "B1", "zo-adam's beta1", "0.9"},
+      {"--beta2", "B2", "zo-adam's beta2", "0.999"},
+      {"--adam-eps", "X", "zo-adam's epsilon", "1e-8"},
+      {"--queries", "Q", "independent perturbations per step (q-SPSA; 1..16): the update follows their mean; offloaded, a block runs all 2Q forwards while it is on the GPU", "1"},
+      {"--estimator", "NAME", "two-side: (L(theta+eps z) - L(theta-eps z)) / 2 eps; one-side: (L(theta+eps z) - L(theta)) / eps", "two-side"},
+      {"--accumulate", "N", "micro-batches of --batch examples per step, sharing one z (effective batch N x --batch at the activation memory of --batch)", "1"},
       {"--lr-schedule", "NAME", "constant or cosine (linear warm-up, then cosine to 0)", "constant"},
       {"--warmup", "N", "warm-up steps of the cosine schedule", "0"},
       {"--steps", "N", "total number of steps (a resumed run continues up to N)", "100; demo 2000"},
@@ -79,7 +87,7 @@ CommandSpec train_spec() {
       {"--checkpoint-every", "N", "save a checkpoint every N steps (and at the end)", "0 (never)"},
       {"--checkpoint-dir", "DIR", "where checkpoints go (DIR/step-NNNNNNNN)", "checkpoints"},
       {"--resume", "DIR", "continue bit-exactly from a checkpoint (or the newest one in DIR)", ""},
-      {"--log", "FILE", "append one JSON line per step (step, loss_plus, loss_minus, g, lr, tokens_per_s, elapsed_s)", ""},
+      {"--log", "FILE", "append one JSON line per step (step, loss_plus, loss_minus, g, lr, tokens_per_s, elapsed_s; per-query g with --queries, zo-cons's losses and choice)", ""},
       {"--export", "DIR", "write an HF-loadable model (config.json, model.safetensors, tokenizer files) at the end", ""},
       {"--quiet", "", "no progress line", ""},
   };
@@ -89,6 +97,7 @@ CommandSpec train_spec() {
       "  zo2-opt train --model opt-125m/ --data sst2.jsonl --template \"{prompt} It was\" \\\n"
       "      --candidates \"terrible,great\" --lr 1e-6 --eps 1e-3 --steps 20000 --batch 16\n"
       "  zo2-opt train --preset opt-125m --layers 2 --hidden 128 --text book.txt --steps 500\n"
+      "  zo2-opt train --demo --optimizer zo-adam --lr 1e-3 --queries 4 --accumulate 2\n"
       "  zo2-opt train --resume checkpoints/ --steps 1000\n";
   return s;
 }
@@ -226,6 +235,32 @@ int run_train(const std::vector<std::string>& argv) {
   zo.lr = opt_r.number("--lr", "lr", demo ? kDemoLr : 1e-6);
   zo.eps = opt_r.number("--eps", "eps", demo ? kDemoEps : 1e-3);
   zo.weight_decay = opt_r.number("--weight-decay", "weight_decay", 0.0);
+  {
+    // Checkpoints before the family say "mezo-sgd".
+    std::string saved_algorithm = saved_opt ? saved_opt->value("algorithm", "mezo-sgd") : "zo-sgd";
+    if (saved_algorithm == "mezo-sgd") saved_algorithm = "zo-sgd";
+    const std::string method = args.str("--optimizer", saved_algorithm);
+    if (saved_opt && args.has("--optimizer") && method != saved_algorithm) opt_r.overridden.push_back("--optimizer");
+    try {
+      zo.method = zo2::parse_method(method, "--optimizer");
+      zo.estimator = zo2::parse_estimator(opt_r.text("--estimator", "estimator", "two-side"), "--estimator");
+    } catch (const zo2::ConfigError& e) {
+      throw UsageError(std::string("train: ") + e.what());
+    }
+  }
+  zo.queries = static_cast<unsigned>(std::min<std::uint64_t>(opt_r.count("--queries", "queries", 1), 1u << 20));
+  zo.momentum = opt_r.number("--momentum", "momentum", 0.9);
+  zo.beta1 = opt_r.number("--beta1", "beta1", 0.9);
+  zo.beta2 = opt_r.number("--beta2", "beta2", 0.999);
+  zo.adam_eps = opt_r.number("--adam-eps", "adam_eps", 1e-8);
+  const std::uint64_t accumulate = opt_r.count("--accumulate", "accumulate", 1);
+  if (accumulate < 1 || accumulate > 4096) throw UsageError("train: --accumulate must be in [1, 4096]");
+  if (accumulate > 1 && zo.method == zo2::ZOMethod::kConservative)
+    throw UsageError("train: --accumulate: zo-cons takes one batch per step");
+  for (const char* flag : {"--momentum"})
+    if (args.has(flag) && zo.method != zo2::ZOMethod::kMomentum) throw UsageError(std::string("train: ") + flag + " applies only to --optimizer zo-mmt");
+  for (const char* flag : {"--beta1", "--beta2", "--adam-eps"})
+    if (args.has(flag) && zo.method != zo2::ZOMethod::kAdam) throw UsageError(std::string("train: ") + flag + " applies only to --optimizer zo-adam");
   const std::string schedule = opt_r.text("--lr-schedule", "lr_schedule", "constant");
   const std::uint64_t warmup = opt_r.count("--warmup", "warmup_steps", 0);
   const std::uint64_t total_steps = train_r.count("--steps", "total_steps", demo ? kDemoSteps : 100);
@@ -240,7 +275,10 @@ int run_train(const std::vector<std::string>& argv) {
   try {
     zo.validate();
   } catch (const zo2::ConfigError& e) {
-    throw UsageError(std::string("train: ") + e.what());
+    // Name the flag the user typed (ZOConfig names its field).
+    std::string flag = "--" + e.field();
+    std::replace(flag.begin(), flag.end(), '_', '-');
+    throw UsageError("train: " + flag + ": " + e.what());
   }
   const std::uint64_t start_step = resume_dir ? state["step"].get<std::uint64_t>() : 0;
   if (start_step > total_steps)
@@ -305,6 +343,18 @@ int run_train(const std::vector<std::string>& argv) {
   // The int8 codec's masters are restored from their codes and row scales, not re-quantized.
   std::string encoded_note;
   if (resume_dir) {
+    const SavedProgress progress_saved = saved_progress(state);
+    engine->restore_progress({progress_saved.step, seed, progress_saved.skipped_steps, progress_saved.updates});
+    const auto saved_rule_state = read_rule_state(*resume_dir);
+    const unsigned slots = zo2::rule_state_slots(zo.method == zo2::ZOMethod::kMomentum ? zo2::RuleId::kMomentum
+                                                 : zo.method == zo2::ZOMethod::kAdam   ? zo2::RuleId::kAdam
+                                                                                        : zo2::RuleId::kSgd);
+    if (saved_rule_state && saved_rule_state->slots == slots) engine->set_rule_state(*saved_rule_state);
+    else if (slots > 0)
+      std::printf("note      the checkpoint holds no %s state (%s): it starts from zero, so the run will not match an "
+                  "uninterrupted one\n",
+                  zo2::method_name(zo.method), kRuleStateFile);
+
     if (auto encoded = read_encoded_state(*resume_dir)) {
       const bool wanted = engine_options.offload && encoded->codec == engine_options.codec;
       if (wanted) engine->restore_encoded_state(*encoded);
@@ -313,7 +363,8 @@ int run_train(const std::vector<std::string>& argv) {
                                   "): this run re-encodes the float weights";
     }
   }
-  const BatchSchedule schedule_of_batches(train.examples.size(), batch_size, seed);
+  // With accumulation, step t draws accumulate x batch examples and cuts them into micro-batches.
+  const BatchSchedule schedule_of_batches(train.examples.size(), batch_size * accumulate, seed);
 
   const bool quiet = args.flag("--quiet");
   std::printf("model     %s: %lld layers, hidden %lld, %lld heads, vocab %lld, %zu parameters\n", model_description.c_str(),
@@ -325,8 +376,19 @@ int run_train(const std::vector<std::string>& argv) {
               data_kind == "file" ? "examples" : "windows",
               train.kind == TaskKind::classification ? "classification" : "language modelling",
               train.truncated ? (", " + std::to_string(train.truncated) + " cut to --seq-len").c_str() : "");
-  std::printf("optimizer MeZO-SGD lr %g eps %g weight decay %g (%s), batch %llu, seq-len %zu, seed %llu, device %s\n", zo.lr, zo.eps,
-              zo.weight_decay, schedule.c_str(), static_cast<unsigned long long>(batch_size), data_options.seq_len,
+  std::string rule_settings;
+  if (zo.method == zo2::ZOMethod::kMomentum) rule_settings = " momentum " + fixed(zo.momentum, 3);
+  if (zo.method == zo2::ZOMethod::kAdam)
+    rule_settings = " betas (" + fixed(zo.beta1, 3) + ", " + fixed(zo.beta2, 4) + ") eps " + [&] {
+      char b[32];
+      std::snprintf(b, sizeof b, "%g", zo.adam_eps);
+      return std::string(b);
+    }();
+  std::printf("optimizer %s%s, %s estimate, %u quer%s, lr %g eps %g weight decay %g (%s), batch %llu%s, seq-len %zu, seed %llu, device %s\n",
+              zo2::method_name(zo.method), rule_settings.c_str(), zo2::estimator_name(zo.estimator), zo.queries,
+              zo.queries == 1 ? "y" : "ies", zo.lr, zo.eps, zo.weight_decay, schedule.c_str(),
+              static_cast<unsigned long long>(batch_size),
+              accumulate > 1 ? (" x " + std::to_string(accumulate) + " accumulated").c_str() : "", data_options.seq_len,
               static_cast<unsigned long long>(seed), engine->device_description().c_str());
   if (resume_dir) std::printf("resume    from %s at step %llu\n", resume_dir->string().c_str(), static_cast<unsigned long long>(start_step));
   if (!encoded_note.empty()) std::printf("resume    %s\n", encoded_note.c_str());
@@ -368,9 +430,13 @@ int run_train(const std::vector<std::string>& argv) {
         {"step", step},
         {"seed", seed},
         {"skipped_steps", s.skipped_steps},
+        {"updates", s.updates},
         {"tokenizer", tok && tok->is_bytes() ? "bytes" : (tok ? "bpe" : "none")},
-        {"optimizer", {{"algorithm", "mezo-sgd"}, {"lr", zo.lr}, {"eps", zo.eps}, {"weight_decay", zo.weight_decay},
-                       {"lr_schedule", schedule}, {"warmup_steps", warmup}}},
+        {"optimizer", {{"algorithm", zo2::method_name(zo.method)}, {"lr", zo.lr}, {"eps", zo.eps},
+                       {"weight_decay", zo.weight_decay}, {"lr_schedule", schedule}, {"warmup_steps", warmup},
+                       {"estimator", zo2::estimator_name(zo.estimator)}, {"queries", zo.queries},
+                       {"accumulate", accumulate}, {"momentum", zo.momentum}, {"beta1", zo.beta1},
+                       {"beta2", zo.beta2}, {"adam_eps", zo.adam_eps}}},
         {"train", {{"total_steps", total_steps}, {"batch", batch_size}, {"seq_len", data_options.seq_len},
                    {"demo", data_kind == "demo"}, {"data_kind", data_kind},
                    {"data", data_path.empty() ? json(nullptr) : json(data_path)},
@@ -401,11 +467,17 @@ int run_train(const std::vector<std::string>& argv) {
   const std::uint64_t window = std::max<std::uint64_t>(1, std::min<std::uint64_t>(50, (total_steps - start_step + 9) / 10));
   for (std::uint64_t t = start_step; t < total_steps; ++t) {
     const std::vector<std::size_t> indices = schedule_of_batches.indices(t);
-    const TokenBatch batch = make_batch(train, indices, pad);
+    std::vector<TokenBatch> micro;
+    std::size_t tokens = 0;
+    for (std::size_t m = 0; m < accumulate; ++m) {
+      const std::size_t from = std::min(indices.size(), m * batch_size), to = std::min(indices.size(), from + batch_size);
+      if (from == to) break;
+      micro.push_back(make_batch(train, std::vector<std::size_t>(indices.begin() + from, indices.begin() + to), pad));
+      tokens += micro.back().real_tokens();
+    }
     const auto t0 = std::chrono::steady_clock::now();
-    const zo2::StepResult r = engine->step(batch);
+    const zo2::StepResult r = micro.size() == 1 ? engine->step(micro[0]) : engine->step_accumulated(micro);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const std::size_t tokens = batch.real_tokens();
     tokens_total += tokens;
     const double step_tps = dt > 0 ? static_cast<double>(tokens) / dt : 0;
     tokens_per_s = t == start_step ? step_tps : 0.9 * tokens_per_s + 0.1 * step_tps;
@@ -422,6 +494,13 @@ int run_train(const std::vector<std::string>& argv) {
     json line = {{"step", t}, {"loss_plus", r.loss_plus}, {"loss_minus", r.loss_minus}, {"g", r.projected_grad},
                  {"lr", r.lr}, {"tokens_per_s", step_tps}, {"elapsed_s", progress.elapsed_s()}};
     if (r.skipped) line["skipped"] = true;
+    if (r.queries > 1) line["g_queries"] = std::vector<double>(r.query_grads, r.query_grads + r.queries);
+    if (zo.method == zo2::ZOMethod::kConservative && !r.skipped) {
+      line["loss_base"] = r.loss_base;
+      line["loss_descent"] = r.loss_descent;
+      line["loss_ascent"] = r.loss_ascent;
+      line["kept"] = r.conservative_choice;
+    }
     if (const std::uint64_t lost = engine->values_lost(); lost != values_lost) {
       // Silent loss is the one thing a lossless codec must never do: say it at once.
       progress.note("warning   step " + std::to_string(t) + ": " + std::to_string(lost - values_lost) +
@@ -443,8 +522,9 @@ int run_train(const std::vector<std::string>& argv) {
     progress.update(t, smoothed, tokens_per_s, engine->device_memory_used());
     if (checkpoint_every && (t + 1) % checkpoint_every == 0 && t + 1 < total_steps) {
       const auto encoded = engine->encoded_state();
+      const RuleState rule_state = engine->rule_state();
       const fs::path saved = save_checkpoint(checkpoint_dir, t + 1, config, engine->parameters(), tok, state_json(t + 1),
-                                             encoded ? &*encoded : nullptr);
+                                             encoded ? &*encoded : nullptr, &rule_state);
       last_checkpoint = t + 1;
       progress.note("checkpoint " + saved.string());
     }
@@ -456,8 +536,9 @@ int run_train(const std::vector<std::string>& argv) {
 
   if (checkpoint_every && last_checkpoint != total_steps) {
     const auto encoded = engine->encoded_state();
+    const RuleState rule_state = engine->rule_state();
     const fs::path saved = save_checkpoint(checkpoint_dir, total_steps, config, engine->parameters(), tok,
-                                           state_json(total_steps), encoded ? &*encoded : nullptr);
+                                           state_json(total_steps), encoded ? &*encoded : nullptr, &rule_state);
     std::printf("checkpoint %s\n", saved.string().c_str());
   }
   const EvalResult end_eval = evaluate_dataset(*engine, eval_data, batch_size, pad, eval_limit);

@@ -119,13 +119,28 @@ template <class... Rules>
 struct RuleList {};
 using UpdateRuleList = RuleList<SgdRule, MomentumRule, AdamRule>;
 
-/// Calls f.template operator()<Rule>() for the rule whose id is `id`; returns its result.
+/// A rule type as a value, for generic lambdas: [&]<class Rule>(RuleTag<Rule>) { ... }.
+template <class Rule>
+struct RuleTag {
+  using type = Rule;
+};
+
+namespace detail {
+template <class Rule, class F>
+decltype(auto) call_with_rule(F&& f) {
+  if constexpr (std::is_invocable_v<F, RuleTag<Rule>>) return f(RuleTag<Rule>{});
+  else return f.template operator()<Rule>();
+}
+}  // namespace detail
+
+/// Calls f(RuleTag<Rule>{}) (or f.template operator()<Rule>()) for the rule whose id is `id`;
+/// returns its result.
 template <class F, class First, class... Rest>
 decltype(auto) visit_rule(RuleId id, F&& f, RuleList<First, Rest...>) {
   if constexpr (sizeof...(Rest) == 0) {
-    return f.template operator()<First>();
+    return detail::call_with_rule<First>(f);
   } else {
-    if (id == First::id) return f.template operator()<First>();
+    if (id == First::id) return detail::call_with_rule<First>(f);
     return visit_rule(id, static_cast<F&&>(f), RuleList<Rest...>{});
   }
 }
@@ -136,7 +151,7 @@ decltype(auto) visit_rule(RuleId id, F&& f) {
 
 /// Per-element state values a rule keeps.
 inline unsigned rule_state_slots(RuleId id) {
-  return visit_rule(id, []<class Rule>() { return Rule::kStateSlots; });
+  return visit_rule(id, []<class Rule>(RuleTag<Rule>) { return Rule::kStateSlots; });
 }
 
 }  // namespace zo2

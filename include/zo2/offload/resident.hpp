@@ -168,7 +168,7 @@ class Resident {
     const ParamLayout& layout = store_->model_layout().layout(g);
     const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
     const std::size_t stride = layout.total_elements();
-    visit_rule(pending ? pending->rule : RuleId::kSgd, [&]<class Rule>() {
+    visit_rule(pending ? pending->rule : RuleId::kSgd, [&]<class Rule>(RuleTag<Rule>) {
       if (pending && Rule::kStateSlots > state_slots_)
         throw ConfigError("optimizer", "the policy holds no state for this update rule (reserve_rule_state)");
       state_type* state = Rule::kStateSlots > 0 ? state_.data() + state_offset_.at(g.value) : nullptr;

@@ -195,6 +195,15 @@ class OPTModel {
     }
   }
 
+  /// The batch's weight in an accumulated step: its targets (the loss is their mean).
+  double batch_weight(const Batch& batch) const {
+    std::size_t n = 0;
+    for (std::size_t b = 0; b < batch.batch; ++b)
+      for (std::size_t s = 0; s + 1 < batch.seq; ++s)
+        if (b * batch.seq + s + 1 < batch.labels.size() && batch.labels[b * batch.seq + s + 1] != kIgnoreLabel) ++n;
+    return static_cast<double>(n);
+  }
+
   /// Causal-LM loss as transformers' ForCausalLMLoss: position s of sequence b predicts
   /// labels[b, s + 1]; the mean is over targets != -100. NaN when there is no target (as HF).
   double epilogue(ParamView<const T> params, ParamView<const T> prologue_params, const Activation& in,

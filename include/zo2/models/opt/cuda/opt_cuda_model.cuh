@@ -337,6 +337,9 @@ class OPTCudaModel {
                           eps, stream_);
   }
 
+  /// The batch's weight in an accumulated step: its targets (the loss is their mean).
+  double batch_weight(const Batch& batch) const { return static_cast<double>(batch.num_loss_rows); }
+
   /// Causal-LM loss as transformers' ForCausalLMLoss (mean over labels != -100; NaN when there
   /// is none, as HF). Synchronizes the stream once to return the value.
   double epilogue(ParamView<const T> params, ParamView<const T> prologue_params, const Activation& in,
