@@ -278,7 +278,16 @@ class PackedBf16Group {
       const unsigned char* low = block.data() + g0;
       const unsigned char* codes = block.data() + codes_offset() + g0 / 2;
       const std::size_t len = std::min(PackedBf16::kChunk, t.numel - c0);
-      unsigned bad_code = 0;  // nonzero once a code 0..13 points outside 1..E
+      // A code 0..13 must name a field in 1..E: only a chunk with E <= 13 can hold one that
+      // does not (codes up to 13 are always below a larger E).
+      if (E <= PackedBf16::kMaxDistance) {
+        for (std::size_t k = 0; k < len; ++k) {
+          const unsigned code = k % 2 ? codes[k / 2] >> 4 : codes[k / 2] & 0x0fu;
+          if (code <= PackedBf16::kMaxDistance && code >= E)
+            throw corrupt(c0 + k, "has exponent code " + std::to_string(code) + ", impossible below its chunk's " +
+                                      "largest exponent field " + std::to_string(E));
+        }
+      }
       for (std::size_t k = 0; k < len; ++k) {
         const unsigned code = k % 2 ? codes[k / 2] >> 4 : codes[k / 2] & 0x0fu;
         unsigned e;
@@ -293,17 +302,8 @@ class PackedBf16Group {
                                  ", not one more than 13 binades below its chunk's " + std::to_string(E));
         } else {
           e = PackedBf16::exponent_of(code, E);
-          if (code != PackedBf16::kZeroExponent) bad_code |= static_cast<unsigned>(code >= E);
         }
         put(c0 + k, PackedBf16::bits(low[k], e));
-      }
-      if (bad_code) {
-        for (std::size_t k = 0; k < len; ++k) {
-          const unsigned code = k % 2 ? codes[k / 2] >> 4 : codes[k / 2] & 0x0fu;
-          if (code <= PackedBf16::kMaxDistance && code >= E)
-            throw corrupt(c0 + k, "has exponent code " + std::to_string(code) + ", impossible below its chunk's " +
-                                      "largest exponent field " + std::to_string(E));
-        }
       }
     }
     if (next != escapes.size())
