@@ -3,7 +3,7 @@
 # scratch directory; and the user_stack example, whose exit status says whether its loss fell.
 find_program(ZO2_BASH bash)
 if(ZO2_BASH)
-  foreach(case demo help checkpoint_resume export_reload data_formats errors gpu)
+  foreach(case demo help checkpoint_resume export_reload data_formats optimizers errors gpu)
     add_test(NAME zo2_opt_${case}
              COMMAND ${ZO2_BASH} ${CMAKE_CURRENT_SOURCE_DIR}/tests/cli_tests.sh ${case} $<TARGET_FILE:zo2-opt>
                      ${CMAKE_CURRENT_BINARY_DIR}/test_work/${case} ${PROJECT_SOURCE_DIR})

@@ -145,6 +145,38 @@ case "$case_name" in
     run_ok text "$bin" train "${small[@]}" --text "$corpus" --lr-schedule cosine --warmup 2
     ;;
 
+  optimizers)
+    # Every rule of the family lowers the demo's loss; a stateful rule with several queries and
+    # accumulation resumes bit-exactly; bad combinations name the flag.
+    for opt in zo-sgd zo-sign zo-mmt zo-adam zo-cons; do
+      lr=4e-3
+      [ "$opt" = zo-adam ] && lr=2e-3
+      [ "$opt" = zo-mmt ] && lr=4e-4  # momentum 0.9 multiplies the step by ~10
+      run_ok "$opt" "$bin" train --demo --device cpu --steps 150 --optimizer "$opt" --lr "$lr" --quiet
+      grep -q "^optimizer $opt" "$opt.out" || fail "$opt: the optimizer line does not name it"
+      start=$(json_field "$opt.out" start_loss)
+      end=$(json_field "$opt.out" end_loss)
+      awk -v s="$start" -v e="$end" 'BEGIN { exit !(e < s - 0.05) }' || fail "$opt: loss did not fall: $start -> $end"
+      echo "$opt: demo loss $start -> $end"
+    done
+    common=(--demo --device cpu --optimizer zo-adam --lr 1e-3 --queries 2 --accumulate 2 --estimator one-side --quiet)
+    run_ok straight "$bin" train "${common[@]}" --steps 20 --export straight --log straight.jsonl
+    run_ok first "$bin" train "${common[@]}" --steps 10 --checkpoint-every 10 --checkpoint-dir ck
+    [ -f ck/step-00000010/optimizer_state.safetensors ] || fail "no optimizer_state.safetensors in the checkpoint"
+    run_ok resumed "$bin" train --resume ck --steps 20 --export resumed
+    grep -q "^optimizer zo-adam .*one-side estimate, 2 queries.* x 2 accumulated" resumed.out ||
+      fail "the resumed run did not take the checkpoint's optimizer settings"
+    cmp straight/model.safetensors resumed/model.safetensors || fail "zo-adam resumed is not bit-identical"
+    grep -q '"g_queries":\[' straight.jsonl || fail "the log has no per-query g"
+    expect_error "--queries: .*zo-cons takes one query" "$bin" train --demo --optimizer zo-cons --queries 2
+    expect_error "--weight-decay: .*zo-cons" "$bin" train --demo --optimizer zo-cons --weight-decay 0.1
+    expect_error "--momentum applies only to --optimizer zo-mmt" "$bin" train --demo --momentum 0.5
+    expect_error "--beta2: .*must be in \[0, 1\)" "$bin" train --demo --optimizer zo-adam --beta2 1
+    expect_error "--optimizer.*unknown optimizer 'zo-lion'" "$bin" train --demo --optimizer zo-lion
+    expect_error "--estimator.*unknown estimator 'three-side'" "$bin" train --demo --estimator three-side
+    expect_error "--accumulate must be in \[1, 4096\]" "$bin" train --demo --accumulate 0
+    ;;
+
   errors)
     mkdir -p empty_model config_only
     echo '{}' >config_only/config.json
