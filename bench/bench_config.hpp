@@ -36,11 +36,15 @@ struct RunConfig {
   std::string dtype;   // bf16 | fp16: the forward's precision (weights and activations)
   int batch = 1, seq = 2048, steps = 10, warmup = 3;
   std::size_t slots = 0;  // offload: device slots; 0: --slots (the set's bf16p rows use 3, see expand)
+  std::string optimizer = "zo-sgd";  // the ZO rule (zo2::parse_method)
+  int queries = 1;                   // perturbations per step
 };
 
 struct Options {
   std::string set;  // "", "reference", "quick"
   std::vector<std::string> models, policies, codecs, dtypes;
+  std::vector<std::string> optimizers;  // empty: zo-sgd
+  std::vector<int> queries;             // empty: 1
   int batch = 1, seq = 2048;
   int steps = -1, warmup = -1;  // -1: the set's choice (10 timed steps, 3 warm-up; 2 for >= 13B)
   double deadline_s = 0;        // > 0: start no configuration that would end after this
@@ -80,6 +84,10 @@ Configurations:
   --seq N              tokens per sequence                         (default 2048)
   --steps N            timed steps, >= 1                           (default 10)
   --warmup N           untimed steps before them                   (default 3; 2 for >= 13B)
+  --optimizer LIST     zo-sgd | zo-sign | zo-mmt | zo-adam | zo-cons (default zo-sgd; zo-mmt and
+                       zo-adam keep per-element state, counted in the memory numbers)
+  --queries LIST       perturbations per step, 1..16 (default 1); with --set, every set entry
+                       runs with each
 
 Options:
   --deadline S         start no configuration that would end more than S seconds after the
@@ -188,6 +196,16 @@ inline Options parse_options(int argc, char** argv) {
     } else if (key == "--policy" || key == "--policies") o.policies = parse_list(key, next(), {"resident", "offload"});
     else if (key == "--codec" || key == "--codecs") o.codecs = parse_list(key, next(), {"bf16", "bf16p", "fp16", "int8", "fp32"});
     else if (key == "--dtype" || key == "--dtypes") o.dtypes = parse_list(key, next(), {"bf16", "fp16"});
+    else if (key == "--optimizer" || key == "--optimizers")
+      o.optimizers = parse_list(key, next(), {"zo-sgd", "zo-sign", "zo-mmt", "zo-adam", "zo-cons"});
+    else if (key == "--queries") {
+      o.queries.clear();
+      for (const std::string& q : split(next())) {
+        const int n = parse_int(key, q, 1);
+        if (n > 16) throw UsageError("--queries: at most 16, got " + q);
+        o.queries.push_back(n);
+      }
+    }
     else if (key == "--batch") o.batch = parse_int(key, next(), 1);
     else if (key == "--seq") o.seq = parse_int(key, next(), 2);
     else if (key == "--steps") o.steps = parse_int(key, next(), 1);
@@ -212,6 +230,9 @@ inline Options parse_options(int argc, char** argv) {
   if (!o.set.empty() && (!o.policies.empty() || !o.codecs.empty() || !o.dtypes.empty()))
     throw UsageError("--policy/--codec/--dtype choose configurations: use them with --model, not --set");
   if (o.prefetch > o.slots - 1) throw UsageError("--prefetch must be at most --slots - 1");
+  for (const std::string& m : o.optimizers)
+    for (int q : o.queries)
+      if (m == "zo-cons" && q != 1) throw UsageError("--queries: zo-cons takes one query per step");
   return o;
 }
 
@@ -285,6 +306,21 @@ inline Plan expand(const Options& o, long long host_available) {
         }
       }
   }
+  // Every configuration with each optimizer and query count.
+  const std::vector<std::string> optimizers = o.optimizers.empty() ? std::vector<std::string>{"zo-sgd"} : o.optimizers;
+  const std::vector<int> queries = o.queries.empty() ? std::vector<int>{1} : o.queries;
+  if (optimizers.size() > 1 || queries.size() > 1 || optimizers[0] != "zo-sgd" || queries[0] != 1) {
+    std::vector<RunConfig> all;
+    for (const RunConfig& c : plan.configs)
+      for (const std::string& m : optimizers)
+        for (int q : queries) {
+          RunConfig r = c;
+          r.optimizer = m;
+          r.queries = q;
+          all.push_back(r);
+        }
+    plan.configs = std::move(all);
+  }
   return plan;
 }
 
@@ -312,12 +348,15 @@ inline double codec_bytes_per_param(const std::string& codec) {
   return 2;
 }
 
+/// Forward passes of the whole model per step: 2 per query (two-side), zo-cons 5.
+inline double forwards_per_step(const RunConfig& c) { return c.optimizer == "zo-cons" ? 5.0 : 2.0 * c.queries; }
+
 /// Rough seconds a configuration takes (setup + all steps), for --deadline. Rates: the measured
 /// GEMM rate (TFLOP/s) and concurrent pinned bandwidth (GB/s); setup rates are from H100 runs.
 inline double estimate_seconds(const RunConfig& c, double gemm_tflops, double bidir_gbps) {
   const double params = static_cast<double>(model_params(c.model));
   const double tokens = static_cast<double>(c.batch) * c.seq;
-  const double compute = 4.0 * params * tokens / (gemm_tflops * 1e12);
+  const double compute = forwards_per_step(c) * 2.0 * params * tokens / (gemm_tflops * 1e12);
   double setup = 0, step = 0;
   if (c.policy == "resident") {
     setup = 1.5 + params * 2 / 20e9;
@@ -332,7 +371,7 @@ inline double estimate_seconds(const RunConfig& c, double gemm_tflops, double bi
 
 inline JsonLine& add_config_fields(JsonLine& line, const RunConfig& c) {
   return line.add("model", c.model).add("policy", c.policy).add("codec", c.codec).add("dtype", c.dtype)
-      .add("batch", c.batch).add("seq", c.seq);
+      .add("batch", c.batch).add("seq", c.seq).add("optimizer", c.optimizer).add("queries", c.queries);
 }
 
 /// The device slots an offloaded configuration runs with: its own, or --slots (0 for resident).

@@ -20,7 +20,8 @@
 //                                    whatever else runs on the GPU); gpu_nvml_used_peak_bytes
 //                                    the same from NVML where the driver library loads
 //   host_peak_rss_bytes              VmHWM over the configuration (reset at its start)
-//   compute_floor_s                  4 * params * tokens / the bf16 GEMM rate measured at start
+//   compute_floor_s                  2 * forwards * params * tokens / the bf16 GEMM rate measured
+//                                    at start (forwards: 2 per query, zo-cons 5)
 //   pcie_floor_s                     offload: max(bytes up / concurrent H2D bandwidth, bytes
 //                                    down / concurrent D2H bandwidth), both measured at start
 //                                    with the two directions running together, as the step
@@ -282,7 +283,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   const double params = static_cast<double>(model_params(c.model));
   const double tokens = static_cast<double>(c.batch) * c.seq;
   const double med = median(m.step_s);
-  const double compute_floor = 4.0 * params * tokens / (env.gemm.tflops * 1e12);
+  const double compute_floor = forwards_per_step(c) * 2.0 * params * tokens / (env.gemm.tflops * 1e12);
   double pcie_floor = 0, pcie_h2d_only = 0;
   if (p.h2d_bytes_per_step > 0 || p.d2h_bytes_per_step > 0) {
     pcie_floor = std::max(p.h2d_bytes_per_step / (env.bw.bidir_h2d * 1e9), p.d2h_bytes_per_step / (env.bw.bidir_d2h * 1e9));
@@ -320,7 +321,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
       .add("floor_s", floor_s).add("floor", pcie_floor > compute_floor ? "pcie" : "compute")
       .add("ratio_to_floor", med / floor_s);
   if (env.gemm.sustained_tflops > 0) {
-    const double sustained_floor = 4.0 * params * tokens / (env.gemm.sustained_tflops * 1e12);
+    const double sustained_floor = forwards_per_step(c) * 2.0 * params * tokens / (env.gemm.sustained_tflops * 1e12);
     line.add("gemm_sustained_tflops", env.gemm.sustained_tflops).add("compute_floor_sustained_s", sustained_floor)
         .add("ratio_to_sustained_floor", med / std::max(sustained_floor, pcie_floor));
   }
@@ -371,6 +372,14 @@ void resident_breakdown(const RunConfig& c, Env& env, const Model& model, Policy
   line.print();
 }
 
+/// The optimizer a configuration runs (its rule and query count; lr, eps, seed set by the caller).
+ZOConfig zo_config(const RunConfig& c) {
+  ZOConfig zc;
+  zc.method = parse_method(c.optimizer, "--optimizer");
+  zc.queries = static_cast<unsigned>(c.queries);
+  return zc;
+}
+
 template <class T>
 void run_resident(const RunConfig& c, Env& env) {
   const Baseline base = begin_config(env);
@@ -382,7 +391,7 @@ void run_resident(const RunConfig& c, Env& env) {
   for (std::size_t g = 0; g < ml.num_groups(); ++g) device_fill_group(policy.master(GroupIndex{g}), 1 + g, stream.get());
   opt::OPTCudaModel<T> model(config, stream.get(), model_options(env));
   const auto batch = model.make_batch(random_batch(c, config.vocab_size));
-  ZOConfig zc;
+  ZOConfig zc = zo_config(c);
   zc.lr = 1e-6, zc.eps = 1e-3, zc.seed = 7;
   ZOOptimizer<opt::OPTCudaModel<T>, zcuda::CudaResident<T, T>> optimizer(model, policy, zc);
   policy.synchronize();
@@ -455,7 +464,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   }
   opt::OPTCudaModel<T> model(config, policy.stream(), model_options(env));
   const auto batch = model.make_batch(random_batch(c, config.vocab_size));
-  ZOConfig zc;
+  ZOConfig zc = zo_config(c);
   zc.lr = 1e-7, zc.eps = 1e-3, zc.seed = 5;
   ZOOptimizer<opt::OPTCudaModel<T>, Policy> optimizer(model, policy, zc);
   policy.synchronize();
