@@ -438,3 +438,27 @@ TEST_CASE("bad combinations are refused naming the field") {
   CHECK(parse_method("zo-mmt") == ZOMethod::kMomentum);
   CHECK(parse_estimator("one-side") == ZOEstimator::kOneSide);
 }
+
+TEST_CASE("a model on another stream than its policy is refused, at construction and at a step") {
+  struct StreamStack : DenseTanhStack<double> {
+    int on = 1;
+    int stream() const { return on; }
+  };
+  struct StreamResident : Resident<double, double> {
+    using Resident<double, double>::Resident;
+    int stream() const { return 1; }
+  };
+  StreamStack model;
+  ParameterStore<double> store(ModelLayout::of(model));
+  init_random(store, 2);
+  StreamResident policy(store);
+  ZOConfig cfg;
+  model.on = 2;
+  CHECK_THROWS_WITH_AS(ZOOptimizer(model, policy, cfg), doctest::Contains("set_stream"), ConfigError);
+  model.on = 1;
+  ZOOptimizer opt(model, policy, cfg);
+  const auto batch = make_regression_batch<double>(4, model.d_in, 1);
+  opt.step(batch);
+  model.on = 3;  // the model moved to another stream after construction
+  CHECK_THROWS_AS(opt.step(batch), ConfigError);
+}

@@ -80,6 +80,13 @@ concept WeighsBatches = requires(const M& m, const typename M::Batch& b) {
   { m.batch_weight(b) } -> std::convertible_to<double>;
 };
 
+/// A model and a policy that each run on a (device) stream: the model's forwards must be
+/// ordered after the policy's perturbation kernels, so the streams must be one.
+template <class M, class P>
+concept SharesStream = requires(const M& m, const P& p) {
+  { m.stream() == p.stream() } -> std::convertible_to<bool>;
+};
+
 /// A layer stack that can check a batch before any parameter is touched.
 template <class M>
 concept ValidatesBatches = requires(const M& m, const typename M::Batch& b) { m.validate_batch(b); };
@@ -116,6 +123,7 @@ class ZOOptimizer {
       if (needs_materialize)
         throw ConfigError("optimizer", "this policy cannot re-perturb a group (materialize): queries = 1, "
                                        "the two-side estimator and no zo-cons only");
+    check_streams();
     const unsigned slots = rule_state_slots(rule());
     if constexpr (KeepsRuleState<Policy>) {
       if (slots > 0 && policy.rule_state_slots() != slots) policy.reserve_rule_state(slots);
@@ -147,6 +155,7 @@ class ZOOptimizer {
       throw Error("step counter exhausted: the noise counter holds 2^32 - 1 steps");
     if constexpr (ValidatesBatches<Model>)
       for (const Batch& b : micro) model_->validate_batch(b);
+    check_streams();
 
     const std::uint32_t q = config_.queries;
     const bool one_side = config_.estimator == ZOEstimator::kOneSide;
@@ -285,6 +294,15 @@ class ZOOptimizer {
     std::size_t plus_holds = 0;   // probe in the plus view's buffer
     bool minus_holds_one = false; // the minus view's own buffer holds probe 1 (two copies)
   };
+
+  /// The model must enqueue its forwards on the policy's stream (set_stream), or it would read
+  /// a perturbed copy before the kernel that writes it has run.
+  void check_streams() const {
+    if constexpr (SharesStream<Model, Policy>)
+      if (!(model_->stream() == policy_->stream()))
+        throw ConfigError("stream", "the model runs on another stream than the policy: call "
+                                    "model.set_stream(policy.stream()) (or build the policy on the model's stream)");
+  }
 
   double weight_of(const Batch& b) const {
     if constexpr (WeighsBatches<Model>) return model_->batch_weight(b);
