@@ -3,9 +3,13 @@
 // the properties a run relies on: defaults unchanged, bit-exact resume, retry after a throw.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include <zo2/zo2.hpp>
@@ -461,4 +465,94 @@ TEST_CASE("a model on another stream than its policy is refused, at construction
   opt.step(batch);
   model.on = 3;  // the model moved to another stream after construction
   CHECK_THROWS_AS(opt.step(batch), ConfigError);
+}
+
+namespace {
+/// Ranks as threads: all_reduce_sum waits for every rank's values and hands each the sum.
+class ThreadRanks {
+ public:
+  explicit ThreadRanks(int n) : n_(n), sums_(0) {}
+  class Rank final : public Communicator {
+   public:
+    Rank(ThreadRanks* all, int r) : all_(all), r_(r) {}
+    int rank() const override { return r_; }
+    int size() const override { return all_->n_; }
+    void all_reduce_sum(std::span<double> v) override { all_->reduce(v); }
+
+   private:
+    ThreadRanks* all_;
+    int r_;
+  };
+
+ private:
+  void reduce(std::span<double> v) {
+    std::unique_lock<std::mutex> lock(m_);
+    const std::uint64_t round = round_;
+    if (arrived_ == 0) sums_.assign(v.size(), 0.0);
+    for (std::size_t i = 0; i < v.size(); ++i) sums_[i] += v[i];
+    if (++arrived_ == n_) {
+      result_ = sums_;
+      arrived_ = 0;
+      ++round_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return round_ != round; });
+    }
+    std::copy(result_.begin(), result_.end(), v.begin());
+  }
+  int n_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  int arrived_ = 0;
+  std::uint64_t round_ = 0;
+  std::vector<double> sums_, result_;
+};
+}  // namespace
+
+TEST_CASE("data parallel: shards on 2 ranks step as the whole batch on one; split queries as all queries on one") {
+  const Stack model;
+  for (DataParallel mode : {DataParallel::kBatch, DataParallel::kQueries}) {
+    CAPTURE(static_cast<int>(mode));
+    const ZOConfig cfg = family_config(ZOMethod::kAdam, 2, ZOEstimator::kTwoSide);
+    ParameterStore<double> one(ModelLayout::of(model));
+    init_random(one, 12);
+    std::vector<ParameterStore<double>> replicas(2, one);
+    auto batch = [&](std::uint32_t t, int part) { return make_regression_batch<double>(6, model.d_in, 700 + 2 * t + part); };
+    // One process: the whole batch (kBatch) or the one batch (kQueries).
+    Resident<double, double> p1(one);
+    ZOOptimizer o1(model, p1, cfg);
+    std::vector<double> g1;
+    for (std::uint32_t t = 0; t < 3; ++t) {
+      Stack::Batch b = batch(t, 0);
+      if (mode == DataParallel::kBatch) {
+        const Stack::Batch h = batch(t, 1);
+        b.rows += h.rows;
+        b.x.insert(b.x.end(), h.x.begin(), h.x.end());
+        b.y.insert(b.y.end(), h.y.begin(), h.y.end());
+      }
+      g1.push_back(o1.step(b).projected_grad);
+    }
+    o1.flush();
+    // Two ranks as threads.
+    ThreadRanks ranks(2);
+    std::vector<double> g2[2];
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r)
+      threads.emplace_back([&, r] {
+        ThreadRanks::Rank comm(&ranks, r);
+        Resident<double, double> p(replicas[r]);
+        ZOOptimizer o(model, p, cfg);
+        o.set_communicator(&comm, mode);
+        for (std::uint32_t t = 0; t < 3; ++t)
+          g2[r].push_back(o.step(batch(t, mode == DataParallel::kBatch ? r : 0)).projected_grad);
+        o.flush();
+      });
+    for (auto& th : threads) th.join();
+    for (std::uint32_t t = 0; t < 3; ++t) {
+      CHECK(g2[0][t] == g2[1][t]);
+      CHECK(g2[0][t] == doctest::Approx(g1[t]).epsilon(1e-9));
+    }
+    CHECK(fnv1a(replicas[0]) == fnv1a(replicas[1]));  // replicas identical
+    CHECK(max_rel_diff(groups_of(replicas[0]), one) < 1e-9);
+  }
 }

@@ -45,6 +45,7 @@
 #include <utility>
 #include <vector>
 
+#include <zo2/core/communicator.hpp>
 #include <zo2/core/config.hpp>
 #include <zo2/core/error.hpp>
 #include <zo2/core/update_rules.hpp>
@@ -133,6 +134,20 @@ class ZOOptimizer {
     }
   }
 
+  /// Data-parallel training: each step's losses are summed over the communicator's ranks
+  /// (kBatch: each rank steps on its shard of the global batch, the losses become the
+  /// scored-token-weighted mean over every rank's micro-batches; kQueries: every rank steps on
+  /// the same batch with its own share of the queries, and every rank gets every query's
+  /// estimate). Every rank applies the same update, so replicas stay identical. A non-finite
+  /// loss on any rank skips the step on all. Null: one process.
+  void set_communicator(Communicator* comm, DataParallel mode = DataParallel::kBatch) {
+    if (comm && mode == DataParallel::kQueries && config_.queries % static_cast<unsigned>(comm->size()) != 0)
+      throw ConfigError("queries", "splitting queries over " + std::to_string(comm->size()) +
+                                       " ranks needs a multiple of the rank count");
+    comm_ = comm && comm->size() > 1 ? comm : nullptr;
+    parallel_ = mode;
+  }
+
   /// Continues from a saved state (step, skipped steps, update count); the seed must match.
   void restore(const OptimizerState& s) {
     if (s.seed != config_.seed) throw ConfigError("seed", "the saved state has another seed");
@@ -161,34 +176,51 @@ class ZOOptimizer {
     const bool one_side = config_.estimator == ZOEstimator::kOneSide;
     const bool cons = config_.method == ZOMethod::kConservative;
     // The probes: +-eps z_i (two-side) or +eps z_i then theta (one-side); zo-cons adds theta.
+    // With queries split over ranks, this rank evaluates queries rank, rank + N, ...
+    const bool split = comm_ && parallel_ == DataParallel::kQueries;
+    const std::uint32_t stride = split ? static_cast<std::uint32_t>(comm_->size()) : 1;
     std::vector<Probe> probes;
-    for (std::uint32_t i = 0; i < q; ++i) {
+    std::vector<std::size_t> slot;  // probe k's index among the step's losses (all queries)
+    for (std::uint32_t i = split ? static_cast<std::uint32_t>(comm_->rank()) : 0; i < q; i += stride) {
       probes.push_back({i, Side::kPlus, 1.0});
-      if (!one_side) probes.push_back({i, Side::kMinus, 1.0});
+      slot.push_back(one_side ? i : 2 * i);
+      if (!one_side) {
+        probes.push_back({i, Side::kMinus, 1.0});
+        slot.push_back(2 * i + 1);
+      }
     }
-    const std::size_t base = probes.size();
-    if (one_side || cons) probes.push_back({q - 1, Side::kMinus, 0.0});
+    const std::size_t base = one_side ? q : 2 * q;  // the base probe's slot
+    if (one_side || cons) {
+      probes.push_back({q - 1, Side::kMinus, 0.0});
+      slot.push_back(base);
+    }
 
     StepResult r;
     r.step = step_;
     r.lr = config_.lr_at(step_);
     r.queries = q;
-    std::vector<double> loss(probes.size(), 0.0);
-    if (micro.size() == 1) {
-      loss = sweep(micro[0], probes, config_.eps);
+    std::vector<double> loss(base + 1, 0.0);
+    if (micro.size() == 1 && !comm_) {
+      const std::vector<double> l = sweep(micro[0], probes, config_.eps);
+      for (std::size_t k = 0; k < l.size(); ++k) loss[slot[k]] = l[k];
     } else {
-      double total = 0;
+      // Weighted sums of this rank's micro-batches (and the weight), summed over the ranks.
+      std::vector<double> sums(base + 2, 0.0);
       for (const Batch& b : micro) {
         const std::vector<double> l = sweep(b, probes, config_.eps);
-        const double w = weight_of(b);
-        total += w;
-        for (std::size_t k = 0; k < l.size(); ++k) loss[k] += w * l[k];
+        const double w = split ? 1.0 : weight_of(b);
+        if (w == 0) continue;  // no targets: nothing to weigh (its losses are NaN)
+        sums[base + 1] += w;
+        for (std::size_t k = 0; k < l.size(); ++k) sums[slot[k]] += w * l[k];
       }
-      for (double& l : loss) l /= total;
+      if (split && comm_->rank() != 0) sums[base] = 0;  // every rank evaluated theta: count rank 0's
+      if (comm_) comm_->all_reduce_sum(sums);
+      const double total = split ? sums[base + 1] / comm_->size() : sums[base + 1];
+      for (std::size_t k = 0; k <= base; ++k) loss[k] = sums[k] / total;
     }
 
     bool finite = true;
-    for (double l : loss) finite = finite && std::isfinite(l);
+    for (double l : loss) finite = finite && std::isfinite(l);  // slots no probe filled hold 0
     double sum_plus = 0, sum_minus = 0, sum_g = 0;
     for (std::uint32_t i = 0; i < q; ++i) {
       const double lp = loss[one_side ? i : 2 * i];
@@ -207,8 +239,16 @@ class ZOOptimizer {
     if (finite) next = make_update(r);
     if (next && cons) {
       // theta -+ lr g z: a sweep with eps' = lr g and nothing owed (the first sweep applied it).
-      const std::vector<double> l = sweep(micro[0], {{0, Side::kPlus, 1.0}, {0, Side::kMinus, 1.0}},
-                                          r.lr * r.projected_grad);
+      std::vector<double> l = sweep(micro[0], {{0, Side::kPlus, 1.0}, {0, Side::kMinus, 1.0}},
+                                    r.lr * r.projected_grad);
+      if (comm_) {
+        // Shards: weigh as the first sweep did.
+        const double w = weight_of(micro[0]);
+        std::vector<double> sums{w * l[0], w * l[1], w};
+        if (w == 0) sums = {0, 0, 0};
+        comm_->all_reduce_sum(sums);
+        l = {sums[0] / sums[2], sums[1] / sums[2]};
+      }
       r.loss_ascent = l[0];
       r.loss_descent = l[1];
       if (!std::isfinite(r.loss_ascent) || !std::isfinite(r.loss_descent)) {
@@ -324,9 +364,13 @@ class ZOOptimizer {
     const bool two_copies = !shares_perturbed_copy();
     const bool second_is_minus = probes.size() > 1 && probes[1].query == 0 && probes[1].side == Side::kMinus &&
                                  probes[1].scale == 1.0;
-    n.materialize_follows = probes.size() > 2 || (probes.size() == 2 && !(two_copies && second_is_minus));
+    const bool first_is_prepared = probes[0].query == 0 && probes[0].side == Side::kPlus && probes[0].scale == 1.0;
+    n.materialize_follows = probes.size() > 2 || !first_is_prepared ||
+                            (probes.size() == 2 && !(two_copies && second_is_minus));
     Copies c{policy_->prepare(g, n)};
     c.minus_holds_one = two_copies && second_is_minus;
+    // prepare() writes theta + eps z of query 0; a rank with other queries materializes its own.
+    if (!first_is_prepared) c.plus_holds = probes.size();  // holds no probe
     if (owed) owed_applied_ = g.value + 1;
     return c;
   }
@@ -405,6 +449,8 @@ class ZOOptimizer {
   std::uint64_t updates_ = 0;
   std::optional<PendingUpdate> pending_;
   std::size_t owed_applied_ = 0;  // groups [0, owed_applied_) already have pending_ applied
+  Communicator* comm_ = nullptr;   // null: one process
+  DataParallel parallel_ = DataParallel::kBatch;
   std::vector<Activation> acts_;
   Activation next_;
   typename Model::Workspace workspace_;
