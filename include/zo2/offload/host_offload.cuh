@@ -31,6 +31,17 @@
 // took 0.289 s against a 0.270 s PCIe floor. A visit with no owed update (the first step, or
 // after flush) skips the write-back.
 //
+// The ZO optimizer family (optim/zo_optimizer.hpp, core/update_rules.hpp): materialize() draws
+// z of any query of the step, and the fused pass applies an owed update of several queries and
+// any rule. The kernels are templates on the rule and on whether there are several queries
+// (update_terms.cuh); a default run (MeZO-SGD, one query) launches the default instantiations,
+// the same code as without the family. A stateful rule's per-element state (momentum; Adam's
+// m and v: OffloadOptions::rule_state_slots floats per parameter) lives where the group's master
+// does: on the device for the prologue, the epilogue and resident blocks; in pinned host memory
+// for streamed blocks, uploaded into the slot with the block and written back with it (the same
+// streams and events), so the plan and the GPU budget count it: each slot and resident block
+// grows by its block's state.
+//
 // Ordering across steps: the upload of a block for step t+1 may be issued while step t is still
 // running (prefetch wraps around); it waits on that block's last write-back event, and the slot
 // it fills waits on its own free event, so the host master and the slot are never raced.
@@ -65,11 +76,14 @@
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
+#include <zo2/core/update_rules.hpp>
 #include <zo2/offload/codecs.hpp>
 #include <zo2/offload/packed_bf16.hpp>
 #include <zo2/offload/packed_kernel.cuh>
+#include <zo2/offload/plain_kernel.cuh>
 #include <zo2/offload/row_kernel.cuh>
 #include <zo2/offload/timeline.cuh>
+#include <zo2/offload/update_terms.cuh>
 #include <zo2/optim/layer_stack.hpp>
 #include <zo2/optim/parameter_store.hpp>
 #include <zo2/optim/step_types.hpp>
@@ -103,6 +117,13 @@ struct OffloadOptions {
   bool record_timeline = false;
   /// Timing events in the pool (0: 6 per group visit for 3 steps).
   std::size_t timeline_events = 0;
+  /// Per-element optimizer state values (fp32) the plan holds room for: 0 for the stateless
+  /// rules (zo-sgd, zo-sign, zo-cons), 1 for zo-mmt, 2 for zo-adam. Counted in the plan and the
+  /// budget. ZOOptimizer asks for what its rule needs (reserve_rule_state); when that differs
+  /// from this, the policy re-plans then, and if the number of resident blocks changes it moves
+  /// every master (holding a second copy of the streamed ones in host memory meanwhile): set it
+  /// up front for a large model.
+  unsigned rule_state_slots = 0;
 };
 
 namespace offload_detail {
@@ -167,9 +188,9 @@ class HostOffload {
     const ParamLayout& layout = layout_->layout(g);
     Scratch& s = scratch_for(g);
     const bool write_back = noise.pending != nullptr;
-    unsigned char* master = begin_visit(g, 'p', write_back);
-    launch(master, g, s.plus, options_.one_perturbed_copy ? nullptr : s.minus, noise.seed, noise.step, noise.eps,
-           noise.pending, Mode::kPerturb);
+    const Visit v = begin_visit(g, 'p', write_back);
+    launch(v, g, s.plus, options_.one_perturbed_copy ? nullptr : s.minus, noise.seed, noise.step, noise.query,
+           noise.eps, noise.pending, Mode::kPerturb);
     end_visit(g, write_back, options_.one_perturbed_copy || noise.materialize_follows);
     return {ParamView<const T>(s.plus, &layout), ParamView<const T>(s.minus, &layout)};
   }
@@ -178,11 +199,10 @@ class HostOffload {
   bool shares_perturbed_copy() const { return options_.one_perturbed_copy; }
 
   /// Rewrites group g's perturbed copy as theta + eps z (kPlus) or theta - eps z (kMinus) of
-  /// noise.step, from the master as prepare() left it (updated). For a streamed block, only
-  /// between its prepare() and the next policy call: its slot is held until kMinus is written.
+  /// noise.step and noise.query, from the master as prepare() left it (updated). For a streamed
+  /// block, only between its prepare() and the next policy call: its slot is held until the
+  /// kMinus call marked final_probe (or that next call).
   void materialize(GroupIndex g, const StepNoise& noise, Side side) {
-    if (noise.query != 0)
-      throw ConfigError("queries", "HostOffload perturbs with query 0 only (queries = 1)");
     const double c = side == Side::kPlus ? noise.eps : -noise.eps;
     T* dst = scratch_for(g).plus;
     if (is_streamed(g)) {
@@ -190,10 +210,12 @@ class HostOffload {
       if (!s || s != held_slot_)
         throw Error("HostOffload::materialize: block group " + std::to_string(g.value) +
                     " is not the one being visited (call it right after its prepare())");
-      launch(s->data, g, dst, nullptr, noise.seed, noise.step, c, nullptr, Mode::kPerturbOnly);
+      launch(Visit{s->data, s->state}, g, dst, nullptr, noise.seed, noise.step, noise.query, c, nullptr,
+             Mode::kPerturbOnly);
       if (side == Side::kMinus && noise.final_probe) release_held_slot();
     } else {
-      launch(device_master(g), g, dst, nullptr, noise.seed, noise.step, c, nullptr, Mode::kPerturbOnly);
+      launch(Visit{device_master(g), device_state(g)}, g, dst, nullptr, noise.seed, noise.step, noise.query, c,
+             nullptr, Mode::kPerturbOnly);
     }
   }
 
@@ -202,8 +224,8 @@ class HostOffload {
     close_visit();
     const ParamLayout& layout = layout_->layout(g);
     T* dst = scratch_for(g).plus;
-    unsigned char* master = begin_visit(g, 'c', false);
-    launch(master, g, dst, nullptr, 0, 0, 0.0, nullptr, Mode::kConvert);
+    const Visit v = begin_visit(g, 'c', false);
+    launch(v, g, dst, nullptr, 0, 0, 0, 0.0, nullptr, Mode::kConvert);
     end_visit(g, false);
     return ParamView<const T>(dst, &layout);
   }
@@ -211,8 +233,8 @@ class HostOffload {
   /// Applies an owed update to group g alone (flush before evaluation or a checkpoint).
   void apply_update(GroupIndex g, std::uint64_t seed, const PendingUpdate& pending) {
     close_visit();
-    unsigned char* master = begin_visit(g, 'u', true);
-    launch(master, g, nullptr, nullptr, seed, 0, 0.0, &pending, Mode::kUpdate);
+    const Visit v = begin_visit(g, 'u', true);
+    launch(v, g, nullptr, nullptr, seed, 0, 0, 0.0, &pending, Mode::kUpdate);
     end_visit(g, true);
   }
 
@@ -320,22 +342,98 @@ class HostOffload {
       if (!is_streamed(GroupIndex{g})) get_group(GroupIndex{g}, flat_of(g));
   }
 
+  // ---- optimizer state (momentum, Adam's moments) ----------------------------------------------
+
+  /// Per-element state values for a stateful rule, zeroed: `slots` fp32 arrays the size of each
+  /// group's flat buffer. ZOOptimizer calls it for rules with state when rule_state_slots()
+  /// differs. The same count as the plan's (OffloadOptions::rule_state_slots) only zeroes the
+  /// state; another count re-plans (see OffloadOptions::rule_state_slots; ConfigError when the
+  /// budget cannot hold it, and then nothing changes).
+  void reserve_rule_state(unsigned slots) {
+    close_visit();
+    synchronize();
+    if (slots == plan_.state_slots) {
+      zero_rule_state();
+      return;
+    }
+    OffloadOptions next = options_;
+    next.rule_state_slots = slots;
+    const Plan p = plan_for(*layout_, next);
+    if (p.resident_blocks == plan_.resident_blocks && p.slots == plan_.slots) {
+      // The masters stay where they are: only the state's buffers change.
+      const Plan old_plan = plan_;
+      const OffloadOptions old_options = options_;
+      state_arena_ = {};
+      host_state_ = {};
+      try {
+        options_ = next;
+        plan_ = p;
+        allocate_state();
+      } catch (...) {
+        options_ = old_options;
+        plan_ = old_plan;
+        allocate_state();
+        throw;
+      }
+    } else {
+      replan(next, p);
+    }
+  }
+  /// Per-element state values per parameter the policy holds (0: none).
+  unsigned rule_state_slots() const { return plan_.state_slots; }
+  /// Group g's state into `out` (rule_state_slots() arrays of the group's flat size, one after
+  /// another: state[slot * total_elements + element]), as it stands after the last call.
+  void get_rule_state(GroupIndex g, std::span<float> out) const {
+    check_state_size(g, out.size(), "get_rule_state");
+    if (out.empty()) return;
+    synchronize();
+    if (is_streamed(g)) {
+      std::memcpy(out.data(), host_state(g), out.size() * sizeof(float));
+    } else {
+      ZO2_CUDA_CHECK(cudaMemcpyAsync(out.data(), device_state(g), out.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                                     compute_));
+      ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
+    }
+  }
+  /// Sets group g's state from `in` (the layout of get_rule_state), e.g. from a checkpoint.
+  void set_rule_state(GroupIndex g, std::span<const float> in) {
+    check_state_size(g, in.size(), "set_rule_state");
+    if (in.empty()) return;
+    synchronize();
+    if (is_streamed(g)) {
+      std::memcpy(host_state(g), in.data(), in.size() * sizeof(float));
+      for (auto& slot : slots_)
+        if (slot.block == static_cast<long>(g.value)) slot.block = -1;  // stale on the device now
+    } else {
+      ZO2_CUDA_CHECK(cudaMemcpyAsync(device_state(g), in.data(), in.size() * sizeof(float), cudaMemcpyHostToDevice,
+                                     compute_));
+      ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
+    }
+  }
+
   // ---- sizes and the plan ---------------------------------------------------------------------
 
   /// What the plan for `layout` under `options` holds on the device.
   struct Plan {
     std::size_t block_bytes = 0;        // one encoded block: what crosses PCIe each way per visit
-    std::size_t fixed_bytes = 0;        // prologue + epilogue masters and the perturbed scratch
+    unsigned state_slots = 0;           // rule state values per parameter (fp32)
+    std::size_t block_state_bytes = 0;  // one block's rule state: crosses PCIe with it (0: none)
+    /// prologue + epilogue masters, their rule state and the perturbed scratch
+    std::size_t fixed_bytes = 0;
     std::size_t minimum_bytes = 0;      // fixed + options.slots slots (budget 0)
     std::size_t resident_blocks = 0;
     std::size_t streamed_blocks = 0;
     std::size_t slots = 0;
-    std::size_t arena_bytes = 0;        // the one device allocation holding all of it
+    std::size_t arena_bytes = 0;        // the device allocation holding the masters, scratch and slots
+    std::size_t state_arena_bytes = 0;  // the device allocation holding the rule state (0: none)
     std::size_t table_bytes = 0;        // the kernels' tables and (packed codec) scratch: separate allocations
     /// Upper bound of the device memory the policy's allocations take from cudaMemGetInfo's
     /// point of view (each allocation rounded up to the 2 MiB the driver maps in).
     std::size_t device_bound_bytes = 0;
-    std::size_t host_pinned_bytes = 0;  // streamed blocks' masters
+    std::size_t host_pinned_bytes = 0;  // streamed blocks' masters and their rule state
+    std::size_t host_state_bytes = 0;   // of which the rule state
+    /// Device bytes of one slot or resident block: the encoded block and its rule state.
+    std::size_t slot_bytes() const { return block_bytes + block_state_bytes; }
   };
   static Plan plan_for(const ModelLayout& ml, const OffloadOptions& opt) {
     validate(opt);
@@ -345,12 +443,19 @@ class HostOffload {
     const GroupCodecT pro(ml.layout(ml.prologue())), blk(ml.layout(ml.block(0))),
         epi(ml.layout(ml.epilogue()));
     p.block_bytes = align_up(blk.bytes(), A);
+    p.state_slots = opt.rule_state_slots;
+    const auto state_bytes = [&](const GroupCodecT& c) {
+      return align_up(std::size_t{p.state_slots} * c.total_elements() * sizeof(float), A);
+    };
+    p.block_state_bytes = state_bytes(blk);
+    const std::size_t fixed_state = state_bytes(pro) + state_bytes(epi);
     const std::size_t shared_elems = std::max(blk.total_elements(), epi.total_elements());
     const std::size_t copies = opt.one_perturbed_copy ? 1 : 2;
-    p.fixed_bytes = align_up(pro.bytes(), A) + align_up(epi.bytes(), A) +
+    p.fixed_bytes = align_up(pro.bytes(), A) + align_up(epi.bytes(), A) + fixed_state +
                     copies * align_up(pro.total_elements() * sizeof(T), A) +
                     copies * align_up(shared_elems * sizeof(T), A);
-    p.minimum_bytes = p.fixed_bytes + opt.slots * p.block_bytes;
+    const std::size_t per_block = p.slot_bytes();
+    p.minimum_bytes = p.fixed_bytes + opt.slots * per_block;
     const std::size_t n = ml.num_blocks();
     std::size_t slots = opt.slots;
     if (opt.gpu_memory_budget == 0) {
@@ -360,13 +465,14 @@ class HostOffload {
         throw ConfigError("gpu_memory_budget",
                           "HostOffload needs at least " + std::to_string(p.minimum_bytes) + " bytes (" +
                               std::to_string(p.minimum_bytes >> 20) + " MiB: prologue, epilogue, perturbed scratch and " +
-                              std::to_string(opt.slots) + " slots of " + std::to_string(p.block_bytes) +
-                              " bytes); got " + std::to_string(opt.gpu_memory_budget) + " (0 means the minimum)");
+                              std::to_string(opt.slots) + " slots of " + std::to_string(per_block) + " bytes" +
+                              (p.state_slots ? " with their rule state" : "") + "); got " +
+                              std::to_string(opt.gpu_memory_budget) + " (0 means the minimum)");
       // All blocks resident needs no slots at all.
-      if (opt.gpu_memory_budget >= p.fixed_bytes + n * p.block_bytes) {
+      if (opt.gpu_memory_budget >= p.fixed_bytes + n * per_block) {
         p.resident_blocks = n;
       } else {
-        std::size_t extra = (opt.gpu_memory_budget - p.minimum_bytes) / p.block_bytes;
+        std::size_t extra = (opt.gpu_memory_budget - p.minimum_bytes) / per_block;
         if (opt.budget_adds_slot && slots == 2 && extra >= 1 && 2 * (extra - 1) <= n) {
           slots = 3;
           --extra;
@@ -376,11 +482,12 @@ class HostOffload {
     }
     p.streamed_blocks = n - p.resident_blocks;
     p.slots = p.streamed_blocks == 0 ? 0 : slots;
-    p.arena_bytes = p.fixed_bytes + (p.resident_blocks + p.slots) * p.block_bytes;
+    p.state_arena_bytes = p.state_slots ? fixed_state + (p.resident_blocks + p.slots) * p.block_state_bytes : 0;
+    p.arena_bytes = p.fixed_bytes - fixed_state + (p.resident_blocks + p.slots) * p.block_bytes;
     const std::size_t tables = 3;  // one tensor table per layout (prologue, block, epilogue)
     p.table_bytes = tables * A;    // a few KiB; accounted at 2 MiB each below
     constexpr std::size_t kMiB2 = std::size_t{2} << 20;
-    p.device_bound_bytes = align_up(p.arena_bytes, kMiB2) + tables * kMiB2;
+    p.device_bound_bytes = align_up(p.arena_bytes, kMiB2) + align_up(p.state_arena_bytes, kMiB2) + tables * kMiB2;
     if constexpr (offload::is_packed_codec_v<Codec>) {
       // The packed passes' scratch (escape lists, their sort room, counters), one per layout.
       using offload_detail::PackedPass;
@@ -390,7 +497,8 @@ class HostOffload {
         p.device_bound_bytes += align_up(bytes, kMiB2) + PackedPass::kAllocations * kMiB2;
       }
     }
-    p.host_pinned_bytes = p.streamed_blocks * p.block_bytes;
+    p.host_state_bytes = p.streamed_blocks * p.block_state_bytes;
+    p.host_pinned_bytes = p.streamed_blocks * p.block_bytes + p.host_state_bytes;
     return p;
   }
   const Plan& plan() const { return plan_; }
@@ -424,10 +532,17 @@ class HostOffload {
   };
   struct Slot {
     unsigned char* data = nullptr;
+    float* state = nullptr;    // room for its block's rule state (null without state)
     long block = -1;           // group index held (or being uploaded), -1: none
     std::uint64_t last_use = 0;
     Event uploaded, freed;
     int upload_start = -1, upload_end = -1;  // timeline marks of the upload that filled it
+  };
+
+  /// Where a visited group's master and rule state are on the device.
+  struct Visit {
+    unsigned char* master;
+    float* state;
   };
 
   static void validate(const OffloadOptions& opt) {
@@ -448,14 +563,30 @@ class HostOffload {
     codecs_[0] = GroupCodecT(ml.layout(ml.prologue()));
     codecs_[1] = GroupCodecT(ml.layout(ml.block(0)));
     codecs_[2] = GroupCodecT(ml.layout(ml.epilogue()));
+    allocate(true);
+    kernel_done_ = Event(false);
+    body_done_ = Event(false);
+    reads_done_ = Event(false);
 
+    const std::size_t visits_per_step = ml.num_groups();
+    timeline_ = Timeline(options_.record_timeline
+                             ? (options_.timeline_events ? options_.timeline_events : 6 * 3 * visits_per_step + 1)
+                             : 0);
+    if (options_.record_timeline) timeline_.restart(compute_);
+    ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
+  }
+
+  /// Allocates what plan_ describes (the kernels' tables too when `tables`), zeroed: the device
+  /// arena and its carving, the pinned host masters, the rule state.
+  void allocate(bool tables) {
     // Device: check the plan against free memory first, for a message that says what would fit.
     std::size_t free_b = 0, total_b = 0;
     ZO2_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
     if (plan_.device_bound_bytes > free_b) throw device_oom(free_b, nullptr);
     try {
       arena_ = DeviceBuffer<unsigned char>(plan_.arena_bytes);
-      for (int i = 0; i < 3; ++i) build_tables(i);
+      if (tables)
+        for (int i = 0; i < 3; ++i) build_tables(i);
     } catch (const OutOfMemory& e) {
       throw device_oom(free_b, &e);
     }
@@ -477,43 +608,127 @@ class HostOffload {
     scratch_[0].minus = one ? scratch_[0].plus : reinterpret_cast<T*>(take(codecs_[0].total_elements() * sizeof(T)));
     scratch_[1].plus = reinterpret_cast<T*>(take(shared_elems * sizeof(T)));
     scratch_[1].minus = one ? scratch_[1].plus : reinterpret_cast<T*>(take(shared_elems * sizeof(T)));
+    resident_masters_.clear();
     for (std::size_t i = 0; i < plan_.resident_blocks; ++i) resident_masters_.push_back(take(plan_.block_bytes));
     slots_ = std::vector<Slot>(plan_.slots);
     for (auto& s : slots_) s.data = take(plan_.block_bytes);
+    current_slot_ = held_slot_ = nullptr;
 
     // Host: the streamed blocks' masters, pinned.
-    if (plan_.host_pinned_bytes) {
-      const std::size_t avail = offload_detail::host_available_bytes();
-      const std::string what = "HostOffload: cannot pin " + std::to_string(plan_.host_pinned_bytes) + " bytes (" +
-                               std::to_string(plan_.host_pinned_bytes >> 20) + " MiB) of host memory for " +
-                               std::to_string(plan_.streamed_blocks) + " streamed blocks of " +
-                               std::to_string(plan_.block_bytes) + " bytes in codec " + Codec::name;
-      // MemAvailable only informs the message: some hosts grow their memory as it is used, so
-      // it may read less than the allocation would get.
-      try {
-        host_ = PinnedBuffer<unsigned char>(plan_.host_pinned_bytes);
-      } catch (const CudaError& e) {
-        throw Error(what + (avail ? " (MemAvailable: " + std::to_string(avail >> 20) + " MiB)" : std::string()) +
-                    "; use a smaller codec or a larger gpu_memory_budget: " + e.what());
-      }
-      std::memset(host_.data(), 0, plan_.host_pinned_bytes);
+    const std::size_t host_masters = plan_.host_pinned_bytes - plan_.host_state_bytes;
+    if (host_masters) {
+      host_ = pin(host_masters, "streamed blocks of " + std::to_string(plan_.block_bytes) + " bytes in codec " +
+                                    Codec::name);
+      std::memset(host_.data(), 0, host_masters);
     }
     block_written_ = std::vector<Event>(plan_.streamed_blocks);
-    kernel_done_ = Event(false);
-    body_done_ = Event(false);
-    reads_done_ = Event(false);
+    allocate_state();
+  }
 
-    const std::size_t visits_per_step = ml.num_groups();
-    timeline_ = Timeline(options_.record_timeline
-                             ? (options_.timeline_events ? options_.timeline_events : 6 * 3 * visits_per_step + 1)
-                             : 0);
-    if (options_.record_timeline) timeline_.restart(compute_);
+  /// The rule state's buffers for plan_ (none without state), zeroed; every slot is emptied
+  /// (its state room moved).
+  void allocate_state() {
+    state_arena_ = {};
+    host_state_ = {};
+    prologue_state_ = epilogue_state_ = nullptr;
+    resident_states_.assign(plan_.resident_blocks, nullptr);
+    for (auto& s : slots_) {
+      s.state = nullptr;
+      s.block = -1;
+    }
+    if (plan_.state_slots == 0) return;
+    std::size_t free_b = 0, total_b = 0;
+    ZO2_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (offload_detail::align_up(plan_.state_arena_bytes, std::size_t{2} << 20) > free_b)
+      throw OutOfMemory("HostOffload: " + std::to_string(plan_.state_arena_bytes >> 20) + " MiB of device memory for " +
+                        std::to_string(plan_.state_slots) + " rule state values per parameter, " +
+                        std::to_string(free_b >> 20) + " MiB free");
+    state_arena_ = DeviceBuffer<unsigned char>(plan_.state_arena_bytes);
+    ZO2_CUDA_CHECK(cudaMemsetAsync(state_arena_.data(), 0, plan_.state_arena_bytes, compute_));
+    unsigned char* p = state_arena_.data();
+    const auto take = [&](std::size_t k) {
+      float* r = reinterpret_cast<float*>(p);
+      p += offload_detail::align_up(state_bytes_of(k), 256);
+      return r;
+    };
+    prologue_state_ = take(0);
+    epilogue_state_ = take(2);
+    for (auto& r : resident_states_) r = take(1);
+    for (auto& s : slots_) s.state = take(1);
+    if (plan_.host_state_bytes) {
+      host_state_ = pin(plan_.host_state_bytes, "the rule state of " + std::to_string(plan_.streamed_blocks) +
+                                                    " streamed blocks (" + std::to_string(plan_.state_slots) +
+                                                    " fp32 values per parameter)");
+      std::memset(host_state_.data(), 0, plan_.host_state_bytes);
+    }
     ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
+  }
+
+  /// Pinned host memory, or an Error that says what it was for.
+  static PinnedBuffer<unsigned char> pin(std::size_t bytes, const std::string& what) {
+    // MemAvailable only informs the message: some hosts grow their memory as it is used, so
+    // it may read less than the allocation would get.
+    try {
+      return PinnedBuffer<unsigned char>(bytes);
+    } catch (const CudaError& e) {
+      const std::size_t avail = offload_detail::host_available_bytes();
+      throw Error("HostOffload: cannot pin " + std::to_string(bytes) + " bytes (" + std::to_string(bytes >> 20) +
+                  " MiB) of host memory for " + what +
+                  (avail ? " (MemAvailable: " + std::to_string(avail >> 20) + " MiB)" : std::string()) +
+                  "; use a smaller codec or a larger gpu_memory_budget: " + e.what());
+    }
+  }
+
+  /// Zeroes the rule state everywhere (synchronized: nothing is in flight).
+  void zero_rule_state() {
+    if (plan_.state_slots == 0) return;
+    ZO2_CUDA_CHECK(cudaMemsetAsync(state_arena_.data(), 0, plan_.state_arena_bytes, compute_));
+    ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
+    if (plan_.host_state_bytes) std::memset(host_state_.data(), 0, plan_.host_state_bytes);
+  }
+
+  /// Moves to plan `p` for options `next` where resident blocks or slots change: every master
+  /// is saved (encoded, in host memory), everything is allocated anew, the masters restored;
+  /// the rule state starts at zero. On failure the old plan is restored and the error rethrown.
+  void replan(const OffloadOptions& next, const Plan& p) {
+    std::vector<std::vector<unsigned char>> saved(layout_->num_groups());
+    for (std::size_t g = 0; g < saved.size(); ++g) {
+      saved[g].resize(group_encoded_bytes(GroupIndex{g}));
+      get_group_encoded(GroupIndex{g}, saved[g]);
+    }
+    const auto restore = [&] {
+      for (std::size_t g = 0; g < saved.size(); ++g) set_group_encoded(GroupIndex{g}, saved[g]);
+    };
+    const OffloadOptions old_options = options_;
+    const Plan old_plan = plan_;
+    const auto release = [&] {
+      slots_.clear();
+      resident_masters_.clear();
+      current_slot_ = held_slot_ = nullptr;
+      state_arena_ = {};
+      host_state_ = {};
+      arena_ = {};
+      host_ = {};
+    };
+    release();
+    try {
+      options_ = next;
+      plan_ = p;
+      allocate(false);
+    } catch (...) {
+      release();
+      options_ = old_options;
+      plan_ = old_plan;
+      allocate(false);
+      restore();
+      throw;
+    }
+    restore();
   }
 
   OutOfMemory device_oom(std::size_t free_b, const std::exception* cause) const {
     // What budget would fit: what is free now, less the 2 MiB-per-table overhead.
-    const std::size_t overhead = plan_.device_bound_bytes - plan_.arena_bytes;
+    const std::size_t overhead = plan_.device_bound_bytes - plan_.arena_bytes - plan_.state_arena_bytes;
     const std::size_t fits = free_b > overhead ? free_b - overhead : 0;
     std::string msg = "HostOffload: out of device memory at startup: the plan needs " +
                       std::to_string(plan_.device_bound_bytes >> 20) + " MiB (" +
@@ -576,6 +791,29 @@ class HostOffload {
     if (k == 2) return epilogue_master_;
     return resident_masters_.at(g.value - 1 - plan_.streamed_blocks);
   }
+  /// Bytes of the rule state of a group of kind k (0: prologue, 1: block, 2: epilogue).
+  std::size_t state_bytes_of(int k) const {
+    return std::size_t{plan_.state_slots} * codecs_[k].total_elements() * sizeof(float);
+  }
+  /// The rule state of a device-resident group (null without state).
+  float* device_state(GroupIndex g) const {
+    if (plan_.state_slots == 0) return nullptr;
+    const int k = kind_of(g);
+    if (k == 0) return prologue_state_;
+    if (k == 2) return epilogue_state_;
+    return resident_states_.at(g.value - 1 - plan_.streamed_blocks);
+  }
+  /// The rule state of streamed block group g in pinned host memory.
+  float* host_state(GroupIndex g) const {
+    return reinterpret_cast<float*>(host_state_.data() + (g.value - 1) * plan_.block_state_bytes);
+  }
+  void check_state_size(GroupIndex g, std::size_t size, const char* what) const {
+    const std::size_t want = std::size_t{plan_.state_slots} * codec_for(g).total_elements();
+    if (size != want)
+      throw ShapeError(std::string("HostOffload::") + what + ": group " + std::to_string(g.value) + " has " +
+                       std::to_string(want) + " state values (" + std::to_string(plan_.state_slots) +
+                       " per element), got " + std::to_string(size));
+  }
 
   // ---- slots -----------------------------------------------------------------------------------
 
@@ -601,9 +839,13 @@ class HostOffload {
     s.upload_start = timeline_.mark(up);
     ZO2_CUDA_CHECK(cudaMemcpyAsync(s.data, host_block(GroupIndex{group}).data(), codecs_[1].bytes(),
                                    cudaMemcpyHostToDevice, up));
+    uploaded_ += codecs_[1].bytes();
+    if (plan_.state_slots) {  // the block's rule state travels with it, under the same events
+      ZO2_CUDA_CHECK(cudaMemcpyAsync(s.state, host_state(GroupIndex{group}), state_bytes_of(1), cudaMemcpyHostToDevice, up));
+      uploaded_ += state_bytes_of(1);
+    }
     s.upload_end = timeline_.mark(up);
     s.uploaded.record(up);
-    uploaded_ += codecs_[1].bytes();
     return s;
   }
 
@@ -622,13 +864,14 @@ class HostOffload {
     for (std::size_t k = 0; k < depth; ++k) ensure_uploaded(1 + k, nullptr);
   }
 
-  /// Starts a visit: returns the device address of group g's master, ordered on compute_.
-  unsigned char* begin_visit(GroupIndex g, char kind, bool /*write_back*/) {
+  /// Starts a visit: returns the device addresses of group g's master and rule state, ordered
+  /// on compute_.
+  Visit begin_visit(GroupIndex g, char kind, bool /*write_back*/) {
     Timeline::Marks m;
     m.group = g.value;
     m.kind = kind;
     m.resident = !is_streamed(g);
-    unsigned char* master;
+    Visit v;
     if (is_streamed(g)) {
       Slot& s = ensure_uploaded(g.value, nullptr);
       s.last_use = ++use_clock_;
@@ -636,15 +879,15 @@ class HostOffload {
       m.upload_start = std::exchange(s.upload_start, -1);
       m.upload_end = std::exchange(s.upload_end, -1);
       current_slot_ = &s;
-      master = s.data;
+      v = Visit{s.data, s.state};
     } else {
       current_slot_ = nullptr;
-      master = device_master(g);
+      v = Visit{device_master(g), device_state(g)};
       if (kind_of(g) == 0) prefetch_first();
     }
     m.compute_start = timeline_.mark(compute_);
     open_visit_ = timeline_.add_visit(m);
-    return master;
+    return v;
   }
 
   /// Ends a visit after its kernel was launched: write-back and freeing of the slot, prefetch.
@@ -669,9 +912,13 @@ class HostOffload {
       }
       const int start = timeline_.mark(off);
       if (head) ZO2_CUDA_CHECK(cudaMemcpyAsync(host, s.data, head, cudaMemcpyDeviceToHost, off));
+      // The rule state is final where the block's body is: after the packed pass's first
+      // launch (body_done_, waited on above), else after the kernel.
+      if (head && plan_.state_slots) write_back_state(g, s);
       kernel_done_.record(compute_);
       kernel_done_.wait_on(off);
       ZO2_CUDA_CHECK(cudaMemcpyAsync(host + head, s.data + head, codecs_[1].bytes() - head, cudaMemcpyDeviceToHost, off));
+      if (!head && plan_.state_slots) write_back_state(g, s);
       const int end = timeline_.mark(off);
       if (auto* v = timeline_.visit(open_visit_)) {
         v->offload_start = start;
@@ -685,6 +932,13 @@ class HostOffload {
     if (!hold) release_held_slot();
     prefetch_after(g.value - 1, &s);
     current_slot_ = nullptr;
+  }
+
+  /// D2H of slot s's rule state into streamed group g's, on the offload stream (ordered by the
+  /// caller after the kernel that updated it).
+  void write_back_state(GroupIndex g, const Slot& s) {
+    ZO2_CUDA_CHECK(cudaMemcpyAsync(host_state(g), s.state, state_bytes_of(1), cudaMemcpyDeviceToHost, offload_.get()));
+    offloaded_ += state_bytes_of(1);
   }
 
   /// Frees the held slot for the next upload once everything enqueued so far that reads it
@@ -709,10 +963,44 @@ class HostOffload {
     open_visit_ = -1;
   }
 
-  void launch(unsigned char* master, GroupIndex g, T* plus, T* minus, std::uint64_t seed, std::uint32_t step,
-              double eps, const PendingUpdate* pending, Mode mode) {
+  /// One pass over the visited group g: Mode says which (kPerturb: the owed update if any, then
+  /// theta + eps z into plus and theta - eps z into minus if not null; kPerturbOnly: plus =
+  /// theta + eps z; kConvert: plus = theta; kUpdate: the update alone), z of (step, query).
+  /// Picks the kernels' instantiation: the default one for MeZO-SGD with one query and query 0,
+  /// else the owed update's rule with several queries (update_terms.cuh).
+  void launch(const Visit& v, GroupIndex g, T* plus, T* minus, std::uint64_t seed, std::uint32_t step,
+              std::uint32_t query, double eps, const PendingUpdate* pending, Mode mode) {
+    if (query != 0 && mode != Mode::kPerturb && mode != Mode::kPerturbOnly)
+      throw Error("HostOffload: a query index for a pass without noise");
+    if (query >= kMaxQueries)
+      throw ConfigError("queries", "HostOffload: query " + std::to_string(query) + " of at most " +
+                                       std::to_string(kMaxQueries) + " queries");
+    if (query == 0 && (!pending || pending->plain_sgd())) {
+      launch_as<SgdRule, false>(v, g, plus, minus, seed, step, 0, eps, pending, mode);
+      return;
+    }
+    visit_rule(pending ? pending->rule : RuleId::kSgd, [&]<class Rule>() {
+      if constexpr (Rule::kStateSlots > 0)
+        if (pending && Rule::kStateSlots > plan_.state_slots)
+          throw ConfigError("optimizer", "HostOffload holds " + std::to_string(plan_.state_slots) +
+                                             " rule state values per parameter, this update rule needs " +
+                                             std::to_string(Rule::kStateSlots) + " (reserve_rule_state)");
+      launch_as<Rule, true>(v, g, plus, minus, seed, step, query, eps, pending, mode);
+    });
+  }
+
+  template <class Rule, bool Queries>
+  void launch_as(const Visit& v, GroupIndex g, T* plus, T* minus, std::uint64_t seed, std::uint32_t step,
+                 std::uint32_t query, double eps, const PendingUpdate* pending, Mode mode) {
+    constexpr bool kPlain = offload_detail::is_plain_update_v<Rule, Queries>;
     const int k = kind_of(g);
     const std::uint32_t first_id = layout_->first_tensor_id(g);
+    unsigned char* master = v.master;
+    // The update's terms, with the group's rule state (the family's instantiations only).
+    const auto terms = [&] {
+      return offload_detail::update_terms(*pending, Rule::kStateSlots > 0 ? v.state : nullptr,
+                                          codecs_[k].total_elements());
+    };
     // The arguments the packed and row kernels share (PackedArgs, RowArgs).
     const auto fill = [&](auto& a) {
       a.first_tensor_id = first_id;
@@ -721,27 +1009,63 @@ class HostOffload {
       a.eps = eps;
       a.perturb = mode == Mode::kPerturb || mode == Mode::kPerturbOnly;
       a.convert = mode == Mode::kConvert;
-      if (pending) detail::set_owed_update(a, *pending);
+      if (pending) offload_detail::set_plain_update(a, *pending);
     };
     if constexpr (offload::is_packed_codec_v<Codec>) {
       offload_detail::PackedArgs a{};
       fill(a);
-      packed_passes_[k].run(master, plus, minus, a, compute_, &body_done_);
+      if constexpr (!kPlain) {
+        a.query = query;
+        if (pending) a.terms = terms();
+      }
+      packed_passes_[k].template run<T, Rule, Queries>(master, plus, minus, a, compute_, &body_done_);
     } else if constexpr (Codec::row_scaled) {
       offload_detail::RowArgs a{};
       fill(a);
+      offload_detail::RowFamilyArgs f{};
+      if constexpr (!kPlain) {
+        f.query = query;
+        if (pending) f.terms = terms();
+      }
       float* scales = reinterpret_cast<float*>(master + codecs_[k].scales_offset());
-      offload_detail::launch_row_kernel<Codec, T>(master, scales, plus, minus, row_tables_[k], a, compute_);
+      offload_detail::launch_row_kernel<Codec, T, Rule, Queries>(master, scales, plus, minus, row_tables_[k], a,
+                                                                 compute_, f);
     } else {
       using S = typename Codec::storage;
       S* theta = reinterpret_cast<S*>(master);
-      switch (mode) {
-        case Mode::kPerturb:
-          update_and_perturb<S, T>(theta, plus, minus, tables_[k], first_id, seed, step, eps, pending, compute_);
-          break;
-        case Mode::kPerturbOnly: perturb_into<S, T>(plus, theta, tables_[k], first_id, seed, step, eps, compute_); break;
-        case Mode::kConvert: convert<S, T>(plus, theta, tables_[k], compute_); break;
-        case Mode::kUpdate: update<S>(theta, tables_[k], first_id, seed, *pending, compute_); break;
+      if constexpr (kPlain) {
+        switch (mode) {
+          case Mode::kPerturb:
+            update_and_perturb<S, T>(theta, plus, minus, tables_[k], first_id, seed, step, eps, pending, compute_);
+            break;
+          case Mode::kPerturbOnly: perturb_into<S, T>(plus, theta, tables_[k], first_id, seed, step, eps, compute_); break;
+          case Mode::kConvert: convert<S, T>(plus, theta, tables_[k], compute_); break;
+          case Mode::kUpdate: update<S>(theta, tables_[k], first_id, seed, *pending, compute_); break;
+        }
+      } else {
+        offload_detail::PlainArgs a{};
+        a.first_tensor_id = first_id;
+        a.seed = seed;
+        a.step = step;
+        a.query = query;
+        a.eps = eps;
+        if (pending) {
+          offload_detail::set_plain_update(a, *pending);
+          a.terms = terms();
+        }
+        switch (mode) {
+          case Mode::kPerturb:
+            offload_detail::launch_plain_family<Rule, S, T>(theta, plus, minus, tables_[k], a, compute_);
+            break;
+          case Mode::kPerturbOnly:
+            offload_detail::launch_plain_family<Rule, S, T>(theta, plus, nullptr, tables_[k], a, compute_);
+            break;
+          case Mode::kConvert: convert<S, T>(plus, theta, tables_[k], compute_); break;
+          case Mode::kUpdate:
+            offload_detail::launch_plain_family<Rule, S, T>(theta, static_cast<T*>(nullptr), nullptr, tables_[k], a,
+                                                            compute_);
+            break;
+        }
       }
     }
   }
@@ -761,6 +1085,10 @@ class HostOffload {
   unsigned char* prologue_master_ = nullptr;
   unsigned char* epilogue_master_ = nullptr;
   std::vector<unsigned char*> resident_masters_;
+  DeviceBuffer<unsigned char> state_arena_;  // the rule state on the device (plan_.state_arena_bytes)
+  float* prologue_state_ = nullptr;
+  float* epilogue_state_ = nullptr;
+  std::vector<float*> resident_states_;
   Scratch scratch_[2];
   std::vector<Slot> slots_;
   Slot* current_slot_ = nullptr;
@@ -769,6 +1097,7 @@ class HostOffload {
   std::uint64_t use_clock_ = 0;
 
   PinnedBuffer<unsigned char> host_;
+  PinnedBuffer<unsigned char> host_state_;  // streamed blocks' rule state, block_state_bytes apart
   std::vector<Event> block_written_;
   Event kernel_done_, body_done_, reads_done_;  // body_done_: the packed pass's first kernel
   Timeline timeline_;

@@ -12,6 +12,12 @@
 // trained weights: the room is ~30x the rate of normal weights) is flushed to zero and counted
 // in `overflow`, which the caller reports.
 //
+// The ZO optimizer family (update_terms.cuh): packed_kernel<T, Rule, Queries>. The default
+// instantiation (SgdRule, one query) is the pass above; the others compute d = sum_i c_i z_i and
+// Rule::apply with the element's state exactly as plain_kernel.cuh does for the bf16 codec, so
+// the packed codec stays the bf16 codec bit for bit under every rule. Their perturbation draws z
+// of PackedArgs::query.
+//
 // Status: compiled, not yet run on a GPU (tests/cuda/test_packed_kernel.cu is written for it).
 #pragma once
 
@@ -27,7 +33,9 @@
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
+#include <zo2/core/update_rules.hpp>
 #include <zo2/offload/packed_bf16.hpp>
+#include <zo2/offload/update_terms.cuh>
 
 namespace zo2::cuda::offload_detail {
 
@@ -49,6 +57,9 @@ struct PackedArgs {
   std::uint32_t step, update_step;
   bool has_update, perturb, convert;
   double eps, lr, g, wd;
+  // Read only by the family's instantiations (not SgdRule with one query):
+  std::uint32_t query;  // the perturbation's query
+  UpdateTerms terms;    // the update's coefficients, rule scalars and state
 };
 
 /// The exponent field of escaped element j of a tensor: binary search of its sorted list.
@@ -65,10 +76,11 @@ __device__ ZO2_FORCEINLINE unsigned escaped_exponent(const std::uint64_t* entrie
                                                                           : 0u;
 }
 
-template <class T>
+template <class T, class Rule = SgdRule, bool Queries = false>
 __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__ block, T* __restrict__ plus,
                                                      T* __restrict__ minus, PackedArgs a) {
   using offload::PackedBf16;
+  constexpr bool kPlain = is_plain_update_v<Rule, Queries>;
   constexpr int kPer = 8;                                           // elements a thread takes: an octet
   constexpr unsigned kThreadsPerChunk = PackedBf16::kChunk / kPer;  // 4
   constexpr bool kFastUpdate = detail::fast_noise_for_v<bfloat16>;
@@ -76,6 +88,9 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
   const PackedTensorArgs t = a.table[blockIdx.y];
   const std::uint32_t id = a.first_tensor_id + t.index;
   const UpdateCoeffs u{a.lr, a.g, t.weight_decay ? a.wd : 0.0};
+  RuleCoeffs rc{};
+  if constexpr (!kPlain) rc = tensor_rule(a.terms, t.weight_decay != 0);
+  const std::uint32_t perturb_query = kPlain ? 0u : a.query;
   const std::uint64_t octets = (t.numel + PackedBf16::kChunk - 1) / PackedBf16::kChunk * kThreadsPerChunk;
   // Clamped to the room, so a corrupt count cannot send the search outside the tensor's list.
   const std::uint32_t stored_count = *reinterpret_cast<const std::uint32_t*>(block + a.counts_offset + 4 * t.index);
@@ -115,15 +130,29 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
       const Philox4x32 words = rounding_words(a.seed, a.update_step, id, o);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const Normal4 z = detail::noise4<kFastUpdate>(a.seed, a.update_step, id, 2 * o + half);
+        if constexpr (kPlain) {
+          const Normal4 z = detail::noise4<kFastUpdate>(a.seed, a.update_step, id, 2 * o + half);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int k = 4 * half + i;
-          if (!live || j0 + k >= t.numel) continue;  // padding stays zero
-          const bfloat16 b = store_rounded<bfloat16>(updated_value<bfloat16>(th[k], z.z[i], u),
-                                                     rounding_bits(words, static_cast<unsigned>(k)), true);
-          bits[k] = b.bits;
-          th[k] = load(b);
+          for (int i = 0; i < 4; ++i) {
+            const int k = 4 * half + i;
+            if (!live || j0 + k >= t.numel) continue;  // padding stays zero
+            const bfloat16 b = store_rounded<bfloat16>(updated_value<bfloat16>(th[k], z.z[i], u),
+                                                       rounding_bits(words, static_cast<unsigned>(k)), true);
+            bits[k] = b.bits;
+            th[k] = load(b);
+          }
+        } else {
+          float d[4];
+          direction4<kFastUpdate>(a.terms, a.seed, a.update_step, id, 2 * o + half, d);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int k = 4 * half + i;
+            if (!live || j0 + k >= t.numel) continue;  // padding (and its state) stays zero
+            const float v = apply_rule<Rule, true>(a.terms, rc, th[k], d[i], g0 + k);
+            const bfloat16 b = store_rounded<bfloat16>(v, rounding_bits(words, static_cast<unsigned>(k)), true);
+            bits[k] = b.bits;
+            th[k] = load(b);
+          }
         }
       }
       // Re-encode against the chunk's new largest exponent (its four threads).
@@ -165,7 +194,7 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
       float z[kPer];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const Normal4 n = detail::noise4<kFastPerturb>(a.seed, a.step, id, 2 * o + half);
+        const Normal4 n = detail::noise4<kFastPerturb>(a.seed, a.step, id, 2 * o + half, perturb_query);
 #pragma unroll
         for (int i = 0; i < 4; ++i) z[4 * half + i] = n.z[i];
       }
@@ -281,9 +310,13 @@ class PackedPass {
   /// the updated block (the same values: the format is exact). The write-back starts after the
   /// first launch instead of the whole fused pass, which is what a two-slot HostOffload waits
   /// on before the next upload into that slot.
-  template <class T>
+  ///
+  /// Rule and Queries pick the kernel's instantiation (update_terms.cuh): the default one reads
+  /// a.lr, a.g, a.wd; the others a.terms and a.query.
+  template <class T, class Rule = SgdRule, bool Queries = false>
   void run(unsigned char* block, T* plus, T* minus, PackedArgs a, cudaStream_t stream,
            const Event* body_done = nullptr) {
+    static_assert(Rule::kStateSlots == 0 || Queries, "stateful rules use the general (several-query) instantiation");
     if (num_tensors_ == 0) return;
     a.table = table_.data();
     a.codes_offset = codec_->codes_offset();
@@ -303,7 +336,7 @@ class PackedPass {
     const bool split = body_done && a.has_update && (a.perturb || a.convert);
     PackedArgs first = a;
     if (split) first.perturb = first.convert = false;
-    packed_kernel<T><<<grid, 256, 0, stream>>>(block, plus, minus, first);
+    packed_kernel<T, Rule, Queries><<<grid, 256, 0, stream>>>(block, plus, minus, first);
     ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_kernel");
     if (body_done) body_done->record(stream);
     if (!a.has_update) return;  // the lists are unchanged
@@ -314,7 +347,7 @@ class PackedPass {
     if (!split) return;
     PackedArgs second = a;
     second.has_update = false;  // decode the updated block and its sorted lists; write the outputs
-    packed_kernel<T><<<grid, 256, 0, stream>>>(block, plus, minus, second);
+    packed_kernel<T, Rule, Queries><<<grid, 256, 0, stream>>>(block, plus, minus, second);
     ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_kernel (outputs)");
   }
 

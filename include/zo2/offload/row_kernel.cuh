@@ -19,9 +19,21 @@
 // as in the 16-bit passes: the perturbation feeds 16-bit T, the update feeds 8-bit codes, both far
 // coarser than fast Box-Muller's error (perturb.cuh). fp32 T keeps the precise transform.
 //
+// The ZO optimizer family (update_terms.cuh): row_kernel<C, T, Rule, Queries>. The default
+// instantiation (SgdRule, one query) is the pass above. With several queries the update is
+// d = sum_i c_i z_i per element, and keeps_scale takes sum_i |c_i| for g: the bound still holds,
+// since |d| <= sum_i |c_i| |z_i| <= (sum_i |c_i|) kMaxAbsNormal up to the float rounding of the
+// q products and q - 1 sums (at most ~q 2^-24 relative to that sum, q <= 16: ~1e-6, inside
+// keeps_scale's 1e-5 widening), and SgdRule maps d to theta - lr (d + wd theta), the one-query
+// formula with g z replaced by d. A stateful rule (momentum, Adam) moves an element by its
+// state, which the codes do not bound: those rows always take the exact sweep, which computes
+// the rule on a copy of the state; the encode sweep then computes it again (the same value) and
+// writes the state. The perturbation draws z of RowFamilyArgs::query (materialize() of another
+// query).
+//
 // Each element is handled by the thread that owns its Philox quad in every sweep, so in-place
-// writes never race reads; the old scale is read by every thread before the new one is written
-// (block_max synchronizes).
+// writes never race reads (the rule state included); the old scale is read by every thread
+// before the new one is written (block_max synchronizes).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,7 +47,9 @@
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/philox.hpp>
 #include <zo2/core/zo_element.hpp>
+#include <zo2/core/update_rules.hpp>
 #include <zo2/offload/codecs.hpp>
+#include <zo2/offload/update_terms.cuh>
 
 namespace zo2::cuda::offload_detail {
 
@@ -81,6 +95,13 @@ struct RowArgs {
   std::uint32_t step, update_step;
   bool has_update, perturb, convert;
   double eps, lr, g, wd;
+};
+
+/// What the family's instantiations (not SgdRule with one query) read besides RowArgs: a
+/// parameter of its own, so that the default instantiation's code is the same as without it.
+struct RowFamilyArgs {
+  std::uint32_t query;  // the perturbation's query
+  UpdateTerms terms;    // the update's coefficients, rule scalars and state
 };
 
 __device__ ZO2_FORCEINLINE float block_max(float v, float* shared) {
@@ -142,16 +163,38 @@ __device__ ZO2_FORCEINLINE void store_quad(T* dst, QuadSpan s, std::uint64_t j0,
   }
 }
 
-template <class C, class T>
+/// The updated values of quad q's elements that lie in the row (0 elsewhere) under a family
+/// update (not the default one); with Write, their rule state is written back.
+template <class Rule, bool Write, bool Fast>
+__device__ ZO2_FORCEINLINE void family_update_quad(const RowArgs& a, const RowFamilyArgs& f, const RuleCoeffs& rc, std::uint32_t id,
+                                                   std::uint64_t tensor_offset, std::uint64_t q, QuadSpan s,
+                                                   std::uint64_t j0, std::uint64_t j1, const float (&th)[4],
+                                                   float (&v)[4]) {
+  float d[4];
+  direction4<Fast>(f.terms, a.seed, a.update_step, id, q, d);
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    v[k] = s.has(k, j0, j1) ? apply_rule<Rule, Write>(f.terms, rc, th[k], d[k], tensor_offset + s.first + k) : 0.0f;
+}
+
+template <class C, class T, class Rule = SgdRule, bool Queries = false>
 __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ block, float* __restrict__ scales,
-                                                  T* __restrict__ plus, T* __restrict__ minus, RowArgs a) {
+                                                  T* __restrict__ plus, T* __restrict__ minus, RowArgs a, RowFamilyArgs f) {
   static_assert(C::element_bytes == 1, "row_kernel handles 8-bit codes");
+  constexpr bool kPlain = is_plain_update_v<Rule, Queries>;
+  constexpr bool kStateful = Rule::kStateSlots > 0;
   __shared__ float reduce[32];
   constexpr bool kFastUpdate = ZO2_CUDA_FAST_NOISE != 0;
   constexpr bool kFastPerturb = cuda::detail::fast_noise_for_v<T>;
   const RowTensor t = a.table[blockIdx.y];
   const std::uint32_t id = a.first_tensor_id + t.index;
   const UpdateCoeffs u{a.lr, a.g, t.weight_decay ? a.wd : 0.0};
+  RuleCoeffs rc{};
+  std::uint32_t perturb_query = 0;
+  if constexpr (!kPlain) {
+    rc = tensor_rule(f.terms, t.weight_decay != 0);
+    perturb_query = f.query;
+  }
   std::int8_t* codes = reinterpret_cast<std::int8_t*>(block) + t.offset;
   T* plus_t = plus + t.offset;
   T* minus_t = minus ? minus + t.offset : nullptr;
@@ -161,25 +204,40 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
     const float old_scale = scales[t.first_row + row];
     float scale = old_scale;
     if (a.has_update) {
-      float largest = 0.0f;  // the row's largest decoded magnitude
-      for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
-        float th[4];
-        load_quad<C>(codes, QuadSpan::of(q, j0, j1), j0, j1, old_scale, th);
+      bool keeps = false;
+      if constexpr (!kStateful) {
+        float largest = 0.0f;  // the row's largest decoded magnitude
+        for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
+          float th[4];
+          load_quad<C>(codes, QuadSpan::of(q, j0, j1), j0, j1, old_scale, th);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) largest = fmaxf(largest, fabsf(th[k]));
+          for (int k = 0; k < 4; ++k) largest = fmaxf(largest, fabsf(th[k]));
+        }
+        // block_max's __syncthreads also orders every thread's read of old_scale before its write
+        if constexpr (kPlain)
+          keeps = C::keeps_scale(old_scale, block_max(largest, reduce), u);
+        else  // with several queries, g is sum_i |c_i| (see the file comment)
+          keeps = C::keeps_scale(old_scale, block_max(largest, reduce), UpdateCoeffs{a.lr, f.terms.coeff_abs_sum, u.wd});
       }
-      // block_max's __syncthreads also orders every thread's read of old_scale before its write
-      if (!C::keeps_scale(old_scale, block_max(largest, reduce), u)) {
+      if (!keeps) {
         float m = 0.0f;
         for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
           const QuadSpan s = QuadSpan::of(q, j0, j1);
           float th[4];
           load_quad<C>(codes, s, j0, j1, old_scale, th);
-          const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
+          if constexpr (kPlain) {
+            const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
 #pragma unroll
-          for (int k = 0; k < 4; ++k)
-            if (s.has(k, j0, j1)) m = fmaxf(m, fabsf(updated_value<float>(th[k], z.z[k], u)));
+            for (int k = 0; k < 4; ++k)
+              if (s.has(k, j0, j1)) m = fmaxf(m, fabsf(updated_value<float>(th[k], z.z[k], u)));
+          } else {
+            float v[4];  // the state is left as it is: the encode sweep applies the rule again
+            family_update_quad<Rule, false, kFastUpdate>(a, f, rc, id, t.offset, q, s, j0, j1, th, v);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) m = fmaxf(m, fabsf(v[k]));
+          }
         }
+        // (also orders the reads of old_scale before the write when the first sweep was skipped)
         scale = C::rescale(old_scale, block_max(m, reduce));
       }
       if (threadIdx.x == 0) scales[t.first_row + row] = scale;
@@ -190,15 +248,21 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
       float th[4];
       load_quad<C>(codes, s, j0, j1, old_scale, th);
       if (a.has_update) {
-        const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
+        float v[4];
+        if constexpr (kPlain) {
+          const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) v[k] = updated_value<float>(th[k], z.z[k], u);
+        } else {
+          family_update_quad<Rule, true, kFastUpdate>(a, f, rc, id, t.offset, q, s, j0, j1, th, v);
+        }
         // The octet's words; this thread uses the half of them that is quad q's (row_kernel
         // walks quads, so a call per quad: no worse than before the 16-bit scheme).
         const Philox4x32 bits = rounding_words(a.seed, a.update_step, id, q / 2);
         std::int8_t c[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          c[k] = C::code(updated_value<float>(th[k], z.z[k], u), scale,
-                         rounding_bits(bits, static_cast<unsigned>(4 * (q % 2) + k)), true);
+          c[k] = C::code(v[k], scale, rounding_bits(bits, static_cast<unsigned>(4 * (q % 2) + k)), true);
           th[k] = C::value(c[k], scale);
         }
         if (s.whole) {
@@ -210,7 +274,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
         }
       }
       if (a.perturb) {
-        const Normal4 z = cuda::detail::noise4<kFastPerturb>(a.seed, a.step, id, q);
+        const Normal4 z = cuda::detail::noise4<kFastPerturb>(a.seed, a.step, id, q, perturb_query);
         float v[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], a.eps);
@@ -228,15 +292,17 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
   }
 }
 
-/// Launches row_kernel on one group (a.table is set from `table`).
-template <class C, class T>
+/// Launches row_kernel<C, T, Rule, Queries> on one group (a.table is set from `table`). The
+/// default instantiation reads a.lr, a.g, a.wd; the others also f.terms and f.query.
+template <class C, class T, class Rule = SgdRule, bool Queries = false>
 void launch_row_kernel(unsigned char* master, float* scales, T* plus, T* minus, const RowTable& table, RowArgs a,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, const RowFamilyArgs& f = {}) {
+  static_assert(Rule::kStateSlots == 0 || Queries, "stateful rules use the general (several-query) instantiation");
   if (table.size() == 0) return;
   a.table = table.data();
   const std::uint64_t rows = table.max_rows();
   const dim3 grid(static_cast<unsigned>(rows < 2048 ? rows : 2048), table.size());
-  row_kernel<C, T><<<grid, 256, 0, stream>>>(master, scales, plus, minus, a);
+  row_kernel<C, T, Rule, Queries><<<grid, 256, 0, stream>>>(master, scales, plus, minus, a, f);
   ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::row_kernel");
 }
 
