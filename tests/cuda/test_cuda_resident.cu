@@ -1,7 +1,8 @@
-// CudaResident under the unchanged ZOOptimizer: a user-defined layer stack written here with
-// tiny CUDA kernels (the device twin of tests/support/dense_tanh_stack.hpp) gives the same
-// projected gradients and parameters as the CPU Resident run of the CPU stack, and learns with
-// bf16 storage.
+// CudaResident under the unchanged ZOOptimizer: a user-defined layer stack written with tiny CUDA
+// kernels (tests/support/device_dense_tanh_stack.cuh, the device twin of
+// tests/support/dense_tanh_stack.hpp) gives the same projected gradients and parameters as the
+// CPU Resident run of the CPU stack, and learns with bf16 storage. The rest of the optimizer
+// family on the GPU: tests/cuda/test_cuda_family.cu.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <zo2/zo2.hpp>
 
 #include "../support/dense_tanh_stack.hpp"
+#include "../support/device_dense_tanh_stack.cuh"
 
 using namespace zo2;
 
@@ -24,105 +26,8 @@ const bool kHaveDevice = [] {
   return ok;
 }();
 
-// Explicit _rn intrinsics: no FMA contraction, so the float arithmetic is the CPU stack's.
-__global__ void dense_in_kernel(const float* W, const float* bias, const float* x, float* h, int rows,
-                                int d_in, int width) {
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= rows * width) return;
-  const int r = idx / width, o = idx % width;
-  float acc = bias[o];
-  for (int i = 0; i < d_in; ++i) acc = __fadd_rn(acc, __fmul_rn(W[o * d_in + i], x[r * d_in + i]));
-  h[idx] = acc;
-}
-
-__global__ void dense_tanh_kernel(const float* W, const float* bias, const float* in, float* out, int rows,
-                                  int width) {
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= rows * width) return;
-  const int r = idx / width, o = idx % width;
-  float acc = bias[o];
-  for (int i = 0; i < width; ++i) acc = __fadd_rn(acc, __fmul_rn(W[o * width + i], in[r * width + i]));
-  out[idx] = __fadd_rn(tanhf(acc), in[idx]);
-}
-
-// One thread: the CPU's summation order, in double.
-__global__ void mse_kernel(const float* w, const float* bias, const float* h, const float* y, int rows,
-                           int width, double* loss) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  double sum = 0;
-  for (int r = 0; r < rows; ++r) {
-    float y_hat = bias[0];
-    for (int i = 0; i < width; ++i) y_hat = __fadd_rn(y_hat, __fmul_rn(w[i], h[r * width + i]));
-    const double d = __dsub_rn(static_cast<double>(y_hat), static_cast<double>(y[r]));
-    sum = __dadd_rn(sum, __dmul_rn(d, d));
-  }
-  *loss = sum / static_cast<double>(rows);
-}
-
-/// The device twin of zo2_test::DenseTanhStack<float>: same layouts, same arithmetic; every
-/// kernel runs on `stream`, the policy's.
-struct DeviceDenseTanhStack {
-  using value_type = float;
-  struct Batch {
-    std::size_t rows = 0;
-    cuda::DeviceBuffer<float> x, y;
-  };
-  struct Activation {
-    cuda::DeviceBuffer<float> h;
-  };
-  struct Workspace {
-    cuda::DeviceBuffer<double> loss;
-  };
-
-  zo2_test::DenseTanhStack<float> shape;
-  cudaStream_t stream = nullptr;
-
-  std::size_t num_blocks() const { return shape.num_blocks(); }
-  ParamLayout prologue_layout() const { return shape.prologue_layout(); }
-  ParamLayout block_layout() const { return shape.block_layout(); }
-  ParamLayout epilogue_layout() const { return shape.epilogue_layout(); }
-
-  static unsigned blocks_for(std::size_t n) { return static_cast<unsigned>((n + 127) / 128); }
-
-  void prologue(ParamView<const float> p, const Batch& b, Activation& out, Workspace&) const {
-    const std::size_t n = b.rows * shape.width;
-    out.h.reserve(n);
-    dense_in_kernel<<<blocks_for(n), 128, 0, stream>>>(p.tensor(0), p.tensor(1), b.x.data(), out.h.data(),
-                                                       static_cast<int>(b.rows), static_cast<int>(shape.d_in),
-                                                       static_cast<int>(shape.width));
-    ZO2_CUDA_CHECK_LAUNCH("dense_in_kernel");
-  }
-  void forward_block(std::size_t, ParamView<const float> p, const Activation& in, Activation& out,
-                     Workspace&) const {
-    const std::size_t n = in.h.size();
-    out.h.reserve(n);
-    dense_tanh_kernel<<<blocks_for(n), 128, 0, stream>>>(p.tensor(0), p.tensor(1), in.h.data(), out.h.data(),
-                                                         static_cast<int>(n / shape.width),
-                                                         static_cast<int>(shape.width));
-    ZO2_CUDA_CHECK_LAUNCH("dense_tanh_kernel");
-  }
-  double epilogue(ParamView<const float> p, ParamView<const float>, const Activation& in, const Batch& b,
-                  Workspace& ws) const {
-    ws.loss.reserve(1);
-    mse_kernel<<<1, 1, 0, stream>>>(p.tensor(0), p.tensor(1), in.h.data(), b.y.data(), static_cast<int>(b.rows),
-                                    static_cast<int>(shape.width), ws.loss.data());
-    ZO2_CUDA_CHECK_LAUNCH("mse_kernel");
-    double loss = 0;
-    ZO2_CUDA_CHECK(cudaMemcpyAsync(&loss, ws.loss.data(), sizeof loss, cudaMemcpyDeviceToHost, stream));
-    ZO2_CUDA_CHECK(cudaStreamSynchronize(stream));
-    return loss;
-  }
-};
-
-DeviceDenseTanhStack::Batch to_device(const zo2_test::DenseTanhStack<float>::Batch& b) {
-  DeviceDenseTanhStack::Batch d;
-  d.rows = b.rows;
-  d.x = cuda::DeviceBuffer<float>(b.x.size());
-  d.y = cuda::DeviceBuffer<float>(b.y.size());
-  ZO2_CUDA_CHECK(cudaMemcpy(d.x.data(), b.x.data(), b.x.size() * sizeof(float), cudaMemcpyHostToDevice));
-  ZO2_CUDA_CHECK(cudaMemcpy(d.y.data(), b.y.data(), b.y.size() * sizeof(float), cudaMemcpyHostToDevice));
-  return d;
-}
+using zo2_test::DeviceDenseTanhStack;
+using zo2_test::to_device;
 
 bool close(double a, double b, double rel, double floor = 0.0) {
   return std::fabs(a - b) <= rel * std::max(std::fabs(b), floor);

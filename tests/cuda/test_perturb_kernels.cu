@@ -553,3 +553,207 @@ TEST_CASE("convert is exact: every fp16 and bf16 value to float, and random floa
     CHECK(badb == 0);
   }
 }
+
+// ---- the optimizer family's updates (every rule, several queries, rule state) ----------------
+
+namespace {
+
+/// z of query `query` as the device's update computes it (noise4<Fast>), for n elements.
+template <bool Fast>
+__global__ void z_query_kernel(float* out, std::size_t n, std::uint64_t seed, std::uint32_t step, std::uint32_t id,
+                               std::uint32_t query) {
+  for (std::size_t j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x)
+    out[j] = cuda::detail::noise4<Fast>(seed, step, id, j / 4, query).z[j % 4];
+}
+
+/// An update of `rule` with `queries` terms (c_i of both signs and several magnitudes) and the
+/// scalars of every rule (momentum 0.9; Adam at its third update).
+PendingUpdate family_update(RuleId rule, std::uint32_t queries) {
+  PendingUpdate p{41, 0.0, 1e-3, 0.1};
+  p.rule = rule;
+  p.num_queries = queries;
+  const double c[] = {-2.5, 1.25, 0.5, -0.75};
+  for (std::uint32_t i = 0; i < queries; ++i) p.set_coeff(i, c[i % 4] * (1.0 + 0.125 * (i / 4)) / queries);
+  p.momentum = 0.9;
+  p.beta1 = 0.9;
+  p.beta2 = 0.999;
+  p.adam_eps = 1e-8;
+  p.step_size = p.lr / (1.0 - std::pow(0.9, 3.0));
+  p.inv_sqrt_bc2 = 1.0 / std::sqrt(1.0 - std::pow(0.999, 3.0));
+  return p;
+}
+
+constexpr float kStatePadding = 777.0f;  // the state of padding elements: no pass may touch it
+
+/// Random state in the flat layout of a group (slot k of element f at [k * total + f]): slot 0
+/// (momentum buffer, Adam's m) ~ N(0, 1), slot 1 (Adam's v) in [0.5, 4]; the padding a sentinel.
+std::vector<float> random_state(const ParamLayout& layout, unsigned slots, unsigned seed) {
+  const std::size_t total = layout.total_elements();
+  std::vector<float> s(slots * total, kStatePadding);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> positive(0.5f, 4.0f);
+  for (unsigned k = 0; k < slots; ++k)
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+      for (std::size_t j = 0; j < layout.spec(r).numel(); ++j)
+        s[k * total + layout.offset(r) + j] = k == 0 ? normal(rng) : positive(rng);
+  return s;
+}
+
+/// cpu::Perturber::apply<Rule> transcribed on the host with the device's z (z[i]: query i's, in
+/// the group's flat layout), so the expected values are the kernel's to the bit: the element
+/// arithmetic is Rule::apply on both sides, each operation correctly rounded. Legacy: the
+/// MeZO-SGD formula of the kernels before the family (updated_value), for the default update.
+template <class S, bool Legacy = false>
+void expected_update(std::vector<S>& theta, std::vector<float>& state, const ParamLayout& layout,
+                     const PendingUpdate& p, const std::vector<std::vector<float>>& z) {
+  const std::size_t total = layout.total_elements();
+  visit_rule(p.rule, [&]<class Rule>() {
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+      const std::uint32_t id = kFirstId + static_cast<std::uint32_t>(r);
+      const bool decays = layout.spec(r).weight_decay;
+      for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) {
+        const std::size_t f = layout.offset(r) + j;
+        float v;
+        if constexpr (Legacy) {
+          v = updated_value<S>(load(theta[f]), z[0][f], UpdateCoeffs{p.lr, p.g, decays ? p.weight_decay : 0.0});
+        } else {
+          float d = 0;
+          for (std::uint32_t i = 0; i < p.num_queries; ++i) {
+            const float term = zo2::detail::mul_rn(static_cast<float>(p.coeff(i)), z[i][f]);
+            d = i == 0 ? term : zo2::detail::add_rn(d, term);
+          }
+          float s[Rule::kStateSlots > 0 ? Rule::kStateSlots : 1] = {};
+          for (unsigned k = 0; k < Rule::kStateSlots; ++k) s[k] = state[k * total + f];
+          v = Rule::apply(load(theta[f]), d, p.rule_coeffs(decays), s);
+          for (unsigned k = 0; k < Rule::kStateSlots; ++k) state[k * total + f] = s[k];
+        }
+        theta[f] = store_rounded<S>(v, is_half_v<S> ? rounding_bits_at(kSeed, p.step, id, j) : 0u, true);
+      }
+    }
+  });
+}
+
+template <class S>
+std::vector<std::vector<float>> device_update_noise(const ParamLayout& layout, const PendingUpdate& p) {
+  std::vector<std::vector<float>> z;
+  for (std::uint32_t i = 0; i < p.num_queries; ++i) {
+    auto d_z = poisoned<float>(layout.total_elements());
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+      z_query_kernel<cuda::detail::fast_noise_for_v<S>><<<64, 256>>>(
+          d_z.data() + layout.offset(r), layout.spec(r).numel(), kSeed, p.step, kFirstId + static_cast<std::uint32_t>(r), i);
+      ZO2_CUDA_CHECK_LAUNCH("z_query_kernel");
+    }
+    z.push_back(to_host(d_z));
+  }
+  return z;
+}
+
+template <class X>
+std::size_t bits_differ(const std::vector<X>& a, const std::vector<X>& b) {
+  REQUIRE(a.size() == b.size());
+  std::size_t n = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], sizeof(X)) != 0;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule state) equal cpu::Perturber's "
+                   "arithmetic on the device's z, bit for bit; the default is MeZO-SGD's of before" *
+                       doctest::skip(!kHaveDevice),
+                   S, float, bfloat16, float16) {
+  const ParamLayout layout = odd_layout();
+  const std::size_t total = layout.total_elements();
+  const std::vector<S> theta0 = random_group<S>(layout, 7 + sizeof(S));
+  cuda::GroupTable table(layout);
+  cuda::Stream stream;
+
+  struct Case {
+    RuleId rule;
+    std::uint32_t queries;
+  };
+  const Case cases[] = {{RuleId::kSgd, 1},      {RuleId::kSgd, 3},  {RuleId::kMomentum, 1}, {RuleId::kMomentum, 2},
+                        {RuleId::kMomentum, 16}, {RuleId::kAdam, 1}, {RuleId::kAdam, 4},     {RuleId::kSgd, 16}};
+  for (const Case& c : cases) {
+    const PendingUpdate p = family_update(c.rule, c.queries);
+    const unsigned slots = rule_state_slots(c.rule);
+    CAPTURE(static_cast<int>(c.rule));
+    CAPTURE(c.queries);
+    const std::vector<float> state0 = random_state(layout, slots, 11 + c.queries);
+    const auto z = device_update_noise<S>(layout, p);
+    std::vector<S> theta_want = theta0;
+    std::vector<float> state_want = state0;
+    expected_update<S>(theta_want, state_want, layout, p, z);
+
+    // The update alone.
+    auto d_theta = to_device(theta0);
+    cuda::DeviceBuffer<float> d_state = slots ? to_device(state0) : cuda::DeviceBuffer<float>();
+    const cuda::DeviceRuleState st{d_state.data(), total, slots};
+    cuda::update(d_theta.data(), table, kFirstId, kSeed, p, stream.get(), st);
+    stream.synchronize();
+    const std::vector<S> theta_upd = to_host(d_theta);
+    CHECK(bits_differ(theta_upd, theta_want) == 0);  // padding included: untouched
+    if (slots) CHECK(bits_differ(to_host(d_state), state_want) == 0);
+
+    // The fused pass: the same theta and state, and theta +- eps z of the updated theta as
+    // perturb_into writes them.
+    auto d_theta2 = to_device(theta0);
+    cuda::DeviceBuffer<float> d_state2 = slots ? to_device(state0) : cuda::DeviceBuffer<float>();
+    auto d_plus = poisoned<float>(total), d_minus = poisoned<float>(total);
+    cuda::update_and_perturb(d_theta2.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, kStep, kEps, &p,
+                             stream.get(), cuda::DeviceRuleState{d_state2.data(), total, slots});
+    auto d_plus_want = poisoned<float>(total), d_minus_want = poisoned<float>(total);
+    cuda::perturb_into(d_plus_want.data(), d_theta.data(), table, kFirstId, kSeed, kStep, kEps, stream.get());
+    cuda::perturb_into(d_minus_want.data(), d_theta.data(), table, kFirstId, kSeed, kStep, -kEps, stream.get());
+    stream.synchronize();
+    CHECK(bits_differ(to_host(d_theta2), theta_want) == 0);
+    if (slots) CHECK(bits_differ(to_host(d_state2), state_want) == 0);
+    CHECK(bits_differ(to_host(d_plus), to_host(d_plus_want)) == 0);
+    CHECK(bits_differ(to_host(d_minus), to_host(d_minus_want)) == 0);
+
+    if (c.rule == RuleId::kSgd && c.queries == 1) {
+      // The default update is the formula of the kernels before the family, bit for bit ...
+      std::vector<S> legacy = theta0;
+      std::vector<float> none;
+      expected_update<S, true>(legacy, none, layout, p, z);
+      CHECK(bits_differ(theta_upd, legacy) == 0);
+      // ... and the kernel of several queries, given one, computes the same.
+      auto d_multi = to_device(theta0);
+      cuda::detail::KernelArgs a{};
+      a.first_tensor_id = kFirstId;
+      a.seed = kSeed;
+      cuda::detail::set_owed_update(a, p);
+      a.table = table.data();
+      a.num_tensors = table.size();
+      a.num_vectors = total / (16 / sizeof(S));
+      cuda::detail::launch_kernel<cuda::detail::Op::kUpdate, S, S, cuda::detail::kDefaultChunks,
+                                  cuda::detail::kDefaultMinBlocks, SgdRule, true>(d_multi.data(), nullptr, nullptr, a,
+                                                                                  stream.get());
+      stream.synchronize();
+      CHECK(bits_differ(to_host(d_multi), theta_upd) == 0);
+    }
+  }
+}
+
+TEST_CASE("a stateful update without its state, or with too few slots, is refused; a plain-SGD-only "
+          "argument struct still refuses the family" * doctest::skip(!kHaveDevice)) {
+  const ParamLayout layout = odd_layout();
+  cuda::GroupTable table(layout);
+  cuda::DeviceBuffer<float> theta(layout.total_elements()), state(layout.total_elements());
+  const PendingUpdate adam = family_update(RuleId::kAdam, 2);
+  CHECK_THROWS_AS(cuda::update(theta.data(), table, kFirstId, kSeed, adam, nullptr), ConfigError);
+  CHECK_THROWS_AS(cuda::update(theta.data(), table, kFirstId, kSeed, adam, nullptr,
+                               cuda::DeviceRuleState{state.data(), layout.total_elements(), 1}),
+                  ConfigError);
+  // Kernels whose arguments carry one SGD term (the offload engine's) keep refusing others.
+  struct OneTerm {
+    bool has_update = false;
+    std::uint32_t update_step = 0;
+    double lr = 0, g = 0, wd = 0;
+  } one;
+  CHECK_THROWS_AS(cuda::detail::set_owed_update(one, adam), ConfigError);
+  cuda::detail::set_owed_update(one, kPending);
+  CHECK(one.has_update);
+  CHECK(one.g == kPending.g);
+}

@@ -7,6 +7,11 @@
 // epilogue (which may read them: an LM head tied to the token embeddings); the blocks and the
 // epilogue share the other scratch pair.
 //
+// Optimizer state (momentum, Adam's moments) lives on the device beside the master:
+// reserve_rule_state(slots) keeps `slots` float arrays of each group's flat size, zeroed, laid out
+// per group as Resident's (slot k of element e at [k * group size + e]); the fused pass reads and
+// writes it in the same launch as the update.
+//
 // Streams: every kernel of the policy runs on stream(), asynchronously; nothing here blocks
 // except upload and download. The model's forward must enqueue its work on the same stream (or
 // order itself after it), and its epilogue must synchronize before it returns the loss to the
@@ -18,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -59,8 +65,9 @@ class CudaResident {
   /// The fused pass for group g: apply the owed update (if any), then write theta +- eps z.
   Perturbed prepare(GroupIndex g, const StepNoise& noise) {
     Scratch& s = scratch_for(g);
+    if (noise.pending) check_rule_state(*noise.pending);
     update_and_perturb(master_ptr(g), s.plus.data(), s.minus.data(), table_for(g),
-                       layout_->first_tensor_id(g), noise, stream_);
+                       layout_->first_tensor_id(g), noise, stream_, device_rule_state(g));
     const ParamLayout& layout = layout_->layout(g);
     return {ParamView<const T>(s.plus.data(), &layout), ParamView<const T>(s.minus.data(), &layout)};
   }
@@ -86,7 +93,8 @@ class CudaResident {
 
   /// Applies an owed update to group g alone (used to flush before evaluation or a checkpoint).
   void apply_update(GroupIndex g, std::uint64_t seed, const PendingUpdate& pending) {
-    update(master_ptr(g), table_for(g), layout_->first_tensor_id(g), seed, pending, stream_);
+    check_rule_state(pending);
+    update(master_ptr(g), table_for(g), layout_->first_tensor_id(g), seed, pending, stream_, device_rule_state(g));
   }
 
   const ModelLayout& model_layout() const { return *layout_; }
@@ -120,10 +128,54 @@ class CudaResident {
     synchronize();
   }
 
-  /// Device memory the policy holds, in bytes (master plus scratch).
+  /// Device memory the policy holds, in bytes (master, scratch and rule state).
   std::size_t device_bytes() const {
     return master_.bytes() + scratch_[0].plus.bytes() + scratch_[0].minus.bytes() +
-           scratch_[1].plus.bytes() + scratch_[1].minus.bytes();
+           scratch_[1].plus.bytes() + scratch_[1].minus.bytes() + state_.bytes();
+  }
+
+  // ---- optimizer state (momentum, Adam's moments) ----------------------------------------------
+
+  /// Per-element state values for a stateful rule: `slots` float arrays the size of each group's
+  /// flat buffer, on the device, zeroed. Called by ZOOptimizer for rules with state; a second
+  /// call with another count starts over from zero (0 frees it). Blocks until zeroed.
+  void reserve_rule_state(unsigned slots) {
+    synchronize();  // no queued pass may still use the old arrays
+    state_ = DeviceBuffer<float>();
+    state_slots_ = 0;
+    if (slots > 0) {
+      state_ = DeviceBuffer<float>(static_cast<std::size_t>(slots) * group_offset_.back());
+      if (state_.bytes()) ZO2_CUDA_CHECK(cudaMemsetAsync(state_.data(), 0, state_.bytes(), stream_));
+      synchronize();
+    }
+    state_slots_ = slots;
+  }
+  unsigned rule_state_slots() const { return state_slots_; }
+  /// Values of group g's state: rule_state_slots() arrays of the group's flat size.
+  std::size_t rule_state_size(GroupIndex g) const {
+    return static_cast<std::size_t>(state_slots_) * layout_->layout(g).total_elements();
+  }
+  /// Group g's state on the device (slot k of element e at [k * group size + e]); empty when
+  /// the policy keeps none.
+  DeviceRuleState device_rule_state(GroupIndex g) const {
+    if (state_slots_ == 0) return {};
+    return {state_.data() + static_cast<std::size_t>(state_slots_) * group_offset_.at(g.value),
+            layout_->layout(g).total_elements(), state_slots_};
+  }
+
+  /// Group g's state copied to the host (checkpoints), and back; `out` / `in` hold
+  /// rule_state_size(g) values. Both wait for the policy's queued work and block until copied.
+  void get_rule_state(GroupIndex g, std::span<float> out) const {
+    const std::size_t n = rule_state_size(g);
+    if (out.size() != n) throw ShapeError("get_rule_state: expected " + std::to_string(n) + " values");
+    if (n) copy_to_host(out.data(), device_rule_state(g).data, n, stream_);
+    synchronize();
+  }
+  void set_rule_state(GroupIndex g, std::span<const float> in) {
+    const std::size_t n = rule_state_size(g);
+    if (in.size() != n) throw ShapeError("set_rule_state: expected " + std::to_string(n) + " values");
+    if (n) copy_to_device(device_rule_state(g).data, in.data(), n, stream_);
+    synchronize();
   }
 
  private:
@@ -162,6 +214,11 @@ class CudaResident {
     if (master_.bytes()) ZO2_CUDA_CHECK(cudaMemsetAsync(master_.data(), 0, master_.bytes(), stream_));
   }
 
+  void check_rule_state(const PendingUpdate& pending) const {
+    if (zo2::rule_state_slots(pending.rule) > state_slots_)
+      throw ConfigError("optimizer", "the policy holds no state for this update rule (reserve_rule_state)");
+  }
+
   void check_same_layout(const ModelLayout& other, const char* what) const {
     const ModelLayout& ml = *layout_;
     bool same = other.num_blocks() == ml.num_blocks();
@@ -190,6 +247,8 @@ class CudaResident {
   DeviceBuffer<S> master_;
   GroupTable tables_[3];  // prologue, block (shared by all blocks), epilogue
   Scratch scratch_[2];    // [0]: the prologue's, [1]: shared by the blocks and the epilogue
+  unsigned state_slots_ = 0;
+  DeviceBuffer<float> state_;  // group g's at state_slots_ * group_offset_[g]
 };
 
 }  // namespace zo2::cuda

@@ -15,6 +15,13 @@
 // box_muller_fast below instead (ZO2_CUDA_FAST_NOISE, on by default; 0 restores the precise
 // transform): the same words, within ~1.5e-6 r + 3.5e-7 / r of the host's z (r: the pair's radius).
 //
+// The owed update is any of the family's (optim/step_types.hpp): num_queries terms c_i z_i summed
+// in query order, then Rule::apply (core/update_rules.hpp) with Rule::kStateSlots float arrays of
+// per-element state. The rule is a template parameter of the kernel, picked at launch from the
+// update's RuleId; the SGD kernel of one query is its own instantiation, whose arithmetic is
+// exactly updated_value's (SgdRule::apply of d = g z), so the default run is unchanged and the
+// multi-query loop and the state arrays compile away from it.
+//
 // Each thread takes whole 16-byte vectors: 4 elements (one Philox quad) for fp32 storage, 8 (two
 // quads) for 16-bit storage, so every Philox call serves 4 elements and no quad is split across
 // threads. Tensor offsets are multiples of kTensorAlignment (32), so vectors never straddle two
@@ -38,6 +45,7 @@
 #include <zo2/core/half_types.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/philox.hpp>
+#include <zo2/core/update_rules.hpp>
 #include <zo2/core/zo_element.hpp>
 #include <zo2/optim/step_types.hpp>
 
@@ -57,6 +65,15 @@ struct TensorEntry {
   std::uint64_t numel;         // elements, padding excluded
   std::uint32_t index;         // position in the group: noise stream = first tensor id + index
   std::uint32_t weight_decay;  // 1 where weight decay applies
+};
+
+/// A group's optimizer state on the device (momentum, Adam's moments): `slots` arrays of floats,
+/// `stride` apart (the group's flat size, padding included), so element e of the group's flat
+/// buffer keeps slot k at data[k * stride + e]. Empty for rules without state.
+struct DeviceRuleState {
+  float* data = nullptr;
+  std::size_t stride = 0;
+  unsigned slots = 0;
 };
 
 /// A group layout's tensor table in device memory. Built once per layout (a model has three:
@@ -113,14 +130,57 @@ struct KernelArgs {
   bool has_update;
   double c;                   // perturbation scale (eps)
   double lr, g, wd;           // the update; wd applies only where the tensor's flag is set
+  // The rest of the owed update (zero-initialized KernelArgs: one query of SgdRule, g alone).
+  RuleId rule;                // the update's element rule
+  std::uint32_t num_queries;  // terms c_i z_i of the update (0 counts as 1: g alone)
+  float coeff[kMaxQueries];   // c_i in the compute type (c_0 == float(g))
+  double momentum, beta1, beta2, adam_eps, step_size, inv_sqrt_bc2;  // the rule's scalars
+  float* state;               // Rule::kStateSlots arrays (DeviceRuleState), or null
+  std::uint64_t state_stride;
+};
+
+/// Refuses an update that a kernel of one SGD term cannot apply (several queries, another rule).
+inline void require_plain_sgd(const PendingUpdate& pending) {
+  if (!pending.plain_sgd())
+    throw ConfigError("optimizer", "this CUDA pass applies zo-sgd/zo-sign/zo-cons updates of one query only");
+}
+
+/// Whether a kernel's argument struct carries the whole owed update (every rule, several
+/// queries), named as KernelArgs names it.
+template <class Args>
+concept CarriesRuleTerms = requires(Args& a) {
+  a.rule;
+  a.num_queries;
+  a.coeff[0];
+  a.momentum;
+  a.beta1;
+  a.beta2;
+  a.adam_eps;
+  a.step_size;
+  a.inv_sqrt_bc2;
 };
 
 /// Copies an owed update into a kernel's argument struct (KernelArgs here, the offload engine's
-/// RowArgs: both name the fields alike).
+/// RowArgs: they name the fields alike). An Args without the fields of further queries and of
+/// the rule (CarriesRuleTerms) takes plain zo-sgd updates only and refuses others.
 template <class Args>
 void set_owed_update(Args& a, const PendingUpdate& pending) {
-  if (!pending.plain_sgd())
-    throw ConfigError("optimizer", "this CUDA pass applies zo-sgd/zo-sign/zo-cons updates of one query only");
+  if constexpr (CarriesRuleTerms<Args>) {
+    if (pending.num_queries < 1 || pending.num_queries > kMaxQueries)
+      throw ConfigError("queries", "an owed update has " + std::to_string(pending.num_queries) +
+                                       " queries; 1 to " + std::to_string(kMaxQueries) + " are allowed");
+    a.rule = pending.rule;
+    a.num_queries = pending.num_queries;
+    for (std::uint32_t i = 0; i < pending.num_queries; ++i) a.coeff[i] = static_cast<float>(pending.coeff(i));
+    a.momentum = pending.momentum;
+    a.beta1 = pending.beta1;
+    a.beta2 = pending.beta2;
+    a.adam_eps = pending.adam_eps;
+    a.step_size = pending.step_size;
+    a.inv_sqrt_bc2 = pending.inv_sqrt_bc2;
+  } else {
+    require_plain_sgd(pending);
+  }
   a.has_update = true;
   a.update_step = pending.step;
   a.lr = pending.lr;
@@ -331,18 +391,83 @@ __device__ ZO2_FORCEINLINE void perturb_vector(S* th, T* out0, T* out1, S (&s)[V
   }
 }
 
+/// The update half of a pass over one vector (elements s[0, V) of the group's flat vector v):
+/// d = sum_i c_i z_i of step a.update_step, then Rule::apply, rounded to S (stochastically for
+/// 16-bit S), with Rule::kStateSlots state values per element read from and written back to
+/// a.state[slot * a.state_stride + v * V + k]. MultiQuery false: one term, d = g z, the
+/// instantiation of the default run (zo-sgd, one query), whose arithmetic is updated_value's.
+template <class Rule, bool MultiQuery, class S, int V>
+__device__ ZO2_FORCEINLINE void update_vector(S* th, S (&s)[V], const KernelArgs& a, const RuleCoeffs& rc,
+                                              std::uint32_t id, std::uint64_t q0, std::uint64_t v,
+                                              std::uint64_t valid) {
+  using C = compute_t<S>;
+  constexpr int Q = V / 4;                   // Philox quads per vector
+  constexpr bool kRounds16 = is_half_v<S>;  // stochastic rounding needs its own words
+  constexpr unsigned kSlots = Rule::kStateSlots;
+  static_assert(MultiQuery || kSlots == 0, "a stateful rule takes the kernel of any number of queries");
+  static_assert(std::is_same_v<C, float>, "the device's rule state is float");
+  float st[kSlots > 0 ? kSlots : 1][V];
+  if constexpr (kSlots > 0) {
+#pragma unroll
+    for (unsigned k = 0; k < kSlots; ++k) load_vector(a.state + k * a.state_stride + v * V, st[k]);
+  }
+  Philox4x32 bits{};  // rounding words of quads q and q + 1, q even
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    C d[4];
+    if constexpr (MultiQuery) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) d[k] = C(0);
+      for (std::uint32_t i = 0; i < a.num_queries; ++i) {  // in query order, as the CPU sums
+        const Normal4 z = noise4<fast_noise_for_v<S>>(a.seed, a.update_step, id, q0 + q, i);
+        const C c = a.coeff[i];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const C term = zo2::detail::mul_rn(c, static_cast<C>(z.z[k]));
+          d[k] = i == 0 ? term : zo2::detail::add_rn(d[k], term);
+        }
+      }
+    } else {
+      const Normal4 z = noise4<fast_noise_for_v<S>>(a.seed, a.update_step, id, q0 + q);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) d[k] = zo2::detail::mul_rn(static_cast<C>(a.g), static_cast<C>(z.z[k]));
+    }
+    // One rounding call per 8 elements (core/philox.hpp); q0 is even here (V >= 8 elements).
+    if constexpr (kRounds16)
+      if (q % 2 == 0) bits = rounding_words(a.seed, a.update_step, id, (q0 + q) / 2);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      C e[kSlots > 0 ? kSlots : 1];
+      if constexpr (kSlots > 0) {
+#pragma unroll
+        for (unsigned r = 0; r < kSlots; ++r) e[r] = st[r][4 * q + k];
+      }
+      s[4 * q + k] = store_rounded<S>(Rule::apply(load_device(s[4 * q + k]), d[k], rc, e),
+                                      kRounds16 ? rounding_bits(bits, 4 * (q % 2) + k) : 0u, true);
+      if constexpr (kSlots > 0) {
+#pragma unroll
+        for (unsigned r = 0; r < kSlots; ++r) st[r][4 * q + k] = e[r];
+      }
+    }
+  }
+  store_masked(th, s, valid);
+  if constexpr (kSlots > 0) {
+#pragma unroll
+    for (unsigned k = 0; k < kSlots; ++k) store_masked(a.state + k * a.state_stride + v * V, st[k], valid);
+  }
+}
+
 /// One pass of `op` over a group. theta, out0, out1 point at the group's first element and are
 /// 16-byte aligned. Grid-stride over vectors of Chunks x 16 bytes of S; a thread's vectors
 /// increase, so its tensor index only moves forward. V divides kTensorAlignment, so a vector
-/// never straddles two tensors.
-template <Op op, class S, class T, int Chunks, int MinBlocks>
+/// never straddles two tensors. Rule and MultiQuery choose the update (update_vector); passes
+/// without an update take the defaults.
+template <Op op, class S, class T, int Chunks, int MinBlocks, class Rule = SgdRule, bool MultiQuery = false>
 __global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ theta, T* __restrict__ out0,
                                                     T* __restrict__ out1, KernelArgs a) {
   constexpr int V = Chunks * 16 / static_cast<int>(sizeof(S));  // elements per vector
   static_assert(kTensorAlignment % V == 0);
-  constexpr int Q = V / 4;                              // Philox quads per vector
-  constexpr bool kRounds16 = is_half_v<S>;             // stochastic rounding needs its own words
-  static_assert(!kRounds16 || V % 8 == 0, "a vector of 16-bit storage covers whole rounding octets");
+  static_assert(!is_half_v<S> || V % 8 == 0, "a vector of 16-bit storage covers whole rounding octets");
 
   const std::uint64_t stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
   std::uint64_t v = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -352,7 +477,15 @@ __global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ t
   std::uint32_t t = 0;
   TensorEntry e = a.table[0];
   std::uint64_t next_begin = a.num_tensors > 1 ? a.table[1].offset / V : a.num_vectors;
-  UpdateCoeffs u{a.lr, a.g, e.weight_decay ? a.wd : 0.0};
+  RuleCoeffs rc;
+  rc.lr = a.lr;
+  rc.wd = e.weight_decay ? a.wd : 0.0;
+  rc.momentum = a.momentum;
+  rc.beta1 = a.beta1;
+  rc.beta2 = a.beta2;
+  rc.adam_eps = a.adam_eps;
+  rc.step_size = a.step_size;
+  rc.inv_sqrt_bc2 = a.inv_sqrt_bc2;
 
   for (; v < a.num_vectors; v += stride) {
     if (v >= next_begin) {
@@ -361,7 +494,7 @@ __global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ t
         next_begin = t + 1 < a.num_tensors ? a.table[t + 1].offset / V : a.num_vectors;
       } while (v >= next_begin);
       e = a.table[t];
-      u.wd = e.weight_decay ? a.wd : 0.0;
+      rc.wd = e.weight_decay ? a.wd : 0.0;
     }
     const std::uint64_t j0 = v * V - e.offset;  // element index within the tensor
     if (j0 >= e.numel) continue;                // all padding
@@ -379,21 +512,8 @@ __global__ void __launch_bounds__(256, MinBlocks) group_kernel(S* __restrict__ t
       for (int k = 0; k < V; ++k) o[k] = to_output_device<T>(load_device(s[k]));
       store_masked(out0 + v * V, o, valid);
     } else {
-      if (op == Op::kUpdate || (op == Op::kUpdateAndPerturb && a.has_update)) {
-        Philox4x32 bits{};  // rounding words of quads q and q + 1, q even
-#pragma unroll
-        for (int q = 0; q < Q; ++q) {
-          const Normal4 z = noise4<fast_noise_for_v<S>>(a.seed, a.update_step, id, q0 + q);
-          // One rounding call per 8 elements (core/philox.hpp); q0 is even here (V >= 8 elements).
-          if constexpr (kRounds16)
-            if (q % 2 == 0) bits = rounding_words(a.seed, a.update_step, id, (q0 + q) / 2);
-#pragma unroll
-          for (int k = 0; k < 4; ++k)
-            s[4 * q + k] = store_rounded<S>(updated_value<S>(load_device(s[4 * q + k]), z.z[k], u),
-                                            kRounds16 ? rounding_bits(bits, 4 * (q % 2) + k) : 0u, true);
-        }
-        store_masked(th, s, valid);
-      }
+      if (op == Op::kUpdate || (op == Op::kUpdateAndPerturb && a.has_update))
+        update_vector<Rule, MultiQuery>(th, s, a, rc, id, q0, v, valid);
       if constexpr (op != Op::kUpdate) perturb_vector<op, S, T>(th, out0 + v * V, out1 ? out1 + v * V : nullptr, s, a, id, q0, valid);
     }
   }
@@ -420,7 +540,7 @@ inline void check_aligned(const void* p, const char* what) {
 /// padding or a tensor end) hand their SM to a waiting block; 3-5% faster on the 16-bit fused
 /// pass on an H200 (bench/results/h200-2026-12-02-perturb-variants.jsonl).
 inline constexpr unsigned kGridWaves = 4;
-template <Op op, class S, class T, int Chunks, int MinBlocks>
+template <Op op, class S, class T, int Chunks, int MinBlocks, class Rule = SgdRule, bool MultiQuery = false>
 unsigned grid_for(std::uint64_t num_vectors, int threads) {
   static thread_local int cached_device = -1;
   static thread_local unsigned cached_blocks = 0;
@@ -429,7 +549,8 @@ unsigned grid_for(std::uint64_t num_vectors, int threads) {
   if (device != cached_device) {
     int sms = 0, per_sm = 0;
     ZO2_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    ZO2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, group_kernel<op, S, T, Chunks, MinBlocks>, threads, 0));
+    ZO2_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, group_kernel<op, S, T, Chunks, MinBlocks, Rule, MultiQuery>, threads, 0));
     cached_blocks = static_cast<unsigned>(sms * (per_sm > 0 ? per_sm : 1)) * kGridWaves;
     cached_device = device;
   }
@@ -442,6 +563,17 @@ unsigned grid_for(std::uint64_t num_vectors, int threads) {
 inline constexpr int kDefaultChunks = 1;
 inline constexpr int kDefaultMinBlocks = 1;
 
+template <Op op, class S, class T, int Chunks, int MinBlocks, class Rule, bool MultiQuery>
+void launch_kernel(S* theta, T* out0, T* out1, const KernelArgs& a, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const unsigned blocks = grid_for<op, S, T, Chunks, MinBlocks, Rule, MultiQuery>(a.num_vectors, kThreads);
+  group_kernel<op, S, T, Chunks, MinBlocks, Rule, MultiQuery><<<blocks, kThreads, 0, stream>>>(theta, out0, out1, a);
+  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::group_kernel");
+}
+
+/// Launches `op` over a group. A pass that applies an update picks the kernel of a.rule (and of
+/// several queries where a.num_queries > 1 or the rule keeps state); a.state must then hold the
+/// rule's state arrays (set_rule_state below).
 template <Op op, class S, class T, int Chunks = kDefaultChunks, int MinBlocks = kDefaultMinBlocks>
 void launch(S* theta, T* out0, T* out1, const GroupTable& table, KernelArgs a, cudaStream_t stream) {
   check_storage_type<S>();
@@ -454,48 +586,92 @@ void launch(S* theta, T* out0, T* out1, const GroupTable& table, KernelArgs a, c
   a.table = table.data();
   a.num_tensors = table.size();
   a.num_vectors = table.total_elements() / V;
-  constexpr int kThreads = 256;
-  const unsigned blocks = grid_for<op, S, T, Chunks, MinBlocks>(a.num_vectors, kThreads);
-  group_kernel<op, S, T, Chunks, MinBlocks><<<blocks, kThreads, 0, stream>>>(theta, out0, out1, a);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::group_kernel");
+  if constexpr (op == Op::kUpdate || op == Op::kUpdateAndPerturb) {
+    if (op == Op::kUpdate || a.has_update) {
+      if (a.num_queries > kMaxQueries)
+        throw ConfigError("queries", "an owed update has " + std::to_string(a.num_queries) + " queries; at most " +
+                                         std::to_string(kMaxQueries) + " are allowed");
+      visit_rule(a.rule, [&]<class Rule>() {
+        if constexpr (Rule::kStateSlots > 0) {
+          if (!a.state) throw ConfigError("optimizer", "the CUDA pass holds no state for this update rule (reserve_rule_state)");
+          check_aligned(a.state, "the rule state");
+          if (a.state_stride < table.total_elements() || a.state_stride % 4 != 0)
+            throw Error("CUDA perturb: the rule state's stride " + std::to_string(a.state_stride) +
+                        " is not a multiple of 4 of at least the group's " + std::to_string(table.total_elements()) +
+                        " elements");
+        }
+        if constexpr (std::is_same_v<Rule, SgdRule>) {
+          if (a.num_queries <= 1) {
+            launch_kernel<op, S, T, Chunks, MinBlocks, SgdRule, false>(theta, out0, out1, a, stream);
+            return;
+          }
+        }
+        launch_kernel<op, S, T, Chunks, MinBlocks, Rule, true>(theta, out0, out1, a, stream);
+      });
+      return;
+    }
+  }
+  launch_kernel<op, S, T, Chunks, MinBlocks, SgdRule, false>(theta, out0, out1, a, stream);
+}
+
+/// Points a kernel's arguments at a group's rule state; refuses one with fewer slots than
+/// `rule` keeps.
+inline void set_rule_state(KernelArgs& a, RuleId rule, const DeviceRuleState& state) {
+  const unsigned needed = rule_state_slots(rule);
+  if (needed == 0) return;
+  if (!state.data || state.slots < needed)
+    throw ConfigError("optimizer", "the CUDA pass holds no state for this update rule (reserve_rule_state)");
+  a.state = state.data;
+  a.state_stride = state.stride;
 }
 
 }  // namespace detail
 
 /// The fused pass of the lazy update over one group (cpu::Perturber::update_and_perturb_into on
-/// every tensor): if `pending`, theta <- theta - lr (g z_prev + wd theta), rounded to S
-/// (stochastically for 16-bit S); then plus = theta + eps z_now and minus = theta - eps z_now,
-/// converted to T (minus may be null: perturb_into with c = -eps writes the same values later). z_prev is the noise of pending->step, z_now that of `step`; tensor ids are
+/// every tensor): if `pending`, theta <- Rule::apply(theta, sum_i c_i z_i) with pending's rule,
+/// coefficients and `state` (the group's DeviceRuleState; none for SgdRule), rounded to S
+/// (stochastically for 16-bit S) -- for zo-sgd with one query, theta - lr (g z_prev + wd theta);
+/// then plus = theta + eps z_now and minus = theta - eps z_now, converted to T (minus may be
+/// null: perturb_into with c = -eps writes the same values later). z_i is the noise of
+/// pending->step and query i, z_now that of `step` and `query`; tensor ids are
 /// first_tensor_id + index in the group. Asynchronous on `stream`.
 template <class S, class T>
 void update_and_perturb(S* theta, T* plus, T* minus, const GroupTable& table,
                         std::uint32_t first_tensor_id, std::uint64_t seed, std::uint32_t step,
-                        double eps, const PendingUpdate* pending, cudaStream_t stream) {
+                        double eps, const PendingUpdate* pending, cudaStream_t stream,
+                        const DeviceRuleState& state = {}, std::uint32_t query = 0) {
   detail::KernelArgs a{};
   a.first_tensor_id = first_tensor_id;
   a.seed = seed;
   a.step = step;
+  a.query = query;
   a.c = eps;
-  if (pending) detail::set_owed_update(a, *pending);
+  if (pending) {
+    detail::set_owed_update(a, *pending);
+    detail::set_rule_state(a, pending->rule, state);
+  }
   detail::launch<detail::Op::kUpdateAndPerturb>(theta, plus, minus, table, a, stream);
 }
 
-/// The same, taking the step's noise as the optimizer hands it to a policy.
+/// The same, taking the step's noise as the optimizer hands it to a policy (the perturbation
+/// draws z of noise.query).
 template <class S, class T>
 void update_and_perturb(S* theta, T* plus, T* minus, const GroupTable& table,
-                        std::uint32_t first_tensor_id, const StepNoise& noise, cudaStream_t stream) {
+                        std::uint32_t first_tensor_id, const StepNoise& noise, cudaStream_t stream,
+                        const DeviceRuleState& state = {}) {
   update_and_perturb(theta, plus, minus, table, first_tensor_id, noise.seed, noise.step, noise.eps,
-                     noise.pending, stream);
+                     noise.pending, stream, state, noise.query);
 }
 
-/// The update alone (cpu::Perturber::update on every tensor of the group).
+/// The update alone (cpu::Perturber::apply<Rule> on every tensor of the group).
 template <class S>
 void update(S* theta, const GroupTable& table, std::uint32_t first_tensor_id, std::uint64_t seed,
-            const PendingUpdate& pending, cudaStream_t stream) {
+            const PendingUpdate& pending, cudaStream_t stream, const DeviceRuleState& state = {}) {
   detail::KernelArgs a{};
   a.first_tensor_id = first_tensor_id;
   a.seed = seed;
   detail::set_owed_update(a, pending);
+  detail::set_rule_state(a, pending.rule, state);
   detail::launch<detail::Op::kUpdate, S, S>(theta, nullptr, nullptr, table, a, stream);
 }
 
