@@ -620,3 +620,127 @@ TEST_CASE("a streamed run with Adam's state stays within its computed device mem
   CHECK(used <= plan.device_bound_bytes);
   CHECK(plan.device_bound_bytes < big.blocks * (plan.block_bytes + plan.block_state_bytes));
 }
+
+namespace {
+
+/// plain_family_kernel<Rule, S, float> against cpu::Perturber<S>::update_and_perturb_into on
+/// one group: updated theta, theta + eps z, theta - eps z of another query, and the rule state.
+/// fp32: within float rounding of the device's z (its libm); 16-bit S: at most one ulp apart,
+/// rarely (fast Box-Muller moves a value across a rounding threshold).
+template <class S, class Rule>
+void check_plain_kernel_against_cpu(const std::vector<double>& coeffs) {
+  ParamLayout layout;
+  layout.add("w", {45, 37});
+  layout.add("b", {45}, false);
+  layout.add("v", {1000});
+  const std::size_t n = layout.total_elements();
+  const unsigned slots = Rule::kStateSlots;
+  constexpr std::uint64_t kSeed = 99;
+  constexpr std::uint32_t kFirst = 5;
+  std::vector<S> theta(n, S{});
+  std::vector<float> state(std::size_t{slots} * n, 0.0f);
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+    for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) {
+      const std::size_t at = layout.offset(r) + j;
+      theta[at] = store_rounded<S>(normal(rng), 0, false);
+      for (unsigned s = 0; s < slots; ++s) {
+        const float v = normal(rng);
+        state[s * n + at] = s == 1 ? v * v : v;
+      }
+    }
+  PendingUpdate p{6, coeffs[0], 2e-3, 0.05};
+  p.rule = Rule::id;
+  p.num_queries = static_cast<std::uint32_t>(coeffs.size());
+  for (std::size_t i = 1; i < coeffs.size(); ++i) p.set_coeff(static_cast<std::uint32_t>(i), coeffs[i]);
+  p.momentum = 0.9;
+  p.beta1 = 0.9;
+  p.beta2 = 0.999;
+  p.adam_eps = 1e-8;
+  p.step_size = 2e-3 / (1 - 0.9 * 0.9);
+  p.inv_sqrt_bc2 = 1 / std::sqrt(1 - 0.999 * 0.999);
+  const std::uint32_t step = 7, query = 1;
+  const double eps = 1e-3;
+
+  // Device.
+  cuda::GroupTable table(layout);
+  cuda::DeviceBuffer<S> d_theta(n);
+  cuda::DeviceBuffer<float> d_plus(n), d_minus(n), d_state(slots ? slots * n : 1);
+  ZO2_CUDA_CHECK(cudaMemcpy(d_theta.data(), theta.data(), n * sizeof(S), cudaMemcpyHostToDevice));
+  if (slots) ZO2_CUDA_CHECK(cudaMemcpy(d_state.data(), state.data(), state.size() * sizeof(float), cudaMemcpyHostToDevice));
+  cuda::offload_detail::PlainArgs a{};
+  a.first_tensor_id = kFirst;
+  a.seed = kSeed;
+  a.step = step;
+  a.query = query;
+  a.eps = eps;
+  cuda::offload_detail::set_plain_update(a, p);
+  a.terms = cuda::offload_detail::update_terms(p, slots ? d_state.data() : nullptr, n);
+  cuda::offload_detail::launch_plain_family<Rule, S, float>(d_theta.data(), d_plus.data(), d_minus.data(), table, a,
+                                                            nullptr);
+  ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<S> got_theta(n);
+  std::vector<float> got_plus(n), got_minus(n), got_state(state.size());
+  ZO2_CUDA_CHECK(cudaMemcpy(got_theta.data(), d_theta.data(), n * sizeof(S), cudaMemcpyDeviceToHost));
+  ZO2_CUDA_CHECK(cudaMemcpy(got_plus.data(), d_plus.data(), n * sizeof(float), cudaMemcpyDeviceToHost));
+  ZO2_CUDA_CHECK(cudaMemcpy(got_minus.data(), d_minus.data(), n * sizeof(float), cudaMemcpyDeviceToHost));
+  if (slots) ZO2_CUDA_CHECK(cudaMemcpy(got_state.data(), d_state.data(), state.size() * sizeof(float), cudaMemcpyDeviceToHost));
+
+  // Host.
+  std::vector<S> want_theta = theta;
+  std::vector<float> want_plus(n, 0.0f), want_minus(n, 0.0f), want_state = state;
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+    const std::size_t off = layout.offset(r);
+    const std::uint32_t id = kFirst + static_cast<std::uint32_t>(r);
+    cpu::Perturber<S>::template update_and_perturb_into<Rule, float>(
+        want_theta.data() + off, want_plus.data() + off, want_minus.data() + off, layout.spec(r).numel(), &p,
+        layout.spec(r).weight_decay, slots ? want_state.data() + off : nullptr, n, NoiseId{kSeed, 0, id},
+        NoiseId{kSeed, step, id, query}, eps);
+  }
+  std::size_t bad = 0, differ = 0, checked = 0;
+  const auto compare = [&](float w, float g, float scale) {
+    ++checked;
+    differ += w != g;
+    if constexpr (std::is_same_v<S, float>) {
+      if (!(std::fabs(g - w) <= 1e-6f * (std::fabs(w) + scale))) ++bad;
+    } else {
+      if (ulps_apart<S>(w, g) > 1) ++bad;
+    }
+  };
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+    for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) {
+      const std::size_t at = layout.offset(r) + j;
+      compare(static_cast<float>(load(want_theta[at])), static_cast<float>(load(got_theta[at])), 1e-2f);
+      if constexpr (std::is_same_v<S, float>) {
+        compare(want_plus[at], got_plus[at], 1e-2f);
+        compare(want_minus[at], got_minus[at], 1e-2f);
+      } else {  // from the same 16-bit theta (when it matched), in float: fast noise's error
+        if (want_theta[at].bits == got_theta[at].bits) {
+          ++checked;
+          if (!(std::fabs(got_plus[at] - want_plus[at]) <= 1e-6f * (std::fabs(want_plus[at]) + 1.0f))) ++bad;
+        }
+      }
+      for (unsigned s = 0; s < slots; ++s) {
+        const float w = want_state[s * n + at], g = got_state[s * n + at];
+        if (!(std::fabs(g - w) <= 1e-5f * (std::fabs(w) + 1.0f))) ++bad;
+      }
+    }
+  for (std::size_t j = 0; j < state.size(); ++j)  // padding state untouched
+    if (want_state[j] == state[j] && state[j] == 0.0f) REQUIRE(got_state[j] == 0.0f);
+  MESSAGE(checked << " values compared, " << differ << " differ within tolerance, " << bad << " beyond");
+  CHECK(bad == 0);
+  if constexpr (!std::is_same_v<S, float>) CHECK(differ * 100 <= checked);
+}
+
+}  // namespace
+
+TEST_CASE("the elementwise codecs' family kernel matches cpu::Perturber element by element" *
+          doctest::skip(!kHaveDevice)) {
+  SUBCASE("fp32, SGD q=3") { check_plain_kernel_against_cpu<float, SgdRule>({0.7, -0.2, 0.05}); }
+  SUBCASE("fp32, momentum") { check_plain_kernel_against_cpu<float, MomentumRule>({0.7}); }
+  SUBCASE("fp32, Adam q=2") { check_plain_kernel_against_cpu<float, AdamRule>({0.7, 0.3}); }
+  SUBCASE("bf16, SGD q=2") { check_plain_kernel_against_cpu<bfloat16, SgdRule>({0.7, -0.2}); }
+  SUBCASE("bf16, Adam") { check_plain_kernel_against_cpu<bfloat16, AdamRule>({0.7}); }
+  SUBCASE("fp16, momentum q=4") { check_plain_kernel_against_cpu<float16, MomentumRule>({0.7, 0.1, -0.3, 0.2}); }
+}

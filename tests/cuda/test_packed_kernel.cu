@@ -189,3 +189,125 @@ TEST_CASE("escapes beyond a tensor's room are counted and flushed, nothing else 
   CHECK(differ == overflow);         // exactly the overflowed values differ ...
   CHECK(differ_not_flushed == 0);    // ... and they are flushed
 }
+
+namespace {
+
+/// The family's packed pass (packed_kernel<T, Rule, true>) against the bf16 codec's family pass
+/// (plain_kernel.cuh) on the same weights and state, over several steps: decoded weights, the
+/// rule state, theta + eps z and theta - eps z (of query `query`) bit for bit.
+template <class Rule>
+void check_packed_family(std::vector<double> coeffs, std::uint32_t query, const Event* split) {
+  const ParamLayout layout = test_layout();
+  const offload::PackedBf16Group codec(layout);
+  offload_detail::PackedPass pass(codec, layout);
+  GroupTable table(layout);
+  const std::size_t n = layout.total_elements();
+  std::vector<bfloat16> theta(n, bfloat16{0});
+  std::mt19937 rng(29);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r)
+    for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) {
+      float v = normal(rng);
+      if (j % 997 == 3) v = std::ldexp(v, -25);  // escapes
+      theta[layout.offset(r) + j] = to_bfloat16(v);
+    }
+  std::vector<unsigned char> packed(codec.bytes(), 0);
+  {
+    std::vector<float> flat(n);
+    for (std::size_t j = 0; j < n; ++j) flat[j] = to_float(theta[j]);
+    codec.encode_group(flat, packed);
+  }
+  const unsigned slots = Rule::kStateSlots;
+  DeviceBuffer<bfloat16> d_theta(n), d_plus_a(n), d_minus_a(n), d_plus_b(n), d_minus_b(n);
+  DeviceBuffer<unsigned char> d_packed(packed.size());
+  DeviceBuffer<float> d_state_a(slots ? slots * n : 1), d_state_b(slots ? slots * n : 1);
+  ZO2_CUDA_CHECK(cudaMemcpy(d_theta.data(), theta.data(), n * sizeof(bfloat16), cudaMemcpyHostToDevice));
+  ZO2_CUDA_CHECK(cudaMemcpy(d_packed.data(), packed.data(), packed.size(), cudaMemcpyHostToDevice));
+  ZO2_CUDA_CHECK(cudaMemset(d_state_a.data(), 0, d_state_a.bytes()));
+  ZO2_CUDA_CHECK(cudaMemset(d_state_b.data(), 0, d_state_b.bytes()));
+  Stream stream;
+  for (std::uint32_t step = 1; step <= 4; ++step) {
+    CAPTURE(step);
+    PendingUpdate pending{step - 1, coeffs[0], 0.5, 0.1};
+    pending.rule = Rule::id;
+    pending.num_queries = static_cast<std::uint32_t>(coeffs.size());
+    for (std::size_t i = 1; i < coeffs.size(); ++i) pending.set_coeff(static_cast<std::uint32_t>(i), coeffs[i] * step);
+    pending.momentum = 0.9;
+    pending.beta1 = 0.9;
+    pending.beta2 = 0.999;
+    pending.adam_eps = 1e-8;
+    pending.step_size = 5e-3 / (1 - std::pow(0.9, step));
+    pending.inv_sqrt_bc2 = 1 / std::sqrt(1 - std::pow(0.999, step));
+    const bool owed = step > 1;
+    offload_detail::PlainArgs pa{};
+    pa.first_tensor_id = kFirstId;
+    pa.seed = kSeed;
+    pa.step = step;
+    pa.query = query;
+    pa.eps = 1e-3;
+    if (owed) {
+      offload_detail::set_plain_update(pa, pending);
+      pa.terms = offload_detail::update_terms(pending, slots ? d_state_a.data() : nullptr, n);
+    }
+    offload_detail::launch_plain_family<Rule, bfloat16, bfloat16>(d_theta.data(), d_plus_a.data(), d_minus_a.data(),
+                                                                  table, pa, stream.get());
+    offload_detail::PackedArgs a{};
+    a.first_tensor_id = kFirstId;
+    a.seed = kSeed;
+    a.step = step;
+    a.query = query;
+    a.eps = 1e-3;
+    a.perturb = true;
+    if (owed) {
+      offload_detail::set_plain_update(a, pending);
+      a.terms = offload_detail::update_terms(pending, slots ? d_state_b.data() : nullptr, n);
+    }
+    pass.run<bfloat16, Rule, true>(d_packed.data(), d_plus_b.data(), d_minus_b.data(), a, stream.get(), split);
+    stream.synchronize();
+
+    std::vector<bfloat16> want(n), plus_a(n), minus_a(n), plus_b(n), minus_b(n);
+    std::vector<float> state_a(slots * n), state_b(slots * n);
+    ZO2_CUDA_CHECK(cudaMemcpy(want.data(), d_theta.data(), n * sizeof(bfloat16), cudaMemcpyDeviceToHost));
+    ZO2_CUDA_CHECK(cudaMemcpy(plus_a.data(), d_plus_a.data(), n * sizeof(bfloat16), cudaMemcpyDeviceToHost));
+    ZO2_CUDA_CHECK(cudaMemcpy(minus_a.data(), d_minus_a.data(), n * sizeof(bfloat16), cudaMemcpyDeviceToHost));
+    ZO2_CUDA_CHECK(cudaMemcpy(plus_b.data(), d_plus_b.data(), n * sizeof(bfloat16), cudaMemcpyDeviceToHost));
+    ZO2_CUDA_CHECK(cudaMemcpy(minus_b.data(), d_minus_b.data(), n * sizeof(bfloat16), cudaMemcpyDeviceToHost));
+    ZO2_CUDA_CHECK(cudaMemcpy(packed.data(), d_packed.data(), packed.size(), cudaMemcpyDeviceToHost));
+    if (slots) {
+      ZO2_CUDA_CHECK(cudaMemcpy(state_a.data(), d_state_a.data(), state_a.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      ZO2_CUDA_CHECK(cudaMemcpy(state_b.data(), d_state_b.data(), state_b.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+    std::size_t theta_differ = 0, out_differ = 0, moved = 0;
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+      const std::size_t off = layout.offset(r), numel = layout.spec(r).numel();
+      std::vector<bfloat16> got(numel);
+      codec.decode_bf16(r, packed, got);
+      for (std::size_t j = 0; j < numel; ++j) {
+        theta_differ += got[j].bits != want[off + j].bits;
+        moved += want[off + j].bits != theta[off + j].bits;
+        out_differ += plus_b[off + j].bits != plus_a[off + j].bits;
+        out_differ += minus_b[off + j].bits != minus_a[off + j].bits;
+      }
+    }
+    CHECK(theta_differ == 0);
+    CHECK(out_differ == 0);
+    CHECK(std::memcmp(state_a.data(), state_b.data(), state_a.size() * sizeof(float)) == 0);
+    if (owed) CHECK(moved > 0);
+  }
+  CHECK(pass.overflow(stream.get()) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("packed family pass equals the bf16 family pass bit for bit: several queries, momentum, Adam" *
+          doctest::skip(!kHaveDevice)) {
+  const Event body_done;
+  const Event* split = nullptr;
+  SUBCASE("one fused launch") {}
+  SUBCASE("split at the body, as HostOffload runs it") { split = &body_done; }
+  check_packed_family<SgdRule>({0.01, -0.004, 0.002}, 0, split);
+  check_packed_family<SgdRule>({0.01}, 3, split);  // one query, the perturbation of another
+  check_packed_family<MomentumRule>({0.01}, 0, split);
+  check_packed_family<MomentumRule>({0.01, 0.003}, 1, split);
+  check_packed_family<AdamRule>({0.01, -0.004, 0.002}, 2, split);
+}

@@ -198,3 +198,194 @@ TEST_CASE("row kernel: perturb only, and convert, leave the codes and scales alo
     }
   }
 }
+
+namespace {
+
+/// The ZO optimizer family through row_kernel<Int8RowCodec, bfloat16, Rule, true>, against the
+/// host reference: d = sum_i c_i z_i (host z), Rule::apply with the element's state, the scale
+/// from the exact absmax (the kernel proves it for stateless rules or sweeps), SR encode. Codes
+/// may differ by one where fast Box-Muller moves a value across an SR threshold (at most 0.1%);
+/// the state must match to float rounding of that z difference; padding state stays untouched.
+/// Returns the rows whose scale changed.
+template <class Rule>
+std::size_t check_family_update(const Fixture& f, double lr, const std::vector<double>& coeffs, bool expect_proof) {
+  const double eps = 1e-3;
+  PendingUpdate p{11, coeffs[0], lr, 0.1};
+  p.rule = Rule::id;
+  p.num_queries = static_cast<std::uint32_t>(coeffs.size());
+  for (std::size_t i = 1; i < coeffs.size(); ++i) p.set_coeff(static_cast<std::uint32_t>(i), coeffs[i]);
+  p.momentum = 0.85;
+  p.beta1 = 0.9;
+  p.beta2 = 0.999;
+  p.adam_eps = 1e-8;
+  p.step_size = lr / (1 - 0.9 * 0.9 * 0.9);
+  p.inv_sqrt_bc2 = 1 / std::sqrt(1 - 0.999 * 0.999 * 0.999);
+
+  const std::size_t n = f.layout.total_elements();
+  const unsigned slots = Rule::kStateSlots;
+  // Some state already there (m, v >= 0), and a sentinel in the padding.
+  std::vector<float> state(std::size_t{slots} * n, -7.0f);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  for (unsigned s = 0; s < slots; ++s)
+    for (std::size_t r = 0; r < f.layout.num_tensors(); ++r)
+      for (std::size_t j = 0; j < f.layout.spec(r).numel(); ++j) {
+        const float v = normal(rng);
+        state[s * n + f.layout.offset(r) + j] = s == 1 ? v * v : v;
+      }
+
+  DeviceBuffer<unsigned char> d_block(f.block.size());
+  DeviceBuffer<bfloat16> d_plus(n), d_minus(n);
+  DeviceBuffer<float> d_state(state.empty() ? 1 : state.size());
+  copy_to_device(d_block.data(), f.block.data(), f.block.size(), nullptr);
+  ZO2_CUDA_CHECK(cudaMemset(d_plus.data(), 0xff, n * sizeof(bfloat16)));  // poison
+  ZO2_CUDA_CHECK(cudaMemset(d_minus.data(), 0xff, n * sizeof(bfloat16)));
+  if (!state.empty()) copy_to_device(d_state.data(), state.data(), state.size(), nullptr);
+  offload_detail::RowArgs a = f.args(true, true, false, eps);
+  offload_detail::set_plain_update(a, p);
+  offload_detail::RowFamilyArgs fam{};
+  fam.query = 2;  // the perturbation draws the third query's z
+  fam.terms = offload_detail::update_terms(p, slots ? d_state.data() : nullptr, n);
+  float* scales = reinterpret_cast<float*>(d_block.data() + f.codec.scales_offset());
+  offload_detail::launch_row_kernel<Int8RowCodec, bfloat16, Rule, true>(d_block.data(), scales, d_plus.data(),
+                                                                         d_minus.data(), f.table, a, nullptr, fam);
+  ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<unsigned char> got_block(f.block.size());
+  std::vector<bfloat16> plus(n), minus(n);
+  std::vector<float> got_state(state.size());
+  copy_to_host(got_block.data(), d_block.data(), f.block.size(), nullptr);
+  copy_to_host(plus.data(), d_plus.data(), n, nullptr);
+  copy_to_host(minus.data(), d_minus.data(), n, nullptr);
+  if (!state.empty()) copy_to_host(got_state.data(), d_state.data(), state.size(), nullptr);
+  ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+
+  std::size_t codes = 0, off_by_one = 0, rescaled = 0, proved = 0, rows = 0, state_bad = 0;
+  std::vector<float> want_state = state;
+  double coeff_abs_sum = 0;
+  for (std::uint32_t i = 0; i < p.num_queries; ++i) coeff_abs_sum += std::fabs(static_cast<float>(p.coeff(i)));
+  for (std::size_t r = 0; r < f.codec.num_tensors(); ++r) {
+    const auto& t = f.codec.tensor(r);
+    const std::uint32_t id = Fixture::kFirstId + static_cast<std::uint32_t>(r);
+    const bool decays = f.layout.spec(r).weight_decay;
+    const RuleCoeffs rc = p.rule_coeffs(decays);
+    for (std::size_t row = 0; row < t.rows; ++row, ++rows) {
+      const float old_scale = f.scales_of(f.block)[t.first_row + row];
+      std::vector<float> updated(t.row_len);
+      float absmax = 0.0f, largest = 0.0f;
+      for (std::size_t k = 0; k < t.row_len; ++k) {
+        const std::size_t j = row * t.row_len + k;
+        const float theta = Int8RowCodec::load(f.block.data() + t.offset, j, old_scale);
+        largest = std::fmax(largest, std::fabs(theta));
+        float d = 0.0f;
+        for (std::uint32_t i = 0; i < p.num_queries; ++i) {
+          const float term = static_cast<float>(p.coeff(i)) * normal_at(Fixture::kSeed, p.step, id, j, i);
+          d = i == 0 ? term : d + term;
+        }
+        float s[2] = {};
+        for (unsigned sl = 0; sl < slots; ++sl) s[sl] = want_state[sl * n + t.offset + j];
+        updated[k] = Rule::apply(theta, d, rc, s);
+        for (unsigned sl = 0; sl < slots; ++sl) want_state[sl * n + t.offset + j] = s[sl];
+        absmax = std::fmax(absmax, std::fabs(updated[k]));
+      }
+      if (slots == 0)
+        proved += Int8RowCodec::keeps_scale(old_scale, largest, UpdateCoeffs{lr, coeff_abs_sum, decays ? 0.1 : 0.0});
+      const float want_scale = Int8RowCodec::rescale(old_scale, absmax);
+      const float got_scale = f.scales_of(got_block)[t.first_row + row];
+      REQUIRE(std::fabs(got_scale - want_scale) <= 1e-5f * want_scale);
+      rescaled += got_scale != old_scale;
+      for (std::size_t k = 0; k < t.row_len; ++k) {
+        const std::size_t j = row * t.row_len + k;
+        const std::uint32_t bits = rounding_bits_at(Fixture::kSeed, p.step, id, j);
+        const int want = Int8RowCodec::code(updated[k], got_scale, bits, true);
+        const int code = static_cast<std::int8_t>(got_block[t.offset + j]);
+        REQUIRE(std::abs(code - want) <= 1);
+        off_by_one += code != want;
+        ++codes;
+      }
+    }
+  }
+  // The state differs from the reference by the noise's difference (fast Box-Muller, ~1e-6 of
+  // z), which a sum like m = b1 m + (1 - b1) e can leave on a value near zero: compared relative
+  // to its own size plus a floor of 1e-3 of the slot's largest value.
+  for (unsigned sl = 0; sl < slots; ++sl) {
+    float largest = 0.0f;
+    for (std::size_t j = 0; j < n; ++j)
+      if (want_state[sl * n + j] != -7.0f) largest = std::fmax(largest, std::fabs(want_state[sl * n + j]));
+    for (std::size_t j = 0; j < n; ++j) {
+      const float w = want_state[sl * n + j], g = got_state[sl * n + j];
+      if (w == -7.0f) {
+        REQUIRE(g == -7.0f);  // padding: untouched
+        continue;
+      }
+      if (!(std::fabs(g - w) <= 1e-4f * std::fabs(w) + 1e-3f * largest)) ++state_bad;
+    }
+  }
+  MESSAGE("rule " << static_cast<int>(Rule::id) << ", " << coeffs.size() << " queries, lr " << lr << ": " << codes
+                  << " codes, " << off_by_one << " off by one; " << rows << " rows, " << proved
+                  << " provably keep their scale, " << rescaled << " rescaled; state values off: " << state_bad);
+  CHECK(off_by_one <= codes / 1000);
+  CHECK(state_bad == 0);
+  if (expect_proof) CHECK(proved == rows);
+  // theta +- eps z of the third query, from the updated codes
+  for (std::size_t r = 0; r < f.codec.num_tensors(); ++r) {
+    const auto& t = f.codec.tensor(r);
+    for (std::size_t j = 0; j < t.numel; ++j) {
+      const float theta = Int8RowCodec::load(got_block.data() + t.offset, j,
+                                             f.scales_of(got_block)[t.first_row + j / t.row_len]);
+      const float z = normal_at(Fixture::kSeed, 12, Fixture::kFirstId + static_cast<std::uint32_t>(r), j, 2);
+      const float wp = perturbed_value<float>(theta, z, eps), wm = perturbed_value<float>(theta, z, -eps);
+      REQUIRE(std::fabs(to_float(plus[t.offset + j]) - wp) <= std::fabs(wp) * (1.0f / 128) + 1e-30f);
+      REQUIRE(std::fabs(to_float(minus[t.offset + j]) - wm) <= std::fabs(wm) * (1.0f / 128) + 1e-30f);
+    }
+  }
+  return rescaled;
+}
+
+}  // namespace
+
+TEST_CASE("row kernel: several queries and stateful rules match the host reference") {
+  if (!kHaveDevice) return;
+  Fixture f;
+  // q = 3, MeZO-sized: sum |c_i| bounds the update, every row provably keeps its scale.
+  CHECK(check_family_update<SgdRule>(f, 1e-6, {7.5, -3.0, 1.25}, true) == 0);
+  // q = 3, large: rows outgrow their scale and take the exact sweep.
+  CHECK(check_family_update<SgdRule>(f, 2e-3, {7.5, -3.0, 1.25}, false) > 0);
+  // Stateful rules always sweep; small and large steps.
+  check_family_update<MomentumRule>(f, 1e-6, {7.5}, false);
+  CHECK(check_family_update<MomentumRule>(f, 2e-3, {7.5, 2.0}, false) > 0);
+  check_family_update<AdamRule>(f, 1e-5, {7.5, -1.0}, false);
+  CHECK(check_family_update<AdamRule>(f, 5e-3, {7.5}, false) > 0);
+}
+
+TEST_CASE("row kernel: the family's instantiation with one query and SGD gives the default's bits") {
+  if (!kHaveDevice) return;
+  Fixture f;
+  for (double lr : {1e-6, 2e-3}) {
+    CAPTURE(lr);
+    const auto a = f.args(true, true, false, 1e-3, lr);
+    const Fixture::Result plain = f.run(a, true);
+    DeviceBuffer<unsigned char> d_block(f.block.size());
+    const std::size_t n = f.layout.total_elements();
+    DeviceBuffer<bfloat16> d_plus(n), d_minus(n);
+    copy_to_device(d_block.data(), f.block.data(), f.block.size(), nullptr);
+    ZO2_CUDA_CHECK(cudaMemset(d_plus.data(), 0xff, n * sizeof(bfloat16)));  // poisoned as Fixture::run does
+    ZO2_CUDA_CHECK(cudaMemset(d_minus.data(), 0xff, n * sizeof(bfloat16)));
+    PendingUpdate p{a.update_step, a.g, a.lr, a.wd};
+    offload_detail::RowFamilyArgs fam{};
+    fam.terms = offload_detail::update_terms(p, nullptr, n);
+    float* scales = reinterpret_cast<float*>(d_block.data() + f.codec.scales_offset());
+    offload_detail::launch_row_kernel<Int8RowCodec, bfloat16, SgdRule, true>(d_block.data(), scales, d_plus.data(),
+                                                                              d_minus.data(), f.table, a, nullptr, fam);
+    ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<unsigned char> block(f.block.size());
+    std::vector<bfloat16> plus(n), minus(n);
+    copy_to_host(block.data(), d_block.data(), block.size(), nullptr);
+    copy_to_host(plus.data(), d_plus.data(), n, nullptr);
+    copy_to_host(minus.data(), d_minus.data(), n, nullptr);
+    ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+    CHECK(block == plain.block);
+    std::size_t differ = 0;
+    for (std::size_t j = 0; j < n; ++j) differ += plus[j].bits != plain.plus[j].bits || minus[j].bits != plain.minus[j].bits;
+    CHECK(differ == 0);
+  }
+}
