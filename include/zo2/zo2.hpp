@@ -23,6 +23,7 @@
 #include <zo2/io/bpe_tokenizer.hpp>
 #include <zo2/io/dtype.hpp>
 #include <zo2/io/safetensors.hpp>
+#include <zo2/models/llama/llama.hpp>
 #include <zo2/models/opt/opt.hpp>
 
 #if defined(__CUDACC__) && __has_include(<zo2/backend/cuda/cuda.cuh>)
