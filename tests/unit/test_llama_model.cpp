@@ -434,3 +434,66 @@ TEST_CASE("MeZO-SGD on a tied LLaMA-family head: one perturbed copy gives the st
   }
   CHECK(theta_one == theta_two);
 }
+
+TEST_CASE("Accumulated micro-batches weigh by targets: the step of their concatenation") {
+  // Rows 0 and 1-2 of the fixture batch as two micro-batches: the weighted mean of their losses
+  // is the loss of the whole batch, so the projected gradient is the same (to float rounding).
+  const Expected x = read_expected("mistral_window");
+  auto slice_rows = [&](std::size_t first, std::size_t count) {
+    Model::Batch b;
+    b.batch = count;
+    b.seq = x.batch.seq;
+    auto part = [&](const std::vector<std::int32_t>& v) {
+      return std::vector<std::int32_t>(v.begin() + static_cast<std::ptrdiff_t>(first * b.seq),
+                                       v.begin() + static_cast<std::ptrdiff_t>((first + count) * b.seq));
+    };
+    b.input_ids = part(x.batch.input_ids);
+    b.attention_mask = part(x.batch.attention_mask);
+    b.labels = part(x.batch.labels);
+    return b;
+  };
+  const std::vector<Model::Batch> micro = {slice_rows(0, 1), slice_rows(1, 2)};
+  zo2::ZOConfig config;
+  config.lr = 1e-3;
+  config.eps = 1e-3;
+  config.seed = 5;
+  auto run = [&](bool accumulate) {
+    auto loaded = zo2::llama::load_llama_checkpoint<float>(fixture("mistral_window"));
+    const Model model(loaded.config);
+    zo2::Resident<float, float> policy(loaded.store);
+    zo2::ZOOptimizer<Model> optimizer(model, policy, config);
+    CHECK(model.batch_weight(micro[0]) + model.batch_weight(micro[1]) == model.batch_weight(x.batch));
+    return accumulate ? optimizer.step_accumulated(micro) : optimizer.step(x.batch);
+  };
+  const zo2::StepResult whole = run(false), parts = run(true);
+  CHECK(parts.loss_plus == doctest::Approx(whole.loss_plus).epsilon(1e-6));
+  CHECK(parts.loss_minus == doctest::Approx(whole.loss_minus).epsilon(1e-6));
+  CHECK(parts.projected_grad == doctest::Approx(whole.projected_grad).epsilon(1e-3));
+}
+
+TEST_CASE("Candidate scores are the log-probabilities of the logits of each prompt + candidate") {
+  const auto loaded = zo2::llama::load_llama_checkpoint<float>(fixture("qwen2_bias_bf16"));
+  const Model model(loaded.config);
+  const auto params = zo2::llama::param_set(loaded.store);
+  Model::Workspace ws;
+  const std::vector<std::int32_t> prompt = {1, 17, 45, 99, 23};
+  const std::vector<std::vector<std::int32_t>> candidates = {{40}, {50, 60}, {7, 8, 9}};
+  const std::vector<double> scores = model.score_candidates(params, prompt, candidates, ws);
+  REQUIRE(scores.size() == candidates.size());
+  for (std::size_t c = 0; c < candidates.size(); ++c) {
+    CAPTURE(c);
+    Model::Batch b;
+    b.batch = 1;
+    b.input_ids = prompt;
+    b.input_ids.insert(b.input_ids.end(), candidates[c].begin(), candidates[c].end());
+    b.seq = b.input_ids.size();
+    const Model::Matrix logits = model.logits(params, b, ws);
+    double expected = 0;
+    for (std::size_t k = 0; k < candidates[c].size(); ++k) {
+      const Eigen::Index row = static_cast<Eigen::Index>(prompt.size() - 1 + k);
+      expected += static_cast<double>(logits(row, candidates[c][k])) -
+                  zo2::cpu::kernels::log_sum_exp(logits.data() + row * logits.cols(), logits.cols());
+    }
+    CHECK(scores[c] == doctest::Approx(expected).epsilon(1e-5));
+  }
+}
