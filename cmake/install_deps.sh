@@ -2,7 +2,9 @@
 # Installs zo2's build dependencies from Debian's packages (needs root or sudo).
 # The CUDA toolkit is optional and not installed here: with nvcc on PATH the CUDA parts build.
 set -euo pipefail
-pkgs=(cmake g++ make libeigen3-dev nlohmann-json3-dev doctest-dev)
+# pkg-config, libpcre2-dev and libutf8proc-dev: the tokenizer.json reader (zo2::tokenizers); zo2
+# builds without them, minus that reader.
+pkgs=(cmake g++ make libeigen3-dev nlohmann-json3-dev doctest-dev pkg-config libpcre2-dev libutf8proc-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
