@@ -5,6 +5,9 @@ set -euo pipefail
 # pkg-config, libpcre2-dev and libutf8proc-dev: the tokenizer.json reader (zo2::tokenizers); zo2
 # builds without them, minus that reader.
 pkgs=(cmake g++ make libeigen3-dev nlohmann-json3-dev doctest-dev pkg-config libpcre2-dev libutf8proc-dev)
+# libopenmpi-dev and openmpi-bin: data-parallel training (zo2::mpi, mpirun -np N zo2-opt train) and its
+# tests; zo2 builds without them and trains in one process.
+pkgs+=(libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

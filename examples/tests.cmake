@@ -31,3 +31,27 @@ if(ZO2_HF_PYTHON AND ZO2_BASH)
                    ${PROJECT_SOURCE_DIR}/tests/fixtures/tokenizer)
   set_tests_properties(zo2_opt_hf_export tokenizer_hf PROPERTIES TIMEOUT 300 LABELS "examples;hf")
 endif()
+
+# Data-parallel zo2-opt under mpiexec (examples/tests/dp_tests.sh, one CTest test per case): 2 and
+# 4 ranks against one process with the same global batch, split queries, resume across rank
+# counts, a killed and a hung rank, diverging replicas, bad combinations. Skipped, saying why,
+# where zo2-opt has no MPI or mpiexec is missing.
+add_executable(zo2-compare-runs ${CMAKE_CURRENT_SOURCE_DIR}/../tests/mpi/compare_runs.cpp)
+target_link_libraries(zo2-compare-runs PRIVATE zo2::zo2)
+target_compile_options(zo2-compare-runs PRIVATE ${_zo2_examples_default_opt})
+if(ZO2_BASH)
+  if(TARGET zo2::mpi AND MPIEXEC_EXECUTABLE)
+    set(_zo2_dp_launcher "${MPIEXEC_EXECUTABLE};${MPIEXEC_NUMPROC_FLAG};NP;${ZO2_MPIEXEC_FLAGS}")
+  else()
+    set(_zo2_dp_launcher "")
+  endif()
+  string(REPLACE ";" " " _zo2_dp_launcher "${_zo2_dp_launcher}")
+  foreach(case batch np4 queries resume killed hung diverged errors)
+    add_test(NAME zo2_opt_dp_${case}
+             COMMAND ${ZO2_BASH} ${CMAKE_CURRENT_SOURCE_DIR}/tests/dp_tests.sh ${case} $<TARGET_FILE:zo2-opt>
+                     ${CMAKE_CURRENT_BINARY_DIR}/test_work/dp_${case} $<TARGET_FILE:zo2-compare-runs>
+                     "${_zo2_dp_launcher}")
+    set_tests_properties(zo2_opt_dp_${case} PROPERTIES TIMEOUT 300 LABELS "examples;mpi" PROCESSORS 2
+                         SKIP_REGULAR_EXPRESSION "SKIPPED:")
+  endforeach()
+endif()

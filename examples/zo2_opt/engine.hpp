@@ -90,6 +90,12 @@ class Engine {
   /// zero when its tensor's escape list is full (HostOffload::escape_overflow). 0 for every
   /// other engine.
   virtual std::uint64_t values_lost() const { return 0; }
+  /// Data-parallel training: each step's scalars are summed over `comm`'s ranks
+  /// (zo2::ZOOptimizer::set_communicator); null: one process.
+  virtual void set_communicator(zo2::Communicator* comm, zo2::DataParallel mode) {
+    (void)mode;
+    if (comm) throw zo2::Error("this engine cannot train data-parallel");
+  }
 };
 
 std::unique_ptr<Engine> make_cpu_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,

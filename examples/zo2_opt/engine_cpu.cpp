@@ -68,6 +68,9 @@ class CpuEngine final : public Engine {
   }
   zo2::OptimizerState state() const override { return optimizer_.state(); }
   std::string device_description() const override { return "cpu"; }
+  void set_communicator(zo2::Communicator* comm, zo2::DataParallel mode) override {
+    optimizer_.set_communicator(comm, mode);
+  }
 
  private:
   Model model_;

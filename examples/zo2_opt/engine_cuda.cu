@@ -153,6 +153,9 @@ class CudaEngine final : public Engine {
 
   zo2::OptimizerState state() const override { return optimizer_.state(); }
   std::string device_description() const override { return description_; }
+  void set_communicator(zo2::Communicator* comm, zo2::DataParallel mode) override {
+    optimizer_.set_communicator(comm, mode);
+  }
   std::optional<std::size_t> device_memory_used() const override {
     std::size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return std::nullopt;

@@ -22,6 +22,7 @@
 #include "eval.hpp"
 #include "model_setup.hpp"
 #include "options.hpp"
+#include "parallel.hpp"
 #include "progress.hpp"
 
 namespace zo2_opt {
@@ -91,6 +92,7 @@ CommandSpec train_spec() {
       {"--export", "DIR", "write an HF-loadable model (config.json, model.safetensors, tokenizer files) at the end", ""},
       {"--quiet", "", "no progress line", ""},
   };
+  add_data_parallel_options(s);
   s.epilog =
       "Examples:\n"
       "  zo2-opt train --demo\n"
@@ -161,6 +163,7 @@ int run_train(const std::vector<std::string>& argv) {
       !args.has("--preset") && !(args.has("--demo") && !args.has("--resume")))
     throw UsageError("train: --layers/--hidden/--heads/--vocab-size apply only to --preset or --demo (random weights)");
   if (args.has("--data") && args.has("--text")) throw UsageError("train: --data and --text are exclusive");
+  DataParallelRun dp(args, device);  // under mpirun -np N: this rank's part (parallel.hpp)
 
   // ---- resume state -------------------------------------------------------------------------
   std::optional<fs::path> resume_dir;
@@ -340,6 +343,7 @@ int run_train(const std::vector<std::string>& argv) {
   const std::string model_description = model->description;
   auto engine = make_engine(config, std::move(model->store), engine_options);
   model.reset();
+  dp.attach(*engine, zo, batch_size);
   // The int8 codec's masters are restored from their codes and row scales, not re-quantized.
   std::string encoded_note;
   if (resume_dir) {
@@ -366,7 +370,7 @@ int run_train(const std::vector<std::string>& argv) {
   // With accumulation, step t draws accumulate x batch examples and cuts them into micro-batches.
   const BatchSchedule schedule_of_batches(train.examples.size(), batch_size * accumulate, seed);
 
-  const bool quiet = args.flag("--quiet");
+  const bool quiet = args.flag("--quiet") || !dp.root();
   std::printf("model     %s: %lld layers, hidden %lld, %lld heads, vocab %lld, %zu parameters\n", model_description.c_str(),
               static_cast<long long>(config.num_hidden_layers), static_cast<long long>(config.hidden_size),
               static_cast<long long>(config.num_attention_heads), static_cast<long long>(config.vocab_size),
@@ -417,7 +421,7 @@ int run_train(const std::vector<std::string>& argv) {
   std::fflush(stdout);
 
   std::ofstream log;
-  if (args.has("--log")) {
+  if (args.has("--log") && dp.root()) {
     log.open(*args.get("--log"), std::ios::app);
     if (!log) throw zo2::FileError(*args.get("--log"), "cannot open for writing");
   }
@@ -472,8 +476,9 @@ int run_train(const std::vector<std::string>& argv) {
     for (std::size_t m = 0; m < accumulate; ++m) {
       const std::size_t from = std::min(indices.size(), m * batch_size), to = std::min(indices.size(), from + batch_size);
       if (from == to) break;
-      micro.push_back(make_batch(train, std::vector<std::size_t>(indices.begin() + from, indices.begin() + to), pad));
-      tokens += micro.back().real_tokens();
+      const std::vector<std::size_t> part(indices.begin() + from, indices.begin() + to);
+      micro.push_back(make_batch(train, dp.shard(part), pad));
+      tokens += dp.size() > 1 ? DataParallelRun::tokens(train, part) : micro.back().real_tokens();
     }
     const auto t0 = std::chrono::steady_clock::now();
     const zo2::StepResult r = micro.size() == 1 ? engine->step(micro[0]) : engine->step_accumulated(micro);
@@ -520,7 +525,8 @@ int run_train(const std::vector<std::string>& argv) {
       log.flush();
     }
     progress.update(t, smoothed, tokens_per_s, engine->device_memory_used());
-    if (checkpoint_every && (t + 1) % checkpoint_every == 0 && t + 1 < total_steps) {
+    dp.after_step(*engine, t + 1, total_steps, checkpoint_every);
+    if (dp.root() && checkpoint_every && (t + 1) % checkpoint_every == 0 && t + 1 < total_steps) {
       const auto encoded = engine->encoded_state();
       const RuleState rule_state = engine->rule_state();
       const fs::path saved = save_checkpoint(checkpoint_dir, t + 1, config, engine->parameters(), tok, state_json(t + 1),
@@ -534,7 +540,7 @@ int run_train(const std::vector<std::string>& argv) {
   const double train_seconds = progress.elapsed_s();
   const std::uint64_t steps_run = total_steps - start_step;
 
-  if (checkpoint_every && last_checkpoint != total_steps) {
+  if (dp.root() && checkpoint_every && last_checkpoint != total_steps) {
     const auto encoded = engine->encoded_state();
     const RuleState rule_state = engine->rule_state();
     const fs::path saved = save_checkpoint(checkpoint_dir, total_steps, config, engine->parameters(), tok,
@@ -552,7 +558,7 @@ int run_train(const std::vector<std::string>& argv) {
     if (engine->state().skipped_steps) std::printf(", %llu steps skipped (non-finite loss)", static_cast<unsigned long long>(engine->state().skipped_steps));
     std::printf("\n");
   }
-  if (args.has("--export")) {
+  if (args.has("--export") && dp.root()) {
     export_model(*args.get("--export"), config, engine->parameters(), tok);
     std::printf("export    %s (config.json, model.safetensors%s)\n", args.get("--export")->c_str(), tok ? ", tokenizer" : "");
   }
