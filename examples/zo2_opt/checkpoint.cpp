@@ -93,7 +93,7 @@ std::optional<RuleState> read_rule_state(const fs::path& checkpoint) {
     const auto& t = st.entry(name);
     if (t.dtype != zo2::io::Dtype::F32) throw zo2::FileError(file.string(), name + " is not F32");
     std::vector<float> v(t.bytes.size() / sizeof(float));
-    std::memcpy(v.data(), t.bytes.data(), v.size() * sizeof(float));
+    if (!v.empty()) std::memcpy(v.data(), t.bytes.data(), v.size() * sizeof(float));  // (an empty one's data() may be null)
     out.groups.push_back(std::move(v));
   }
   return out;
