@@ -154,7 +154,9 @@ struct Int8RowCodec {
   /// updated value lies within absmax (1 +- |lr wd|) +- |lr g| kMaxAbsNormal; the bounds are
   /// widened by 1e-5 relative, far more than the float arithmetic of updated_value can add. So a
   /// kernel may skip the exact sweep when this holds and get the same scale. False for a zero
-  /// scale and for non-finite coefficients.
+  /// scale and for non-finite coefficients. An SGD update of q queries (g z replaced by
+  /// d = sum_i c_i z_i) passes g = sum_i |c_i|: |d| <= g kMaxAbsNormal up to the ~q 2^-24 relative
+  /// rounding of the sum, inside the widening (row_kernel.cuh); a stateful rule has no such bound.
   ZO2_HD ZO2_FORCEINLINE static bool keeps_scale(float old_scale, float absmax, const UpdateCoeffs& u) {
     if (!(old_scale > 0.0f)) return false;
     const double lr = static_cast<float>(u.lr), g = static_cast<float>(u.g), wd = static_cast<float>(u.wd);
