@@ -8,6 +8,7 @@
 #include <string>
 
 #include <zo2/core/error.hpp>
+#include <zo2/io/json_limits.hpp>
 #include <zo2/io/safetensors.hpp>
 
 #include "cli.hpp"
@@ -267,9 +268,11 @@ void check_state(const json& state, const std::string& file) {
 
 nlohmann::json read_state(const fs::path& checkpoint) {
   const fs::path file = checkpoint / kStateFile;
+  const std::string text = read_file(file);
+  zo2::io::check_json_depth(text, file.string());  // a resume copies sections of it
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(read_file(file));
+    j = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {
     throw zo2::FileError(file.string(), std::string("not valid JSON: ") + e.what());
   }

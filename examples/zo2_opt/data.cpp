@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include <zo2/core/error.hpp>
+#include <zo2/io/json_limits.hpp>
 
 #include "fs_util.hpp"
 
@@ -99,6 +100,7 @@ Dataset load_dataset(const fs::path& path, bool plain_text, const Tokenizer* tok
   for (std::size_t number = 1; std::getline(in, line); ++number) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string origin = file + ":" + std::to_string(number);
+    if (zo2::io::json_nesting_depth(line) > zo2::io::kMaxJsonDepth) throw line_error(origin, zo2::io::json_depth_message());
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(line);

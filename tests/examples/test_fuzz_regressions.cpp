@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -13,6 +14,7 @@
 #include <zo2/io/safetensors.hpp>
 
 #include "checkpoint.hpp"
+#include "data.hpp"
 
 namespace {
 
@@ -39,4 +41,28 @@ TEST_CASE("read_rule_state: a group of zero elements reads as an empty group (no
   REQUIRE(state->groups.size() == 2);
   CHECK(state->groups[0] == std::vector<float>(values, values + 4));
   CHECK(state->groups[1].empty());
+}
+
+TEST_CASE("state.json and JSONL data nested 10^6 deep are refused naming the file (and line)") {
+  // A resume copies sections of state.json, and errors show a bad value: both recurse per level
+  // of nesting (see include/zo2/io/json_limits.hpp).
+  TempDir dir;
+  const std::string deep = std::string(1'000'000, '[') + std::string(1'000'000, ']');
+  std::ofstream(dir.path / zo2_opt::kStateFile) << R"({"step": 1, "seed": 2, "train": {"x": )" + deep + "}}";
+  try {
+    zo2_opt::read_state(dir.path);
+    FAIL("a state.json nested 10^6 deep was read");
+  } catch (const zo2::FileError& e) {
+    CHECK(std::string(e.what()).find("state.json: JSON nested more than 64 levels deep") != std::string::npos);
+  }
+  const fs::path data = dir.path / "data.jsonl";
+  std::ofstream(data) << "{\"input_ids\": [2, 3]}\n{\"input_ids\": " + deep + "}\n";
+  zo2_opt::DataOptions options;
+  options.vocab_size = 260;
+  try {
+    zo2_opt::load_dataset(data, false, nullptr, options);
+    FAIL("a JSONL line nested 10^6 deep was read");
+  } catch (const zo2::Error& e) {
+    CHECK(std::string(e.what()).find("data.jsonl:2: JSON nested more than 64 levels deep") != std::string::npos);
+  }
 }

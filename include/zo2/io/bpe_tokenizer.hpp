@@ -13,6 +13,7 @@
 #pragma once
 
 #include <zo2/core/error.hpp>
+#include <zo2/io/json_limits.hpp>
 #include <zo2/io/unicode.hpp>
 
 #include <nlohmann/json.hpp>
@@ -272,6 +273,7 @@ class BpeTokenizer {
   void load_vocab(const std::filesystem::path& path) {
     const std::string file = path.string();
     const std::string text = bpe_detail::read_text_file(path);
+    check_json_depth(text, file);
     nlohmann::json vocab;
     try {
       vocab = nlohmann::json::parse(text);

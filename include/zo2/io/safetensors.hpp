@@ -10,6 +10,7 @@
 
 #include <zo2/core/error.hpp>
 #include <zo2/io/dtype.hpp>
+#include <zo2/io/json_limits.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -250,6 +251,7 @@ class SafetensorsFile {
       fail("header length " + std::to_string(header_size) + " exceeds the 100 MB limit");
     }
     const auto* header_begin = reinterpret_cast<const char*>(file.data() + 8);
+    check_json_depth({header_begin, static_cast<std::size_t>(header_size)}, path_);  // see json_limits.hpp
     nlohmann::json header;
     try {
       header = nlohmann::json::parse(header_begin, header_begin + header_size);
@@ -450,6 +452,7 @@ class SafetensorsCheckpoint {
 
     const auto mapping = detail::MappedFile::open(source);
     const auto text = mapping->bytes();
+    check_json_depth({reinterpret_cast<const char*>(text.data()), text.size()}, source);
     nlohmann::ordered_json index;
     try {
       index = nlohmann::ordered_json::parse(reinterpret_cast<const char*>(text.data()),

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include <zo2/core/error.hpp>
+#include <zo2/io/json_limits.hpp>
 
 namespace zo2::opt {
 
@@ -133,11 +134,15 @@ struct OPTConfig {
   /// field for a missing or mistyped field, and for a config that validate() rejects.
   static OPTConfig from_json_file(const std::filesystem::path& path) {
     const std::string file = path.string();
-    std::ifstream in(path);
+    std::ifstream in(path, std::ios::binary);
     if (!in) throw FileError(file, "cannot open");
+    std::ostringstream content;
+    content << in.rdbuf();
+    const std::string text = content.str();
+    io::check_json_depth(text, file);
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(in);
+      j = nlohmann::json::parse(text);
     } catch (const nlohmann::json::exception& e) {
       throw FileError(file, std::string("not valid JSON: ") + e.what());
     }
