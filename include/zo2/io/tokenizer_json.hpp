@@ -27,6 +27,15 @@
 // Text that is not valid UTF-8 is first made valid as Rust's String::from_utf8_lossy does
 // (each maximal invalid subsequence becomes U+FFFD): tokenizers only ever sees valid strings.
 //
+// Unicode versions: the character classes are PCRE2's (Debian 12's 10.42: Unicode 14), the
+// normal forms utf8proc's (2.8: Unicode 15); tokenizers' Oniguruma knows a later Unicode and its
+// normalization tables an earlier one (before 12). So ids can differ on characters assigned
+// since Unicode 12 that have a compatibility decomposition (NFKC/NFKD: e.g. U+32FF, U+1FBF0..9),
+// and on characters assigned since Unicode 14 where a \p{..} class decides a split. On every
+// code point (tests/fixtures/tokenizer_json/make_fixtures.py --every-code-point), the Qwen2-
+// and LLaMA-3-style fixtures give tokenizers' ids for all; the NFKC + GPT-2-regex one ("misc")
+// for all but 254, each such a character.
+//
 // Not supported, and refused at load with a FileError naming the field: models other than BPE,
 // BPE dropout, normalizers other than NFC/NFD/NFKC/NFKD/Prepend/Replace/Strip/ByteLevel/Sequence
 // (Lowercase, BertNormalizer, Precompiled, ...), pre-tokenizers other than Split/ByteLevel/
