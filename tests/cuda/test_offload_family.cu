@@ -510,8 +510,7 @@ TEST_CASE("every rule and codec resumes bit-exactly through the encoded masters 
   SUBCASE("int8") { check_resume<offload::Int8RowCodec>(); }
 }
 
-TEST_CASE("the plan counts the rule state; reserve_rule_state re-plans within the budget" *
-          doctest::skip(!kHaveDevice)) {
+TEST_CASE("the plan counts the rule state in the slots, the budget and pinned memory (no device needed)") {
   using Policy = HostOffload<offload::Bf16Codec, float>;
   const ModelLayout ml = ModelLayout::of(test_shape());
   const auto none = Policy::plan_for(ml, {});
@@ -519,17 +518,51 @@ TEST_CASE("the plan counts the rule state; reserve_rule_state re-plans within th
   adam.rule_state_slots = 2;
   const auto with = Policy::plan_for(ml, adam);
   const std::size_t block_state = 2 * ml.layout(ml.block(0)).total_elements() * sizeof(float);
+  const std::size_t fixed_state = 2 * (ml.layout(ml.prologue()).total_elements() +
+                                       ml.layout(ml.epilogue()).total_elements()) * sizeof(float);
   CHECK(none.block_state_bytes == 0);
+  CHECK(none.state_arena_bytes == 0);
+  CHECK(none.host_state_bytes == 0);
   CHECK(with.block_state_bytes >= block_state);
   CHECK(with.block_state_bytes < block_state + 256);
   CHECK(with.slot_bytes() == with.block_bytes + with.block_state_bytes);
-  CHECK(with.minimum_bytes >= none.minimum_bytes + 2 * block_state +
-                                  2 * (ml.layout(ml.prologue()).total_elements() +
-                                       ml.layout(ml.epilogue()).total_elements()) * sizeof(float));
+  CHECK(with.block_bytes == none.block_bytes);
+  CHECK(with.fixed_bytes >= none.fixed_bytes + fixed_state);
+  CHECK(with.minimum_bytes == with.fixed_bytes + 2 * with.slot_bytes());
+  CHECK(with.minimum_bytes >= none.minimum_bytes + 2 * block_state + fixed_state);
+  CHECK(with.streamed_blocks == test_shape().blocks);
   CHECK(with.host_state_bytes == with.streamed_blocks * with.block_state_bytes);
   CHECK(with.host_pinned_bytes == with.streamed_blocks * with.block_bytes + with.host_state_bytes);
-  CHECK(with.state_arena_bytes > 0);
-  CHECK(with.device_bound_bytes > none.device_bound_bytes);
+  CHECK(with.state_arena_bytes == with.fixed_bytes - (none.fixed_bytes) + 2 * with.block_state_bytes);
+  CHECK(with.arena_bytes == none.arena_bytes);
+  CHECK(with.device_bound_bytes == none.device_bound_bytes + (std::size_t{2} << 20));
+  CHECK(with.device_bytes() == with.arena_bytes + with.state_arena_bytes + with.table_bytes);
+  // The budget buys slots and resident blocks of block + state.
+  OffloadOptions two = adam;
+  two.budget_adds_slot = false;
+  two.gpu_memory_budget = with.minimum_bytes + 2 * with.slot_bytes() + with.slot_bytes() / 2;
+  const auto two_resident = Policy::plan_for(ml, two);
+  CHECK(two_resident.resident_blocks == 2);
+  CHECK(two_resident.state_arena_bytes == with.fixed_bytes - none.fixed_bytes + 4 * with.block_state_bytes);
+  CHECK(two_resident.host_state_bytes == 3 * with.block_state_bytes);
+  two.gpu_memory_budget = with.minimum_bytes - 1;
+  CHECK_THROWS_WITH_AS(Policy::plan_for(ml, two), doctest::Contains("rule state"), ConfigError);
+  // The packed codec's plan counts its escape scratch as before, the state beside it.
+  const auto packed_none = HostOffload<offload::Bf16PackedCodec, float>::plan_for(ml, {});
+  const auto packed_with = HostOffload<offload::Bf16PackedCodec, float>::plan_for(ml, adam);
+  CHECK(packed_none.table_bytes > none.table_bytes);
+  CHECK(packed_with.table_bytes == packed_none.table_bytes);
+  CHECK(packed_with.device_bound_bytes == packed_none.device_bound_bytes + (std::size_t{2} << 20));
+}
+
+TEST_CASE("reserve_rule_state re-plans within the budget; get/set_rule_state; refusals" *
+          doctest::skip(!kHaveDevice)) {
+  using Policy = HostOffload<offload::Bf16Codec, float>;
+  const ModelLayout ml = ModelLayout::of(test_shape());
+  const auto none = Policy::plan_for(ml, {});
+  OffloadOptions adam;
+  adam.rule_state_slots = 2;
+  const auto with = Policy::plan_for(ml, adam);
 
   // A budget that holds two resident blocks without state holds fewer with Adam's.
   OffloadOptions budget;
