@@ -311,6 +311,7 @@ TEST_CASE("tokenizer.json: a malformed or unsupported file is a FileError naming
   };
 
   expect("{\"model\": ", "not valid JSON");
+  expect("{\"model\": " + std::string(100000, '[') + std::string(100000, ']') + "}", "nested more than");
   expect("[1, 2]", "expected a JSON object");
   expect(mutated(qwen2, [](json& j) { j.erase("model"); }), "field 'model': missing");
   expect(mutated(qwen2, [](json& j) { j["version"] = "2.0"; }), "field 'version'");

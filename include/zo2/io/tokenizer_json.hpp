@@ -51,6 +51,7 @@
 
 #include <zo2/core/error.hpp>
 #include <zo2/io/bpe_tokenizer.hpp>
+#include <zo2/io/json_limits.hpp>
 #include <zo2/io/unicode.hpp>
 
 #include <nlohmann/json.hpp>
@@ -802,6 +803,7 @@ class TokenizerJson {
     }
 
     void load(const std::string& text) {
+      check_json_depth(text, file);  // error messages dump() values, which recurses per level
       json root;
       try {
         root = json::parse(text);
