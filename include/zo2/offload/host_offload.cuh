@@ -3,7 +3,8 @@
 // Where parameters rest: the prologue and epilogue, and as many blocks as the GPU memory budget
 // allows, stay on the device; every other block's master rests in pinned host memory in the
 // codec's format (codecs.hpp) and streams through a fixed pool of device slots, crossing PCIe
-// once per step each way. Nothing is allocated on the device after construction.
+// once per step each way. Nothing is allocated on the device after construction (and after
+// reserve_rule_state, which ZOOptimizer calls before its first step).
 //
 // One visit of a streamed block i (prepare, called by ZOOptimizer once per group per step):
 //   upload stream   H2D host master[i] -> slot            (issued ahead: prefetch depth >= 1)
