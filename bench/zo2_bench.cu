@@ -434,6 +434,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   opts.slots = planned_slots(c, o);
   opts.prefetch_depth = std::min(o.prefetch, opts.slots - 1);
   opts.one_perturbed_copy = !o.two_copies;
+  opts.rule_state_slots = rule_state_slots(ZOOptimizer<opt::OPTCudaModel<T>, Policy>::rule_of(zo_config(c)));
   Policy policy(opt_model_layout(config), opts);
   {
     // Values drawn on all host threads and encoded once per group kind; every block gets the
@@ -482,7 +483,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   PolicyNumbers p;
   p.h2d_bytes_per_step = static_cast<double>(policy.bytes_uploaded()) / c.steps;
   p.d2h_bytes_per_step = static_cast<double>(policy.bytes_offloaded()) / c.steps;
-  p.policy_bytes = policy.plan().arena_bytes + policy.plan().table_bytes;
+  p.policy_bytes = policy.plan().device_bytes();  // arena, rule state, tables
   p.host_pinned_bytes = policy.plan().host_pinned_bytes;
   p.escape_overflow = policy.escape_overflow();
   p.block_bytes = policy.block_bytes();

@@ -191,6 +191,8 @@ template <class Codec>
 std::unique_ptr<Engine> make_offload(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
                                      const EngineOptions& options) {
   zo2::cuda::OffloadOptions offload;
+  // The rule's state is planned with the masters (no re-plan when the optimizer reserves it).
+  offload.rule_state_slots = zo2::rule_state_slots(zo2::ZOOptimizer<Model, zo2::cuda::HostOffload<Codec, float>>::rule_of(options.zo));
   if (options.gpu_memory_budget_gib)
     offload.gpu_memory_budget = static_cast<std::size_t>(*options.gpu_memory_budget_gib * 1024.0 * 1024.0 * 1024.0);
   // The codec is both the precision the weights rest in on the host (the master) and the one

@@ -311,8 +311,10 @@ class ZOOptimizer {
   const std::optional<PendingUpdate>& pending_update() const { return pending_; }
   const ZOConfig& config() const { return config_; }
   /// The element rule of this configuration's updates.
-  RuleId rule() const {
-    switch (config_.method) {
+  RuleId rule() const { return rule_of(config_); }
+  /// The element rule of a configuration's updates (zo-sign and zo-cons update as SGD does).
+  static RuleId rule_of(const ZOConfig& c) {
+    switch (c.method) {
       case ZOMethod::kMomentum: return RuleId::kMomentum;
       case ZOMethod::kAdam: return RuleId::kAdam;
       default: return RuleId::kSgd;
