@@ -51,3 +51,11 @@ if(TARGET zo2::mpi AND MPIEXEC_EXECUTABLE AND NOT ZO2_MPIEXEC_FLAGS)
     set(ZO2_MPIEXEC_FLAGS --allow-run-as-root --oversubscribe --bind-to none)
   endif()
 endif()
+
+# The latency of a step's reduction (bench/comm_latency.cpp, JSON lines; mpiexec -n N), built with
+# the tests (a CTest smoke run keeps it working) or the benchmarks.
+if(TARGET zo2::mpi AND ZO2_IS_TOP_LEVEL AND (ZO2_BUILD_TESTS OR ZO2_BUILD_BENCH))
+  add_executable(zo2_comm_latency ${CMAKE_CURRENT_SOURCE_DIR}/bench/comm_latency.cpp)
+  target_link_libraries(zo2_comm_latency PRIVATE zo2::mpi $<$<TARGET_EXISTS:zo2::nccl>:zo2::nccl>)
+  target_compile_options(zo2_comm_latency PRIVATE $<$<NOT:$<CONFIG:Debug>>:-O2>)
+endif()

@@ -60,7 +60,7 @@ class DataParallelRun {
 
   /// Hands the engine the step's communicator (N > 1), after checking that the batch and the
   /// queries split over the ranks, and waits until every rank is ready.
-  void attach(Engine& engine, const zo2::ZOConfig& zo, std::uint64_t batch_size);
+  void attach(Engine& engine, const zo2::ZOConfig& zo, std::uint64_t batch_size, std::uint64_t accumulate);
 
   /// This rank's share of a micro-batch's example indices (batch mode: a contiguous slice;
   /// queries mode, or one process: all of them).

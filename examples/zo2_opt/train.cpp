@@ -343,7 +343,7 @@ int run_train(const std::vector<std::string>& argv) {
   const std::string model_description = model->description;
   auto engine = make_engine(config, std::move(model->store), engine_options);
   model.reset();
-  dp.attach(*engine, zo, batch_size);
+  dp.attach(*engine, zo, batch_size, accumulate);
   // The int8 codec's masters are restored from their codes and row scales, not re-quantized.
   std::string encoded_note;
   if (resume_dir) {
