@@ -243,6 +243,7 @@ TEST_CASE("tokenizer.json: Oniguruma escapes are translated for PCRE2") {
   CHECK(oniguruma_to_pcre2(R"([^\s\p{L}\p{N}]+)") == R"([^\p{White_Space}\p{L}\p{N}]+)");
   CHECK(oniguruma_to_pcre2(R"(\w+|[\w-])") == R"([\p{Alphabetic}\p{M}\p{N}\p{Pc}]+|[\p{Alphabetic}\p{M}\p{N}\p{Pc}-])");
   CHECK(oniguruma_to_pcre2(R"(\h\\s\p{N}{1,3})") == R"([0-9a-fA-F]\\s\p{N}{1,3})");
+  CHECK(oniguruma_to_pcre2(R"([\u4e00-\u9FA5]+\u12)") == R"([\x{4e00}-\x{9FA5}]+\u12)");
   // U+0085 is White_Space (Oniguruma's \s), U+180E is not (PCRE2's \s has it)
   const zo2::io::tokenizer_json_detail::Regex space(R"(\s)");
   const auto matches = space.find_all("a\xC2\x85" "b\xE1\xA0\x8E" "c");

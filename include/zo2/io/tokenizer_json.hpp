@@ -22,7 +22,7 @@
 // tokenizers compiles its regexes with Oniguruma; the patterns are translated where the two
 // engines read the same escape differently: \s and \S become White_Space (PCRE2's \s also
 // matches U+180E), \w and \W Oniguruma's word class (letters, marks, numbers, connector
-// punctuation, Alphabetic), \h and \H hexadecimal digits.
+// punctuation, Alphabetic), \h and \H hexadecimal digits, \uHHHH is \x{HHHH}.
 //
 // Text that is not valid UTF-8 is first made valid as Rust's String::from_utf8_lossy does
 // (each maximal invalid subsequence becomes U+FFFD): tokenizers only ever sees valid strings.
@@ -58,6 +58,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -255,6 +256,16 @@ inline std::string oniguruma_to_pcre2(std::string_view pattern) {
         case 'W':
           // Inside a class a negated class cannot be spelled; PCRE2's own \W is close.
           out += in_class ? std::string("\\W") : "[^" + std::string(kWord) + "]";
+          break;
+        case 'u':  // \uHHHH (Oniguruma's Ruby syntax) is PCRE2's \x{HHHH}
+          if (i + 4 < pattern.size() &&
+              std::all_of(pattern.begin() + static_cast<std::ptrdiff_t>(i) + 1, pattern.begin() + static_cast<std::ptrdiff_t>(i) + 5,
+                          [](char h) { return std::isxdigit(static_cast<unsigned char>(h)) != 0; })) {
+            out += "\\x{" + std::string(pattern.substr(i + 1, 4)) + "}";
+            i += 4;
+          } else {
+            out += "\\u";
+          }
           break;
         case 'h': out += in_class ? "0-9a-fA-F" : "[0-9a-fA-F]"; break;
         case 'H': out += in_class ? "\\x00-/:-@G-`g-\\x{10FFFF}" : "[^0-9a-fA-F]"; break;
