@@ -116,14 +116,15 @@ class NcclCommunicator final : public Communicator {
   void set_timeout(CommSeconds timeout) { options_.timeout = timeout; }
 
   /// Element-wise sum over the ranks, in place: host -> device, ncclAllReduce (ncclDouble,
-  /// ncclSum), device -> host on the communicator's stream, polled against the timeout.
+  /// ncclSum), device -> host on the communicator's stream, polled against the timeout. (One
+  /// rank takes the same path: a single-GPU check of the transport.)
   void all_reduce_sum(std::span<double> values) override { all_reduce_sum(values, options_.timeout); }
 
   void all_reduce_sum(std::span<double> values, CommSeconds timeout) {
     if (failed_)
       throw CommError("ncclAllReduce on rank " + std::to_string(rank_) +
                       ": the communicator is unusable, an earlier operation failed or timed out");
-    if (size_ == 1 || values.empty()) return;
+    if (values.empty()) return;
     reserve(values.size());
     const std::size_t bytes = values.size() * sizeof(double);
     std::memcpy(host_buffer_, values.data(), bytes);
