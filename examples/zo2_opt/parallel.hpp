@@ -11,7 +11,9 @@
 // On the CPU the reduction is an MPI all-reduce; with --device cuda rank -> local GPU (its rank
 // among the ranks of its host) and NCCL carries it where the build has NCCL (MPI otherwise;
 // ZO2_DP_TRANSPORT=mpi forces MPI). Rank 0 alone prints, logs, checkpoints and exports; the
-// others evaluate in lockstep (their results are rank 0's) and print only errors. Every
+// others evaluate in lockstep (their results are rank 0's, so no rank waits for another's
+// evaluation), discard their stdout and print on stderr only errors and --eval-every's notes. Each
+// process keeps its own copy of the model (offloaded: its own pinned host master). Every
 // --replica-check steps, at each checkpoint and at the end, a hash of every rank's parameters is
 // compared across ranks; a difference stops the run naming the step. A rank that does not reach
 // a reduction within --comm-timeout seconds of the others makes them exit with an error; a rank
