@@ -222,8 +222,6 @@ case "$case_name" in
     }
     expect queries "--queries 3 must be a multiple of the 2 ranks" \
       mpi 2 "$bin" train "${common[@]}" --batch 4 --steps 2 --data-parallel queries --queries 3
-    expect accumulate "--data-parallel queries does not take --accumulate 2 yet" \
-      mpi 2 "$bin" train "${common[@]}" --batch 4 --steps 2 --data-parallel queries --queries 2 --accumulate 2
     expect batch "--batch 1 is smaller than the 2 ranks" mpi 2 "$bin" train "${common[@]}" --batch 1 --steps 2
     expect mode "--data-parallel must be batch or queries, got 'rows'" \
       mpi 2 "$bin" train "${common[@]}" --batch 4 --steps 2 --data-parallel rows

@@ -237,13 +237,6 @@ void DataParallelRun::attach(Engine& engine, const zo2::ZOConfig& zo, std::uint6
   if (m.mode == zo2::DataParallel::kQueries && zo.queries % static_cast<unsigned>(m.size) != 0)
     throw UsageError("train: --data-parallel queries: --queries " + std::to_string(zo.queries) +
                      " must be a multiple of the " + n + " ranks");
-  // ZOOptimizer weighs a split-query step's micro-batches equally (w = 1), where one process
-  // weighs them by their scored tokens: with micro-batches of different weights the run would
-  // leave the single-process trajectory (measured: 9e-4 relative on classification data).
-  if (m.mode == zo2::DataParallel::kQueries && accumulate > 1)
-    throw UsageError("train: --data-parallel queries does not take --accumulate " + std::to_string(accumulate) +
-                     " yet (the optimizer would weigh the micro-batches equally, not by their tokens); use "
-                     "--data-parallel batch, or a larger --batch");
   try {
     engine.set_communicator(m.comm.get(), m.mode);
   } catch (const zo2::ConfigError& e) {

@@ -208,7 +208,7 @@ class ZOOptimizer {
       std::vector<double> sums(base + 2, 0.0);
       for (const Batch& b : micro) {
         const std::vector<double> l = sweep(b, probes, config_.eps);
-        const double w = split ? 1.0 : weight_of(b);
+        const double w = weight_of(b);  // split queries: every rank the same micro-batches
         if (w == 0) continue;  // no targets: nothing to weigh (its losses are NaN)
         sums[base + 1] += w;
         for (std::size_t k = 0; k < l.size(); ++k) sums[slot[k]] += w * l[k];
