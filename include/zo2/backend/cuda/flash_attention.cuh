@@ -30,6 +30,16 @@
 // Numerics: scores in fp32 (the materialized path rounds them to T first), P rounded to T for
 // the P V product (as every flash kernel), output rounded once. Other head dims and fp32 go to
 // causal_attention (causal_attention_dispatch below).
+//
+// Grouped-query attention (flash_grouped_attention, grouped_attention_dispatch; AttentionDims):
+// the block of query head h loads the K/V tiles of kv head h / group, with K/V's own row stride
+// (Q, K and V may be column slices of one fused projection) and the output's own; heads of one
+// group are neighbours in the grid, so their K/V tiles come from L2. A sliding window (window > 0
+// and < seq) selects kernels built with kWindow: they hide keys j <= i - window in the tiles at
+// the window's edge and start at the first key tile of the block's first query's window. Rows
+// that see no key get the flat average of V (attention_fix_unseen_rows). With kv_heads == heads,
+// no window and dense rows this is OPT's call: the kernels' main loops are unchanged (the K/V
+// offsets precomputed with K/V's stride, Q's worked out at its one load).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -70,12 +80,16 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
-/// Grid (query tiles, heads, batch); block 128 threads. q, k, v, out: [batch * seq, ld] with head
-/// h in columns [h D, (h + 1) D); scale_log2 = log2(e) / sqrt(D).
-template <class T, int D>
+/// Grid (heads, query tiles, batch); block 128 threads. q: [batch * seq, ld_q], k and v:
+/// [batch * seq, ld_kv], out: [batch * seq, ld_out]; query head h in columns [h D, (h + 1) D) of
+/// q and out, its kv head h / group in the same columns of k and v; scale_log2 = log2(e) /
+/// sqrt(D). kWindow: keys j <= i - window are hidden from query i (window > 0), and key tiles
+/// before the window of the block's first query are skipped.
+template <class T, int D, bool kWindow>
 __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_attention_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const std::uint8_t* __restrict__ key_mask, T* __restrict__ out, int seq, int ld, float scale_log2) {
+    const std::uint8_t* __restrict__ key_mask, T* __restrict__ out, int seq, int ld_q, int ld_kv, int ld_out,
+    int group, int window, float scale_log2) {
   constexpr int BM = kFlashRows, BN = kFlashKeys, kChunks = D / 8, kDSteps = D / 16, kNTiles = kFlashScoreTiles,
                 kOTiles = D / 8;
   extern __shared__ __align__(128) unsigned char flash_smem[];
@@ -91,12 +105,14 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const std::int64_t seq_row0 = static_cast<std::int64_t>(b) * seq;
-  const std::int64_t col0 = static_cast<std::int64_t>(h) * D;
+  const std::int64_t col_q = static_cast<std::int64_t>(h) * D;
+  const std::int64_t col_kv = static_cast<std::int64_t>(h / group) * D;
   const std::uint8_t* mask = key_mask ? key_mask + seq_row0 : nullptr;
 
   // A thread always takes the same 8-element chunks i = tid + n kFlashThreads of a tile: their
-  // swizzled shared-memory offsets and their offsets from the tile's first element are worked out
-  // once (inline, the address arithmetic cost ~230 instructions per tile and operand).
+  // swizzled shared-memory offsets and their offsets from a K/V tile's first element are worked
+  // out once (inline, the address arithmetic cost ~230 instructions per tile and operand). The
+  // Q tile, loaded once, works its offsets out as it goes.
   constexpr int kPerThread = BM * kChunks / kFlashThreads;
   static_assert(BM * kChunks % kFlashThreads == 0);
   int chunk_smem[kPerThread], chunk_global[kPerThread], chunk_row[kPerThread];
@@ -105,16 +121,26 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
     const int i = tid + n * kFlashThreads;
     const int row = i / kChunks, c = i % kChunks;
     chunk_smem[n] = swizzled<D>(row, c);
-    chunk_global[n] = row * ld + c * 8;
+    chunk_global[n] = row * ld_kv + c * 8;
     chunk_row[n] = row;
   }
-  auto load_tile = [&](T* dst, const T* src, int r0) {
-    const T* tile = src + (seq_row0 + r0) * ld + col0;  // r0 < seq: a valid address
+  auto load_tile = [&](T* dst, const T* src, int r0) {  // K or V rows r0 .. r0 + 63
+    const T* tile = src + (seq_row0 + r0) * ld_kv + col_kv;  // r0 < seq: a valid address
     const int rows = min(seq - r0, BM);
 #pragma unroll
     for (int n = 0; n < kPerThread; ++n) {
       const bool ok = chunk_row[n] < rows;
       cp_async_16(smem_addr(dst + chunk_smem[n]), ok ? tile + chunk_global[n] : tile, ok);
+    }
+  };
+  auto load_q = [&] {
+    const T* tile = q + (seq_row0 + m0) * ld_q + col_q;
+    const int rows = min(seq - m0, BM);
+#pragma unroll
+    for (int n = 0; n < kPerThread; ++n) {
+      const bool ok = chunk_row[n] < rows;
+      const int c = (tid + n * kFlashThreads) % kChunks;
+      cp_async_16(smem_addr(sq + chunk_smem[n]), ok ? tile + chunk_row[n] * ld_q + c * 8 : tile, ok);
     }
   };
   auto load_mask = [&](int buf, int n0) {
@@ -124,10 +150,12 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
     }
   };
 
-  const int n_tiles = m_tile + 1;  // BM == BN: key tiles 0 .. m_tile hold every key <= the block's last query
-  load_tile(sq, q, m0);
-  load_tile(sk, k, 0);
-  load_mask(0, 0);
+  // BM == BN: key tiles j_first .. m_tile hold every key the block's queries may see.
+  const int j_first = kWindow ? flash_first_key_tile(m0, window) : 0;
+  const int n_tiles = m_tile + 1;
+  load_q();
+  load_tile(sk, k, j_first * BN);
+  load_mask(j_first & 1, j_first * BN);
   cp_async_commit();
 
   std::uint32_t qf[kDSteps][4];
@@ -137,11 +165,11 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const int q_row[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
 
-  for (int j = 0; j < n_tiles; ++j) {
+  for (int j = j_first; j < n_tiles; ++j) {
     const int n0 = j * BN;
     cp_async_wait<0>();
     __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
-    if (j == 0) {
+    if (j == j_first) {
 #pragma unroll
       for (int kk = 0; kk < kDSteps; ++kk)
         ldmatrix_x4(qf[kk], smem_addr(sq + swizzled<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
@@ -173,7 +201,14 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
 
     // Mask, then the online softmax of rows g and g + 8.
     const bool diagonal = j == m_tile;
-    if (diagonal || mask != nullptr) flash_mask_scores(s, smask[j & 1], n0, diagonal, q_row, t4);
+    if constexpr (kWindow) {
+      // Some query of the block has its window's first key after n0: mask the window's edge too.
+      const bool edge = n0 + window <= m0 + BM - 1;
+      if (diagonal || edge || mask != nullptr)
+        flash_mask_scores<true>(s, smask[j & 1], n0, diagonal, q_row, t4, window);
+    } else {
+      if (diagonal || mask != nullptr) flash_mask_scores(s, smask[j & 1], n0, diagonal, q_row, t4);
+    }
     flash_online_softmax(s, o, row_max, row_sum, scale_log2);
 
     cp_async_wait<1>();
@@ -197,23 +232,36 @@ __global__ void __launch_bounds__(kFlashThreads, ZO2_FLASH_MIN_BLOCKS) flash_att
   cp_async_wait<0>();
 
   // Normalize and store; rows with no visible key stay zero here (fixed up after the launch).
-  flash_store_rows<T>(o, row_sum, q_row, seq, out + col0, seq_row0, ld, t4);
+  flash_store_rows<T>(o, row_sum, q_row, seq, out + col_q, seq_row0, ld_out, t4);
 }
 
 }  // namespace detail
+
+/// Whether the fused kernels take these arguments: T bf16 or fp16, head_dim 64 or 128, 16-byte
+/// aligned q, k, v, context and row strides, and seq, heads, batch within the grid's limits
+/// (dims resolved).
+template <class T>
+bool flash_attention_supported(const AttentionDims& d, const void* q, const void* k, const void* v,
+                               const void* context) {
+  if constexpr (!std::is_same_v<T, bfloat16> && !std::is_same_v<T, float16>) {
+    return false;
+  } else {
+    auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+    constexpr std::int64_t kVec = 16 / static_cast<std::int64_t>(sizeof(T));
+    return (d.head_dim == 64 || d.head_dim == 128) && aligned(q) && aligned(k) && aligned(v) && aligned(context) &&
+           d.ld_q % kVec == 0 && d.ld_kv % kVec == 0 && d.ld_out % 2 == 0 && d.seq > 0 && d.seq < (1ll << 30) &&
+           d.heads > 0 && d.heads <= 65535 && d.kv_heads > 0 && d.heads % d.kv_heads == 0 && d.batch > 0 &&
+           d.batch <= 65535 && d.window >= 0 && d.ld_q < (1ll << 31) && d.ld_kv < (1ll << 31) &&
+           d.ld_out < (1ll << 31);
+  }
+}
 
 /// Whether flash_causal_attention takes these arguments: T bf16 or fp16, head_dim 64 or 128,
 /// 16-byte aligned q, k, v, context, and seq, heads within the grid's limits.
 template <class T>
 bool flash_attention_supported(std::int64_t head_dim, std::int64_t seq, std::int64_t heads, std::int64_t batch,
                                const void* q, const void* k, const void* v, const void* context) {
-  if constexpr (!std::is_same_v<T, bfloat16> && !std::is_same_v<T, float16>) {
-    return false;
-  } else {
-    auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-    return (head_dim == 64 || head_dim == 128) && aligned(q) && aligned(k) && aligned(v) && aligned(context) &&
-           seq > 0 && seq < (1ll << 30) && heads > 0 && heads <= 65535 && batch > 0 && batch <= 65535;
-  }
+  return flash_attention_supported<T>(AttentionDims::mha(batch, seq, heads, head_dim), q, k, v, context);
 }
 
 /// Which fused kernel runs: kAuto takes wgmma where the device and the build have it.
@@ -227,6 +275,47 @@ inline const char* flash_kernel_name(FlashKernel k) {
 /// Whether the current device runs an image with the wgmma kernel (Hopper, built for sm_90a).
 inline bool flash_wgmma_available() { return detail::device_has_wgmma(); }
 
+/// context = grouped-query causal attention(q, k, v) with key_mask (null: none) and dims' window,
+/// as grouped_causal_attention computes it (same layout and semantics), by a fused kernel. Throws
+/// if !flash_attention_supported, or if kWgmma is asked for where !flash_wgmma_available().
+template <class T>
+void flash_grouped_attention(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context,
+                             const AttentionDims& dims, cudaStream_t stream, FlashKernel kernel = FlashKernel::kAuto) {
+  const AttentionDims d = dims.resolved();
+  d.validate("flash_causal_attention");
+  if (!flash_attention_supported<T>(d, q, k, v, context))
+    throw ShapeError("flash_causal_attention: needs bf16/fp16, head_dim 64 or 128 (got " + std::to_string(d.head_dim) +
+                     "), 16-byte aligned buffers and row strides");
+  if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
+    bool wgmma = kernel == FlashKernel::kWgmma;
+    if (kernel == FlashKernel::kAuto) wgmma = flash_wgmma_available();
+    else if (wgmma && !flash_wgmma_available())
+      throw Error("flash_causal_attention: the wgmma kernel needs a Hopper GPU and a build for sm_90a "
+                  "(CMAKE_CUDA_ARCHITECTURES=90a)");
+    // One launch per kernel family, head dim and window; the kernels share arguments, grid and block shape.
+    const auto launch = [&]<int D, bool kWindow>() {
+      using namespace detail;
+      if (wgmma) {
+        constexpr int kWG = kFlashWgmmaWarpgroups<D>, kStages = kFlashWgmmaStages;
+        launch_flash<flash_attention_wgmma_kernel<T, D, kWG, kStages, kWindow>,
+                     flash_wgmma_smem_bytes<D, kWG, kStages>(), kFlashRows * kWG, kFlashThreads * kWG>(
+            q, k, v, key_mask, context, d, stream, "zo2::cuda::flash_attention_wgmma_kernel");
+      } else {
+        launch_flash<flash_attention_kernel<T, D, kWindow>, flash_mma_smem_bytes<T, D>(), kFlashRows, kFlashThreads>(
+            q, k, v, key_mask, context, d, stream, "zo2::cuda::flash_attention_kernel");
+      }
+    };
+    if (d.head_dim == 64) {
+      if (d.window > 0) launch.template operator()<64, true>();
+      else launch.template operator()<64, false>();
+    } else {
+      if (d.window > 0) launch.template operator()<128, true>();
+      else launch.template operator()<128, false>();
+    }
+    if (key_mask) attention_fix_unseen_rows<T>(v, key_mask, context, d, stream);
+  }
+}
+
 /// context = causal attention(q, k, v) with key_mask (null: none), as causal_attention computes it
 /// (same layout and semantics), by a fused kernel. Throws if !flash_attention_supported, or if
 /// kWgmma is asked for where !flash_wgmma_available().
@@ -234,37 +323,25 @@ template <class T>
 void flash_causal_attention(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context,
                             std::int64_t batch, std::int64_t seq, std::int64_t heads, std::int64_t head_dim,
                             cudaStream_t stream, FlashKernel kernel = FlashKernel::kAuto) {
-  if (!flash_attention_supported<T>(head_dim, seq, heads, batch, q, k, v, context))
-    throw ShapeError("flash_causal_attention: needs bf16/fp16, head_dim 64 or 128 (got " + std::to_string(head_dim) +
-                     ") and 16-byte aligned buffers");
-  if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
-    bool wgmma = kernel == FlashKernel::kWgmma;
-    if (kernel == FlashKernel::kAuto) wgmma = flash_wgmma_available();
-    else if (wgmma && !flash_wgmma_available())
-      throw Error("flash_causal_attention: the wgmma kernel needs a Hopper GPU and a build for sm_90a "
-                  "(CMAKE_CUDA_ARCHITECTURES=90a)");
-    // One launch per kernel family and head dim; the kernels share arguments, grid and block shape.
-    const auto launch = [&]<int D>() {
-      using namespace detail;
-      if (wgmma) {
-        constexpr int kWG = kFlashWgmmaWarpgroups<D>, kStages = kFlashWgmmaStages;
-        launch_flash<flash_attention_wgmma_kernel<T, D, kWG, kStages>, flash_wgmma_smem_bytes<D, kWG, kStages>(),
-                     kFlashRows * kWG, kFlashThreads * kWG>(q, k, v, key_mask, context, batch, seq, heads, D, stream,
-                                                            "zo2::cuda::flash_attention_wgmma_kernel");
-      } else {
-        launch_flash<flash_attention_kernel<T, D>, flash_mma_smem_bytes<T, D>(), kFlashRows, kFlashThreads>(
-            q, k, v, key_mask, context, batch, seq, heads, D, stream, "zo2::cuda::flash_attention_kernel");
-      }
-    };
-    if (head_dim == 64) launch.template operator()<64>();
-    else launch.template operator()<128>();
-    if (key_mask) {
-      const std::int64_t hidden = heads * head_dim;
-      for (std::int64_t b = 0; b < batch; ++b)
-        attention_fix_masked_rows<T>(v + b * seq * hidden, key_mask + b * seq, context + b * seq * hidden, seq, hidden,
-                                     stream);
-    }
+  if (batch <= 0 || seq <= 0 || heads <= 0 || head_dim <= 0)
+    throw ShapeError("flash_causal_attention: batch, seq, heads and head_dim must be > 0");
+  flash_grouped_attention<T>(q, k, v, key_mask, context, AttentionDims::mha(batch, seq, heads, head_dim), stream,
+                             kernel);
+}
+
+/// A fused kernel (`kernel`) where one applies and `use_flash`, the materialized
+/// grouped_causal_attention otherwise. Returns whether a fused kernel ran.
+template <class T>
+bool grouped_attention_dispatch(Gemm& gemm, const T* q, const T* k, const T* v, const std::uint8_t* key_mask,
+                                T* context, const AttentionDims& dims, AttentionScratch<T>& scratch,
+                                cudaStream_t stream, bool use_flash = true, FlashKernel kernel = FlashKernel::kAuto) {
+  const AttentionDims d = dims.resolved();
+  if (use_flash && flash_attention_supported<T>(d, q, k, v, context)) {
+    flash_grouped_attention<T>(q, k, v, key_mask, context, d, stream, kernel);
+    return true;
   }
+  grouped_causal_attention<T>(gemm, q, k, v, key_mask, context, d, scratch, stream);
+  return false;
 }
 
 /// A fused kernel (`kernel`) where one applies and `use_flash`, the materialized causal_attention

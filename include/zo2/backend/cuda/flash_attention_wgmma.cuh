@@ -56,12 +56,13 @@ constexpr int flash_wgmma_smem_bytes() {
   return (kWG + 2 * kStages) * (D / 64) * kWgmmaTileHalfBytes + static_cast<int>(kSwizzleAtomBytes);
 }
 
-/// Grid (query tiles of 64 kWG, heads, batch); block 128 kWG threads. Arguments as
-/// flash_attention_kernel's.
-template <class T, int D, int kWG, int kStages>
+/// Grid (heads, query tiles of 64 kWG, batch); block 128 kWG threads. Arguments (grouped heads,
+/// strides, the window) as flash_attention_kernel's.
+template <class T, int D, int kWG, int kStages, bool kWindow>
 __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const std::uint8_t* __restrict__ key_mask, T* __restrict__ out, int seq, int ld, float scale_log2) {
+    const std::uint8_t* __restrict__ key_mask, T* __restrict__ out, int seq, int ld_q, int ld_kv, int ld_out,
+    int group, int window, float scale_log2) {
 #if ZO2_DEVICE_WGMMA
   constexpr int BM = kFlashRows * kWG, BN = kFlashKeys, kThreads = kFlashThreads * kWG, kChunks = D / 8,
                 kHalves = D / 64, kDSteps = D / 16, kOTiles = D / 8;
@@ -80,7 +81,8 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const std::int64_t seq_row0 = static_cast<std::int64_t>(b) * seq;
-  const std::int64_t col0 = static_cast<std::int64_t>(h) * D;
+  const std::int64_t col_q = static_cast<std::int64_t>(h) * D;
+  const std::int64_t col_kv = static_cast<std::int64_t>(h / group) * D;
   const std::uint8_t* mask = key_mask ? key_mask + seq_row0 : nullptr;
   const std::uint32_t sq = base + wg * kTile;  // this warpgroup's 64 queries
   const int my_tile = m0 / BN + wg;            // its diagonal key tile (BN == 64 == its rows)
@@ -91,8 +93,9 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
   // Rows r0 .. r0 + 63 of src into the swizzled tile at dst: chunk c (8 elements) of row r goes to
   // column half c / 8, chunk (c % 8) ^ (r % 8) of that half's row r. A thread always takes the
   // same chunks i = tid + n kThreads of a tile, so their shared-memory offsets and their offsets
-  // from the tile's first element are worked out once here: the per-tile work is an add and a
-  // bounds test per chunk (the address arithmetic inline cost ~470 instructions a tile).
+  // from a K/V tile's first element are worked out once here: the per-tile work is an add and a
+  // bounds test per chunk (the address arithmetic inline cost ~470 instructions a tile). The Q
+  // tiles, loaded once, work their offsets out as they go.
   constexpr int kTileChunks = kFlashRows * kChunks;
   constexpr int kPerThread = (kTileChunks + kThreads - 1) / kThreads;
   std::uint32_t chunk_smem[kPerThread];
@@ -102,11 +105,11 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
     const int i = tid + n * kThreads;
     const int row = i / kChunks, c = i % kChunks;
     chunk_smem[n] = (c >> 3) * kWgmmaTileHalfBytes + row * 128 + (((c & 7) ^ (row & 7)) << 4);
-    chunk_global[n] = row * ld + c * 8;
+    chunk_global[n] = row * ld_kv + c * 8;
     chunk_row[n] = i < kTileChunks ? row : kFlashRows;  // kFlashRows: not a chunk of the tile
   }
-  auto load_tile = [&](std::uint32_t dst, const T* src, int r0) {
-    const T* tile = src + (seq_row0 + r0) * ld + col0;  // r0 < seq: a valid address
+  auto load_tile = [&](std::uint32_t dst, const T* src, int r0) {  // K or V rows r0 .. r0 + 63
+    const T* tile = src + (seq_row0 + r0) * ld_kv + col_kv;  // r0 < seq: a valid address
     const int rows = min(seq - r0, kFlashRows);
 #pragma unroll
     for (int n = 0; n < kPerThread; ++n) {
@@ -115,9 +118,23 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
       cp_async_16(dst + chunk_smem[n], ok ? tile + chunk_global[n] : tile, ok);
     }
   };
-  // Key tile j (K, V and its mask) into stage j % kStages.
-  auto load_keys = [&](int j) {
-    const int stage = j % kStages, n0 = j * BN;
+  auto load_q = [&](std::uint32_t dst, int r0) {  // Q rows r0 .. r0 + 63 (r0 may be past seq: nothing read)
+    const T* tile = q + (seq_row0 + r0) * ld_q + col_q;
+    const int rows = min(seq - r0, kFlashRows);
+#pragma unroll
+    for (int n = 0; n < kPerThread; ++n) {
+      if (kTileChunks % kThreads != 0 && chunk_row[n] == kFlashRows) continue;
+      const bool ok = chunk_row[n] < rows;
+      const int c = (tid + n * kThreads) % kChunks;
+      cp_async_16(dst + chunk_smem[n], ok ? tile + chunk_row[n] * ld_q + c * 8 : tile, ok);
+    }
+  };
+  // Key tiles j_first, j_first + 1, ... hold every key a query of the block may see: the first
+  // one holds its first query's window start (kWindow; 0 otherwise), the last its last query.
+  const int j_first = kWindow ? flash_first_key_tile(m0, window) : 0;
+  // Key tile j_first + t (K, V and its mask) into stage t % kStages.
+  auto load_keys = [&](int t) {
+    const int stage = t % kStages, n0 = (j_first + t) * BN;
     load_tile(sk(stage), k, n0);
     load_tile(sv(stage), v, n0);
     if (tid < BN) {
@@ -126,12 +143,12 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
     }
   };
 
-  // Key tiles 0 .. (the block's last query) / BN hold every key a query of the block may see.
-  const int n_tiles = (min(m0 + BM, seq) - 1) / BN + 1;
+  const int n_tiles = (min(m0 + BM, seq) - 1) / BN + 1 - j_first;  // tiles visited, from j_first
   // cp.async groups, one per key tile (maybe empty past the last): {Q, tile 0}, {tile 1}, ...;
-  // loads run kStages - 2 tiles ahead (tile j's stage is busy until P V_j, issued at tile j + 1).
+  // loads run kStages - 2 tiles ahead (tile t's stage is busy until P V_t, issued at tile t + 1).
+  // Tile indices t below count from j_first.
 #pragma unroll
-  for (int w = 0; w < kWG; ++w) load_tile(base + w * kTile, q, m0 + w * kFlashRows);
+  for (int w = 0; w < kWG; ++w) load_q(base + w * kTile, m0 + w * kFlashRows);
 #pragma unroll
   for (int j = 0; j < kStages - 2; ++j) {
     if (j < n_tiles) load_keys(j);
@@ -183,10 +200,19 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
     wgmma_commit();
   };
   // Mask S_j (the causal mask from this warpgroup's diagonal on: a tile past it hides every key,
-  // so its P is 0 and it changes nothing) and run the online softmax step on it.
-  auto softmax = [&](int j, float (&alpha)[2]) {
+  // so its P is 0 and it changes nothing; kWindow: the window's edge likewise) and run the online
+  // softmax step on it. t counts from j_first.
+  auto softmax = [&](int t, float (&alpha)[2]) {
+    const int j = j_first + t;
     const bool causal = j >= my_tile;
-    if (causal || mask != nullptr) flash_mask_scores(s, smask[j % kStages], j * BN, causal, q_row, t4);
+    if constexpr (kWindow) {
+      // Some query of this warpgroup has its window's first key after the tile's first.
+      const bool edge = j * BN + window <= m0 + wg * kFlashRows + kFlashRows - 1;
+      if (causal || edge || mask != nullptr)
+        flash_mask_scores<true>(s, smask[t % kStages], j * BN, causal, q_row, t4, window);
+    } else {
+      if (causal || mask != nullptr) flash_mask_scores(s, smask[t % kStages], j * BN, causal, q_row, t4);
+    }
     flash_softmax_scores(s, row_max, row_sum, scale_log2, alpha);
   };
   auto make_p = [&] {
@@ -224,9 +250,10 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
   cp_async_wait<0>();
 
   // Normalize and store; rows with no visible key stay zero here (fixed up after the launch).
-  flash_store_rows<T>(o, row_sum, q_row, seq, out + col0, seq_row0, ld, t4);
+  flash_store_rows<T>(o, row_sum, q_row, seq, out + col_q, seq_row0, ld_out, t4);
 #else
-  (void)q, (void)k, (void)v, (void)key_mask, (void)out, (void)seq, (void)ld, (void)scale_log2;
+  (void)q, (void)k, (void)v, (void)key_mask, (void)out, (void)seq, (void)ld_q, (void)ld_kv, (void)ld_out, (void)group,
+      (void)window, (void)scale_log2;
 #endif
 }
 

@@ -8,6 +8,11 @@
 // s[nt][e] is row g (e < 2) or g + 8 (e >= 2) of the warp's 16, key 8 nt + 2 t4 + (e & 1), with
 // g = lane / 4 and t4 = lane % 4. The output accumulators o[ot][e] follow the same layout over
 // head_dim columns.
+//
+// Grouped-query attention and sliding windows (the LLaMA family) reach the kernels as arguments:
+// query head h reads kv head h / group, K and V rows have their own stride, the output its own,
+// and kernels built with kWindow hide keys j <= i - window (flash_mask_scores<true>) and skip
+// the key tiles before the window of the block's first query. kWindow = false is OPT's code.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include <zo2/backend/cuda/attention_dims.cuh>
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/mma_primitives.cuh>
 
@@ -29,10 +35,13 @@ inline constexpr int kFlashThreads = 128;
 inline constexpr int kFlashScoreTiles = kFlashKeys / 8;  // m16n8 score tiles per warp and key tile
 
 /// Sets the scores of keys the row may not see to -inf: padding (tile_mask[key_local] == 0, or
-/// past seq) everywhere, and keys after the query on the diagonal tile. Off the diagonal with no
-/// padding mask every key is visible, and the caller skips this. tile_mask must be 2-byte aligned.
+/// past seq) everywhere, keys after the query on the diagonal tile, and (kWindow) keys at or
+/// before q_row - window. Off the diagonal with no padding mask and no window edge every key is
+/// visible, and the caller skips this. tile_mask must be 2-byte aligned.
+template <bool kWindow = false>
 __device__ __forceinline__ void flash_mask_scores(float (&s)[kFlashScoreTiles][4], const std::uint8_t* tile_mask,
-                                                  int n0, bool diagonal, const int (&q_row)[2], int t4) {
+                                                  int n0, bool diagonal, const int (&q_row)[2], int t4,
+                                                  int window = 0) {
   // Branch-free: the visibility as bitwise ands and a select per score (short-circuit && and an
   // if per score compiled to ~130 branches a tile), the two mask bytes of a key pair in one load.
 #pragma unroll
@@ -43,7 +52,8 @@ __device__ __forceinline__ void flash_mask_scores(float (&s)[kFlashScoreTiles][4
     for (int e = 0; e < 4; ++e) {
       const int key = n0 + pair_local + (e & 1);
       const bool padded_in = ((pair >> (8 * (e & 1))) & 0xffu) != 0u;
-      const bool visible = padded_in & (!diagonal | (key <= q_row[e >> 1]));
+      bool visible = padded_in & (!diagonal | (key <= q_row[e >> 1]));
+      if constexpr (kWindow) visible = visible & (q_row[e >> 1] - key < window);
       s[nt][e] = visible ? s[nt][e] : -INFINITY;
     }
   }
@@ -150,25 +160,35 @@ void once_per_device(int device, Configure&& configure) {
   done[d] = true;
 }
 
+/// The first key tile (of kFlashKeys) a block whose first query is m0 must visit under a window
+/// (0 without one): earlier tiles hold no key any of its queries may see.
+__device__ __forceinline__ int flash_first_key_tile(int m0, int window) {
+  return window > 0 && m0 - window + 1 > 0 ? (m0 - window + 1) / kFlashKeys : 0;
+}
+
 /// Launches a flash kernel (both take the same arguments) over grid (heads, query tiles of kRows,
 /// batch) with kThreads per block and kSmem bytes of dynamic shared memory (the limit raised once
-/// per kernel and device). Heads vary fastest and a kernel takes query tile num_tiles - 1 - blockIdx.y, so
-/// blocks start in order of decreasing causal work across all heads (longest first): the
-/// last wave holds the shortest tiles, not one head's mix of long and short.
+/// per kernel and device), for resolved, validated dims. Heads vary fastest and a kernel takes
+/// query tile num_tiles - 1 - blockIdx.y, so blocks start in order of decreasing causal work
+/// across all heads (longest first): the last wave holds the shortest tiles, not one head's mix
+/// of long and short. The heads of one kv group are neighbours in the grid, so their blocks read
+/// the group's K/V tiles at about the same time (from L2).
 template <auto Kernel, int kSmem, int kRows, int kThreads, class T>
-void launch_flash(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context, std::int64_t batch,
-                  std::int64_t seq, std::int64_t heads, int head_dim, cudaStream_t stream, const char* name) {
+void launch_flash(const T* q, const T* k, const T* v, const std::uint8_t* key_mask, T* context,
+                  const AttentionDims& d, cudaStream_t stream, const char* name) {
   int device = 0;
   ZO2_CUDA_CHECK(cudaGetDevice(&device));
   once_per_device<Kernel>(device, [] {
     ZO2_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   });
-  const std::int64_t tiles = (seq + kRows - 1) / kRows;
-  if (tiles > 65535 || batch > 65535) throw ShapeError("flash attention: sequence or batch too large for one launch");
-  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(tiles), static_cast<unsigned>(batch));
-  const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)));
-  Kernel<<<grid, kThreads, kSmem, stream>>>(q, k, v, key_mask, context, static_cast<int>(seq),
-                                                 static_cast<int>(heads * head_dim), scale_log2);
+  const std::int64_t tiles = (d.seq + kRows - 1) / kRows;
+  if (tiles > 65535 || d.batch > 65535) throw ShapeError("flash attention: sequence or batch too large for one launch");
+  const dim3 grid(static_cast<unsigned>(d.heads), static_cast<unsigned>(tiles), static_cast<unsigned>(d.batch));
+  const float scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(d.head_dim)));
+  Kernel<<<grid, kThreads, kSmem, stream>>>(q, k, v, key_mask, context, static_cast<int>(d.seq),
+                                            static_cast<int>(d.ld_q), static_cast<int>(d.ld_kv),
+                                            static_cast<int>(d.ld_out), static_cast<int>(d.group()),
+                                            static_cast<int>(d.window), scale_log2);
   const cudaError_t launched = cudaPeekAtLastError();
   if (launched != cudaSuccess) throw_cuda(launched, name, __FILE__, __LINE__);
 }
