@@ -33,6 +33,25 @@
 // took 0.289 s against a 0.270 s PCIe floor. A visit with no owed update (the first step, or
 // after flush) skips the write-back.
 //
+// Deferred write-back (OffloadOptions::writeback_every = K > 1). Where the link's duplex is
+// slower than one way (issue 20: 55 GB/s alone, 36 per direction in duplex on one H100 host),
+// the write-back does cost time: it slows the uploads it overlaps. With K > 1 a visit that
+// updates streamed block b writes it back only when (step + b) % K == 0 (or when its host copy
+// would otherwise lag K updates), so ~1/K of the blocks cross back per step. The host copy then
+// lacks the updates applied since the block's last write-back; writeback_log.hpp keeps them (at
+// most K - 1 per block). When the block next comes from the host into a slot, the visit first
+// replays them in order on the compute stream (after the upload, before its own pass) with the
+// update-only pass apply_update() uses -- decode, the update with that PendingUpdate's rule,
+// queries and the block's rule state, encode -- so the parameters, the int8 codec's sticky
+// scales, the packed codec's escapes and the rule state are bit-identical to K = 1. A visit that
+// finds the block still in its slot from the last visit (a slot-cache hit) replays nothing.
+// Everything that reads or replaces a host copy brings it up to date first (settle(): upload,
+// replay, write back): apply_update (so the optimizer's flush), get_group, get_group_encoded,
+// store_to, get_rule_state, set_rule_state, and, with rule state, set_group / load (which
+// otherwise just drop the lag). current() replays into the slot and writes nothing back. The
+// replays cost GPU time, (K - 1) / 2 update passes per visit on average: choose_writeback_every
+// (writeback_log.hpp) is the plan's rule for writeback_every = 0.
+//
 // The ZO optimizer family (optim/zo_optimizer.hpp, core/update_rules.hpp): materialize() draws
 // z of any query of the step, and the fused pass applies an owed update of several queries and
 // any rule. The kernels are templates on the rule and on whether there are several queries
@@ -87,6 +106,7 @@
 #include <zo2/offload/packed_bf16.hpp>
 #include <zo2/offload/slot_cache.cuh>
 #include <zo2/offload/timeline.cuh>
+#include <zo2/offload/writeback_log.hpp>
 #include <zo2/optim/layer_stack.hpp>
 #include <zo2/optim/parameter_store.hpp>
 #include <zo2/optim/step_types.hpp>
@@ -140,7 +160,10 @@ class HostOffload {
     close_visit();
     const ParamLayout& layout = layout_->layout(g);
     const auto& s = scratch_for(g);
-    const bool write_back = noise.pending != nullptr;
+    const bool streamed = is_streamed(g);
+    // Deferred write-back: a streamed block goes back to the host on the log's schedule only.
+    const bool write_back =
+        noise.pending != nullptr && (!streamed || log_.writes_back(g.value - 1, *noise.pending));
     auto a = begin_visit(g, 'p');
     a.plus = s.plus;
     a.minus = options_.one_perturbed_copy ? nullptr : s.minus;
@@ -149,6 +172,7 @@ class HostOffload {
     a.mode = offload_detail::PassMode::kPerturb;
     run(g, a);
     end_visit(g, write_back, options_.one_perturbed_copy || noise.materialize_follows);
+    if (streamed && noise.pending) log_.record(g.value - 1, noise.seed, *noise.pending, write_back);
     return {ParamView<const T>(s.plus, &layout), ParamView<const T>(s.minus, &layout)};
   }
 
@@ -179,7 +203,8 @@ class HostOffload {
     if (is_streamed(g) && side == Side::kMinus && noise.final_probe) slots_.release_held();
   }
 
-  /// theta of group g in T, no perturbation, no write-back (evaluation).
+  /// theta of group g in T, no perturbation, no write-back (evaluation; a streamed block whose
+  /// host copy lags is brought up to date in its slot, not on the host).
   ParamView<const T> current(GroupIndex g) {
     close_visit();
     const ParamLayout& layout = layout_->layout(g);
@@ -191,7 +216,8 @@ class HostOffload {
     return ParamView<const T>(a.plus, &layout);
   }
 
-  /// Applies an owed update to group g alone (flush before evaluation or a checkpoint).
+  /// Applies an owed update to group g alone (flush before evaluation or a checkpoint). A
+  /// streamed block is written back: its host copy is up to date afterwards.
   void apply_update(GroupIndex g, std::uint64_t seed, const PendingUpdate& pending) {
     close_visit();
     auto a = begin_visit(g, 'u');
@@ -200,6 +226,23 @@ class HostOffload {
     a.mode = offload_detail::PassMode::kUpdate;
     run(g, a);
     end_visit(g, true);
+    if (is_streamed(g)) log_.settled(g.value - 1);
+  }
+
+  /// Brings the host copy of every streamed block up to date (deferred write-back: uploads,
+  /// replays and writes back each block whose host copy lags; nothing otherwise). Every call
+  /// that reads host copies does this for the groups it reads.
+  void settle() {
+    if (!log_.any_lag()) return;
+    for (std::size_t i = 0; i < plan_.streamed_blocks; ++i) settle(GroupIndex{i + 1});
+  }
+  /// The same for group g alone.
+  void settle(GroupIndex g) {
+    if (!is_streamed(g) || log_.lag(g.value - 1) == 0) return;
+    close_visit();
+    begin_visit(g, 's');  // a slot that came from the host replays what the host copy lacks
+    end_visit(g, true);
+    log_.settled(g.value - 1);
   }
 
   const ModelLayout& model_layout() const { return *layout_; }
@@ -224,6 +267,7 @@ class HostOffload {
 
   /// Encodes `flat` (the group's float flat buffer, padding included) as group g's master.
   void set_group(GroupIndex g, std::span<const float> flat) {
+    drop_lag(g);
     synchronize();
     const auto& codec = codec_for(g);
     if (is_streamed(g)) {
@@ -238,8 +282,9 @@ class HostOffload {
   /// Sets group g's master from bytes already in the codec's format (GroupCodec<Codec>::bytes()
   /// of them), e.g. one encoding copied to many blocks, or a checkpoint saved encoded.
   void set_group_encoded(GroupIndex g, std::span<const unsigned char> encoded) {
-    synchronize();
     check_encoded_size(g, encoded.size(), "set_group_encoded");
+    drop_lag(g);
+    synchronize();
     if (is_streamed(g)) {
       std::memcpy(host_block(g).data(), encoded.data(), encoded.size());
       slots_.invalidate(g.value);
@@ -251,8 +296,9 @@ class HostOffload {
   /// of them): with set_group_encoded, an exact save and restore where decoding to float and
   /// encoding again would not be (the int8 codec's row scales are sticky).
   void get_group_encoded(GroupIndex g, std::span<unsigned char> encoded) const {
-    synchronize();
     check_encoded_size(g, encoded.size(), "get_group_encoded");
+    settle_lagging(g);
+    synchronize();
     if (is_streamed(g)) std::memcpy(encoded.data(), host_block(g).data(), encoded.size());
     else ZO2_CUDA_CHECK(cudaMemcpy(encoded.data(), device_master(g), encoded.size(), cudaMemcpyDeviceToHost));
   }
@@ -261,6 +307,7 @@ class HostOffload {
   /// Decodes group g's master into `flat`. Call the optimizer's flush() first for theta after
   /// the last step.
   void get_group(GroupIndex g, std::span<float> flat) const {
+    settle_lagging(g);
     synchronize();
     const auto& codec = codec_for(g);
     if (is_streamed(g)) {
@@ -276,6 +323,8 @@ class HostOffload {
   /// packed codec encodes ~370 M values/s on one core, OPT-30B has 30 G).
   void load(const ParameterStore<float>& store) {
     check_same_layout(store.model_layout());
+    if (plan_.state_slots) settle();  // the rule state stays: bring it up to date
+    log_.settle_all();
     synchronize();
     const auto flat_of = [&](std::size_t g) {
       const auto view = store.group(GroupIndex{g});
@@ -291,6 +340,7 @@ class HostOffload {
   /// Decodes every master into `store` (streamed blocks on all cores).
   void store_to(ParameterStore<float>& store) const {
     check_same_layout(store.model_layout());
+    if (log_.any_lag()) const_cast<HostOffload*>(this)->settle();  // see settle_lagging()
     synchronize();
     const auto flat_of = [&](std::size_t g) {
       auto view = store.group(GroupIndex{g});
@@ -311,6 +361,7 @@ class HostOffload {
   /// state; another count re-plans (see OffloadOptions::rule_state_slots; ConfigError when the
   /// budget cannot hold it, and then nothing changes).
   void reserve_rule_state(unsigned slots) {
+    settle();  // the lagging updates need the state they were applied with
     close_visit();
     synchronize();
     if (slots == plan_.state_slots) {
@@ -347,6 +398,7 @@ class HostOffload {
   void get_rule_state(GroupIndex g, std::span<float> out) const {
     check_state_size(g, out.size(), "get_rule_state");
     if (out.empty()) return;
+    settle_lagging(g);
     synchronize();
     if (is_streamed(g)) {
       std::memcpy(out.data(), host_.state(g.value - 1), out.size() * sizeof(float));
@@ -360,6 +412,7 @@ class HostOffload {
   void set_rule_state(GroupIndex g, std::span<const float> in) {
     check_state_size(g, in.size(), "set_rule_state");
     if (in.empty()) return;
+    settle(g);  // the master's lagging updates are applied with the state they were applied with
     synchronize();
     if (is_streamed(g)) {
       std::memcpy(host_.state(g.value - 1), in.data(), in.size() * sizeof(float));
@@ -397,7 +450,18 @@ class HostOffload {
   /// Bytes moved host->device and device->host since construction (or reset_traffic()).
   std::size_t bytes_uploaded() const { return slots_.bytes_uploaded(); }
   std::size_t bytes_offloaded() const { return slots_.bytes_offloaded(); }
-  void reset_traffic() { slots_.reset_traffic(); }
+  /// Update-only passes run to replay what a host copy lacked (deferred write-back), since
+  /// construction (or reset_traffic()).
+  std::size_t updates_replayed() const { return replayed_; }
+  void reset_traffic() {
+    slots_.reset_traffic();
+    replayed_ = 0;
+  }
+  /// Visits that update a streamed block per write-back of it (the plan's; see
+  /// OffloadOptions::writeback_every).
+  unsigned writeback_every() const { return plan_.writeback_every; }
+  /// Which updates each streamed block's host copy lacks (index: streamed block, group - 1).
+  const offload::WritebackLog& writeback_log() const { return log_; }
 
  private:
   void init(cudaStream_t compute) {
@@ -453,6 +517,7 @@ class HostOffload {
                            std::to_string(plan_.streamed_blocks) + " streamed blocks of " +
                                std::to_string(plan_.block_bytes) + " bytes in codec " + Codec::name);
     slots_.reset(&host_, codecs_[1].bytes(), 0, arena_.slot_data(), {}, plan_.streamed_blocks, options_.prefetch_depth);
+    log_.reset(plan_.streamed_blocks, plan_.writeback_every);  // the host copies are the masters
     allocate_state();
   }
 
@@ -593,8 +658,9 @@ class HostOffload {
     m.kind = kind;
     m.resident = !is_streamed(g);
     offload_detail::PassArgs<T> a;
+    bool from_host = false;
     if (is_streamed(g)) {
-      const offload_detail::Slot& s = slots_.begin(g.value, m);
+      const offload_detail::Slot& s = slots_.begin(g.value, m, from_host);
       a.master = s.data;
       a.state = s.state;
     } else {
@@ -605,7 +671,39 @@ class HostOffload {
     }
     m.compute_start = timeline_.mark(compute_);
     open_visit_ = timeline_.add_visit(m);
+    if (from_host) replay(g, a.master, a.state);
     return a;
+  }
+
+  /// Deferred write-back: the updates streamed group g's host copy lacks, applied in order to
+  /// the slot that copy was just uploaded into (on compute_, after the upload: begin() ordered
+  /// it), each with the update-only pass apply_update() runs.
+  void replay(GroupIndex g, unsigned char* master, float* state) {
+    for (const offload::OwedUpdate& owed : log_.owed(g.value - 1)) {
+      offload_detail::PassArgs<T> a;
+      a.master = master;
+      a.state = state;
+      set_noise(a, owed.seed, 0, 0, 0.0);
+      a.pending = &owed.update;  // read while the launch is issued
+      a.mode = offload_detail::PassMode::kUpdate;
+      run(g, a);
+      ++replayed_;
+    }
+  }
+
+  /// settle(g) for the const readers of host copies. Bringing a host copy up to date changes
+  /// no parameter the policy represents, only where its latest value rests; and a host copy can
+  /// only lag after a non-const call (prepare), so an object defined const never gets here.
+  void settle_lagging(GroupIndex g) const {
+    if (is_streamed(g) && log_.lag(g.value - 1) != 0) const_cast<HostOffload*>(this)->settle(g);
+  }
+
+  /// Before group g's host copy is replaced: with rule state (which stays) the copy is brought
+  /// up to date first; without, what it lacked is simply forgotten.
+  void drop_lag(GroupIndex g) {
+    if (!is_streamed(g)) return;
+    if (plan_.state_slots) settle(g);
+    log_.settled(g.value - 1);
   }
 
   /// Ends a visit after its pass was launched: write-back and freeing of the slot, prefetch.
@@ -651,6 +749,8 @@ class HostOffload {
   offload_detail::DeviceArena<T> arena_;
   offload_detail::HostStore host_;
   offload_detail::SlotCache slots_;
+  offload::WritebackLog log_;  // what each streamed block's host copy lacks (deferred write-back)
+  std::size_t replayed_ = 0;
   Timeline timeline_;
   int open_visit_ = -1;
 };

@@ -11,6 +11,7 @@
 
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
+#include <zo2/offload/writeback_log.hpp>
 #include <zo2/optim/layer_stack.hpp>
 #include <zo2/optim/parameter_store.hpp>
 
@@ -50,6 +51,16 @@ struct OffloadOptions {
   /// every master (holding a second copy of the streamed ones in host memory meanwhile): set it
   /// up front for a large model.
   unsigned rule_state_slots = 0;
+  /// Write a streamed block back to host memory every K visits that update it instead of every
+  /// one (deferred write-back, offload/writeback_log.hpp): the device-to-host traffic drops to
+  /// ~1/K, the host copy lags by at most K - 1 updates, which the next upload of the block
+  /// replays on the device (update-only passes, bit-identical to K = 1) before the visit's pass.
+  /// Pays where the link's duplex is slower than one way. 1: every visit (no lag); 0: the plan
+  /// picks K from `link` (offload::choose_writeback_every: 1 for an unknown link).
+  unsigned writeback_every = 1;
+  /// The measured link, for writeback_every = 0 (HostOffload measures nothing itself:
+  /// zo2_bench passes what it measured, zo2-opt offload/link_probe.cuh's measure_link()).
+  offload::LinkHint link{};
 };
 
 /// What a plan holds on the device and the host.
@@ -71,6 +82,9 @@ struct OffloadPlan {
   std::size_t device_bound_bytes = 0;
   std::size_t host_pinned_bytes = 0;  // streamed blocks' masters and their rule state
   std::size_t host_state_bytes = 0;   // of which the rule state
+  /// Visits that update a streamed block per write-back of it (OffloadOptions::writeback_every,
+  /// or the plan's pick from the link for 0); 1 when nothing streams.
+  unsigned writeback_every = 1;
   /// Device bytes of one slot or resident block: the encoded block and its rule state.
   std::size_t slot_bytes() const { return block_bytes + block_state_bytes; }
   /// Device bytes of every allocation (arenas, tables, codec scratch), before the driver's rounding.
@@ -88,6 +102,12 @@ inline void validate_options(const OffloadOptions& opt) {
   if (opt.slots < 2) throw ConfigError("slots", "HostOffload needs at least 2 device slots (one computing, one uploading)");
   if (opt.prefetch_depth < 1 || opt.prefetch_depth > opt.slots - 1)
     throw ConfigError("prefetch_depth", "must be between 1 and slots - 1 = " + std::to_string(opt.slots - 1));
+  if (opt.writeback_every != 0) offload::validate_writeback_every(opt.writeback_every);
+}
+
+/// The write-back interval a plan uses: the options' K, or the link's pick for 0.
+inline unsigned resolve_writeback_every(const OffloadOptions& opt) {
+  return opt.writeback_every != 0 ? opt.writeback_every : offload::choose_writeback_every(opt.link);
 }
 
 /// The plan for layout `ml` under `opt`. GroupCodecT: the codec's group type (bytes(),
@@ -153,6 +173,7 @@ OffloadPlan make_plan(const ModelLayout& ml, const OffloadOptions& opt) {
     p.device_bound_bytes += align_up(bytes, kMiB2) + Pass::kExtraAllocations * kMiB2;
   }
   p.host_state_bytes = p.streamed_blocks * p.block_state_bytes;
+  p.writeback_every = p.streamed_blocks == 0 ? 1 : resolve_writeback_every(opt);
   p.host_pinned_bytes = p.streamed_blocks * p.block_bytes + p.host_state_bytes;
   return p;
 }

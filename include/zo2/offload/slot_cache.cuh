@@ -17,6 +17,14 @@
 // compute of block i and the write-back of block i-1 (H2D and D2H use separate copy engines).
 // Block i's upload for step t+1 may be issued while step t still runs (prefetch wraps around):
 // it waits on block i's `written` and on its slot's `freed`.
+//
+// Deferred write-back (OffloadOptions::writeback_every > 1): a visit that skips its write-back
+// records no `written` and frees the slot on the compute stream alone; the block's next upload
+// still waits on the `written` of its last write-back (already complete, or in flight), which
+// is the copy the host holds. A slot remembers whether its contents came from the host since
+// the block's last visit (`fresh`): only such a slot lacks what the host copy lacks, and the
+// caller replays those updates (writeback_log.hpp) on the compute stream after `uploaded`; a
+// slot still holding the block from its last visit is current.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -38,6 +46,7 @@ struct Slot {
   unsigned char* data = nullptr;
   float* state = nullptr;  // room for its block's rule state (null without state)
   long block = -1;         // group index held (or being uploaded), -1: none
+  bool fresh = false;      // uploaded from the host copy and not visited since (see the file comment)
   std::uint64_t last_use = 0;
   Event uploaded, freed;
   int upload_start = -1, upload_end = -1;  // timeline marks of the upload that filled it
@@ -96,10 +105,13 @@ class SlotCache {
 
   /// Starts the visit of streamed group `group`: its slot (uploaded now unless already there or
   /// on its way), ordered on the compute stream; the upload's timeline marks go into `m`.
-  Slot& begin(std::size_t group, Timeline::Marks& m) {
+  /// `from_host`: whether the slot's contents are the host copy's (uploaded since the block's
+  /// last visit), so that what the host copy lacks must be replayed before they are used.
+  Slot& begin(std::size_t group, Timeline::Marks& m, bool& from_host) {
     Slot& s = ensure_uploaded(group, nullptr);
     s.last_use = ++use_clock_;
     s.uploaded.wait_on(compute_);
+    from_host = std::exchange(s.fresh, false);
     m.upload_start = std::exchange(s.upload_start, -1);
     m.upload_end = std::exchange(s.upload_end, -1);
     current_ = &s;
@@ -188,6 +200,7 @@ class SlotCache {
       if (&s != keep && (!victim || s.last_use < victim->last_use)) victim = &s;
     Slot& s = *victim;
     s.block = static_cast<long>(group);
+    s.fresh = true;
     s.last_use = ++use_clock_;
     s.freed.wait_on(upload_);              // the slot's previous block is done with it
     written_[group - 1].wait_on(upload_);  // the host copy holds its last write-back

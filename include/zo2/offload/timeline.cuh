@@ -25,7 +25,8 @@ namespace zo2::cuda {
 /// happen (a resident group has no upload, a visit without an owed update no offload).
 struct GroupVisitTimes {
   std::size_t group = 0;
-  char kind = 'p';  // 'p': prepare (perturb), 'c': current (eval), 'u': apply_update (flush)
+  char kind = 'p';  // 'p': prepare (perturb), 'c': current (eval), 'u': apply_update (flush), 's': settle
+                    // (deferred write-back: a lagging host copy brought up to date)
   bool resident = false;
   float upload_start = NAN, upload_end = NAN;
   float compute_start = NAN, compute_end = NAN;
