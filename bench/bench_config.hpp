@@ -38,6 +38,7 @@ struct RunConfig {
   std::size_t slots = 0;  // offload: device slots; 0: --slots (the set's bf16p rows use 3, see expand)
   std::string optimizer = "zo-sgd";  // the ZO rule (zo2::parse_method)
   int queries = 1;                   // perturbations per step
+  int writeback_every = 1;  // offload: OffloadOptions::writeback_every (0: the plan picks from the measured link)
 };
 
 struct Options {
@@ -45,6 +46,7 @@ struct Options {
   std::vector<std::string> models, policies, codecs, dtypes;
   std::vector<std::string> optimizers;  // empty: zo-sgd
   std::vector<int> queries;             // empty: 1
+  std::vector<int> writeback_every;     // offload: write-back every K steps (empty: 1; 0: from the link)
   int batch = 1, seq = 2048;
   int steps = -1, warmup = -1;  // -1: the set's choice (10 timed steps, 3 warm-up; 2 for >= 13B)
   double deadline_s = 0;        // > 0: start no configuration that would end after this
@@ -99,6 +101,11 @@ Options:
   --slots N            offload: device slots (default 2)
   --prefetch N         offload: blocks uploaded ahead (default 1)
   --two-copies         offload: keep theta+ez and theta-ez at once (default: one copy, more memory saved)
+  --writeback-every LIST
+                       offload: write a streamed block back to host memory every K steps (1..64;
+                       0: the plan picks K from the pinned bandwidths measured at start; default
+                       1); every offloaded configuration runs with each K. The results are K = 1's
+                       bit for bit; the host copy's lag is replayed on the GPU after each upload
   --flash KERNEL       the flash-attention kernel: auto (wgmma on Hopper in a build for sm_90a,
                        else mma.sync), mma, wgmma                  (default auto)
   --gemm-autotune N    time up to N cuBLASLt algorithms per GEMM shape at its first run and keep
@@ -216,6 +223,15 @@ inline Options parse_options(int argc, char** argv) {
     else if (key == "--slots") o.slots = static_cast<std::size_t>(parse_int(key, next(), 2));
     else if (key == "--prefetch") o.prefetch = static_cast<std::size_t>(parse_int(key, next(), 1));
     else if (key == "--two-copies") flag(), o.two_copies = true;
+    else if (key == "--writeback-every") {
+      o.writeback_every.clear();
+      for (const std::string& k : split(next())) {
+        const int n = parse_int(key, k, 0);
+        if (n > 64) throw UsageError("--writeback-every: at most 64, got " + k);
+        o.writeback_every.push_back(n);
+      }
+      if (o.writeback_every.empty()) throw UsageError("--writeback-every wants a comma-separated list of K");
+    }
     else if (key == "--gemm-autotune") o.gemm_autotune = parse_int(key, next(), 0);
     else if (key == "--flash") {
       const auto kernel = parse_list(key, next(), {"auto", "mma", "wgmma"});
@@ -321,6 +337,22 @@ inline Plan expand(const Options& o, long long host_available) {
         }
     plan.configs = std::move(all);
   }
+  // Every offloaded configuration with each write-back interval.
+  if (!o.writeback_every.empty() && !(o.writeback_every.size() == 1 && o.writeback_every[0] == 1)) {
+    std::vector<RunConfig> all;
+    for (const RunConfig& c : plan.configs) {
+      if (c.policy != "offload") {
+        all.push_back(c);
+        continue;
+      }
+      for (int k : o.writeback_every) {
+        RunConfig r = c;
+        r.writeback_every = k;
+        all.push_back(r);
+      }
+    }
+    plan.configs = std::move(all);
+  }
   return plan;
 }
 
@@ -370,8 +402,10 @@ inline double estimate_seconds(const RunConfig& c, double gemm_tflops, double bi
 }
 
 inline JsonLine& add_config_fields(JsonLine& line, const RunConfig& c) {
-  return line.add("model", c.model).add("policy", c.policy).add("codec", c.codec).add("dtype", c.dtype)
+  line.add("model", c.model).add("policy", c.policy).add("codec", c.codec).add("dtype", c.dtype)
       .add("batch", c.batch).add("seq", c.seq).add("optimizer", c.optimizer).add("queries", c.queries);
+  if (c.policy == "offload") line.add("writeback_every", c.writeback_every);  // as asked (0: from the link)
+  return line;
 }
 
 /// The device slots an offloaded configuration runs with: its own, or --slots (0 for resident).

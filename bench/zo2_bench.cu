@@ -27,7 +27,14 @@
 //                                    with the two directions running together, as the step
 //                                    runs them; pcie_floor_h2d_only_s: bytes up / H2D alone
 //                                    (the design notes' "one copy of the weights over PCIe");
-//                                    0 for resident
+//                                    0 for resident. With deferred write-back (fewer bytes down
+//                                    than up), the copies down run at the concurrent rates, the
+//                                    uploads beside them too, and the rest of the uploads at the
+//                                    H2D-alone rate (pcie_floor_seconds)
+//   writeback_every                  offload: K as asked (0: the plan's pick from the link
+//                                    measured at start); writeback_every_used: the plan's K;
+//                                    updates_replayed_per_step: the update-only passes that
+//                                    replayed what host copies lacked (about blocks (K - 1) / 2)
 //   ratio_to_floor                   step_s_median / max(compute_floor_s, pcie_floor_s)
 //   gemm_sustained_tflops            the same GEMM after 2 s of back-to-back products: the GPU's
 //                                    power limit lowers the clocks of any long GEMM-bound run
@@ -259,7 +266,20 @@ struct PolicyNumbers {
   std::size_t host_pinned_bytes = 0, block_bytes = 0, streamed_blocks = 0, resident_blocks = 0, slots = 0,
               perturbed_copies = 2;
   std::uint64_t escape_overflow = 0;  // packed codec: escapes flushed to zero for want of room
+  unsigned writeback_every = 1;       // the plan's K (deferred write-back)
+  double updates_replayed_per_step = 0;
 };
+
+/// The PCIe floor of a step moving `up` bytes host-to-device and `down` back (see the file
+/// comment): every block written back (down >= up) keeps both directions busy the whole step;
+/// with deferred write-back the uploads run at the concurrent rate only beside the copies down.
+double pcie_floor_seconds(double up, double down, const Bandwidth& bw) {
+  if (down <= 0) return up / (bw.h2d * 1e9);
+  if (down >= up) return std::max(up / (bw.bidir_h2d * 1e9), down / (bw.bidir_d2h * 1e9));
+  const double overlap = down / (bw.bidir_d2h * 1e9);
+  const double rest = up - overlap * bw.bidir_h2d * 1e9;
+  return overlap + std::max(rest, 0.0) / (bw.h2d * 1e9);
+}
 
 struct Baseline {
   std::size_t device_used = 0, nvml_used = 0, zo2_live = 0;
@@ -286,8 +306,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   const double compute_floor = forwards_per_step(c) * 2.0 * params * tokens / (env.gemm.tflops * 1e12);
   double pcie_floor = 0, pcie_h2d_only = 0;
   if (p.h2d_bytes_per_step > 0 || p.d2h_bytes_per_step > 0) {
-    pcie_floor = std::max(p.h2d_bytes_per_step / (env.bw.bidir_h2d * 1e9), p.d2h_bytes_per_step / (env.bw.bidir_d2h * 1e9));
-    if (p.d2h_bytes_per_step == 0) pcie_floor = p.h2d_bytes_per_step / (env.bw.h2d * 1e9);
+    pcie_floor = pcie_floor_seconds(p.h2d_bytes_per_step, p.d2h_bytes_per_step, env.bw);
     pcie_h2d_only = p.h2d_bytes_per_step / (env.bw.h2d * 1e9);
   }
   const double floor_s = std::max(compute_floor, pcie_floor);
@@ -313,7 +332,8 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
   if (c.policy == "offload")
     line.add("host_pinned_bytes", p.host_pinned_bytes).add("block_bytes", p.block_bytes)
         .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots)
-        .add("perturbed_copies", p.perturbed_copies).add("escape_overflow", p.escape_overflow);
+        .add("perturbed_copies", p.perturbed_copies).add("escape_overflow", p.escape_overflow)
+        .add("writeback_every_used", p.writeback_every).add("updates_replayed_per_step", p.updates_replayed_per_step);
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
       .add("gemm_tflops", env.gemm.tflops).add("pinned_h2d_GBps", env.bw.h2d)
       .add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d).add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h)
@@ -435,6 +455,8 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   opts.prefetch_depth = std::min(o.prefetch, opts.slots - 1);
   opts.one_perturbed_copy = !o.two_copies;
   opts.rule_state_slots = rule_state_slots(ZOOptimizer<opt::OPTCudaModel<T>, Policy>::rule_of(zo_config(c)));
+  opts.writeback_every = static_cast<unsigned>(c.writeback_every);
+  opts.link = {env.bw.h2d, env.bw.bidir_h2d};  // for writeback_every 0
   Policy policy(opt_model_layout(config), opts);
   {
     // Values drawn on all host threads and encoded once per group kind; every block gets the
@@ -491,6 +513,8 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   p.resident_blocks = policy.resident_blocks();
   p.slots = policy.plan().slots;
   p.perturbed_copies = policy.shares_perturbed_copy() ? 1 : 2;
+  p.writeback_every = policy.writeback_every();
+  p.updates_replayed_per_step = static_cast<double>(policy.updates_replayed()) / c.steps;
   print_config_line(c, env, base, setup_s, m, p, model.gemm().cached_plans());
 
   if (o.timeline) {
