@@ -41,6 +41,7 @@ struct EngineOptions {
   bool offload = false;
   std::string codec;                    // offload codec name; empty: the default
   std::optional<double> gpu_memory_budget_gib;
+  unsigned writeback_every = 1;  // offload: write a streamed block back every K steps (0: K from the measured link)
   zo2::ZOConfig zo;
   std::uint64_t start_step = 0;
 };

@@ -17,6 +17,7 @@
 #include <zo2/offload/packed_bf16.hpp>
 #include <zo2/offload/cuda_resident.cuh>
 #include <zo2/offload/host_offload.cuh>
+#include <zo2/offload/link_probe.cuh>
 
 #include "cli.hpp"
 #include "engine.hpp"
@@ -195,11 +196,20 @@ std::unique_ptr<Engine> make_offload(const zo2::opt::OPTConfig& config, zo2::Par
   offload.rule_state_slots = zo2::rule_state_slots(zo2::ZOOptimizer<Model, zo2::cuda::HostOffload<Codec, float>>::rule_of(options.zo));
   if (options.gpu_memory_budget_gib)
     offload.gpu_memory_budget = static_cast<std::size_t>(*options.gpu_memory_budget_gib * 1024.0 * 1024.0 * 1024.0);
+  // Deferred write-back (results unchanged); 0: the plan picks K from the link, measured here.
+  offload.writeback_every = options.writeback_every;
+  if (offload.writeback_every == 0) offload.link = zo2::cuda::measure_link();
   // The codec is both the precision the weights rest in on the host (the master) and the one
   // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>).
   std::string description = gpu_name() + ", offload: master and transfer " + Codec::name +
                             (Codec::row_scaled ? " (per-row scales)" : "") + ", forward fp32";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
+  if (offload.writeback_every != 1)
+    description += ", write-back every " + std::to_string(zo2::cuda::offload_detail::resolve_writeback_every(offload)) +
+                   " step(s)" +
+                   (offload.writeback_every == 0 ? " (link " + std::to_string(offload.link.one_way_gbps) + " GB/s one-way, " +
+                                                       std::to_string(offload.link.duplex_gbps) + " in duplex)"
+                                                 : std::string());
   return std::make_unique<CudaEngine<zo2::cuda::HostOffload<Codec, float>>>(config, std::move(store), options, description,
                                                                              offload);
 }

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <zo2/core/error.hpp>
+#include <zo2/offload/writeback_log.hpp>
 
 #include <zo2/models/opt/layout.hpp>
 
@@ -68,6 +69,7 @@ CommandSpec train_spec() {
       {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
       {"--codec", "NAME", "with --offload: how blocks are stored for transfer (fp32, bf16, bf16p: bf16 packed losslessly in ~12.6 bits, fp16, int8)", ""},
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the engine may hold (above the minimum: a third slot, then resident blocks)", ""},
+      {"--writeback-every", "K", "with --offload: write each streamed block back to host memory every K steps (1..64; 0: K from the link, measured at start); the GPU replays the host copy's lag after each upload, results unchanged", "1"},
       {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},
       {"--weight-decay", "X", "weight decay (weights only, not biases or LayerNorm)", "0"},
@@ -189,6 +191,14 @@ int run_train(const std::vector<std::string>& argv) {
     engine_options.gpu_memory_budget_gib = (*saved_engine)["gpu_memory_budget_gib"].get<double>();
   if (!engine_options.offload && (args.has("--codec") || args.has("--gpu-memory-budget")))
     throw UsageError("train: --codec and --gpu-memory-budget apply only with --offload");
+  if (args.has("--writeback-every")) {
+    if (!engine_options.offload) throw UsageError("train: --writeback-every applies only with --offload");
+    const std::uint64_t k = args.unsigned_integer("--writeback-every", 1);
+    if (k > zo2::offload::kMaxWritebackEvery)
+      throw UsageError("train: --writeback-every wants 0 to " + std::to_string(zo2::offload::kMaxWritebackEvery) +
+                       ", got " + std::to_string(k));
+    engine_options.writeback_every = static_cast<unsigned>(k);
+  }
 
   const bool demo = args.flag("--demo") ||
                     (saved_train && !args.has("--data") && !args.has("--text") && saved_train->value("demo", false));
