@@ -2,11 +2,12 @@
 // - K = 2, 3, 4, 8 give K = 1's steps, encoded masters and rule state bit for bit over 12 steps,
 //   for every codec (fp32, bf16, fp16, packed bf16 with escapes, int8 rows with sticky scales)
 //   and zo-sgd (the default kernels), zo-sgd q=2, zo-sign, zo-cons (a second sweep), zo-mmt,
-//   zo-adam q=2 (state) and one-side estimates; two and three slots, blocks partly resident, one
-//   streamed block (slot hits: nothing replayed), accumulation (a second sweep per step);
+//   zo-adam q=2 (state) and one-side estimates; two and three slots, blocks partly resident,
+//   every streamed block kept in a slot (hits: nothing replayed), accumulation (a second sweep
+//   per step);
 // - a checkpoint in the middle of a window (get_group_encoded / get_rule_state after flush at
-//   step 5 of K = 4, and without a flush) resumes bit-exactly; current() mid-window sees K = 1's
-//   theta; set_group_encoded / set_rule_state on lagging blocks;
+//   step 5 of K = 4) resumes bit-exactly; mid-window, current() and unflushed reads give K = 1's
+//   values; set_group_encoded / set_rule_state on lagging blocks;
 // - traffic: bytes written back per step drop to 1/K, uploads stay, and the replays are the
 //   (K - 1) / 2 per visit the stagger predicts;
 // - the plan picks K from a link hint, and refuses a K out of range (no device needed).
@@ -255,35 +256,38 @@ TEST_CASE("write-back every K steps gives K = 1's bits: int8 rows (sticky scales
   check_codec<offload::Int8RowCodec>();
 }
 
-TEST_CASE("one streamed block stays in its slot: the host copy lags, nothing is replayed" *
+TEST_CASE("every streamed block stays in a slot: the host copies lag, nothing is replayed" *
           doctest::skip(!kHaveDevice)) {
-  const DenseTanhStack<float> shape = test_shape(5);
+  // Three streamed blocks and four slots: after the first step every visit finds its block in
+  // a slot (a budget cannot make this: slots for every streamed block cost more than keeping
+  // them resident).
+  const DenseTanhStack<float> shape = test_shape(3);
   const auto init = initial_store(shape, 67);
   std::vector<DeviceDenseTanhStack::Batch> batch;
   batch.push_back(zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 29)));
   const ZOConfig cfg = config_for(kCases[5]);  // Adam: the state stays in the slot too
   OffloadOptions o;
   o.rule_state_slots = 2;
-  o.budget_adds_slot = false;
-  const auto plan = Policy<offload::Bf16PackedCodec>::plan_for(ModelLayout::of(shape), o);
-  o.gpu_memory_budget = plan.minimum_bytes + 4 * plan.slot_bytes();
+  o.slots = 4;
   {
     Policy<offload::Bf16PackedCodec> probe(ModelLayout::of(shape), o);
-    REQUIRE(probe.streamed_blocks() == 1);
-    REQUIRE(probe.plan().slots == 2);
+    REQUIRE(probe.streamed_blocks() == 3);
+    REQUIRE(probe.plan().slots == 4);
   }
   const Trace ref = run_steps<offload::Bf16PackedCodec>(init, shape, cfg, batch, 10, o);
   const Trace got = run_steps<offload::Bf16PackedCodec>(init, shape, cfg, batch, 10, with_every(o, 4));
   check_same(ref, got);
   CHECK(got.lagged);
-  CHECK(got.replayed == 0);  // every visit found the block in its slot
+  CHECK(got.replayed == 0);  // every visit found its block in its slot
 }
 
 namespace {
 
-/// K = 4 against K = 1 in the middle of a window: the encoded masters and the state without a
-/// flush (the getters bring the host copies up to date) and after one; current() of every
-/// group; a fresh policy resumed from the flushed checkpoint continues bit-exactly.
+/// K = 4 against K = 1 in the middle of a window. A checkpoint after flush at step 5 (the
+/// encoded masters, the rule state, the optimizer's state) resumed into a fresh K = 4 policy
+/// gives ten straight K = 1 steps' bits; later, at step 8, current() of every group and the
+/// encoded masters and state read without a flush (the getters bring lagging host copies up to
+/// date) are K = 1's; the run then goes on to K = 1's bits at step 10.
 template <class Codec>
 void check_mid_window(const ZOConfig& cfg) {
   const DenseTanhStack<float> shape = test_shape();
@@ -296,15 +300,55 @@ void check_mid_window(const ZOConfig& cfg) {
   Run<Codec> straight(init, shape, cfg, o);  // K = 1, ten steps
   for (int s = 0; s < 10; ++s) straight.opt.step(batch);
   straight.opt.flush();
+  const std::vector<unsigned char> want = encoded_of(straight.policy);
+  const std::vector<float> want_state = state_of(straight.policy);
 
   Run<Codec> one(init, shape, cfg, o), four(init, shape, cfg, with_every(o, 4));
   for (int s = 0; s < 5; ++s) {
-    CHECK(one.opt.step(batch).loss_plus == four.opt.step(batch).loss_plus);
+    const StepResult a = one.opt.step(batch), b = four.opt.step(batch);
+    CHECK(a.loss_plus == b.loss_plus);
+    CHECK(a.projected_grad == b.projected_grad);
   }
+  REQUIRE(four.policy.writeback_log().any_lag());
+  one.opt.flush();
+  four.opt.flush();
+  CHECK_FALSE(four.policy.writeback_log().any_lag());
+  const std::vector<unsigned char> saved = encoded_of(four.policy);
+  const std::vector<float> saved_state = state_of(four.policy);
+  const OptimizerState saved_opt = four.opt.state();
+  CHECK(saved == encoded_of(one.policy));
+  CHECK(saved_state == state_of(one.policy));
+
+  // Resume into a fresh K = 4 policy: five more steps give the straight run's bits.
+  {
+    Policy<Codec> resumed(ModelLayout::of(shape), with_every(o, 4));
+    std::size_t at = 0, at_state = 0;
+    std::vector<std::vector<float>> state_groups;
+    for (std::size_t g = 0; g < ml.num_groups(); ++g) {
+      const std::size_t n = resumed.group_encoded_bytes(GroupIndex{g});
+      resumed.set_group_encoded(GroupIndex{g}, std::span<const unsigned char>(saved).subspan(at, n));
+      at += n;
+      const std::size_t m = std::size_t{o.rule_state_slots} * ml.layout(GroupIndex{g}).total_elements();
+      state_groups.emplace_back(saved_state.begin() + static_cast<std::ptrdiff_t>(at_state),
+                                saved_state.begin() + static_cast<std::ptrdiff_t>(at_state + m));
+      at_state += m;
+    }
+    DeviceDenseTanhStack model{shape, resumed.stream()};
+    ZOOptimizer<DeviceDenseTanhStack, Policy<Codec>> r(model, resumed, cfg);
+    for (std::size_t g = 0; g < ml.num_groups(); ++g) resumed.set_rule_state(GroupIndex{g}, state_groups[g]);
+    r.restore(saved_opt);
+    for (int s = 0; s < 5; ++s) r.step(batch);
+    r.flush();
+    CHECK(encoded_of(resumed) == want);
+    CHECK(state_of(resumed) == want_state);
+  }
+
+  // The interrupted runs go on; at step 8, unflushed, the host copies of K = 4 lag.
+  for (int s = 0; s < 3; ++s) CHECK(one.opt.step(batch).loss_minus == four.opt.step(batch).loss_minus);
   REQUIRE(four.policy.writeback_log().any_lag());
   // theta as the model sees it, through current() (a streamed block replays into its slot and
   // is not written back): the owed update is not applied yet, on either.
-  const auto lag_before = four.policy.writeback_log().lag(2);
+  const std::size_t lag_before = four.policy.writeback_log().lag(2);
   for (std::size_t g = 0; g < ml.num_groups(); ++g) {
     CAPTURE(g);
     const std::size_t n = ml.layout(GroupIndex{g}).total_elements();
@@ -322,40 +366,10 @@ void check_mid_window(const ZOConfig& cfg) {
   CHECK(encoded_of(four.policy) == encoded_of(one.policy));
   CHECK(state_of(four.policy) == state_of(one.policy));
   CHECK_FALSE(four.policy.writeback_log().any_lag());
-  // More steps after those reads, then the checkpoint at step 5 of the next window... and flush.
-  for (int s = 0; s < 3; ++s) CHECK(one.opt.step(batch).loss_minus == four.opt.step(batch).loss_minus);
-  REQUIRE(four.policy.writeback_log().any_lag());
+  for (int s = 0; s < 2; ++s) CHECK(one.opt.step(batch).loss_plus == four.opt.step(batch).loss_plus);
   four.opt.flush();
-  CHECK_FALSE(four.policy.writeback_log().any_lag());
-  const std::vector<unsigned char> saved = encoded_of(four.policy);
-  const std::vector<float> saved_state_flat = state_of(four.policy);
-  const OptimizerState saved_opt = four.opt.state();
-  // Resume into a fresh K = 4 policy: the last two steps, then compare with ten straight.
-  Policy<Codec> resumed(ModelLayout::of(shape), with_every(o, 4));
-  std::size_t at = 0, at_state = 0;
-  std::vector<std::vector<float>> state_groups;
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    const std::size_t n = resumed.group_encoded_bytes(GroupIndex{g});
-    resumed.set_group_encoded(GroupIndex{g}, std::span<const unsigned char>(saved).subspan(at, n));
-    at += n;
-    const std::size_t m = std::size_t{o.rule_state_slots} * ml.layout(GroupIndex{g}).total_elements();
-    state_groups.emplace_back(saved_state_flat.begin() + static_cast<std::ptrdiff_t>(at_state),
-                              saved_state_flat.begin() + static_cast<std::ptrdiff_t>(at_state + m));
-    at_state += m;
-  }
-  DeviceDenseTanhStack model{shape, resumed.stream()};
-  ZOOptimizer<DeviceDenseTanhStack, Policy<Codec>> r(model, resumed, cfg);
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) resumed.set_rule_state(GroupIndex{g}, state_groups[g]);
-  r.restore(saved_opt);
-  for (int s = 0; s < 2; ++s) r.step(batch);
-  r.flush();
-  CHECK(encoded_of(resumed) == encoded_of(straight.policy));
-  CHECK(state_of(resumed) == state_of(straight.policy));
-  // And the interrupted K = 4 run, continued after its flush, too.
-  for (int s = 0; s < 2; ++s) four.opt.step(batch);
-  four.opt.flush();
-  CHECK(encoded_of(four.policy) == encoded_of(straight.policy));
-  CHECK(state_of(four.policy) == state_of(straight.policy));
+  CHECK(encoded_of(four.policy) == want);
+  CHECK(state_of(four.policy) == want_state);
 }
 
 }  // namespace
