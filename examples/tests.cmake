@@ -1,15 +1,18 @@
 # Tests of the examples (included from examples/CMakeLists.txt when ZO2_BUILD_TESTS is on):
-# the zo2-opt program driven by tests/cli_tests.sh, one CTest test per case, each in its own
-# scratch directory; and the user_stack example, whose exit status says whether its loss fell.
+# the zo2 program (zo2-opt) driven by tests/cli_tests.sh, one CTest test per case, each in its own
+# scratch directory (llama_*: the LLaMA family on tests/fixtures/llama and tokenizer_json); and the
+# user_stack example, whose exit status says whether its loss fell.
 find_program(ZO2_BASH bash)
 if(ZO2_BASH)
-  foreach(case demo help checkpoint_resume export_reload data_formats optimizers errors gpu)
+  foreach(case demo help checkpoint_resume export_reload data_formats optimizers errors gpu program_name
+               llama_train llama_resume llama_export llama_tokenize llama_preset llama_errors llama_gpu)
     add_test(NAME zo2_opt_${case}
              COMMAND ${ZO2_BASH} ${CMAKE_CURRENT_SOURCE_DIR}/tests/cli_tests.sh ${case} $<TARGET_FILE:zo2-opt>
                      ${CMAKE_CURRENT_BINARY_DIR}/test_work/${case} ${PROJECT_SOURCE_DIR})
     set_tests_properties(zo2_opt_${case} PROPERTIES TIMEOUT 300 LABELS examples)
   endforeach()
-  set_tests_properties(zo2_opt_gpu PROPERTIES SKIP_REGULAR_EXPRESSION "SKIPPED: no CUDA device")
+  set_tests_properties(zo2_opt_gpu zo2_opt_llama_gpu PROPERTIES SKIP_REGULAR_EXPRESSION "SKIPPED: no CUDA device")
+  set_tests_properties(zo2_opt_llama_tokenize PROPERTIES SKIP_REGULAR_EXPRESSION "SKIPPED: this build has no tokenizer.json reader")
 endif()
 add_test(NAME zo2_user_stack COMMAND zo2-user-stack)
 set_tests_properties(zo2_user_stack PROPERTIES TIMEOUT 120 LABELS examples)
@@ -29,7 +32,13 @@ if(ZO2_HF_PYTHON AND ZO2_BASH)
   add_test(NAME tokenizer_hf
            COMMAND ${ZO2_HF_PYTHON} ${PROJECT_SOURCE_DIR}/tests/fixtures/tokenizer/check_with_transformers.py
                    ${PROJECT_SOURCE_DIR}/tests/fixtures/tokenizer)
-  set_tests_properties(zo2_opt_hf_export tokenizer_hf PROPERTIES TIMEOUT 300 LABELS "examples;hf")
+  # zo2_opt_llama_hf: every LLaMA-family fixture trained a few steps and exported (and a preset
+  # with a tokenizer.json) against transformers (tests/fixtures/llama/check_export_hf.py).
+  add_test(NAME zo2_opt_llama_hf
+           COMMAND ${ZO2_BASH} ${CMAKE_CURRENT_SOURCE_DIR}/tests/cli_tests.sh llama_hf $<TARGET_FILE:zo2-opt>
+                   ${CMAKE_CURRENT_BINARY_DIR}/test_work/llama_hf ${PROJECT_SOURCE_DIR})
+  set_tests_properties(zo2_opt_llama_hf PROPERTIES ENVIRONMENT "ZO2_HF_PYTHON=${ZO2_HF_PYTHON}")
+  set_tests_properties(zo2_opt_hf_export tokenizer_hf zo2_opt_llama_hf PROPERTIES TIMEOUT 300 LABELS "examples;hf")
 endif()
 
 # Data-parallel zo2-opt under mpiexec (examples/tests/dp_tests.sh, one CTest test per case): 2 and

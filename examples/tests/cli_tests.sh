@@ -37,6 +37,33 @@ json_field() {  # json_field FILE KEY: the value of "KEY": in the summary line
   grep -o "\"$2\":[^,}]*" "$1" | tail -1 | cut -d: -f2
 }
 
+# The LLaMA-family fixtures (tests/fixtures/llama: tiny HF checkpoints, vocabulary 128, no
+# tokenizer) and tokenizer.json fixtures (tests/fixtures/tokenizer_json).
+llama_fixtures=$root/tests/fixtures/llama
+tokenizer_json=$root/tests/fixtures/tokenizer_json
+
+# make_ids FILE: pre-tokenized {"input_ids"} JSONL for the LLaMA fixtures, from the demo corpus:
+# byte b becomes id 3 + b % 125 (inside their vocabulary of 128), in windows of 32 tokens.
+make_ids() {
+  od -An -v -tu1 "$corpus" | tr -s ' \t' '\n\n' | grep -v '^$' |
+    awk '{ id = 3 + $1 % 125; line = line (n ? "," : "") id; n++
+           if (n == 32) { print "{\"input_ids\": [" line "]}"; line = ""; n = 0 } }' >"$1"
+  [ "$(wc -l <"$1")" -ge 50 ] || fail "make_ids wrote $(wc -l <"$1") lines"
+}
+
+# has_tokenizer_json: whether this build reads tokenizer.json (zo2::tokenizers: PCRE2 + utf8proc).
+has_tokenizer_json() {
+  "$bin" tokenize --tokenizer "$tokenizer_json/qwen2" --text x >/dev/null 2>&1
+}
+
+# loss_fell FILE [MARGIN]: the summary's end_loss is below its start_loss by more than MARGIN.
+loss_fell() {
+  local start end
+  start=$(json_field "$1" start_loss)
+  end=$(json_field "$1" end_loss)
+  awk -v s="$start" -v e="$end" -v m="${2:-0}" 'BEGIN { exit !(s != "" && e < s - m) }'
+}
+
 case "$case_name" in
   demo)
     # A fresh cwd with nothing in it: the demo needs no files.
@@ -284,6 +311,251 @@ case "$case_name" in
       fail "generate --offload --codec fp32 sampled other tokens: $(cat gen_fp32.out) vs $(cat gen_resident.out)"
     grep -q '"completion"' gen_bf16.out || fail "generate --offload --codec bf16 printed no completion"
     echo "offloaded eval == resident eval (loss $resident_loss; bf16 $(json_field eval_bf16.out loss)); offloaded generate == resident"
+    ;;
+
+  program_name)
+    # zo2 is the program, zo2-opt the same binary under its former name: each says its own name.
+    zo2=$(dirname "$bin")/zo2
+    [ -x "$zo2" ] || fail "no zo2 beside $bin"
+    run_ok zo2_help "$zo2" --help
+    grep -q '^Usage: zo2 <command>' zo2_help.out || fail "zo2 --help: $(head -3 zo2_help.out)"
+    grep -q 'llama, qwen2, qwen3, mistral' zo2_help.out || fail "zo2 --help does not list the model families"
+    run_ok zo2_train_help "$zo2" train --help
+    grep -q '^Usage: zo2 train' zo2_train_help.out || fail "zo2 train --help has no 'Usage: zo2 train' line"
+    grep -q 'qwen3-32b' zo2_train_help.out || fail "zo2 train --help does not list the LLaMA-family presets"
+    run_ok opt_help "$bin" --help
+    grep -q '^Usage: zo2-opt <command>' opt_help.out || fail "zo2-opt --help: $(head -3 opt_help.out)"
+    expect_error "^zo2: unknown command 'trian'" "$zo2" trian
+    expect_error "^zo2-opt: unknown command 'trian'" "$bin" trian
+    expect_error "^zo2: train: unknown option '--bogus' \(see zo2 train --help\)" "$zo2" train --demo --bogus
+    run_ok zo2_demo "$zo2" train --demo --steps 3 --quiet --device cpu
+    run_ok opt_demo "$bin" train --demo --steps 3 --quiet --device cpu
+    [ "$(tail -1 zo2_demo.out | sed 's/"seconds":[^,]*,//')" = "$(tail -1 opt_demo.out | sed 's/"seconds":[^,]*,//')" ] ||
+      fail "zo2 and zo2-opt trained differently: $(tail -1 zo2_demo.out) vs $(tail -1 opt_demo.out)"
+    ;;
+
+  llama_train)
+    # MeZO lowers the loss of every LLaMA-family fixture (llama, qwen2 with biases, qwen3 with
+    # q/k norm, mistral with a sliding window; GQA, MQA, tied heads, llama3 rope; bf16/fp16
+    # weights; a sharded checkpoint), on pre-tokenized data.
+    make_ids ids.jsonl
+    n=0
+    for d in "$llama_fixtures"/*/; do
+      [ -f "$d/config.json" ] || continue
+      name=$(basename "$d")
+      type=$(grep -o '"model_type": *"[^"]*"' "$d/config.json" | sed 's/.*"\([^"]*\)"$/\1/')
+      run_ok "$name" "$bin" train --model "$d" --data ids.jsonl --steps 60 --batch 8 --lr 5e-3 --device cpu --quiet
+      grep -q "^model     .*: $type, 2 layers, hidden " "$name.out" || fail "$name: the model line does not say $type: $(grep '^model' "$name.out")"
+      grep -q '^tokenizer none (pre-tokenized data)' "$name.out" || fail "$name: $(grep '^tokenizer' "$name.out")"
+      loss_fell "$name.out" 0.1 || fail "$name: loss did not fall: $(json_field "$name.out" start_loss) -> $(json_field "$name.out" end_loss)"
+      echo "$name ($type): loss $(json_field "$name.out" start_loss) -> $(json_field "$name.out" end_loss)"
+      n=$((n + 1))
+    done
+    [ "$n" -ge 6 ] || fail "only $n LLaMA-family fixtures found in $llama_fixtures"
+    # The sharded checkpoint holds the same weights as the single file: the same run.
+    [ "$(tail -1 qwen2_bias_bf16.out | sed 's/"seconds":[^,]*,//')" = "$(tail -1 qwen2_bias_bf16_sharded.out | sed 's/"seconds":[^,]*,//')" ] ||
+      fail "the sharded and single-file qwen2 fixtures trained differently"
+    ;;
+
+  llama_resume)
+    # A LLaMA-family run resumes bit-exactly from its checkpoints (an HF directory of the family
+    # + state.json), with plain MeZO and with a stateful rule, queries and accumulation.
+    make_ids ids.jsonl
+    fx=$llama_fixtures/qwen3_qknorm_fp16
+    common=(--model "$fx" --data ids.jsonl --batch 4 --lr 5e-3 --device cpu --quiet)
+    run_ok full "$bin" train "${common[@]}" --steps 20 --export full_export
+    run_ok first "$bin" train "${common[@]}" --steps 10 --checkpoint-every 5 --checkpoint-dir ck
+    for s in 00000005 00000010; do
+      for f in state.json config.json model.safetensors; do [ -f "ck/step-$s/$f" ] || fail "checkpoint step-$s lacks $f"; done
+    done
+    grep -q '"model_type": "qwen3"' ck/step-00000010/config.json || fail "the checkpoint's config.json is not qwen3's"
+    run_ok resumed "$bin" train --resume ck --steps 20 --export resumed_export
+    grep -q 'resume    from' resumed.out || fail "the resumed run did not say where it resumed from"
+    grep -q '^model     .*: qwen3, ' resumed.out || fail "the resumed run is not a qwen3 model: $(grep '^model' resumed.out)"
+    cmp full_export/model.safetensors resumed_export/model.safetensors ||
+      fail "the resumed qwen3 run's weights differ from the uninterrupted run's"
+    adam=(--model "$llama_fixtures/llama_mqa_tied_bf16" --data ids.jsonl --batch 4 --device cpu --quiet
+          --optimizer zo-adam --lr 1e-3 --queries 2 --accumulate 2)
+    run_ok adam_full "$bin" train "${adam[@]}" --steps 12 --export adam_full
+    run_ok adam_first "$bin" train "${adam[@]}" --steps 6 --checkpoint-every 6 --checkpoint-dir adam_ck
+    [ -f adam_ck/step-00000006/optimizer_state.safetensors ] || fail "no optimizer_state.safetensors in the checkpoint"
+    run_ok adam_resumed "$bin" train --resume adam_ck --steps 12 --export adam_resumed
+    cmp adam_full/model.safetensors adam_resumed/model.safetensors ||
+      fail "zo-adam (2 queries, 2 micro-batches) on a tied-head llama: the resumed run differs"
+    echo "qwen3 and llama (zo-adam) resumed bit-exactly"
+    ;;
+
+  llama_export)
+    # An export is the family's HF directory (one model.safetensors, F32, config.json as read with
+    # its dtype updated); eval of the export gives the loss training ended with, to the last digit.
+    make_ids ids.jsonl
+    run_ok train "$bin" train --model "$llama_fixtures/qwen2_bias_bf16_sharded" --data ids.jsonl --steps 20 --batch 4 \
+      --lr 5e-3 --device cpu --quiet --export exported
+    for f in config.json model.safetensors; do [ -f "exported/$f" ] || fail "export lacks $f"; done
+    [ ! -e exported/model.safetensors.index.json ] || fail "the export kept a shard index"
+    grep -q '"model_type": "qwen2"' exported/config.json || fail "the export's config.json is not qwen2's"
+    grep -q '"dtype": "float32"' exported/config.json || fail "the export's config.json does not say float32"
+    run_ok eval "$bin" eval --model exported --data ids.jsonl --batch 4
+    trained=$(json_field train.out end_loss)
+    reread=$(json_field eval.out loss)
+    [ -n "$trained" ] && [ "$trained" = "$reread" ] || fail "loss after export+reload $reread != loss at the end of training $trained"
+    # Without a tokenizer, generate takes and gives token ids.
+    run_ok gen "$bin" generate --model exported --input-ids 1,17,40 --max-new-tokens 4 --ignore-eos --dump-logits logits.npy
+    grep -q '"prompt_ids":\[1,17,40\]' gen.out || fail "generate without a tokenizer: $(cat gen.out)"
+    [ "$(grep -o '"ids":\[[^]]*\]' gen.out | tr -cd ',' | wc -c)" -eq 3 ] || fail "generate did not give 4 ids: $(cat gen.out)"
+    [ "$(wc -c <logits.npy)" -eq $((128 + 4 * 3 * 128)) ] || fail "logits.npy has $(wc -c <logits.npy) bytes, expected a [3, 128] float32 .npy"
+    echo "qwen2 export: loss $trained == $reread after reload"
+    if ! has_tokenizer_json; then
+      echo "note: this build has no tokenizer.json reader: the tokenizer part is not run"
+    else
+      # A tokenizer.json travels with the model: checkpoint, export, and back.
+      run_ok tok_train "$bin" train --preset llama-3.2-1b --layers 1 --hidden 64 --tokenizer "$tokenizer_json/llama3" \
+        --text "$corpus" --seq-len 32 --batch 4 --steps 10 --lr 5e-3 --device cpu --quiet --export tok_export
+      grep -q '^tokenizer tokenizer.json (705 tokens)' tok_train.out || fail "$(grep '^tokenizer' tok_train.out)"
+      grep -q '^model     llama-3.2-1b (random weights, seed 0): llama, 1 layers, hidden 64, 1 heads (1 key/value, head_dim 64), ffn 256, vocab 705' tok_train.out ||
+        fail "the preset's shape: $(grep '^model' tok_train.out)"
+      [ -f tok_export/tokenizer.json ] || fail "the export lacks tokenizer.json"
+      cmp tok_export/tokenizer.json "$tokenizer_json/llama3/tokenizer.json" || fail "the export's tokenizer.json differs from the source's"
+      run_ok tok_eval "$bin" eval --model tok_export --text "$corpus" --seq-len 32 --batch 4
+      [ "$(json_field tok_train.out end_loss)" = "$(json_field tok_eval.out loss)" ] ||
+        fail "tokenizer.json model: loss after export+reload $(json_field tok_eval.out loss) != $(json_field tok_train.out end_loss)"
+      run_ok tok_gen "$bin" generate --model tok_export --prompt "The old man" --max-new-tokens 8 --ignore-eos
+      grep -q '^The old man' tok_gen.out || fail "generate did not echo the prompt: $(cat tok_gen.out)"
+      run_ok tok_gen_json "$bin" generate --model tok_export --prompt "The old man" --max-new-tokens 8 --ignore-eos --json
+      grep -q '"prompt_ids":\[701,' tok_gen_json.out || fail "the prompt does not start with <|begin_of_text|>: $(cat tok_gen_json.out)"
+      # The streamed text is the JSON's completion (both decode the whole sequence).
+      completion=$(sed -n 's/.*"completion":"\([^"]*\)".*/\1/p' tok_gen_json.out)
+      [ "$(cat tok_gen.out)" = "The old man$completion" ] || fail "streamed '$(cat tok_gen.out)' != prompt + completion '$completion'"
+    fi
+    ;;
+
+  llama_tokenize)
+    # tokenizer.json, as the `tokenizers` library encodes (tests/fixtures/tokenizer_json/expected.json).
+    if ! has_tokenizer_json; then
+      echo "SKIPPED: this build has no tokenizer.json reader (zo2::tokenizers needs libpcre2-dev and libutf8proc-dev)"
+      exit 0
+    fi
+    run_ok qwen2 "$bin" tokenize --tokenizer "$tokenizer_json/qwen2" --text "Hello world"
+    [ "$(cat qwen2.out)" = "[39,285,579,300,286,75,67]" ] || fail "qwen2 'Hello world': $(cat qwen2.out)"
+    run_ok qwen2_nobos "$bin" tokenize --tokenizer "$tokenizer_json/qwen2" --text "Hello world" --no-bos
+    cmp qwen2.out qwen2_nobos.out || fail "Qwen's tokenizer adds no bos, but --no-bos changed the ids"
+    run_ok llama2 "$bin" tokenize --tokenizer "$tokenizer_json/llama2" --text "Hello world"
+    [ "$(cat llama2.out)" = "[1,372,75,392,619,402,393,308,301]" ] || fail "llama2 'Hello world' (with <s>): $(cat llama2.out)"
+    run_ok llama2_nobos "$bin" tokenize --tokenizer "$tokenizer_json/llama2" --text "Hello world" --no-bos
+    [ "$(cat llama2_nobos.out)" = "[372,75,392,619,402,393,308,301]" ] || fail "llama2 'Hello world' --no-bos: $(cat llama2_nobos.out)"
+    probe='emoji 😀👍🏽 family 👨‍👩‍👧‍👦 flags 🇩🇪🇯🇵 rainbow 🏳️‍🌈 heart ❤️ keycap 1️⃣'
+    run_ok emoji "$bin" tokenize --tokenizer "$tokenizer_json/qwen2" --text "$probe" --no-bos
+    [ "$(cat emoji.out)" = "[386,589,476,222,258,239,301,237,121,288,64,76,72,75,88,475,636,638,630,99,288,75,64,70,82,474,639,103,459,659,113,446,261,65,328,282,237,670,320,234,230,220,264,322,83,262,251,621,220,393,88,550,79,220,16,439,158,225,96]" ] ||
+      fail "qwen2 emoji probe: $(cat emoji.out)"
+    "$bin" tokenize --tokenizer "$tokenizer_json/qwen2" --decode <emoji.out >decoded.txt 2>decoded.err || fail "--decode: $(cat decoded.err)"
+    [ "$(cat decoded.txt)" = "$probe" ] || fail "qwen2 decode round trip: '$(cat decoded.txt)'"
+    # A directory with vocab.json + merges.txt only still reads them (OPT).
+    run_ok opt "$bin" tokenize --tokenizer "$root/tests/fixtures/tokenizer" --text "Hello world" --no-bos
+    [ "$(cat opt.out)" = "[43,287,586,303,288,79,71]" ] || fail "vocab.json + merges.txt: $(cat opt.out)"
+    echo "tokenizer.json ids as tokenizers gives them"
+    ;;
+
+  llama_preset)
+    # Random weights with a LLaMA-family shape (shrunk), on the byte vocabulary: the loss falls.
+    run_ok qwen3 "$bin" train --preset qwen3-32b --layers 2 --hidden 64 --heads 4 --text "$corpus" --seq-len 32 \
+      --batch 8 --steps 80 --lr 1e-3 --device cpu --quiet
+    grep -q '^model     qwen3-32b (random weights, seed 0): qwen3, 2 layers, hidden 64, 4 heads (4 key/value, head_dim 16), ffn 320, vocab 260' qwen3.out ||
+      fail "the preset's shape: $(grep '^model' qwen3.out)"
+    loss_fell qwen3.out 0.1 || fail "qwen3 preset: loss did not fall: $(json_field qwen3.out start_loss) -> $(json_field qwen3.out end_loss)"
+    run_ok mistral "$bin" train --preset mistral-7b --layers 1 --hidden 64 --text "$corpus" --seq-len 32 --batch 4 --steps 3 \
+      --device cpu --quiet
+    grep -q '^model     mistral-7b (random weights, seed 0): mistral, 1 layers, hidden 64, 1 heads (1 key/value, head_dim 64), ffn 224, vocab 260' mistral.out ||
+      fail "the preset's shape: $(grep '^model' mistral.out)"
+    echo "qwen3 preset: loss $(json_field qwen3.out start_loss) -> $(json_field qwen3.out end_loss)"
+    if has_tokenizer_json; then
+      # Classification (MeZO's candidate scoring) with a Qwen tokenizer, which has no bos.
+      printf '%s\n' '{"prompt": "A wonderful, moving film.", "label": "great"}' \
+        '{"prompt": "Dull and far too long.", "label": "terrible"}' '{"prompt": "I loved every minute.", "label": 0}' >cls.jsonl
+      run_ok cls "$bin" train --preset qwen2.5-7b --layers 1 --hidden 64 --tokenizer "$tokenizer_json/qwen2" --data cls.jsonl \
+        --template "{prompt} It was" --candidates "great,terrible" --seq-len 48 --batch 2 --steps 5 --device cpu --quiet
+      grep -q 'accuracy' cls.out || fail "classification training printed no accuracy"
+    fi
+    ;;
+
+  llama_errors)
+    # What the program cannot honour is one line naming the field, flag or file.
+    make_ids ids.jsonl
+    mkdir -p neox && echo '{"model_type": "gpt_neox", "hidden_size": 8}' >neox/config.json && : >neox/model.safetensors
+    expect_error "neox/config.json: field 'model_type' is 'gpt_neox', which zo2 does not support \(opt, llama, qwen2, qwen3, mistral\)" \
+      "$bin" train --model neox --data ids.jsonl
+    expect_error "neox/config.json: field 'model_type' is 'gpt_neox'" "$bin" eval --model neox --data ids.jsonl
+    cp -r "$llama_fixtures/llama3_rope_bf16" yarn && sed -i 's/"rope_type": "llama3"/"rope_type": "yarn"/' yarn/config.json
+    expect_error "'rope_parameters'.*rope_type 'yarn' is not supported" "$bin" train --model yarn --data ids.jsonl
+    cp -r "$llama_fixtures/llama_gqa" no_heads && sed -i '/"num_attention_heads"/d' no_heads/config.json
+    expect_error "'num_attention_heads'.*is missing" "$bin" eval --model no_heads --data ids.jsonl
+    expect_error "--preset: unknown preset 'llama-5'" "$bin" train --preset llama-5 --text "$corpus"
+    expect_error "--heads 3 does not divide the hidden size 64" "$bin" train --preset llama-3.2-1b --hidden 64 --heads 3 --text "$corpus"
+    expect_error "--hidden/--heads: .*head_dim" "$bin" train --preset llama-3.2-1b --hidden 66 --heads 6 --text "$corpus"
+    expect_error "text needs a tokenizer: the model directory has no tokenizer.json" \
+      "$bin" train --model "$llama_fixtures/llama_gqa" --text "$corpus"
+    echo '{"input_ids": [1, 128]}' >big.jsonl
+    expect_error "big.jsonl:1: \"input_ids\" holds 128, outside the vocabulary \[0, 128\)" \
+      "$bin" train --model "$llama_fixtures/llama_gqa" --data big.jsonl
+    expect_error "generate: .* has no tokenizer .*pass --tokenizer DIR, or --input-ids" \
+      "$bin" generate --model "$llama_fixtures/llama_gqa" --prompt "Hi"
+    if has_tokenizer_json; then
+      expect_error "has 70[0-9] tokens, more than the model's vocab_size = 128" \
+        "$bin" train --model "$llama_fixtures/qwen2_bias_bf16" --tokenizer "$tokenizer_json/qwen2" --text "$corpus"
+    fi
+    ;;
+
+  llama_hf)
+    # Exports of every fixture trained a few steps (and of a preset with a tokenizer.json) load in
+    # transformers with zo2's logits (tests/fixtures/llama/check_export_hf.py). Needs a Python with
+    # torch + transformers in ZO2_HF_PYTHON (examples/tests.cmake registers this case only then).
+    [ -n "${ZO2_HF_PYTHON:-}" ] || fail "ZO2_HF_PYTHON is not set"
+    make_ids ids.jsonl
+    for d in "$llama_fixtures"/*/; do
+      [ -f "$d/config.json" ] || continue
+      name=$(basename "$d")
+      run_ok "$name" "$bin" train --model "$d" --data ids.jsonl --steps 20 --batch 8 --lr 5e-3 --device cpu --quiet --export "$name"
+      run_ok "hf_$name" "$ZO2_HF_PYTHON" "$llama_fixtures/check_export_hf.py" "$name" --zo2 "$bin" \
+        --input-ids 1,17,40,99,3,5,7,64,127,12,90,33
+      cat "hf_$name.out"
+    done
+    if has_tokenizer_json; then
+      run_ok tok_train "$bin" train --preset qwen3-32b --layers 2 --hidden 64 --heads 4 --tokenizer "$tokenizer_json/qwen2" \
+        --text "$corpus" --seq-len 32 --batch 4 --steps 10 --lr 1e-3 --device cpu --quiet --export tok_export
+      run_ok hf_tok "$ZO2_HF_PYTHON" "$llama_fixtures/check_export_hf.py" tok_export --zo2 "$bin" --input-ids 39,285,579,300,286,75,67
+      cat hf_tok.out
+    fi
+    ;;
+
+  llama_gpu)
+    # The LLaMA family on the GPU (LlamaCudaModel<float>): resident and offloaded, resumed
+    # bit-exactly; the CPU and GPU agree on the start loss. Skipped (and says so) without a GPU.
+    make_ids ids.jsonl
+    fx=$llama_fixtures/qwen2_bias_bf16
+    if ! "$bin" train --model "$fx" --data ids.jsonl --device cuda --steps 1 --quiet >probe.out 2>probe.err; then
+      if grep -Eq "built without CUDA|no CUDA GPU is present" probe.err; then
+        echo "SKIPPED: no CUDA device ($(cat probe.err))"
+        exit 0
+      fi
+      cat probe.out probe.err >&2
+      fail "train --device cuda failed"
+    fi
+    common=(--model "$fx" --data ids.jsonl --batch 4 --lr 5e-3 --quiet --device cuda)
+    for mode in resident fp32 bf16; do
+      extra=()
+      [ "$mode" != resident ] && extra=(--offload --codec "$mode")
+      run_ok "full_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 24 --export "full_$mode"
+      loss_fell "full_$mode.out" || fail "$mode: loss did not fall: $(json_field "full_$mode.out" start_loss) -> $(json_field "full_$mode.out" end_loss)"
+      run_ok "first_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 12 --checkpoint-every 6 --checkpoint-dir "ck_$mode"
+      run_ok "resumed_$mode" "$bin" train --resume "ck_$mode" --device cuda "${extra[@]}" --steps 24 --export "resumed_$mode" --quiet
+      cmp "full_$mode/model.safetensors" "resumed_$mode/model.safetensors" ||
+        fail "$mode: the resumed run's weights differ from the uninterrupted run's"
+      echo "$mode: loss $(json_field "full_$mode.out" start_loss) -> $(json_field "full_$mode.out" end_loss), resume bit-exact"
+    done
+    cmp full_resident/model.safetensors full_fp32/model.safetensors || fail "offload fp32 and resident runs differ"
+    run_ok cpu "$bin" train --model "$fx" --data ids.jsonl --batch 4 --quiet --device cpu --steps 1
+    awk -v a="$(json_field cpu.out start_loss)" -v b="$(json_field full_resident.out start_loss)" \
+      'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d < 1e-4 * (a < 0 ? -a : a)) }' ||
+      fail "CPU start loss $(json_field cpu.out start_loss) != GPU $(json_field full_resident.out start_loss)"
     ;;
 
   *) fail "unknown case" ;;

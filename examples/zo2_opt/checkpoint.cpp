@@ -19,7 +19,7 @@ namespace zo2_opt {
 
 namespace fs = std::filesystem;
 
-fs::path save_checkpoint(const fs::path& checkpoint_dir, std::uint64_t step, const zo2::opt::OPTConfig& config,
+fs::path save_checkpoint(const fs::path& checkpoint_dir, std::uint64_t step, const ModelConfig& config,
                          const zo2::ParameterStore<float>& store, const Tokenizer* tokenizer,
                          const nlohmann::json& state, const EncodedState* encoded, const RuleState* rule_state) {
   char name[32];
@@ -175,7 +175,8 @@ const StateField kStateFields[] = {
     {"", "updates", Kind::integer, 0, kMaxU32},  // also at most "step"
     {"train", "total_steps", Kind::integer, 0, kMaxU32},
     {"train", "batch", Kind::integer, 1, kMaxBatch},
-    {"train", "seq_len", Kind::integer, 2, static_cast<std::uint64_t>(zo2::opt::OPTConfig::kMaxPositions)},
+    {"train", "seq_len", Kind::integer, 2,
+     static_cast<std::uint64_t>(std::max(zo2::opt::OPTConfig::kMaxPositions, zo2::llama::LlamaConfig::kMaxPositions))},
     {"train", "eval_every", Kind::integer, 0, kMaxU64},
     {"train", "eval_limit", Kind::integer, 0, kMaxU64},
     {"train", "checkpoint_every", Kind::integer, 0, kMaxU64},

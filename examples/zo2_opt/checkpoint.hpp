@@ -1,6 +1,7 @@
 // zo2-opt: training checkpoints. A checkpoint is a directory
-//   <checkpoint-dir>/step-00000100/{config.json, model.safetensors, vocab.json, merges.txt, state.json}
-// that is itself an HF-loadable model directory; state.json adds what a bit-exact resume needs
+//   <checkpoint-dir>/step-00000100/{config.json, model.safetensors, tokenizer files, state.json}
+// that is itself an HF-loadable model directory of the run's family (the tokenizer files:
+// vocab.json + merges.txt, or tokenizer.json and its companions, as the run's tokenizer came); state.json adds what a bit-exact resume needs
 // (step, seed, optimizer config, data and batch settings). It is written into a temporary
 // directory, every file fsync'ed, then renamed into place: a crash leaves the old checkpoint or
 // the new one, never half of one. The optimizer is flush()ed first, so the weights are theta at
@@ -13,10 +14,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include <zo2/models/opt/config.hpp>
 #include <zo2/optim/parameter_store.hpp>
 
 #include "engine.hpp"
+#include "model_config.hpp"
 #include "tokenizer.hpp"
 
 namespace zo2_opt {
@@ -33,7 +34,7 @@ inline constexpr const char* kRuleStateFile = "optimizer_state.safetensors";
 /// `encoded` (optional) is written as kEncodedStateFile beside the weights, `rule_state` (when
 /// it has slots) as kRuleStateFile.
 std::filesystem::path save_checkpoint(const std::filesystem::path& checkpoint_dir, std::uint64_t step,
-                                      const zo2::opt::OPTConfig& config, const zo2::ParameterStore<float>& store,
+                                      const ModelConfig& config, const zo2::ParameterStore<float>& store,
                                       const Tokenizer* tokenizer, const nlohmann::json& state,
                                       const EncodedState* encoded = nullptr, const RuleState* rule_state = nullptr);
 

@@ -4,8 +4,19 @@
 #include <cmath>
 #include <cstdlib>
 #include <sstream>
+#include <utility>
 
 namespace zo2_opt {
+
+namespace {
+std::string& program_name_storage() {
+  static std::string name = "zo2-opt";
+  return name;
+}
+}  // namespace
+
+const std::string& program_name() { return program_name_storage(); }
+void set_program_name(std::string name) { program_name_storage() = std::move(name); }
 
 Args::Args(const CommandSpec& spec, const std::vector<std::string>& argv) : command_(spec.name) {
   for (std::size_t i = 0; i < argv.size(); ++i) {
@@ -22,12 +33,12 @@ Args::Args(const CommandSpec& spec, const std::vector<std::string>& argv) : comm
         arg = arg.substr(0, eq);
       }
     } else {
-      throw UsageError(spec.name + ": unexpected argument '" + arg + "' (see zo2-opt " + spec.name + " --help)");
+      throw UsageError(spec.name + ": unexpected argument '" + arg + "' (see " + program_name() + " " + spec.name + " --help)");
     }
     const OptionSpec* found = nullptr;
     for (const OptionSpec& o : spec.options)
       if (o.name == arg) found = &o;
-    if (!found) throw UsageError(spec.name + ": unknown option '" + arg + "' (see zo2-opt " + spec.name + " --help)");
+    if (!found) throw UsageError(spec.name + ": unknown option '" + arg + "' (see " + program_name() + " " + spec.name + " --help)");
     if (found->metavar.empty()) {
       if (inline_value) throw UsageError(spec.name + ": option '" + arg + "' takes no value");
       values_[arg] = std::string(1, '1');
@@ -112,7 +123,13 @@ std::string render_help(const CommandSpec& spec) {
   }
   os << "  --help" << std::string(width - 6 + 2, ' ') << "show this help\n";
   if (!spec.epilog.empty()) os << "\n" << spec.epilog;
-  return os.str();
+  std::string text = os.str();
+  if (program_name() != "zo2-opt") {
+    const std::string from = "zo2-opt ", to = program_name() + " ";
+    for (std::size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size()))
+      text.replace(at, from.size(), to);
+  }
+  return text;
 }
 
 std::vector<std::string> split_list(const std::string& text, char separator) {

@@ -74,6 +74,12 @@ class Args {
   bool help_ = false;
 };
 
+/// The name the program was invoked by ("zo2", or its alias "zo2-opt"), for usage lines and
+/// messages; "zo2-opt" until main() sets it.
+const std::string& program_name();
+void set_program_name(std::string name);
+
+/// The spec's table as --help prints it, "zo2-opt" in its texts replaced by program_name().
 std::string render_help(const CommandSpec& spec);
 
 /// "great,terrible" -> {"great", "terrible"} (empty pieces dropped, spaces trimmed).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -47,15 +48,19 @@ std::vector<std::int32_t> int_array(const nlohmann::json& value, const char* fie
   return out;
 }
 
-void add_windows(Dataset& d, const std::vector<std::int32_t>& tokens, std::int32_t bos, const DataOptions& o,
-                 const std::string& origin) {
-  const std::size_t body = std::max<std::size_t>(1, o.seq_len - 1);
+/// Windows of seq_len tokens, each starting with `bos` when the tokenizer has one (Qwen's has
+/// none: the windows are then seq_len tokens of text).
+void add_windows(Dataset& d, const std::vector<std::int32_t>& tokens, std::optional<std::int32_t> bos,
+                 const DataOptions& o, const std::string& origin) {
+  const std::size_t body = bos ? std::max<std::size_t>(1, o.seq_len - 1) : std::max<std::size_t>(1, o.seq_len);
   for (std::size_t start = 0; start < tokens.size(); start += body) {
     const std::size_t count = std::min(body, tokens.size() - start);
-    if (count < 1) break;
+    if (count < 1 || (!bos && count < 2)) break;  // a lone token predicts nothing
     Example e;
-    e.ids.push_back(bos);
-    e.ids.insert(e.ids.end(), tokens.begin() + start, tokens.begin() + start + count);
+    const std::size_t head = bos ? 1 : 0;
+    e.ids.resize(head + count);
+    if (bos) e.ids[0] = *bos;
+    std::copy_n(tokens.begin() + static_cast<std::ptrdiff_t>(start), count, e.ids.begin() + static_cast<std::ptrdiff_t>(head));
     e.labels = e.ids;
     e.origin = origin + ":window " + std::to_string(d.examples.size() + 1);
     d.examples.push_back(std::move(e));
@@ -64,7 +69,7 @@ void add_windows(Dataset& d, const std::vector<std::int32_t>& tokens, std::int32
 
 const Tokenizer& need_tokenizer(const Tokenizer* t, const std::string& origin) {
   if (!t)
-    throw line_error(origin, "text needs a tokenizer: the model directory has no vocab.json/merges.txt (pass --tokenizer DIR, or use pre-tokenized {\"input_ids\": [...]} data)");
+    throw line_error(origin, "text needs a tokenizer: the model directory has no tokenizer.json or vocab.json/merges.txt (pass --tokenizer DIR, or use pre-tokenized {\"input_ids\": [...]} data)");
   return *t;
 }
 
@@ -72,7 +77,7 @@ const Tokenizer& need_tokenizer(const Tokenizer* t, const std::string& origin) {
 
 std::vector<std::int32_t> prompt_ids(const Tokenizer& tokenizer, const std::string& template_text,
                                      const std::string& prompt) {
-  return tokenizer.encode(replace_all(template_text, "{prompt}", prompt), /*add_bos=*/true);
+  return tokenizer.encode(replace_all(template_text, "{prompt}", prompt), /*add_special=*/true);
 }
 
 Dataset text_windows(std::string_view text, const std::string& source, const Tokenizer& tokenizer,
@@ -160,9 +165,10 @@ Dataset load_dataset(const fs::path& path, bool plain_text, const Tokenizer* tok
       if (cand.size() + 2 > o.seq_len)
         throw line_error(origin, "candidate '" + o.candidates[static_cast<std::size_t>(index)] + "' does not fit in --seq-len " +
                                      std::to_string(o.seq_len));
-      if (prompt.size() + cand.size() > o.seq_len) {  // keep </s> and the end of the prompt
-        const std::size_t keep = o.seq_len - cand.size() - 1;
-        prompt.erase(prompt.begin() + 1, prompt.end() - static_cast<std::ptrdiff_t>(keep));
+      if (prompt.size() + cand.size() > o.seq_len) {  // keep the bos (OPT's </s>) and the end of the prompt
+        const std::size_t head = tok.bos_id() && !prompt.empty() && prompt[0] == *tok.bos_id() ? 1 : 0;
+        const std::size_t keep = o.seq_len - cand.size() - head;
+        prompt.erase(prompt.begin() + static_cast<std::ptrdiff_t>(head), prompt.end() - static_cast<std::ptrdiff_t>(keep));
         ++d.truncated;
       }
       e.ids = prompt;

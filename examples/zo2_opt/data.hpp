@@ -1,6 +1,7 @@
 // zo2-opt: datasets and batches.
 //
-// Formats: plain text (cut into windows of --seq-len tokens, each starting with OPT's </s>);
+// Formats: plain text (cut into windows of --seq-len tokens, each starting with the tokenizer's
+// bos when it has one: OPT's </s>, LLaMA's <s>; Qwen's tokenizers have none);
 // JSONL with {"text": ...} (language modelling), {"prompt": ..., "label": ...} (classification
 // as MeZO does it: the loss is on the label's candidate tokens only), or pre-tokenized
 // {"input_ids": [...], "labels": [...]?}.
@@ -61,7 +62,8 @@ Dataset load_dataset(const std::filesystem::path& path, bool plain_text, const T
 Dataset text_windows(std::string_view text, const std::string& source, const Tokenizer& tokenizer,
                      const DataOptions& options);
 
-/// Prompt ids of a classification line (for scoring): bos + template(prompt).
+/// Prompt ids of a classification line (for scoring): template(prompt) with the tokenizer's special
+/// tokens (OPT: a leading </s>).
 std::vector<std::int32_t> prompt_ids(const Tokenizer& tokenizer, const std::string& template_text,
                                      const std::string& prompt);
 

@@ -1,6 +1,7 @@
 // zo2-opt: a model, its parameters and a MeZO-SGD optimizer on one device. The commands (train,
-// eval, generate) talk to this interface only; engine_cpu.cpp implements it with the CPU
-// reference model and the Resident policy, engine_cuda.cu with the CUDA model.
+// eval, generate) talk to this interface only; engine_cpu.cpp implements it with the family's CPU
+// reference model and the Resident policy, engine_cuda.cu with its CUDA model. Both are templates
+// over the model family (OPT, LLaMA), instantiated once per family.
 #pragma once
 
 #include <cstdint>
@@ -12,12 +13,14 @@
 
 #include <zo2/core/config.hpp>
 #include <zo2/core/error.hpp>
+#include <zo2/models/llama/config.hpp>
 #include <zo2/models/opt/config.hpp>
 #include <zo2/optim/parameter_store.hpp>
 #include <zo2/optim/step_types.hpp>
 #include <zo2/optim/zo_optimizer.hpp>
 
 #include "data.hpp"
+#include "model_config.hpp"
 
 namespace zo2_opt {
 
@@ -99,16 +102,21 @@ class Engine {
   }
 };
 
-std::unique_ptr<Engine> make_cpu_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+/// The family's CPU model (OPTModel<float> or LlamaModel<float>) with the Resident policy.
+std::unique_ptr<Engine> make_cpu_engine(const ModelConfig& config, zo2::ParameterStore<float> store,
                                         const EngineOptions& options);
-/// Defined in engine_cuda.cu in CUDA builds; otherwise throws "built without CUDA".
+/// Defined in engine_cuda.cu in CUDA builds (OPTCudaModel<float>, LlamaCudaModel<float>); otherwise
+/// throws "built without CUDA".
 std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+                                         const EngineOptions& options);
+std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig& config, zo2::ParameterStore<float> store,
                                          const EngineOptions& options);
 bool cuda_built();
 
-inline std::unique_ptr<Engine> make_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+inline std::unique_ptr<Engine> make_engine(const ModelConfig& config, zo2::ParameterStore<float> store,
                                            const EngineOptions& options) {
-  if (options.device == "cuda") return make_cuda_engine(config, std::move(store), options);
+  if (options.device == "cuda")
+    return config.visit([&](const auto& c) { return make_cuda_engine(c, std::move(store), options); });
   return make_cpu_engine(config, std::move(store), options);
 }
 

@@ -1,7 +1,11 @@
-// The CPU engine: OPTModel<float> (Eigen) + Resident<float, float> + ZOOptimizer.
+// The CPU engine: the family's CPU model (OPTModel<float> or LlamaModel<float>, Eigen) +
+// Resident<float, float> + ZOOptimizer. One template, CpuEngine<Model>; what differs between
+// families is said by CpuFamily<Model> (the host batch and the whole-model conveniences).
 #include <memory>
+#include <type_traits>
 
 #include <zo2/zo2.hpp>
+#include <zo2/models/llama/model.hpp>
 #include <zo2/models/opt/model.hpp>
 
 #include "cli.hpp"
@@ -12,28 +16,51 @@ namespace zo2_opt {
 
 namespace {
 
-using Model = zo2::opt::OPTModel<float>;
+/// A family's adapter: its model's Batch from zo2-opt's TokenBatch (right padding, labels -100
+/// where ignored), and the parameter set its logits() and score_candidates() read. Both bundled
+/// families take the same fields (the LLaMA family's rotary positions are 0..seq-1 per row, as
+/// transformers' forward uses them with right padding), so one definition serves both; a family
+/// whose batch differs specializes it.
+template <class Model>
+struct CpuFamily {
+  using Batch = typename Model::Batch;
 
-Model::Batch to_model_batch(const TokenBatch& b) {
-  Model::Batch m;
-  m.batch = b.batch;
-  m.seq = b.seq;
-  m.input_ids = b.input_ids;
-  m.attention_mask = b.attention_mask;
-  m.labels = b.labels;
-  return m;
-}
+  static Batch batch(const TokenBatch& b) {
+    Batch m;
+    m.batch = b.batch;
+    m.seq = b.seq;
+    m.input_ids = b.input_ids;
+    m.attention_mask = b.attention_mask;
+    m.labels = b.labels;
+    return m;
+  }
 
+  /// One unpadded sequence, no labels (for logits).
+  static Batch sequence(std::span<const std::int32_t> ids) {
+    Batch m;
+    m.batch = 1;
+    m.seq = ids.size();
+    m.input_ids.assign(ids.begin(), ids.end());
+    return m;
+  }
+
+  static auto params(const zo2::ParameterStore<float>& store) { return zo2::opt::param_set(store); }
+};
+
+template <class Model>
 class CpuEngine final : public Engine {
+  using Family = CpuFamily<Model>;
+
  public:
-  CpuEngine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store, const EngineOptions& options)
+  template <class Config>
+  CpuEngine(const Config& config, zo2::ParameterStore<float> store, const EngineOptions& options)
       : model_(config), store_(std::move(store)), policy_(store_),
         optimizer_(model_, policy_, options.zo, options.start_step) {}
 
-  zo2::StepResult step(const TokenBatch& batch) override { return optimizer_.step(to_model_batch(batch)); }
+  zo2::StepResult step(const TokenBatch& batch) override { return optimizer_.step(Family::batch(batch)); }
   zo2::StepResult step_accumulated(std::span<const TokenBatch> micro) override {
-    std::vector<Model::Batch> batches;
-    for (const TokenBatch& b : micro) batches.push_back(to_model_batch(b));
+    std::vector<typename Model::Batch> batches;
+    for (const TokenBatch& b : micro) batches.push_back(Family::batch(b));
     return optimizer_.step_accumulated(batches);
   }
   void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
@@ -43,22 +70,18 @@ class CpuEngine final : public Engine {
   }
   void set_rule_state(const RuleState& state) override { write_rule_state(policy_, state); }
 
-  double loss(const TokenBatch& batch) override { return optimizer_.evaluate(to_model_batch(batch)); }
+  double loss(const TokenBatch& batch) override { return optimizer_.evaluate(Family::batch(batch)); }
 
   std::vector<float> logits(std::span<const std::int32_t> ids) override {
     optimizer_.flush();
-    Model::Batch b;
-    b.batch = 1;
-    b.seq = ids.size();
-    b.input_ids.assign(ids.begin(), ids.end());
-    const auto all = model_.logits(zo2::opt::param_set(store_), b, workspace_);  // row-major
+    const auto all = model_.logits(Family::params(store_), Family::sequence(ids), workspace_);  // row-major
     return std::vector<float>(all.data(), all.data() + all.size());
   }
 
   std::vector<double> score_candidates(std::span<const std::int32_t> prompt,
                                        const std::vector<std::vector<std::int32_t>>& candidates) override {
     optimizer_.flush();
-    return model_.score_candidates(zo2::opt::param_set(store_), prompt, candidates, workspace_);
+    return model_.score_candidates(Family::params(store_), prompt, candidates, workspace_);
   }
 
   void flush() override { optimizer_.flush(); }
@@ -77,17 +100,22 @@ class CpuEngine final : public Engine {
   zo2::ParameterStore<float> store_;
   zo2::Resident<float, float> policy_;
   zo2::ZOOptimizer<Model> optimizer_;
-  Model::Workspace workspace_;
+  typename Model::Workspace workspace_;
 };
 
 }  // namespace
 
-std::unique_ptr<Engine> make_cpu_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+std::unique_ptr<Engine> make_cpu_engine(const ModelConfig& config, zo2::ParameterStore<float> store,
                                         const EngineOptions& options) {
   if (options.offload)
     throw UsageError(cuda_built() ? "--offload streams weights to a GPU: it needs --device cuda"
                                   : "--offload: offload not available in this build (built without CUDA; the offload engine needs --device cuda)");
-  return std::make_unique<CpuEngine>(config, std::move(store), options);
+  return config.visit([&](const auto& c) -> std::unique_ptr<Engine> {
+    if constexpr (std::is_same_v<std::decay_t<decltype(c)>, zo2::opt::OPTConfig>)
+      return std::make_unique<CpuEngine<zo2::opt::OPTModel<float>>>(c, std::move(store), options);
+    else
+      return std::make_unique<CpuEngine<zo2::llama::LlamaModel<float>>>(c, std::move(store), options);
+  });
 }
 
 }  // namespace zo2_opt

@@ -1,4 +1,5 @@
-// The CUDA engine (built when ZO2_ENABLE_CUDA is on): OPTCudaModel<float> with the weights on
+// The CUDA engine (built when ZO2_ENABLE_CUDA is on): the family's CUDA model (OPTCudaModel<float>
+// or LlamaCudaModel<float>: CudaEngine<Model, Policy>, one template for both) with the weights on
 // the GPU (zo2::cuda::CudaResident), or streamed from host memory (zo2::cuda::HostOffload, ZO2's
 // offload engine) with --offload. Everything the model enqueues runs on the policy's stream.
 // Training, evaluation and generation all run under either policy: evaluation and logits take
@@ -12,6 +13,7 @@
 #include <string>
 
 #include <zo2/zo2.hpp>
+#include <zo2/models/llama/cuda/llama_cuda_model.cuh>
 #include <zo2/models/opt/cuda/opt_cuda_model.cuh>
 #include <zo2/offload/codecs.hpp>
 #include <zo2/offload/packed_bf16.hpp>
@@ -28,9 +30,7 @@ namespace zo2_opt {
 
 namespace {
 
-using Model = zo2::opt::OPTCudaModel<float>;
-
-template <class Policy>
+template <class Model, class Policy>
 class CudaEngine final : public Engine {
   /// Whether float parameters alone would not restore the policy exactly (row-scaled codecs).
   static constexpr bool kSticky = [] {
@@ -39,8 +39,8 @@ class CudaEngine final : public Engine {
   }();
 
  public:
-  template <class... PolicyArgs>
-  CudaEngine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store, const EngineOptions& options,
+  template <class Config, class... PolicyArgs>
+  CudaEngine(const Config& config, zo2::ParameterStore<float> store, const EngineOptions& options,
              std::string description, PolicyArgs&&... policy_args)
       : host_(std::move(store)), model_(config), policy_(host_, std::forward<PolicyArgs>(policy_args)...),
         optimizer_((model_.set_stream(policy_.stream()), model_), policy_, options.zo, options.start_step),
@@ -188,8 +188,8 @@ std::string gpu_name() {
   return std::string("cuda (") + prop.name + ")";
 }
 
-template <class Codec>
-std::unique_ptr<Engine> make_offload(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+template <class Model, class Codec, class Config>
+std::unique_ptr<Engine> make_offload(const Config& config, zo2::ParameterStore<float> store,
                                      const EngineOptions& options) {
   zo2::cuda::OffloadOptions offload;
   // The rule's state is planned with the masters (no re-plan when the optimizer reserves it).
@@ -200,7 +200,7 @@ std::unique_ptr<Engine> make_offload(const zo2::opt::OPTConfig& config, zo2::Par
   offload.writeback_every = options.writeback_every;
   if (offload.writeback_every == 0) offload.link = zo2::cuda::measure_link();
   // The codec is both the precision the weights rest in on the host (the master) and the one
-  // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>).
+  // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>, LlamaCudaModel<float>).
   std::string description = gpu_name() + ", offload: master and transfer " + Codec::name +
                             (Codec::row_scaled ? " (per-row scales)" : "") + ", forward fp32";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
@@ -210,8 +210,8 @@ std::unique_ptr<Engine> make_offload(const zo2::opt::OPTConfig& config, zo2::Par
                    (offload.writeback_every == 0 ? " (link " + std::to_string(offload.link.one_way_gbps) + " GB/s one-way, " +
                                                        std::to_string(offload.link.duplex_gbps) + " in duplex)"
                                                  : std::string());
-  return std::make_unique<CudaEngine<zo2::cuda::HostOffload<Codec, float>>>(config, std::move(store), options, description,
-                                                                             offload);
+  return std::make_unique<CudaEngine<Model, zo2::cuda::HostOffload<Codec, float>>>(config, std::move(store), options,
+                                                                                    description, offload);
 }
 
 }  // namespace
@@ -229,18 +229,31 @@ void check_device_available(const std::string& device) {
                      (rc != cudaSuccess ? cudaGetErrorString(rc) : "cudaGetDeviceCount found 0 devices") + ")");
 }
 
-std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
-                                         const EngineOptions& options) {
+/// The engine of one family's CUDA model: resident, or offloaded with --codec.
+template <class Model, class Config>
+std::unique_ptr<Engine> make_family_engine(const Config& config, zo2::ParameterStore<float> store,
+                                           const EngineOptions& options) {
   check_device_available("cuda");
   if (!options.offload)
-    return std::make_unique<CudaEngine<zo2::cuda::CudaResident<float, float>>>(config, std::move(store), options, gpu_name());
+    return std::make_unique<CudaEngine<Model, zo2::cuda::CudaResident<float, float>>>(config, std::move(store), options,
+                                                                                      gpu_name());
   const std::string codec = options.codec.empty() ? "fp32" : options.codec;
-  if (codec == "fp32") return make_offload<zo2::offload::Fp32Codec>(config, std::move(store), options);
-  if (codec == "bf16") return make_offload<zo2::offload::Bf16Codec>(config, std::move(store), options);
-  if (codec == "fp16") return make_offload<zo2::offload::Fp16Codec>(config, std::move(store), options);
-  if (codec == "int8") return make_offload<zo2::offload::Int8RowCodec>(config, std::move(store), options);
-  if (codec == "bf16p") return make_offload<zo2::offload::Bf16PackedCodec>(config, std::move(store), options);
+  if (codec == "fp32") return make_offload<Model, zo2::offload::Fp32Codec>(config, std::move(store), options);
+  if (codec == "bf16") return make_offload<Model, zo2::offload::Bf16Codec>(config, std::move(store), options);
+  if (codec == "fp16") return make_offload<Model, zo2::offload::Fp16Codec>(config, std::move(store), options);
+  if (codec == "int8") return make_offload<Model, zo2::offload::Int8RowCodec>(config, std::move(store), options);
+  if (codec == "bf16p") return make_offload<Model, zo2::offload::Bf16PackedCodec>(config, std::move(store), options);
   throw UsageError("--codec must be fp32, bf16, bf16p, fp16 or int8, got '" + codec + "'");
+}
+
+std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+                                         const EngineOptions& options) {
+  return make_family_engine<zo2::opt::OPTCudaModel<float>>(config, std::move(store), options);
+}
+
+std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig& config, zo2::ParameterStore<float> store,
+                                         const EngineOptions& options) {
+  return make_family_engine<zo2::llama::LlamaCudaModel<float>>(config, std::move(store), options);
 }
 
 }  // namespace zo2_opt

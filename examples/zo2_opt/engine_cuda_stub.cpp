@@ -10,6 +10,10 @@ std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig&, zo2::Parame
   throw UsageError("--device cuda: this zo2-opt was built without CUDA (configure with -DZO2_ENABLE_CUDA=ON)");
 }
 
+std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig&, zo2::ParameterStore<float>, const EngineOptions&) {
+  throw UsageError("--device cuda: this zo2-opt was built without CUDA (configure with -DZO2_ENABLE_CUDA=ON)");
+}
+
 }  // namespace zo2_opt
 
 #include "options.hpp"

@@ -56,11 +56,11 @@ namespace {
 CommandSpec eval_spec() {
   CommandSpec s;
   s.name = "eval";
-  s.summary = "zo2-opt eval: loss and perplexity (language modelling) or accuracy (classification) of a model";
+  s.summary = "zo2-opt eval: loss and perplexity (language modelling) or accuracy (classification) of a model (OPT, LLaMA, Qwen2/3, Mistral)";
   s.usage = "zo2-opt eval --model DIR (--data FILE | --text FILE) [options]";
   s.options = {
       {"--model", "DIR", "HF checkpoint directory or a zo2-opt checkpoint (directory or --checkpoint-dir)", ""},
-      {"--tokenizer", "DIR", "directory with vocab.json + merges.txt", "the model directory"},
+      {"--tokenizer", "DIR", "directory with tokenizer.json, or vocab.json + merges.txt", "the model directory"},
       {"--data", "FILE", "JSONL ({\"text\"}, {\"prompt\",\"label\"} or {\"input_ids\"}) or plain text", ""},
       {"--text", "FILE", "plain text file, cut into --seq-len windows", ""},
       {"--template", "TEXT", "classification prompt template; {prompt} is replaced by the prompt", "{prompt}"},
@@ -100,7 +100,7 @@ int run_eval(const std::vector<std::string>& argv) {
   engine_options.device = device;
   apply_offload_flags(args, engine_options);
   auto engine = make_engine(model.config, std::move(model.store), engine_options);
-  const std::int32_t pad = static_cast<std::int32_t>(std::max<std::int64_t>(0, model.config.pad_token_id));
+  const std::int32_t pad = static_cast<std::int32_t>(std::max<std::int64_t>(0, model.config.pad_token_id()));
   const bool per_example = args.flag("--per-example");
   const EvalResult r = evaluate_dataset(
       *engine, data, static_cast<std::size_t>(args.integer("--batch", 8)), pad,

@@ -5,10 +5,15 @@
 #include <cstdio>
 #include <new>
 #include <optional>
+#include <type_traits>
 
 #include <zo2/core/error.hpp>
 #include <zo2/core/philox.hpp>
+#include <zo2/io/json_limits.hpp>
+#include <zo2/models/llama/loader.hpp>
 #include <zo2/models/opt/loader.hpp>
+
+#include <nlohmann/json.hpp>
 
 #include "cli.hpp"
 #include "fs_util.hpp"
@@ -16,7 +21,29 @@
 namespace zo2_opt {
 
 namespace fs = std::filesystem;
+using zo2::llama::LlamaConfig;
 using zo2::opt::OPTConfig;
+
+namespace {
+
+/// config.json's model_type ("" when it has none), checked before the family's reader runs.
+std::string model_type_of(const fs::path& file) {
+  const std::string text = read_file(file);
+  zo2::io::check_json_depth(text, file.string());
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw zo2::FileError(file.string(), std::string("not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) throw zo2::FileError(file.string(), "config is not a JSON object");
+  if (!j.contains("model_type") || j.at("model_type").is_null()) return "";
+  if (!j.at("model_type").is_string())
+    throw zo2::FileError(file.string(), "field 'model_type' must be a string, got " + j.at("model_type").dump());
+  return j.at("model_type").get<std::string>();
+}
+
+}  // namespace
 
 LoadedModel load_model_dir(const fs::path& dir) {
   if (!fs::is_directory(dir)) throw zo2::FileError(dir.string(), "no such model directory");
@@ -25,10 +52,19 @@ LoadedModel load_model_dir(const fs::path& dir) {
   if (!fs::exists(dir / "model.safetensors") && !fs::exists(dir / "model.safetensors.index.json"))
     throw zo2::FileError((dir / "model.safetensors").string(),
                          "missing (a model directory needs config.json and model.safetensors or model.safetensors.index.json)");
-  auto loaded = zo2::opt::load_opt_checkpoint<float>(dir);
-  std::optional<Tokenizer> tokenizer;
-  if (Tokenizer::present_in(dir)) tokenizer = Tokenizer::from_directory(dir);
-  return LoadedModel{std::move(loaded.config), std::move(loaded.store), std::move(tokenizer), dir.string()};
+  const std::string model_type = model_type_of(dir / "config.json");
+  const std::optional<Family> family = family_of_model_type(model_type);
+  if (!family)
+    throw zo2::FileError((dir / "config.json").string(), "field 'model_type' is '" + model_type +
+                                                             "', which zo2 does not support (" +
+                                                             supported_model_types_text() + ")");
+  auto with_tokenizer = [&](auto loaded) {
+    std::optional<Tokenizer> tokenizer;
+    if (Tokenizer::present_in(dir)) tokenizer = Tokenizer::from_directory(dir);
+    return LoadedModel{ModelConfig(std::move(loaded.config)), std::move(loaded.store), std::move(tokenizer), dir.string()};
+  };
+  if (*family == Family::llama) return with_tokenizer(zo2::llama::load_llama_checkpoint<float>(dir));
+  return with_tokenizer(zo2::opt::load_opt_checkpoint<float>(dir));
 }
 
 OPTConfig demo_config() {
@@ -43,8 +79,23 @@ OPTConfig demo_config() {
   return c;
 }
 
-OPTConfig preset_config(const std::string& name, std::int64_t layers, std::int64_t hidden, std::int64_t heads,
-                        std::int64_t vocab_size) {
+std::vector<std::string> preset_names() {
+  std::vector<std::string> names = {"demo"};
+  for (const auto& n : OPTConfig::preset_names()) names.push_back(n);
+  for (const auto& n : LlamaConfig::preset_names()) names.push_back(n);
+  return names;
+}
+
+namespace {
+
+bool is_llama_preset(const std::string& name) {
+  for (const auto& n : LlamaConfig::preset_names())
+    if (n == name) return true;
+  return false;
+}
+
+OPTConfig opt_preset_config(const std::string& name, std::int64_t layers, std::int64_t hidden, std::int64_t heads,
+                            std::int64_t vocab_size) {
   OPTConfig c = name == "demo" ? demo_config() : OPTConfig::preset(name);
   // The flag each overridden field comes from, for the message when validate() rejects it.
   auto flag_of = [](const std::string& field) -> std::string {
@@ -77,10 +128,85 @@ OPTConfig preset_config(const std::string& name, std::int64_t layers, std::int64
   return c;
 }
 
-zo2::ParameterStore<float> random_parameters(const OPTConfig& config, std::uint64_t seed) {
-  // A config inside OPTConfig's bounds can still ask for more memory than the machine has:
+LlamaConfig llama_preset_config(const std::string& name, std::int64_t layers, std::int64_t hidden, std::int64_t heads,
+                                std::int64_t vocab_size) {
+  LlamaConfig c = LlamaConfig::preset(name);
+  auto flag_of = [](const std::string& field) -> std::string {
+    if (field == "num_hidden_layers") return "--layers";
+    if (field == "hidden_size" || field == "intermediate_size") return "--hidden";
+    if (field == "num_attention_heads" || field == "num_key_value_heads") return "--heads";
+    if (field == "head_dim") return "--hidden/--heads";
+    if (field == "vocab_size") return "--vocab-size";
+    return "";
+  };
+  // Before hidden x the preset's FFN ratio, or hidden / heads, is computed.
+  if (hidden > LlamaConfig::kMaxHiddenSize)
+    throw UsageError("--hidden " + std::to_string(hidden) + " is too large: the most is " +
+                     std::to_string(LlamaConfig::kMaxHiddenSize));
+  if (heads > LlamaConfig::kMaxHeads)
+    throw UsageError("--heads " + std::to_string(heads) + " is too large: the most is " +
+                     std::to_string(LlamaConfig::kMaxHeads));
+  if (layers > 0) c.num_hidden_layers = layers;
+  if (hidden > 0 || heads > 0) {
+    const std::int64_t h = hidden > 0 ? hidden : c.hidden_size;
+    // Without --heads: the preset's head width where it divides the new hidden size, else as OPT picks.
+    const std::int64_t n = heads > 0 ? heads
+                           : h % c.head_dim == 0 ? h / c.head_dim
+                           : h % 64 == 0         ? h / 64
+                           : h % 4 == 0          ? 4
+                                                 : 1;
+    if (h % n != 0)
+      throw UsageError("--heads " + std::to_string(n) + " does not divide the hidden size " + std::to_string(h) +
+                       " (head_dim = hidden / heads)");
+    const std::int64_t group = c.num_attention_heads / c.num_key_value_heads;  // queries per key/value head
+    if (hidden > 0) c.intermediate_size = std::max<std::int64_t>(1, h * c.intermediate_size / c.hidden_size);
+    c.hidden_size = h;
+    c.num_attention_heads = n;
+    c.num_key_value_heads = n % group == 0 ? n / group : n;
+    c.head_dim = h / n;
+  }
+  if (vocab_size > 0) {
+    c.vocab_size = vocab_size;
+    // The preset's special ids belong to its own vocabulary: those outside the new one go.
+    if (c.bos_token_id >= vocab_size) c.bos_token_id = -1;
+    if (c.pad_token_id >= vocab_size) c.pad_token_id = -1;
+    std::erase_if(c.eos_token_ids, [&](std::int64_t id) { return id >= vocab_size; });
+  }
+  try {
+    c.validate();
+  } catch (const zo2::ConfigError& e) {
+    const std::string flag = flag_of(e.field());
+    throw UsageError((flag.empty() ? std::string() : flag + ": ") + "model overrides give an invalid config: " + e.what());
+  }
+  return c;
+}
+
+}  // namespace
+
+ModelConfig preset_config(const std::string& name, std::int64_t layers, std::int64_t hidden, std::int64_t heads,
+                          std::int64_t vocab_size) {
+  if (is_llama_preset(name)) return llama_preset_config(name, layers, hidden, heads, vocab_size);
+  bool known = name == "demo";
+  for (const auto& n : OPTConfig::preset_names()) known = known || n == name;
+  if (!known) {
+    std::string valid;
+    for (const auto& n : preset_names()) valid += (valid.empty() ? "" : ", ") + n;
+    throw UsageError("--preset: unknown preset '" + name + "' (valid: " + valid + ")");
+  }
+  return opt_preset_config(name, layers, hidden, heads, vocab_size);
+}
+
+zo2::ModelLayout model_layout(const ModelConfig& config) {
+  return config.visit([](const auto& c) {
+    if constexpr (std::is_same_v<std::decay_t<decltype(c)>, OPTConfig>) return zo2::opt::model_layout(c);
+    else return zo2::llama::model_layout(c);
+  });
+}
+
+zo2::ParameterStore<float> random_parameters(const ModelConfig& config, std::uint64_t seed) {
+  // A config inside the family's bounds can still ask for more memory than the machine has:
   // say so with the size rather than fail in the allocator.
-  const zo2::ModelLayout layout = zo2::opt::model_layout(config);
+  const zo2::ModelLayout layout = model_layout(config);
   const double gib = static_cast<double>(layout.total_elements()) * sizeof(float) / (1024.0 * 1024.0 * 1024.0);
   const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGE_SIZE);
   const double memory_gib = pages > 0 && page_size > 0
@@ -91,7 +217,7 @@ zo2::ParameterStore<float> random_parameters(const OPTConfig& config, std::uint6
     std::snprintf(what, sizeof what,
                   "the model's %zu parameters need %.1f GiB of host memory as fp32, more than this machine %s: "
                   "choose a smaller --preset, --layers or --hidden",
-                  zo2::opt::parameter_count(config), gib,
+                  config.parameter_count(), gib,
                   memory_gib > 0 ? ("has (" + std::to_string(static_cast<long long>(memory_gib)) + " GiB)").c_str()
                                  : "can allocate");
     return zo2::Error(what);
@@ -116,7 +242,9 @@ zo2::ParameterStore<float> random_parameters(const OPTConfig& config, std::uint6
       const std::size_t n = layout.spec(r).numel();
       float* t = view.tensor(r);
       const bool bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-      const bool norm = name.find("layer_norm") != std::string::npos;
+      // OPT's LayerNorms (self_attn_layer_norm, ...); the LLaMA family's RMSNorms (input_layernorm,
+      // q_norm, norm, ...).
+      const bool norm = name.find(config.family() == Family::opt ? "layer_norm" : "norm") != std::string::npos;
       const std::uint32_t id = ml.first_tensor_id(group) + static_cast<std::uint32_t>(r);
       for (std::size_t j = 0; j < n; ++j) {
         if (bias) t[j] = 0.0f;
@@ -128,7 +256,7 @@ zo2::ParameterStore<float> random_parameters(const OPTConfig& config, std::uint6
   return std::move(store);
 }
 
-void export_model(const fs::path& dir, const OPTConfig& config, const zo2::ParameterStore<float>& store,
+void export_model(const fs::path& dir, const ModelConfig& config, const zo2::ParameterStore<float>& store,
                   const Tokenizer* tokenizer, const std::function<void(const fs::path&)>& write_extra) {
   const fs::path target = fs::absolute(dir).lexically_normal();
   const fs::path parent = target.parent_path();
@@ -139,7 +267,13 @@ void export_model(const fs::path& dir, const OPTConfig& config, const zo2::Param
   fs::remove_all(staging, ec);
   try {
     fs::create_directories(staging);
-    zo2::opt::save_hf_checkpoint(staging, config, store, zo2::io::Dtype::F32);
+    // The family's writer: config.json (a loaded LLaMA model's own, dtype updated) + model.safetensors.
+    config.visit([&](const auto& c) {
+      if constexpr (std::is_same_v<std::decay_t<decltype(c)>, OPTConfig>)
+        zo2::opt::save_hf_checkpoint(staging, c, store, zo2::io::Dtype::F32);
+      else
+        zo2::llama::save_hf_checkpoint(staging, c, store, zo2::io::Dtype::F32);
+    });
     if (tokenizer) tokenizer->save(staging);
     if (write_extra) write_extra(staging);
     publish_directory(staging, target);

@@ -1,6 +1,7 @@
-// zo2-opt: where the model comes from: a Hugging Face checkpoint directory, a named preset with
-// random weights (optionally shrunk with --layers/--hidden), or the built-in demo config; and
-// where it goes: an HF-loadable export.
+// zo2-opt: where the model comes from: a Hugging Face checkpoint directory of any family
+// (config.json's model_type: opt, llama, qwen2, qwen3, mistral), a named preset with random
+// weights (optionally shrunk with --layers/--hidden), or the built-in demo config; and where it
+// goes: an HF-loadable export, written by the family's save function.
 #pragma once
 
 #include <cstdint>
@@ -8,41 +9,54 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <zo2/models/opt/config.hpp>
 #include <zo2/optim/parameter_store.hpp>
 
+#include "model_config.hpp"
 #include "tokenizer.hpp"
 
 namespace zo2_opt {
 
 struct LoadedModel {
-  zo2::opt::OPTConfig config;
+  ModelConfig config;
   zo2::ParameterStore<float> store;
   std::optional<Tokenizer> tokenizer;  // absent when the directory has none
   std::string description;
 };
 
-/// config.json + model.safetensors (or a sharded index) + vocab.json/merges.txt when present.
-/// A missing config or weights file is an error naming it.
+/// config.json + model.safetensors (or a sharded index) + the tokenizer (tokenizer.json, or
+/// vocab.json + merges.txt) when present. The family is config.json's model_type (none: OPT);
+/// one no family serves, a missing config or weights file are errors naming the field or file.
 LoadedModel load_model_dir(const std::filesystem::path& dir);
 
 /// The demo model: 2 layers, hidden 64, 4 heads, the byte vocabulary, 256 positions (~150k parameters).
 zo2::opt::OPTConfig demo_config();
 
-/// A named preset (or the demo config for "demo"), with optional overrides of the depth, width
-/// and head count, and of the vocabulary size (the tokenizer's).
-zo2::opt::OPTConfig preset_config(const std::string& name, std::int64_t layers, std::int64_t hidden,
-                                  std::int64_t heads, std::int64_t vocab_size);
+/// Every name preset_config() takes: "demo", OPT's (opt-125m ...), the LLaMA family's
+/// (llama-3.2-1b, llama-3-8b, mistral-7b, qwen2.5-7b, qwen3-32b).
+std::vector<std::string> preset_names();
 
-/// OPT's initialization (transformers' _init_weights): N(0, 0.02) for weights and embeddings,
-/// zero biases, unit LayerNorm scales; deterministic in `seed` (zo2's Philox normals).
-zo2::ParameterStore<float> random_parameters(const zo2::opt::OPTConfig& config, std::uint64_t seed);
+/// A named preset (or the demo config for "demo"), with optional overrides (0: none) of the
+/// depth, width and head count, and of the vocabulary size (the tokenizer's). OPT: ffn = 4 x
+/// hidden. LLaMA family: the FFN keeps the preset's ratio to hidden, head_dim = hidden / heads,
+/// and the key/value heads the preset's grouping (where the head count allows it). An override
+/// that gives an invalid config is a UsageError naming the flag.
+ModelConfig preset_config(const std::string& name, std::int64_t layers, std::int64_t hidden, std::int64_t heads,
+                          std::int64_t vocab_size);
+
+/// transformers' _init_weights: N(0, 0.02) for weights and embeddings, zero biases, unit
+/// LayerNorm / RMSNorm scales; deterministic in `seed` (zo2's Philox normals).
+zo2::ParameterStore<float> random_parameters(const ModelConfig& config, std::uint64_t seed);
+
+/// The parameter groups of a config (what a ParameterStore for it is built from).
+zo2::ModelLayout model_layout(const ModelConfig& config);
 
 /// Writes config.json + model.safetensors (F32) + tokenizer files into `dir`, atomically: the
 /// files are written and fsync'ed in a temporary sibling directory which is then renamed.
 /// `write_extra`, when given, adds files to the staging directory before it is published.
-void export_model(const std::filesystem::path& dir, const zo2::opt::OPTConfig& config,
+void export_model(const std::filesystem::path& dir, const ModelConfig& config,
                   const zo2::ParameterStore<float>& store, const Tokenizer* tokenizer,
                   const std::function<void(const std::filesystem::path&)>& write_extra = {});
 

@@ -13,16 +13,16 @@ std::string parse_device(const Args& args) {
   return device;
 }
 
-DataOptions data_options_from(const Args& args, const zo2::opt::OPTConfig& config, std::int64_t default_cap) {
+DataOptions data_options_from(const Args& args, const ModelConfig& config, std::int64_t default_cap) {
   DataOptions o;
-  const std::int64_t seq = args.integer("--seq-len", std::min(config.max_position_embeddings, default_cap));
+  const std::int64_t seq = args.integer("--seq-len", std::min(config.max_position_embeddings(), default_cap));
   if (seq < 2) throw UsageError(args.command() + ": --seq-len must be >= 2, got " + std::to_string(seq));
-  if (seq > config.max_position_embeddings)
+  if (seq > config.max_position_embeddings())
     throw UsageError(args.command() + ": --seq-len " + std::to_string(seq) + " is longer than the model's max_position_embeddings = " +
-                     std::to_string(config.max_position_embeddings));
+                     std::to_string(config.max_position_embeddings()));
   o.seq_len = static_cast<std::size_t>(seq);
-  o.max_positions = config.max_position_embeddings;
-  o.vocab_size = config.vocab_size;
+  o.max_positions = config.max_position_embeddings();
+  o.vocab_size = config.vocab_size();
   o.template_text = args.str("--template", "{prompt}");
   if (args.has("--candidates")) {
     o.candidates = split_list(*args.get("--candidates"));
@@ -31,11 +31,11 @@ DataOptions data_options_from(const Args& args, const zo2::opt::OPTConfig& confi
   return o;
 }
 
-void check_tokenizer_fits(const Args& args, const Tokenizer& tokenizer, const zo2::opt::OPTConfig& config) {
-  if (tokenizer.vocab_size() > static_cast<std::size_t>(config.vocab_size))
+void check_tokenizer_fits(const Args& args, const Tokenizer& tokenizer, const ModelConfig& config) {
+  if (tokenizer.vocab_size() > static_cast<std::size_t>(config.vocab_size()))
     throw UsageError(args.command() + ": the tokenizer (" + tokenizer.description() + ") has " +
                      std::to_string(tokenizer.vocab_size()) + " tokens, more than the model's vocab_size = " +
-                     std::to_string(config.vocab_size));
+                     std::to_string(config.vocab_size()));
 }
 
 }  // namespace zo2_opt

@@ -3,10 +3,9 @@
 
 #include <string>
 
-#include <zo2/models/opt/config.hpp>
-
 #include "cli.hpp"
 #include "data.hpp"
+#include "model_config.hpp"
 #include "tokenizer.hpp"
 
 namespace zo2_opt {
@@ -23,9 +22,9 @@ void check_device_available(const std::string& device);
 
 /// --seq-len (default: min(max_position_embeddings, default_cap)), --template, --candidates;
 /// --seq-len beyond max_position_embeddings is an error.
-DataOptions data_options_from(const Args& args, const zo2::opt::OPTConfig& config, std::int64_t default_cap);
+DataOptions data_options_from(const Args& args, const ModelConfig& config, std::int64_t default_cap);
 
 /// A tokenizer whose ids reach past the model's vocabulary is an error naming both sizes.
-void check_tokenizer_fits(const Args& args, const Tokenizer& tokenizer, const zo2::opt::OPTConfig& config);
+void check_tokenizer_fits(const Args& args, const Tokenizer& tokenizer, const ModelConfig& config);
 
 }  // namespace zo2_opt

@@ -15,16 +15,18 @@ namespace {
 CommandSpec tokenize_spec() {
   CommandSpec s;
   s.name = "tokenize";
-  s.summary = "zo2-opt tokenize: GPT-2 byte-level BPE as OPT uses it (a leading </s>), text to ids as JSON";
+  s.summary = "zo2-opt tokenize: a model directory's tokenizer (tokenizer.json: LLaMA, Qwen, Mistral; else GPT-2 byte-level BPE "
+              "from vocab.json + merges.txt: OPT), text to ids as JSON";
   s.usage = "zo2-opt tokenize (--tokenizer DIR | --bytes) [--text TEXT] [options]   (text from stdin without --text)";
   s.options = {
-      {"--tokenizer", "DIR", "directory with vocab.json + merges.txt (an HF model directory)", ""},
+      {"--tokenizer", "DIR", "directory with tokenizer.json, or vocab.json + merges.txt (an HF model directory)", ""},
       {"--bytes", "", "the built-in byte vocabulary of the demo", ""},
       {"--text", "TEXT", "the text to encode", "stdin"},
-      {"--no-bos", "", "do not prepend OPT's </s>", ""},
+      {"--no-bos", "", "do not add the tokenizer's special tokens (OPT's leading </s>, LLaMA's <s>; Qwen adds none)", ""},
       {"--decode", "", "the input is a JSON array of ids: print its text instead", ""},
   };
-  s.epilog = "Example:\n  echo 'Hello world' | zo2-opt tokenize --tokenizer opt-125m/\n";
+  s.epilog = "Examples:\n  echo 'Hello world' | zo2-opt tokenize --tokenizer opt-125m/\n"
+              "  zo2 tokenize --tokenizer Qwen2.5-7B/ --text 'Hello world'\n";
   return s;
 }
 }  // namespace

@@ -6,6 +6,8 @@
 #include <nlohmann/json.hpp>
 
 #include <zo2/core/error.hpp>
+#include <zo2/io/tokenizer.hpp>
+
 #include "fs_util.hpp"
 
 namespace zo2_opt {
@@ -29,27 +31,40 @@ std::string utf8(char32_t cp) {
 }
 }  // namespace
 
+struct Tokenizer::Loaded {
+  zo2::io::Tokenizer tokenizer;
+};
+
 Tokenizer Tokenizer::bytes() { return Tokenizer{}; }
 
 bool Tokenizer::present_in(const std::filesystem::path& dir) {
-  return std::filesystem::exists(dir / "vocab.json") && std::filesystem::exists(dir / "merges.txt");
+  namespace fs = std::filesystem;
+  return fs::is_regular_file(dir / "tokenizer.json") ||
+         (fs::is_regular_file(dir / "vocab.json") && fs::is_regular_file(dir / "merges.txt"));
 }
 
 Tokenizer Tokenizer::from_directory(const std::filesystem::path& dir) {
-  for (const char* name : {"vocab.json", "merges.txt"})
-    if (!std::filesystem::exists(dir / name))
-      throw zo2::FileError((dir / name).string(), "missing (the tokenizer needs vocab.json and merges.txt)");
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(dir)) throw zo2::FileError(dir.string(), "no such tokenizer directory");
+  if (!present_in(dir)) {
+    const bool vocab = fs::exists(dir / "vocab.json");
+    if (vocab != fs::exists(dir / "merges.txt"))
+      throw zo2::FileError((dir / (vocab ? "merges.txt" : "vocab.json")).string(),
+                           "missing (the tokenizer needs tokenizer.json, or vocab.json and merges.txt)");
+    throw zo2::FileError((dir / "tokenizer.json").string(),
+                         "missing (the tokenizer needs tokenizer.json, or vocab.json and merges.txt)");
+  }
   Tokenizer t;
-  t.bpe_ = std::make_shared<const zo2::io::BpeTokenizer>(zo2::io::BpeTokenizer::from_directory(dir));
+  t.loaded_ = std::make_shared<const Loaded>(Loaded{zo2::io::load_tokenizer(dir)});
   t.source_dir_ = dir;
   return t;
 }
 
-std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_bos) const {
-  if (bpe_) return bpe_->encode(text, add_bos);
+std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_special) const {
+  if (loaded_) return loaded_->tokenizer.encode(text, add_special);
   std::vector<std::int32_t> ids;
   ids.reserve(text.size() + 1);
-  if (add_bos) ids.push_back(2);
+  if (add_special) ids.push_back(2);
   for (std::size_t i = 0; i < text.size();) {
     bool special = false;
     if (text[i] == '<')
@@ -70,7 +85,7 @@ std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_bos)
 }
 
 std::string Tokenizer::decode(std::span<const std::int32_t> ids) const {
-  if (bpe_) return bpe_->decode(ids);
+  if (loaded_) return loaded_->tokenizer.decode(ids);
   std::string text;
   for (const std::int32_t id : ids) {
     if (id < 0 || id >= kByteVocabSize) throw zo2::Error("token id " + std::to_string(id) + " is not in the byte vocabulary");
@@ -80,19 +95,29 @@ std::string Tokenizer::decode(std::span<const std::int32_t> ids) const {
   return text;
 }
 
-std::int32_t Tokenizer::bos_id() const { return bpe_ ? bpe_->bos_id() : 2; }
+std::optional<std::int32_t> Tokenizer::bos_id() const {
+  if (loaded_) return loaded_->tokenizer.bos_id();
+  return 2;
+}
 
-std::size_t Tokenizer::vocab_size() const { return bpe_ ? bpe_->vocab_size() : kByteVocabSize; }
+std::size_t Tokenizer::vocab_size() const { return loaded_ ? loaded_->tokenizer.vocab_size() : kByteVocabSize; }
+
+std::string Tokenizer::kind() const {
+  if (!loaded_) return "bytes";
+  return loaded_->tokenizer.format() == zo2::io::TokenizerFormat::TokenizerJson ? "tokenizer.json" : "bpe";
+}
 
 std::string Tokenizer::description() const {
-  if (bpe_) return "BPE (" + std::to_string(vocab_size()) + " tokens) from " + source_dir_.string();
-  return "built-in byte vocabulary (260 tokens)";
+  if (!loaded_) return "built-in byte vocabulary (260 tokens)";
+  if (loaded_->tokenizer.format() == zo2::io::TokenizerFormat::TokenizerJson)
+    return "tokenizer.json (" + std::to_string(vocab_size()) + " tokens) from " + source_dir_.string();
+  return "BPE (" + std::to_string(vocab_size()) + " tokens) from " + source_dir_.string();
 }
 
 void Tokenizer::save(const std::filesystem::path& dir) const {
-  if (bpe_) {
-    for (const char* name : {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                             "special_tokens_map.json", "generation_config.json"}) {
+  if (loaded_) {
+    for (const char* name : {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                             "special_tokens_map.json", "added_tokens.json", "generation_config.json"}) {
       const auto src = source_dir_ / name;
       if (std::filesystem::exists(src)) {
         std::error_code ec;

@@ -47,17 +47,17 @@ constexpr std::uint64_t kDemoSeed = 1;
 CommandSpec train_spec() {
   CommandSpec s;
   s.name = "train";
-  s.summary = "zo2-opt train: fine-tune an OPT model with zeroth-order optimization (MeZO-SGD and the ZO-Bench family: forward passes only, no backward)";
+  s.summary = "zo2-opt train: fine-tune a model (OPT, LLaMA, Qwen2/3, Mistral: config.json's model_type) with zeroth-order optimization (MeZO-SGD and the ZO-Bench family: forward passes only, no backward)";
   s.usage = "zo2-opt train (--demo | --model DIR | --preset NAME | --resume DIR) [--data FILE | --text FILE] [options]";
   s.options = {
       {"--demo", "", "built-in demo: a small random OPT fine-tuned on an embedded corpus (no files needed)", ""},
-      {"--model", "DIR", "HF OPT checkpoint directory (config.json, model.safetensors, vocab.json, merges.txt)", ""},
-      {"--preset", "NAME", "random weights with a published size: opt-125m, opt-350m, opt-1.3b, ... (or 'demo')", ""},
+      {"--model", "DIR", "HF checkpoint directory (config.json with model_type opt, llama, qwen2, qwen3 or mistral; model.safetensors or a sharded index; tokenizer.json or vocab.json + merges.txt)", ""},
+      {"--preset", "NAME", "random weights with a published shape: opt-125m, opt-350m, opt-1.3b, ..., llama-3.2-1b, llama-3-8b, mistral-7b, qwen2.5-7b, qwen3-32b (or 'demo')", ""},
       {"--layers", "N", "with --preset/--demo: number of decoder layers", ""},
-      {"--hidden", "N", "with --preset/--demo: hidden size (ffn = 4x)", ""},
+      {"--hidden", "N", "with --preset/--demo: hidden size (OPT: ffn = 4x; LLaMA family: the preset's ffn ratio, head_dim = hidden / heads)", ""},
       {"--heads", "N", "with --preset/--demo: attention heads", ""},
       {"--vocab-size", "N", "with --preset: vocabulary size", "the tokenizer's"},
-      {"--tokenizer", "DIR", "directory with vocab.json + merges.txt", "the model's; else bytes"},
+      {"--tokenizer", "DIR", "directory with tokenizer.json, or vocab.json + merges.txt", "the model's; else bytes"},
       {"--data", "FILE", "training data: .jsonl ({\"text\"}, {\"prompt\",\"label\"}, {\"input_ids\"}), else plain text", ""},
       {"--text", "FILE", "training data: a plain text file, cut into --seq-len windows", ""},
       {"--template", "TEXT", "classification prompt template; {prompt} is replaced", "{prompt}"},
@@ -101,6 +101,8 @@ CommandSpec train_spec() {
       "  zo2-opt train --model opt-125m/ --data sst2.jsonl --template \"{prompt} It was\" \\\n"
       "      --candidates \"terrible,great\" --lr 1e-6 --eps 1e-3 --steps 20000 --batch 16\n"
       "  zo2-opt train --preset opt-125m --layers 2 --hidden 128 --text book.txt --steps 500\n"
+      "  zo2 train --model Qwen2.5-0.5B/ --data sst2.jsonl --template \"{prompt} It was\" --candidates \"terrible,great\"\n"
+      "  zo2 train --preset qwen3-32b --layers 2 --hidden 256 --tokenizer Qwen3-32B/ --text book.txt\n"
       "  zo2-opt train --demo --optimizer zo-adam --lr 1e-3 --queries 4 --accumulate 2\n"
       "  zo2-opt train --resume checkpoints/ --steps 1000\n";
   return s;
@@ -229,18 +231,18 @@ int run_train(const std::vector<std::string>& argv) {
     std::int64_t vocab = args.integer("--vocab-size", 0);
     if (vocab == 0 && preset != "demo" && tokenizer->is_bytes()) vocab = Tokenizer::kByteVocabSize;
     if (vocab == 0 && !tokenizer->is_bytes()) vocab = static_cast<std::int64_t>(tokenizer->vocab_size());
-    zo2::opt::OPTConfig config = preset_config(preset, args.integer("--layers", 0), args.integer("--hidden", 0),
-                                               args.integer("--heads", 0), vocab);
-    if (static_cast<std::size_t>(config.vocab_size) < tokenizer->vocab_size())
-      throw UsageError("train: --vocab-size " + std::to_string(config.vocab_size) + " is smaller than the tokenizer's " +
+    ModelConfig config = preset_config(preset, args.integer("--layers", 0), args.integer("--hidden", 0),
+                                       args.integer("--heads", 0), vocab);
+    if (static_cast<std::size_t>(config.vocab_size()) < tokenizer->vocab_size())
+      throw UsageError("train: --vocab-size " + std::to_string(config.vocab_size()) + " is smaller than the tokenizer's " +
                        std::to_string(tokenizer->vocab_size()));
     auto store = random_parameters(config, seed);
     model = LoadedModel{config, std::move(store), std::nullopt,
                         (preset == "demo" ? std::string("demo model") : preset) + " (random weights, seed " + std::to_string(seed) + ")"};
   }
-  const zo2::opt::OPTConfig config = model->config;
+  const ModelConfig config = model->config;
   if (tokenizer) check_tokenizer_fits(args, *tokenizer, config);
-  const std::int32_t pad = static_cast<std::int32_t>(std::max<std::int64_t>(0, config.pad_token_id));
+  const std::int32_t pad = static_cast<std::int32_t>(std::max<std::int64_t>(0, config.pad_token_id()));
 
   // ---- hyper-parameters ---------------------------------------------------------------------
   zo2::ZOConfig zo;
@@ -317,7 +319,7 @@ int run_train(const std::vector<std::string>& argv) {
     forward("--candidates", "candidates");
     if (demo && std::find(forwarded.begin(), forwarded.end(), "--seq-len") == forwarded.end()) {
       forwarded.push_back("--seq-len");
-      forwarded.push_back(std::to_string(std::min<std::int64_t>(kDemoSeqLen, config.max_position_embeddings)));
+      forwarded.push_back(std::to_string(std::min<std::int64_t>(kDemoSeqLen, config.max_position_embeddings())));
     }
     CommandSpec data_spec{"train", "", "", {{"--seq-len", "N", "", ""}, {"--template", "T", "", ""}, {"--candidates", "L", "", ""}}, ""};
     data_options = data_options_from(Args(data_spec, forwarded), config, 128);
@@ -381,10 +383,8 @@ int run_train(const std::vector<std::string>& argv) {
   const BatchSchedule schedule_of_batches(train.examples.size(), batch_size * accumulate, seed);
 
   const bool quiet = args.flag("--quiet") || !dp.root();
-  std::printf("model     %s: %lld layers, hidden %lld, %lld heads, vocab %lld, %zu parameters\n", model_description.c_str(),
-              static_cast<long long>(config.num_hidden_layers), static_cast<long long>(config.hidden_size),
-              static_cast<long long>(config.num_attention_heads), static_cast<long long>(config.vocab_size),
-              zo2::opt::parameter_count(config));
+  std::printf("model     %s: %s, %zu parameters\n", model_description.c_str(), config.summary().c_str(),
+              config.parameter_count());
   std::printf("tokenizer %s\n", tok ? tok->description().c_str() : "none (pre-tokenized data)");
   std::printf("data      %s: %zu %s (%s)%s\n", train.source.c_str(), train.examples.size(),
               data_kind == "file" ? "examples" : "windows",
@@ -445,7 +445,7 @@ int run_train(const std::vector<std::string>& argv) {
         {"seed", seed},
         {"skipped_steps", s.skipped_steps},
         {"updates", s.updates},
-        {"tokenizer", tok && tok->is_bytes() ? "bytes" : (tok ? "bpe" : "none")},
+        {"tokenizer", tok ? tok->kind() : "none"},
         {"optimizer", {{"algorithm", zo2::method_name(zo.method)}, {"lr", zo.lr}, {"eps", zo.eps},
                        {"weight_decay", zo.weight_decay}, {"lr_schedule", schedule}, {"warmup_steps", warmup},
                        {"estimator", zo2::estimator_name(zo.estimator)}, {"queries", zo.queries},
