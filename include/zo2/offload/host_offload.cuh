@@ -50,7 +50,9 @@
 // store_to, get_rule_state, set_rule_state, and, with rule state, set_group / load (which
 // otherwise just drop the lag). current() replays into the slot and writes nothing back. The
 // replays cost GPU time, (K - 1) / 2 update passes per visit on average: choose_writeback_every
-// (writeback_log.hpp) is the plan's rule for writeback_every = 0.
+// (writeback_log.hpp) is the plan's rule for writeback_every = 0. A replay recomputes what the
+// discarded device copy had computed, so escape_overflow() (the packed codec's escapes that
+// found no room) may count such an escape again; the values are K = 1's all the same.
 //
 // The ZO optimizer family (optim/zo_optimizer.hpp, core/update_rules.hpp): materialize() draws
 // z of any query of the step, and the fused pass applies an owed update of several queries and
