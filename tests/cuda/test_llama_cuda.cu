@@ -204,7 +204,9 @@ TEST_CASE_TEMPLATE("apply_rope (q and k heads of one fused row, with and without
           for (std::int64_t j = 0; j < kv_heads * hd; ++j)
             worst = std::max(worst, diff(y[t * ld + heads * hd + j], k(t, j)));
         }
-        CHECK(worst <= (norm ? 2e-6 : 0.0));  // without the norm, bit for bit (with it: rstd in fp32, not double)
+        // Without the norm, bit for bit; with it, the rows' sums of squares are reduced in another
+        // order than the CPU's (measured on an H100: up to 1.1e-5 relative at head_dim 96).
+        CHECK(worst <= (norm ? 3e-5 : 0.0));
       }
     }
   }

@@ -290,9 +290,9 @@ class ZOOptimizer {
     flush();
     const ModelLayout& ml = policy_->model_layout();
     const auto prologue = policy_->current(ml.prologue());
-    model_->prologue(prologue, batch, next_, workspace_);
-    Activation a;
-    std::swap(a, next_);
+    if (acts_.empty()) acts_.resize(1);
+    Activation& a = acts_[0];  // the step's buffers: a device model allocates nothing here after a step
+    model_->prologue(prologue, batch, a, workspace_);
     for (std::size_t i = 0; i < ml.num_blocks(); ++i) {
       model_->forward_block(i, policy_->current(ml.block(i)), a, next_, workspace_);
       std::swap(a, next_);
