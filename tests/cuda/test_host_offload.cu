@@ -410,6 +410,33 @@ TEST_CASE("a NaN loss: the step is skipped and counted, the streamed weights sta
   CHECK(std::isfinite(next.loss_plus));
 }
 
+TEST_CASE("every prefetch depth uploads each streamed block once per step (no eviction before use)") {
+  if (!gpu_or_skip("prefetch depth")) return;
+  TinyCudaStack model;
+  model.blocks = 8;
+  const auto init = make_store(model, 31);
+  const auto batch = make_batch(64, model.width, 5);
+  using Policy = HostOffload<offload::Bf16Codec, float>;
+  for (std::size_t depth = 1; depth <= 4; ++depth) {
+    CAPTURE(depth);
+    Policy policy(init, OffloadOptions{.slots = depth + 1, .budget_adds_slot = false, .prefetch_depth = depth});
+    REQUIRE(policy.streamed_blocks() == model.blocks);
+    TinyCudaStack m = model;
+    m.stream = policy.stream();
+    ZOOptimizer<TinyCudaStack, Policy> opt(m, policy, config());
+    opt.step(batch);
+    policy.synchronize();
+    policy.reset_traffic();
+    const int steps = 3;
+    for (int t = 0; t < steps; ++t) opt.step(batch);
+    policy.synchronize();
+    // Prefetch wraps around into the next step: allow the blocks the last step prefetched.
+    const std::size_t per_step = model.blocks * policy.block_bytes();
+    CHECK(policy.bytes_uploaded() >= steps * per_step - depth * policy.block_bytes());
+    CHECK(policy.bytes_uploaded() <= steps * per_step + depth * policy.block_bytes());
+  }
+}
+
 TEST_CASE("a 2-slot run stays within its computed device memory bound") {
   if (!gpu_or_skip("memory bound")) return;
   TinyCudaStack model;

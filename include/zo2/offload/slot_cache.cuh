@@ -194,7 +194,12 @@ class SlotCache {
   /// Puts streamed group `group` into a slot (issuing its upload if it is not already there or
   /// on its way) and returns the slot. `keep` is not evicted.
   Slot& ensure_uploaded(std::size_t group, const Slot* keep) {
-    if (Slot* s = find(group)) return *s;
+    if (Slot* s = find(group)) {
+      // A prefetch hit is a use to come: without the refresh, a block uploaded several visits
+      // ahead (depth >= 3) would look least recently used and be evicted before its visit.
+      s->last_use = ++use_clock_;
+      return *s;
+    }
     Slot* victim = nullptr;
     for (auto& s : slots_)
       if (&s != keep && (!victim || s.last_use < victim->last_use)) victim = &s;
