@@ -82,9 +82,12 @@ class ParameterStore {
 
   friend bool operator==(const ParameterStore& a, const ParameterStore& b) {
     if (a.buffers_.size() != b.buffers_.size()) return false;
-    for (std::size_t g = 0; g < a.buffers_.size(); ++g)
+    for (std::size_t g = 0; g < a.buffers_.size(); ++g) {
+      if (a.buffers_[g].size() != b.buffers_[g].size()) return false;
+      if (a.buffers_[g].empty()) continue;  // an empty group: no pointer to compare (memcmp wants one)
       if (std::memcmp(a.buffers_[g].data(), b.buffers_[g].data(), a.buffers_[g].size() * sizeof(S)) != 0)
         return false;
+    }
     return true;
   }
 
