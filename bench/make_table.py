@@ -72,8 +72,8 @@ def main():
                      "scratch, slots; not the model's activations and workspace); for offload_step the device "
                      "column is the drop in free memory during the steps, not the absolute use.")
     if any(r["reference_s"] for r in records):
-        notes.append("Reference: ZO2 (PyTorch) on an H100 80GB, fp16, batch 1, seq 2048; its offloaded run "
-                     "held 0.8 / 1.5 / 2.5 GB (torch-allocated) for OPT-125M / 1.3B / 6.7B.")
+        notes.append("Reference: the PyTorch ZO2 (fp16, batch 1, seq 2048) measured in the same file "
+                     "(bench/run_reference.py); its GPU memory is torch-allocated.")
     if notes:
         print()
         for n in notes:
