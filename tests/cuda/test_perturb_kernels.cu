@@ -224,13 +224,14 @@ std::vector<X> to_host(const cuda::DeviceBuffer<X>& d) {
 template <class X>
 cuda::DeviceBuffer<X> to_device(const std::vector<X>& h) {
   cuda::DeviceBuffer<X> d(h.size());
-  ZO2_CUDA_CHECK(cudaMemcpy(d.data(), h.data(), d.bytes(), cudaMemcpyHostToDevice));
+  cuda::copy_to_device_blocking(d.data(), h.data(), d.bytes());
   return d;
 }
 template <class X>
 cuda::DeviceBuffer<X> poisoned(std::size_t n) {
   cuda::DeviceBuffer<X> d(n);
-  ZO2_CUDA_CHECK(cudaMemset(d.data(), 0xff, d.bytes()));  // NaN in every float format
+  // NaN in every float format, and set before the kernel under test runs on its non-blocking stream.
+  cuda::fill_device_blocking(d.data(), 0xff, d.bytes());
   return d;
 }
 template <class X>

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include <zo2/backend/cuda/memory.cuh>
@@ -66,7 +67,7 @@ struct Counts {
 
 /// Asserts that nothing was allocated or freed since `before`.
 void check_none_since(const Counts& before, const char* what) {
-  CAPTURE(what);
+  CAPTURE(std::string(what));
   const Counts after = Counts::now();
   CHECK(after.buffer_allocs - before.buffer_allocs == 0);
   CHECK(after.buffer_frees - before.buffer_frees == 0);

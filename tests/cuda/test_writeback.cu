@@ -71,7 +71,7 @@ ZOConfig config_for(const Case& c) {
   cfg.method = c.method;
   cfg.queries = c.queries;
   cfg.estimator = c.estimator;
-  cfg.lr = c.method == ZOMethod::kAdam ? 1e-3 : 5e-3;
+  cfg.lr = c.method == ZOMethod::kAdam ? 1e-3 : 5e-4;  // 5e-3 diverges on this stack within 6 steps
   cfg.eps = 1e-2;
   cfg.weight_decay = c.method == ZOMethod::kConservative ? 0.0 : 0.05;
   cfg.momentum = 0.8;
@@ -181,6 +181,8 @@ void check_same(const Trace& a, const Trace& b) {
   REQUIRE(a.steps.size() == b.steps.size());
   for (std::size_t s = 0; s < a.steps.size(); ++s) {
     CAPTURE(s);
+    REQUIRE(std::isfinite(a.steps[s].loss_plus));  // a diverged run would compare NaN with NaN
+    REQUIRE(std::isfinite(a.steps[s].loss_minus));
     CHECK(a.steps[s].loss_plus == b.steps[s].loss_plus);
     CHECK(a.steps[s].loss_minus == b.steps[s].loss_minus);
     CHECK(a.steps[s].projected_grad == b.steps[s].projected_grad);
@@ -200,7 +202,7 @@ void check_codec() {
   batch.push_back(zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 19)));
   const ModelLayout ml = ModelLayout::of(shape);
   for (const Case& c : kCases) {
-    CAPTURE(c.name);
+    CAPTURE(std::string(c.name));
     const ZOConfig cfg = config_for(c);
     OffloadOptions base;
     base.rule_state_slots = state_slots_for(cfg);
@@ -220,7 +222,7 @@ void check_codec() {
     for (const Variant& v : {Variant{"K=4", with_every(base, 4)}, Variant{"K=2", with_every(base, 2)},
                              Variant{"K=3, 3 slots", with_every(three, 3)},
                              Variant{"K=8, partly resident", with_every(partly, 8)}}) {
-      CAPTURE(v.what);
+      CAPTURE(std::string(v.what));
       const Trace got = run_steps<Codec>(init, shape, cfg, batch, 12, v.options);
       check_same(ref, got);
       CHECK(got.replayed > 0);  // the host copies lagged and were replayed

@@ -115,6 +115,7 @@ inline DeviceDenseTanhStack::Batch to_device(const DenseTanhStack<float>::Batch&
   d.y = zo2::cuda::DeviceBuffer<float>(b.y.size());
   ZO2_CUDA_CHECK(cudaMemcpy(d.x.data(), b.x.data(), b.x.size() * sizeof(float), cudaMemcpyHostToDevice));
   ZO2_CUDA_CHECK(cudaMemcpy(d.y.data(), b.y.data(), b.y.size() * sizeof(float), cudaMemcpyHostToDevice));
+  ZO2_CUDA_CHECK(cudaDeviceSynchronize());  // landed before the policy's stream reads it
   return d;
 }
 

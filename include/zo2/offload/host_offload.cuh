@@ -278,7 +278,7 @@ class HostOffload {
     } else {
       std::vector<unsigned char> staging(codec.bytes());
       codec.encode_group(flat, staging);
-      ZO2_CUDA_CHECK(cudaMemcpy(device_master(g), staging.data(), staging.size(), cudaMemcpyHostToDevice));
+      copy_to_device_blocking(device_master(g), staging.data(), staging.size());
     }
   }
   /// Sets group g's master from bytes already in the codec's format (GroupCodec<Codec>::bytes()
@@ -291,7 +291,7 @@ class HostOffload {
       std::memcpy(host_block(g).data(), encoded.data(), encoded.size());
       slots_.invalidate(g.value);
     } else {
-      ZO2_CUDA_CHECK(cudaMemcpy(device_master(g), encoded.data(), encoded.size(), cudaMemcpyHostToDevice));
+      copy_to_device_blocking(device_master(g), encoded.data(), encoded.size());
     }
   }
   /// Copies group g's master, in the codec's format, into `encoded` (GroupCodec<Codec>::bytes()

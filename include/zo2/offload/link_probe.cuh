@@ -23,7 +23,7 @@ inline offload::LinkHint measure_link(std::size_t bytes = std::size_t{64} << 20,
   PinnedBuffer<unsigned char> up(bytes), down(bytes);
   std::memset(up.data(), 1, bytes);
   DeviceBuffer<unsigned char> dev_up(bytes), dev_down(bytes);
-  ZO2_CUDA_CHECK(cudaMemset(dev_down.data(), 2, bytes));
+  fill_device_blocking(dev_down.data(), 2, bytes);
   Stream h2d, d2h;
   Event start(true), up_done(true), down_done(true);
   offload::LinkHint link;

@@ -297,7 +297,7 @@ class PackedPass {
                               cudaMemcpyHostToDevice));
     ZO2_CUDA_CHECK(cudaMemcpy(scratch_offsets_.data(), scratch_offsets.data(),
                               scratch_offsets.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice));
-    ZO2_CUDA_CHECK(cudaMemset(overflow_.data(), 0, sizeof(std::uint32_t)));
+    fill_device_blocking(overflow_.data(), 0, sizeof(std::uint32_t));  // and waits for the copies above
   }
 
   /// The pass over `block` (a device slot holding the group packed), then its escape lists

@@ -75,8 +75,7 @@ class RowTable {
     }
     count_ = static_cast<std::uint32_t>(host.size());
     entries_ = DeviceBuffer<RowTensor>(host.size());
-    if (!host.empty())
-      ZO2_CUDA_CHECK(cudaMemcpy(entries_.data(), host.data(), host.size() * sizeof(RowTensor), cudaMemcpyHostToDevice));
+    copy_to_device_blocking(entries_.data(), host.data(), host.size() * sizeof(RowTensor));
   }
   const RowTensor* data() const { return entries_.data(); }
   std::uint32_t size() const { return count_; }

@@ -275,7 +275,12 @@ class ZOOptimizer {
   /// Applies the owed update everywhere, so the master parameters equal theta after the last
   /// step. Call before saving or evaluating; the run continues bit-identically afterwards.
   void flush() {
-    if (!pending_) return;
+    if (!pending_) {
+      // Nothing owed (a fresh run, or the last step skipped), but a policy with deferred
+      // write-back may still hold host copies behind their device values.
+      if constexpr (requires(Policy& p) { p.settle(); }) policy_->settle();
+      return;
+    }
     const ModelLayout& ml = policy_->model_layout();
     for (std::size_t g = owed_applied_; g < ml.num_groups(); ++g) {
       policy_->apply_update(GroupIndex{g}, config_.seed, *pending_);

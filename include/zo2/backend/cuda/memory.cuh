@@ -18,9 +18,24 @@
 
 namespace zo2::cuda {
 
-/// Process-wide counts of DeviceBuffer's cudaMalloc and cudaFree calls (all element types).
+/// Process-wide counts of DeviceBuffer's cudaMalloc and cudaFree calls (all element types), and
+/// the bytes they hold: now, and at most since the last reset_peak(). Unlike cudaMemGetInfo,
+/// these see this process alone.
 struct DeviceBufferStats {
   std::atomic<std::uint64_t> allocations{0}, frees{0};
+  std::atomic<std::uint64_t> live_bytes{0}, peak_bytes{0};
+  void reset_peak() { peak_bytes.store(live_bytes.load()); }
+  void add(std::uint64_t bytes) {
+    allocations.fetch_add(1, std::memory_order_relaxed);
+    const std::uint64_t now = live_bytes.fetch_add(bytes) + bytes;
+    std::uint64_t peak = peak_bytes.load();
+    while (now > peak && !peak_bytes.compare_exchange_weak(peak, now)) {
+    }
+  }
+  void remove(std::uint64_t bytes) {
+    frees.fetch_add(1, std::memory_order_relaxed);
+    live_bytes.fetch_sub(bytes);
+  }
 };
 inline DeviceBufferStats& device_buffer_stats() {
   static DeviceBufferStats stats;
@@ -38,7 +53,7 @@ class DeviceBuffer {
     if (s != cudaSuccess)
       detail::throw_cuda(s, ("cudaMalloc(" + std::to_string(count * sizeof(T)) + " bytes)").c_str(),
                          __FILE__, __LINE__);
-    device_buffer_stats().allocations.fetch_add(1, std::memory_order_relaxed);
+    device_buffer_stats().add(count * sizeof(T));
     ptr_ = static_cast<T*>(p);
   }
   DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, 0)) {}
@@ -73,7 +88,7 @@ class DeviceBuffer {
   void release() noexcept {
     if (ptr_) {
       cudaFree(ptr_);
-      device_buffer_stats().frees.fetch_add(1, std::memory_order_relaxed);
+      device_buffer_stats().remove(count_ * sizeof(T));
     }
     ptr_ = nullptr;
     count_ = 0;
@@ -81,6 +96,22 @@ class DeviceBuffer {
   T* ptr_ = nullptr;
   std::size_t count_ = 0;
 };
+
+/// A host-to-device copy that has landed when it returns. cudaMemcpy from pageable memory may
+/// return before its DMA completes, and cudaMemset before it runs; kernels on the non-blocking
+/// streams the library uses do not wait for the legacy stream that carries them. So set-up copies
+/// (tables, masters restored from a checkpoint) end with a device-wide wait: never on a step's path.
+inline void copy_to_device_blocking(void* dst, const void* src, std::size_t bytes) {
+  if (bytes == 0) return;
+  ZO2_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+}
+/// cudaMemset that has run when it returns (as copy_to_device_blocking).
+inline void fill_device_blocking(void* dst, int value, std::size_t bytes) {
+  if (bytes == 0) return;
+  ZO2_CUDA_CHECK(cudaMemset(dst, value, bytes));
+  ZO2_CUDA_CHECK(cudaDeviceSynchronize());
+}
 
 /// Page-locked host memory: the only kind the copy engines move at full PCIe speed, and the
 /// only kind cudaMemcpyAsync can overlap with compute.

@@ -92,9 +92,7 @@ class GroupTable {
     }
     count_ = static_cast<std::uint32_t>(host.size());
     entries_ = DeviceBuffer<TensorEntry>(host.size());
-    if (!host.empty())
-      ZO2_CUDA_CHECK(cudaMemcpy(entries_.data(), host.data(), host.size() * sizeof(TensorEntry),
-                                cudaMemcpyHostToDevice));
+    copy_to_device_blocking(entries_.data(), host.data(), host.size() * sizeof(TensorEntry));
   }
 
   const TensorEntry* data() const { return entries_.data(); }
