@@ -5,7 +5,8 @@
 //                prologue's, and one shared by the blocks and the epilogue; one copy or two),
 //                the resident blocks' masters, the slots streamed blocks pass through;
 //   state arena  (stateful rules only) the rule state of the prologue, the epilogue, each
-//                resident block and each slot: fp32, state[slot * total_elements + element].
+//                resident block and each slot: state[slot * total_elements + element], fp32
+//                or bf16 (OffloadPlan::state_value_bytes).
 // Every buffer starts at a multiple of kArenaAlignment (256) bytes.
 #pragma once
 
@@ -72,8 +73,8 @@ class DeviceArena {
     ZO2_CUDA_CHECK(cudaMemsetAsync(state_arena_.data(), 0, plan.state_arena_bytes, stream));
     unsigned char* p = state_arena_.data();
     const auto take = [&](int kind) {
-      float* r = reinterpret_cast<float*>(p);
-      p += align_up(std::size_t{plan.state_slots} * sizes.elements[kind] * sizeof(float), kArenaAlignment);
+      void* r = p;
+      p += align_up(std::size_t{plan.state_slots} * sizes.elements[kind] * plan.state_value_bytes, kArenaAlignment);
       return r;
     };
     prologue_state_ = take(0);
@@ -107,12 +108,12 @@ class DeviceArena {
   unsigned char* prologue_master() const { return prologue_master_; }
   unsigned char* epilogue_master() const { return epilogue_master_; }
   unsigned char* resident_master(std::size_t i) const { return resident_masters_.at(i); }
-  float* prologue_state() const { return prologue_state_; }
-  float* epilogue_state() const { return epilogue_state_; }
-  float* resident_state(std::size_t i) const { return resident_states_.empty() ? nullptr : resident_states_.at(i); }
+  void* prologue_state() const { return prologue_state_; }
+  void* epilogue_state() const { return epilogue_state_; }
+  void* resident_state(std::size_t i) const { return resident_states_.empty() ? nullptr : resident_states_.at(i); }
   /// Slot i's block room and state room (null without state).
   const std::vector<unsigned char*>& slot_data() const { return slot_data_; }
-  const std::vector<float*>& slot_states() const { return slot_states_; }
+  const std::vector<void*>& slot_states() const { return slot_states_; }
   /// 0: the prologue's scratch, 1: the one the blocks and the epilogue share.
   const Scratch& scratch(int i) const { return scratch_[i]; }
 
@@ -121,9 +122,9 @@ class DeviceArena {
   unsigned char* prologue_master_ = nullptr;
   unsigned char* epilogue_master_ = nullptr;
   std::vector<unsigned char*> resident_masters_, slot_data_;
-  float* prologue_state_ = nullptr;
-  float* epilogue_state_ = nullptr;
-  std::vector<float*> resident_states_, slot_states_;
+  void* prologue_state_ = nullptr;
+  void* epilogue_state_ = nullptr;
+  std::vector<void*> resident_states_, slot_states_;
   std::size_t state_bytes_ = 0;
   Scratch scratch_[2];
 };

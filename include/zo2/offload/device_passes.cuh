@@ -49,7 +49,8 @@ enum class PassMode { kPerturb, kPerturbOnly, kConvert, kUpdate };
 template <class T>
 struct PassArgs {
   unsigned char* master = nullptr;
-  float* state = nullptr;  // the group's rule state (state[slot * total_elements + element]); null if none
+  void* state = nullptr;   // the group's rule state (state[slot * total_elements + element]); null if none
+  bool state_bf16 = false; // the state's values are bf16, not fp32
   T* plus = nullptr;
   T* minus = nullptr;      // kPerturb only; null: the caller keeps one copy
   std::uint32_t first_tensor_id = 0;
@@ -115,7 +116,7 @@ class PlainPass {
       k.eps = a.eps;
       if (a.pending) {
         set_plain_update(k, *a.pending);
-        k.terms = update_terms(*a.pending, Rule::kStateSlots > 0 ? a.state : nullptr, total_);
+        k.terms = update_terms(*a.pending, Rule::kStateSlots > 0 ? a.state : nullptr, total_, a.state_bf16);
       }
       switch (a.mode) {
         case PassMode::kPerturb: launch_plain_family<Rule, S, T>(theta, a.plus, a.minus, table_, k, stream); break;
@@ -169,7 +170,7 @@ class RowPass {
     RowFamilyArgs f{};
     if constexpr (!is_plain_update_v<Rule, Queries>) {
       f.query = a.query;
-      if (a.pending) f.terms = update_terms(*a.pending, Rule::kStateSlots > 0 ? a.state : nullptr, total_);
+      if (a.pending) f.terms = update_terms(*a.pending, Rule::kStateSlots > 0 ? a.state : nullptr, total_, a.state_bf16);
     }
     float* scales = reinterpret_cast<float*>(a.master + scales_offset_);
     launch_row_kernel<Codec, T, Rule, Queries>(a.master, scales, a.plus, a.minus, table_, k, stream, f);
@@ -203,7 +204,7 @@ class PackedGroupPass {
     fill_shared_args(k, a);
     if constexpr (!is_plain_update_v<Rule, Queries>) {
       k.query = a.query;
-      if (a.pending) k.terms = update_terms(*a.pending, Rule::kStateSlots > 0 ? a.state : nullptr, total_);
+      if (a.pending) k.terms = update_terms(*a.pending, Rule::kStateSlots > 0 ? a.state : nullptr, total_, a.state_bf16);
     }
     pass_.template run<T, Rule, Queries>(a.master, a.plus, a.minus, k, stream, body_done);
   }

@@ -59,7 +59,8 @@
 // any rule. The kernels are templates on the rule and on whether there are several queries
 // (update_terms.cuh, device_passes.cuh); a default run (MeZO-SGD, one query) launches the
 // default instantiations, the same code as without the family. A stateful rule's per-element
-// state (momentum; Adam's m and v: OffloadOptions::rule_state_slots floats per parameter) lives
+// state (momentum; Adam's m and v: OffloadOptions::rule_state_slots values per parameter, fp32 or,
+// with rule_state_bf16, bf16) lives
 // where the group's master does: on the device for the prologue, the epilogue and resident
 // blocks; in pinned host memory for streamed blocks, uploaded into the slot with the block and
 // written back with it (the same streams and events), so the plan and the GPU budget count it:
@@ -402,13 +403,16 @@ class HostOffload {
     if (out.empty()) return;
     settle_lagging(g);
     synchronize();
+    const std::size_t bytes = out.size() * plan_.state_value_bytes;
+    std::vector<bfloat16> staging(plan_.state_value_bytes == 2 ? out.size() : 0);
+    void* dst = staging.empty() ? static_cast<void*>(out.data()) : static_cast<void*>(staging.data());
     if (is_streamed(g)) {
-      std::memcpy(out.data(), host_.state(g.value - 1), out.size() * sizeof(float));
+      std::memcpy(dst, host_.state(g.value - 1), bytes);
     } else {
-      ZO2_CUDA_CHECK(cudaMemcpyAsync(out.data(), device_state(g), out.size() * sizeof(float), cudaMemcpyDeviceToHost,
-                                     compute_));
+      ZO2_CUDA_CHECK(cudaMemcpyAsync(dst, device_state(g), bytes, cudaMemcpyDeviceToHost, compute_));
       ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
     }
+    for (std::size_t j = 0; j < staging.size(); ++j) out[j] = to_float(staging[j]);
   }
   /// Sets group g's state from `in` (the layout of get_rule_state), e.g. from a checkpoint.
   void set_rule_state(GroupIndex g, std::span<const float> in) {
@@ -416,12 +420,16 @@ class HostOffload {
     if (in.empty()) return;
     settle(g);  // the master's lagging updates are applied with the state they were applied with
     synchronize();
+    // bf16 state: each value rounded to nearest (exact for values a bf16 run saved).
+    const std::size_t bytes = in.size() * plan_.state_value_bytes;
+    std::vector<bfloat16> staging(plan_.state_value_bytes == 2 ? in.size() : 0);
+    for (std::size_t j = 0; j < staging.size(); ++j) staging[j] = to_bfloat16(in[j]);
+    const void* src = staging.empty() ? static_cast<const void*>(in.data()) : static_cast<const void*>(staging.data());
     if (is_streamed(g)) {
-      std::memcpy(host_.state(g.value - 1), in.data(), in.size() * sizeof(float));
+      std::memcpy(host_.state(g.value - 1), src, bytes);
       slots_.invalidate(g.value);  // stale on the device now
     } else {
-      ZO2_CUDA_CHECK(cudaMemcpyAsync(device_state(g), in.data(), in.size() * sizeof(float), cudaMemcpyHostToDevice,
-                                     compute_));
+      ZO2_CUDA_CHECK(cudaMemcpyAsync(device_state(g), src, bytes, cudaMemcpyHostToDevice, compute_));
       ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
     }
   }
@@ -538,7 +546,8 @@ class HostOffload {
     arena_.allocate_state(plan_, sizes(), compute_);
     host_.allocate_state(plan_.streamed_blocks, plan_.block_state_bytes,
                          "the rule state of " + std::to_string(plan_.streamed_blocks) + " streamed blocks (" +
-                             std::to_string(plan_.state_slots) + " fp32 values per parameter)");
+                             std::to_string(plan_.state_slots) + (plan_.state_value_bytes == 2 ? " bf16" : " fp32") +
+                             " values per parameter)");
     slots_.set_state_rooms(arena_.slot_states(), plan_.state_slots ? state_bytes_of(1) : 0);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
   }
@@ -632,10 +641,10 @@ class HostOffload {
   }
   /// Bytes of the rule state of a group of kind k (0: prologue, 1: block, 2: epilogue).
   std::size_t state_bytes_of(int k) const {
-    return std::size_t{plan_.state_slots} * codecs_[k].total_elements() * sizeof(float);
+    return std::size_t{plan_.state_slots} * codecs_[k].total_elements() * plan_.state_value_bytes;
   }
   /// The rule state of a device-resident group (null without state).
-  float* device_state(GroupIndex g) const {
+  void* device_state(GroupIndex g) const {
     if (plan_.state_slots == 0) return nullptr;
     const int k = kind_of(g);
     if (k == 0) return arena_.prologue_state();
@@ -680,7 +689,7 @@ class HostOffload {
   /// Deferred write-back: the updates streamed group g's host copy lacks, applied in order to
   /// the slot that copy was just uploaded into (on compute_, after the upload: begin() ordered
   /// it), each with the update-only pass apply_update() runs.
-  void replay(GroupIndex g, unsigned char* master, float* state) {
+  void replay(GroupIndex g, unsigned char* master, void* state) {
     for (const offload::OwedUpdate& owed : log_.owed(g.value - 1)) {
       offload_detail::PassArgs<T> a;
       a.master = master;
@@ -737,6 +746,7 @@ class HostOffload {
   /// Runs group g's codec pass with `a` on compute_.
   void run(GroupIndex g, offload_detail::PassArgs<T>& a) {
     a.first_tensor_id = layout_->first_tensor_id(g);
+    a.state_bf16 = plan_.state_value_bytes == 2;
     offload_detail::run_pass(passes_[kind_of(g)], a, plan_.state_slots, compute_, slots_.body_done());
   }
 

@@ -4,7 +4,7 @@
 //
 // Streamed block i (0-based among the streamed blocks, i.e. group i + 1) has its master at
 // master(i), block_stride bytes apart, and its rule state at state(i), state_stride bytes
-// apart (fp32, state[slot * total_elements + element]). Nothing here orders the copies: the
+// apart (state[slot * total_elements + element], fp32 or bf16). Nothing here orders the copies: the
 // slot cache (slot_cache.cuh) does.
 #pragma once
 
@@ -71,7 +71,7 @@ class HostStore {
   }
 
   unsigned char* master(std::size_t i) const { return masters_.data() + i * block_stride_; }
-  float* state(std::size_t i) const { return reinterpret_cast<float*>(state_.data() + i * state_stride_); }
+  unsigned char* state(std::size_t i) const { return state_.data() + i * state_stride_; }
 
  private:
   PinnedBuffer<unsigned char> masters_, state_;

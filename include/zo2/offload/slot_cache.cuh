@@ -44,7 +44,7 @@ namespace zo2::cuda::offload_detail {
 
 struct Slot {
   unsigned char* data = nullptr;
-  float* state = nullptr;  // room for its block's rule state (null without state)
+  void* state = nullptr;  // room for its block's rule state (null without state)
   long block = -1;         // group index held (or being uploaded), -1: none
   bool fresh = false;      // uploaded from the host copy and not visited since (see the file comment)
   std::uint64_t last_use = 0;
@@ -66,7 +66,7 @@ class SlotCache {
   /// `streamed_blocks` blocks resting in `host` (groups 1..streamed_blocks), each `master_bytes`
   /// of encoded master and `state_bytes` of state; every slot empty.
   void reset(const HostStore* host, std::size_t master_bytes, std::size_t state_bytes,
-             const std::vector<unsigned char*>& data, const std::vector<float*>& state, std::size_t streamed_blocks,
+             const std::vector<unsigned char*>& data, const std::vector<void*>& state, std::size_t streamed_blocks,
              std::size_t prefetch_depth) {
     host_ = host;
     master_bytes_ = master_bytes;
@@ -82,7 +82,7 @@ class SlotCache {
     current_ = held_ = nullptr;
   }
   /// New state rooms (after the rule state was allocated anew): every slot is emptied.
-  void set_state_rooms(const std::vector<float*>& state, std::size_t state_bytes) {
+  void set_state_rooms(const std::vector<void*>& state, std::size_t state_bytes) {
     state_bytes_ = state_bytes;
     for (std::size_t i = 0; i < slots_.size(); ++i) slots_[i].state = state.empty() ? nullptr : state[i];
     invalidate_all();

@@ -12,7 +12,8 @@
 // z_i drawn by the kernel's noise (box_muller_fast where the value ends in 16 bits or fewer).
 //
 // The state of element j of a group (j: its index in the group's flat buffer, padding included)
-// is state[slot * state_stride + j], slot < Rule::kStateSlots: the layout of Resident's
+// is state[slot * state_stride + j], slot < Rule::kStateSlots, fp32 or (HostOffload's
+// rule_state_bf16) bf16 rounded to nearest when stored: the layout of Resident's
 // rule_state(g) and of HostOffload's get_rule_state. Only in-tensor elements are read or written
 // (padding state stays zero, as on the host), each by the thread that updates the element.
 #pragma once
@@ -23,6 +24,7 @@
 
 #include <zo2/backend/cuda/perturb.cuh>
 #include <zo2/core/error.hpp>
+#include <zo2/core/half_types.hpp>
 #include <zo2/core/update_rules.hpp>
 #include <zo2/core/zo_element.hpp>
 #include <zo2/optim/step_types.hpp>
@@ -35,12 +37,14 @@ struct UpdateTerms {
   std::uint32_t num_queries;    // 1..kMaxQueries
   RuleCoeffs rule;              // the rule's scalars; wd is lambda, zeroed per tensor without decay
   double coeff_abs_sum;         // sum_i |c_i| of the float c_i (row_kernel.cuh: the scale proof)
-  float* state;                 // Rule::kStateSlots arrays of state_stride floats; null for none
+  void* state;                  // Rule::kStateSlots arrays of state_stride values; null for none
   std::uint64_t state_stride;   // elements of the group's flat buffer
+  bool state_bf16;              // the values are bf16 (rounded to nearest when stored), not fp32
 };
 
 /// The terms of `p`, with the rule state of the group at `state` (null when the rule has none).
-inline UpdateTerms update_terms(const PendingUpdate& p, float* state, std::uint64_t state_stride) {
+inline UpdateTerms update_terms(const PendingUpdate& p, void* state, std::uint64_t state_stride,
+                                bool state_bf16 = false) {
   if (p.num_queries < 1 || p.num_queries > kMaxQueries)
     throw ConfigError("queries", "an owed update has " + std::to_string(p.num_queries) + " queries, not 1.." +
                                      std::to_string(kMaxQueries));
@@ -53,6 +57,7 @@ inline UpdateTerms update_terms(const PendingUpdate& p, float* state, std::uint6
   t.rule = p.rule_coeffs(true);
   t.state = state;
   t.state_stride = state_stride;
+  t.state_bf16 = state_bf16;
   return t;
 }
 
@@ -105,12 +110,21 @@ __device__ ZO2_FORCEINLINE float apply_rule(const UpdateTerms& u, const RuleCoef
     return Rule::apply(theta, d, r, static_cast<float*>(nullptr));
   } else {
     float s[Rule::kStateSlots];
+    float* const f32 = static_cast<float*>(u.state);
+    bfloat16* const b16 = static_cast<bfloat16*>(u.state);
 #pragma unroll
-    for (unsigned k = 0; k < Rule::kStateSlots; ++k) s[k] = u.state[k * u.state_stride + index];
+    for (unsigned k = 0; k < Rule::kStateSlots; ++k) {
+      const std::uint64_t at = k * u.state_stride + index;
+      s[k] = u.state_bf16 ? to_float(b16[at]) : f32[at];
+    }
     const float v = Rule::apply(theta, d, r, s);
     if constexpr (Write) {
 #pragma unroll
-      for (unsigned k = 0; k < Rule::kStateSlots; ++k) u.state[k * u.state_stride + index] = s[k];
+      for (unsigned k = 0; k < Rule::kStateSlots; ++k) {
+        const std::uint64_t at = k * u.state_stride + index;
+        if (u.state_bf16) b16[at] = to_bfloat16(s[k]);
+        else f32[at] = s[k];
+      }
     }
     return v;
   }
