@@ -7,7 +7,13 @@
 //              bf16p in three slots; OPT-30B offloaded (bf16) when the host has >= 100 GB
 //              available (--min-host-gb-30b)
 //   quick      a minute's sanity check: 125M and 1.3B, resident and offloaded
+//   llama      the LLaMA family (models/llama): Llama-3.2-1B and Llama-3-8B resident in bf16;
+//              Llama-3.2-1B, Llama-3-8B, Qwen2.5-7B, Qwen3-32B offloaded with bf16p (three
+//              slots, as the reference set) and int8. An offloaded row is skipped when the
+//              host's MemAvailable cannot hold its pinned blocks (host_memory_needed)
 // or explicit lists: --model opt-1.3b,opt-6.7b --policy resident,offload --codec bf16,int8 ...
+// A model name picks the family: "opt-..." (or a bare OPT size) is OPT, a LLaMA-family preset
+// name (zo2::llama::LlamaConfig::preset_names()) is LLaMA.
 #pragma once
 
 #include <cctype>
@@ -19,6 +25,8 @@
 
 #include "bench_util.hpp"
 
+#include <zo2/models/llama/config.hpp>
+#include <zo2/models/llama/layout.hpp>
 #include <zo2/models/opt/config.hpp>
 #include <zo2/models/opt/layout.hpp>
 
@@ -29,7 +37,7 @@ struct UsageError : std::runtime_error {
 };
 
 struct RunConfig {
-  std::string model;   // an OPT preset: opt-125m ... opt-175b
+  std::string model;   // an OPT preset (opt-125m ... opt-175b) or a LLaMA-family one (model_family)
   std::string policy;  // resident | offload
   std::string codec;   // offload: bf16 | bf16p | fp16 | int8 | fp32 (what rests on the host and crosses
                        // PCIe); resident: the master's storage precision (= dtype)
@@ -42,7 +50,7 @@ struct RunConfig {
 };
 
 struct Options {
-  std::string set;  // "", "reference", "quick"
+  std::string set;  // "", "reference", "quick", "llama"
   std::vector<std::string> models, policies, codecs, dtypes;
   std::vector<std::string> optimizers;  // empty: zo-sgd
   std::vector<int> queries;             // empty: 1
@@ -62,10 +70,10 @@ struct Options {
   int gemm_autotune = 0;       // cuBLASLt algorithms timed per GEMM shape (0: the heuristic's first)
 };
 
-inline const char* usage_text() {
+inline const char* usage_text_template() {
   return R"(Usage: zo2_bench (--set NAME | --model LIST) [options]
 
-Runs MeZO-SGD steps of OPT-shaped models (random weights drawn on the device, random tokens) with
+Runs MeZO-SGD steps of OPT and LLaMA-family models (random weights, random tokens) with
 zo2's CUDA engine and prints one JSON line per configuration: step time (median, p10, p90, min,
 max over the timed steps, CUDA events), tokens/s, peak GPU memory (zo2's own allocations and the
 device's view), host RSS, the compute floor (4 * params * tokens / bf16 GEMM rate) and the PCIe
@@ -77,7 +85,11 @@ Configurations:
                        bf16,fp16,int8; offloaded 1.3b..13b bf16p in 3 slots (whatever --slots
                        says); offloaded 30b bf16 when the host has enough memory
   --set quick          125m and 1.3b, resident bf16 and offloaded bf16 (1.3b also int8)
-  --model LIST         opt-125m,opt-1.3b,... (the "opt-" may be left out)
+  --set llama          resident llama-3.2-1b,llama-3-8b in bf16; offloaded llama-3.2-1b,
+                       llama-3-8b,qwen2.5-7b,qwen3-32b with bf16p in 3 slots (whatever --slots
+                       says) and int8; an offloaded row is skipped when MemAvailable cannot hold it
+  --model LIST         OPT: opt-125m,opt-1.3b,... (the "opt-" may be left out); LLaMA family:
+                       MODELS_LLAMA
   --policy LIST        resident | offload                          (default resident)
   --codec LIST         offload: bf16 | bf16p | fp16 | int8 | fp32  (default bf16; bf16p: bf16
                        values packed losslessly in ~12.6 bits, offload/packed_bf16.hpp)
@@ -97,7 +109,7 @@ Options:
   --timeline           offload: print the per-block timeline of the last timed step (a table on
                        stderr and a {"kind":"timeline"} line)
   --gpu-budget GIB     offload: HostOffload gpu_memory_budget (0: the minimum, every block
-                       streams)
+                       streams; a budget below the minimum is an error naming the minimum)
   --slots N            offload: device slots (default 2)
   --prefetch N         offload: blocks uploaded ahead (default 1)
   --two-copies         offload: keep theta+ez and theta-ez at once (default: one copy, more memory saved)
@@ -125,18 +137,57 @@ CUDA device.
 )";
 }
 
-/// "1.3b" or "opt-1.3b" -> "opt-1.3b", checked against the presets.
+inline std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& n : names) out += (out.empty() ? "" : ",") + n;
+  return out;
+}
+
+/// The usage text, with the LLaMA-family presets the library knows filled in.
+inline std::string usage_text() {
+  std::string text = usage_text_template();
+  const std::string key = "MODELS_LLAMA";
+  text.replace(text.find(key), key.size(), join(zo2::llama::LlamaConfig::preset_names()));
+  return text;
+}
+
+/// Which model type a configuration runs: OPT (opt::OPTCudaModel) or the LLaMA family
+/// (llama::LlamaCudaModel).
+enum class ModelFamily { kOpt, kLlama };
+
+inline bool is_llama_preset(const std::string& name) {
+  for (const std::string& p : zo2::llama::LlamaConfig::preset_names())
+    if (p == name) return true;
+  return false;
+}
+
+/// The family of a canonical model name (canonical_model's result).
+inline ModelFamily model_family(const std::string& model) {
+  return is_llama_preset(model) ? ModelFamily::kLlama : ModelFamily::kOpt;
+}
+
+/// "1.3b" or "opt-1.3b" -> "opt-1.3b", "Llama-3-8B" -> "llama-3-8b", checked against the OPT and
+/// LLaMA-family presets.
 inline std::string canonical_model(std::string name) {
   for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (is_llama_preset(name)) return name;
+  const std::string typed = name;
   if (name.rfind("opt-", 0) != 0) name = "opt-" + name;
   for (const std::string& p : zo2::opt::OPTConfig::preset_names())
     if (p == name) return name;
+  // A bare size ("1.4b") is reported as the OPT name it was read as, anything else as typed.
+  if (!typed.empty() && !std::isdigit(static_cast<unsigned char>(typed[0]))) name = typed;
   std::string valid;
   for (const std::string& p : zo2::opt::OPTConfig::preset_names()) valid += (valid.empty() ? "" : ", ") + p;
+  for (const std::string& p : zo2::llama::LlamaConfig::preset_names()) valid += ", " + p;
   throw UsageError("unknown model '" + name + "'; valid: " + valid);
 }
 
+/// Parameters as transformers counts them (a tied LM head once), in the model family's layout:
+/// what the compute floor multiplies.
 inline std::size_t model_params(const std::string& model) {
+  if (model_family(model) == ModelFamily::kLlama)
+    return zo2::llama::parameter_count(zo2::llama::LlamaConfig::preset(model));
   return zo2::opt::parameter_count(zo2::opt::OPTConfig::preset(model));
 }
 
@@ -195,8 +246,8 @@ inline Options parse_options(int argc, char** argv) {
     else if (key == "--extras") flag(), o.extras = true;
     else if (key == "--set") {
       o.set = next();
-      if (o.set != "reference" && o.set != "quick")
-        throw UsageError("--set: unknown set '" + o.set + "'; valid: reference, quick");
+      if (o.set != "reference" && o.set != "quick" && o.set != "llama")
+        throw UsageError("--set: unknown set '" + o.set + "'; valid: reference, quick, llama");
     } else if (key == "--model" || key == "--models") {
       o.models.clear();
       for (const std::string& m : parse_list(key, next(), {})) o.models.push_back(canonical_model(m));
@@ -241,7 +292,7 @@ inline Options parse_options(int argc, char** argv) {
     else throw UsageError("unknown option '" + key + "' (--help lists them)");
   }
   if (o.help) return o;
-  if (o.set.empty() && o.models.empty()) throw UsageError("name a set (--set reference|quick) or models (--model ...)");
+  if (o.set.empty() && o.models.empty()) throw UsageError("name a set (--set reference|quick|llama) or models (--model ...)");
   if (!o.set.empty() && !o.models.empty()) throw UsageError("--set and --model exclude each other");
   if (!o.set.empty() && (!o.policies.empty() || !o.codecs.empty() || !o.dtypes.empty()))
     throw UsageError("--policy/--codec/--dtype choose configurations: use them with --model, not --set");
@@ -266,8 +317,24 @@ struct Plan {
 /// type, bf16 otherwise.
 inline std::string default_dtype_for_codec(const std::string& codec) { return codec == "fp16" ? "fp16" : "bf16"; }
 
+/// Bytes per parameter of what an offloaded step moves each way (the codec), or the master's.
+inline double codec_bytes_per_param(const std::string& codec) {
+  if (codec == "fp32") return 4;
+  if (codec == "int8") return 1.0;  // plus a float scale per row: negligible
+  if (codec == "bf16p") return 12.57 / 8;  // packed bf16 with its escape room
+  return 2;
+}
+
+/// Host memory an offloaded configuration needs, roughly (an upper bound): every parameter in
+/// the codec's format (the pinned blocks are most of them), and 8 GB for what setup draws and
+/// encodes one group at a time (Qwen3-32B's embedding: 3.1 GB of fp32 values and its encoding)
+/// and the process itself.
+inline double host_memory_needed(const std::string& model, const std::string& codec) {
+  return static_cast<double>(model_params(model)) * codec_bytes_per_param(codec) + 8e9;
+}
+
 /// Expands the options into configurations. `host_available` (bytes, MemAvailable) decides
-/// whether the reference set includes OPT-30B.
+/// whether the reference set includes OPT-30B and the llama set Qwen3-32B.
 inline Plan expand(const Options& o, long long host_available) {
   Plan plan;
   const auto add = [&](const std::string& model, const std::string& policy, const std::string& codec,
@@ -301,6 +368,28 @@ inline Plan expand(const Options& o, long long host_available) {
                                                        std::to_string(static_cast<long long>(o.min_host_gb_30b)) +
                                                        " GB (--min-host-gb-30b)"});
       plan.configs.pop_back();
+    }
+  } else if (o.set == "llama") {
+    // The two that fit an 80 GB GPU with room resident, and the family offloaded (bf16p in three
+    // slots, as the reference set runs it). Qwen3-32B's int8 offload fits a ~6 GB GPU: the
+    // policy's minimum (budget 0) is 5.64 GB -- the embedding and the untied LM head in int8
+    // (0.78 GB each), one bf16 perturbed copy of each (1.56 GB each), two slots of 0.49 GB --
+    // and the model's activations at seq 2048 add ~0.5 GB. Its bf16p minimum is 7.9 GB in three
+    // slots (7.1 GB in two), its bf16 minimum 8.2 GB: the two vocabulary-sized tensors' masters
+    // and perturbed copies alone take 5.6 and 6.2 GB.
+    for (const char* m : {"llama-3.2-1b", "llama-3-8b"}) add(m, "resident", "bf16", "bf16");
+    for (const char* m : {"llama-3.2-1b", "llama-3-8b", "qwen2.5-7b", "qwen3-32b"}) {
+      for (const char* codec : {"bf16p", "int8"}) {
+        add(m, "offload", codec, "bf16", std::string(codec) == "bf16p" ? 3 : 0);
+        const double need = host_memory_needed(m, codec);
+        if (static_cast<double>(host_available) < need) {
+          plan.skipped.push_back({plan.configs.back(), "host memory: MemAvailable " +
+                                                           std::to_string(host_available / 1000000000) + " GB < " +
+                                                           std::to_string(static_cast<long long>(need / 1e9)) +
+                                                           " GB (pinned blocks and setup)"});
+          plan.configs.pop_back();
+        }
+      }
     }
   } else if (o.set == "quick") {
     add("opt-125m", "resident", "bf16", "bf16");
@@ -370,14 +459,6 @@ inline Reference reference_for(const RunConfig& c) {
   if (c.model == "opt-1.3b") return {0.077, 0.118, 1.5e9};
   if (c.model == "opt-6.7b") return {0.323, 0.450, 2.5e9};
   return {};
-}
-
-/// Bytes per parameter of what an offloaded step moves each way (the codec), or the master's.
-inline double codec_bytes_per_param(const std::string& codec) {
-  if (codec == "fp32") return 4;
-  if (codec == "int8") return 1.0;  // plus a float scale per row: negligible
-  if (codec == "bf16p") return 12.57 / 8;  // packed bf16 with its escape room
-  return 2;
 }
 
 /// Forward passes of the whole model per step: 2 per query (two-side), zo-cons 5.

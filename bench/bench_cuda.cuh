@@ -54,10 +54,16 @@ void fill_uniform(T* p, std::size_t n, std::uint64_t seed, float center, float h
   ZO2_CUDA_CHECK_LAUNCH("fill_uniform");
 }
 
-/// OPT-like initial values for a tensor named `name`: LayerNorm weights 1 +- 0.05, biases
-/// +- 0.01, everything else uniform with std 0.02 (OPT's init): {center, half_width}.
+/// OPT-like initial values for a tensor named `name`: LayerNorm and RMSNorm weights 1 +- 0.05
+/// (OPT's "*layer_norm.weight"; the LLaMA family's "*layernorm.weight", "norm.weight",
+/// "q_norm.weight", "k_norm.weight"), biases +- 0.01, everything else uniform with std 0.02
+/// (OPT's init, and LLaMA's initializer_range): {center, half_width}.
 inline std::pair<float, float> init_range(const std::string& name) {
-  const bool ln_weight = name.find("layer_norm.weight") != std::string::npos;
+  const auto ends_with = [&](const char* tail) {
+    const std::size_t n = std::strlen(tail);
+    return name.size() >= n && name.compare(name.size() - n, n, tail) == 0;
+  };
+  const bool ln_weight = name.find("layer_norm.weight") != std::string::npos || ends_with("norm.weight");
   const bool bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
   if (ln_weight) return {1.0f, 0.05f};
   if (bias) return {0.0f, 0.01f};

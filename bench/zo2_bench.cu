@@ -1,7 +1,8 @@
 // bench/zo2_bench.cu -- zo2's benchmark against the PyTorch reference and the hardware's floors:
-// the MeZO-SGD step of OPT-shaped models (ZOOptimizer + OPTCudaModel) with the weights resident
-// on the GPU (CudaResident) or offloaded to pinned host memory (HostOffload<Codec>), one JSON
-// line per configuration. `zo2_bench --help` for the options, bench/bench_config.hpp for the
+// the MeZO-SGD step of OPT-shaped models (ZOOptimizer + OPTCudaModel) and of the LLaMA family
+// (LlamaCudaModel: Llama, Qwen2, Qwen3, Mistral presets) with the weights resident on the GPU
+// (CudaResident) or offloaded to pinned host memory (HostOffload<Codec>), one JSON line per
+// configuration. `zo2_bench --help` for the options, bench/bench_config.hpp for the
 // named sets, docs/benchmarks.md for the protocol and the results.
 //
 // What a configuration line holds (all times in seconds, memory in bytes):
@@ -69,6 +70,9 @@
 #include <zo2/backend/cpu/perturber.hpp>
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/memory.cuh>
+#include <zo2/models/llama/config.hpp>
+#include <zo2/models/llama/cuda/llama_cuda_model.cuh>
+#include <zo2/models/llama/layout.hpp>
 #include <zo2/models/opt/config.hpp>
 #include <zo2/models/opt/cuda/opt_cuda_model.cuh>
 #include <zo2/models/opt/layout.hpp>
@@ -156,15 +160,18 @@ struct Env {
   int gemm_autotune = 0;
 };
 
-/// The model's options for this run: the flash kernel --flash chose.
-opt::OPTCudaOptions model_options(const Env& env) {
-  opt::OPTCudaOptions mo;
+/// The model's options for this run: the flash kernel --flash chose, --gemm-autotune.
+/// ModelOptions: opt::OPTCudaOptions or llama::LlamaCudaOptions (the same two fields).
+template <class ModelOptions>
+ModelOptions model_options(const Env& env) {
+  ModelOptions mo;
   mo.flash_kernel = env.flash;
   mo.gemm_autotune = env.gemm_autotune;
   return mo;
 }
 
-/// A host batch as OPTCudaModel::make_batch reads it.
+/// A host batch as OPTCudaModel::make_batch and LlamaCudaModel::make_batch read it (no
+/// attention mask: every token visible; LLaMA positions 0..seq-1).
 struct HostBatch {
   std::size_t batch = 1, seq = 0;
   std::vector<std::int32_t> input_ids, attention_mask, labels;
@@ -186,6 +193,27 @@ ModelLayout opt_model_layout(const opt::OPTConfig& c) {
   return ModelLayout(opt::prologue_layout(c), opt::block_layout(c), static_cast<std::size_t>(c.num_hidden_layers),
                      opt::epilogue_layout(c));
 }
+
+/// What the run functions need of a model family (bench_config.hpp's model_family picks one):
+/// the config of a preset name, the CUDA layer stack in precision T, its options, its layout.
+struct OptFamily {
+  using Config = opt::OPTConfig;
+  template <class T>
+  using Model = opt::OPTCudaModel<T>;
+  using ModelOptions = opt::OPTCudaOptions;
+  static ModelLayout layout(const Config& c) { return opt_model_layout(c); }
+};
+
+struct LlamaFamily {
+  using Config = llama::LlamaConfig;
+  template <class T>
+  using Model = llama::LlamaCudaModel<T>;
+  using ModelOptions = llama::LlamaCudaOptions;
+  static ModelLayout layout(const Config& c) {
+    return ModelLayout(llama::prologue_layout(c), llama::block_layout(c), static_cast<std::size_t>(c.num_hidden_layers),
+                       llama::epilogue_layout(c));
+  }
+};
 
 unsigned host_threads() { return std::max(1u, std::min(32u, std::thread::hardware_concurrency())); }
 
@@ -400,20 +428,21 @@ ZOConfig zo_config(const RunConfig& c) {
   return zc;
 }
 
-template <class T>
+template <class Family, class T>
 void run_resident(const RunConfig& c, Env& env) {
+  using Model = typename Family::template Model<T>;
   const Baseline base = begin_config(env);
-  const opt::OPTConfig config = opt::OPTConfig::preset(c.model);
+  const typename Family::Config config = Family::Config::preset(c.model);
   zcuda::Stream stream;
   // The master is drawn on the device: no host copy of the weights, no upload.
-  zcuda::CudaResident<T, T> policy(opt_model_layout(config), stream.get());
+  zcuda::CudaResident<T, T> policy(Family::layout(config), stream.get());
   const ModelLayout& ml = policy.model_layout();
   for (std::size_t g = 0; g < ml.num_groups(); ++g) device_fill_group(policy.master(GroupIndex{g}), 1 + g, stream.get());
-  opt::OPTCudaModel<T> model(config, stream.get(), model_options(env));
+  Model model(config, stream.get(), model_options<typename Family::ModelOptions>(env));
   const auto batch = model.make_batch(random_batch(c, config.vocab_size));
   ZOConfig zc = zo_config(c);
   zc.lr = 1e-6, zc.eps = 1e-3, zc.seed = 7;
-  ZOOptimizer<opt::OPTCudaModel<T>, zcuda::CudaResident<T, T>> optimizer(model, policy, zc);
+  ZOOptimizer<Model, zcuda::CudaResident<T, T>> optimizer(model, policy, zc);
   policy.synchronize();
   const double setup_s = now_seconds() - base.t0;
 
@@ -443,10 +472,11 @@ std::string timeline_json(const std::vector<zcuda::GroupVisitTimes>& visits) {
   return s + "]";
 }
 
-template <class Codec, class T>
+template <class Family, class Codec, class T>
 void run_offload(const RunConfig& c, const Options& o, Env& env) {
+  using Model = typename Family::template Model<T>;
   const Baseline base = begin_config(env);
-  const opt::OPTConfig config = opt::OPTConfig::preset(c.model);
+  const typename Family::Config config = Family::Config::preset(c.model);
   using Policy = zcuda::HostOffload<Codec, T>;
   zcuda::OffloadOptions opts;
   opts.record_timeline = o.timeline;
@@ -454,10 +484,10 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   opts.slots = planned_slots(c, o);
   opts.prefetch_depth = std::min(o.prefetch, opts.slots - 1);
   opts.one_perturbed_copy = !o.two_copies;
-  opts.rule_state_slots = rule_state_slots(ZOOptimizer<opt::OPTCudaModel<T>, Policy>::rule_of(zo_config(c)));
+  opts.rule_state_slots = rule_state_slots(ZOOptimizer<Model, Policy>::rule_of(zo_config(c)));
   opts.writeback_every = static_cast<unsigned>(c.writeback_every);
   opts.link = {env.bw.h2d, env.bw.bidir_h2d};  // for writeback_every 0
-  Policy policy(opt_model_layout(config), opts);
+  Policy policy(Family::layout(config), opts);
   {
     // Values drawn on all host threads and encoded once per group kind; every block gets the
     // same encoded bytes (encoding billions of values on one core would take minutes, and the
@@ -485,11 +515,11 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
       for (auto& th : pool) th.join();
     }
   }
-  opt::OPTCudaModel<T> model(config, policy.stream(), model_options(env));
+  Model model(config, policy.stream(), model_options<typename Family::ModelOptions>(env));
   const auto batch = model.make_batch(random_batch(c, config.vocab_size));
   ZOConfig zc = zo_config(c);
   zc.lr = 1e-7, zc.eps = 1e-3, zc.seed = 5;
-  ZOOptimizer<opt::OPTCudaModel<T>, Policy> optimizer(model, policy, zc);
+  ZOOptimizer<Model, Policy> optimizer(model, policy, zc);
   policy.synchronize();
   const double setup_s = now_seconds() - base.t0;
 
@@ -531,24 +561,30 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   }
 }
 
-template <class T>
+template <class Family, class T>
 void run_offload_codec(const RunConfig& c, const Options& o, Env& env) {
-  if (c.codec == "bf16") run_offload<offload::Bf16Codec, T>(c, o, env);
-  else if (c.codec == "bf16p") run_offload<offload::Bf16PackedCodec, T>(c, o, env);
-  else if (c.codec == "fp16") run_offload<offload::Fp16Codec, T>(c, o, env);
-  else if (c.codec == "int8") run_offload<offload::Int8RowCodec, T>(c, o, env);
-  else if (c.codec == "fp32") run_offload<offload::Fp32Codec, T>(c, o, env);
+  if (c.codec == "bf16") run_offload<Family, offload::Bf16Codec, T>(c, o, env);
+  else if (c.codec == "bf16p") run_offload<Family, offload::Bf16PackedCodec, T>(c, o, env);
+  else if (c.codec == "fp16") run_offload<Family, offload::Fp16Codec, T>(c, o, env);
+  else if (c.codec == "int8") run_offload<Family, offload::Int8RowCodec, T>(c, o, env);
+  else if (c.codec == "fp32") run_offload<Family, offload::Fp32Codec, T>(c, o, env);
   else throw Error("unknown codec " + c.codec);
 }
 
-void run_config(const RunConfig& c, const Options& o, Env& env) {
+template <class Family>
+void run_family(const RunConfig& c, const Options& o, Env& env) {
   if (c.policy == "resident") {
-    if (c.dtype == "bf16") run_resident<bfloat16>(c, env);
-    else run_resident<float16>(c, env);
+    if (c.dtype == "bf16") run_resident<Family, bfloat16>(c, env);
+    else run_resident<Family, float16>(c, env);
   } else {
-    if (c.dtype == "bf16") run_offload_codec<bfloat16>(c, o, env);
-    else run_offload_codec<float16>(c, o, env);
+    if (c.dtype == "bf16") run_offload_codec<Family, bfloat16>(c, o, env);
+    else run_offload_codec<Family, float16>(c, o, env);
   }
+}
+
+void run_config(const RunConfig& c, const Options& o, Env& env) {
+  if (model_family(c.model) == ModelFamily::kLlama) run_family<LlamaFamily>(c, o, env);
+  else run_family<OptFamily>(c, o, env);
 }
 
 /// The fused flash kernels (mma.sync; wgmma where the build and device have it) against the
@@ -658,7 +694,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (o.help) {
-    std::fputs(usage_text(), stdout);
+    std::fputs(usage_text().c_str(), stdout);
     return 0;
   }
   Plan plan;
