@@ -66,6 +66,7 @@ struct Options {
   std::size_t gpu_budget = 0;   // HostOffload gpu_memory_budget in bytes (0: the minimum)
   std::size_t slots = 2, prefetch = 1;
   bool two_copies = false;  // offload: both perturbed copies at once (OffloadOptions::one_perturbed_copy = false)
+  bool state_bf16 = false;  // offload: the rule state in bf16 (OffloadOptions::rule_state_bf16)
   std::string flash = "auto";  // the flash-attention kernel: auto | mma | wgmma
   int gemm_autotune = 0;       // cuBLASLt algorithms timed per GEMM shape (0: the heuristic's first)
 };
@@ -113,6 +114,7 @@ Options:
   --slots N            offload: device slots (default 2)
   --prefetch N         offload: blocks uploaded ahead (default 1)
   --two-copies         offload: keep theta+ez and theta-ez at once (default: one copy, more memory saved)
+  --state-bf16         offload: keep zo-mmt's / zo-adam's state in bf16 (half its PCIe bytes; default fp32)
   --writeback-every LIST
                        offload: write a streamed block back to host memory every K steps (1..64;
                        0: the plan picks K from the pinned bandwidths measured at start; default
@@ -274,6 +276,7 @@ inline Options parse_options(int argc, char** argv) {
     else if (key == "--slots") o.slots = static_cast<std::size_t>(parse_int(key, next(), 2));
     else if (key == "--prefetch") o.prefetch = static_cast<std::size_t>(parse_int(key, next(), 1));
     else if (key == "--two-copies") flag(), o.two_copies = true;
+    else if (key == "--state-bf16") flag(), o.state_bf16 = true;
     else if (key == "--writeback-every") {
       o.writeback_every.clear();
       for (const std::string& k : split(next())) {

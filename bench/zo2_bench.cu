@@ -296,6 +296,7 @@ struct PolicyNumbers {
   std::uint64_t escape_overflow = 0;  // packed codec: escapes flushed to zero for want of room
   unsigned writeback_every = 1;       // the plan's K (deferred write-back)
   double updates_replayed_per_step = 0;
+  unsigned state_value_bytes = 4;     // the rule state's bytes per value (4 fp32, 2 bf16)
 };
 
 /// The PCIe floor of a step moving `up` bytes host-to-device and `down` back (see the file
@@ -361,7 +362,8 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
     line.add("host_pinned_bytes", p.host_pinned_bytes).add("block_bytes", p.block_bytes)
         .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots)
         .add("perturbed_copies", p.perturbed_copies).add("escape_overflow", p.escape_overflow)
-        .add("writeback_every_used", p.writeback_every).add("updates_replayed_per_step", p.updates_replayed_per_step);
+        .add("writeback_every_used", p.writeback_every).add("updates_replayed_per_step", p.updates_replayed_per_step)
+        .add("rule_state", p.state_value_bytes == 2 ? "bf16" : "fp32");
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
       .add("gemm_tflops", env.gemm.tflops).add("pinned_h2d_GBps", env.bw.h2d)
       .add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d).add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h)
@@ -484,6 +486,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   opts.slots = planned_slots(c, o);
   opts.prefetch_depth = std::min(o.prefetch, opts.slots - 1);
   opts.one_perturbed_copy = !o.two_copies;
+  opts.rule_state_bf16 = o.state_bf16;
   opts.rule_state_slots = rule_state_slots(ZOOptimizer<Model, Policy>::rule_of(zo_config(c)));
   opts.writeback_every = static_cast<unsigned>(c.writeback_every);
   opts.link = {env.bw.h2d, env.bw.bidir_h2d};  // for writeback_every 0
@@ -544,6 +547,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   p.slots = policy.plan().slots;
   p.perturbed_copies = policy.shares_perturbed_copy() ? 1 : 2;
   p.writeback_every = policy.writeback_every();
+  p.state_value_bytes = policy.plan().state_value_bytes;
   p.updates_replayed_per_step = static_cast<double>(policy.updates_replayed()) / c.steps;
   print_config_line(c, env, base, setup_s, m, p, model.gemm().cached_plans());
 
