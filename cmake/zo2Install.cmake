@@ -4,17 +4,24 @@
 #   <prefix>/include/zo2/...                         every header, .hpp and .cuh alike
 #   <prefix>/<ZO2_INSTALL_CMAKEDIR>/zo2Config.cmake
 #                                  zo2ConfigVersion.cmake   (ARCH_INDEPENDENT: header-only)
-#                                  zo2Targets.cmake         (zo2::zo2)
+#                                  zo2Targets.cmake         (zo2::core: component core)
+#                                  zo2ModelsTargets.cmake   (zo2::models, zo2::zo2: component
+#                                                            models; absent when zo2 was configured
+#                                                            with ZO2_WITH_MODELS=OFF)
 #
-# zo2::cuda is deliberately NOT in the exported target set. The library is header-only, so
-# zo2::cuda is nothing but "zo2::zo2 + the CUDA libraries the .cuh headers call": zo2Config.cmake
-# creates it itself when a consumer asks for the `cuda` component and its own CUDAToolkit is
-# found. Consequences:
+# One export file per component, so that a consumer asking for `core` only loads a file that
+# names no Eigen3:: or nlohmann_json:: target, and zo2Config.cmake looks for Eigen and
+# nlohmann-json only when the models are asked for (cmake/zo2Config.cmake.in).
+#
+# zo2::cuda_core and zo2::cuda (and zo2::tokenizers) are deliberately NOT in the exported target
+# sets. The library is header-only, so they are nothing but "zo2::core (resp. zo2::zo2) + the
+# CUDA libraries the .cuh headers call": zo2Config.cmake creates them itself when a consumer asks
+# for the `cuda` component and its own CUDAToolkit is found. Consequences:
 #   - one installed package serves both kinds of consumers, whether or not zo2 itself was
 #     configured with ZO2_ENABLE_CUDA (that switch only decides whether zo2's own CUDA tests,
 #     examples and benchmarks are built);
-#   - find_package(zo2 CONFIG REQUIRED) with no component never looks for CUDA, so it works on a
-#     machine without a CUDA toolkit;
+#   - find_package(zo2 CONFIG REQUIRED) with no cuda component never looks for CUDA, so it works
+#     on a machine without a CUDA toolkit;
 #   - the CUDA:: targets are resolved against the consumer's toolkit, never a path baked in at
 #     zo2's install time.
 
@@ -43,12 +50,20 @@ unset(_zo2_headers)
 unset(_zo2_header)
 unset(_zo2_header_dir)
 
-install(TARGETS zo2 EXPORT zo2Targets)
+install(TARGETS zo2_core EXPORT zo2Targets)
 install(EXPORT zo2Targets
         NAMESPACE zo2::
         FILE zo2Targets.cmake
         DESTINATION "${ZO2_INSTALL_CMAKEDIR}"
         COMPONENT zo2_cmake)
+if(TARGET zo2_models)
+  install(TARGETS zo2_models zo2 EXPORT zo2ModelsTargets)
+  install(EXPORT zo2ModelsTargets
+          NAMESPACE zo2::
+          FILE zo2ModelsTargets.cmake
+          DESTINATION "${ZO2_INSTALL_CMAKEDIR}"
+          COMPONENT zo2_cmake)
+endif()
 
 configure_package_config_file(
   "${PROJECT_SOURCE_DIR}/cmake/zo2Config.cmake.in"

@@ -1,4 +1,5 @@
-# Data-parallel transports (included by the top-level CMakeLists after zo2 and zo2::cuda):
+# Data-parallel transports (included by the top-level CMakeLists after zo2 and zo2::cuda; both
+# link zo2::zo2, or zo2::core where ZO2_WITH_MODELS is OFF):
 #   zo2::mpi   MPI (find_package(MPI), e.g. Debian's libopenmpi-dev): include <zo2/comm/mpi.hpp>;
 #              defines ZO2_HAVE_MPI.
 #   zo2::nccl  NCCL (cmake/FindNCCL.cmake: the CUDA toolkit's, a system one, or the nvidia-nccl
@@ -15,7 +16,7 @@ if(ZO2_ENABLE_MPI)
   if(MPI_CXX_FOUND)
     add_library(zo2_mpi INTERFACE)
     add_library(zo2::mpi ALIAS zo2_mpi)
-    target_link_libraries(zo2_mpi INTERFACE zo2 MPI::MPI_CXX)
+    target_link_libraries(zo2_mpi INTERFACE ${_zo2_all} MPI::MPI_CXX)
     target_compile_definitions(zo2_mpi INTERFACE ZO2_HAVE_MPI=1)
     # Open MPI's C++ bindings are deprecated and unused: keep them out of every compile.
     target_compile_definitions(zo2_mpi INTERFACE OMPI_SKIP_MPICXX=1 MPICH_SKIP_MPICXX=1)
@@ -31,7 +32,7 @@ if(ZO2_ENABLE_NCCL AND ZO2_ENABLE_CUDA)
   if(NCCL_FOUND)
     add_library(zo2_nccl INTERFACE)
     add_library(zo2::nccl ALIAS zo2_nccl)
-    target_link_libraries(zo2_nccl INTERFACE zo2 CUDA::cudart NCCL::NCCL)
+    target_link_libraries(zo2_nccl INTERFACE ${_zo2_all} CUDA::cudart NCCL::NCCL)
     target_compile_definitions(zo2_nccl INTERFACE ZO2_HAVE_NCCL=1)
     if(TARGET zo2::mpi)
       target_link_libraries(zo2_nccl INTERFACE zo2::mpi)

@@ -2,8 +2,9 @@
 # `conan create` for zo2 with no network and no remote: Debian's Eigen and nlohmann-json stand
 # in for ConanCenter's eigen/3.4.0 and nlohmann_json/3.11.x through the tiny "system" recipes in
 # packaging/conan/system/. Runs the recipe's test_package (a MeZO run on a user-defined stack)
-# for cuda=False, and checks the cuda=True variant's package_info (zo2::cuda target) when a CUDA
-# toolkit is present.
+# for cuda=False, with the models (zo2::zo2) and without them (zo2::core, no Eigen), and checks
+# the cuda=True variant's package_info (zo2::cuda and zo2::cuda_core) when a CUDA toolkit is
+# present.
 #
 # Usage: packaging/conan/ci_offline.sh [work dir]      (default: a fresh mktemp -d)
 # Needs: conan 2 on PATH (pip install conan), cmake, a C++20 compiler, libeigen3-dev,
@@ -51,6 +52,9 @@ conan export "$here/system/nlohmann_json" --version "$nlohmann_version"
 common=(-s compiler.cppstd=20 -s build_type=Release --build=missing --no-remote)
 
 conan create "$here" "${common[@]}" -o "zo2/*:cuda=False"
+# models=False: the same package (headers only), without eigen and nlohmann_json in the graph;
+# test_package then links zo2::core alone and fails if Eigen or nlohmann-json shows up.
+conan create "$here" "${common[@]}" -o "zo2/*:cuda=False" -o "zo2/*:models=False"
 
 # The cuda component: the same package (headers only); only package_info differs. Where a CUDA
 # toolkit is present, a consumer of cuda=True links zo2::cuda (compiled and linked, not run:
@@ -64,8 +68,8 @@ if command -v nvcc >/dev/null 2>&1 || [[ -x /usr/local/cuda/bin/nvcc ]]; then
 cmake_minimum_required(VERSION 3.20)
 project(zo2_conan_cuda_consumer LANGUAGES CXX)
 find_package(zo2 CONFIG REQUIRED)
-if(NOT TARGET zo2::cuda)
-  message(FATAL_ERROR "zo2/*:cuda=True gave no zo2::cuda target")
+if(NOT TARGET zo2::cuda OR NOT TARGET zo2::cuda_core)
+  message(FATAL_ERROR "zo2/*:cuda=True gave no zo2::cuda or zo2::cuda_core target")
 endif()
 add_executable(cuda_link cuda_link.cpp)
 target_link_libraries(cuda_link PRIVATE zo2::cuda)

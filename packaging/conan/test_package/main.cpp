@@ -1,6 +1,15 @@
 // Conan test_package: a two-block layer stack of the consumer's own, MeZO-SGD on a fixed batch;
-// exits 1 unless the loss falls.
+// exits 1 unless the loss falls. With the models (option models=True, the default) it includes the
+// whole library through zo2::zo2; with models=False, only <zo2/core.hpp> through zo2::core, and
+// Eigen and nlohmann-json must be nowhere.
+#if defined(TEST_PACKAGE_ALL)
 #include <zo2/zo2.hpp>
+#else
+#include <zo2/core.hpp>
+#if defined(EIGEN_WORLD_VERSION) || defined(NLOHMANN_JSON_VERSION_MAJOR) || __has_include(<Eigen/Core>)
+#error "zo2::core brought Eigen or nlohmann-json"
+#endif
+#endif
 
 #include <cmath>
 #include <cstdio>

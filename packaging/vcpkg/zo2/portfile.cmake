@@ -1,6 +1,7 @@
 # vcpkg overlay port for zo2 (header-only).
 #   vcpkg install zo2 --overlay-ports=<zo2 checkout>/packaging/vcpkg
 #   vcpkg install "zo2[cuda]" --overlay-ports=<zo2 checkout>/packaging/vcpkg
+#   vcpkg install "zo2[core]" --overlay-ports=<zo2 checkout>/packaging/vcpkg   (no models: no Eigen)
 #
 # The overlay builds the checkout it lives in. A registry port would instead fetch a release:
 #   vcpkg_from_github(OUT_SOURCE_PATH SOURCE_PATH REPO <owner>/zo2 REF v${VERSION} SHA512 <...>)
@@ -10,11 +11,16 @@ set(VCPKG_BUILD_TYPE release)  # header-only: one configuration is all there is
 
 get_filename_component(SOURCE_PATH "${CMAKE_CURRENT_LIST_DIR}/../../.." ABSOLUTE)
 
+# models (a default feature) -> ZO2_WITH_MODELS: zo2::models and zo2::zo2 (Eigen, nlohmann-json).
+#   Without it (vcpkg install "zo2[core]") only zo2::core is installed: the optimizer for the
+#   consumer's own layer stack, with neither dependency.
 # cuda -> ZO2_ENABLE_CUDA=ON (otherwise explicitly OFF, whatever nvcc is on the machine). It only
 # decides whether zo2's own CUDA parts are configured: the installed zo2Config.cmake offers
-# zo2::cuda to any consumer that asks for the `cuda` component and has a CUDA toolkit.
+# zo2::cuda_core (and zo2::cuda) to any consumer that asks for the `cuda` component and has a CUDA
+# toolkit.
 vcpkg_check_features(OUT_FEATURE_OPTIONS FEATURE_OPTIONS
   FEATURES
+    models ZO2_WITH_MODELS
     cuda ZO2_ENABLE_CUDA
 )
 

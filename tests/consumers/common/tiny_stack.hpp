@@ -1,13 +1,19 @@
 // tiny_stack.hpp -- the code an outside project writes to use zo2: its own layer stack, a few
-// MeZO-SGD steps, and a check that the loss falls. Shared by the three consumer projects
-// (find_package, add_subdirectory, FetchContent) so that they differ only in how they get zo2.
+// MeZO-SGD steps, and a check that the loss falls. Shared by the consumer projects (find_package,
+// core_only, add_subdirectory, FetchContent) so that they differ only in how they get zo2.
 //
 // The stack: h0 = W_in x (prologue), N residual blocks h <- h + tanh(W h + b), a linear head and a
 // mean squared error against a fixed linear teacher (epilogue). Everything is plain loops: the
 // point is the integration, not speed.
 #pragma once
 
+// The core_only consumer (zo2::core, no Eigen) defines CONSUMER_CORE_ONLY; the others include the
+// whole library, as a project that also uses the models would.
+#if defined(CONSUMER_CORE_ONLY)
+#include <zo2/core.hpp>
+#else
 #include <zo2/zo2.hpp>
+#endif
 
 #include <cmath>
 #include <cstddef>
