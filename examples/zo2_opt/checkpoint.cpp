@@ -20,12 +20,12 @@ namespace zo2_opt {
 namespace fs = std::filesystem;
 
 fs::path save_checkpoint(const fs::path& checkpoint_dir, std::uint64_t step, const ModelConfig& config,
-                         const zo2::ParameterStore<float>& store, const Tokenizer* tokenizer,
+                         const zo2::ModelLayout& layout, const GroupReader& read_group, const Tokenizer* tokenizer,
                          const nlohmann::json& state, const EncodedState* encoded, const RuleState* rule_state) {
   char name[32];
   std::snprintf(name, sizeof name, "step-%08llu", static_cast<unsigned long long>(step));
   const fs::path target = checkpoint_dir / name;
-  export_model(target, config, store, tokenizer, [&](const fs::path& staging) {
+  export_model(target, config, layout, read_group, tokenizer, [&](const fs::path& staging) {
     write_file_synced(staging / kStateFile, state.dump(2) + "\n");
     if (rule_state && rule_state->slots > 0) {
       std::vector<zo2::io::TensorToWrite> tensors;

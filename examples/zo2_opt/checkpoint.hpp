@@ -18,6 +18,7 @@
 
 #include "engine.hpp"
 #include "model_config.hpp"
+#include "model_setup.hpp"
 #include "tokenizer.hpp"
 
 namespace zo2_opt {
@@ -33,10 +34,13 @@ inline constexpr const char* kRuleStateFile = "optimizer_state.safetensors";
 
 /// `encoded` (optional) is written as kEncodedStateFile beside the weights, `rule_state` (when
 /// it has slots) as kRuleStateFile.
+/// The weights come group by group from `read_group` (Engine::group_reader()), so a checkpoint
+/// never holds a second copy of the model: one group's floats at a time.
 std::filesystem::path save_checkpoint(const std::filesystem::path& checkpoint_dir, std::uint64_t step,
-                                      const ModelConfig& config, const zo2::ParameterStore<float>& store,
-                                      const Tokenizer* tokenizer, const nlohmann::json& state,
-                                      const EncodedState* encoded = nullptr, const RuleState* rule_state = nullptr);
+                                      const ModelConfig& config, const zo2::ModelLayout& layout,
+                                      const GroupReader& read_group, const Tokenizer* tokenizer,
+                                      const nlohmann::json& state, const EncodedState* encoded = nullptr,
+                                      const RuleState* rule_state = nullptr);
 
 /// The checkpoint's kRuleStateFile, or nullopt when it has none.
 std::optional<RuleState> read_rule_state(const std::filesystem::path& checkpoint);

@@ -21,6 +21,7 @@
 
 #include "data.hpp"
 #include "model_config.hpp"
+#include "model_setup.hpp"
 
 namespace zo2_opt {
 
@@ -77,8 +78,19 @@ class Engine {
                                                const std::vector<std::vector<std::int32_t>>& candidates) = 0;
   /// Applies the owed update; after it, parameters() is theta.
   virtual void flush() = 0;
-  /// theta on the host (flushes and, on a device, downloads first).
-  virtual const zo2::ParameterStore<float>& parameters() = 0;
+  /// The parameter groups (what read_group hands out).
+  virtual const zo2::ModelLayout& model_layout() const = 0;
+  /// theta of group g as float, padding included, into `flat` (flushes first; on a device,
+  /// downloads or decodes that group alone): checkpoints and exports read the parameters one
+  /// group at a time, so no engine ever needs a second whole copy of them.
+  virtual void read_group(zo2::GroupIndex g, std::span<float> flat) = 0;
+  /// read_group as an export's GroupReader (valid while the engine lives).
+  GroupReader group_reader() {
+    return [this](zo2::GroupIndex g, std::span<float> flat) { read_group(g, flat); };
+  }
+  /// Bytes of host memory the parameters rest in between steps, when an offloading engine keeps
+  /// them there in its codec's format (the pinned masters); nullopt otherwise.
+  virtual std::optional<std::size_t> host_parameter_bytes() const { return std::nullopt; }
   virtual zo2::OptimizerState state() const = 0;
   virtual std::string device_description() const = 0;
   /// The encoded masters when parameters() does not restore this engine exactly (flushes
@@ -102,22 +114,28 @@ class Engine {
   }
 };
 
+/// Throws the UsageError make_cpu_engine would for `options` (before a store is built for it).
+void check_cpu_engine_options(const EngineOptions& options);
 /// The family's CPU model (OPTModel<float> or LlamaModel<float>) with the Resident policy.
 std::unique_ptr<Engine> make_cpu_engine(const ModelConfig& config, zo2::ParameterStore<float> store,
                                         const EngineOptions& options);
 /// Defined in engine_cuda.cu in CUDA builds (OPTCudaModel<float>, LlamaCudaModel<float>); otherwise
-/// throws "built without CUDA".
-std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+/// throws "built without CUDA". The parameters go to the device (resident) or into the offload
+/// engine's host store (offload) one group at a time: the engine keeps no fp32 copy of the model.
+std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, const ParameterSource& parameters,
                                          const EngineOptions& options);
-std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig& config, zo2::ParameterStore<float> store,
+std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig& config, const ParameterSource& parameters,
                                          const EngineOptions& options);
 bool cuda_built();
 
-inline std::unique_ptr<Engine> make_engine(const ModelConfig& config, zo2::ParameterStore<float> store,
+/// The engine `options` asks for, its parameters taken from `parameters` (which may be released
+/// once this returns).
+inline std::unique_ptr<Engine> make_engine(const ModelConfig& config, const ParameterSource& parameters,
                                            const EngineOptions& options) {
   if (options.device == "cuda")
-    return config.visit([&](const auto& c) { return make_cuda_engine(c, std::move(store), options); });
-  return make_cpu_engine(config, std::move(store), options);
+    return config.visit([&](const auto& c) { return make_cuda_engine(c, parameters, options); });
+  check_cpu_engine_options(options);
+  return make_cpu_engine(config, parameters.take_store(), options);
 }
 
 }  // namespace zo2_opt

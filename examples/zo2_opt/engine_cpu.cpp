@@ -85,9 +85,10 @@ class CpuEngine final : public Engine {
   }
 
   void flush() override { optimizer_.flush(); }
-  const zo2::ParameterStore<float>& parameters() override {
+  const zo2::ModelLayout& model_layout() const override { return store_.model_layout(); }
+  void read_group(zo2::GroupIndex g, std::span<float> flat) override {
     optimizer_.flush();
-    return store_;
+    store_reader(store_)(g, flat);
   }
   zo2::OptimizerState state() const override { return optimizer_.state(); }
   std::string device_description() const override { return "cpu"; }
@@ -105,11 +106,15 @@ class CpuEngine final : public Engine {
 
 }  // namespace
 
-std::unique_ptr<Engine> make_cpu_engine(const ModelConfig& config, zo2::ParameterStore<float> store,
-                                        const EngineOptions& options) {
+void check_cpu_engine_options(const EngineOptions& options) {
   if (options.offload)
     throw UsageError(cuda_built() ? "--offload streams weights to a GPU: it needs --device cuda"
                                   : "--offload: offload not available in this build (built without CUDA; the offload engine needs --device cuda)");
+}
+
+std::unique_ptr<Engine> make_cpu_engine(const ModelConfig& config, zo2::ParameterStore<float> store,
+                                        const EngineOptions& options) {
+  check_cpu_engine_options(options);
   return config.visit([&](const auto& c) -> std::unique_ptr<Engine> {
     if constexpr (std::is_same_v<std::decay_t<decltype(c)>, zo2::opt::OPTConfig>)
       return std::make_unique<CpuEngine<zo2::opt::OPTModel<float>>>(c, std::move(store), options);

@@ -7,10 +7,18 @@
 // unperturbed, and is not written back), so a model larger than the GPU is evaluated and sampled
 // as it is trained. One device Batch is refilled for every call (no allocation once it is as
 // large as the largest batch so far).
+//
+// Host memory (issue 21): the parameters come group by group from a ParameterSource (a
+// memory-mapped checkpoint or the random initialisation) and go straight to the device
+// (resident) or, encoded, into the offload engine's host store; checkpoints and exports read
+// them back one group at a time (read_group). The engine keeps no fp32 copy of the model, so an
+// offloaded run's host memory is the codec's bytes plus a few groups.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include <zo2/zo2.hpp>
 #include <zo2/models/llama/cuda/llama_cuda_model.cuh>
@@ -30,6 +38,10 @@ namespace zo2_opt {
 
 namespace {
 
+/// Groups the offload engine reads and encodes at once while loading (each costs a group in fp32
+/// and encoded beside the host store; two keep two cores busy and the peak a few blocks).
+constexpr std::size_t kLoadBatch = 2;
+
 template <class Model, class Policy>
 class CudaEngine final : public Engine {
   /// Whether float parameters alone would not restore the policy exactly (row-scaled codecs).
@@ -39,12 +51,15 @@ class CudaEngine final : public Engine {
   }();
 
  public:
+  static constexpr bool kOffload = !std::is_same_v<Policy, zo2::cuda::CudaResident<float, float>>;
+
   template <class Config, class... PolicyArgs>
-  CudaEngine(const Config& config, zo2::ParameterStore<float> store, const EngineOptions& options,
+  CudaEngine(const Config& config, const ParameterSource& parameters, const EngineOptions& options,
              std::string description, PolicyArgs&&... policy_args)
-      : host_(std::move(store)), model_(config), policy_(host_, std::forward<PolicyArgs>(policy_args)...),
+      : model_(config), policy_(parameters.model_layout(), std::forward<PolicyArgs>(policy_args)...),
         optimizer_((model_.set_stream(policy_.stream()), model_), policy_, options.zo, options.start_step),
         description_(std::move(description)) {
+    load_parameters(parameters);
     // The offload plan, as the budget decided it: what streams, through how many slots.
     if constexpr (requires { policy_.plan().slots; }) {
       const auto& plan = policy_.plan();
@@ -118,11 +133,27 @@ class CudaEngine final : public Engine {
   }
 
   void flush() override { optimizer_.flush(); }
-  const zo2::ParameterStore<float>& parameters() override {
+  const zo2::ModelLayout& model_layout() const override { return policy_.model_layout(); }
+  void read_group(zo2::GroupIndex g, std::span<float> flat) override {
     optimizer_.flush();
-    if constexpr (std::is_same_v<Policy, zo2::cuda::CudaResident<float, float>>) policy_.download(host_);
-    else policy_.store_to(host_);
-    return host_;
+    const std::size_t n = policy_.model_layout().layout(g).total_elements();
+    if (flat.size() != n)
+      throw zo2::ShapeError("read_group: group " + std::to_string(g.value) + " has " + std::to_string(n) +
+                            " elements, the buffer " + std::to_string(flat.size()));
+    if constexpr (kOffload) {
+      policy_.get_group(g, flat);  // decodes that group alone (settling a lagging write-back first)
+    } else {
+      if (n) zo2::cuda::copy_to_host(flat.data(), policy_.master(g).data(), n, policy_.stream());
+      policy_.synchronize();
+    }
+  }
+  std::optional<std::size_t> host_parameter_bytes() const override {
+    if constexpr (kOffload) {
+      const auto& plan = policy_.plan();
+      return plan.streamed_blocks * policy_.group_encoded_bytes(policy_.model_layout().block(0));
+    } else {
+      return std::nullopt;
+    }
   }
   std::optional<EncodedState> encoded_state() override {
     if constexpr (kSticky) {
@@ -170,7 +201,42 @@ class CudaEngine final : public Engine {
   }
 
  private:
-  zo2::ParameterStore<float> host_;
+  /// The parameters into the policy, group by group. Offload: a few groups at a time are read
+  /// and encoded on as many cores (the codec's encoding dominates a large model's start-up),
+  /// then copied into the host store; so the host holds the codec's store plus kLoadBatch groups in
+  /// fp32 and encoded, never the model in fp32. Resident: each group is copied to the device.
+  void load_parameters(const ParameterSource& parameters) {
+    const zo2::ModelLayout& ml = policy_.model_layout();
+    const std::size_t groups = ml.num_groups();
+    if constexpr (kOffload) {
+      using GroupCodec = typename Policy::GroupCodecT;
+      const std::size_t batch = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, kLoadBatch);
+      std::vector<std::vector<float>> flats(batch);
+      std::vector<std::vector<unsigned char>> codes(batch);
+      for (std::size_t first = 0; first < groups; first += batch) {
+        const std::size_t count = std::min(batch, groups - first);
+        zo2::parallel_for(count, [&](std::size_t k) {
+          const zo2::GroupIndex g{first + k};
+          const GroupCodec codec(ml.layout(g));
+          flats[k].resize(ml.layout(g).total_elements());
+          parameters.read_group(g, flats[k]);
+          codes[k].resize(codec.bytes());
+          codec.encode_group(flats[k], codes[k]);
+        });
+        for (std::size_t k = 0; k < count; ++k) policy_.set_group_encoded(zo2::GroupIndex{first + k}, codes[k]);
+      }
+    } else {
+      std::vector<float> flat;
+      for (std::size_t g = 0; g < groups; ++g) {
+        const zo2::GroupIndex gi{g};
+        flat.resize(ml.layout(gi).total_elements());
+        parameters.read_group(gi, flat);
+        if (!flat.empty()) zo2::cuda::copy_to_device(policy_.master(gi).data(), flat.data(), flat.size(), policy_.stream());
+        policy_.synchronize();  // before the buffer is refilled
+      }
+    }
+  }
+
   Model model_;
   Policy policy_;
   zo2::ZOOptimizer<Model, Policy> optimizer_;
@@ -189,7 +255,7 @@ std::string gpu_name() {
 }
 
 template <class Model, class Codec, class Config>
-std::unique_ptr<Engine> make_offload(const Config& config, zo2::ParameterStore<float> store,
+std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource& parameters,
                                      const EngineOptions& options) {
   zo2::cuda::OffloadOptions offload;
   // The rule's state is planned with the masters (no re-plan when the optimizer reserves it).
@@ -210,7 +276,7 @@ std::unique_ptr<Engine> make_offload(const Config& config, zo2::ParameterStore<f
                    (offload.writeback_every == 0 ? " (link " + std::to_string(offload.link.one_way_gbps) + " GB/s one-way, " +
                                                        std::to_string(offload.link.duplex_gbps) + " in duplex)"
                                                  : std::string());
-  return std::make_unique<CudaEngine<Model, zo2::cuda::HostOffload<Codec, float>>>(config, std::move(store), options,
+  return std::make_unique<CudaEngine<Model, zo2::cuda::HostOffload<Codec, float>>>(config, parameters, options,
                                                                                     description, offload);
 }
 
@@ -231,29 +297,29 @@ void check_device_available(const std::string& device) {
 
 /// The engine of one family's CUDA model: resident, or offloaded with --codec.
 template <class Model, class Config>
-std::unique_ptr<Engine> make_family_engine(const Config& config, zo2::ParameterStore<float> store,
+std::unique_ptr<Engine> make_family_engine(const Config& config, const ParameterSource& parameters,
                                            const EngineOptions& options) {
   check_device_available("cuda");
   if (!options.offload)
-    return std::make_unique<CudaEngine<Model, zo2::cuda::CudaResident<float, float>>>(config, std::move(store), options,
-                                                                                      gpu_name());
+    return std::make_unique<CudaEngine<Model, zo2::cuda::CudaResident<float, float>>>(
+        config, parameters, options, gpu_name(), cudaStream_t{});  // a stream of its own
   const std::string codec = options.codec.empty() ? "fp32" : options.codec;
-  if (codec == "fp32") return make_offload<Model, zo2::offload::Fp32Codec>(config, std::move(store), options);
-  if (codec == "bf16") return make_offload<Model, zo2::offload::Bf16Codec>(config, std::move(store), options);
-  if (codec == "fp16") return make_offload<Model, zo2::offload::Fp16Codec>(config, std::move(store), options);
-  if (codec == "int8") return make_offload<Model, zo2::offload::Int8RowCodec>(config, std::move(store), options);
-  if (codec == "bf16p") return make_offload<Model, zo2::offload::Bf16PackedCodec>(config, std::move(store), options);
+  if (codec == "fp32") return make_offload<Model, zo2::offload::Fp32Codec>(config, parameters, options);
+  if (codec == "bf16") return make_offload<Model, zo2::offload::Bf16Codec>(config, parameters, options);
+  if (codec == "fp16") return make_offload<Model, zo2::offload::Fp16Codec>(config, parameters, options);
+  if (codec == "int8") return make_offload<Model, zo2::offload::Int8RowCodec>(config, parameters, options);
+  if (codec == "bf16p") return make_offload<Model, zo2::offload::Bf16PackedCodec>(config, parameters, options);
   throw UsageError("--codec must be fp32, bf16, bf16p, fp16 or int8, got '" + codec + "'");
 }
 
-std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, zo2::ParameterStore<float> store,
+std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig& config, const ParameterSource& parameters,
                                          const EngineOptions& options) {
-  return make_family_engine<zo2::opt::OPTCudaModel<float>>(config, std::move(store), options);
+  return make_family_engine<zo2::opt::OPTCudaModel<float>>(config, parameters, options);
 }
 
-std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig& config, zo2::ParameterStore<float> store,
+std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig& config, const ParameterSource& parameters,
                                          const EngineOptions& options) {
-  return make_family_engine<zo2::llama::LlamaCudaModel<float>>(config, std::move(store), options);
+  return make_family_engine<zo2::llama::LlamaCudaModel<float>>(config, parameters, options);
 }
 
 }  // namespace zo2_opt

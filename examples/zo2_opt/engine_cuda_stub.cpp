@@ -6,11 +6,11 @@ namespace zo2_opt {
 
 bool cuda_built() { return false; }
 
-std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig&, zo2::ParameterStore<float>, const EngineOptions&) {
+std::unique_ptr<Engine> make_cuda_engine(const zo2::opt::OPTConfig&, const ParameterSource&, const EngineOptions&) {
   throw UsageError("--device cuda: this zo2-opt was built without CUDA (configure with -DZO2_ENABLE_CUDA=ON)");
 }
 
-std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig&, zo2::ParameterStore<float>, const EngineOptions&) {
+std::unique_ptr<Engine> make_cuda_engine(const zo2::llama::LlamaConfig&, const ParameterSource&, const EngineOptions&) {
   throw UsageError("--device cuda: this zo2-opt was built without CUDA (configure with -DZO2_ENABLE_CUDA=ON)");
 }
 

@@ -99,7 +99,8 @@ int run_eval(const std::vector<std::string>& argv) {
   EngineOptions engine_options;
   engine_options.device = device;
   apply_offload_flags(args, engine_options);
-  auto engine = make_engine(model.config, std::move(model.store), engine_options);
+  auto engine = make_engine(model.config, *model.parameters, engine_options);
+  model.parameters.reset();  // the checkpoint's mapping: the engine holds the parameters now
   const std::int32_t pad = static_cast<std::int32_t>(std::max<std::int64_t>(0, model.config.pad_token_id()));
   const bool per_example = args.flag("--per-example");
   const EvalResult r = evaluate_dataset(

@@ -164,7 +164,8 @@ int run_generate(const std::vector<std::string>& argv) {
   EngineOptions engine_options;
   engine_options.device = device;
   apply_offload_flags(args, engine_options);
-  auto engine = make_engine(config, std::move(model.store), engine_options);
+  auto engine = make_engine(config, *model.parameters, engine_options);
+  model.parameters.reset();  // the checkpoint's mapping: the engine holds the parameters now
   const std::size_t vocab = static_cast<std::size_t>(config.vocab_size());
   if (args.has("--dump-logits")) write_npy(*args.get("--dump-logits"), engine->logits(ids), ids.size(), vocab);
   Sampler rng{args.unsigned_integer("--seed", 0)};

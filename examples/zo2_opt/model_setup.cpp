@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <new>
 #include <optional>
 #include <type_traits>
@@ -43,7 +45,111 @@ std::string model_type_of(const fs::path& file) {
   return j.at("model_type").get<std::string>();
 }
 
+/// A checkpoint read group by group (zo2::opt::CheckpointGroups or zo2::llama::CheckpointGroups).
+template <class Groups>
+class CheckpointSource final : public ParameterSource {
+ public:
+  template <class Config>
+  CheckpointSource(const fs::path& dir, const Config& config) : groups_(dir, config) {}
+  const zo2::ModelLayout& model_layout() const override { return groups_.model_layout(); }
+  void read_group(zo2::GroupIndex g, std::span<float> flat) const override { groups_.read_group(g, flat); }
+
+ private:
+  Groups groups_;
+};
+
+class StoreSource final : public ParameterSource {
+ public:
+  explicit StoreSource(zo2::ParameterStore<float> store) : store_(std::move(store)) {}
+  const zo2::ModelLayout& model_layout() const override { return store_.model_layout(); }
+  void read_group(zo2::GroupIndex g, std::span<float> flat) const override { store_reader(store_)(g, flat); }
+  zo2::ParameterStore<float> take_store() const override { return store_; }
+
+ private:
+  zo2::ParameterStore<float> store_;
+};
+
+/// transformers' _init_weights for one group (see random_parameters).
+void random_group(const ModelConfig& config, const zo2::ModelLayout& ml, std::uint64_t seed, zo2::GroupIndex group,
+                  std::span<float> flat) {
+  // A stream of its own (step 0xffffffff is never a training step's noise).
+  constexpr std::uint32_t kInitStep = 0xffffffffu;
+  const zo2::ParamLayout& layout = ml.layout(group);
+  if (flat.size() != layout.total_elements())
+    throw zo2::ShapeError("read_group: group " + std::to_string(group.value) + " has " +
+                          std::to_string(layout.total_elements()) + " elements, the buffer " + std::to_string(flat.size()));
+  std::fill(flat.begin(), flat.end(), 0.0f);
+  for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+    const std::string& name = layout.spec(r).name;
+    const std::size_t n = layout.spec(r).numel();
+    float* t = flat.data() + layout.offset(r);
+    const bool bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+    // OPT's LayerNorms (self_attn_layer_norm, ...); the LLaMA family's RMSNorms (input_layernorm,
+    // q_norm, norm, ...).
+    const bool norm = name.find(config.family() == Family::opt ? "layer_norm" : "norm") != std::string::npos;
+    const std::uint32_t id = ml.first_tensor_id(group) + static_cast<std::uint32_t>(r);
+    for (std::size_t j = 0; j < n; ++j) {
+      if (bias) t[j] = 0.0f;
+      else if (norm) t[j] = 1.0f;
+      else t[j] = 0.02f * zo2::normal_at(seed, kInitStep, id, j);
+    }
+  }
+}
+
+class RandomSource final : public ParameterSource {
+ public:
+  RandomSource(ModelConfig config, std::uint64_t seed)
+      : config_(std::move(config)), layout_(zo2_opt::model_layout(config_)), seed_(seed) {}
+  const zo2::ModelLayout& model_layout() const override { return layout_; }
+  void read_group(zo2::GroupIndex g, std::span<float> flat) const override {
+    random_group(config_, layout_, seed_, g, flat);
+  }
+  zo2::ParameterStore<float> take_store() const override { return random_parameters(config_, seed_); }
+
+ private:
+  ModelConfig config_;
+  zo2::ModelLayout layout_;
+  std::uint64_t seed_;
+};
+
 }  // namespace
+
+zo2::ParameterStore<float> ParameterSource::take_store() const {
+  zo2::ParameterStore<float> store(model_layout());
+  for (std::size_t g = 0; g < store.num_groups(); ++g) {
+    auto view = store.group(zo2::GroupIndex{g});
+    read_group(zo2::GroupIndex{g}, std::span<float>(view.data(), view.layout().total_elements()));
+  }
+  return store;
+}
+
+std::unique_ptr<ParameterSource> store_source(zo2::ParameterStore<float> store) {
+  return std::make_unique<StoreSource>(std::move(store));
+}
+
+std::unique_ptr<ParameterSource> random_source(const ModelConfig& config, std::uint64_t seed) {
+  return std::make_unique<RandomSource>(config, seed);
+}
+
+GroupReader store_reader(const zo2::ParameterStore<float>& store) {
+  return [&store](zo2::GroupIndex g, std::span<float> flat) {
+    const auto view = store.group(g);
+    if (flat.size() != view.layout().total_elements())
+      throw zo2::ShapeError("read_group: group " + std::to_string(g.value) + " has " +
+                            std::to_string(view.layout().total_elements()) + " elements, the buffer " +
+                            std::to_string(flat.size()));
+    std::copy(view.data(), view.data() + flat.size(), flat.begin());
+  };
+}
+
+std::uint64_t max_shard_bytes() {
+  const char* env = std::getenv("ZO2_OPT_MAX_SHARD_BYTES");
+  if (env == nullptr || *env == '\0') return zo2::io::kDefaultMaxShardBytes;
+  const std::string text(env);
+  if (text.size() > 19 || text.find_first_not_of("0123456789") != std::string::npos || std::stoull(text) == 0)
+    throw UsageError("ZO2_OPT_MAX_SHARD_BYTES must be a positive byte count, got '" + text + "'");
+  return std::stoull(text);
+}
 
 LoadedModel load_model_dir(const fs::path& dir) {
   if (!fs::is_directory(dir)) throw zo2::FileError(dir.string(), "no such model directory");
@@ -58,13 +164,20 @@ LoadedModel load_model_dir(const fs::path& dir) {
     throw zo2::FileError((dir / "config.json").string(), "field 'model_type' is '" + model_type +
                                                              "', which zo2 does not support (" +
                                                              supported_model_types_text() + ")");
-  auto with_tokenizer = [&](auto loaded) {
+  // Every tensor is checked now; the weights are read when the engine takes them, group by group.
+  auto with_tokenizer = [&](auto config, auto groups) {
     std::optional<Tokenizer> tokenizer;
     if (Tokenizer::present_in(dir)) tokenizer = Tokenizer::from_directory(dir);
-    return LoadedModel{ModelConfig(std::move(loaded.config)), std::move(loaded.store), std::move(tokenizer), dir.string()};
+    return LoadedModel{ModelConfig(std::move(config)), std::move(groups), std::move(tokenizer), dir.string()};
   };
-  if (*family == Family::llama) return with_tokenizer(zo2::llama::load_llama_checkpoint<float>(dir));
-  return with_tokenizer(zo2::opt::load_opt_checkpoint<float>(dir));
+  if (*family == Family::llama) {
+    LlamaConfig config = LlamaConfig::from_json_file(dir / "config.json");
+    auto groups = std::make_unique<CheckpointSource<zo2::llama::CheckpointGroups>>(dir, config);
+    return with_tokenizer(std::move(config), std::move(groups));
+  }
+  OPTConfig config = OPTConfig::from_json_file(dir / "config.json");
+  auto groups = std::make_unique<CheckpointSource<zo2::opt::CheckpointGroups>>(dir, config);
+  return with_tokenizer(std::move(config), std::move(groups));
 }
 
 OPTConfig demo_config() {
@@ -231,33 +344,17 @@ zo2::ParameterStore<float> random_parameters(const ModelConfig& config, std::uin
   }
   zo2::ParameterStore<float>& store = *allocated;
   const zo2::ModelLayout& ml = store.model_layout();
-  // A stream of its own (step 0xffffffff is never a training step's noise).
-  constexpr std::uint32_t kInitStep = 0xffffffffu;
   for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    const zo2::GroupIndex group{g};
-    auto view = store.group(group);
-    const zo2::ParamLayout& layout = view.layout();
-    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
-      const std::string& name = layout.spec(r).name;
-      const std::size_t n = layout.spec(r).numel();
-      float* t = view.tensor(r);
-      const bool bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-      // OPT's LayerNorms (self_attn_layer_norm, ...); the LLaMA family's RMSNorms (input_layernorm,
-      // q_norm, norm, ...).
-      const bool norm = name.find(config.family() == Family::opt ? "layer_norm" : "norm") != std::string::npos;
-      const std::uint32_t id = ml.first_tensor_id(group) + static_cast<std::uint32_t>(r);
-      for (std::size_t j = 0; j < n; ++j) {
-        if (bias) t[j] = 0.0f;
-        else if (norm) t[j] = 1.0f;
-        else t[j] = 0.02f * zo2::normal_at(seed, kInitStep, id, j);
-      }
-    }
+    auto view = store.group(zo2::GroupIndex{g});
+    random_group(config, ml, seed, zo2::GroupIndex{g}, std::span<float>(view.data(), view.layout().total_elements()));
   }
   return std::move(store);
 }
 
-void export_model(const fs::path& dir, const ModelConfig& config, const zo2::ParameterStore<float>& store,
-                  const Tokenizer* tokenizer, const std::function<void(const fs::path&)>& write_extra) {
+void export_model(const fs::path& dir, const ModelConfig& config, const zo2::ModelLayout& layout,
+                  const GroupReader& read_group, const Tokenizer* tokenizer,
+                  const std::function<void(const fs::path&)>& write_extra) {
+  const std::uint64_t shard_limit = max_shard_bytes();
   const fs::path target = fs::absolute(dir).lexically_normal();
   const fs::path parent = target.parent_path();
   std::error_code ec;
@@ -267,12 +364,13 @@ void export_model(const fs::path& dir, const ModelConfig& config, const zo2::Par
   fs::remove_all(staging, ec);
   try {
     fs::create_directories(staging);
-    // The family's writer: config.json (a loaded LLaMA model's own, dtype updated) + model.safetensors.
+    // The family's writer: config.json (a loaded LLaMA model's own, dtype updated) + the weights,
+    // one group at a time.
     config.visit([&](const auto& c) {
       if constexpr (std::is_same_v<std::decay_t<decltype(c)>, OPTConfig>)
-        zo2::opt::save_hf_checkpoint(staging, c, store, zo2::io::Dtype::F32);
+        zo2::opt::save_hf_checkpoint_by_group(staging, c, layout, read_group, zo2::io::Dtype::F32, shard_limit);
       else
-        zo2::llama::save_hf_checkpoint(staging, c, store, zo2::io::Dtype::F32);
+        zo2::llama::save_hf_checkpoint_by_group(staging, c, layout, read_group, zo2::io::Dtype::F32, shard_limit);
     });
     if (tokenizer) tokenizer->save(staging);
     if (write_extra) write_extra(staging);
@@ -281,6 +379,11 @@ void export_model(const fs::path& dir, const ModelConfig& config, const zo2::Par
     fs::remove_all(staging, ec);
     throw;
   }
+}
+
+void export_model(const fs::path& dir, const ModelConfig& config, const zo2::ParameterStore<float>& store,
+                  const Tokenizer* tokenizer, const std::function<void(const fs::path&)>& write_extra) {
+  export_model(dir, config, store.model_layout(), store_reader(store), tokenizer, write_extra);
 }
 
 }  // namespace zo2_opt

@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <optional>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -27,6 +29,25 @@
 #include "progress.hpp"
 
 namespace zo2_opt {
+
+namespace {
+
+/// The process's peak resident set (VmHWM of /proc/self/status), where the system reports it.
+std::optional<std::size_t> host_peak_rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string key;
+  while (status >> key) {
+    if (key == "VmHWM:") {
+      std::size_t kb = 0;
+      if (status >> kb) return kb * 1024;
+      return std::nullopt;
+    }
+    status.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+  }
+  return std::nullopt;
+}
+
+}  // namespace
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -236,8 +257,9 @@ int run_train(const std::vector<std::string>& argv) {
     if (static_cast<std::size_t>(config.vocab_size()) < tokenizer->vocab_size())
       throw UsageError("train: --vocab-size " + std::to_string(config.vocab_size()) + " is smaller than the tokenizer's " +
                        std::to_string(tokenizer->vocab_size()));
-    auto store = random_parameters(config, seed);
-    model = LoadedModel{config, std::move(store), std::nullopt,
+    // Made group by group as the engine takes them (the CPU engine's whole store is checked
+    // against the machine's memory then).
+    model = LoadedModel{config, random_source(config, seed), std::nullopt,
                         (preset == "demo" ? std::string("demo model") : preset) + " (random weights, seed " + std::to_string(seed) + ")"};
   }
   const ModelConfig config = model->config;
@@ -350,10 +372,11 @@ int run_train(const std::vector<std::string>& argv) {
   const std::string eval_name = eval_set ? eval_path : (train.source + (eval_limit < train.examples.size() ? " (first " + std::to_string(eval_limit) + ")" : ""));
 
   // ---- engine -------------------------------------------------------------------------------
+  if (args.has("--export") || checkpoint_every) (void)max_shard_bytes();  // a bad ZO2_OPT_MAX_SHARD_BYTES now, not at the end
   engine_options.zo = zo;
   engine_options.start_step = start_step;
   const std::string model_description = model->description;
-  auto engine = make_engine(config, std::move(model->store), engine_options);
+  auto engine = make_engine(config, *model->parameters, engine_options);
   model.reset();
   dp.attach(*engine, zo, batch_size, accumulate);
   // The int8 codec's masters are restored from their codes and row scales, not re-quantized.
@@ -539,8 +562,8 @@ int run_train(const std::vector<std::string>& argv) {
     if (dp.root() && checkpoint_every && (t + 1) % checkpoint_every == 0 && t + 1 < total_steps) {
       const auto encoded = engine->encoded_state();
       const RuleState rule_state = engine->rule_state();
-      const fs::path saved = save_checkpoint(checkpoint_dir, t + 1, config, engine->parameters(), tok, state_json(t + 1),
-                                             encoded ? &*encoded : nullptr, &rule_state);
+      const fs::path saved = save_checkpoint(checkpoint_dir, t + 1, config, engine->model_layout(), engine->group_reader(),
+                                             tok, state_json(t + 1), encoded ? &*encoded : nullptr, &rule_state);
       last_checkpoint = t + 1;
       progress.note("checkpoint " + saved.string());
     }
@@ -553,8 +576,9 @@ int run_train(const std::vector<std::string>& argv) {
   if (dp.root() && checkpoint_every && last_checkpoint != total_steps) {
     const auto encoded = engine->encoded_state();
     const RuleState rule_state = engine->rule_state();
-    const fs::path saved = save_checkpoint(checkpoint_dir, total_steps, config, engine->parameters(), tok,
-                                           state_json(total_steps), encoded ? &*encoded : nullptr, &rule_state);
+    const fs::path saved = save_checkpoint(checkpoint_dir, total_steps, config, engine->model_layout(),
+                                           engine->group_reader(), tok, state_json(total_steps),
+                                           encoded ? &*encoded : nullptr, &rule_state);
     std::printf("checkpoint %s\n", saved.string().c_str());
   }
   const EvalResult end_eval = evaluate_dataset(*engine, eval_data, batch_size, pad, eval_limit);
@@ -569,11 +593,22 @@ int run_train(const std::vector<std::string>& argv) {
     std::printf("\n");
   }
   if (args.has("--export") && dp.root()) {
-    export_model(*args.get("--export"), config, engine->parameters(), tok);
+    export_model(*args.get("--export"), config, engine->model_layout(), engine->group_reader(), tok);
     std::printf("export    %s (config.json, model.safetensors%s)\n", args.get("--export")->c_str(), tok ? ", tokenizer" : "");
   }
   json summary = {{"steps", steps_run}, {"final_step", total_steps}, {"seconds", train_seconds},
                   {"start_loss", start_eval.loss}, {"end_loss", end_eval.loss}};
+  // Host memory (docs/benchmarks.md, "Host memory"): the peak resident set of the whole run, and
+  // what an offloaded run's parameters rest in (the codec's host store); the first should stay
+  // within ~1.1 x the second plus a few blocks.
+  if (const std::optional<std::size_t> peak = host_peak_rss_bytes()) {
+    const std::optional<std::size_t> at_rest = engine->host_parameter_bytes();
+    std::printf("memory    host peak RSS %.2f GiB (VmHWM)", static_cast<double>(*peak) / (1u << 30));
+    if (at_rest)
+      std::printf(", the offload codec's host store %.2f GiB (peak / store %.2f)", static_cast<double>(*at_rest) / (1u << 30),
+                  *at_rest ? static_cast<double>(*peak) / static_cast<double>(*at_rest) : 0.0);
+    std::printf("\n");  // (not in the summary line: runs that compute the same compare it whole)
+  }
   if (values_lost) summary["values_lost"] = values_lost;
   if (end_eval.accuracy) summary["end_accuracy"] = *end_eval.accuracy;
   std::printf("%s\n", json{{"summary", summary}}.dump().c_str());

@@ -3,14 +3,18 @@
 // load_llama_checkpoint<S>(dir) reads config.json and the safetensors weights (one file or the
 // shards model.safetensors.index.json lists; F32, BF16, F16) into a store of storage type S,
 // checking every tensor's presence and shape against the config before allocating it.
-// save_hf_checkpoint writes config.json (the one read, dtype updated) and model.safetensors,
-// which transformers' AutoModelForCausalLM.from_pretrained loads back.
+// CheckpointGroups reads the same checkpoint one parameter group at a time (for
+// HostOffload::set_group: the whole model never exists in fp32). save_hf_checkpoint writes
+// config.json (the one read, dtype updated) and model.safetensors (or shards and an index), which
+// transformers' AutoModelForCausalLM.from_pretrained loads back; save_hf_checkpoint_by_group does
+// so from a function that yields one group at a time (HostOffload::get_group).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <set>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -139,6 +143,72 @@ class TensorReader {
 
 }  // namespace detail
 
+namespace detail {
+
+/// Opens and checks a checkpoint for `config` (see load_llama_weights for what is checked).
+inline zo2::opt::detail::GroupReader open_llama_groups(const std::filesystem::path& checkpoint_path,
+                                                      const LlamaConfig& config) {
+  io::SafetensorsCheckpoint checkpoint = io::SafetensorsCheckpoint::open(checkpoint_path);
+  ModelLayout layout = model_layout(config);
+  TensorReader reader(checkpoint);
+  std::vector<std::vector<std::string>> names(layout.num_groups());
+  for (const CheckpointTensor& t : checkpoint_tensors(layout)) {
+    if (t.name == "lm_head.weight" && !checkpoint.contains(t.name))
+      throw FileError(checkpoint.source(), "missing tensor 'lm_head.weight' (config.json says tie_word_embeddings "
+                                           "is false, so the LM head is its own tensor)");
+    names[t.group.value].push_back(reader.check(t.name, *t.spec));
+  }
+  // A tied config may meet a checkpoint that stores the head anyway: it must be the embedding.
+  const bool tied_head_present = config.tie_word_embeddings && checkpoint.contains("lm_head.weight");
+  for (const std::string& name : checkpoint.names()) {
+    if (!is_model_tensor(name) || reader.used().count(name) != 0) continue;
+    if (tied_head_present && name == "lm_head.weight") continue;
+    throw FileError(file_holding(checkpoint, name),
+                    "unexpected tensor '" + name + "': config.json does not describe it (wrong config?)");
+  }
+  if (tied_head_present) {
+    const std::string embed = reader.resolve(hf_prologue_name("embed_tokens.weight"));
+    if (!zo2::opt::detail::same_values(checkpoint, "lm_head.weight", embed))
+      throw FileError(file_holding(checkpoint, "lm_head.weight"),
+                      "tensor 'lm_head.weight' differs from '" + embed +
+                          "', but config.json says tie_word_embeddings is true");
+  }
+  return zo2::opt::detail::GroupReader(std::move(checkpoint), std::move(layout), std::move(names));
+}
+
+}  // namespace detail
+
+/// A LLaMA-family checkpoint, checked as load_llama_weights checks it, whose weights are read
+/// one parameter group (prologue, block i, epilogue) at a time: the caller keeps one group's
+/// floats, e.g. to encode it into HostOffload::set_group, and the whole model never exists in
+/// fp32. The safetensors files stay memory-mapped; each tensor's pages are dropped once read.
+class CheckpointGroups {
+ public:
+  /// Opens `checkpoint_path` (a directory, an index .json or a .safetensors file) and checks
+  /// every tensor against `config`; the errors are load_llama_weights'.
+  CheckpointGroups(const std::filesystem::path& checkpoint_path, const LlamaConfig& config)
+      : reader_(detail::open_llama_groups(checkpoint_path, config)) {}
+
+  const ModelLayout& model_layout() const { return reader_.model_layout(); }
+  std::size_t num_groups() const { return reader_.model_layout().num_groups(); }
+  /// Group g's flat float buffer, padding zero, into `flat` (its total_elements()).
+  void read_group(GroupIndex g, std::span<float> flat) const { reader_.read_group(g, flat); }
+  /// fn(GroupIndex, std::span<const float>) for every group in order, through one buffer.
+  template <class Fn>
+  void for_each_group(Fn&& fn) const {
+    std::vector<float> buffer;
+    for (std::size_t g = 0; g < num_groups(); ++g) {
+      buffer.resize(model_layout().layout(GroupIndex{g}).total_elements());
+      read_group(GroupIndex{g}, buffer);
+      fn(GroupIndex{g}, std::span<const float>(buffer));
+    }
+  }
+  const zo2::opt::detail::GroupReader& reader() const { return reader_; }
+
+ private:
+  zo2::opt::detail::GroupReader reader_;
+};
+
 /// Reads the weights of a checkpoint directory (or a .safetensors / index .json path) laid out
 /// for `config` into a new store. A tensor that is missing, has the wrong shape, or is left
 /// over (layer 2 of a 2-layer config, biases a config without them does not describe, an
@@ -147,36 +217,8 @@ class TensorReader {
 /// that disagrees with the weights never costs the memory its sizes imply.
 template <class S>
 ParameterStore<S> load_llama_weights(const std::filesystem::path& checkpoint_path, const LlamaConfig& config) {
-  const io::SafetensorsCheckpoint checkpoint = io::SafetensorsCheckpoint::open(checkpoint_path);
-  ModelLayout layout = model_layout(config);
-  detail::TensorReader reader(checkpoint);
-  for (const CheckpointTensor& t : checkpoint_tensors(layout)) {
-    if (t.name == "lm_head.weight" && !checkpoint.contains(t.name))
-      throw FileError(checkpoint.source(), "missing tensor 'lm_head.weight' (config.json says tie_word_embeddings "
-                                           "is false, so the LM head is its own tensor)");
-    reader.check(t.name, *t.spec);
-  }
-  // A tied config may meet a checkpoint that stores the head anyway: it must be the embedding.
-  const bool tied_head_present = config.tie_word_embeddings && checkpoint.contains("lm_head.weight");
-  for (const std::string& name : checkpoint.names()) {
-    if (!detail::is_model_tensor(name) || reader.used().count(name) != 0) continue;
-    if (tied_head_present && name == "lm_head.weight") continue;
-    throw FileError(detail::file_holding(checkpoint, name),
-                    "unexpected tensor '" + name + "': config.json does not describe it (wrong config?)");
-  }
-  if (tied_head_present) {
-    const std::string embed = reader.resolve(hf_prologue_name("embed_tokens.weight"));
-    if (checkpoint.entry("lm_head.weight").shape != checkpoint.entry(embed).shape ||
-        checkpoint.read_as_float("lm_head.weight") != checkpoint.read_as_float(embed))
-      throw FileError(detail::file_holding(checkpoint, "lm_head.weight"),
-                      "tensor 'lm_head.weight' differs from '" + embed +
-                          "', but config.json says tie_word_embeddings is true");
-  }
-
-  ParameterStore<S> store(std::move(layout));
-  for (const CheckpointTensor& t : checkpoint_tensors(store.model_layout()))
-    reader.read(t.name, *t.spec, store.group(t.group).tensor(t.index));
-  return store;
+  const CheckpointGroups groups(checkpoint_path, config);
+  return zo2::opt::detail::store_from_groups<S>(groups.reader());
 }
 
 /// config.json + weights of a Hugging Face checkpoint directory.
@@ -187,20 +229,24 @@ LoadedCheckpoint<S> load_llama_checkpoint(const std::filesystem::path& directory
   return LoadedCheckpoint<S>{std::move(config), std::move(store)};
 }
 
-/// Writes `directory`/config.json and `directory`/model.safetensors (dtype F32, BF16 or F16)
-/// with transformers' names (lm_head.weight only when untied), so
-/// AutoModelForCausalLM.from_pretrained(directory) loads the parameters of `store`. config.json
-/// is config.to_json(dtype): the file the config was read from, its dtype updated. Each file
-/// is replaced atomically; a stale model.safetensors.index.json is removed, because transformers
-/// (and load_llama_checkpoint) would prefer it over the new file.
-template <class S>
-void save_hf_checkpoint(const std::filesystem::path& directory, const LlamaConfig& config,
-                        const ParameterStore<S>& store, io::Dtype dtype = io::Dtype::F32) {
+/// Writes `directory`/config.json and the weights (dtype F32, BF16 or F16) with transformers'
+/// names (lm_head.weight only when untied), so AutoModelForCausalLM.from_pretrained(directory)
+/// loads the parameters read_group(GroupIndex, std::span<float>) yields: it fills a group's
+/// float flat buffer (HostOffload::get_group, or a copy from a store), is called once per group
+/// in order, and is the only source of values, so the model is never whole in memory. Weights of
+/// at most `max_shard_bytes` go into model.safetensors; more into transformers' shards and
+/// model.safetensors.index.json (see io::ShardedSafetensorsWriter). config.json is
+/// config.to_json(dtype): the file the config was read from, its dtype updated. Each file is
+/// replaced atomically; a stale index or single file that transformers (or
+/// load_llama_checkpoint) would prefer over the new files is removed.
+template <class ReadGroup>
+void save_hf_checkpoint_by_group(const std::filesystem::path& directory, const LlamaConfig& config,
+                                 const ModelLayout& ml, ReadGroup&& read_group, io::Dtype dtype = io::Dtype::F32,
+                                 std::uint64_t max_shard_bytes = io::kDefaultMaxShardBytes) {
   if (dtype != io::Dtype::F32 && dtype != io::Dtype::BF16 && dtype != io::Dtype::F16)
     throw ConfigError("dtype", "LLaMA-family checkpoints are saved as F32, BF16 or F16, not " +
                                    std::string(io::dtype_name(dtype)));
   const ModelLayout expected = model_layout(config);
-  const ModelLayout& ml = store.model_layout();
   if (ml.num_blocks() != expected.num_blocks() ||
       !(ml.layout(ml.prologue()) == expected.layout(expected.prologue())) ||
       !(ml.layout(ml.block(0)) == expected.layout(expected.block(0))) ||
@@ -211,19 +257,26 @@ void save_hf_checkpoint(const std::filesystem::path& directory, const LlamaConfi
   std::filesystem::create_directories(directory, ec);
   if (ec) throw FileError(directory.string(), "cannot create directory: " + ec.message());
 
-  const std::vector<CheckpointTensor> listed = checkpoint_tensors(ml);
-  std::vector<std::vector<std::byte>> payloads(listed.size());
-  std::vector<io::TensorToWrite> tensors;
-  for (std::size_t i = 0; i < listed.size(); ++i) {
-    const CheckpointTensor& t = listed[i];
-    zo2::opt::detail::encode(store.group(t.group).tensor(t.index), t.spec->numel(), dtype, payloads[i]);
-    tensors.push_back({t.name, dtype, t.spec->shape, payloads[i].data()});
-  }
-  const std::string dtype_name = dtype == io::Dtype::F32 ? "float32" : dtype == io::Dtype::BF16 ? "bfloat16" : "float16";
+  std::vector<zo2::opt::detail::HfTensor> tensors;
+  for (const CheckpointTensor& t : checkpoint_tensors(ml)) tensors.push_back({t.name, t.group, t.index, t.spec});
   // Weights first: a config.json next to weights it does not describe is the worse half-state.
-  io::write_safetensors(directory / io::SafetensorsCheckpoint::kSingleFileName, tensors, {{"format", "pt"}});
-  zo2::opt::detail::write_text_atomically(directory / "config.json", config.to_json(dtype_name).dump(2) + "\n");
-  std::filesystem::remove(directory / io::SafetensorsCheckpoint::kIndexFileName, ec);
+  zo2::opt::detail::write_hf_weights(directory, ml, tensors, read_group, dtype, max_shard_bytes);
+  zo2::opt::detail::write_text_atomically(
+      directory / "config.json", config.to_json(zo2::opt::detail::torch_dtype_name(dtype)).dump(2) + "\n");
+}
+
+/// save_hf_checkpoint_by_group from the groups of `store`.
+template <class S>
+void save_hf_checkpoint(const std::filesystem::path& directory, const LlamaConfig& config,
+                        const ParameterStore<S>& store, io::Dtype dtype = io::Dtype::F32,
+                        std::uint64_t max_shard_bytes = io::kDefaultMaxShardBytes) {
+  save_hf_checkpoint_by_group(
+      directory, config, store.model_layout(),
+      [&](GroupIndex g, std::span<float> flat) {
+        const ParamView<const S> view = store.group(g);
+        for (std::size_t i = 0; i < flat.size(); ++i) flat[i] = static_cast<float>(load(view.data()[i]));
+      },
+      dtype, max_shard_bytes);
 }
 
 }  // namespace zo2::llama

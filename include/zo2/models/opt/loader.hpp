@@ -2,8 +2,11 @@
 //
 // load_opt_checkpoint<S>(dir) reads config.json and the safetensors weights (one file or
 // shards listed by model.safetensors.index.json) into a store of storage type S, checking every
-// tensor's presence and shape against the config. save_hf_checkpoint writes config.json and
-// model.safetensors that transformers' OPTForCausalLM.from_pretrained loads back.
+// tensor's presence and shape against the config. CheckpointGroups reads the same checkpoint
+// one parameter group at a time (for HostOffload::set_group: the whole model never exists in
+// fp32). save_hf_checkpoint writes config.json and model.safetensors (or shards and an index)
+// that transformers' OPTForCausalLM.from_pretrained loads back; save_hf_checkpoint_by_group
+// does so from a function that yields one group at a time (HostOffload::get_group).
 #pragma once
 
 #include <cstddef>
@@ -14,6 +17,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -114,7 +118,159 @@ class TensorReader {
   std::set<std::string> used_;
 };
 
+/// One tensor of a checkpoint: its name in the file (or the name to write) and where it goes.
+struct HfTensor {
+  std::string name;
+  GroupIndex group;
+  std::size_t index;  // within the group's layout
+  const TensorSpec* spec;
+};
+
+/// Whether tensors `a` and `b` of `checkpoint` hold the same values (as float), compared a
+/// million elements at a time so that no whole tensor is ever converted at once. Tensors of a
+/// dtype that does not convert to float are a FileError naming the file.
+inline bool same_values(const io::SafetensorsCheckpoint& checkpoint, const std::string& a, const std::string& b) {
+  const io::TensorEntry& ea = checkpoint.entry(a);
+  const io::TensorEntry& eb = checkpoint.entry(b);
+  if (ea.shape != eb.shape) return false;
+  constexpr std::size_t kChunk = std::size_t{1} << 20;
+  const std::size_t n = ea.numel();
+  std::vector<float> x(std::min(n, kChunk)), y(std::min(n, kChunk));
+  bool same = true;
+  for (std::size_t first = 0; same && first < n; first += kChunk) {
+    const std::size_t m = std::min(kChunk, n - first);
+    io::SafetensorsFile::convert_range_to_float(ea, first, m, x.data(), checkpoint.file_of(a));
+    io::SafetensorsFile::convert_range_to_float(eb, first, m, y.data(), checkpoint.file_of(b));
+    same = std::equal(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(m), y.begin());
+  }
+  checkpoint.release(a);
+  checkpoint.release(b);
+  return same;
+}
+
+/// A checkpoint whose tensors have all been checked, read one parameter group at a time:
+/// `names[g][r]` is the file's name of group g's tensor r.
+class GroupReader {
+ public:
+  GroupReader(io::SafetensorsCheckpoint checkpoint, ModelLayout layout, std::vector<std::vector<std::string>> names)
+      : checkpoint_(std::move(checkpoint)), layout_(std::move(layout)), names_(std::move(names)) {}
+
+  const ModelLayout& model_layout() const { return layout_; }
+  const std::string& source() const { return checkpoint_.source(); }
+
+  /// Group g's float flat buffer (padding zero) into `flat` (layout(g).total_elements() of
+  /// them). Each tensor's pages of the mapped file are dropped once it is converted, so the
+  /// process holds the group and nothing of the file. Safe to call from several threads for
+  /// different groups.
+  void read_group(GroupIndex g, std::span<float> flat) const {
+    if (g.value >= layout_.num_groups())
+      throw Error("read_group: group " + std::to_string(g.value) + " of a model with " +
+                  std::to_string(layout_.num_groups()) + " groups");
+    const ParamLayout& l = layout_.layout(g);
+    if (flat.size() != l.total_elements())
+      throw ShapeError("read_group: group " + std::to_string(g.value) + " has " + std::to_string(l.total_elements()) +
+                       " elements (padding included), the buffer " + std::to_string(flat.size()));
+    std::fill(flat.begin(), flat.end(), 0.0f);
+    for (std::size_t r = 0; r < l.num_tensors(); ++r) {
+      const std::string& name = names_[g.value][r];
+      checkpoint_.read_as_float(name, flat.data() + l.offset(r), l.spec(r).numel());
+      checkpoint_.release(name);
+    }
+  }
+
+ private:
+  io::SafetensorsCheckpoint checkpoint_;
+  ModelLayout layout_;
+  std::vector<std::vector<std::string>> names_;
+};
+
+/// Opens and checks an OPT checkpoint for `config` (see load_opt_weights for what is checked).
+inline GroupReader open_opt_groups(const std::filesystem::path& checkpoint_path, const OPTConfig& config) {
+  io::SafetensorsCheckpoint checkpoint = io::SafetensorsCheckpoint::open(checkpoint_path);
+  ModelLayout layout = model_layout(config);
+  TensorReader reader(checkpoint);
+
+  std::vector<std::vector<std::string>> names(layout.num_groups());
+  auto check_group = [&](GroupIndex g, auto canonical_name) {
+    const ParamLayout& l = layout.layout(g);
+    for (std::size_t r = 0; r < l.num_tensors(); ++r)
+      names[g.value].push_back(reader.check(canonical_name(l.spec(r).name), l.spec(r)));
+  };
+  check_group(layout.prologue(), [](const std::string& n) { return hf_prologue_name(n); });
+  for (std::size_t i = 0; i < layout.num_blocks(); ++i)
+    check_group(layout.block(i), [i](const std::string& n) { return hf_block_name(i, n); });
+  check_group(layout.epilogue(), [](const std::string& n) { return hf_epilogue_name(n); });
+  for (const std::string& name : checkpoint.names()) {
+    const bool decoder_tensor = name.find("decoder.") != std::string::npos || name.find("layers.") == 0 ||
+                                name.find("embed_") == 0 || name.find("project_") == 0 ||
+                                name.find("final_layer_norm") == 0;
+    if (decoder_tensor && reader.used().count(name) == 0)
+      throw FileError(file_holding(checkpoint, name),
+                      "unexpected tensor '" + name + "': config.json does not describe it (wrong config?)");
+  }
+  for (const std::string head : {"lm_head.weight", "model.lm_head.weight"}) {
+    if (!checkpoint.contains(head)) continue;
+    const std::string embed = reader.resolve(hf_prologue_name("embed_tokens.weight"));
+    if (!same_values(checkpoint, head, embed))
+      throw FileError(file_holding(checkpoint, head),
+                      "tensor '" + head + "' differs from '" + embed +
+                          "'; only LM heads tied to the token embedding are supported");
+  }
+  return GroupReader(std::move(checkpoint), std::move(layout), std::move(names));
+}
+
+/// A store of S filled group by group from `groups` (one group's floats at a time beside it).
+template <class S>
+ParameterStore<S> store_from_groups(const GroupReader& groups) {
+  ParameterStore<S> store(groups.model_layout());
+  std::vector<float> buffer;
+  for (std::size_t g = 0; g < store.num_groups(); ++g) {
+    const ParamView<S> view = store.group(GroupIndex{g});
+    const std::size_t n = view.layout().total_elements();
+    if constexpr (std::is_same_v<S, float>) {
+      groups.read_group(GroupIndex{g}, std::span<float>(view.data(), n));
+    } else {
+      buffer.resize(n);
+      groups.read_group(GroupIndex{g}, buffer);
+      for (std::size_t i = 0; i < n; ++i)
+        view.data()[i] = store_rounded<S>(static_cast<compute_t<S>>(buffer[i]), 0, false);
+    }
+  }
+  return store;
+}
+
 }  // namespace detail
+
+/// An OPT checkpoint, checked as load_opt_weights checks it, whose weights are read one
+/// parameter group (prologue, block i, epilogue) at a time: the caller keeps one group's floats,
+/// e.g. to encode it into HostOffload::set_group, and the whole model never exists in fp32. The
+/// safetensors files stay memory-mapped; each tensor's pages are dropped once it is read.
+class CheckpointGroups {
+ public:
+  /// Opens `checkpoint_path` (a directory, an index .json or a .safetensors file) and checks
+  /// every tensor against `config`; the errors are load_opt_weights'.
+  CheckpointGroups(const std::filesystem::path& checkpoint_path, const OPTConfig& config)
+      : reader_(detail::open_opt_groups(checkpoint_path, config)) {}
+
+  const ModelLayout& model_layout() const { return reader_.model_layout(); }
+  std::size_t num_groups() const { return reader_.model_layout().num_groups(); }
+  /// Group g's flat float buffer, padding zero, into `flat` (its total_elements()).
+  void read_group(GroupIndex g, std::span<float> flat) const { reader_.read_group(g, flat); }
+  /// fn(GroupIndex, std::span<const float>) for every group in order, through one buffer.
+  template <class Fn>
+  void for_each_group(Fn&& fn) const {
+    std::vector<float> buffer;
+    for (std::size_t g = 0; g < num_groups(); ++g) {
+      buffer.resize(model_layout().layout(GroupIndex{g}).total_elements());
+      read_group(GroupIndex{g}, buffer);
+      fn(GroupIndex{g}, std::span<const float>(buffer));
+    }
+  }
+  const detail::GroupReader& reader() const { return reader_; }
+
+ private:
+  detail::GroupReader reader_;
+};
 
 /// Reads the weights of an OPT checkpoint directory (or a .safetensors / index .json path)
 /// laid out for `config` into a new store. A tensor that is missing, has the wrong shape, or is
@@ -125,50 +281,8 @@ class TensorReader {
 /// head cannot be represented and is an error.
 template <class S>
 ParameterStore<S> load_opt_weights(const std::filesystem::path& checkpoint_path, const OPTConfig& config) {
-  const io::SafetensorsCheckpoint checkpoint = io::SafetensorsCheckpoint::open(checkpoint_path);
-  ModelLayout layout = model_layout(config);
-  detail::TensorReader reader(checkpoint);
-
-  // fn(spec, group, tensor index, canonical checkpoint name) for every tensor of `ml`.
-  auto for_each_tensor = [](const ModelLayout& ml, auto fn) {
-    auto group = [&](GroupIndex g, auto canonical_name) {
-      const ParamLayout& l = ml.layout(g);
-      for (std::size_t r = 0; r < l.num_tensors(); ++r) fn(l.spec(r), g, r, canonical_name(l.spec(r).name));
-    };
-    group(ml.prologue(), [](const std::string& n) { return hf_prologue_name(n); });
-    for (std::size_t i = 0; i < ml.num_blocks(); ++i)
-      group(ml.block(i), [i](const std::string& n) { return hf_block_name(i, n); });
-    group(ml.epilogue(), [](const std::string& n) { return hf_epilogue_name(n); });
-  };
-  for_each_tensor(layout, [&](const TensorSpec& spec, GroupIndex, std::size_t, const std::string& canonical) {
-    reader.check(canonical, spec);
-  });
-  for (const std::string& name : checkpoint.names()) {
-    const bool decoder_tensor = name.find("decoder.") != std::string::npos || name.find("layers.") == 0 ||
-                                name.find("embed_") == 0 || name.find("project_") == 0 ||
-                                name.find("final_layer_norm") == 0;
-    if (decoder_tensor && reader.used().count(name) == 0)
-      throw FileError(detail::file_holding(checkpoint, name),
-                      "unexpected tensor '" + name + "': config.json does not describe it (wrong config?)");
-  }
-
-  ParameterStore<S> store(std::move(layout));
-  for_each_tensor(store.model_layout(), [&](const TensorSpec& spec, GroupIndex g, std::size_t r,
-                                            const std::string& canonical) {
-    reader.read(canonical, spec, store.group(g).tensor(r));
-  });
-
-  for (const std::string head : {"lm_head.weight", "model.lm_head.weight"}) {
-    if (!checkpoint.contains(head)) continue;
-    const std::string embed = reader.resolve(hf_prologue_name("embed_tokens.weight"));
-    const io::TensorEntry& entry = checkpoint.entry(head);
-    if (entry.shape != checkpoint.entry(embed).shape ||
-        checkpoint.read_as_float(head) != checkpoint.read_as_float(embed))
-      throw FileError(detail::file_holding(checkpoint, head),
-                      "tensor '" + head + "' differs from '" + embed +
-                          "'; only LM heads tied to the token embedding are supported");
-  }
-  return store;
+  const CheckpointGroups groups(checkpoint_path, config);
+  return detail::store_from_groups<S>(groups.reader());
 }
 
 /// config.json + weights of a Hugging Face OPT checkpoint directory.
@@ -228,19 +342,72 @@ void encode(const S* src, std::size_t n, io::Dtype dtype, std::vector<std::byte>
 
 }  // namespace detail
 
-/// Writes `directory`/config.json and `directory`/model.safetensors (dtype F32, BF16 or F16)
-/// with transformers' names ("model.decoder.*"; lm_head omitted because it is tied), so
-/// OPTForCausalLM.from_pretrained(directory) loads the parameters of `store`. Each file is
-/// replaced atomically. A stale model.safetensors.index.json is removed, because transformers
-/// (and load_opt_checkpoint) would prefer it over the new file.
-template <class S>
-void save_hf_checkpoint(const std::filesystem::path& directory, const OPTConfig& config,
-                        const ParameterStore<S>& store, io::Dtype dtype = io::Dtype::F32) {
+namespace detail {
+
+/// Writes the weights `tensors` lists (in that order, groups in ascending order) into
+/// `directory` with ShardedSafetensorsWriter: read_group(GroupIndex, std::span<float>) fills a
+/// group's float flat buffer when its first tensor comes, and each tensor is encoded to `dtype`
+/// and written before the next: one group's floats and one tensor's bytes in memory at a time.
+template <class ReadGroup>
+void write_hf_weights(const std::filesystem::path& directory, const ModelLayout& ml, const std::vector<HfTensor>& tensors,
+                      ReadGroup&& read_group, io::Dtype dtype, std::uint64_t max_shard_bytes) {
+  std::vector<io::TensorHeader> headers;
+  headers.reserve(tensors.size());
+  for (const HfTensor& t : tensors) headers.push_back({t.name, dtype, t.spec->shape});
+  io::ShardedSafetensorsWriter writer(directory, std::move(headers), max_shard_bytes, {{"format", "pt"}});
+  std::vector<float> group;
+  std::optional<std::size_t> current;
+  std::vector<std::byte> bytes;
+  for (const HfTensor& t : tensors) {
+    if (current != t.group.value) {
+      group.assign(ml.layout(t.group).total_elements(), 0.0f);
+      read_group(t.group, std::span<float>(group));
+      current = t.group.value;
+    }
+    const ParamLayout& l = ml.layout(t.group);
+    encode(group.data() + l.offset(t.index), t.spec->numel(), dtype, bytes);
+    writer.write(t.name, bytes);
+  }
+  writer.finish();
+}
+
+inline std::vector<HfTensor> opt_hf_tensors(const ModelLayout& ml) {
+  std::vector<HfTensor> out;
+  auto group = [&](GroupIndex g, auto hf_name) {
+    const ParamLayout& l = ml.layout(g);
+    for (std::size_t r = 0; r < l.num_tensors(); ++r) out.push_back({hf_name(l.spec(r).name), g, r, &l.spec(r)});
+  };
+  group(ml.prologue(), [](const std::string& n) { return hf_prologue_name(n); });
+  for (std::size_t i = 0; i < ml.num_blocks(); ++i)
+    group(ml.block(i), [i](const std::string& n) { return hf_block_name(i, n); });
+  group(ml.epilogue(), [](const std::string& n) { return hf_epilogue_name(n); });
+  return out;
+}
+
+inline std::string torch_dtype_name(io::Dtype dtype) {
+  return dtype == io::Dtype::F32 ? "float32" : dtype == io::Dtype::BF16 ? "bfloat16" : "float16";
+}
+
+}  // namespace detail
+
+/// Writes `directory`/config.json and the weights (dtype F32, BF16 or F16) with transformers'
+/// names ("model.decoder.*"; lm_head omitted because it is tied), so
+/// OPTForCausalLM.from_pretrained(directory) loads the parameters that
+/// read_group(GroupIndex, std::span<float>) yields: it fills a group's float flat buffer
+/// (HostOffload::get_group, or a copy from a store), is called once per group in order, and is
+/// the only source of values, so the model is never whole in memory. Weights of at most
+/// `max_shard_bytes` go into model.safetensors; more into transformers' shards
+/// (model-00001-of-0000n.safetensors, each at most max_shard_bytes unless one tensor is larger)
+/// and model.safetensors.index.json. Each file is replaced atomically; a stale index or single
+/// file that transformers (or load_opt_checkpoint) would prefer over the new files is removed.
+template <class ReadGroup>
+void save_hf_checkpoint_by_group(const std::filesystem::path& directory, const OPTConfig& config, const ModelLayout& ml,
+                                 ReadGroup&& read_group, io::Dtype dtype = io::Dtype::F32,
+                                 std::uint64_t max_shard_bytes = io::kDefaultMaxShardBytes) {
   if (dtype != io::Dtype::F32 && dtype != io::Dtype::BF16 && dtype != io::Dtype::F16)
     throw ConfigError("dtype", "OPT checkpoints are saved as F32, BF16 or F16, not " +
                                    std::string(io::dtype_name(dtype)));
   const ModelLayout expected = model_layout(config);
-  const ModelLayout& ml = store.model_layout();
   if (ml.num_blocks() != expected.num_blocks() ||
       !(ml.layout(ml.prologue()) == expected.layout(expected.prologue())) ||
       !(ml.layout(ml.block(0)) == expected.layout(expected.block(0))) ||
@@ -250,29 +417,23 @@ void save_hf_checkpoint(const std::filesystem::path& directory, const OPTConfig&
   std::error_code ec;
   std::filesystem::create_directories(directory, ec);
   if (ec) throw FileError(directory.string(), "cannot create directory: " + ec.message());
-
-  std::vector<std::vector<std::byte>> payloads;
-  std::vector<io::TensorToWrite> tensors;
-  auto add_group = [&](GroupIndex g, auto canonical_name) {
-    const ParamView<const S> view = store.group(g);
-    const ParamLayout& layout = view.layout();
-    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
-      payloads.emplace_back();
-      detail::encode(view.tensor(r), layout.spec(r).numel(), dtype, payloads.back());
-      tensors.push_back({canonical_name(layout.spec(r).name), dtype, layout.spec(r).shape, nullptr});
-    }
-  };
-  add_group(ml.prologue(), [](const std::string& n) { return hf_prologue_name(n); });
-  for (std::size_t i = 0; i < ml.num_blocks(); ++i)
-    add_group(ml.block(i), [i](const std::string& n) { return hf_block_name(i, n); });
-  add_group(ml.epilogue(), [](const std::string& n) { return hf_epilogue_name(n); });
-  for (std::size_t i = 0; i < tensors.size(); ++i) tensors[i].data = payloads[i].data();
-
-  const std::string dtype_name = dtype == io::Dtype::F32 ? "float32" : dtype == io::Dtype::BF16 ? "bfloat16" : "float16";
   // Weights first: a config.json next to weights it does not describe is the worse half-state.
-  io::write_safetensors(directory / io::SafetensorsCheckpoint::kSingleFileName, tensors, {{"format", "pt"}});
-  detail::write_text_atomically(directory / "config.json", config.to_json(dtype_name).dump(2) + "\n");
-  std::filesystem::remove(directory / io::SafetensorsCheckpoint::kIndexFileName, ec);
+  detail::write_hf_weights(directory, ml, detail::opt_hf_tensors(ml), read_group, dtype, max_shard_bytes);
+  detail::write_text_atomically(directory / "config.json", config.to_json(detail::torch_dtype_name(dtype)).dump(2) + "\n");
+}
+
+/// save_hf_checkpoint_by_group from the groups of `store`.
+template <class S>
+void save_hf_checkpoint(const std::filesystem::path& directory, const OPTConfig& config,
+                        const ParameterStore<S>& store, io::Dtype dtype = io::Dtype::F32,
+                        std::uint64_t max_shard_bytes = io::kDefaultMaxShardBytes) {
+  save_hf_checkpoint_by_group(
+      directory, config, store.model_layout(),
+      [&](GroupIndex g, std::span<float> flat) {
+        const ParamView<const S> view = store.group(g);
+        for (std::size_t i = 0; i < flat.size(); ++i) flat[i] = static_cast<float>(load(view.data()[i]));
+      },
+      dtype, max_shard_bytes);
 }
 
 }  // namespace zo2::opt
