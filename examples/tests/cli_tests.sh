@@ -244,6 +244,8 @@ case "$case_name" in
     expect_error "unknown command 'trian'" "$bin" trian
     expect_error "(offload not available in this build|--offload streams weights to a GPU)" "$bin" train --demo --offload
     expect_error "nothing.jsonl: no such file" "$bin" train --demo --data nothing.jsonl
+    expect_error "--optimizer-state applies only with --offload" "$bin" train --demo --optimizer-state bf16
+    expect_error "--optimizer-state wants fp32 or bf16, got 'fp8'" "$bin" train --demo --optimizer-state fp8
     ;;
 
   gpu)
@@ -303,6 +305,21 @@ case "$case_name" in
       fail "CPU start loss $(json_field cpu.out start_loss) != GPU $(json_field full_resident.out start_loss)"
     expect_error "gpu_memory_budget" "$bin" train "${common[@]}" --offload --gpu-memory-budget 0.0000001 --steps 1
     echo "offload fp32 == resident; CPU and GPU start losses agree"
+
+    # zo-adam with its state in bf16: the loss falls, the log says so, a resume (which keeps the
+    # checkpoint's state type) ends bit-identical, and another type on resume is refused.
+    adam=(--offload --codec bf16p --optimizer zo-adam --lr 1e-3 --optimizer-state bf16)
+    run_ok adam_full "$bin" train "${common[@]}" "${adam[@]}" --steps 24 --export adam_full
+    grep -q "optimizer state bf16" adam_full.out || fail "the log does not state the bf16 optimizer state"
+    awk -v s="$(json_field adam_full.out start_loss)" -v e="$(json_field adam_full.out end_loss)" 'BEGIN { exit !(e < s) }' ||
+      fail "zo-adam with bf16 state: loss did not fall"
+    run_ok adam_first "$bin" train "${common[@]}" "${adam[@]}" --steps 12 --checkpoint-every 6 --checkpoint-dir ck_adam
+    run_ok adam_resumed "$bin" train --resume ck_adam --device cuda --offload --codec bf16p --steps 24 --export adam_resumed --quiet
+    cmp adam_full/model.safetensors adam_resumed/model.safetensors ||
+      fail "zo-adam with bf16 state: the resumed run's weights differ from the uninterrupted run's"
+    expect_error "differs from the checkpoint's bf16" "$bin" train --resume ck_adam --device cuda --offload --codec bf16p \
+      --optimizer-state fp32 --steps 24 --quiet
+    echo "zo-adam, bf16 state: loss falls, resume bit-exact"
 
     # eval and generate offloaded: the blocks stream through the slots, unperturbed, and give
     # the resident numbers (fp32 codec: the same weights; bf16: the weights rounded to bf16).

@@ -192,6 +192,7 @@ const StateField kStateFields[] = {
     {"train.engine", "offload", Kind::boolean},
     {"train.engine", "codec", Kind::string},
     {"train.engine", "gpu_memory_budget_gib", Kind::number, 0, 0, 0.0, kMaxGpuMemoryBudgetGib},
+    {"train.engine", "optimizer_state", Kind::string},
     {"train.engine", "description", Kind::string},
 };
 

@@ -46,6 +46,7 @@ struct EngineOptions {
   std::string codec;                    // offload codec name; empty: the default
   std::optional<double> gpu_memory_budget_gib;
   unsigned writeback_every = 1;  // offload: write a streamed block back every K steps (0: K from the measured link)
+  bool state_bf16 = false;       // offload: zo-mmt's / zo-adam's state in bf16 (OffloadOptions::rule_state_bf16)
   zo2::ZOConfig zo;
   std::uint64_t start_step = 0;
 };

@@ -264,11 +264,13 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
     offload.gpu_memory_budget = static_cast<std::size_t>(*options.gpu_memory_budget_gib * 1024.0 * 1024.0 * 1024.0);
   // Deferred write-back (results unchanged); 0: the plan picks K from the link, measured here.
   offload.writeback_every = options.writeback_every;
+  offload.rule_state_bf16 = options.state_bf16;
   if (offload.writeback_every == 0) offload.link = zo2::cuda::measure_link();
   // The codec is both the precision the weights rest in on the host (the master) and the one
   // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>, LlamaCudaModel<float>).
   std::string description = gpu_name() + ", offload: master and transfer " + Codec::name +
                             (Codec::row_scaled ? " (per-row scales)" : "") + ", forward fp32";
+  if (options.state_bf16 && offload.rule_state_slots) description += ", optimizer state bf16";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
   if (offload.writeback_every != 1)
     description += ", write-back every " + std::to_string(zo2::cuda::offload_detail::resolve_writeback_every(offload)) +

@@ -90,6 +90,7 @@ CommandSpec train_spec() {
       {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
       {"--codec", "NAME", "with --offload: how blocks are stored for transfer (fp32, bf16, bf16p: bf16 packed losslessly in ~12.6 bits, fp16, int8)", ""},
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the engine may hold (above the minimum: a third slot, then resident blocks)", ""},
+      {"--optimizer-state", "DTYPE", "with --offload: zo-mmt's and zo-adam's per-parameter state in fp32 or bf16 (half the bytes it moves; each stored value rounded to nearest)", "fp32"},
       {"--writeback-every", "K", "with --offload: write each streamed block back to host memory every K steps (1..64; 0: K from the link, measured at start); the GPU replays the host copy's lag after each upload, results unchanged", "1"},
       {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},
@@ -214,6 +215,19 @@ int run_train(const std::vector<std::string>& argv) {
     engine_options.gpu_memory_budget_gib = (*saved_engine)["gpu_memory_budget_gib"].get<double>();
   if (!engine_options.offload && (args.has("--codec") || args.has("--gpu-memory-budget")))
     throw UsageError("train: --codec and --gpu-memory-budget apply only with --offload");
+  {
+    // A resumed offloaded run keeps its checkpoint's state type unless told otherwise.
+    const std::string saved_state = saved_engine ? saved_engine->value("optimizer_state", "fp32") : "fp32";
+    const std::string dtype = args.str("--optimizer-state", engine_options.offload ? saved_state : "fp32");
+    if (dtype != "fp32" && dtype != "bf16")
+      throw UsageError("train: --optimizer-state wants fp32 or bf16, got '" + dtype + "'");
+    if (args.has("--optimizer-state") && !engine_options.offload)
+      throw UsageError("train: --optimizer-state applies only with --offload");
+    if (saved_engine && engine_options.offload && dtype != saved_state)
+      throw UsageError("train: --optimizer-state " + dtype + " differs from the checkpoint's " + saved_state +
+                       " (the saved state would be rounded or widened)");
+    engine_options.state_bf16 = dtype == "bf16";
+  }
   if (args.has("--writeback-every")) {
     if (!engine_options.offload) throw UsageError("train: --writeback-every applies only with --offload");
     const std::uint64_t k = args.unsigned_integer("--writeback-every", 1);
@@ -489,6 +503,7 @@ int run_train(const std::vector<std::string>& argv) {
                    {"engine", {{"device", engine_options.device}, {"offload", engine_options.offload},
                                {"codec", engine_options.offload ? json(engine_options.codec.empty() ? "fp32" : engine_options.codec) : json(nullptr)},
                                {"gpu_memory_budget_gib", engine_options.gpu_memory_budget_gib ? json(*engine_options.gpu_memory_budget_gib) : json(nullptr)},
+                               {"optimizer_state", engine_options.state_bf16 ? "bf16" : "fp32"},
                                {"description", engine->device_description()}}}}},
         {"model", config.to_json()},
     };
