@@ -22,7 +22,7 @@
 
 namespace zo2_bench {
 
-namespace zcuda = zo2::cuda;
+namespace zcuda = zo2::gpu;
 
 __host__ __device__ inline std::uint64_t mix64(std::uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;

@@ -19,7 +19,7 @@
 namespace {
 
 using namespace zo2;
-using cuda::detail::Op;
+using gpu::detail::Op;
 
 constexpr int kWarmup = 3;
 constexpr int kRuns = 25;
@@ -42,7 +42,7 @@ template <class F>
 double time_ms(cudaStream_t stream, F&& launch) {
   for (int i = 0; i < kWarmup; ++i) launch();
   ZO2_CUDA_CHECK(cudaStreamSynchronize(stream));
-  std::vector<cuda::Event> start, stop;
+  std::vector<gpu::Event> start, stop;
   for (int i = 0; i < kRuns; ++i) {
     start.emplace_back(true);
     stop.emplace_back(true);
@@ -105,9 +105,9 @@ void print_line(const Context& c, const char* op, bool pending, const char* stor
 /// Times one pass and prints its line. Chunks: 16-byte chunks per thread-iteration; MinBlocks:
 /// __launch_bounds__ minimum blocks per SM (1: the compiler's register choice).
 template <Op op, class S, class T, int Chunks, int MinBlocks>
-void measure(const Context& c, S* theta, T* out0, T* out1, const cuda::GroupTable& table, bool pending,
+void measure(const Context& c, S* theta, T* out0, T* out1, const gpu::GroupTable& table, bool pending,
              std::size_t elements) {
-  cuda::detail::KernelArgs a{};
+  gpu::detail::KernelArgs a{};
   a.first_tensor_id = 5;
   a.seed = 0x5eed;
   a.step = 1000;
@@ -118,7 +118,7 @@ void measure(const Context& c, S* theta, T* out0, T* out1, const cuda::GroupTabl
   a.g = 0.37;
   a.wd = 0.01;
   const double ms = time_ms(c.stream, [&] {
-    cuda::detail::launch<op, S, T, Chunks, MinBlocks>(theta, out0, out1, table, a, c.stream);
+    gpu::detail::launch<op, S, T, Chunks, MinBlocks>(theta, out0, out1, table, a, c.stream);
   });
   const double s = sizeof(S), t = sizeof(T), e = static_cast<double>(elements);
   double bytes = 0;
@@ -141,9 +141,9 @@ void bench_pair(const Context& c, const ParamLayout& layout) {
   const std::size_t n = layout.total_elements();
   std::size_t elements = 0;
   for (const auto& s : layout.specs()) elements += s.numel();
-  cuda::GroupTable table(layout);
-  cuda::DeviceBuffer<S> theta(n);
-  cuda::DeviceBuffer<T> plus(n), minus(n);
+  gpu::GroupTable table(layout);
+  gpu::DeviceBuffer<S> theta(n);
+  gpu::DeviceBuffer<T> plus(n), minus(n);
   init_kernel<S><<<1024, 256, 0, c.stream>>>(theta.data(), n, 42);
   ZO2_CUDA_CHECK_LAUNCH("init_kernel");
   ZO2_CUDA_CHECK(cudaMemsetAsync(plus.data(), 0x3c, plus.bytes(), c.stream));
@@ -166,7 +166,7 @@ void bench_pair(const Context& c, const ParamLayout& layout) {
 
 double memcpy_gbps(cudaStream_t stream) {
   const std::size_t bytes = std::size_t{1} << 30;
-  cuda::DeviceBuffer<unsigned char> a(bytes), b(bytes);
+  gpu::DeviceBuffer<unsigned char> a(bytes), b(bytes);
   ZO2_CUDA_CHECK(cudaMemsetAsync(a.data(), 0x5a, bytes, stream));
   const double ms = time_ms(stream, [&] {
     ZO2_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice, stream));
@@ -177,14 +177,14 @@ double memcpy_gbps(cudaStream_t stream) {
 }  // namespace
 
 int main() {
-  if (!cuda::device_available()) {
+  if (!gpu::device_available()) {
     std::printf("SKIPPED: no CUDA device\n");
     return 0;
   }
   try {
     cudaDeviceProp prop{};
     ZO2_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    cuda::Stream stream;
+    gpu::Stream stream;
     Context c;
     c.device = prop.name;
     c.stream = stream.get();

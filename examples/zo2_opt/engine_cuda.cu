@@ -1,6 +1,6 @@
 // The CUDA engine (built when ZO2_ENABLE_CUDA is on): the family's CUDA model (OPTCudaModel<float>
 // or LlamaCudaModel<float>: CudaEngine<Model, Policy>, one template for both) with the weights on
-// the GPU (zo2::cuda::CudaResident), or streamed from host memory (zo2::cuda::HostOffload, ZO2's
+// the GPU (zo2::gpu::CudaResident), or streamed from host memory (zo2::gpu::HostOffload, ZO2's
 // offload engine) with --offload. Everything the model enqueues runs on the policy's stream.
 // Training, evaluation and generation all run under either policy: evaluation and logits take
 // every group through the policy's current() in order (a streamed block passes through a slot,
@@ -51,7 +51,7 @@ class CudaEngine final : public Engine {
   }();
 
  public:
-  static constexpr bool kOffload = !std::is_same_v<Policy, zo2::cuda::CudaResident<float, float>>;
+  static constexpr bool kOffload = !std::is_same_v<Policy, zo2::gpu::CudaResident<float, float>>;
 
   template <class Config, class... PolicyArgs>
   CudaEngine(const Config& config, const ParameterSource& parameters, const EngineOptions& options,
@@ -143,7 +143,7 @@ class CudaEngine final : public Engine {
     if constexpr (kOffload) {
       policy_.get_group(g, flat);  // decodes that group alone (settling a lagging write-back first)
     } else {
-      if (n) zo2::cuda::copy_to_host(flat.data(), policy_.master(g).data(), n, policy_.stream());
+      if (n) zo2::gpu::copy_to_host(flat.data(), policy_.master(g).data(), n, policy_.stream());
       policy_.synchronize();
     }
   }
@@ -231,7 +231,7 @@ class CudaEngine final : public Engine {
         const zo2::GroupIndex gi{g};
         flat.resize(ml.layout(gi).total_elements());
         parameters.read_group(gi, flat);
-        if (!flat.empty()) zo2::cuda::copy_to_device(policy_.master(gi).data(), flat.data(), flat.size(), policy_.stream());
+        if (!flat.empty()) zo2::gpu::copy_to_device(policy_.master(gi).data(), flat.data(), flat.size(), policy_.stream());
         policy_.synchronize();  // before the buffer is refilled
       }
     }
@@ -257,15 +257,15 @@ std::string gpu_name() {
 template <class Model, class Codec, class Config>
 std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource& parameters,
                                      const EngineOptions& options) {
-  zo2::cuda::OffloadOptions offload;
+  zo2::gpu::OffloadOptions offload;
   // The rule's state is planned with the masters (no re-plan when the optimizer reserves it).
-  offload.rule_state_slots = zo2::rule_state_slots(zo2::ZOOptimizer<Model, zo2::cuda::HostOffload<Codec, float>>::rule_of(options.zo));
+  offload.rule_state_slots = zo2::rule_state_slots(zo2::ZOOptimizer<Model, zo2::gpu::HostOffload<Codec, float>>::rule_of(options.zo));
   if (options.gpu_memory_budget_gib)
     offload.gpu_memory_budget = static_cast<std::size_t>(*options.gpu_memory_budget_gib * 1024.0 * 1024.0 * 1024.0);
   // Deferred write-back (results unchanged); 0: the plan picks K from the link, measured here.
   offload.writeback_every = options.writeback_every;
   offload.rule_state_bf16 = options.state_bf16;
-  if (offload.writeback_every == 0) offload.link = zo2::cuda::measure_link();
+  if (offload.writeback_every == 0) offload.link = zo2::gpu::measure_link();
   // The codec is both the precision the weights rest in on the host (the master) and the one
   // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>, LlamaCudaModel<float>).
   std::string description = gpu_name() + ", offload: master and transfer " + Codec::name +
@@ -273,12 +273,12 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   if (options.state_bf16 && offload.rule_state_slots) description += ", optimizer state bf16";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
   if (offload.writeback_every != 1)
-    description += ", write-back every " + std::to_string(zo2::cuda::offload_detail::resolve_writeback_every(offload)) +
+    description += ", write-back every " + std::to_string(zo2::gpu::offload_detail::resolve_writeback_every(offload)) +
                    " step(s)" +
                    (offload.writeback_every == 0 ? " (link " + std::to_string(offload.link.one_way_gbps) + " GB/s one-way, " +
                                                        std::to_string(offload.link.duplex_gbps) + " in duplex)"
                                                  : std::string());
-  return std::make_unique<CudaEngine<Model, zo2::cuda::HostOffload<Codec, float>>>(config, parameters, options,
+  return std::make_unique<CudaEngine<Model, zo2::gpu::HostOffload<Codec, float>>>(config, parameters, options,
                                                                                     description, offload);
 }
 
@@ -286,7 +286,7 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
 
 bool cuda_built() { return true; }
 
-bool cuda_device_present() { return zo2::cuda::device_available(); }
+bool cuda_device_present() { return zo2::gpu::device_available(); }
 
 void check_device_available(const std::string& device) {
   if (device != "cuda") return;
@@ -303,7 +303,7 @@ std::unique_ptr<Engine> make_family_engine(const Config& config, const Parameter
                                            const EngineOptions& options) {
   check_device_available("cuda");
   if (!options.offload)
-    return std::make_unique<CudaEngine<Model, zo2::cuda::CudaResident<float, float>>>(
+    return std::make_unique<CudaEngine<Model, zo2::gpu::CudaResident<float, float>>>(
         config, parameters, options, gpu_name(), cudaStream_t{});  // a stream of its own
   const std::string codec = options.codec.empty() ? "fp32" : options.codec;
   if (codec == "fp32") return make_offload<Model, zo2::offload::Fp32Codec>(config, parameters, options);

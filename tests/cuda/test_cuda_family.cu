@@ -31,7 +31,7 @@ using zo2_test::to_device;
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_cuda_family)\n");
   return ok;
 }();
@@ -125,7 +125,7 @@ void compare_with_cpu(const Case& c, int steps) {
   init_random(cpu_store, 21);
   ParameterStore<S> gpu_store = cpu_store;
   Resident<S, float> cpu_policy(cpu_store);
-  cuda::CudaResident<S, float> gpu_policy(gpu_store);
+  gpu::CudaResident<S, float> gpu_policy(gpu_store);
   gpu_model.stream = gpu_policy.stream();
   const std::size_t bytes_before = gpu_policy.device_bytes();
   ZOOptimizer cpu_opt(cpu_model, cpu_policy, cfg);
@@ -288,7 +288,7 @@ void check_resume(const Case& c) {
 
   ParameterStore<S> straight(ml);
   init_random(straight, 21);
-  cuda::CudaResident<S, float> ps(straight);
+  gpu::CudaResident<S, float> ps(straight);
   DeviceDenseTanhStack ms{shape, ps.stream()};
   ZOOptimizer os(ms, ps, cfg);
   for (std::uint32_t t = 0; t < 6; ++t) os.step(batch(t));
@@ -297,7 +297,7 @@ void check_resume(const Case& c) {
 
   ParameterStore<S> first(ml);
   init_random(first, 21);
-  cuda::CudaResident<S, float> p1(first);
+  gpu::CudaResident<S, float> p1(first);
   DeviceDenseTanhStack m1{shape, p1.stream()};
   ZOOptimizer o1(m1, p1, cfg);
   for (std::uint32_t t = 0; t < 3; ++t) o1.step(batch(t));
@@ -311,7 +311,7 @@ void check_resume(const Case& c) {
   }
 
   ParameterStore<S> second = first;
-  cuda::CudaResident<S, float> p2(second);
+  gpu::CudaResident<S, float> p2(second);
   DeviceDenseTanhStack m2{shape, p2.stream()};
   ZOOptimizer o2(m2, p2, cfg, saved.step);
   o2.restore(saved);
@@ -348,7 +348,7 @@ TEST_CASE("CudaResident's rule state: zeroed on reserve, host copies both ways, 
   DenseTanhStack<float> shape;
   ParameterStore<float> store(ModelLayout::of(shape));
   init_random(store, 2);
-  cuda::CudaResident<float, float> policy(store);
+  gpu::CudaResident<float, float> policy(store);
   const ModelLayout& ml = store.model_layout();
   const GroupIndex block{1};
   const std::size_t n = ml.layout(block).total_elements();
@@ -418,7 +418,7 @@ TEST_CASE("each rule lowers the loss of a small regression on the GPU" * doctest
     DenseTanhStack<float> shape;
     ParameterStore<float> store(ModelLayout::of(shape));
     init_random(store, 4);
-    cuda::CudaResident<float, float> policy(store);
+    gpu::CudaResident<float, float> policy(store);
     DeviceDenseTanhStack model{shape, policy.stream()};
     ZOConfig cfg = family_config({method, 1, ZOEstimator::kTwoSide});
     cfg.lr = method == ZOMethod::kAdam ? 3e-3 : method == ZOMethod::kMomentum ? 3e-4 : 1e-3;

@@ -21,7 +21,7 @@ using namespace zo2;
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_cuda_resident)\n");
   return ok;
 }();
@@ -47,7 +47,7 @@ TEST_CASE("CudaResident<float, float> through ZOOptimizer matches the CPU Reside
   ParameterStore<float> gpu_store = cpu_store;
 
   Resident<float, float> cpu_policy(cpu_store);
-  cuda::CudaResident<float, float> gpu_policy(gpu_store);
+  gpu::CudaResident<float, float> gpu_policy(gpu_store);
   gpu_model.stream = gpu_policy.stream();
 
   ZOConfig cfg;
@@ -114,7 +114,7 @@ TEST_CASE("CudaResident<bfloat16, float>: learns, and its first steps match the 
   zo2_test::init_random(cpu_store, 5);
   ParameterStore<bfloat16> gpu_store = cpu_store;
   Resident<bfloat16, float> cpu_policy(cpu_store);
-  cuda::CudaResident<bfloat16, float> gpu_policy(gpu_store);
+  gpu::CudaResident<bfloat16, float> gpu_policy(gpu_store);
   gpu_model.stream = gpu_policy.stream();
 
   ZOConfig cfg;
@@ -166,7 +166,7 @@ TEST_CASE("CudaResident uploads and downloads the master copy exactly and refuse
   zo2_test::DenseTanhStack<float> model;
   ParameterStore<float16> store(ModelLayout::of(model));
   zo2_test::init_random(store, 8);
-  cuda::CudaResident<float16, float16> policy(store);
+  gpu::CudaResident<float16, float16> policy(store);
   ParameterStore<float16> back(ModelLayout::of(model));
   policy.download(back);
   CHECK(back == store);

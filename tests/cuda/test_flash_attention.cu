@@ -39,7 +39,7 @@ using namespace zo2;
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_flash_attention)\n");
   return ok;
 }();
@@ -80,11 +80,11 @@ double tolerance() {
   return std::is_same_v<T, bfloat16> ? 1e-2 : 2e-3;
 }
 
-using zo2::cuda::FlashKernel;
+using zo2::gpu::FlashKernel;
 
 /// Both kernels where the build and the device have wgmma (sm_90a on Hopper), else mma.sync alone.
 std::vector<FlashKernel> flash_kernels() {
-  if (zo2::cuda::flash_wgmma_available()) return {FlashKernel::kMmaSync, FlashKernel::kWgmma};
+  if (zo2::gpu::flash_wgmma_available()) return {FlashKernel::kMmaSync, FlashKernel::kWgmma};
   std::printf("SKIPPED: the wgmma flash kernel (needs a Hopper GPU and a build for sm_90a): mma.sync only\n");
   return {FlashKernel::kMmaSync};
 }
@@ -93,8 +93,8 @@ template <class T>
 void check_cases() {
   const std::vector<FlashKernel> kernels = flash_kernels();
   std::mt19937 rng(2026 + sizeof(T) + (std::is_same_v<T, bfloat16> ? 100 : 0));
-  zo2::cuda::Gemm gemm;
-  zo2::cuda::AttentionScratch<T> scratch;
+  zo2::gpu::Gemm gemm;
+  zo2::gpu::AttentionScratch<T> scratch;
   const std::vector<Case> cases = {
       {1, 1, 2, 64, 1.0, 0},   {2, 37, 3, 64, 1.0, 1},  {1, 64, 2, 128, 1.0, 0}, {3, 130, 2, 64, 1.0, 2},
       {3, 130, 2, 128, 1.0, 2}, {2, 200, 2, 128, 2.0, 1}, {1, 257, 3, 64, 2.5, 1}, {2, 257, 2, 128, 1.0, 0},
@@ -112,26 +112,26 @@ void check_cases() {
     const auto mask = make_mask(c, rng);
     auto dq = upload(q), dk = upload(k), dv = upload(v);
     auto dm = upload(mask);
-    zo2::cuda::DeviceBuffer<T> flash(n), materialized(n);
+    zo2::gpu::DeviceBuffer<T> flash(n), materialized(n);
     ZO2_CUDA_CHECK(cudaMemset(materialized.data(), 0xff, n * sizeof(T)));
-    REQUIRE(zo2::cuda::flash_attention_supported<T>(c.hd, c.seq, c.heads, c.batch, dq.data(), dk.data(), dv.data(),
+    REQUIRE(zo2::gpu::flash_attention_supported<T>(c.hd, c.seq, c.heads, c.batch, dq.data(), dk.data(), dv.data(),
                                                     flash.data()));
     const std::uint8_t* mask_ptr = c.padding ? dm.data() : nullptr;
-    zo2::cuda::causal_attention<T>(gemm, dq.data(), dk.data(), dv.data(), mask_ptr, materialized.data(), c.batch,
+    zo2::gpu::causal_attention<T>(gemm, dq.data(), dk.data(), dv.data(), mask_ptr, materialized.data(), c.batch,
                                    c.seq, c.heads, c.hd, scratch, nullptr);
     const auto old = download(materialized.data(), n);
     const auto ref = attention_reference(as_double(q), as_double(k), as_double(v), mask, c.batch, c.seq, c.heads, c.hd);
     const double err_old = rel_error(old, ref);
     for (const FlashKernel kernel : kernels) {
-      CAPTURE(zo2::cuda::flash_kernel_name(kernel));
+      CAPTURE(zo2::gpu::flash_kernel_name(kernel));
       ZO2_CUDA_CHECK(cudaMemset(flash.data(), 0xff, n * sizeof(T)));  // NaN patterns: unwritten fails
-      zo2::cuda::flash_causal_attention<T>(dq.data(), dk.data(), dv.data(), mask_ptr, flash.data(), c.batch, c.seq,
+      zo2::gpu::flash_causal_attention<T>(dq.data(), dk.data(), dv.data(), mask_ptr, flash.data(), c.batch, c.seq,
                                            c.heads, c.hd, nullptr, kernel);
       ZO2_CUDA_CHECK(cudaGetLastError());
       const auto out = download(flash.data(), n);
       const double err = rel_error(out, ref), err_vs_old = rel_error(out, as_double(old));
       const double max_abs = max_abs_error(out, ref);
-      MESSAGE(zo2::cuda::type_name<T>() << " " << zo2::cuda::flash_kernel_name(kernel) << " b" << c.batch
+      MESSAGE(zo2::gpu::type_name<T>() << " " << zo2::gpu::flash_kernel_name(kernel) << " b" << c.batch
                                         << " s" << c.seq << " h" << c.heads << " d" << c.hd << " pad" << c.padding
                                         << ": flash vs f64 " << err << " (max abs " << max_abs
                                         << "), materialized vs f64 " << err_old << ", flash vs materialized "
@@ -154,9 +154,9 @@ TEST_CASE_TEMPLATE("flash_causal_attention vs float64 and vs the materialized pa
 TEST_CASE("causal_attention_dispatch falls back for fp32 and other head dims, and matches float64" *
           doctest::skip(!kHaveDevice)) {
   std::mt19937 rng(5);
-  zo2::cuda::Gemm gemm;
+  zo2::gpu::Gemm gemm;
   {
-    zo2::cuda::AttentionScratch<float> scratch;
+    zo2::gpu::AttentionScratch<float> scratch;
     const Case c{2, 70, 2, 64, 1.0, 1};
     const std::int64_t n = c.batch * c.seq * c.heads * c.hd;
     const auto q = random_values<float>(n, rng, 1.0), k = random_values<float>(n, rng, 1.0);
@@ -164,9 +164,9 @@ TEST_CASE("causal_attention_dispatch falls back for fp32 and other head dims, an
     const auto mask = make_mask(c, rng);
     auto dq = upload(q), dk = upload(k), dv = upload(v);
     auto dm = upload(mask);
-    zo2::cuda::DeviceBuffer<float> out(n);
+    zo2::gpu::DeviceBuffer<float> out(n);
     ZO2_CUDA_CHECK(cudaMemset(out.data(), 0xff, n * sizeof(float)));
-    const bool fused = zo2::cuda::causal_attention_dispatch<float>(gemm, dq.data(), dk.data(), dv.data(), dm.data(),
+    const bool fused = zo2::gpu::causal_attention_dispatch<float>(gemm, dq.data(), dk.data(), dv.data(), dm.data(),
                                                                    out.data(), c.batch, c.seq, c.heads, c.hd, scratch,
                                                                    nullptr);
     CHECK(!fused);
@@ -175,7 +175,7 @@ TEST_CASE("causal_attention_dispatch falls back for fp32 and other head dims, an
     CHECK(rel_error(download(out.data(), n), ref) <= 1e-5);
   }
   {
-    zo2::cuda::AttentionScratch<bfloat16> scratch;
+    zo2::gpu::AttentionScratch<bfloat16> scratch;
     const Case c{1, 45, 3, 32, 1.0, 1};
     const std::int64_t n = c.batch * c.seq * c.heads * c.hd;
     const auto q = random_values<bfloat16>(n, rng, 1.0), k = random_values<bfloat16>(n, rng, 1.0);
@@ -183,16 +183,16 @@ TEST_CASE("causal_attention_dispatch falls back for fp32 and other head dims, an
     const auto mask = make_mask(c, rng);
     auto dq = upload(q), dk = upload(k), dv = upload(v);
     auto dm = upload(mask);
-    zo2::cuda::DeviceBuffer<bfloat16> out(n);
+    zo2::gpu::DeviceBuffer<bfloat16> out(n);
     ZO2_CUDA_CHECK(cudaMemset(out.data(), 0xff, n * sizeof(bfloat16)));
-    const bool fused = zo2::cuda::causal_attention_dispatch<bfloat16>(gemm, dq.data(), dk.data(), dv.data(), dm.data(),
+    const bool fused = zo2::gpu::causal_attention_dispatch<bfloat16>(gemm, dq.data(), dk.data(), dv.data(), dm.data(),
                                                                       out.data(), c.batch, c.seq, c.heads, c.hd,
                                                                       scratch, nullptr);
     CHECK(!fused);
     const auto ref = attention_reference(as_double(q), as_double(k), as_double(v), mask, c.batch, c.seq, c.heads, c.hd);
     CHECK(rel_error(download(out.data(), n), ref) <= 3e-2);
   }
-  CHECK_THROWS_AS(zo2::cuda::flash_causal_attention<bfloat16>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, 1, 96,
+  CHECK_THROWS_AS(zo2::gpu::flash_causal_attention<bfloat16>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 8, 1, 96,
                                                               nullptr),
                   ShapeError);
 }
@@ -251,7 +251,7 @@ double check_gqa(const GqaCase& c, std::mt19937& rng, Run&& run, const char* wha
   }
   const auto mask = make_gqa_mask(c, rng);
   auto dm = upload(mask);
-  zo2::cuda::DeviceBuffer<T> df, dq, dk, dv;
+  zo2::gpu::DeviceBuffer<T> df, dq, dk, dv;
   const T *pq, *pk, *pv;
   std::vector<double> Q, K, V;
   if (c.fused) {
@@ -263,9 +263,9 @@ double check_gqa(const GqaCase& c, std::mt19937& rng, Run&& run, const char* wha
     pq = dq.data(), pk = dk.data(), pv = dv.data();
     Q = as_double(q), K = as_double(k), V = as_double(v);
   }
-  zo2::cuda::DeviceBuffer<T> out(tokens * ld_out);
+  zo2::gpu::DeviceBuffer<T> out(tokens * ld_out);
   poison(out.data(), out.size());
-  zo2::cuda::AttentionDims d;
+  zo2::gpu::AttentionDims d;
   d.batch = c.batch, d.seq = c.seq, d.heads = c.heads, d.kv_heads = c.kv_heads, d.head_dim = c.hd;
   d.ld_q = ld_q, d.ld_kv = ld_kv, d.ld_out = ld_out, d.window = c.window;
   const std::uint8_t* mask_ptr = c.padding ? dm.data() : nullptr;
@@ -290,7 +290,7 @@ double check_gqa(const GqaCase& c, std::mt19937& rng, Run&& run, const char* wha
     }
   }
   const double err = rel_error(dense, expected);
-  MESSAGE(zo2::cuda::type_name<T>() << " " << what << " " << describe(c) << ": vs f64 " << err << " (max abs "
+  MESSAGE(zo2::gpu::type_name<T>() << " " << what << " " << describe(c) << ": vs f64 " << err << " (max abs "
                                     << max_abs_error(dense, expected) << ")");
   CHECK(touched == 0);
   return touched ? std::numeric_limits<double>::infinity() : err;
@@ -312,16 +312,16 @@ TEST_CASE_TEMPLATE("flash_grouped_attention: GQA/MQA, fused Q/K/V strides, wide 
                    T, zo2::bfloat16, zo2::float16) {
   std::mt19937 rng(77 + sizeof(T));
   for (const FlashKernel kernel : flash_kernels()) {
-    CAPTURE(zo2::cuda::flash_kernel_name(kernel));
+    CAPTURE(zo2::gpu::flash_kernel_name(kernel));
     for (const GqaCase& c : kGqaCases) {
       CAPTURE(describe(c));
       const double err = check_gqa<T>(
           c, rng,
-          [&](const T* q, const T* k, const T* v, const std::uint8_t* m, T* out, const zo2::cuda::AttentionDims& d) {
-            REQUIRE(zo2::cuda::flash_attention_supported<T>(d.resolved(), q, k, v, out));
-            zo2::cuda::flash_grouped_attention<T>(q, k, v, m, out, d, nullptr, kernel);
+          [&](const T* q, const T* k, const T* v, const std::uint8_t* m, T* out, const zo2::gpu::AttentionDims& d) {
+            REQUIRE(zo2::gpu::flash_attention_supported<T>(d.resolved(), q, k, v, out));
+            zo2::gpu::flash_grouped_attention<T>(q, k, v, m, out, d, nullptr, kernel);
           },
-          zo2::cuda::flash_kernel_name(kernel));
+          zo2::gpu::flash_kernel_name(kernel));
       CHECK(err <= tolerance<T>());
     }
   }
@@ -331,8 +331,8 @@ TEST_CASE_TEMPLATE("grouped_causal_attention (cuBLASLt) on the same cases vs flo
                        doctest::skip(!kHaveDevice),
                    T, float, zo2::bfloat16, zo2::float16) {
   std::mt19937 rng(78 + sizeof(T));
-  zo2::cuda::Gemm gemm;
-  zo2::cuda::AttentionScratch<T> scratch;
+  zo2::gpu::Gemm gemm;
+  zo2::gpu::AttentionScratch<T> scratch;
   std::vector<GqaCase> cases = kGqaCases;
   cases.push_back({2, 90, 6, 2, 24, 10, 3, true, true});  // a head dim no fused kernel takes
   cases.push_back({2, 70, 4, 2, 16, 0, 1, false, false});
@@ -340,8 +340,8 @@ TEST_CASE_TEMPLATE("grouped_causal_attention (cuBLASLt) on the same cases vs flo
     CAPTURE(describe(c));
     const double err = check_gqa<T>(
         c, rng,
-        [&](const T* q, const T* k, const T* v, const std::uint8_t* m, T* out, const zo2::cuda::AttentionDims& d) {
-          const bool fused = zo2::cuda::grouped_attention_dispatch<T>(gemm, q, k, v, m, out, d, scratch, nullptr,
+        [&](const T* q, const T* k, const T* v, const std::uint8_t* m, T* out, const zo2::gpu::AttentionDims& d) {
+          const bool fused = zo2::gpu::grouped_attention_dispatch<T>(gemm, q, k, v, m, out, d, scratch, nullptr,
                                                                       /*use_flash=*/false);
           CHECK_FALSE(fused);
         },
@@ -353,36 +353,36 @@ TEST_CASE_TEMPLATE("grouped_causal_attention (cuBLASLt) on the same cases vs flo
 TEST_CASE("OPT's attention through the grouped entry points is the same kernels, bit for bit" *
           doctest::skip(!kHaveDevice)) {
   std::mt19937 rng(79);
-  zo2::cuda::Gemm gemm;
-  zo2::cuda::AttentionScratch<bfloat16> scratch;
+  zo2::gpu::Gemm gemm;
+  zo2::gpu::AttentionScratch<bfloat16> scratch;
   const Case c{2, 130, 3, 64, 1.0, 1};
   const std::int64_t n = c.batch * c.seq * c.heads * c.hd;
   const auto q = random_values<bfloat16>(n, rng), k = random_values<bfloat16>(n, rng), v = random_values<bfloat16>(n, rng);
   const auto mask = make_mask(c, rng);
   auto dq = upload(q), dk = upload(k), dv = upload(v);
   auto dm = upload(mask);
-  zo2::cuda::DeviceBuffer<bfloat16> a(n), b(n);
-  zo2::cuda::AttentionDims d;
+  zo2::gpu::DeviceBuffer<bfloat16> a(n), b(n);
+  zo2::gpu::AttentionDims d;
   d.batch = c.batch, d.seq = c.seq, d.heads = c.heads, d.kv_heads = c.heads, d.head_dim = c.hd;
   for (const FlashKernel kernel : flash_kernels()) {
     poison(a.data(), n), poison(b.data(), n);
-    zo2::cuda::flash_causal_attention<bfloat16>(dq.data(), dk.data(), dv.data(), dm.data(), a.data(), c.batch, c.seq,
+    zo2::gpu::flash_causal_attention<bfloat16>(dq.data(), dk.data(), dv.data(), dm.data(), a.data(), c.batch, c.seq,
                                                 c.heads, c.hd, nullptr, kernel);
-    zo2::cuda::flash_grouped_attention<bfloat16>(dq.data(), dk.data(), dv.data(), dm.data(), b.data(), d, nullptr,
+    zo2::gpu::flash_grouped_attention<bfloat16>(dq.data(), dk.data(), dv.data(), dm.data(), b.data(), d, nullptr,
                                                  kernel);
     const auto x = download(a.data(), n), y = download(b.data(), n);
     CHECK(std::memcmp(x.data(), y.data(), n * sizeof(bfloat16)) == 0);
   }
   poison(a.data(), n), poison(b.data(), n);
-  zo2::cuda::causal_attention<bfloat16>(gemm, dq.data(), dk.data(), dv.data(), dm.data(), a.data(), c.batch, c.seq,
+  zo2::gpu::causal_attention<bfloat16>(gemm, dq.data(), dk.data(), dv.data(), dm.data(), a.data(), c.batch, c.seq,
                                         c.heads, c.hd, scratch, nullptr);
-  zo2::cuda::grouped_causal_attention<bfloat16>(gemm, dq.data(), dk.data(), dv.data(), dm.data(), b.data(), d, scratch,
+  zo2::gpu::grouped_causal_attention<bfloat16>(gemm, dq.data(), dk.data(), dv.data(), dm.data(), b.data(), d, scratch,
                                                 nullptr);
   const auto x = download(a.data(), n), y = download(b.data(), n);
   CHECK(std::memcmp(x.data(), y.data(), n * sizeof(bfloat16)) == 0);
   // Bad shapes name the problem.
   d.kv_heads = 2;
-  CHECK_THROWS_WITH_AS(zo2::cuda::grouped_causal_attention<bfloat16>(gemm, dq.data(), dk.data(), dv.data(), nullptr,
+  CHECK_THROWS_WITH_AS(zo2::gpu::grouped_causal_attention<bfloat16>(gemm, dq.data(), dk.data(), dv.data(), nullptr,
                                                                      b.data(), d, scratch, nullptr),
                        doctest::Contains("multiple of kv_heads"), ShapeError);
 }

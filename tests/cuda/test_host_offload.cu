@@ -19,7 +19,7 @@
 #endif
 
 using namespace zo2;
-using namespace zo2::cuda;
+using namespace zo2::gpu;
 
 namespace {
 

@@ -41,7 +41,7 @@ using namespace zo2;
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_llama_cuda)\n");
   return ok;
 }();
@@ -77,9 +77,9 @@ TEST_CASE_TEMPLATE("rms_norm vs the CPU kernel (fp32) and float64, weighted or n
       const auto x = random_values<T>(rows * cols, rng, 2.0, 0.5);
       const auto w = random_values<T>(cols, rng, 0.2, 1.0);
       auto dx = upload(x), dw = upload(w);
-      zo2::cuda::DeviceBuffer<T> dy(rows * cols);
+      zo2::gpu::DeviceBuffer<T> dy(rows * cols);
       poison(dy.data(), dy.size());
-      zo2::cuda::rms_norm<T>(dx.data(), weighted ? dw.data() : nullptr, dy.data(), rows, cols, eps, nullptr);
+      zo2::gpu::rms_norm<T>(dx.data(), weighted ? dw.data() : nullptr, dy.data(), rows, cols, eps, nullptr);
       const auto y = download(dy.data(), dy.size());
       const auto X = as_double(x), W = as_double(w);
       std::vector<double> ref(x.size());
@@ -99,7 +99,7 @@ TEST_CASE_TEMPLATE("rms_norm vs the CPU kernel (fp32) and float64, weighted or n
         CHECK(worst <= 1e-6);
       }
       // In place gives the same values.
-      zo2::cuda::rms_norm<T>(dx.data(), weighted ? dw.data() : nullptr, dx.data(), rows, cols, eps, nullptr);
+      zo2::gpu::rms_norm<T>(dx.data(), weighted ? dw.data() : nullptr, dx.data(), rows, cols, eps, nullptr);
       const auto inplace = download(dx.data(), dx.size());
       CHECK(std::memcmp(inplace.data(), y.data(), y.size() * sizeof(T)) == 0);
     }
@@ -115,8 +115,8 @@ TEST_CASE("rope_table on the device is the host's table" * doctest::skip(!kHaveD
     std::vector<float> cos(half * positions), sin(half * positions);
     zo2::cpu::kernels::rope_table(inv.data(), half, positions, 1.0, cos.data(), sin.data());
     auto dinv = upload(inv);
-    zo2::cuda::DeviceBuffer<float> dcos(cos.size()), dsin(sin.size());
-    zo2::cuda::rope_table(dinv.data(), static_cast<std::int64_t>(half), static_cast<std::int64_t>(positions), 1.0f,
+    zo2::gpu::DeviceBuffer<float> dcos(cos.size()), dsin(sin.size());
+    zo2::gpu::rope_table(dinv.data(), static_cast<std::int64_t>(half), static_cast<std::int64_t>(positions), 1.0f,
                           dcos.data(), dsin.data(), nullptr);
     const auto gcos = download(dcos.data(), cos.size()), gsin = download(dsin.data(), sin.size());
     std::size_t differ = 0;
@@ -155,9 +155,9 @@ TEST_CASE_TEMPLATE("apply_rope (q and k heads of one fused row, with and without
       auto dx = upload(x), dq = upload(qn), dk = upload(kn);
       auto dcos = upload(cos), dsin = upload(sin);
       auto dpos = upload(pos);
-      zo2::cuda::apply_rope<T>(dx.data(), ld, tokens, heads, hd, dpos.data(), dcos.data(), dsin.data(),
+      zo2::gpu::apply_rope<T>(dx.data(), ld, tokens, heads, hd, dpos.data(), dcos.data(), dsin.data(),
                                norm ? dq.data() : nullptr, eps, nullptr);
-      zo2::cuda::apply_rope<T>(dx.data() + heads * hd, ld, tokens, kv_heads, hd, dpos.data(), dcos.data(), dsin.data(),
+      zo2::gpu::apply_rope<T>(dx.data() + heads * hd, ld, tokens, kv_heads, hd, dpos.data(), dcos.data(), dsin.data(),
                                norm ? dk.data() : nullptr, eps, nullptr);
       const auto y = download(dx.data(), dx.size());
       // float64: the norm, then the rotation; the v columns untouched.
@@ -221,7 +221,7 @@ TEST_CASE_TEMPLATE("swiglu vs float64 (and the CPU kernel in fp32): vector rows,
     const std::int64_t rows = 19, ld = 2 * width;
     const auto gu = random_values<T>(rows * ld, rng, 3.0);
     auto d = upload(gu);
-    zo2::cuda::swiglu<T>(d.data(), d.data() + width, rows, width, ld, nullptr);
+    zo2::gpu::swiglu<T>(d.data(), d.data() + width, rows, width, ld, nullptr);
     const auto y = download(d.data(), d.size());
     const auto G = as_double(gu);
     std::vector<T> got(rows * width);
@@ -258,8 +258,8 @@ template <class T>
 struct CudaFixture {
   llama::LlamaConfig config;
   ParameterStore<T> store;
-  zo2::cuda::Stream stream;
-  zo2::cuda::CudaResident<T, T> policy;
+  zo2::gpu::Stream stream;
+  zo2::gpu::CudaResident<T, T> policy;
   llama::LlamaCudaModel<T> model;
 
   CudaFixture(llama::LoadedCheckpoint<T> loaded, llama::LlamaCudaOptions options = {})
@@ -313,7 +313,7 @@ double check_rows(const std::vector<float>& logits, const std::vector<float>& lo
 template <class T>
 void check_fixture(const std::string& name, llama::LlamaCudaOptions options = {}) {
   CAPTURE(name);
-  CAPTURE(zo2::cuda::type_name<T>());
+  CAPTURE(zo2::gpu::type_name<T>());
   CudaFixture<T> f(llama::load_llama_checkpoint<T>(fixture(name)), options);
   const Expected x = read_expected(name);
   const Tolerances tol = tolerances<T>();
@@ -337,7 +337,7 @@ void check_fixture(const std::string& name, llama::LlamaCudaOptions options = {}
   const double worst_row = check_rows<T>(logits, log_probs, vocab, x.batch, x.row_losses, tol);
   const double loss = f.model.loss(params, batch, ws);
   CHECK(relative(loss, x.loss) <= tol.batch_loss);
-  MESSAGE(name << " " << zo2::cuda::type_name<T>() << (f.model.fused_qkv() ? " fused q/k/v" : " q/k/v apart")
+  MESSAGE(name << " " << zo2::gpu::type_name<T>() << (f.model.fused_qkv() ? " fused q/k/v" : " q/k/v apart")
                << (f.model.fused_gate_up() ? ", fused gate/up" : ", gate/up apart") << ": max |logit - HF| "
                << abs_error << " (rel " << rel_error << "), worst row loss rel. error " << worst_row
                << ", batch loss rel. error " << relative(loss, x.loss));
@@ -524,10 +524,10 @@ llama::LlamaConfig flash_config(const std::string& kind) {
 
 TEST_CASE("LlamaCudaModel on flash-sized heads (GQA + window, MQA + q/k norm, Mistral) agrees with the CPU model" *
           doctest::skip(!kHaveDevice)) {
-  const std::vector<zo2::cuda::FlashKernel> kernels =
-      zo2::cuda::flash_wgmma_available()
-          ? std::vector<zo2::cuda::FlashKernel>{zo2::cuda::FlashKernel::kMmaSync, zo2::cuda::FlashKernel::kWgmma}
-          : std::vector<zo2::cuda::FlashKernel>{zo2::cuda::FlashKernel::kMmaSync};
+  const std::vector<zo2::gpu::FlashKernel> kernels =
+      zo2::gpu::flash_wgmma_available()
+          ? std::vector<zo2::gpu::FlashKernel>{zo2::gpu::FlashKernel::kMmaSync, zo2::gpu::FlashKernel::kWgmma}
+          : std::vector<zo2::gpu::FlashKernel>{zo2::gpu::FlashKernel::kMmaSync};
   for (const std::string kind : {"qwen2-gqa-window", "qwen3-mqa-qknorm", "mistral-window"}) {
     CAPTURE(kind);
     const llama::LlamaConfig c = flash_config(kind);
@@ -574,8 +574,8 @@ TEST_CASE("LlamaCudaModel on flash-sized heads (GQA + window, MQA + q/k norm, Mi
       MESSAGE(kind << " bf16 cuBLASLt attention: logits rel. error vs CPU fp32 " << rel(materialized, cpu_logits));
       CHECK(rel(materialized, cpu_logits) <= 3e-2);
     }
-    for (const zo2::cuda::FlashKernel kernel : kernels) {
-      CAPTURE(zo2::cuda::flash_kernel_name(kernel));
+    for (const zo2::gpu::FlashKernel kernel : kernels) {
+      CAPTURE(zo2::gpu::flash_kernel_name(kernel));
       llama::LlamaCudaOptions o;
       o.flash_kernel = kernel;
       CudaFixture<bfloat16> f(llama::LoadedCheckpoint<bfloat16>{c, converted<bfloat16>(weights)}, o);
@@ -584,7 +584,7 @@ TEST_CASE("LlamaCudaModel on flash-sized heads (GQA + window, MQA + q/k norm, Mi
       const std::vector<float> logits = f.model.logits(f.params(), batch, ws);
       REQUIRE(logits.size() == host.batch * host.seq * vocab);
       const double loss = f.model.loss(f.params(), batch, ws);
-      MESSAGE(kind << " bf16 " << zo2::cuda::flash_kernel_name(kernel) << ": logits rel. error vs CPU fp32 "
+      MESSAGE(kind << " bf16 " << zo2::gpu::flash_kernel_name(kernel) << ": logits rel. error vs CPU fp32 "
                    << rel(logits, cpu_logits) << ", vs the cuBLASLt path " << rel(logits, materialized) << "; loss "
                    << loss << " vs CPU " << cpu_loss);
       CHECK(rel(logits, cpu_logits) <= 3e-2);
@@ -616,7 +616,7 @@ TEST_CASE("LlamaCudaModel and the CPU LlamaModel agree on the loss; CudaResident
     ParameterStore<float> cpu_store = loaded.store;
     Resident<float, float> cpu_policy(cpu_store);
     ZOOptimizer<CpuModel, Resident<float, float>> cpu_opt(cpu_model, cpu_policy, zc);
-    ZOOptimizer<llama::LlamaCudaModel<float>, zo2::cuda::CudaResident<float, float>> gpu_opt(f.model, f.policy, zc);
+    ZOOptimizer<llama::LlamaCudaModel<float>, zo2::gpu::CudaResident<float, float>> gpu_opt(f.model, f.policy, zc);
     for (int s = 0; s < 3; ++s) {
       CAPTURE(s);
       const StepResult a = cpu_opt.step(x.batch);
@@ -638,7 +638,7 @@ TEST_CASE("MeZO on the GPU lowers LLaMA-family fixture losses as on the CPU (Cud
     const auto batch = f.model.make_batch(x.batch);
     ZOConfig config;
     config.lr = 2e-3, config.eps = 1e-3, config.seed = 7;
-    ZOOptimizer<llama::LlamaCudaModel<float>, zo2::cuda::CudaResident<float, float>> opt(f.model, f.policy, config);
+    ZOOptimizer<llama::LlamaCudaModel<float>, zo2::gpu::CudaResident<float, float>> opt(f.model, f.policy, config);
     const double initial = opt.evaluate(batch);
     CHECK(relative(initial, x.loss) <= 1e-5);
     for (int t = 0; t < 80; ++t) REQUIRE(std::isfinite(opt.step(batch).projected_grad));
@@ -658,7 +658,7 @@ TEST_CASE("HostOffload (bf16 codec) with LlamaCudaModel: the CPU bf16 run's step
     auto as_bf16 = llama::load_llama_checkpoint<bfloat16>(fixture(name));
     const CpuModel cpu_model(as_float.config);
     Resident<bfloat16, float> cpu_policy(as_bf16.store);
-    zo2::cuda::HostOffload<offload::Bf16Codec, float> gpu_policy(as_float.store);
+    zo2::gpu::HostOffload<offload::Bf16Codec, float> gpu_policy(as_float.store);
     REQUIRE(gpu_policy.plan().streamed_blocks == static_cast<std::size_t>(as_float.config.num_hidden_layers));
     const llama::LlamaCudaModel<float> gpu_model(as_float.config, gpu_policy.stream());
     const auto batch = gpu_model.make_batch(x.batch);
@@ -666,7 +666,7 @@ TEST_CASE("HostOffload (bf16 codec) with LlamaCudaModel: the CPU bf16 run's step
     ZOConfig zc;
     zc.lr = 2e-3, zc.eps = 1e-2, zc.weight_decay = 0.1, zc.seed = 42;
     ZOOptimizer<CpuModel, Resident<bfloat16, float>> cpu_opt(cpu_model, cpu_policy, zc);
-    ZOOptimizer<llama::LlamaCudaModel<float>, zo2::cuda::HostOffload<offload::Bf16Codec, float>> gpu_opt(
+    ZOOptimizer<llama::LlamaCudaModel<float>, zo2::gpu::HostOffload<offload::Bf16Codec, float>> gpu_opt(
         gpu_model, gpu_policy, zc);
     const double cpu_initial = cpu_opt.evaluate(x.batch), gpu_initial = gpu_opt.evaluate(batch);
     CHECK(relative(gpu_initial, x.loss) <= 1e-5);

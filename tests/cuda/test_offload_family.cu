@@ -27,14 +27,14 @@
 #include "../support/dense_tanh_stack.hpp"
 
 using namespace zo2;
-using zo2::cuda::HostOffload;
-using zo2::cuda::OffloadOptions;
+using zo2::gpu::HostOffload;
+using zo2::gpu::OffloadOptions;
 using zo2_test::DenseTanhStack;
 
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_offload_family)\n");
   return ok;
 }();
@@ -652,7 +652,7 @@ TEST_CASE("a streamed run with Adam's state stays within its computed device mem
   };
   // The policy's device buffers at their peak (this process's DeviceBuffers; the device's free
   // memory would also see the other tests that ctest runs beside this one).
-  auto& stats = zo2::cuda::device_buffer_stats();
+  auto& stats = zo2::gpu::device_buffer_stats();
   const std::uint64_t live0 = stats.live_bytes.load();
   stats.reset_peak();
   const auto plan = run(3);
@@ -708,20 +708,20 @@ void check_plain_kernel_against_cpu(const std::vector<double>& coeffs) {
   const double eps = 1e-3;
 
   // Device.
-  cuda::GroupTable table(layout);
-  cuda::DeviceBuffer<S> d_theta(n);
-  cuda::DeviceBuffer<float> d_plus(n), d_minus(n), d_state(slots ? slots * n : 1);
+  gpu::GroupTable table(layout);
+  gpu::DeviceBuffer<S> d_theta(n);
+  gpu::DeviceBuffer<float> d_plus(n), d_minus(n), d_state(slots ? slots * n : 1);
   ZO2_CUDA_CHECK(cudaMemcpy(d_theta.data(), theta.data(), n * sizeof(S), cudaMemcpyHostToDevice));
   if (slots) ZO2_CUDA_CHECK(cudaMemcpy(d_state.data(), state.data(), state.size() * sizeof(float), cudaMemcpyHostToDevice));
-  cuda::offload_detail::PlainArgs a{};
+  gpu::offload_detail::PlainArgs a{};
   a.first_tensor_id = kFirst;
   a.seed = kSeed;
   a.step = step;
   a.query = query;
   a.eps = eps;
-  cuda::offload_detail::set_plain_update(a, p);
-  a.terms = cuda::offload_detail::update_terms(p, slots ? d_state.data() : nullptr, n);
-  cuda::offload_detail::launch_plain_family<Rule, S, float>(d_theta.data(), d_plus.data(), d_minus.data(), table, a,
+  gpu::offload_detail::set_plain_update(a, p);
+  a.terms = gpu::offload_detail::update_terms(p, slots ? d_state.data() : nullptr, n);
+  gpu::offload_detail::launch_plain_family<Rule, S, float>(d_theta.data(), d_plus.data(), d_minus.data(), table, a,
                                                             nullptr);
   ZO2_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<S> got_theta(n);

@@ -20,15 +20,15 @@
 #include "../support/device_dense_tanh_stack.cuh"
 
 using namespace zo2;
-using zo2::cuda::HostOffload;
-using zo2::cuda::OffloadOptions;
+using zo2::gpu::HostOffload;
+using zo2::gpu::OffloadOptions;
 using zo2_test::DenseTanhStack;
 using zo2_test::DeviceDenseTanhStack;
 
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_offload_state_bf16)\n");
   return ok;
 }();

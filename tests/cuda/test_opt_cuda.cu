@@ -42,7 +42,7 @@ namespace fs = std::filesystem;
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_opt_cuda)\n");
   return ok;
 }();
@@ -68,9 +68,9 @@ TEST_CASE_TEMPLATE("Gemm: x W^T + bias, ReLU, residual, batched, shared operand,
   for (const int autotune : {0, 8}) {
     CAPTURE(autotune);  // 8: each shape's first run times up to 8 algorithms (into scratch) first
     std::mt19937 rng(11);
-    zo2::cuda::Gemm gemm;
+    zo2::gpu::Gemm gemm;
     gemm.set_autotune(autotune);
-    zo2::cuda::Stream stream;
+    zo2::gpu::Stream stream;
     struct Case {
       std::int64_t m, n, k;
       bool bias, relu, residual, transposed;
@@ -94,9 +94,9 @@ TEST_CASE_TEMPLATE("Gemm: x W^T + bias, ReLU, residual, batched, shared operand,
       const auto bias = random_values<T>(static_cast<std::size_t>(bs * c.batch), rng);
       const auto resid = random_values<T>(static_cast<std::size_t>(ys * c.batch), rng);
       auto dx = upload(x), dw = upload(w), db = upload(bias), dr = upload(resid);
-      zo2::cuda::DeviceBuffer<T> dy(static_cast<std::size_t>(ys * c.batch));
+      zo2::gpu::DeviceBuffer<T> dy(static_cast<std::size_t>(ys * c.batch));
       poison(dy.data(), dy.size());
-      zo2::cuda::GemmArgs<T, T> a;
+      zo2::gpu::GemmArgs<T, T> a;
       a.m = c.m, a.n = c.n, a.k = c.k;
       a.x = dx.data(), a.ldx = c.k, a.stride_x = xs;
       a.w = dw.data(), a.ldw = c.transposed ? c.k : c.n, a.stride_w = ws, a.w_transposed = c.transposed;
@@ -130,9 +130,9 @@ TEST_CASE_TEMPLATE("Gemm: x W^T + bias, ReLU, residual, batched, shared operand,
 
 TEST_CASE("Gemm autotuning: an in-place residual (y = x W^T + y) is applied once" * doctest::skip(!kHaveDevice)) {
   std::mt19937 rng(12);
-  zo2::cuda::Gemm gemm;
+  zo2::gpu::Gemm gemm;
   gemm.set_autotune(8);
-  zo2::cuda::Stream stream;
+  zo2::gpu::Stream stream;
   const std::int64_t m = 96, n = 128, k = 64;
   const auto x = random_values<float>(static_cast<std::size_t>(m * k), rng);
   const auto w = random_values<float>(static_cast<std::size_t>(n * k), rng, 0.2);
@@ -153,13 +153,13 @@ TEST_CASE("Gemm autotuning: an in-place residual (y = x W^T + y) is applied once
 
 TEST_CASE("Gemm: bf16 inputs to fp32 outputs with alpha; TF32 is opt-in" * doctest::skip(!kHaveDevice)) {
   std::mt19937 rng(12);
-  zo2::cuda::Gemm gemm;
+  zo2::gpu::Gemm gemm;
   const std::int64_t m = 70, n = 50, k = 90;
   const auto x = random_values<bfloat16>(m * k, rng), w = random_values<bfloat16>(n * k, rng);
   auto dx = upload(x), dw = upload(w);
-  zo2::cuda::DeviceBuffer<float> dy(m * n);
+  zo2::gpu::DeviceBuffer<float> dy(m * n);
   poison(dy.data(), dy.size());
-  zo2::cuda::GemmArgs<bfloat16, float> a;
+  zo2::gpu::GemmArgs<bfloat16, float> a;
   a.m = m, a.n = n, a.k = k, a.x = dx.data(), a.ldx = k, a.w = dw.data(), a.ldw = k, a.y = dy.data(), a.ldy = n;
   a.alpha = 0.125f;
   gemm.run(a, nullptr);
@@ -193,9 +193,9 @@ TEST_CASE_TEMPLATE("layer_norm vs float64, with and without affine, wide rows, o
       const auto x = random_values<T>(rows * cols, rng, 2.0, 5.0);
       const auto g = random_values<T>(cols, rng, 0.1, 1.0), b = random_values<T>(cols, rng, 0.1);
       auto dx = upload(x), dg = upload(g), db = upload(b);
-      zo2::cuda::DeviceBuffer<T> dy(rows * cols);
+      zo2::gpu::DeviceBuffer<T> dy(rows * cols);
       poison(dy.data(), dy.size());
-      zo2::cuda::layer_norm<T>(dx.data(), affine ? dg.data() : nullptr, affine ? db.data() : nullptr, dy.data(), rows, cols,
+      zo2::gpu::layer_norm<T>(dx.data(), affine ? dg.data() : nullptr, affine ? db.data() : nullptr, dy.data(), rows, cols,
                           1e-5f, nullptr);
       const auto y = download(dy.data(), dy.size());
       const auto X = as_double(x), G = as_double(g), B = as_double(b);
@@ -232,9 +232,9 @@ TEST_CASE("positions from the mask (offset 2, left padding) and the embedding ga
   auto dmask = upload(mask);
   auto dids = upload(ids);
   auto dtok = upload(tokens), dtab = upload(table);
-  zo2::cuda::DeviceBuffer<std::int32_t> dpos(batch * seq);
+  zo2::gpu::DeviceBuffer<std::int32_t> dpos(batch * seq);
   poison(dpos.data(), dpos.size());
-  zo2::cuda::positions_from_mask(dmask.data(), dpos.data(), batch, seq, 2, nullptr);
+  zo2::gpu::positions_from_mask(dmask.data(), dpos.data(), batch, seq, 2, nullptr);
   const auto pos = download(dpos.data(), dpos.size());
   std::vector<std::int32_t> expected(batch * seq);
   for (std::int64_t b = 0; b < batch; ++b) {
@@ -245,9 +245,9 @@ TEST_CASE("positions from the mask (offset 2, left padding) and the embedding ga
     }
   }
   CHECK(pos == expected);
-  zo2::cuda::DeviceBuffer<float> dout(batch * seq * width);
+  zo2::gpu::DeviceBuffer<float> dout(batch * seq * width);
   poison(dout.data(), dout.size());
-  zo2::cuda::embed<float>(dids.data(), dtok.data(), dpos.data(), dtab.data(), dout.data(), batch * seq, width, nullptr);
+  zo2::gpu::embed<float>(dids.data(), dtok.data(), dpos.data(), dtab.data(), dout.data(), batch * seq, width, nullptr);
   const auto out = download(dout.data(), dout.size());
   std::vector<double> ref(out.size());
   for (std::int64_t t = 0; t < batch * seq; ++t)
@@ -263,8 +263,8 @@ TEST_CASE_TEMPLATE("causal_attention with padding (fully masked rows flat, no Na
                        doctest::skip(!kHaveDevice),
                    T, ZO2_KERNEL_TYPES) {
   std::mt19937 rng(15);
-  zo2::cuda::Gemm gemm;
-  zo2::cuda::AttentionScratch<T> scratch;
+  zo2::gpu::Gemm gemm;
+  zo2::gpu::AttentionScratch<T> scratch;
   // seq 130: three query chunks of 64, and padding rows spanning the first two.
   for (auto [batch, seq, heads, hd] : {std::array<std::int64_t, 4>{3, 45, 4, 16}, {2, 130, 2, 64}, {1, 200, 3, 32}}) {
     CAPTURE(seq);
@@ -282,9 +282,9 @@ TEST_CASE_TEMPLATE("causal_attention with padding (fully masked rows flat, no Na
     }
     auto dq = upload(q), dk = upload(k), dv = upload(v);
     auto dm = upload(mask);
-    zo2::cuda::DeviceBuffer<T> dc(n);
+    zo2::gpu::DeviceBuffer<T> dc(n);
     poison(dc.data(), dc.size());
-    zo2::cuda::causal_attention<T>(gemm, dq.data(), dk.data(), dv.data(), dm.data(), dc.data(), batch, seq, heads, hd,
+    zo2::gpu::causal_attention<T>(gemm, dq.data(), dk.data(), dv.data(), dm.data(), dc.data(), batch, seq, heads, hd,
                               scratch, nullptr);
     const auto c = download(dc.data(), dc.size());
     const auto ref = attention_reference(as_double(q), as_double(k), as_double(v), mask, batch, seq, heads, hd);
@@ -298,8 +298,8 @@ TEST_CASE_TEMPLATE("cross_entropy_loss over several vocabulary chunks vs float64
                        doctest::skip(!kHaveDevice),
                    T, ZO2_KERNEL_TYPES) {
   std::mt19937 rng(16);
-  zo2::cuda::Gemm gemm;
-  zo2::cuda::CrossEntropyScratch scratch;
+  zo2::gpu::Gemm gemm;
+  zo2::gpu::CrossEntropyScratch scratch;
   const std::int64_t rows = 50, width = 48, vocab = 1003;
   const auto f = random_values<T>(rows * width, rng), e = random_values<T>(vocab * width, rng, 0.5);
   std::vector<std::int32_t> targets(rows);
@@ -328,11 +328,11 @@ TEST_CASE_TEMPLATE("cross_entropy_loss over several vocabulary chunks vs float64
   ref_loss /= rows;
   for (std::int64_t chunk : {100, 256, 1003, 5000}) {
     CAPTURE(chunk);
-    zo2::cuda::DeviceBuffer<double> dloss(1);
-    zo2::cuda::DeviceBuffer<float> dlp(rows);
+    zo2::gpu::DeviceBuffer<double> dloss(1);
+    zo2::gpu::DeviceBuffer<float> dlp(rows);
     poison(dlp.data(), dlp.size());
     poison(dloss.data(), 1);
-    zo2::cuda::cross_entropy_loss<T>(gemm, df.data(), de.data(), dt.data(), rows, width, vocab, chunk, scratch, dloss.data(),
+    zo2::gpu::cross_entropy_loss<T>(gemm, df.data(), de.data(), dt.data(), rows, width, vocab, chunk, scratch, dloss.data(),
                                 dlp.data(), nullptr);
     const double loss = download(dloss.data(), 1)[0];
     const auto lp = download(dlp.data(), rows);
@@ -378,8 +378,8 @@ template <class T>
 struct CudaFixture {
   opt::OPTConfig config;
   ParameterStore<T> store;
-  zo2::cuda::Stream stream;
-  zo2::cuda::CudaResident<T, T> policy;
+  zo2::gpu::Stream stream;
+  zo2::gpu::CudaResident<T, T> policy;
   opt::OPTCudaModel<T> model;
 
   CudaFixture(opt::LoadedCheckpoint<T> loaded, opt::OPTCudaOptions options = {})
@@ -398,7 +398,7 @@ template <class T>
 void check_fixture(const std::string& name, double logit_tol, bool relative, double loss_tol,
                    opt::OPTCudaOptions options = {}) {
   CAPTURE(name);
-  CAPTURE(zo2::cuda::type_name<T>());
+  CAPTURE(zo2::gpu::type_name<T>());
   CudaFixture<T> f(opt::load_opt_checkpoint<T>(fixture(name)), options);
   const Expected x = read_expected(name);
   const auto vocab = static_cast<std::size_t>(f.config.vocab_size);
@@ -414,7 +414,7 @@ void check_fixture(const std::string& name, double logit_tol, bool relative, dou
   CHECK((relative ? e.rel : e.max_abs) <= logit_tol);
   const double loss = f.model.loss(params, batch, ws);
   CHECK(std::abs(loss - x.loss) / x.loss <= loss_tol);
-  MESSAGE(name << " " << std::string(zo2::cuda::type_name<T>()) << ": logits max|d| " << e.max_abs << " rel " << e.rel
+  MESSAGE(name << " " << std::string(zo2::gpu::type_name<T>()) << ": logits max|d| " << e.max_abs << " rel " << e.rel
                << " (padding included: max|d| " << all.max_abs << "), loss " << loss << " vs HF " << x.loss
                << " rel " << std::abs(loss - x.loss) / x.loss);
 
@@ -500,7 +500,7 @@ TEST_CASE("OPTCudaModel and the CPU OPTModel agree on the loss of the same weigh
     ParameterStore<float> cpu_store = loaded.store;
     Resident<float, float> cpu_policy(cpu_store);
     ZOOptimizer<opt::OPTModel<float>, Resident<float, float>> cpu_opt(cpu_model, cpu_policy, zc);
-    ZOOptimizer<opt::OPTCudaModel<float>, zo2::cuda::CudaResident<float, float>> gpu_opt(f.model, f.policy, zc);
+    ZOOptimizer<opt::OPTCudaModel<float>, zo2::gpu::CudaResident<float, float>> gpu_opt(f.model, f.policy, zc);
     for (int s = 0; s < 3; ++s) {
       CAPTURE(s);
       const StepResult a = cpu_opt.step(cpu_batch);

@@ -18,7 +18,7 @@
 #include <zo2/offload/packed_kernel.cuh>
 
 using namespace zo2;
-using namespace zo2::cuda;
+using namespace zo2::gpu;
 
 namespace {
 
@@ -94,7 +94,7 @@ TEST_CASE("packed pass equals the bf16 group pass bit for bit over several steps
     a.step = step;
     a.eps = 1e-3;
     a.perturb = true;
-    if (owed) zo2::cuda::detail::set_owed_update(a, *owed);
+    if (owed) zo2::gpu::detail::set_owed_update(a, *owed);
     pass.run(d_packed.data(), d_plus_b.data(), d_minus_b.data(), a, stream.get(), split);
     stream.synchronize();
 
@@ -162,7 +162,7 @@ TEST_CASE("escapes beyond a tensor's room are counted and flushed, nothing else 
   a.step = 2;
   a.eps = 1e-3;
   a.perturb = true;
-  zo2::cuda::detail::set_owed_update(a, pending);
+  zo2::gpu::detail::set_owed_update(a, pending);
   pass.run(d_packed.data(), d_plus.data(), d_minus.data(), a, stream.get());
   const std::uint32_t overflow = pass.overflow(stream.get());
 

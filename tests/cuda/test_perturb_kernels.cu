@@ -20,7 +20,7 @@ using namespace zo2;
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_perturb_kernels)\n");
   return ok;
 }();
@@ -66,8 +66,8 @@ TEST_CASE("Philox words from a kernel are bit-identical to the host's; normals w
   const std::uint32_t step = 123457, stream = 0x2bu | kRoundingStream;
   const std::uint64_t first_quad = (1ull << 32) - 100001;  // odd, and carries into the high word
 
-  cuda::DeviceBuffer<Philox4x32> d_words(kQuads);
-  cuda::DeviceBuffer<Normal4> d_normals(kQuads);
+  gpu::DeviceBuffer<Philox4x32> d_words(kQuads);
+  gpu::DeviceBuffer<Normal4> d_normals(kQuads);
   ZO2_CUDA_CHECK(cudaMemset(d_words.data(), 0xff, d_words.bytes()));
   ZO2_CUDA_CHECK(cudaMemset(d_normals.data(), 0xff, d_normals.bytes()));
   philox_kernel<<<256, 256>>>(seed, step, stream, first_quad, kQuads, d_words.data(), d_normals.data());
@@ -101,7 +101,7 @@ TEST_CASE("Philox words from a kernel are bit-identical to the host's; normals w
   // normal_at over 10^6 odd element indices from an odd start.
   constexpr std::size_t kN = 1000000;
   const std::uint64_t first = 1234567891;  // odd
-  cuda::DeviceBuffer<float> d_z(kN);
+  gpu::DeviceBuffer<float> d_z(kN);
   ZO2_CUDA_CHECK(cudaMemset(d_z.data(), 0xff, d_z.bytes()));
   normal_at_kernel<<<256, 256>>>(seed, 7, 11, first, kN, d_z.data());
   ZO2_CUDA_CHECK_LAUNCH("normal_at_kernel");
@@ -125,7 +125,7 @@ namespace {
 __global__ void fast_normal_kernel(std::uint64_t seed, std::uint32_t step, std::uint32_t stream,
                                    std::uint64_t first_quad, std::size_t n, Normal4* normals) {
   for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-    normals[i] = cuda::detail::noise4<true>(seed, step, stream, first_quad + i);
+    normals[i] = gpu::detail::noise4<true>(seed, step, stream, first_quad + i);
 }
 }  // namespace
 
@@ -141,7 +141,7 @@ TEST_CASE("fast Box-Muller (16-bit passes): within 3e-6 r + 7e-7 / r of the host
   const std::uint64_t seed = 0x0123456789abcdefull;
   const std::uint32_t step = 77, stream = 5;
   const std::uint64_t first_quad = 3;
-  cuda::DeviceBuffer<Normal4> d_normals(kQuads);
+  gpu::DeviceBuffer<Normal4> d_normals(kQuads);
   ZO2_CUDA_CHECK(cudaMemset(d_normals.data(), 0xff, d_normals.bytes()));
   fast_normal_kernel<<<256, 256>>>(seed, step, stream, first_quad, kQuads, d_normals.data());
   ZO2_CUDA_CHECK_LAUNCH("fast_normal_kernel");
@@ -216,22 +216,22 @@ bool in_tensor(const ParamLayout& layout, std::size_t flat, std::size_t& tensor,
 }
 
 template <class X>
-std::vector<X> to_host(const cuda::DeviceBuffer<X>& d) {
+std::vector<X> to_host(const gpu::DeviceBuffer<X>& d) {
   std::vector<X> h(d.size());
   ZO2_CUDA_CHECK(cudaMemcpy(h.data(), d.data(), d.bytes(), cudaMemcpyDeviceToHost));
   return h;
 }
 template <class X>
-cuda::DeviceBuffer<X> to_device(const std::vector<X>& h) {
-  cuda::DeviceBuffer<X> d(h.size());
-  cuda::copy_to_device_blocking(d.data(), h.data(), d.bytes());
+gpu::DeviceBuffer<X> to_device(const std::vector<X>& h) {
+  gpu::DeviceBuffer<X> d(h.size());
+  gpu::copy_to_device_blocking(d.data(), h.data(), d.bytes());
   return d;
 }
 template <class X>
-cuda::DeviceBuffer<X> poisoned(std::size_t n) {
-  cuda::DeviceBuffer<X> d(n);
+gpu::DeviceBuffer<X> poisoned(std::size_t n) {
+  gpu::DeviceBuffer<X> d(n);
   // NaN in every float format, and set before the kernel under test runs on its non-blocking stream.
-  cuda::fill_device_blocking(d.data(), 0xff, d.bytes());
+  gpu::fill_device_blocking(d.data(), 0xff, d.bytes());
   return d;
 }
 template <class X>
@@ -258,7 +258,7 @@ double ulp16_of(double scale) {
 template <bool Fast>
 __global__ void z_kernel(float* out, std::size_t n, std::uint64_t seed, std::uint32_t step, std::uint32_t id) {
   for (std::size_t j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x)
-    out[j] = cuda::detail::noise4<Fast>(seed, step, id, j / 4).z[j % 4];
+    out[j] = gpu::detail::noise4<Fast>(seed, step, id, j / 4).z[j % 4];
 }
 
 /// updated_value's float result under every FMA contraction a compiler may choose for
@@ -304,12 +304,12 @@ void check_fused(bool pending) {
                                                NoiseId{kSeed, kStep, id}, kEps);
   }
 
-  cuda::GroupTable table(layout);
-  cuda::DeviceBuffer<S> d_theta = to_device(theta0);
+  gpu::GroupTable table(layout);
+  gpu::DeviceBuffer<S> d_theta = to_device(theta0);
   auto d_plus = poisoned<T>(total);
   auto d_minus = poisoned<T>(total);
-  cuda::Stream stream;
-  cuda::update_and_perturb(d_theta.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, kStep,
+  gpu::Stream stream;
+  gpu::update_and_perturb(d_theta.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, kStep,
                            kEps, pending ? &kPending : nullptr, stream.get());
   stream.synchronize();
   const std::vector<S> theta = to_host(d_theta);
@@ -321,7 +321,7 @@ void check_fused(bool pending) {
     if (pending) {
       auto d_z = poisoned<float>(total);
       for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
-        z_kernel<cuda::detail::fast_noise_for_v<S>><<<64, 256>>>(d_z.data() + layout.offset(r), layout.spec(r).numel(), kSeed, kPending.step,
+        z_kernel<gpu::detail::fast_noise_for_v<S>><<<64, 256>>>(d_z.data() + layout.offset(r), layout.spec(r).numel(), kSeed, kPending.step,
                               kFirstId + static_cast<std::uint32_t>(r));
         ZO2_CUDA_CHECK_LAUNCH("z_kernel");
       }
@@ -422,8 +422,8 @@ TEST_CASE_TEMPLATE("update, perturb into, perturb in place and convert match cpu
   const ParamLayout layout = odd_layout();
   const std::size_t total = layout.total_elements();
   const std::vector<S> theta0 = random_group<S>(layout, 99 + sizeof(S));
-  cuda::GroupTable table(layout);
-  cuda::Stream stream;
+  gpu::GroupTable table(layout);
+  gpu::Stream stream;
   const double c = -3e-3;
 
   // References.
@@ -443,10 +443,10 @@ TEST_CASE_TEMPLATE("update, perturb into, perturb in place and convert match cpu
   auto d_src = to_device(theta0);
   auto d_into = poisoned<float>(total);
   auto d_conv = poisoned<float>(total);
-  cuda::update(d_upd.data(), table, kFirstId, kSeed, kPending, stream.get());
-  cuda::perturb_in_place(d_inplace.data(), table, kFirstId, kSeed, kStep, c, stream.get());
-  cuda::perturb_into(d_into.data(), d_src.data(), table, kFirstId, kSeed, kStep, c, stream.get());
-  cuda::convert(d_conv.data(), d_src.data(), table, stream.get());
+  gpu::update(d_upd.data(), table, kFirstId, kSeed, kPending, stream.get());
+  gpu::perturb_in_place(d_inplace.data(), table, kFirstId, kSeed, kStep, c, stream.get());
+  gpu::perturb_into(d_into.data(), d_src.data(), table, kFirstId, kSeed, kStep, c, stream.get());
+  gpu::convert(d_conv.data(), d_src.data(), table, stream.get());
   stream.synchronize();
   const auto h_upd = to_host(d_upd), h_inplace = to_host(d_inplace), h_src = to_host(d_src);
   const auto h_into = to_host(d_into), h_conv = to_host(d_conv);
@@ -488,19 +488,19 @@ TEST_CASE_TEMPLATE("update, perturb into, perturb in place and convert match cpu
 TEST_CASE("misaligned buffers are refused with a message" * doctest::skip(!kHaveDevice)) {
   ParamLayout layout;
   layout.add("w", {64});
-  cuda::GroupTable table(layout);
-  cuda::DeviceBuffer<float> theta(layout.total_elements() + 4), out(layout.total_elements() + 4);
-  CHECK_THROWS_WITH_AS(cuda::convert(out.data() + 1, theta.data(), table, nullptr),
+  gpu::GroupTable table(layout);
+  gpu::DeviceBuffer<float> theta(layout.total_elements() + 4), out(layout.total_elements() + 4);
+  CHECK_THROWS_WITH_AS(gpu::convert(out.data() + 1, theta.data(), table, nullptr),
                        doctest::Contains("16-byte aligned"), Error);
 }
 
 TEST_CASE("convert is exact: every fp16 and bf16 value to float, and random floats to fp16 / bf16, match "
           "half_types.hpp bit for bit" * doctest::skip(!kHaveDevice)) {
-  cuda::Stream stream;
+  gpu::Stream stream;
   {  // all 65536 16-bit patterns -> float (NaNs excluded: payloads may differ)
     ParamLayout layout;
     layout.add("all", {65536});
-    cuda::GroupTable table(layout);
+    gpu::GroupTable table(layout);
     std::vector<float16> h16(65536);
     std::vector<bfloat16> hb(65536);
     for (std::uint32_t i = 0; i < 65536; ++i) {
@@ -510,8 +510,8 @@ TEST_CASE("convert is exact: every fp16 and bf16 value to float, and random floa
     auto d16 = to_device(h16);
     auto db = to_device(hb);
     auto out16 = poisoned<float>(65536), outb = poisoned<float>(65536);
-    cuda::convert(out16.data(), d16.data(), table, stream.get());
-    cuda::convert(outb.data(), db.data(), table, stream.get());
+    gpu::convert(out16.data(), d16.data(), table, stream.get());
+    gpu::convert(outb.data(), db.data(), table, stream.get());
     stream.synchronize();
     const auto r16 = to_host(out16), rb = to_host(outb);
     std::size_t bad = 0;
@@ -526,7 +526,7 @@ TEST_CASE("convert is exact: every fp16 and bf16 value to float, and random floa
     constexpr std::size_t kN = 1 << 20;
     ParamLayout layout;
     layout.add("x", {static_cast<std::int64_t>(kN)});
-    cuda::GroupTable table(layout);
+    gpu::GroupTable table(layout);
     std::mt19937 rng(77);
     std::vector<float> x(kN);
     for (std::size_t i = 0; i < kN; ++i) {
@@ -540,8 +540,8 @@ TEST_CASE("convert is exact: every fp16 and bf16 value to float, and random floa
     auto dx = to_device(x);
     auto o16 = poisoned<float16>(kN);
     auto ob = poisoned<bfloat16>(kN);
-    cuda::convert(o16.data(), dx.data(), table, stream.get());
-    cuda::convert(ob.data(), dx.data(), table, stream.get());
+    gpu::convert(o16.data(), dx.data(), table, stream.get());
+    gpu::convert(ob.data(), dx.data(), table, stream.get());
     stream.synchronize();
     const auto r16 = to_host(o16);
     const auto rb = to_host(ob);
@@ -564,7 +564,7 @@ template <bool Fast>
 __global__ void z_query_kernel(float* out, std::size_t n, std::uint64_t seed, std::uint32_t step, std::uint32_t id,
                                std::uint32_t query) {
   for (std::size_t j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x)
-    out[j] = cuda::detail::noise4<Fast>(seed, step, id, j / 4, query).z[j % 4];
+    out[j] = gpu::detail::noise4<Fast>(seed, step, id, j / 4, query).z[j % 4];
 }
 
 /// An update of `rule` with `queries` terms (c_i of both signs and several magnitudes) and the
@@ -641,7 +641,7 @@ std::vector<std::vector<float>> device_update_noise(const ParamLayout& layout, c
   for (std::uint32_t i = 0; i < p.num_queries; ++i) {
     auto d_z = poisoned<float>(layout.total_elements());
     for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
-      z_query_kernel<cuda::detail::fast_noise_for_v<S>><<<64, 256>>>(
+      z_query_kernel<gpu::detail::fast_noise_for_v<S>><<<64, 256>>>(
           d_z.data() + layout.offset(r), layout.spec(r).numel(), kSeed, p.step, kFirstId + static_cast<std::uint32_t>(r), i);
       ZO2_CUDA_CHECK_LAUNCH("z_query_kernel");
     }
@@ -667,8 +667,8 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
   const ParamLayout layout = odd_layout();
   const std::size_t total = layout.total_elements();
   const std::vector<S> theta0 = random_group<S>(layout, 7 + sizeof(S));
-  cuda::GroupTable table(layout);
-  cuda::Stream stream;
+  gpu::GroupTable table(layout);
+  gpu::Stream stream;
 
   struct Case {
     RuleId rule;
@@ -689,9 +689,9 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
 
     // The update alone.
     auto d_theta = to_device(theta0);
-    cuda::DeviceBuffer<float> d_state = slots ? to_device(state0) : cuda::DeviceBuffer<float>();
-    const cuda::DeviceRuleState st{d_state.data(), total, slots};
-    cuda::update(d_theta.data(), table, kFirstId, kSeed, p, stream.get(), st);
+    gpu::DeviceBuffer<float> d_state = slots ? to_device(state0) : gpu::DeviceBuffer<float>();
+    const gpu::DeviceRuleState st{d_state.data(), total, slots};
+    gpu::update(d_theta.data(), table, kFirstId, kSeed, p, stream.get(), st);
     stream.synchronize();
     const std::vector<S> theta_upd = to_host(d_theta);
     CHECK(bits_differ(theta_upd, theta_want) == 0);  // padding included: untouched
@@ -700,13 +700,13 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
     // The fused pass: the same theta and state, and theta +- eps z of the updated theta as
     // perturb_into writes them.
     auto d_theta2 = to_device(theta0);
-    cuda::DeviceBuffer<float> d_state2 = slots ? to_device(state0) : cuda::DeviceBuffer<float>();
+    gpu::DeviceBuffer<float> d_state2 = slots ? to_device(state0) : gpu::DeviceBuffer<float>();
     auto d_plus = poisoned<float>(total), d_minus = poisoned<float>(total);
-    cuda::update_and_perturb(d_theta2.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, kStep, kEps, &p,
-                             stream.get(), cuda::DeviceRuleState{d_state2.data(), total, slots});
+    gpu::update_and_perturb(d_theta2.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, kStep, kEps, &p,
+                             stream.get(), gpu::DeviceRuleState{d_state2.data(), total, slots});
     auto d_plus_want = poisoned<float>(total), d_minus_want = poisoned<float>(total);
-    cuda::perturb_into(d_plus_want.data(), d_theta.data(), table, kFirstId, kSeed, kStep, kEps, stream.get());
-    cuda::perturb_into(d_minus_want.data(), d_theta.data(), table, kFirstId, kSeed, kStep, -kEps, stream.get());
+    gpu::perturb_into(d_plus_want.data(), d_theta.data(), table, kFirstId, kSeed, kStep, kEps, stream.get());
+    gpu::perturb_into(d_minus_want.data(), d_theta.data(), table, kFirstId, kSeed, kStep, -kEps, stream.get());
     stream.synchronize();
     CHECK(bits_differ(to_host(d_theta2), theta_want) == 0);
     if (slots) CHECK(bits_differ(to_host(d_state2), state_want) == 0);
@@ -721,15 +721,15 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
       CHECK(bits_differ(theta_upd, legacy) == 0);
       // ... and the kernel of several queries, given one, computes the same.
       auto d_multi = to_device(theta0);
-      cuda::detail::KernelArgs a{};
+      gpu::detail::KernelArgs a{};
       a.first_tensor_id = kFirstId;
       a.seed = kSeed;
-      cuda::detail::set_owed_update(a, p);
+      gpu::detail::set_owed_update(a, p);
       a.table = table.data();
       a.num_tensors = table.size();
       a.num_vectors = total / (16 / sizeof(S));
-      cuda::detail::launch_kernel<cuda::detail::Op::kUpdate, S, S, cuda::detail::kDefaultChunks,
-                                  cuda::detail::kDefaultMinBlocks, SgdRule, true>(d_multi.data(), nullptr, nullptr, a,
+      gpu::detail::launch_kernel<gpu::detail::Op::kUpdate, S, S, gpu::detail::kDefaultChunks,
+                                  gpu::detail::kDefaultMinBlocks, SgdRule, true>(d_multi.data(), nullptr, nullptr, a,
                                                                                   stream.get());
       stream.synchronize();
       CHECK(bits_differ(to_host(d_multi), theta_upd) == 0);
@@ -740,12 +740,12 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
 TEST_CASE("a stateful update without its state, or with too few slots, is refused; a plain-SGD-only "
           "argument struct still refuses the family" * doctest::skip(!kHaveDevice)) {
   const ParamLayout layout = odd_layout();
-  cuda::GroupTable table(layout);
-  cuda::DeviceBuffer<float> theta(layout.total_elements()), state(layout.total_elements());
+  gpu::GroupTable table(layout);
+  gpu::DeviceBuffer<float> theta(layout.total_elements()), state(layout.total_elements());
   const PendingUpdate adam = family_update(RuleId::kAdam, 2);
-  CHECK_THROWS_AS(cuda::update(theta.data(), table, kFirstId, kSeed, adam, nullptr), ConfigError);
-  CHECK_THROWS_AS(cuda::update(theta.data(), table, kFirstId, kSeed, adam, nullptr,
-                               cuda::DeviceRuleState{state.data(), layout.total_elements(), 1}),
+  CHECK_THROWS_AS(gpu::update(theta.data(), table, kFirstId, kSeed, adam, nullptr), ConfigError);
+  CHECK_THROWS_AS(gpu::update(theta.data(), table, kFirstId, kSeed, adam, nullptr,
+                               gpu::DeviceRuleState{state.data(), layout.total_elements(), 1}),
                   ConfigError);
   // Kernels whose arguments carry one SGD term (the offload engine's) keep refusing others.
   struct OneTerm {
@@ -753,8 +753,8 @@ TEST_CASE("a stateful update without its state, or with too few slots, is refuse
     std::uint32_t update_step = 0;
     double lr = 0, g = 0, wd = 0;
   } one;
-  CHECK_THROWS_AS(cuda::detail::set_owed_update(one, adam), ConfigError);
-  cuda::detail::set_owed_update(one, kPending);
+  CHECK_THROWS_AS(gpu::detail::set_owed_update(one, adam), ConfigError);
+  gpu::detail::set_owed_update(one, kPending);
   CHECK(one.has_update);
   CHECK(one.g == kPending.g);
 }

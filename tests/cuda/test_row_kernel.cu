@@ -17,7 +17,7 @@
 #include <zo2/offload/host_offload.cuh>
 
 using namespace zo2;
-using namespace zo2::cuda;
+using namespace zo2::gpu;
 using offload::Int8RowCodec;
 
 namespace {

@@ -52,7 +52,7 @@ using namespace zo2_test::opt_fixtures;
 namespace {
 
 const bool kHaveDevice = [] {
-  const bool ok = zo2::cuda::device_available();
+  const bool ok = zo2::gpu::device_available();
   if (!ok) std::printf("SKIPPED: no CUDA device (test_step_allocations)\n");
   return ok;
 }();
@@ -60,7 +60,7 @@ const bool kHaveDevice = [] {
 struct Counts {
   std::uint64_t buffer_allocs, buffer_frees, raw_mallocs, raw_frees;
   static Counts now() {
-    auto& s = zo2::cuda::device_buffer_stats();
+    auto& s = zo2::gpu::device_buffer_stats();
     return {s.allocations.load(), s.frees.load(), raw_count::mallocs, raw_count::frees};
   }
 };
@@ -148,7 +148,7 @@ void check_steady_state(Policy& policy, const Model& model, const Expected& x) {
 
 TEST_CASE("DeviceBuffer::reserve grows with headroom and never shrinks" * doctest::skip(!kHaveDevice)) {
   const Counts before = Counts::now();
-  zo2::cuda::DeviceBuffer<float> b;
+  zo2::gpu::DeviceBuffer<float> b;
   b.reserve(100);
   CHECK(b.size() == 100);  // the first allocation is exact
   b.reserve(101);
@@ -167,8 +167,8 @@ TEST_CASE("after the first step, steps, evaluation and logits allocate nothing: 
           doctest::skip(!kHaveDevice)) {
   auto loaded = opt::load_opt_checkpoint<float>(fixture("opt_preln"));
   const Expected x = read_expected("opt_preln");
-  zo2::cuda::Stream stream;
-  zo2::cuda::CudaResident<float, float> policy(loaded.store, stream.get());
+  zo2::gpu::Stream stream;
+  zo2::gpu::CudaResident<float, float> policy(loaded.store, stream.get());
   const Model model(loaded.config, stream.get());
   check_steady_state(policy, model, x);
 }
@@ -178,22 +178,22 @@ TEST_CASE("after the first step, steps, evaluation and logits allocate nothing: 
   auto loaded = opt::load_opt_checkpoint<float>(fixture("opt_preln"));
   const Expected x = read_expected("opt_preln");
   SUBCASE("bf16, every block streamed") {
-    zo2::cuda::HostOffload<offload::Bf16Codec, float> policy(loaded.store);
+    zo2::gpu::HostOffload<offload::Bf16Codec, float> policy(loaded.store);
     REQUIRE(policy.plan().streamed_blocks == static_cast<std::size_t>(loaded.config.num_hidden_layers));
     const Model model(loaded.config, policy.stream());
     check_steady_state(policy, model, x);
   }
   SUBCASE("int8, two perturbed copies") {
-    zo2::cuda::OffloadOptions o;
+    zo2::gpu::OffloadOptions o;
     o.one_perturbed_copy = false;
-    zo2::cuda::HostOffload<offload::Int8RowCodec, float> policy(loaded.store, o);
+    zo2::gpu::HostOffload<offload::Int8RowCodec, float> policy(loaded.store, o);
     const Model model(loaded.config, policy.stream());
     check_steady_state(policy, model, x);
   }
   SUBCASE("fp32 with three slots") {
-    zo2::cuda::OffloadOptions o;
+    zo2::gpu::OffloadOptions o;
     o.slots = 3;
-    zo2::cuda::HostOffload<offload::Fp32Codec, float> policy(loaded.store, o);
+    zo2::gpu::HostOffload<offload::Fp32Codec, float> policy(loaded.store, o);
     const Model model(loaded.config, policy.stream());
     check_steady_state(policy, model, x);
   }
@@ -202,8 +202,8 @@ TEST_CASE("after the first step, steps, evaluation and logits allocate nothing: 
 TEST_CASE("logits streamed group by group equal the whole-model logits" * doctest::skip(!kHaveDevice)) {
   auto loaded = opt::load_opt_checkpoint<float>(fixture("opt_preln"));
   const Expected x = read_expected("opt_preln");
-  zo2::cuda::Stream stream;
-  zo2::cuda::CudaResident<float, float> resident(loaded.store, stream.get());
+  zo2::gpu::Stream stream;
+  zo2::gpu::CudaResident<float, float> resident(loaded.store, stream.get());
   const Model model(loaded.config, stream.get());
   const ModelLayout& ml = resident.model_layout();
   Model::Params params{resident.current(ml.prologue()), {}, resident.current(ml.epilogue())};
@@ -212,7 +212,7 @@ TEST_CASE("logits streamed group by group equal the whole-model logits" * doctes
   Model::Workspace ws;
   const std::vector<float> whole = model.logits(params, batch, ws);
 
-  zo2::cuda::HostOffload<offload::Fp32Codec, float> offloaded(loaded.store);
+  zo2::gpu::HostOffload<offload::Fp32Codec, float> offloaded(loaded.store);
   const Model streamed_model(loaded.config, offloaded.stream());
   const Model::Batch streamed_batch = streamed_model.make_batch(x.batch);
   Model::Activation hidden[2];

@@ -32,9 +32,9 @@ std::vector<double> as_double(const std::vector<T>& v) {
 }
 
 template <class T>
-zo2::cuda::DeviceBuffer<T> upload(const std::vector<T>& v) {
-  zo2::cuda::DeviceBuffer<T> d(v.size());
-  zo2::cuda::copy_to_device_blocking(d.data(), v.data(), v.size() * sizeof(T));  // landed before any stream reads it
+zo2::gpu::DeviceBuffer<T> upload(const std::vector<T>& v) {
+  zo2::gpu::DeviceBuffer<T> d(v.size());
+  zo2::gpu::copy_to_device_blocking(d.data(), v.data(), v.size() * sizeof(T));  // landed before any stream reads it
   return d;
 }
 
@@ -49,7 +49,7 @@ std::vector<T> download(const T* p, std::size_t n) {
 /// Fills a device buffer with NaN-pattern bytes, so an unwritten element fails the comparison.
 template <class T>
 void poison(T* p, std::size_t n) {
-  zo2::cuda::fill_device_blocking(p, 0xff, n * sizeof(T));  // done before any stream writes p
+  zo2::gpu::fill_device_blocking(p, 0xff, n * sizeof(T));  // done before any stream writes p
 }
 
 /// ||out - ref|| / ||ref||; infinity if any output is not finite.

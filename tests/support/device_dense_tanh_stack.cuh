@@ -57,13 +57,13 @@ struct DeviceDenseTanhStack {
   using value_type = float;
   struct Batch {
     std::size_t rows = 0;
-    zo2::cuda::DeviceBuffer<float> x, y;
+    zo2::gpu::DeviceBuffer<float> x, y;
   };
   struct Activation {
-    zo2::cuda::DeviceBuffer<float> h;
+    zo2::gpu::DeviceBuffer<float> h;
   };
   struct Workspace {
-    zo2::cuda::DeviceBuffer<double> loss;
+    zo2::gpu::DeviceBuffer<double> loss;
   };
 
   DenseTanhStack<float> shape;
@@ -111,8 +111,8 @@ struct DeviceDenseTanhStack {
 inline DeviceDenseTanhStack::Batch to_device(const DenseTanhStack<float>::Batch& b) {
   DeviceDenseTanhStack::Batch d;
   d.rows = b.rows;
-  d.x = zo2::cuda::DeviceBuffer<float>(b.x.size());
-  d.y = zo2::cuda::DeviceBuffer<float>(b.y.size());
+  d.x = zo2::gpu::DeviceBuffer<float>(b.x.size());
+  d.y = zo2::gpu::DeviceBuffer<float>(b.y.size());
   ZO2_CUDA_CHECK(cudaMemcpy(d.x.data(), b.x.data(), b.x.size() * sizeof(float), cudaMemcpyHostToDevice));
   ZO2_CUDA_CHECK(cudaMemcpy(d.y.data(), b.y.data(), b.y.size() * sizeof(float), cudaMemcpyHostToDevice));
   ZO2_CUDA_CHECK(cudaDeviceSynchronize());  // landed before the policy's stream reads it

@@ -37,7 +37,7 @@
 #include <zo2/optim/parameter_store.hpp>
 #include <zo2/optim/step_types.hpp>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 /// S: storage precision of the master copy (float, bfloat16, float16); T: the precision the
 /// model's forward reads (float, bfloat16, float16).
@@ -251,4 +251,4 @@ class CudaResident {
   DeviceBuffer<float> state_;  // group g's at state_slots_ * group_offset_[g]
 };
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

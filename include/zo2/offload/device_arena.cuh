@@ -20,7 +20,7 @@
 #include <zo2/backend/cuda/memory.cuh>
 #include <zo2/offload/offload_plan.cuh>
 
-namespace zo2::cuda::offload_detail {
+namespace zo2::gpu::offload_detail {
 
 /// What the arena carves by, per group kind (0: prologue, 1: block, 2: epilogue).
 struct GroupSizes {
@@ -129,4 +129,4 @@ class DeviceArena {
   Scratch scratch_[2];
 };
 
-}  // namespace zo2::cuda::offload_detail
+}  // namespace zo2::gpu::offload_detail

@@ -40,7 +40,7 @@
 #include <zo2/offload/update_terms.cuh>
 #include <zo2/optim/step_types.hpp>
 
-namespace zo2::cuda::offload_detail {
+namespace zo2::gpu::offload_detail {
 
 enum class PassMode { kPerturb, kPerturbOnly, kConvert, kUpdate };
 
@@ -249,4 +249,4 @@ void run_pass(Pass& pass, const PassArgs<T>& a, unsigned state_slots, cudaStream
   });
 }
 
-}  // namespace zo2::cuda::offload_detail
+}  // namespace zo2::gpu::offload_detail

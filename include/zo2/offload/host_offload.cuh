@@ -114,7 +114,7 @@
 #include <zo2/optim/parameter_store.hpp>
 #include <zo2/optim/step_types.hpp>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 /// The offload policy. Codec: offload::Fp32Codec, Bf16Codec, Fp16Codec, Int8RowCodec or
 /// Bf16PackedCodec (what rests on the host and crosses PCIe); T: the precision the model's
@@ -767,4 +767,4 @@ class HostOffload {
   int open_visit_ = -1;
 };
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

@@ -24,7 +24,7 @@
 #include <zo2/backend/cuda/memory.cuh>
 #include <zo2/core/error.hpp>
 
-namespace zo2::cuda::offload_detail {
+namespace zo2::gpu::offload_detail {
 
 /// Host memory the kernel says is available (MemAvailable), or 0 when unknown.
 inline std::size_t host_available_bytes() {
@@ -118,4 +118,4 @@ class HostStore {
   PinnedBlocks masters_, state_;
 };
 
-}  // namespace zo2::cuda::offload_detail
+}  // namespace zo2::gpu::offload_detail

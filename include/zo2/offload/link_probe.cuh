@@ -15,7 +15,7 @@
 #include <zo2/backend/cuda/memory.cuh>
 #include <zo2/offload/writeback_log.hpp>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 /// One-way and duplex host-to-device bandwidth (GB/s) over `bytes` per copy (~0.1 s at 64 MiB,
 /// `trials` of each; the device and pinned buffers are freed before it returns).
@@ -49,4 +49,4 @@ inline offload::LinkHint measure_link(std::size_t bytes = std::size_t{64} << 20,
   return link;
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

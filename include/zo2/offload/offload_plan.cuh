@@ -15,7 +15,7 @@
 #include <zo2/optim/layer_stack.hpp>
 #include <zo2/optim/parameter_store.hpp>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 struct OffloadOptions {
   /// Bytes of device memory the policy may hold (masters, slots, perturbed scratch, rule state;
@@ -186,4 +186,4 @@ OffloadPlan make_plan(const ModelLayout& ml, const OffloadOptions& opt) {
 }
 
 }  // namespace offload_detail
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

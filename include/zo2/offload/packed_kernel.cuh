@@ -37,7 +37,7 @@
 #include <zo2/offload/packed_bf16.hpp>
 #include <zo2/offload/update_terms.cuh>
 
-namespace zo2::cuda::offload_detail {
+namespace zo2::gpu::offload_detail {
 
 /// One tensor of a packed group as the kernel sees it.
 struct PackedTensorArgs {
@@ -218,9 +218,8 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
 
 /// Puts each tensor's new escape list in index order and into the block, with its count. One
 /// block of threads per tensor: a bitonic sort over the list padded to a power of two in the
-/// scratch (the scratch room per tensor is that power of two), then a copy. (Not CUB's segmented
-/// sort: its device-level headers bring the global namespace `cuda` of libcu++, which collides
-/// with zo2::cuda in code that says `using namespace zo2`.)
+/// scratch (the scratch room per tensor is that power of two), then a copy. The lists are short
+/// (an escape list holds a few dozen entries), so one launch sorts them all.
 __global__ void __launch_bounds__(1024) packed_sort_kernel(unsigned char* __restrict__ block,
                                                           const PackedTensorArgs* __restrict__ table,
                                                           std::uint64_t counts_offset, std::uint64_t entries_offset,
@@ -337,18 +336,18 @@ class PackedPass {
     PackedArgs first = a;
     if (split) first.perturb = first.convert = false;
     packed_kernel<T, Rule, Queries><<<grid, 256, 0, stream>>>(block, plus, minus, first);
-    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_kernel");
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_kernel");
     if (body_done) body_done->record(stream);
     if (!a.has_update) return;  // the lists are unchanged
     packed_sort_kernel<<<num_tensors_, 1024, 0, stream>>>(block, table_.data(), a.counts_offset, a.entries_offset,
                                                           new_entries_.data(), scratch_offsets_.data(),
                                                           new_counts_.data());
-    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_sort_kernel");
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_sort_kernel");
     if (!split) return;
     PackedArgs second = a;
     second.has_update = false;  // decode the updated block and its sorted lists; write the outputs
     packed_kernel<T, Rule, Queries><<<grid, 256, 0, stream>>>(block, plus, minus, second);
-    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::packed_kernel (outputs)");
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_kernel (outputs)");
   }
 
   /// Escapes that found no room since the last reset (each flushed to zero): blocks until known.
@@ -369,4 +368,4 @@ class PackedPass {
   DeviceBuffer<std::uint32_t> new_counts_, overflow_;
 };
 
-}  // namespace zo2::cuda::offload_detail
+}  // namespace zo2::gpu::offload_detail

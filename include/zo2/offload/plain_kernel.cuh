@@ -27,7 +27,7 @@
 #include <zo2/core/zo_element.hpp>
 #include <zo2/offload/update_terms.cuh>
 
-namespace zo2::cuda::offload_detail {
+namespace zo2::gpu::offload_detail {
 
 struct PlainArgs {
   const TensorEntry* table;  // set by launch_plain_family
@@ -153,7 +153,7 @@ void launch_plain_family(S* theta, T* plus, T* minus, const GroupTable& table, P
   const std::uint64_t needed = (a.num_vectors + kThreads - 1) / kThreads;
   const unsigned blocks = static_cast<unsigned>(needed < cached_blocks ? needed : cached_blocks);
   plain_family_kernel<Rule, S, T><<<blocks, kThreads, 0, stream>>>(theta, plus, minus, a);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::plain_family_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::plain_family_kernel");
 }
 
-}  // namespace zo2::cuda::offload_detail
+}  // namespace zo2::gpu::offload_detail

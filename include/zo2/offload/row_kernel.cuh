@@ -51,7 +51,7 @@
 #include <zo2/offload/codecs.hpp>
 #include <zo2/offload/update_terms.cuh>
 
-namespace zo2::cuda::offload_detail {
+namespace zo2::gpu::offload_detail {
 
 /// One tensor of a group for the row-scaled kernel.
 struct RowTensor {
@@ -152,9 +152,9 @@ template <class T>
 __device__ ZO2_FORCEINLINE void store_quad(T* dst, QuadSpan s, std::uint64_t j0, std::uint64_t j1, const float (&v)[4]) {
   T o[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) o[k] = cuda::detail::to_output_device<T>(v[k]);
+  for (int k = 0; k < 4; ++k) o[k] = gpu::detail::to_output_device<T>(v[k]);
   if (s.whole) {
-    cuda::detail::store_vector(dst + s.first, o);
+    gpu::detail::store_vector(dst + s.first, o);
   } else {
 #pragma unroll
     for (int k = 0; k < 4; ++k)
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
   constexpr bool kStateful = Rule::kStateSlots > 0;
   __shared__ float reduce[32];
   constexpr bool kFastUpdate = ZO2_CUDA_FAST_NOISE != 0;
-  constexpr bool kFastPerturb = cuda::detail::fast_noise_for_v<T>;
+  constexpr bool kFastPerturb = gpu::detail::fast_noise_for_v<T>;
   const RowTensor t = a.table[blockIdx.y];
   const std::uint32_t id = a.first_tensor_id + t.index;
   const UpdateCoeffs u{a.lr, a.g, t.weight_decay ? a.wd : 0.0};
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
           float th[4];
           load_quad<C>(codes, s, j0, j1, old_scale, th);
           if constexpr (kPlain) {
-            const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
+            const Normal4 z = gpu::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
 #pragma unroll
             for (int k = 0; k < 4; ++k)
               if (s.has(k, j0, j1)) m = fmaxf(m, fabsf(updated_value<float>(th[k], z.z[k], u)));
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
       if (a.has_update) {
         float v[4];
         if constexpr (kPlain) {
-          const Normal4 z = cuda::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
+          const Normal4 z = gpu::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
 #pragma unroll
           for (int k = 0; k < 4; ++k) v[k] = updated_value<float>(th[k], z.z[k], u);
         } else {
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
         }
       }
       if (a.perturb) {
-        const Normal4 z = cuda::detail::noise4<kFastPerturb>(a.seed, a.step, id, q, perturb_query);
+        const Normal4 z = gpu::detail::noise4<kFastPerturb>(a.seed, a.step, id, q, perturb_query);
         float v[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], a.eps);
@@ -302,7 +302,7 @@ void launch_row_kernel(unsigned char* master, float* scales, T* plus, T* minus, 
   const std::uint64_t rows = table.max_rows();
   const dim3 grid(static_cast<unsigned>(rows < 2048 ? rows : 2048), table.size());
   row_kernel<C, T, Rule, Queries><<<grid, 256, 0, stream>>>(master, scales, plus, minus, a, f);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::offload_detail::row_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::row_kernel");
 }
 
-}  // namespace zo2::cuda::offload_detail
+}  // namespace zo2::gpu::offload_detail

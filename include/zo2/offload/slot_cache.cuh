@@ -40,7 +40,7 @@
 #include <zo2/offload/host_store.cuh>
 #include <zo2/offload/timeline.cuh>
 
-namespace zo2::cuda::offload_detail {
+namespace zo2::gpu::offload_detail {
 
 struct Slot {
   unsigned char* data = nullptr;
@@ -250,4 +250,4 @@ class SlotCache {
   std::size_t uploaded_ = 0, offloaded_ = 0;
 };
 
-}  // namespace zo2::cuda::offload_detail
+}  // namespace zo2::gpu::offload_detail

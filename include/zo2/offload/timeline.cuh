@@ -19,7 +19,7 @@
 
 #include <zo2/backend/cuda/memory.cuh>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 /// One visit of a group, times in ms from the recording's origin; NaN where the phase did not
 /// happen (a resident group has no upload, a visit without an owed update no offload).
@@ -126,4 +126,4 @@ class Timeline {
   bool enabled_ = false;
 };
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

@@ -29,7 +29,7 @@
 #include <zo2/core/zo_element.hpp>
 #include <zo2/optim/step_types.hpp>
 
-namespace zo2::cuda::offload_detail {
+namespace zo2::gpu::offload_detail {
 
 /// What an update of the family adds to plain MeZO-SGD's (lr, g, wd).
 struct UpdateTerms {
@@ -134,4 +134,4 @@ __device__ ZO2_FORCEINLINE float apply_rule(const UpdateTerms& u, const RuleCoef
 template <class Rule, bool Queries>
 inline constexpr bool is_plain_update_v = std::is_same_v<Rule, SgdRule> && !Queries;
 
-}  // namespace zo2::cuda::offload_detail
+}  // namespace zo2::gpu::offload_detail

@@ -11,10 +11,10 @@
 #error "core_cuda.cu must be compiled by nvcc"
 #endif
 
-template class zo2::cuda::CudaResident<float, float>;
-template class zo2::cuda::CudaResident<zo2::bfloat16, float>;
-template class zo2::cuda::HostOffload<zo2::offload::Fp32Codec, float>;
-template class zo2::cuda::HostOffload<zo2::offload::Bf16Codec, float>;
-template class zo2::cuda::HostOffload<zo2::offload::Int8RowCodec, float>;
+template class zo2::gpu::CudaResident<float, float>;
+template class zo2::gpu::CudaResident<zo2::bfloat16, float>;
+template class zo2::gpu::HostOffload<zo2::offload::Fp32Codec, float>;
+template class zo2::gpu::HostOffload<zo2::offload::Bf16Codec, float>;
+template class zo2::gpu::HostOffload<zo2::offload::Int8RowCodec, float>;
 
 int main() { return consumer::run("core_only + cuda: zo2::core, zo2::cuda_core, no Eigen"); }

@@ -40,7 +40,7 @@
 #include <zo2/backend/cuda/gemm.cuh>
 #include <zo2/backend/cuda/memory.cuh>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 namespace detail {
 
@@ -218,7 +218,7 @@ void masked_softmax(const T* scores, const std::uint8_t* key_mask, T* probs, std
   const std::int64_t blocks = (rows + kWarps - 1) / kWarps;
   detail::masked_softmax_kernel<T><<<static_cast<unsigned>(blocks), 32 * kWarps, 0, stream>>>(
       scores, key_mask, probs, rows, static_cast<int>(seq), static_cast<int>(chunk_rows), static_cast<int>(window));
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::masked_softmax_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::masked_softmax_kernel");
 }
 
 /// For one sequence: context rows before the first unmasked key get the mean of v over all keys
@@ -229,7 +229,7 @@ void attention_fix_masked_rows(const T* v, const std::uint8_t* key_mask, T* cont
   const unsigned blocks = static_cast<unsigned>((hidden + 127) / 128);
   detail::fix_masked_rows_kernel<T><<<blocks, 128, 0, stream>>>(v, key_mask, context, static_cast<int>(seq),
                                                                 static_cast<int>(hidden));
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::fix_masked_rows_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::fix_masked_rows_kernel");
 }
 
 /// The fix-up of rows that see no key for any AttentionDims (resolved): OPT's case takes
@@ -253,7 +253,7 @@ void attention_fix_unseen_rows(const T* v, const std::uint8_t* key_mask, T* cont
       v, key_mask, context, static_cast<int>(d.seq), static_cast<int>(d.ld_kv), static_cast<int>(d.ld_out),
       static_cast<int>(kv_width), static_cast<int>(d.head_dim), static_cast<int>(d.group()),
       static_cast<int>(d.window));
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::fix_unseen_rows_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::fix_unseen_rows_kernel");
 }
 
 /// Query rows per chunk of the causal attention: chunk c's queries see only keys before the
@@ -342,4 +342,4 @@ void causal_attention(Gemm& gemm, const T* q, const T* k, const T* v, const std:
                               scratch, stream);
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

@@ -7,7 +7,7 @@
 
 #include <zo2/core/error.hpp>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 /// The shape of a grouped-query causal attention: `batch` sequences of `seq` tokens; query rows
 /// [batch * seq, >= heads * head_dim] at row stride ld_q, key and value rows at ld_kv (kv_heads
@@ -54,4 +54,4 @@ struct AttentionDims {
   }
 };
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

@@ -10,7 +10,7 @@
 
 #include <zo2/core/error.hpp>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 class CudaError : public Error {
  public:
@@ -73,27 +73,27 @@ inline bool device_available() {
   return n > 0;
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu
 
 #define ZO2_CUDA_CHECK(call)                                                            \
   do {                                                                                  \
     const cudaError_t zo2_status_ = (call);                                             \
     if (zo2_status_ != cudaSuccess)                                                     \
-      ::zo2::cuda::detail::throw_cuda(zo2_status_, #call, __FILE__, __LINE__);          \
+      ::zo2::gpu::detail::throw_cuda(zo2_status_, #call, __FILE__, __LINE__);          \
   } while (0)
 
 /// After a kernel launch: the launch itself (configuration errors) is checked; a failure names
-/// the kernel, `what` (a string: "zo2::cuda::layer_norm_kernel").
+/// the kernel, `what` (a string: "zo2::gpu::layer_norm_kernel").
 #define ZO2_CUDA_CHECK_LAUNCH(what)                                                     \
   do {                                                                                  \
     const cudaError_t zo2_status_ = cudaPeekAtLastError();                              \
     if (zo2_status_ != cudaSuccess)                                                     \
-      ::zo2::cuda::detail::throw_launch(zo2_status_, (what), __FILE__, __LINE__);       \
+      ::zo2::gpu::detail::throw_launch(zo2_status_, (what), __FILE__, __LINE__);       \
   } while (0)
 
 #define ZO2_CUBLAS_CHECK(call)                                                          \
   do {                                                                                  \
     const cublasStatus_t zo2_status_ = (call);                                          \
     if (zo2_status_ != CUBLAS_STATUS_SUCCESS)                                           \
-      ::zo2::cuda::detail::throw_cublas(zo2_status_, #call, __FILE__, __LINE__);        \
+      ::zo2::gpu::detail::throw_cublas(zo2_status_, #call, __FILE__, __LINE__);        \
   } while (0)

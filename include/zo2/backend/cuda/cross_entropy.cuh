@@ -18,7 +18,7 @@
 #include <zo2/backend/cuda/gemm.cuh>
 #include <zo2/backend/cuda/memory.cuh>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 namespace detail {
 
@@ -116,12 +116,12 @@ void cross_entropy_loss(Gemm& gemm, const T* features, const T* embedding, const
     detail::lse_chunk_kernel<kThreads><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
         scratch.chunk_logits.data(), static_cast<int>(cols), static_cast<int>(begin), targets, scratch.row_max.data(),
         scratch.row_sum.data(), scratch.target_logit.data(), begin == 0);
-    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::lse_chunk_kernel");
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::lse_chunk_kernel");
   }
   detail::ce_finish_kernel<1024><<<1, 1024, 0, stream>>>(scratch.row_max.data(), scratch.row_sum.data(),
                                                          scratch.target_logit.data(), static_cast<int>(rows),
                                                          loss_device, log_probs);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::ce_finish_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::ce_finish_kernel");
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

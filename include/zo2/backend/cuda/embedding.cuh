@@ -13,7 +13,7 @@
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/gemm.cuh>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 namespace detail {
 
@@ -78,7 +78,7 @@ inline void positions_from_mask(const std::uint8_t* mask, std::int32_t* position
   if (batch <= 0 || seq <= 0) throw ShapeError("positions_from_mask: batch and seq must be > 0");
   detail::positions_kernel<256><<<static_cast<unsigned>(batch), 256, 0, stream>>>(mask, positions,
                                                                                   static_cast<int>(seq), offset);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::positions_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::positions_kernel");
 }
 
 /// out[t] = token_table[ids[t]] + position_table[positions[t]] for t < tokens (rows of `width`).
@@ -90,7 +90,7 @@ void embed(const std::int32_t* ids, const T* token_table, const std::int32_t* po
   if (tokens <= 0 || width <= 0) throw ShapeError("embed: tokens and width must be > 0");
   detail::embedding_kernel<T><<<static_cast<unsigned>(tokens), detail::threads_for(width), 0, stream>>>(
       ids, token_table, positions, position_table, out, static_cast<int>(width));
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::embedding_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::embedding_kernel");
 }
 
 /// dst[i] = src[rows[i]] for i < count (rows of `width`).
@@ -100,7 +100,7 @@ void gather_rows(const T* src, const std::int32_t* rows, T* dst, std::int64_t co
   if (count <= 0) return;
   detail::gather_rows_kernel<T><<<static_cast<unsigned>(count), detail::threads_for(width), 0, stream>>>(
       src, rows, dst, static_cast<int>(width));
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::gather_rows_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::gather_rows_kernel");
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

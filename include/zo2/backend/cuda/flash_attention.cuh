@@ -57,7 +57,7 @@
 #include <zo2/backend/cuda/gemm.cuh>
 #include <zo2/core/error.hpp>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 namespace detail {
 
@@ -299,10 +299,10 @@ void flash_grouped_attention(const T* q, const T* k, const T* v, const std::uint
         constexpr int kWG = kFlashWgmmaWarpgroups<D>, kStages = kFlashWgmmaStages;
         launch_flash<flash_attention_wgmma_kernel<T, D, kWG, kStages, kWindow>,
                      flash_wgmma_smem_bytes<D, kWG, kStages>(), kFlashRows * kWG, kFlashThreads * kWG>(
-            q, k, v, key_mask, context, d, stream, "zo2::cuda::flash_attention_wgmma_kernel");
+            q, k, v, key_mask, context, d, stream, "zo2::gpu::flash_attention_wgmma_kernel");
       } else {
         launch_flash<flash_attention_kernel<T, D, kWindow>, flash_mma_smem_bytes<T, D>(), kFlashRows, kFlashThreads>(
-            q, k, v, key_mask, context, d, stream, "zo2::cuda::flash_attention_kernel");
+            q, k, v, key_mask, context, d, stream, "zo2::gpu::flash_attention_kernel");
       }
     };
     if (d.head_dim == 64) {
@@ -359,4 +359,4 @@ bool causal_attention_dispatch(Gemm& gemm, const T* q, const T* k, const T* v, c
   return false;
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

@@ -38,7 +38,7 @@
 #include <zo2/backend/cuda/flash_tile.cuh>
 #include <zo2/backend/cuda/wgmma.cuh>
 
-namespace zo2::cuda::detail {
+namespace zo2::gpu::detail {
 
 inline constexpr int kWgmmaTileHalfBytes = kFlashRows * 128;  // 64 rows x 64 columns of 16 bits
 
@@ -257,4 +257,4 @@ __global__ void __launch_bounds__(kFlashThreads* kWG, 1) flash_attention_wgmma_k
 #endif
 }
 
-}  // namespace zo2::cuda::detail
+}  // namespace zo2::gpu::detail

@@ -27,7 +27,7 @@
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/mma_primitives.cuh>
 
-namespace zo2::cuda::detail {
+namespace zo2::gpu::detail {
 
 inline constexpr int kFlashRows = 64;  // queries per block (16 per warp)
 inline constexpr int kFlashKeys = 64;  // keys per tile
@@ -193,4 +193,4 @@ void launch_flash(const T* q, const T* k, const T* v, const std::uint8_t* key_ma
   if (launched != cudaSuccess) throw_cuda(launched, name, __FILE__, __LINE__);
 }
 
-}  // namespace zo2::cuda::detail
+}  // namespace zo2::gpu::detail

@@ -33,7 +33,7 @@
 #include <zo2/core/error.hpp>
 #include <zo2/core/half_types.hpp>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 // ---- element types ------------------------------------------------------------------------------
 
@@ -373,4 +373,4 @@ class Gemm {
   int autotune_ = 0;
 };
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

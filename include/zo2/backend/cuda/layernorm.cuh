@@ -16,7 +16,7 @@
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/gemm.cuh>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 namespace detail {
 
@@ -147,7 +147,7 @@ void layer_norm(const T* x, const T* gamma, const T* beta, T* y, std::int64_t ro
     else if (per_thread <= 2) detail::launch_layer_norm_rows<256, 2>(x, gamma, beta, y, rows, c, eps, stream);
     else if (per_thread <= 4) detail::launch_layer_norm_rows<256, 4>(x, gamma, beta, y, rows, c, eps, stream);
     else detail::launch_layer_norm_rows<256, 8>(x, gamma, beta, y, rows, c, eps, stream);
-    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::layer_norm_rows_kernel");
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::layer_norm_rows_kernel");
     return;
   }
   if (cols <= 1024) {
@@ -157,7 +157,7 @@ void layer_norm(const T* x, const T* gamma, const T* beta, T* y, std::int64_t ro
     detail::layer_norm_kernel<256, T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, gamma, beta, y,
                                                                                        static_cast<int>(cols), eps);
   }
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::layer_norm_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::layer_norm_kernel");
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

@@ -16,7 +16,7 @@
 
 #include <zo2/backend/cuda/check.cuh>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 /// Process-wide counts of DeviceBuffer's cudaMalloc and cudaFree calls (all element types), and
 /// the bytes they hold: now, and at most since the last reset_peak(). Unlike cudaMemGetInfo,
@@ -245,4 +245,4 @@ void copy_to_host(T* dst, const T* src, std::size_t count, cudaStream_t s) {
   ZO2_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToHost, s));
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

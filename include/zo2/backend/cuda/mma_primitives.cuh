@@ -15,7 +15,7 @@
 
 #include <zo2/core/half_types.hpp>
 
-namespace zo2::cuda::detail {
+namespace zo2::gpu::detail {
 
 __device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
@@ -81,4 +81,4 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-}  // namespace zo2::cuda::detail
+}  // namespace zo2::gpu::detail

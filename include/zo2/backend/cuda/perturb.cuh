@@ -57,7 +57,7 @@
 #define ZO2_CUDA_FAST_NOISE 1
 #endif
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 /// One tensor of a group, as the kernels see it.
 struct TensorEntry {
@@ -566,7 +566,7 @@ void launch_kernel(S* theta, T* out0, T* out1, const KernelArgs& a, cudaStream_t
   constexpr int kThreads = 256;
   const unsigned blocks = grid_for<op, S, T, Chunks, MinBlocks, Rule, MultiQuery>(a.num_vectors, kThreads);
   group_kernel<op, S, T, Chunks, MinBlocks, Rule, MultiQuery><<<blocks, kThreads, 0, stream>>>(theta, out0, out1, a);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::group_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::group_kernel");
 }
 
 /// Launches `op` over a group. A pass that applies an update picks the kernel of a.rule (and of
@@ -705,4 +705,4 @@ void convert(T* dst, const S* theta, const GroupTable& table, cudaStream_t strea
   detail::launch<detail::Op::kConvert, S, T>(const_cast<S*>(theta), dst, nullptr, table, a, stream);
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

@@ -16,7 +16,7 @@
 #include <zo2/backend/cuda/gemm.cuh>
 #include <zo2/backend/cuda/layernorm.cuh>  // detail::block_sum_to_all
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 namespace detail {
 
@@ -110,7 +110,7 @@ void rms_norm(const T* x, const T* weight, T* y, std::int64_t rows, std::int64_t
     else if (per_thread <= 2) detail::launch_rms_norm_rows<256, 2>(x, weight, y, rows, c, eps, stream);
     else if (per_thread <= 4) detail::launch_rms_norm_rows<256, 4>(x, weight, y, rows, c, eps, stream);
     else detail::launch_rms_norm_rows<256, 8>(x, weight, y, rows, c, eps, stream);
-    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::rms_norm_rows_kernel");
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::rms_norm_rows_kernel");
     return;
   }
   if (cols <= 1024) {
@@ -120,7 +120,7 @@ void rms_norm(const T* x, const T* weight, T* y, std::int64_t rows, std::int64_t
     detail::rms_norm_kernel<256, T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(x, weight, y,
                                                                                      static_cast<int>(cols), eps);
   }
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::rms_norm_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::rms_norm_kernel");
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

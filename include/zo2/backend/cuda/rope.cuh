@@ -19,7 +19,7 @@
 #include <zo2/backend/cuda/gemm.cuh>
 #include <zo2/backend/cuda/rmsnorm.cuh>  // detail::rms_scaled, rms_inverse
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 namespace detail {
 
@@ -88,7 +88,7 @@ inline void rope_table(const float* inv_freq, std::int64_t half, std::int64_t po
   const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((entries + 255) / 256, 4096));
   detail::rope_table_kernel<<<blocks, 256, 0, stream>>>(inv_freq, static_cast<int>(half), entries, attention_scaling,
                                                         cos, sin);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::rope_table_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::rope_table_kernel");
 }
 
 /// Rotary embedding in place of `heads` heads of head_dim columns at x (row stride ld) for
@@ -111,7 +111,7 @@ void apply_rope(T* x, std::int64_t ld, std::int64_t tokens, std::int64_t heads, 
   else
     detail::rope_kernel<T, false><<<static_cast<unsigned>(blocks), 32 * kWarps, 0, stream>>>(
         x, ld, rows, static_cast<int>(heads), static_cast<int>(head_dim), positions, cos, sin, nullptr, eps);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::rope_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::rope_kernel");
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

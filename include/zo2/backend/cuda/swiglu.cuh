@@ -13,7 +13,7 @@
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/gemm.cuh>
 
-namespace zo2::cuda {
+namespace zo2::gpu {
 
 namespace detail {
 
@@ -68,13 +68,13 @@ void swiglu(T* gate, const T* up, std::int64_t rows, std::int64_t width, std::in
     const std::int64_t vecs = rows * (width / kPer);
     const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((vecs + 255) / 256, 8192));
     detail::swiglu_vec_kernel<T><<<blocks, 256, 0, stream>>>(gate, up, rows, width / kPer, ld);
-    ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::swiglu_vec_kernel");
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::swiglu_vec_kernel");
     return;
   }
   const std::int64_t n = rows * width;
   const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((n + 255) / 256, 8192));
   detail::swiglu_kernel<T><<<blocks, 256, 0, stream>>>(gate, up, rows, width, ld);
-  ZO2_CUDA_CHECK_LAUNCH("zo2::cuda::swiglu_kernel");
+  ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::swiglu_kernel");
 }
 
-}  // namespace zo2::cuda
+}  // namespace zo2::gpu

@@ -31,7 +31,7 @@
 #define ZO2_DEVICE_WGMMA 0
 #endif
 
-namespace zo2::cuda::detail {
+namespace zo2::gpu::detail {
 
 inline constexpr std::uint32_t kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes
 
@@ -186,4 +186,4 @@ inline bool device_has_wgmma() {
   return cached[dev].load(std::memory_order_acquire) == 2;
 }
 
-}  // namespace zo2::cuda::detail
+}  // namespace zo2::gpu::detail

@@ -64,8 +64,8 @@ struct LlamaCudaOptions {
   /// cases take the cuBLASLt path regardless).
   bool flash_attention = true;
   /// Which fused kernel (as OPTCudaOptions::flash_kernel).
-  cuda::FlashKernel flash_kernel = cuda::FlashKernel::kAuto;
-  /// cuBLASLt autotuning (cuda::Gemm::set_autotune); 0: the heuristic's first choice.
+  gpu::FlashKernel flash_kernel = gpu::FlashKernel::kAuto;
+  /// cuBLASLt autotuning (gpu::Gemm::set_autotune); 0: the heuristic's first choice.
   int gemm_autotune = 0;
 };
 
@@ -73,7 +73,7 @@ template <class T>
 class LlamaCudaModel {
  public:
   using value_type = T;
-  static_assert(cuda::is_kernel_type_v<T>, "LlamaCudaModel<T>: T is float, zo2::bfloat16 or zo2::float16");
+  static_assert(gpu::is_kernel_type_v<T>, "LlamaCudaModel<T>: T is float, zo2::bfloat16 or zo2::float16");
 
   using Options = LlamaCudaOptions;
 
@@ -81,16 +81,16 @@ class LlamaCudaModel {
   /// pass. Its buffers are capacities: the first batch * seq (or num_loss_rows) entries count.
   struct Batch {
     std::size_t batch = 0, seq = 0;
-    cuda::DeviceBuffer<std::int32_t> input_ids, positions;
-    cuda::DeviceBuffer<std::uint8_t> key_mask;
+    gpu::DeviceBuffer<std::int32_t> input_ids, positions;
+    gpu::DeviceBuffer<std::uint8_t> key_mask;
     /// No 0 in attention_mask: attention runs without a mask (same result, no masking work).
     bool all_visible = true;
     /// cos and sin of every position up to the batch's largest, for the model's frequencies:
     /// [rope_positions, head_dim / 2].
-    cuda::DeviceBuffer<float> rope_cos, rope_sin;
+    gpu::DeviceBuffer<float> rope_cos, rope_sin;
     std::size_t rope_positions = 0;
     /// Rows (b * seq + s) whose shifted label labels[b, s + 1] is a target, and those targets.
-    cuda::DeviceBuffer<std::int32_t> loss_rows, loss_targets;
+    gpu::DeviceBuffer<std::int32_t> loss_rows, loss_targets;
     std::size_t num_loss_rows = 0;
     bool has_labels = false;
   };
@@ -103,21 +103,21 @@ class LlamaCudaModel {
     const std::int32_t* positions = nullptr;  // [batch * seq]
     const float* rope_cos = nullptr;
     const float* rope_sin = nullptr;
-    cuda::DeviceBuffer<T> hidden;  // [batch * seq, hidden_size]
+    gpu::DeviceBuffer<T> hidden;  // [batch * seq, hidden_size]
   };
 
   struct Workspace {
-    cuda::DeviceBuffer<T> normed, qkv, context, residual, mlp, gathered;
-    cuda::AttentionScratch<T> attention;
-    cuda::CrossEntropyScratch loss;
-    cuda::DeviceBuffer<float> logits, log_probs;
-    cuda::PinnedBuffer<double> loss_host;
+    gpu::DeviceBuffer<T> normed, qkv, context, residual, mlp, gathered;
+    gpu::AttentionScratch<T> attention;
+    gpu::CrossEntropyScratch loss;
+    gpu::DeviceBuffer<float> logits, log_probs;
+    gpu::PinnedBuffer<double> loss_host;
     /// The residual stream of the whole-model conveniences (logits, loss, label_log_probs).
     Activation whole[2];
   };
 
   explicit LlamaCudaModel(LlamaConfig config, cudaStream_t stream = nullptr, Options options = {})
-      : config_(std::move(config)), options_(options), stream_(stream), gemm_(std::make_unique<cuda::Gemm>()) {
+      : config_(std::move(config)), options_(options), stream_(stream), gemm_(std::make_unique<gpu::Gemm>()) {
     config_.validate();
     gemm_->set_allow_tf32(options_.allow_tf32);
     gemm_->set_autotune(options_.gemm_autotune);
@@ -145,8 +145,8 @@ class LlamaCudaModel {
     if (config_.has_mlp_bias()) fused_gate_up_ = fused_gate_up_ && at(blk_.up_b) == at(blk_.gate_b) + f;
 
     const std::vector<float> inv_freq = config_.rope_inv_freq();
-    inv_freq_ = cuda::DeviceBuffer<float>(inv_freq.size());
-    cuda::copy_to_device(inv_freq_.data(), inv_freq.data(), inv_freq.size(), stream_);
+    inv_freq_ = gpu::DeviceBuffer<float>(inv_freq.size());
+    gpu::copy_to_device(inv_freq_.data(), inv_freq.data(), inv_freq.size(), stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
@@ -158,7 +158,7 @@ class LlamaCudaModel {
   const ParamLayout& epilogue_layout() const { return epilogue_layout_; }
   cudaStream_t stream() const { return stream_; }
   void set_stream(cudaStream_t stream) { stream_ = stream; }
-  cuda::Gemm& gemm() const { return *gemm_; }
+  gpu::Gemm& gemm() const { return *gemm_; }
   /// Whether q/k/v and gate/up each run as one GEMM (Options::fused_projections and the layout).
   bool fused_qkv() const { return options_.fused_projections && fused_qkv_; }
   bool fused_gate_up() const { return options_.fused_projections && fused_gate_up_; }
@@ -259,22 +259,22 @@ class LlamaCudaModel {
     b.input_ids.reserve(tokens);
     b.positions.reserve(tokens);
     b.key_mask.reserve(tokens);
-    cuda::copy_to_device(b.input_ids.data(), ids.data(), tokens, stream_);
-    cuda::copy_to_device(b.positions.data(), positions.data(), tokens, stream_);
-    cuda::copy_to_device(b.key_mask.data(), mask.data(), tokens, stream_);
+    gpu::copy_to_device(b.input_ids.data(), ids.data(), tokens, stream_);
+    gpu::copy_to_device(b.positions.data(), positions.data(), tokens, stream_);
+    gpu::copy_to_device(b.key_mask.data(), mask.data(), tokens, stream_);
     b.num_loss_rows = rows.size();
     if (!rows.empty()) {
       b.loss_rows.reserve(rows.size());
       b.loss_targets.reserve(rows.size());
-      cuda::copy_to_device(b.loss_rows.data(), rows.data(), rows.size(), stream_);
-      cuda::copy_to_device(b.loss_targets.data(), targets.data(), targets.size(), stream_);
+      gpu::copy_to_device(b.loss_rows.data(), rows.data(), rows.size(), stream_);
+      gpu::copy_to_device(b.loss_targets.data(), targets.data(), targets.size(), stream_);
     }
     // The table is the model's (its frequencies), rebuilt with every upload: a few microseconds.
     const auto half = static_cast<std::size_t>(head_dim_ / 2);
     b.rope_positions = static_cast<std::size_t>(max_position) + 1;
     b.rope_cos.reserve(b.rope_positions * half);
     b.rope_sin.reserve(b.rope_positions * half);
-    cuda::rope_table(inv_freq_.data(), static_cast<std::int64_t>(half), static_cast<std::int64_t>(b.rope_positions),
+    gpu::rope_table(inv_freq_.data(), static_cast<std::int64_t>(half), static_cast<std::int64_t>(b.rope_positions),
                      static_cast<float>(config_.rope_attention_scaling()), b.rope_cos.data(), b.rope_sin.data(),
                      stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -294,7 +294,7 @@ class LlamaCudaModel {
     out.rope_cos = batch.rope_cos.data();
     out.rope_sin = batch.rope_sin.data();
     out.hidden.reserve(static_cast<std::size_t>(tokens * hidden));
-    cuda::embed<T>(batch.input_ids.data(), params.tensor(embed_), nullptr, nullptr, out.hidden.data(), tokens, hidden,
+    gpu::embed<T>(batch.input_ids.data(), params.tensor(embed_), nullptr, nullptr, out.hidden.data(), tokens, hidden,
                    stream_);
   }
 
@@ -324,30 +324,30 @@ class LlamaCudaModel {
     const T* x = in.hidden.data();
 
     // Attention: residual = x + o_proj(attention(rope(q), rope(k), v)) of RMSNorm(x).
-    cuda::rms_norm<T>(x, tensor(blk_.input_norm), ws.normed.data(), tokens, hidden, eps, stream_);
+    gpu::rms_norm<T>(x, tensor(blk_.input_norm), ws.normed.data(), tokens, hidden, eps, stream_);
     T* q = ws.qkv.data();
     T* k = q + qw;
     T* v = k + kvw;
     project_qkv(params, ws.normed.data(), q, tokens);
-    cuda::apply_rope<T>(q, qkv_width, tokens, heads_, head_dim_, in.positions, in.rope_cos, in.rope_sin,
+    gpu::apply_rope<T>(q, qkv_width, tokens, heads_, head_dim_, in.positions, in.rope_cos, in.rope_sin,
                         tensor(blk_.q_norm), eps, stream_);
-    cuda::apply_rope<T>(k, qkv_width, tokens, kv_heads_, head_dim_, in.positions, in.rope_cos, in.rope_sin,
+    gpu::apply_rope<T>(k, qkv_width, tokens, kv_heads_, head_dim_, in.positions, in.rope_cos, in.rope_sin,
                         tensor(blk_.k_norm), eps, stream_);
-    cuda::AttentionDims dims;
+    gpu::AttentionDims dims;
     dims.batch = static_cast<std::int64_t>(in.batch), dims.seq = static_cast<std::int64_t>(in.seq);
     dims.heads = heads_, dims.kv_heads = kv_heads_, dims.head_dim = head_dim_;
     dims.ld_q = qkv_width, dims.ld_kv = qkv_width, dims.ld_out = qw;
     dims.window = windows_[block];
-    cuda::grouped_attention_dispatch<T>(*gemm_, q, k, v, in.key_mask, ws.context.data(), dims, ws.attention, stream_,
+    gpu::grouped_attention_dispatch<T>(*gemm_, q, k, v, in.key_mask, ws.context.data(), dims, ws.attention, stream_,
                                         options_.flash_attention, options_.flash_kernel);
     gemm_->linear<T>(ws.context.data(), tensor(blk_.o_w), tensor(blk_.o_b), ws.residual.data(), tokens, hidden, qw,
                      stream_, false, x);
 
     // MLP: out = residual + down_proj(silu(gate_proj(n)) * up_proj(n)), n = RMSNorm(residual).
-    cuda::rms_norm<T>(ws.residual.data(), tensor(blk_.post_norm), ws.normed.data(), tokens, hidden, eps, stream_);
+    gpu::rms_norm<T>(ws.residual.data(), tensor(blk_.post_norm), ws.normed.data(), tokens, hidden, eps, stream_);
     project_gate_up(params, ws.normed.data(), ws.mlp.data(), tokens);
-    cuda::swiglu<T>(ws.mlp.data(), ws.mlp.data() + ffn, tokens, ffn, 2 * ffn, stream_);
-    cuda::GemmArgs<T, T> down;  // reads the activated gate half of mlp (row stride 2 ffn)
+    gpu::swiglu<T>(ws.mlp.data(), ws.mlp.data() + ffn, tokens, ffn, 2 * ffn, stream_);
+    gpu::GemmArgs<T, T> down;  // reads the activated gate half of mlp (row stride 2 ffn)
     down.m = tokens, down.n = hidden, down.k = ffn;
     down.x = ws.mlp.data(), down.ldx = 2 * ffn;
     down.w = tensor(blk_.down_w), down.ldw = ffn;
@@ -371,13 +371,13 @@ class LlamaCudaModel {
     const std::int64_t hidden = config_.hidden_size;
     const auto rows = static_cast<std::int64_t>(batch.num_loss_rows);
     ws.gathered.reserve(static_cast<std::size_t>(rows * hidden));
-    cuda::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, hidden, stream_);
+    gpu::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, hidden, stream_);
     ws.loss.loss.reserve(1);
-    cuda::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), head, batch.loss_targets.data(), rows, hidden,
+    gpu::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), head, batch.loss_targets.data(), rows, hidden,
                                 config_.vocab_size, options_.vocab_chunk, ws.loss, ws.loss.loss.data(), nullptr,
                                 stream_);
-    if (ws.loss_host.size() < 1) ws.loss_host = cuda::PinnedBuffer<double>(1);
-    cuda::copy_to_host(ws.loss_host.data(), ws.loss.loss.data(), 1, stream_);
+    if (ws.loss_host.size() < 1) ws.loss_host = gpu::PinnedBuffer<double>(1);
+    gpu::copy_to_host(ws.loss_host.data(), ws.loss.loss.data(), 1, stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return ws.loss_host[0];
   }
@@ -404,14 +404,14 @@ class LlamaCudaModel {
     const T* features = output_features(params, in, ws);
     const auto tokens = static_cast<std::int64_t>(in.batch * in.seq);
     ws.logits.reserve(static_cast<std::size_t>(tokens * config_.vocab_size));
-    cuda::GemmArgs<T, float> g;
+    gpu::GemmArgs<T, float> g;
     g.m = tokens, g.n = config_.vocab_size, g.k = config_.hidden_size;
     g.x = features, g.ldx = g.k;
     g.w = head, g.ldw = g.k;
     g.y = ws.logits.data(), g.ldy = g.n;
     gemm_->run(g, stream_);
     std::vector<float> result(static_cast<std::size_t>(tokens * config_.vocab_size));
-    cuda::copy_to_host(result.data(), ws.logits.data(), result.size(), stream_);
+    gpu::copy_to_host(result.data(), ws.logits.data(), result.size(), stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return result;
   }
@@ -430,14 +430,14 @@ class LlamaCudaModel {
     const std::int64_t hidden = config_.hidden_size;
     const auto rows = static_cast<std::int64_t>(batch.num_loss_rows);
     ws.gathered.reserve(static_cast<std::size_t>(rows * hidden));
-    cuda::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, hidden, stream_);
+    gpu::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, hidden, stream_);
     ws.loss.loss.reserve(1);
     ws.log_probs.reserve(static_cast<std::size_t>(rows));
-    cuda::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), head, batch.loss_targets.data(), rows, hidden,
+    gpu::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), head, batch.loss_targets.data(), rows, hidden,
                                 config_.vocab_size, options_.vocab_chunk, ws.loss, ws.loss.loss.data(),
                                 ws.log_probs.data(), stream_);
     std::vector<float> result(static_cast<std::size_t>(rows));
-    cuda::copy_to_host(result.data(), ws.log_probs.data(), result.size(), stream_);
+    gpu::copy_to_host(result.data(), ws.log_probs.data(), result.size(), stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return result;
   }
@@ -468,7 +468,7 @@ class LlamaCudaModel {
     const std::int64_t width = qw + 2 * kvw;
     const bool bias = config_.qkv_bias();
     auto project = [&](std::size_t w, std::size_t b, std::int64_t n, std::int64_t column) {
-      cuda::GemmArgs<T, T> g;
+      gpu::GemmArgs<T, T> g;
       g.m = tokens, g.n = n, g.k = hidden;
       g.x = x, g.ldx = hidden;
       g.w = params.tensor(w), g.ldw = hidden;
@@ -490,7 +490,7 @@ class LlamaCudaModel {
     const std::int64_t hidden = config_.hidden_size, ffn = config_.intermediate_size;
     const bool bias = config_.has_mlp_bias();
     auto project = [&](std::size_t w, std::size_t b, std::int64_t n, std::int64_t column) {
-      cuda::GemmArgs<T, T> g;
+      gpu::GemmArgs<T, T> g;
       g.m = tokens, g.n = n, g.k = hidden;
       g.x = x, g.ldx = hidden;
       g.w = params.tensor(w), g.ldw = hidden;
@@ -526,7 +526,7 @@ class LlamaCudaModel {
     const auto tokens = static_cast<std::int64_t>(in.batch * in.seq);
     const std::int64_t hidden = config_.hidden_size;
     ws.normed.reserve(static_cast<std::size_t>(tokens * hidden));
-    cuda::rms_norm<T>(in.hidden.data(), params.tensor(epi_.norm), ws.normed.data(), tokens, hidden,
+    gpu::rms_norm<T>(in.hidden.data(), params.tensor(epi_.norm), ws.normed.data(), tokens, hidden,
                       static_cast<float>(config_.rms_norm_eps), stream_);
     return ws.normed.data();
   }
@@ -534,7 +534,7 @@ class LlamaCudaModel {
   LlamaConfig config_;
   Options options_;
   cudaStream_t stream_ = nullptr;
-  std::unique_ptr<cuda::Gemm> gemm_;  // plans are cached state behind const forward functions
+  std::unique_ptr<gpu::Gemm> gemm_;  // plans are cached state behind const forward functions
   ParamLayout prologue_layout_, block_layout_, epilogue_layout_;
   std::size_t embed_ = 0;
   BlockTensors blk_{};
@@ -542,7 +542,7 @@ class LlamaCudaModel {
   std::int64_t heads_ = 0, kv_heads_ = 0, head_dim_ = 0;
   std::vector<std::int64_t> windows_;  // per layer, 0 = full causal attention
   bool fused_qkv_ = false, fused_gate_up_ = false;
-  cuda::DeviceBuffer<float> inv_freq_;  // [head_dim / 2], the rotary frequencies
+  gpu::DeviceBuffer<float> inv_freq_;  // [head_dim / 2], the rotary frequencies
 };
 
 static_assert(LayerStack<LlamaCudaModel<float>>);

@@ -57,12 +57,12 @@ template <class T>
 __global__ void activation_kernel(T* __restrict__ x, std::int64_t n, Act act) {
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const float v = zo2::cuda::ld_f32(x[i]);
+    const float v = zo2::gpu::ld_f32(x[i]);
     float r;
     if (act == Act::relu) r = v > 0.0f ? v : 0.0f;
     else if (act == Act::gelu) r = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
     else r = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-    x[i] = zo2::cuda::st_from_f32<T>(r);
+    x[i] = zo2::gpu::st_from_f32<T>(r);
   }
 }
 
@@ -84,9 +84,9 @@ struct OPTCudaOptions {
   bool flash_attention = true;
   /// Which fused kernel: kAuto takes the wgmma kernel (flash_attention_wgmma.cuh) on a Hopper GPU
   /// when the build targets sm_90a, the mma.sync kernel otherwise.
-  cuda::FlashKernel flash_kernel = cuda::FlashKernel::kAuto;
+  gpu::FlashKernel flash_kernel = gpu::FlashKernel::kAuto;
   /// cuBLASLt algorithms each GEMM shape times at its first run, keeping the fastest
-  /// (cuda::Gemm::set_autotune); 0: the heuristic's first choice, reproducible across processes.
+  /// (gpu::Gemm::set_autotune); 0: the heuristic's first choice, reproducible across processes.
   int gemm_autotune = 0;
 };
 
@@ -94,7 +94,7 @@ template <class T>
 class OPTCudaModel {
  public:
   using value_type = T;
-  static_assert(cuda::is_kernel_type_v<T>, "OPTCudaModel<T>: T is float, zo2::bfloat16 or zo2::float16");
+  static_assert(gpu::is_kernel_type_v<T>, "OPTCudaModel<T>: T is float, zo2::bfloat16 or zo2::float16");
 
   using Options = OPTCudaOptions;
 
@@ -102,13 +102,13 @@ class OPTCudaModel {
   /// pass. Its buffers are capacities: the first batch_ * seq_ (or num_loss_rows) entries count.
   struct Batch {
     std::size_t batch = 0, seq = 0;
-    cuda::DeviceBuffer<std::int32_t> input_ids, positions;
-    cuda::DeviceBuffer<std::uint8_t> key_mask;
+    gpu::DeviceBuffer<std::int32_t> input_ids, positions;
+    gpu::DeviceBuffer<std::uint8_t> key_mask;
     /// Every key visible (no 0 in attention_mask): attention then runs without a mask, which
     /// gives the same result and skips the per-tile masking and the masked-row fix-up.
     bool all_visible = true;
     /// Rows (b * seq + s) whose shifted label labels[b, s + 1] is a target, and those targets.
-    cuda::DeviceBuffer<std::int32_t> loss_rows, loss_targets;
+    gpu::DeviceBuffer<std::int32_t> loss_rows, loss_targets;
     std::size_t num_loss_rows = 0;
     bool has_labels = false;
   };
@@ -117,21 +117,21 @@ class OPTCudaModel {
   struct Activation {
     std::size_t batch = 0, seq = 0;
     const std::uint8_t* key_mask = nullptr;  // the batch's device mask (not owned)
-    cuda::DeviceBuffer<T> hidden;            // [batch * seq, hidden_size]
+    gpu::DeviceBuffer<T> hidden;            // [batch * seq, hidden_size]
   };
 
   struct Workspace {
-    cuda::DeviceBuffer<T> normed, qkv, context, residual, ffn, projected, gathered;
-    cuda::AttentionScratch<T> attention;
-    cuda::CrossEntropyScratch loss;
-    cuda::DeviceBuffer<float> logits, log_probs;
-    cuda::PinnedBuffer<double> loss_host;
+    gpu::DeviceBuffer<T> normed, qkv, context, residual, ffn, projected, gathered;
+    gpu::AttentionScratch<T> attention;
+    gpu::CrossEntropyScratch loss;
+    gpu::DeviceBuffer<float> logits, log_probs;
+    gpu::PinnedBuffer<double> loss_host;
     /// The residual stream of the whole-model conveniences (logits, loss, label_log_probs).
     Activation whole[2];
   };
 
   explicit OPTCudaModel(OPTConfig config, cudaStream_t stream = nullptr, Options options = {})
-      : config_(std::move(config)), options_(options), stream_(stream), gemm_(std::make_unique<cuda::Gemm>()) {
+      : config_(std::move(config)), options_(options), stream_(stream), gemm_(std::make_unique<gpu::Gemm>()) {
     config_.validate();
     gemm_->set_allow_tf32(options_.allow_tf32);
     gemm_->set_autotune(options_.gemm_autotune);
@@ -165,7 +165,7 @@ class OPTCudaModel {
   const ParamLayout& epilogue_layout() const { return epilogue_layout_; }
   cudaStream_t stream() const { return stream_; }
   void set_stream(cudaStream_t stream) { stream_ = stream; }
-  cuda::Gemm& gemm() const { return *gemm_; }
+  gpu::Gemm& gemm() const { return *gemm_; }
 
   /// Uploads a host batch (any type with batch, seq, input_ids, attention_mask, labels, as
   /// OPTModel<float>::Batch): validates it as the CPU model does, computes positions on the
@@ -239,16 +239,16 @@ class OPTCudaModel {
     b.input_ids.reserve(tokens);
     b.positions.reserve(tokens);
     b.key_mask.reserve(tokens);
-    cuda::copy_to_device(b.input_ids.data(), ids.data(), tokens, stream_);
-    cuda::copy_to_device(b.key_mask.data(), mask.data(), tokens, stream_);
+    gpu::copy_to_device(b.input_ids.data(), ids.data(), tokens, stream_);
+    gpu::copy_to_device(b.key_mask.data(), mask.data(), tokens, stream_);
     b.num_loss_rows = rows.size();
     if (!rows.empty()) {
       b.loss_rows.reserve(rows.size());
       b.loss_targets.reserve(rows.size());
-      cuda::copy_to_device(b.loss_rows.data(), rows.data(), rows.size(), stream_);
-      cuda::copy_to_device(b.loss_targets.data(), targets.data(), targets.size(), stream_);
+      gpu::copy_to_device(b.loss_rows.data(), rows.data(), rows.size(), stream_);
+      gpu::copy_to_device(b.loss_targets.data(), targets.data(), targets.size(), stream_);
     }
-    cuda::positions_from_mask(b.key_mask.data(), b.positions.data(), static_cast<std::int64_t>(b.batch),
+    gpu::positions_from_mask(b.key_mask.data(), b.positions.data(), static_cast<std::int64_t>(b.batch),
                               static_cast<std::int64_t>(b.seq), static_cast<int>(OPTConfig::position_offset), stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -267,13 +267,13 @@ class OPTCudaModel {
     const T* positions = params.tensor(pro_.embed_positions);
     if (config_.has_projection()) {
       ws.projected.reserve(static_cast<std::size_t>(tokens * proj));
-      cuda::embed<T>(batch.input_ids.data(), params.tensor(pro_.embed_tokens), nullptr, nullptr, ws.projected.data(),
+      gpu::embed<T>(batch.input_ids.data(), params.tensor(pro_.embed_tokens), nullptr, nullptr, ws.projected.data(),
                      tokens, proj, stream_);
       gemm_->linear<T>(ws.projected.data(), params.tensor(pro_.project_in), nullptr, out.hidden.data(), tokens, hidden,
                        proj, stream_);
-      cuda::embed<T>(nullptr, nullptr, batch.positions.data(), positions, out.hidden.data(), tokens, hidden, stream_);
+      gpu::embed<T>(nullptr, nullptr, batch.positions.data(), positions, out.hidden.data(), tokens, hidden, stream_);
     } else {
-      cuda::embed<T>(batch.input_ids.data(), params.tensor(pro_.embed_tokens), batch.positions.data(), positions,
+      gpu::embed<T>(batch.input_ids.data(), params.tensor(pro_.embed_tokens), batch.positions.data(), positions,
                      out.hidden.data(), tokens, hidden, stream_);
     }
   }
@@ -302,27 +302,27 @@ class OPTCudaModel {
     // Attention: residual = x + attn(LN(x)) (pre-LN) or LN(x + attn(x)) (post-LN).
     const T* attn_in = x;
     if (pre_ln) {
-      cuda::layer_norm<T>(x, tensor(blk_.ln1_w), tensor(blk_.ln1_b), ws.normed.data(), tokens, hidden, eps, stream_);
+      gpu::layer_norm<T>(x, tensor(blk_.ln1_w), tensor(blk_.ln1_b), ws.normed.data(), tokens, hidden, eps, stream_);
       attn_in = ws.normed.data();
     }
     T* q = ws.qkv.data();
     T* k = q + n_hidden;
     T* v = k + n_hidden;
     project_qkv(params, attn_in, q, k, v, tokens);
-    cuda::causal_attention_dispatch<T>(*gemm_, q, k, v, in.key_mask, ws.context.data(),
+    gpu::causal_attention_dispatch<T>(*gemm_, q, k, v, in.key_mask, ws.context.data(),
                                        static_cast<std::int64_t>(in.batch), static_cast<std::int64_t>(in.seq),
                                        config_.num_attention_heads, config_.head_dim(), ws.attention, stream_,
                                        options_.flash_attention, options_.flash_kernel);
     gemm_->linear<T>(ws.context.data(), tensor(blk_.o_w), tensor(blk_.o_b), ws.residual.data(), tokens, hidden, hidden,
                      stream_, false, x);
     if (!pre_ln)
-      cuda::layer_norm<T>(ws.residual.data(), tensor(blk_.ln1_w), tensor(blk_.ln1_b), ws.residual.data(), tokens,
+      gpu::layer_norm<T>(ws.residual.data(), tensor(blk_.ln1_w), tensor(blk_.ln1_b), ws.residual.data(), tokens,
                           hidden, eps, stream_);
 
     // Feed-forward, same arrangement.
     const T* ffn_in = ws.residual.data();
     if (pre_ln) {
-      cuda::layer_norm<T>(ws.residual.data(), tensor(blk_.ln2_w), tensor(blk_.ln2_b), ws.normed.data(), tokens, hidden,
+      gpu::layer_norm<T>(ws.residual.data(), tensor(blk_.ln2_w), tensor(blk_.ln2_b), ws.normed.data(), tokens, hidden,
                           eps, stream_);
       ffn_in = ws.normed.data();
     }
@@ -333,7 +333,7 @@ class OPTCudaModel {
     gemm_->linear<T>(ws.ffn.data(), tensor(blk_.fc2_w), tensor(blk_.fc2_b), out.hidden.data(), tokens, hidden, ffn,
                      stream_, false, ws.residual.data());
     if (!pre_ln)
-      cuda::layer_norm<T>(out.hidden.data(), tensor(blk_.ln2_w), tensor(blk_.ln2_b), out.hidden.data(), tokens, hidden,
+      gpu::layer_norm<T>(out.hidden.data(), tensor(blk_.ln2_w), tensor(blk_.ln2_b), out.hidden.data(), tokens, hidden,
                           eps, stream_);
   }
 
@@ -351,13 +351,13 @@ class OPTCudaModel {
     const std::int64_t proj = config_.word_embed_proj_dim;
     const auto rows = static_cast<std::int64_t>(batch.num_loss_rows);
     ws.gathered.reserve(static_cast<std::size_t>(rows * proj));
-    cuda::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, proj, stream_);
+    gpu::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, proj, stream_);
     ws.loss.loss.reserve(1);
-    cuda::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), prologue_params.tensor(pro_.embed_tokens),
+    gpu::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), prologue_params.tensor(pro_.embed_tokens),
                                 batch.loss_targets.data(), rows, proj, config_.vocab_size, options_.vocab_chunk, ws.loss,
                                 ws.loss.loss.data(), nullptr, stream_);
-    if (ws.loss_host.size() < 1) ws.loss_host = cuda::PinnedBuffer<double>(1);
-    cuda::copy_to_host(ws.loss_host.data(), ws.loss.loss.data(), 1, stream_);
+    if (ws.loss_host.size() < 1) ws.loss_host = gpu::PinnedBuffer<double>(1);
+    gpu::copy_to_host(ws.loss_host.data(), ws.loss.loss.data(), 1, stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return ws.loss_host[0];
   }
@@ -385,14 +385,14 @@ class OPTCudaModel {
     const T* features = output_features(params, in, ws);
     const auto tokens = static_cast<std::int64_t>(in.batch * in.seq);
     ws.logits.reserve(static_cast<std::size_t>(tokens * config_.vocab_size));
-    cuda::GemmArgs<T, float> g;
+    gpu::GemmArgs<T, float> g;
     g.m = tokens, g.n = config_.vocab_size, g.k = config_.word_embed_proj_dim;
     g.x = features, g.ldx = g.k;
     g.w = prologue_params.tensor(pro_.embed_tokens), g.ldw = g.k;
     g.y = ws.logits.data(), g.ldy = g.n;
     gemm_->run(g, stream_);
     std::vector<float> result(static_cast<std::size_t>(tokens * config_.vocab_size));
-    cuda::copy_to_host(result.data(), ws.logits.data(), result.size(), stream_);
+    gpu::copy_to_host(result.data(), ws.logits.data(), result.size(), stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return result;
   }
@@ -410,14 +410,14 @@ class OPTCudaModel {
     const std::int64_t proj = config_.word_embed_proj_dim;
     const auto rows = static_cast<std::int64_t>(batch.num_loss_rows);
     ws.gathered.reserve(static_cast<std::size_t>(rows * proj));
-    cuda::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, proj, stream_);
+    gpu::gather_rows<T>(features, batch.loss_rows.data(), ws.gathered.data(), rows, proj, stream_);
     ws.loss.loss.reserve(1);
     ws.log_probs.reserve(static_cast<std::size_t>(rows));
-    cuda::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), params.prologue.tensor(pro_.embed_tokens),
+    gpu::cross_entropy_loss<T>(*gemm_, ws.gathered.data(), params.prologue.tensor(pro_.embed_tokens),
                                 batch.loss_targets.data(), rows, proj, config_.vocab_size, options_.vocab_chunk, ws.loss,
                                 ws.loss.loss.data(), ws.log_probs.data(), stream_);
     std::vector<float> result(static_cast<std::size_t>(rows));
-    cuda::copy_to_host(result.data(), ws.log_probs.data(), result.size(), stream_);
+    gpu::copy_to_host(result.data(), ws.log_probs.data(), result.size(), stream_);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return result;
   }
@@ -431,7 +431,7 @@ class OPTCudaModel {
     const std::int64_t hidden = config_.hidden_size;
     const bool bias = config_.enable_bias;
     if (options_.fused_qkv && qkv_uniform_) {
-      cuda::GemmArgs<T, T> g;
+      gpu::GemmArgs<T, T> g;
       g.m = tokens, g.n = hidden, g.k = hidden;
       g.x = x, g.ldx = hidden, g.stride_x = 0;
       g.w = params.tensor(blk_.q_w), g.ldw = hidden, g.stride_w = qkv_weight_stride_;
@@ -475,7 +475,7 @@ class OPTCudaModel {
     const T* features = in.hidden.data();
     if (config_.has_final_layer_norm()) {
       ws.normed.reserve(static_cast<std::size_t>(tokens * hidden));
-      cuda::layer_norm<T>(features, tensor(epi_.final_ln_weight), tensor(epi_.final_ln_bias), ws.normed.data(), tokens,
+      gpu::layer_norm<T>(features, tensor(epi_.final_ln_weight), tensor(epi_.final_ln_bias), ws.normed.data(), tokens,
                           hidden, static_cast<float>(OPTConfig::layer_norm_eps), stream_);
       features = ws.normed.data();
     }
@@ -490,7 +490,7 @@ class OPTCudaModel {
   OPTConfig config_;
   Options options_;
   cudaStream_t stream_ = nullptr;
-  std::unique_ptr<cuda::Gemm> gemm_;  // plans are cached state behind const forward functions
+  std::unique_ptr<gpu::Gemm> gemm_;  // plans are cached state behind const forward functions
   ParamLayout prologue_layout_, block_layout_, epilogue_layout_;
   cuda_detail::Act act_ = cuda_detail::Act::relu;
   PrologueTensors pro_{};
