@@ -25,11 +25,14 @@
 #include <zo2/offload/host_offload.cuh>
 
 #include "../support/dense_tanh_stack.hpp"
+#include "../support/offload_snapshot.hpp"
 
 using namespace zo2;
 using zo2::gpu::HostOffload;
 using zo2::gpu::OffloadOptions;
 using zo2_test::DenseTanhStack;
+using zo2_test::encoded_of;
+using zo2_test::state_of;
 
 namespace {
 
@@ -158,32 +161,6 @@ std::vector<float> parameters_of(const HostOffload<Codec, float>& policy) {
   ParameterStore<float> store(policy.model_layout());
   policy.store_to(store);
   return flatten(store);
-}
-
-/// Every group's rule state, concatenated (empty without state).
-template <class Policy>
-std::vector<float> state_of(const Policy& policy) {
-  std::vector<float> out;
-  const ModelLayout& ml = policy.model_layout();
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    std::vector<float> v(std::size_t{policy.rule_state_slots()} * ml.layout(GroupIndex{g}).total_elements());
-    policy.get_rule_state(GroupIndex{g}, v);
-    out.insert(out.end(), v.begin(), v.end());
-  }
-  return out;
-}
-
-/// Every group's master in the codec's format, concatenated.
-template <class Codec>
-std::vector<unsigned char> encoded_of(const HostOffload<Codec, float>& policy) {
-  std::vector<unsigned char> out;
-  const ModelLayout& ml = policy.model_layout();
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    std::vector<unsigned char> v(policy.group_encoded_bytes(GroupIndex{g}));
-    policy.get_group_encoded(GroupIndex{g}, v);
-    out.insert(out.end(), v.begin(), v.end());
-  }
-  return out;
 }
 
 struct Trace {

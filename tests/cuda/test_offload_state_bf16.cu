@@ -17,12 +17,15 @@
 #include <zo2/offload/host_offload.cuh>
 
 #include "../support/dense_tanh_stack.hpp"
+#include "../support/offload_snapshot.hpp"
 #include "../support/device_dense_tanh_stack.cuh"
 
 using namespace zo2;
 using zo2::gpu::HostOffload;
 using zo2::gpu::OffloadOptions;
 using zo2_test::DenseTanhStack;
+using zo2_test::encoded_of;
+using zo2_test::state_of;
 using zo2_test::DeviceDenseTanhStack;
 
 namespace {
@@ -57,29 +60,6 @@ unsigned slots_of(ZOMethod m) { return m == ZOMethod::kAdam ? 2 : 1; }
 
 template <class Codec>
 using Policy = HostOffload<Codec, float>;
-
-template <class Codec>
-std::vector<unsigned char> encoded_of(const Policy<Codec>& p) {
-  std::vector<unsigned char> out;
-  for (std::size_t g = 0; g < p.model_layout().num_groups(); ++g) {
-    std::vector<unsigned char> v(p.group_encoded_bytes(GroupIndex{g}));
-    p.get_group_encoded(GroupIndex{g}, v);
-    out.insert(out.end(), v.begin(), v.end());
-  }
-  return out;
-}
-
-template <class Codec>
-std::vector<float> state_of(const Policy<Codec>& p) {
-  std::vector<float> out;
-  const ModelLayout& ml = p.model_layout();
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    std::vector<float> v(std::size_t{p.rule_state_slots()} * ml.layout(GroupIndex{g}).total_elements());
-    p.get_rule_state(GroupIndex{g}, v);
-    out.insert(out.end(), v.begin(), v.end());
-  }
-  return out;
-}
 
 template <class Codec>
 std::vector<float> theta_of(const Policy<Codec>& p) {

@@ -182,31 +182,12 @@ inline zo2::opt::detail::GroupReader open_llama_groups(const std::filesystem::pa
 /// one parameter group (prologue, block i, epilogue) at a time: the caller keeps one group's
 /// floats, e.g. to encode it into HostOffload::set_group, and the whole model never exists in
 /// fp32. The safetensors files stay memory-mapped; each tensor's pages are dropped once read.
-class CheckpointGroups {
+class CheckpointGroups : public zo2::opt::detail::GroupReader {
  public:
   /// Opens `checkpoint_path` (a directory, an index .json or a .safetensors file) and checks
   /// every tensor against `config`; the errors are load_llama_weights'.
   CheckpointGroups(const std::filesystem::path& checkpoint_path, const LlamaConfig& config)
-      : reader_(detail::open_llama_groups(checkpoint_path, config)) {}
-
-  const ModelLayout& model_layout() const { return reader_.model_layout(); }
-  std::size_t num_groups() const { return reader_.model_layout().num_groups(); }
-  /// Group g's flat float buffer, padding zero, into `flat` (its total_elements()).
-  void read_group(GroupIndex g, std::span<float> flat) const { reader_.read_group(g, flat); }
-  /// fn(GroupIndex, std::span<const float>) for every group in order, through one buffer.
-  template <class Fn>
-  void for_each_group(Fn&& fn) const {
-    std::vector<float> buffer;
-    for (std::size_t g = 0; g < num_groups(); ++g) {
-      buffer.resize(model_layout().layout(GroupIndex{g}).total_elements());
-      read_group(GroupIndex{g}, buffer);
-      fn(GroupIndex{g}, std::span<const float>(buffer));
-    }
-  }
-  const zo2::opt::detail::GroupReader& reader() const { return reader_; }
-
- private:
-  zo2::opt::detail::GroupReader reader_;
+      : zo2::opt::detail::GroupReader(detail::open_llama_groups(checkpoint_path, config)) {}
 };
 
 /// Reads the weights of a checkpoint directory (or a .safetensors / index .json path) laid out
@@ -218,7 +199,7 @@ class CheckpointGroups {
 template <class S>
 ParameterStore<S> load_llama_weights(const std::filesystem::path& checkpoint_path, const LlamaConfig& config) {
   const CheckpointGroups groups(checkpoint_path, config);
-  return zo2::opt::detail::store_from_groups<S>(groups.reader());
+  return zo2::opt::detail::store_from_groups<S>(groups);
 }
 
 /// config.json + weights of a Hugging Face checkpoint directory.

@@ -177,6 +177,17 @@ class GroupReader {
       checkpoint_.release(name);
     }
   }
+  std::size_t num_groups() const { return layout_.num_groups(); }
+  /// fn(GroupIndex, std::span<const float>) for every group in order, through one buffer.
+  template <class Fn>
+  void for_each_group(Fn&& fn) const {
+    std::vector<float> buffer;
+    for (std::size_t g = 0; g < num_groups(); ++g) {
+      buffer.resize(layout_.layout(GroupIndex{g}).total_elements());
+      read_group(GroupIndex{g}, buffer);
+      fn(GroupIndex{g}, std::span<const float>(buffer));
+    }
+  }
 
  private:
   io::SafetensorsCheckpoint checkpoint_;
@@ -245,31 +256,12 @@ ParameterStore<S> store_from_groups(const GroupReader& groups) {
 /// parameter group (prologue, block i, epilogue) at a time: the caller keeps one group's floats,
 /// e.g. to encode it into HostOffload::set_group, and the whole model never exists in fp32. The
 /// safetensors files stay memory-mapped; each tensor's pages are dropped once it is read.
-class CheckpointGroups {
+class CheckpointGroups : public detail::GroupReader {
  public:
   /// Opens `checkpoint_path` (a directory, an index .json or a .safetensors file) and checks
   /// every tensor against `config`; the errors are load_opt_weights'.
   CheckpointGroups(const std::filesystem::path& checkpoint_path, const OPTConfig& config)
-      : reader_(detail::open_opt_groups(checkpoint_path, config)) {}
-
-  const ModelLayout& model_layout() const { return reader_.model_layout(); }
-  std::size_t num_groups() const { return reader_.model_layout().num_groups(); }
-  /// Group g's flat float buffer, padding zero, into `flat` (its total_elements()).
-  void read_group(GroupIndex g, std::span<float> flat) const { reader_.read_group(g, flat); }
-  /// fn(GroupIndex, std::span<const float>) for every group in order, through one buffer.
-  template <class Fn>
-  void for_each_group(Fn&& fn) const {
-    std::vector<float> buffer;
-    for (std::size_t g = 0; g < num_groups(); ++g) {
-      buffer.resize(model_layout().layout(GroupIndex{g}).total_elements());
-      read_group(GroupIndex{g}, buffer);
-      fn(GroupIndex{g}, std::span<const float>(buffer));
-    }
-  }
-  const detail::GroupReader& reader() const { return reader_; }
-
- private:
-  detail::GroupReader reader_;
+      : detail::GroupReader(detail::open_opt_groups(checkpoint_path, config)) {}
 };
 
 /// Reads the weights of an OPT checkpoint directory (or a .safetensors / index .json path)
@@ -282,7 +274,7 @@ class CheckpointGroups {
 template <class S>
 ParameterStore<S> load_opt_weights(const std::filesystem::path& checkpoint_path, const OPTConfig& config) {
   const CheckpointGroups groups(checkpoint_path, config);
-  return detail::store_from_groups<S>(groups.reader());
+  return detail::store_from_groups<S>(groups);
 }
 
 /// config.json + weights of a Hugging Face OPT checkpoint directory.
