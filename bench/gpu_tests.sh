@@ -28,6 +28,8 @@ if [[ ${ZO2_REBUILD:-1} != 0 || ! -d $src/build ]]; then
 fi
 targets=(zo2_bench zo2-opt)
 for f in "$src"/tests/cuda/*.cu; do targets+=("test_cuda_$(basename "$f" .cu)"); done
+# The NCCL communicator's test, where the configure step found NCCL (zo2::nccl).
+grep -q "NCCL .* found (zo2::nccl" "$out/configure.log" 2>/dev/null && targets+=(test_nccl_communicator)
 echo "== build ${#targets[@]} targets ($(elapsed) s)"
 timeout "${ZO2_BUILD_TIMEOUT:-400}" cmake --build "$src/build" -j "$(nproc)" --target "${targets[@]}" -- -k 0 \
   > "$out/build.log" 2>&1
@@ -35,7 +37,7 @@ echo "build rc=$? ($(elapsed) s)"
 grep -E "error|FAILED" "$out/build.log" | head -40
 echo "== ctest ($(elapsed) s)"
 ZO2_TEST_DATA_DIR=$src/tests/fixtures timeout "${ZO2_CTEST_TIMEOUT:-300}" ctest --test-dir "$src/build" \
-  -R "${ZO2_TEST_REGEX:-^cuda_|^zo2_opt_gpu$}" -j "${ZO2_CTEST_JOBS:-3}" --timeout 280 --output-on-failure \
+  -R "${ZO2_TEST_REGEX:-^cuda_|^zo2_opt_gpu$|^zo2_opt_llama_gpu$|^nccl_communicator$}" -j "${ZO2_CTEST_JOBS:-3}" --timeout 280 --output-on-failure \
   > "$out/ctest.log" 2>&1
 rc=$?
 grep -E "Test +#|tests passed|tests failed|Total Test" "$out/ctest.log" | head -40
