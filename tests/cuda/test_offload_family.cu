@@ -225,10 +225,21 @@ int ulps_apart(float a, float b) {
 }
 
 /// The offload run against the CPU run: g per step, zo-cons's choices, theta, rule state.
+///
+/// With 16-bit masters the two runs part slowly, by rounding: the device's z differs from the
+/// host's by a few ulps (libm, fast Box-Muller), so a value a hair from a stochastic-rounding
+/// threshold lands one unit of the 16-bit format away, and the next losses move with it. Measured
+/// on an H100 (2026-12-06, 5 steps): the first step's g within 1e-4 on every codec; later steps'
+/// g within 2.3e-3 (bf16) and 1.5e-4 (fp16); up to 2% of the parameters more than one ulp apart,
+/// 7% apart at all; one rule-state value in 1152 beyond 2e-2. A wrong z, rule or update differs
+/// from the first step on and in most parameters. The device runs themselves are compared bit for
+/// bit (check_codec_against_cpu runs each twice).
 template <class S>
 void check_against_cpu(const Trace& cpu, const Trace& gpu, const ZOConfig& cfg) {
+  constexpr bool k16 = !std::is_same_v<S, float>;
   REQUIRE(cpu.steps.size() == gpu.steps.size());
   for (std::size_t s = 0; s < cpu.steps.size(); ++s) {
+    const double g_rel = s == 0 || !k16 ? 1e-4 : 1e-2;
     CAPTURE(s);
     const StepResult &c = cpu.steps[s], &d = gpu.steps[s];
     CAPTURE(c.loss_plus);
@@ -237,9 +248,9 @@ void check_against_cpu(const Trace& cpu, const Trace& gpu, const ZOConfig& cfg) 
     CAPTURE(d.loss_minus);
     CAPTURE(c.projected_grad);
     CAPTURE(d.projected_grad);
-    CHECK(close(gpu.steps[s].projected_grad, cpu.steps[s].projected_grad, 1e-4, 1.0));
+    CHECK(close(gpu.steps[s].projected_grad, cpu.steps[s].projected_grad, g_rel, 1.0));
     for (unsigned i = 0; i < cpu.steps[s].queries; ++i)
-      CHECK(close(gpu.steps[s].query_grads[i], cpu.steps[s].query_grads[i], 1e-4, 1.0));
+      CHECK(close(gpu.steps[s].query_grads[i], cpu.steps[s].query_grads[i], g_rel, 1.0));
     CHECK(gpu.steps[s].skipped == cpu.steps[s].skipped);
     if (cfg.method == ZOMethod::kConservative) CHECK(gpu.steps[s].conservative_choice == cpu.steps[s].conservative_choice);
   }
@@ -253,14 +264,17 @@ void check_against_cpu(const Trace& cpu, const Trace& gpu, const ZOConfig& cfg) 
     if constexpr (std::is_same_v<S, float>) {
       if (!(std::fabs(x - y) <= 1e-5 * (std::fabs(x) + path))) ++bad;
     } else {
-      // 16-bit masters round stochastically with the same bits: a value a hair from a rounding
-      // threshold (z differs by the device's libm or fast Box-Muller) lands one ulp away.
       if (ulps_apart<S>(x, y) > 1) ++bad;
     }
   }
-  MESSAGE(differ << " of " << cpu.theta.size() << " parameters differ from the CPU run (path " << path << ")");
-  CHECK(bad == 0);
-  if constexpr (!std::is_same_v<S, float>) CHECK(differ * 50 <= cpu.theta.size());
+  MESSAGE(differ << " of " << cpu.theta.size() << " parameters differ from the CPU run (path " << path << "), "
+                 << bad << " beyond tolerance");
+  if constexpr (k16) {
+    CHECK(bad * 20 <= cpu.theta.size());    // at most 5% more than one ulp apart
+    CHECK(differ * 6 <= cpu.theta.size());  // at most a sixth apart at all
+  } else {
+    CHECK(bad == 0);
+  }
   REQUIRE(cpu.state.size() == gpu.state.size());
   if (cpu.state.empty()) return;
   double largest = 0;
@@ -270,7 +284,8 @@ void check_against_cpu(const Trace& cpu, const Trace& gpu, const ZOConfig& cfg) 
   for (std::size_t j = 0; j < cpu.state.size(); ++j)
     if (!close(gpu.state[j], cpu.state[j], rel, 1e-2 * largest)) ++state_bad;
   MESSAGE("rule state: " << cpu.state.size() << " values, largest " << largest << ", " << state_bad << " off");
-  CHECK(state_bad == 0);
+  if constexpr (k16) CHECK(state_bad * 100 <= cpu.state.size());
+  else CHECK(state_bad == 0);
 }
 
 template <class S>
@@ -740,9 +755,10 @@ void check_plain_kernel_against_cpu(const std::vector<double>& coeffs) {
       const float w_theta = static_cast<float>(load(want_theta[at]));
       compare(w_theta, static_cast<float>(load(got_theta[at])),
               1e-2f + 8.0f * std::fabs(w_theta - static_cast<float>(load(theta[at]))));
-      if constexpr (std::is_same_v<S, float>) {
-        compare(want_plus[at], got_plus[at], 1e-2f);
-        compare(want_minus[at], got_minus[at], 1e-2f);
+      if constexpr (std::is_same_v<S, float>) {  // theta +- eps z inherit theta's difference
+        const float scale = 1e-2f + 8.0f * std::fabs(w_theta - static_cast<float>(load(theta[at])));
+        compare(want_plus[at], got_plus[at], scale);
+        compare(want_minus[at], got_minus[at], scale);
       } else {  // from the same 16-bit theta (when it matched), in float: fast noise's error
         if (want_theta[at].bits == got_theta[at].bits) {
           ++checked;
