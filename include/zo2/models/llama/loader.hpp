@@ -251,13 +251,8 @@ template <class S>
 void save_hf_checkpoint(const std::filesystem::path& directory, const LlamaConfig& config,
                         const ParameterStore<S>& store, io::Dtype dtype = io::Dtype::F32,
                         std::uint64_t max_shard_bytes = io::kDefaultMaxShardBytes) {
-  save_hf_checkpoint_by_group(
-      directory, config, store.model_layout(),
-      [&](GroupIndex g, std::span<float> flat) {
-        const ParamView<const S> view = store.group(g);
-        for (std::size_t i = 0; i < flat.size(); ++i) flat[i] = static_cast<float>(load(view.data()[i]));
-      },
-      dtype, max_shard_bytes);
+  save_hf_checkpoint_by_group(directory, config, store.model_layout(), zo2::opt::detail::store_group_reader(store),
+                              dtype, max_shard_bytes);
 }
 
 }  // namespace zo2::llama

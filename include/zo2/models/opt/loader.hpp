@@ -414,18 +414,24 @@ void save_hf_checkpoint_by_group(const std::filesystem::path& directory, const O
   detail::write_text_atomically(directory / "config.json", config.to_json(detail::torch_dtype_name(dtype)).dump(2) + "\n");
 }
 
+namespace detail {
+/// A read_group function (save_hf_checkpoint_by_group's) over the groups of `store`, as floats.
+template <class S>
+auto store_group_reader(const ParameterStore<S>& store) {
+  return [&store](GroupIndex g, std::span<float> flat) {
+    const ParamView<const S> view = store.group(g);
+    for (std::size_t i = 0; i < flat.size(); ++i) flat[i] = static_cast<float>(load(view.data()[i]));
+  };
+}
+}  // namespace detail
+
 /// save_hf_checkpoint_by_group from the groups of `store`.
 template <class S>
 void save_hf_checkpoint(const std::filesystem::path& directory, const OPTConfig& config,
                         const ParameterStore<S>& store, io::Dtype dtype = io::Dtype::F32,
                         std::uint64_t max_shard_bytes = io::kDefaultMaxShardBytes) {
-  save_hf_checkpoint_by_group(
-      directory, config, store.model_layout(),
-      [&](GroupIndex g, std::span<float> flat) {
-        const ParamView<const S> view = store.group(g);
-        for (std::size_t i = 0; i < flat.size(); ++i) flat[i] = static_cast<float>(load(view.data()[i]));
-      },
-      dtype, max_shard_bytes);
+  save_hf_checkpoint_by_group(directory, config, store.model_layout(), detail::store_group_reader(store), dtype,
+                              max_shard_bytes);
 }
 
 }  // namespace zo2::opt
