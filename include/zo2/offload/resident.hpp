@@ -169,8 +169,9 @@ class Resident {
     const std::uint32_t first_id = store_->model_layout().first_tensor_id(g);
     const std::size_t stride = layout.total_elements();
     visit_rule(pending ? pending->rule : RuleId::kSgd, [&]<class Rule>(RuleTag<Rule>) {
-      if (pending && Rule::kStateSlots > state_slots_)
-        throw ConfigError("optimizer", "the policy holds no state for this update rule (reserve_rule_state)");
+      if constexpr (Rule::kStateSlots > 0)
+        if (pending && Rule::kStateSlots > state_slots_)
+          throw ConfigError("optimizer", "the policy holds no state for this update rule (reserve_rule_state)");
       state_type* state = Rule::kStateSlots > 0 ? state_.data() + state_offset_.at(g.value) : nullptr;
       for (std::size_t r = 0; r < layout.num_tensors(); ++r)
         f.template operator()<Rule>(r, NoiseId{seed, 0, first_id + static_cast<std::uint32_t>(r)},

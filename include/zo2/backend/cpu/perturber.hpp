@@ -103,10 +103,12 @@ struct Perturber {
         const std::size_t j = 4 * q + k;
         if (pending) {
           C s[Rule::kStateSlots > 0 ? Rule::kStateSlots : 1];
-          for (unsigned r = 0; r < Rule::kStateSlots; ++r) s[r] = state[r * state_stride + j];
+          if constexpr (Rule::kStateSlots > 0)
+            for (unsigned r = 0; r < Rule::kStateSlots; ++r) s[r] = state[r * state_stride + j];
           theta[j] = store_rounded<S>(Rule::apply(load(theta[j]), d[k], coeffs, s),
                                       rounding_bits(bits, static_cast<unsigned>(j % 8)), true);
-          for (unsigned r = 0; r < Rule::kStateSlots; ++r) state[r * state_stride + j] = s[r];
+          if constexpr (Rule::kStateSlots > 0)
+            for (unsigned r = 0; r < Rule::kStateSlots; ++r) state[r * state_stride + j] = s[r];
         }
         if (!plus) continue;
         const C t = load(theta[j]);
