@@ -47,6 +47,9 @@ struct CpuFamily {
   static auto params(const zo2::ParameterStore<float>& store) { return zo2::opt::param_set(store); }
 };
 
+// Without it a stateful rule's state would silently be left out of checkpoints.
+static_assert(PolicyWithRuleState<zo2::Resident<float, float>>);
+
 template <class Model>
 class CpuEngine final : public Engine {
   using Family = CpuFamily<Model>;

@@ -44,6 +44,8 @@ constexpr std::size_t kLoadBatch = 2;
 
 template <class Model, class Policy>
 class CudaEngine final : public Engine {
+  // Without it a stateful rule's state would silently be left out of checkpoints.
+  static_assert(PolicyWithRuleState<Policy>);
   /// Whether float parameters alone would not restore the policy exactly (row-scaled codecs).
   static constexpr bool kSticky = [] {
     if constexpr (requires { Policy::codec_type::row_scaled; }) return Policy::codec_type::row_scaled;
