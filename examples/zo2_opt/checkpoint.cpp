@@ -7,6 +7,8 @@
 #include <sstream>
 #include <string>
 
+#include <unistd.h>
+
 #include <zo2/core/error.hpp>
 #include <zo2/io/json_limits.hpp>
 #include <zo2/io/safetensors.hpp>
@@ -19,82 +21,217 @@ namespace zo2_opt {
 
 namespace fs = std::filesystem;
 
+namespace {
+
+std::string group_name(std::size_t g) { return "group." + std::to_string(g); }
+
+/// `v` as a count of at most `most` (decimal digits only), or a FileError naming `file` and `key`.
+std::size_t metadata_count(const fs::path& file, const std::string& key, const std::string& v,
+                           unsigned long long most) {
+  if (v.empty() || v.size() > 8 || v.find_first_not_of("0123456789") != std::string::npos || std::stoull(v) > most)
+    throw zo2::FileError(file.string(), "__metadata__ \"" + key + "\" is not a count up to " + std::to_string(most) +
+                                            ": '" + v + "'");
+  return static_cast<std::size_t>(std::stoull(v));
+}
+
+constexpr unsigned long long kMaxStateGroups = 1u << 20;
+
+}  // namespace
+
+std::optional<GroupStateSource> rule_state_source(Engine& engine) {
+  const unsigned slots = engine.rule_state_slots();
+  if (slots == 0) return std::nullopt;
+  const zo2::ModelLayout& ml = engine.model_layout();
+  GroupStateSource source;
+  source.dtype = zo2::io::Dtype::F32;
+  source.metadata = {{"slots", std::to_string(slots)}, {"groups", std::to_string(ml.num_groups())}};
+  for (std::size_t g = 0; g < ml.num_groups(); ++g)
+    source.elements.push_back(static_cast<std::size_t>(slots) * ml.layout(zo2::GroupIndex{g}).total_elements());
+  source.read = [&engine](zo2::GroupIndex g, std::span<std::byte> out) {
+    // F32 on disk is the host's float (little-endian hosts, as everywhere else in zo2's files).
+    engine.get_rule_state_group(g, std::span<float>(reinterpret_cast<float*>(out.data()), out.size() / sizeof(float)));
+  };
+  return source;
+}
+
+std::optional<GroupStateSource> encoded_state_source(Engine& engine) {
+  const auto codec = engine.encoded_codec();
+  if (!codec) return std::nullopt;
+  const zo2::ModelLayout& ml = engine.model_layout();
+  GroupStateSource source;
+  source.dtype = zo2::io::Dtype::U8;
+  source.metadata = {{"codec", *codec}, {"groups", std::to_string(ml.num_groups())}};
+  for (std::size_t g = 0; g < ml.num_groups(); ++g) source.elements.push_back(engine.encoded_group_bytes(zo2::GroupIndex{g}));
+  source.read = [&engine](zo2::GroupIndex g, std::span<std::byte> out) {
+    engine.get_encoded_group(g, std::span<unsigned char>(reinterpret_cast<unsigned char*>(out.data()), out.size()));
+  };
+  return source;
+}
+
+void write_group_state(const fs::path& file, const GroupStateSource& source) {
+  std::vector<zo2::io::TensorHeader> headers;
+  for (std::size_t g = 0; g < source.elements.size(); ++g)
+    headers.push_back({group_name(g), source.dtype, {static_cast<std::int64_t>(source.elements[g])}});
+  // The streaming writer names its single shard model.safetensors: it writes into a sibling
+  // directory of its own, and the finished (fsync'ed) file is renamed to `file`.
+  const fs::path parts = file.parent_path() / ("." + file.filename().string() + ".parts." + std::to_string(::getpid()));
+  std::error_code ec;
+  fs::remove_all(parts, ec);
+  fs::create_directories(parts);
+  try {
+    zo2::io::ShardedSafetensorsWriter writer(parts, std::move(headers), std::numeric_limits<std::uint64_t>::max(),
+                                             source.metadata);
+    std::vector<std::byte> buffer;  // one group at a time
+    for (std::size_t g = 0; g < source.elements.size(); ++g) {
+      buffer.resize(source.elements[g] * zo2::io::dtype_size(source.dtype));
+      if (!buffer.empty()) source.read(zo2::GroupIndex{g}, buffer);
+      writer.write(group_name(g), buffer);
+    }
+    writer.finish();
+    fs::rename(parts / zo2::io::SafetensorsCheckpoint::kSingleFileName, file);
+    fs::remove_all(parts);
+  } catch (...) {
+    fs::remove_all(parts, ec);
+    throw;
+  }
+  fsync_path(file.parent_path().empty() ? fs::path(".") : file.parent_path());
+}
+
 fs::path save_checkpoint(const fs::path& checkpoint_dir, std::uint64_t step, const ModelConfig& config,
                          const zo2::ModelLayout& layout, const GroupReader& read_group, const Tokenizer* tokenizer,
-                         const nlohmann::json& state, const EncodedState* encoded, const RuleState* rule_state) {
+                         const nlohmann::json& state, const GroupStateSource* encoded,
+                         const GroupStateSource* rule_state) {
   char name[32];
   std::snprintf(name, sizeof name, "step-%08llu", static_cast<unsigned long long>(step));
   const fs::path target = checkpoint_dir / name;
   export_model(target, config, layout, read_group, tokenizer, [&](const fs::path& staging) {
     write_file_synced(staging / kStateFile, state.dump(2) + "\n");
-    if (rule_state && rule_state->slots > 0) {
-      std::vector<zo2::io::TensorToWrite> tensors;
-      for (std::size_t g = 0; g < rule_state->groups.size(); ++g)
-        tensors.push_back({"group." + std::to_string(g), zo2::io::Dtype::F32,
-                           {static_cast<std::int64_t>(rule_state->groups[g].size())}, rule_state->groups[g].data()});
-      zo2::io::write_safetensors(staging / kRuleStateFile, tensors,
-                                 {{"slots", std::to_string(rule_state->slots)},
-                                  {"groups", std::to_string(rule_state->groups.size())}});
-    }
-    if (!encoded) return;
-    std::vector<zo2::io::TensorToWrite> tensors;
-    for (std::size_t g = 0; g < encoded->groups.size(); ++g)
-      tensors.push_back({"group." + std::to_string(g), zo2::io::Dtype::U8,
-                         {static_cast<std::int64_t>(encoded->groups[g].size())}, encoded->groups[g].data()});
-    zo2::io::write_safetensors(staging / kEncodedStateFile, tensors,
-                               {{"codec", encoded->codec}, {"groups", std::to_string(encoded->groups.size())}});
+    if (rule_state) write_group_state(staging / kRuleStateFile, *rule_state);
+    if (encoded) write_group_state(staging / kEncodedStateFile, *encoded);
   });
   return target;
 }
 
-std::optional<EncodedState> read_encoded_state(const fs::path& checkpoint) {
+// ---- reading the per-group state files ------------------------------------------------------
+
+std::optional<GroupStateFile> GroupStateFile::open_rule_state(const fs::path& checkpoint) {
+  const fs::path file = checkpoint / kRuleStateFile;
+  if (!fs::exists(file)) return std::nullopt;
+  GroupStateFile out(file, zo2::io::SafetensorsFile::open(file));
+  const auto& meta = out.file_.metadata();
+  const auto slots = meta.find("slots"), groups = meta.find("groups");
+  if (slots == meta.end() || groups == meta.end())
+    throw zo2::FileError(file.string(), "no \"slots\" and \"groups\" in __metadata__");
+  out.slots_ = static_cast<unsigned>(metadata_count(file, "slots", slots->second, 8));
+  out.groups_ = metadata_count(file, "groups", groups->second, kMaxStateGroups);
+  out.check_groups(zo2::io::Dtype::F32);
+  return out;
+}
+
+std::optional<GroupStateFile> GroupStateFile::open_encoded_state(const fs::path& checkpoint) {
   const fs::path file = checkpoint / kEncodedStateFile;
   if (!fs::exists(file)) return std::nullopt;
-  const auto st = zo2::io::SafetensorsFile::open(file);
-  const auto& meta = st.metadata();
+  GroupStateFile out(file, zo2::io::SafetensorsFile::open(file));
+  const auto& meta = out.file_.metadata();
   const auto codec = meta.find("codec"), groups = meta.find("groups");
   if (codec == meta.end() || groups == meta.end())
     throw zo2::FileError(file.string(), "no \"codec\" and \"groups\" in __metadata__");
-  EncodedState out{codec->second, {}};
-  std::size_t n = 0;
-  try {
-    n = std::stoull(groups->second);
-  } catch (const std::exception&) {
-    throw zo2::FileError(file.string(), "__metadata__ \"groups\" is not a count: '" + groups->second + "'");
+  out.codec_ = codec->second;
+  out.groups_ = metadata_count(file, "groups", groups->second, kMaxStateGroups);
+  out.check_groups(zo2::io::Dtype::U8);
+  return out;
+}
+
+void GroupStateFile::check_groups(zo2::io::Dtype dtype) {
+  for (std::size_t g = 0; g < groups_; ++g) {
+    const std::string name = group_name(g);
+    const auto& t = file_.entry(name);  // FileError naming the file and the tensor when absent
+    if (t.dtype != dtype)
+      throw zo2::FileError(path_.string(), name + " is not " + std::string(zo2::io::dtype_name(dtype)));
   }
-  for (std::size_t g = 0; g < n; ++g) {
-    const std::string name = "group." + std::to_string(g);
-    const auto& t = st.entry(name);
-    if (t.dtype != zo2::io::Dtype::U8) throw zo2::FileError(file.string(), name + " is not U8");
-    const auto* p = reinterpret_cast<const unsigned char*>(t.bytes.data());
-    out.groups.emplace_back(p, p + t.bytes.size());
+}
+
+std::size_t GroupStateFile::group_bytes(std::size_t g) const {
+  if (g >= groups_)
+    throw zo2::FileError(path_.string(), "group " + std::to_string(g) + " of " + std::to_string(groups_) + " asked for");
+  return file_.entry(group_name(g)).bytes.size();
+}
+
+void GroupStateFile::read_group(std::size_t g, std::span<std::byte> out) const {
+  const std::size_t n = group_bytes(g);
+  if (out.size() != n)
+    throw zo2::ShapeError(path_.string() + ": group " + std::to_string(g) + " has " + std::to_string(n) +
+                          " bytes, the buffer " + std::to_string(out.size()));
+  const std::string name = group_name(g);
+  if (n) std::memcpy(out.data(), file_.entry(name).bytes.data(), n);  // (an empty one's data() may be null)
+  file_.release(name);
+}
+
+void restore_rule_state(Engine& engine, const GroupStateFile& file) {
+  const zo2::ModelLayout& ml = engine.model_layout();
+  const unsigned slots = engine.rule_state_slots();
+  if (file.slots() != slots || file.groups() != ml.num_groups())
+    throw zo2::Error("the saved optimizer state has " + std::to_string(file.slots()) + " values per weight in " +
+                     std::to_string(file.groups()) + " groups; this run's optimizer keeps " + std::to_string(slots) +
+                     " in " + std::to_string(ml.num_groups()) + " (another --optimizer or model?)");
+  if (slots == 0) return;
+  auto size_of = [&](std::size_t g) {
+    return static_cast<std::size_t>(slots) * ml.layout(zo2::GroupIndex{g}).total_elements();
+  };
+  for (std::size_t g = 0; g < file.groups(); ++g)
+    if (file.group_bytes(g) != size_of(g) * sizeof(float))
+      throw zo2::Error("the saved optimizer state of group " + std::to_string(g) + " has " +
+                       std::to_string(file.group_bytes(g) / sizeof(float)) + " values, this model " +
+                       std::to_string(size_of(g)));
+  std::vector<float> buffer;  // one group at a time
+  for (std::size_t g = 0; g < file.groups(); ++g) {
+    buffer.resize(size_of(g));
+    file.read_group(g, std::as_writable_bytes(std::span<float>(buffer)));
+    engine.set_rule_state_group(zo2::GroupIndex{g}, buffer);
+  }
+}
+
+void restore_encoded_state(Engine& engine, const GroupStateFile& file) {
+  const zo2::ModelLayout& ml = engine.model_layout();
+  const auto codec = engine.encoded_codec();
+  if (!codec) throw zo2::Error("this engine cannot restore encoded state of codec '" + file.codec() + "'");
+  bool fits = file.codec() == *codec && file.groups() == ml.num_groups();
+  for (std::size_t g = 0; fits && g < file.groups(); ++g)
+    fits = file.group_bytes(g) == engine.encoded_group_bytes(zo2::GroupIndex{g});
+  if (!fits)
+    throw zo2::Error("encoded state of codec '" + file.codec() + "' with " + std::to_string(file.groups()) +
+                     " groups does not fit this run (codec " + *codec + ", " + std::to_string(ml.num_groups()) +
+                     " groups)");
+  std::vector<unsigned char> buffer;  // one group at a time
+  for (std::size_t g = 0; g < file.groups(); ++g) {
+    buffer.resize(file.group_bytes(g));
+    file.read_group(g, std::as_writable_bytes(std::span<unsigned char>(buffer)));
+    engine.set_encoded_group(zo2::GroupIndex{g}, buffer);
+  }
+}
+
+std::optional<EncodedState> read_encoded_state(const fs::path& checkpoint) {
+  const auto file = GroupStateFile::open_encoded_state(checkpoint);
+  if (!file) return std::nullopt;
+  EncodedState out{file->codec(), {}};
+  for (std::size_t g = 0; g < file->groups(); ++g) {
+    std::vector<unsigned char> bytes(file->group_bytes(g));
+    file->read_group(g, std::as_writable_bytes(std::span<unsigned char>(bytes)));
+    out.groups.push_back(std::move(bytes));
   }
   return out;
 }
 
 std::optional<RuleState> read_rule_state(const fs::path& checkpoint) {
-  const fs::path file = checkpoint / kRuleStateFile;
-  if (!fs::exists(file)) return std::nullopt;
-  const auto st = zo2::io::SafetensorsFile::open(file);
-  const auto& meta = st.metadata();
-  const auto slots = meta.find("slots"), groups = meta.find("groups");
-  if (slots == meta.end() || groups == meta.end())
-    throw zo2::FileError(file.string(), "no \"slots\" and \"groups\" in __metadata__");
-  auto count = [&](const std::string& key, const std::string& v, unsigned long long most) {
-    if (v.empty() || v.size() > 8 || v.find_first_not_of("0123456789") != std::string::npos || std::stoull(v) > most)
-      throw zo2::FileError(file.string(), "__metadata__ \"" + key + "\" is not a count up to " + std::to_string(most) +
-                                              ": '" + v + "'");
-    return std::stoull(v);
-  };
+  const auto file = GroupStateFile::open_rule_state(checkpoint);
+  if (!file) return std::nullopt;
   RuleState out;
-  out.slots = static_cast<unsigned>(count("slots", slots->second, 8));
-  const std::size_t n = count("groups", groups->second, 1u << 20);
-  for (std::size_t g = 0; g < n; ++g) {
-    const std::string name = "group." + std::to_string(g);
-    const auto& t = st.entry(name);
-    if (t.dtype != zo2::io::Dtype::F32) throw zo2::FileError(file.string(), name + " is not F32");
-    std::vector<float> v(t.bytes.size() / sizeof(float));
-    if (!v.empty()) std::memcpy(v.data(), t.bytes.data(), v.size() * sizeof(float));  // (an empty one's data() may be null)
+  out.slots = file->slots();
+  for (std::size_t g = 0; g < file->groups(); ++g) {
+    std::vector<float> v(file->group_bytes(g) / sizeof(float));
+    if (v.size() * sizeof(float) != file->group_bytes(g))
+      throw zo2::FileError(file->path().string(), group_name(g) + " is not a whole number of F32 values");
+    file->read_group(g, std::as_writable_bytes(std::span<float>(v)));
     out.groups.push_back(std::move(v));
   }
   return out;

@@ -8,12 +8,19 @@
 // that step with no update owed.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <map>
 #include <optional>
+#include <span>
+#include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include <zo2/io/safetensors.hpp>
 #include <zo2/optim/parameter_store.hpp>
 
 #include "engine.hpp"
@@ -32,20 +39,86 @@ inline constexpr const char* kEncodedStateFile = "offload_state.safetensors";
 /// parameter group, the slot count in the metadata.
 inline constexpr const char* kRuleStateFile = "optimizer_state.safetensors";
 
-/// `encoded` (optional) is written as kEncodedStateFile beside the weights, `rule_state` (when
-/// it has slots) as kRuleStateFile.
+/// A checkpoint's per-group state file (kEncodedStateFile, kRuleStateFile) as it is produced:
+/// tensor "group.<g>" of `dtype` and elements[g] elements, 1-D, in group order, `metadata` in
+/// the header. `read` fills group g's bytes (elements[g] x the dtype's size) when the file
+/// writes it: one group is in memory at a time, never the whole model's state.
+struct GroupStateSource {
+  zo2::io::Dtype dtype{};
+  std::map<std::string, std::string> metadata;
+  std::vector<std::size_t> elements;
+  std::function<void(zo2::GroupIndex, std::span<std::byte>)> read;
+};
+
+/// The engine's rule state (zo-mmt, zo-adam) as a source for kRuleStateFile: F32, metadata
+/// "slots" and "groups"; nullopt when the rule keeps none.
+std::optional<GroupStateSource> rule_state_source(Engine& engine);
+/// The engine's encoded masters as a source for kEncodedStateFile: U8, metadata "codec" and
+/// "groups"; nullopt when its float parameters restore it exactly (Engine::encoded_codec()).
+std::optional<GroupStateSource> encoded_state_source(Engine& engine);
+
+/// Writes `source` into `file`, one group at a time, through the streaming safetensors writer
+/// (io::ShardedSafetensorsWriter, one shard): the same bytes io::write_safetensors writes from
+/// the whole state. The file is complete and fsync'ed when this returns; it goes through a
+/// temporary sibling directory, so `file` is never seen half written.
+void write_group_state(const std::filesystem::path& file, const GroupStateSource& source);
+
+/// `encoded` (optional) is written as kEncodedStateFile beside the weights, `rule_state`
+/// (optional) as kRuleStateFile, each one group at a time (write_group_state).
 /// The weights come group by group from `read_group` (Engine::group_reader()), so a checkpoint
-/// never holds a second copy of the model: one group's floats at a time.
+/// never holds a second copy of the model: one group's floats (or state) at a time.
 std::filesystem::path save_checkpoint(const std::filesystem::path& checkpoint_dir, std::uint64_t step,
                                       const ModelConfig& config, const zo2::ModelLayout& layout,
                                       const GroupReader& read_group, const Tokenizer* tokenizer,
-                                      const nlohmann::json& state, const EncodedState* encoded = nullptr,
-                                      const RuleState* rule_state = nullptr);
+                                      const nlohmann::json& state, const GroupStateSource* encoded = nullptr,
+                                      const GroupStateSource* rule_state = nullptr);
 
-/// The checkpoint's kRuleStateFile, or nullopt when it has none.
+/// A checkpoint's per-group state file, memory-mapped, its header and metadata checked when
+/// it is opened (every "group.<g>" present, of the file's dtype); read_group() copies one
+/// group's bytes and drops its pages from the resident set, so a resume holds one group of it.
+class GroupStateFile {
+ public:
+  /// The checkpoint's kRuleStateFile (F32; "slots" up to 8, "groups" in the metadata), or
+  /// nullopt when it has none.
+  static std::optional<GroupStateFile> open_rule_state(const std::filesystem::path& checkpoint);
+  /// The checkpoint's kEncodedStateFile (U8; "codec", "groups" in the metadata), or nullopt.
+  static std::optional<GroupStateFile> open_encoded_state(const std::filesystem::path& checkpoint);
+
+  const std::filesystem::path& path() const noexcept { return path_; }
+  std::size_t groups() const noexcept { return groups_; }
+  /// kRuleStateFile: values per weight; 0 for kEncodedStateFile.
+  unsigned slots() const noexcept { return slots_; }
+  /// kEncodedStateFile: the codec's name; empty for kRuleStateFile.
+  const std::string& codec() const noexcept { return codec_; }
+  /// Bytes of group g.
+  std::size_t group_bytes(std::size_t g) const;
+  /// Copies group g's bytes into `out` (group_bytes(g) of them), then releases its pages.
+  void read_group(std::size_t g, std::span<std::byte> out) const;
+
+ private:
+  GroupStateFile(std::filesystem::path path, zo2::io::SafetensorsFile file)
+      : path_(std::move(path)), file_(std::move(file)) {}
+  void check_groups(zo2::io::Dtype dtype);
+
+  std::filesystem::path path_;
+  zo2::io::SafetensorsFile file_;
+  std::size_t groups_ = 0;
+  unsigned slots_ = 0;
+  std::string codec_;
+};
+
+/// Restores the engine's rule state from `file` group by group; the slot count, group count
+/// and every group's size are checked against the engine before any group is set.
+void restore_rule_state(Engine& engine, const GroupStateFile& file);
+/// Restores the engine's encoded masters from `file` group by group; the codec, group count
+/// and every group's size are checked before any group is set.
+void restore_encoded_state(Engine& engine, const GroupStateFile& file);
+
+/// The checkpoint's kRuleStateFile as a whole, or nullopt when it has none (tests, tools: a
+/// resume streams it with GroupStateFile).
 std::optional<RuleState> read_rule_state(const std::filesystem::path& checkpoint);
 
-/// The checkpoint's kEncodedStateFile, or nullopt when it has none.
+/// The checkpoint's kEncodedStateFile as a whole, or nullopt when it has none.
 std::optional<EncodedState> read_encoded_state(const std::filesystem::path& checkpoint);
 
 /// `dir` itself when it holds state.json, else its newest step-* subdirectory that does.

@@ -27,7 +27,9 @@ namespace zo2_opt {
 
 /// The offload engine's masters in its codec's format, one byte string per parameter group:
 /// what a checkpoint adds when the float parameters alone would not restore the run exactly
-/// (the int8 codec, whose row scales are sticky).
+/// (the int8 codec, whose row scales are sticky). A whole-model copy: the checkpoint code reads
+/// and writes it group by group (Engine::get_encoded_group); this is read_encoded_state()'s
+/// result only.
 struct EncodedState {
   std::string codec;
   std::vector<std::vector<unsigned char>> groups;
@@ -35,6 +37,7 @@ struct EncodedState {
 
 /// Per-element optimizer state of a stateful rule (zo-mmt's momentum, zo-adam's moments): the
 /// policy's get_rule_state() of each parameter group, `slots` arrays of the group's flat size.
+/// A whole-model copy, as EncodedState: read_rule_state()'s result only.
 struct RuleState {
   unsigned slots = 0;
   std::vector<std::vector<float>> groups;
@@ -61,10 +64,13 @@ class Engine {
   virtual zo2::StepResult step_accumulated(std::span<const TokenBatch> micro) = 0;
   /// Continues a saved run's counters (skipped steps, update count); the step is start_step.
   virtual void restore_progress(const zo2::OptimizerState& saved) = 0;
-  /// The rule state (flushes first); slots 0 when the rule keeps none.
-  virtual RuleState rule_state() = 0;
-  /// Restores rule_state() saved by a run with the same rule and model.
-  virtual void set_rule_state(const RuleState& state) = 0;
+  /// Values per weight the rule keeps (zo-mmt 1, zo-adam 2); 0 when it keeps none.
+  virtual unsigned rule_state_slots() const = 0;
+  /// Group g's rule state (flushes first): rule_state_slots() x the group's flat size floats.
+  /// A checkpoint reads it one group at a time, so it never holds the whole model's state.
+  virtual void get_rule_state_group(zo2::GroupIndex g, std::span<float> out) = 0;
+  /// Restores group g's get_rule_state_group() saved by a run with the same rule and model.
+  virtual void set_rule_state_group(zo2::GroupIndex g, std::span<const float> in) = 0;
   /// Mean token loss at theta (flushes the owed update first).
   virtual double loss(const TokenBatch& batch) = 0;
   /// Logits of every position of a single sequence, [ids.size(), vocab] row-major, at theta.
@@ -94,12 +100,22 @@ class Engine {
   virtual std::optional<std::size_t> host_parameter_bytes() const { return std::nullopt; }
   virtual zo2::OptimizerState state() const = 0;
   virtual std::string device_description() const = 0;
-  /// The encoded masters when parameters() does not restore this engine exactly (flushes
-  /// first); nullopt otherwise.
-  virtual std::optional<EncodedState> encoded_state() { return std::nullopt; }
-  /// Restores encoded_state() saved by an engine of the same kind (after construction).
-  virtual void restore_encoded_state(const EncodedState& state) {
-    throw zo2::Error("this engine cannot restore encoded state of codec '" + state.codec + "'");
+  /// The codec whose encoded masters a checkpoint keeps because the float parameters would not
+  /// restore this engine exactly (the int8 codec's sticky row scales); nullopt otherwise.
+  virtual std::optional<std::string> encoded_codec() const { return std::nullopt; }
+  /// Bytes of group g's encoded masters (encoded_codec() engines).
+  virtual std::size_t encoded_group_bytes(zo2::GroupIndex g) const {
+    throw zo2::Error("this engine keeps no encoded masters (group " + std::to_string(g.value) + ")");
+  }
+  /// Group g's encoded masters, encoded_group_bytes(g) of them (flushes first).
+  virtual void get_encoded_group(zo2::GroupIndex g, std::span<unsigned char> out) {
+    (void)out;
+    throw zo2::Error("this engine keeps no encoded masters (group " + std::to_string(g.value) + ")");
+  }
+  /// Restores group g's get_encoded_group() saved by an engine of the same codec and model.
+  virtual void set_encoded_group(zo2::GroupIndex g, std::span<const unsigned char> in) {
+    (void)in;
+    throw zo2::Error("this engine cannot restore encoded masters (group " + std::to_string(g.value) + ")");
   }
   /// Bytes of device memory in use, when there is a device.
   virtual std::optional<std::size_t> device_memory_used() const { return std::nullopt; }

@@ -47,6 +47,9 @@ struct CpuFamily {
   static auto params(const zo2::ParameterStore<float>& store) { return zo2::opt::param_set(store); }
 };
 
+// Without it a stateful rule's state would silently be left out of checkpoints.
+static_assert(PolicyWithRuleState<zo2::Resident<float, float>>);
+
 template <class Model>
 class CpuEngine final : public Engine {
   using Family = CpuFamily<Model>;
@@ -64,11 +67,14 @@ class CpuEngine final : public Engine {
     return optimizer_.step_accumulated(batches);
   }
   void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
-  RuleState rule_state() override {
+  unsigned rule_state_slots() const override { return policy_rule_state_slots(policy_); }
+  void get_rule_state_group(zo2::GroupIndex g, std::span<float> out) override {
     optimizer_.flush();
-    return read_rule_state(policy_);
+    policy_get_rule_state(policy_, g, out);
   }
-  void set_rule_state(const RuleState& state) override { write_rule_state(policy_, state); }
+  void set_rule_state_group(zo2::GroupIndex g, std::span<const float> in) override {
+    policy_set_rule_state(policy_, g, in);
+  }
 
   double loss(const TokenBatch& batch) override { return optimizer_.evaluate(Family::batch(batch)); }
 

@@ -44,6 +44,8 @@ constexpr std::size_t kLoadBatch = 2;
 
 template <class Model, class Policy>
 class CudaEngine final : public Engine {
+  // Without it a stateful rule's state would silently be left out of checkpoints.
+  static_assert(PolicyWithRuleState<Policy>);
   /// Whether float parameters alone would not restore the policy exactly (row-scaled codecs).
   static constexpr bool kSticky = [] {
     if constexpr (requires { Policy::codec_type::row_scaled; }) return Policy::codec_type::row_scaled;
@@ -82,11 +84,14 @@ class CudaEngine final : public Engine {
     return optimizer_.step_accumulated(std::span<const typename Model::Batch>(micro_.data(), micro.size()));
   }
   void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
-  RuleState rule_state() override {
+  unsigned rule_state_slots() const override { return policy_rule_state_slots(policy_); }
+  void get_rule_state_group(zo2::GroupIndex g, std::span<float> out) override {
     optimizer_.flush();
-    return read_rule_state(policy_);
+    policy_get_rule_state(policy_, g, out);
   }
-  void set_rule_state(const RuleState& state) override { write_rule_state(policy_, state); }
+  void set_rule_state_group(zo2::GroupIndex g, std::span<const float> in) override {
+    policy_set_rule_state(policy_, g, in);
+  }
   double loss(const TokenBatch& batch) override {
     model_.upload_batch(batch, batch_);
     return optimizer_.evaluate(batch_);
@@ -155,32 +160,32 @@ class CudaEngine final : public Engine {
       return std::nullopt;
     }
   }
-  std::optional<EncodedState> encoded_state() override {
+  std::optional<std::string> encoded_codec() const override {
+    if constexpr (kSticky)
+      return std::string(Policy::codec_type::name);
+    else
+      return std::nullopt;
+  }
+  std::size_t encoded_group_bytes(zo2::GroupIndex g) const override {
+    if constexpr (kSticky)
+      return policy_.group_encoded_bytes(g);
+    else
+      return Engine::encoded_group_bytes(g);
+  }
+  /// One group's codes and row scales (a checkpoint reads them one group at a time).
+  void get_encoded_group(zo2::GroupIndex g, std::span<unsigned char> out) override {
     if constexpr (kSticky) {
       optimizer_.flush();
-      EncodedState st{Policy::codec_type::name, {}};
-      const auto& ml = policy_.model_layout();
-      for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-        std::vector<unsigned char> bytes(policy_.group_encoded_bytes(zo2::GroupIndex{g}));
-        policy_.get_group_encoded(zo2::GroupIndex{g}, bytes);
-        st.groups.push_back(std::move(bytes));
-      }
-      return st;
+      policy_.get_group_encoded(g, out);
     } else {
-      return std::nullopt;
+      Engine::get_encoded_group(g, out);
     }
   }
-  void restore_encoded_state(const EncodedState& st) override {
-    if constexpr (kSticky) {
-      const auto& ml = policy_.model_layout();
-      if (st.codec != Policy::codec_type::name || st.groups.size() != ml.num_groups())
-        throw zo2::Error("encoded state of codec '" + st.codec + "' with " + std::to_string(st.groups.size()) +
-                         " groups does not fit this run (codec " + Policy::codec_type::name + ", " +
-                         std::to_string(ml.num_groups()) + " groups)");
-      for (std::size_t g = 0; g < ml.num_groups(); ++g) policy_.set_group_encoded(zo2::GroupIndex{g}, st.groups[g]);
-    } else {
-      Engine::restore_encoded_state(st);
-    }
+  void set_encoded_group(zo2::GroupIndex g, std::span<const unsigned char> in) override {
+    if constexpr (kSticky)
+      policy_.set_group_encoded(g, in);
+    else
+      Engine::set_encoded_group(g, in);
   }
 
   zo2::OptimizerState state() const override { return optimizer_.state(); }

@@ -398,21 +398,23 @@ int run_train(const std::vector<std::string>& argv) {
   if (resume_dir) {
     const SavedProgress progress_saved = saved_progress(state);
     engine->restore_progress({progress_saved.step, seed, progress_saved.skipped_steps, progress_saved.updates});
-    const auto saved_rule_state = read_rule_state(*resume_dir);
+    // Both state files are read one group at a time from their mappings (GroupStateFile), so a
+    // resume never holds the whole model's optimizer state or encoded masters in memory.
+    const auto saved_rule_state = GroupStateFile::open_rule_state(*resume_dir);
     const unsigned slots = zo2::rule_state_slots(zo.method == zo2::ZOMethod::kMomentum ? zo2::RuleId::kMomentum
                                                  : zo.method == zo2::ZOMethod::kAdam   ? zo2::RuleId::kAdam
                                                                                         : zo2::RuleId::kSgd);
-    if (saved_rule_state && saved_rule_state->slots == slots) engine->set_rule_state(*saved_rule_state);
+    if (saved_rule_state && slots > 0 && saved_rule_state->slots() == slots) restore_rule_state(*engine, *saved_rule_state);
     else if (slots > 0)
       std::printf("note      the checkpoint holds no %s state (%s): it starts from zero, so the run will not match an "
                   "uninterrupted one\n",
                   zo2::method_name(zo.method), kRuleStateFile);
 
-    if (auto encoded = read_encoded_state(*resume_dir)) {
-      const bool wanted = engine_options.offload && encoded->codec == engine_options.codec;
-      if (wanted) engine->restore_encoded_state(*encoded);
-      encoded_note = wanted ? "restored the " + encoded->codec + " codec's codes and row scales from " + kEncodedStateFile
-                            : std::string("not using ") + kEncodedStateFile + " (codec " + encoded->codec +
+    if (const auto encoded = GroupStateFile::open_encoded_state(*resume_dir)) {
+      const bool wanted = engine_options.offload && encoded->codec() == engine_options.codec;
+      if (wanted) restore_encoded_state(*engine, *encoded);
+      encoded_note = wanted ? "restored the " + encoded->codec() + " codec's codes and row scales from " + kEncodedStateFile
+                            : std::string("not using ") + kEncodedStateFile + " (codec " + encoded->codec() +
                                   "): this run re-encodes the float weights";
     }
   }
@@ -575,10 +577,11 @@ int run_train(const std::vector<std::string>& argv) {
     progress.update(t, smoothed, tokens_per_s, engine->device_memory_used());
     dp.after_step(*engine, t + 1, total_steps, checkpoint_every);
     if (dp.root() && checkpoint_every && (t + 1) % checkpoint_every == 0 && t + 1 < total_steps) {
-      const auto encoded = engine->encoded_state();
-      const RuleState rule_state = engine->rule_state();
+      const auto encoded = encoded_state_source(*engine);
+      const auto rule_state = rule_state_source(*engine);
       const fs::path saved = save_checkpoint(checkpoint_dir, t + 1, config, engine->model_layout(), engine->group_reader(),
-                                             tok, state_json(t + 1), encoded ? &*encoded : nullptr, &rule_state);
+                                             tok, state_json(t + 1), encoded ? &*encoded : nullptr,
+                                             rule_state ? &*rule_state : nullptr);
       last_checkpoint = t + 1;
       progress.note("checkpoint " + saved.string());
     }
@@ -589,11 +592,11 @@ int run_train(const std::vector<std::string>& argv) {
   const std::uint64_t steps_run = total_steps - start_step;
 
   if (dp.root() && checkpoint_every && last_checkpoint != total_steps) {
-    const auto encoded = engine->encoded_state();
-    const RuleState rule_state = engine->rule_state();
+    const auto encoded = encoded_state_source(*engine);
+    const auto rule_state = rule_state_source(*engine);
     const fs::path saved = save_checkpoint(checkpoint_dir, total_steps, config, engine->model_layout(),
                                            engine->group_reader(), tok, state_json(total_steps),
-                                           encoded ? &*encoded : nullptr, &rule_state);
+                                           encoded ? &*encoded : nullptr, rule_state ? &*rule_state : nullptr);
     std::printf("checkpoint %s\n", saved.string().c_str());
   }
   const EvalResult end_eval = evaluate_dataset(*engine, eval_data, batch_size, pad, eval_limit);

@@ -3,9 +3,13 @@
 // fields of the wrong type or range all end in one-line errors naming the flag, file and field.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <optional>
+#include <span>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -16,6 +20,7 @@
 
 #include "checkpoint.hpp"
 #include "cli.hpp"
+#include "engine.hpp"
 #include "model_setup.hpp"
 
 namespace {
@@ -178,4 +183,239 @@ TEST_CASE("state.json: integer fields of the wrong type, sign or range name the 
   CHECK_THROWS_WITH_AS(read_text(tmp, "not_json", "{\"step\": "), doctest::Contains("not valid JSON"), zo2::FileError);
   CHECK_THROWS_WITH_AS(read_text(tmp, "no_seed", "{\"step\": 1}"), doctest::Contains("needs \"step\" and \"seed\""),
                        zo2::FileError);
+}
+
+// ---- the per-group state files: written and restored one group at a time ----------------------
+
+namespace {
+
+/// An engine with a rule state and encoded masters of known values and nothing else: the
+/// checkpoint code's streaming of both files (shared by the CPU engine's rule state and the
+/// CUDA offload engine's int8 masters) runs against it without a model or a GPU. It records
+/// the order of the group calls and the buffer sizes they were handed.
+class FakeStateEngine final : public zo2_opt::Engine {
+ public:
+  FakeStateEngine(unsigned slots, std::string codec, float seed)
+      : layout_(make_prologue(), make_block(), 3, make_epilogue()), slots_(slots), codec_(std::move(codec)) {
+    for (std::size_t g = 0; g < layout_.num_groups(); ++g) {
+      std::vector<float> s(slots_ * layout_.layout(zo2::GroupIndex{g}).total_elements());
+      for (std::size_t i = 0; i < s.size(); ++i) s[i] = seed + static_cast<float>(g) * 100.0f + static_cast<float>(i) * 0.25f;
+      rule_.push_back(std::move(s));
+      std::vector<unsigned char> e(7 + 3 * g);
+      for (std::size_t i = 0; i < e.size(); ++i) e[i] = static_cast<unsigned char>(seed + g * 11 + i);
+      encoded_.push_back(std::move(e));
+    }
+  }
+
+  std::vector<std::vector<float>> rule_;
+  std::vector<std::vector<unsigned char>> encoded_;
+  std::vector<std::size_t> rule_gets, rule_sets, encoded_gets, encoded_sets;  // group order
+
+  unsigned rule_state_slots() const override { return slots_; }
+  void get_rule_state_group(zo2::GroupIndex g, std::span<float> out) override {
+    REQUIRE(out.size() == rule_.at(g.value).size());
+    std::copy(rule_[g.value].begin(), rule_[g.value].end(), out.begin());
+    rule_gets.push_back(g.value);
+  }
+  void set_rule_state_group(zo2::GroupIndex g, std::span<const float> in) override {
+    REQUIRE(in.size() == rule_.at(g.value).size());
+    rule_[g.value].assign(in.begin(), in.end());
+    rule_sets.push_back(g.value);
+  }
+  std::optional<std::string> encoded_codec() const override {
+    return codec_.empty() ? std::nullopt : std::optional<std::string>(codec_);
+  }
+  std::size_t encoded_group_bytes(zo2::GroupIndex g) const override { return encoded_.at(g.value).size(); }
+  void get_encoded_group(zo2::GroupIndex g, std::span<unsigned char> out) override {
+    REQUIRE(out.size() == encoded_.at(g.value).size());
+    std::copy(encoded_[g.value].begin(), encoded_[g.value].end(), out.begin());
+    encoded_gets.push_back(g.value);
+  }
+  void set_encoded_group(zo2::GroupIndex g, std::span<const unsigned char> in) override {
+    REQUIRE(in.size() == encoded_.at(g.value).size());
+    encoded_[g.value].assign(in.begin(), in.end());
+    encoded_sets.push_back(g.value);
+  }
+  const zo2::ModelLayout& model_layout() const override { return layout_; }
+
+  // Not used by the checkpoint's state files.
+  zo2::StepResult step(const zo2_opt::TokenBatch&) override { throw zo2::Error("unused"); }
+  zo2::StepResult step_accumulated(std::span<const zo2_opt::TokenBatch>) override { throw zo2::Error("unused"); }
+  void restore_progress(const zo2::OptimizerState&) override { throw zo2::Error("unused"); }
+  double loss(const zo2_opt::TokenBatch&) override { throw zo2::Error("unused"); }
+  std::vector<float> logits(std::span<const std::int32_t>) override { throw zo2::Error("unused"); }
+  std::vector<double> score_candidates(std::span<const std::int32_t>, const std::vector<std::vector<std::int32_t>>&) override {
+    throw zo2::Error("unused");
+  }
+  void flush() override {}
+  void read_group(zo2::GroupIndex, std::span<float>) override { throw zo2::Error("unused"); }
+  zo2::OptimizerState state() const override { return {}; }
+  std::string device_description() const override { return "fake"; }
+
+ private:
+  static zo2::ParamLayout make_prologue() {
+    zo2::ParamLayout l;
+    l.add("embed.weight", {3, 4});
+    return l;
+  }
+  static zo2::ParamLayout make_block() {
+    zo2::ParamLayout l;
+    l.add("fc.weight", {2, 5});
+    l.add("fc.bias", {2}, false);
+    return l;
+  }
+  static zo2::ParamLayout make_epilogue() {
+    zo2::ParamLayout l;
+    l.add("norm.weight", {2}, false);
+    return l;
+  }
+
+  zo2::ModelLayout layout_;
+  unsigned slots_;
+  std::string codec_;
+};
+
+std::string file_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+std::vector<std::size_t> in_order(std::size_t n) {
+  std::vector<std::size_t> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = i;
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("optimizer_state.safetensors: written and restored group by group, bytes as the whole-state writer's") {
+  TempDir tmp;
+  FakeStateEngine saved(2, "", 1.0f);
+  const std::size_t groups = saved.model_layout().num_groups();
+  REQUIRE(!zo2_opt::encoded_state_source(saved));  // no codec: no offload_state.safetensors
+  const auto source = zo2_opt::rule_state_source(saved);
+  REQUIRE(source);
+  const fs::path streamed = tmp.path / "streamed", whole = tmp.path / "whole";
+  fs::create_directories(streamed);
+  fs::create_directories(whole);
+  zo2_opt::write_group_state(streamed / zo2_opt::kRuleStateFile, *source);
+  CHECK(saved.rule_gets == in_order(groups));  // each group read once, in order
+  CHECK(std::distance(fs::directory_iterator(streamed), fs::directory_iterator()) == 1);  // no scratch left
+
+  // The format the checkpoints before streaming wrote (io::write_safetensors of the whole state).
+  std::vector<zo2::io::TensorToWrite> tensors;
+  for (std::size_t g = 0; g < groups; ++g)
+    tensors.push_back({"group." + std::to_string(g), zo2::io::Dtype::F32,
+                       {static_cast<std::int64_t>(saved.rule_[g].size())}, saved.rule_[g].data()});
+  zo2::io::write_safetensors(whole / zo2_opt::kRuleStateFile, tensors, {{"slots", "2"}, {"groups", std::to_string(groups)}});
+  CHECK(file_bytes(streamed / zo2_opt::kRuleStateFile) == file_bytes(whole / zo2_opt::kRuleStateFile));
+
+  const auto read = zo2_opt::read_rule_state(streamed);
+  REQUIRE(read);
+  CHECK(read->slots == 2);
+  CHECK(read->groups == saved.rule_);
+
+  for (const fs::path& dir : {streamed, whole}) {  // the new files and the old ones resume alike
+    FakeStateEngine restored(2, "", 50.0f);
+    const auto file = zo2_opt::GroupStateFile::open_rule_state(dir);
+    REQUIRE(file);
+    CHECK(file->slots() == 2);
+    CHECK(file->groups() == groups);
+    zo2_opt::restore_rule_state(restored, *file);
+    CHECK(restored.rule_sets == in_order(groups));
+    CHECK(restored.rule_ == saved.rule_);
+  }
+
+  // Another slot count, or a group of another size, is refused before any group is set.
+  FakeStateEngine other_rule(1, "", 0.0f);
+  CHECK_THROWS_WITH_AS(zo2_opt::restore_rule_state(other_rule, *zo2_opt::GroupStateFile::open_rule_state(streamed)),
+                       doctest::Contains("2 values per weight"), zo2::Error);
+  CHECK(other_rule.rule_sets.empty());
+  tensors.back().shape = {static_cast<std::int64_t>(saved.rule_.back().size() - 1)};
+  zo2::io::write_safetensors(whole / zo2_opt::kRuleStateFile, tensors, {{"slots", "2"}, {"groups", std::to_string(groups)}});
+  FakeStateEngine short_group(2, "", 0.0f);
+  CHECK_THROWS_WITH_AS(zo2_opt::restore_rule_state(short_group, *zo2_opt::GroupStateFile::open_rule_state(whole)),
+                       doctest::Contains(("group " + std::to_string(groups - 1)).c_str()), zo2::Error);
+  CHECK(short_group.rule_sets.empty());
+
+  // A tensor of the wrong dtype or a missing group names the file when it is opened.
+  tensors.back().dtype = zo2::io::Dtype::U8;
+  tensors.back().shape = {3};
+  zo2::io::write_safetensors(whole / zo2_opt::kRuleStateFile, tensors, {{"slots", "2"}, {"groups", std::to_string(groups)}});
+  CHECK_THROWS_WITH_AS(zo2_opt::GroupStateFile::open_rule_state(whole), doctest::Contains("optimizer_state.safetensors"),
+                       zo2::FileError);
+  tensors.pop_back();
+  zo2::io::write_safetensors(whole / zo2_opt::kRuleStateFile, tensors, {{"slots", "2"}, {"groups", std::to_string(groups)}});
+  CHECK_THROWS_WITH_AS(zo2_opt::GroupStateFile::open_rule_state(whole),
+                       doctest::Contains(("group." + std::to_string(groups - 1)).c_str()), zo2::FileError);
+  CHECK(!zo2_opt::GroupStateFile::open_rule_state(tmp.path));  // no file: nothing to restore
+}
+
+TEST_CASE("offload_state.safetensors (the int8 codec's masters): written and restored group by group") {
+  TempDir tmp;
+  FakeStateEngine saved(0, "int8", 3.0f);
+  const std::size_t groups = saved.model_layout().num_groups();
+  REQUIRE(!zo2_opt::rule_state_source(saved));  // a rule without state: no optimizer_state.safetensors
+  const auto source = zo2_opt::encoded_state_source(saved);
+  REQUIRE(source);
+  const fs::path streamed = tmp.path / "streamed", whole = tmp.path / "whole";
+  fs::create_directories(streamed);
+  fs::create_directories(whole);
+  zo2_opt::write_group_state(streamed / zo2_opt::kEncodedStateFile, *source);
+  CHECK(saved.encoded_gets == in_order(groups));
+
+  std::vector<zo2::io::TensorToWrite> tensors;
+  for (std::size_t g = 0; g < groups; ++g)
+    tensors.push_back({"group." + std::to_string(g), zo2::io::Dtype::U8,
+                       {static_cast<std::int64_t>(saved.encoded_[g].size())}, saved.encoded_[g].data()});
+  zo2::io::write_safetensors(whole / zo2_opt::kEncodedStateFile, tensors, {{"codec", "int8"}, {"groups", std::to_string(groups)}});
+  CHECK(file_bytes(streamed / zo2_opt::kEncodedStateFile) == file_bytes(whole / zo2_opt::kEncodedStateFile));
+
+  const auto read = zo2_opt::read_encoded_state(streamed);
+  REQUIRE(read);
+  CHECK(read->codec == "int8");
+  CHECK(read->groups == saved.encoded_);
+
+  for (const fs::path& dir : {streamed, whole}) {
+    FakeStateEngine restored(0, "int8", 9.0f);
+    const auto file = zo2_opt::GroupStateFile::open_encoded_state(dir);
+    REQUIRE(file);
+    CHECK(file->codec() == "int8");
+    zo2_opt::restore_encoded_state(restored, *file);
+    CHECK(restored.encoded_sets == in_order(groups));
+    CHECK(restored.encoded_ == saved.encoded_);
+  }
+
+  FakeStateEngine other_codec(0, "bf16", 0.0f);
+  CHECK_THROWS_WITH_AS(zo2_opt::restore_encoded_state(other_codec, *zo2_opt::GroupStateFile::open_encoded_state(streamed)),
+                       doctest::Contains("does not fit this run"), zo2::Error);
+  CHECK(other_codec.encoded_sets.empty());
+  FakeStateEngine no_codec(0, "", 0.0f);
+  CHECK_THROWS_AS(zo2_opt::restore_encoded_state(no_codec, *zo2_opt::GroupStateFile::open_encoded_state(streamed)),
+                  zo2::Error);
+}
+
+TEST_CASE("save_checkpoint writes both state files into the checkpoint it renames into place") {
+  TempDir tmp;
+  FakeStateEngine engine(2, "int8", 5.0f);
+  const auto rule = zo2_opt::rule_state_source(engine);
+  const auto encoded = zo2_opt::encoded_state_source(engine);
+  zo2::opt::OPTConfig tiny;
+  tiny.hidden_size = tiny.word_embed_proj_dim = 8;
+  tiny.ffn_dim = 16;
+  tiny.num_hidden_layers = 2;
+  tiny.num_attention_heads = 2;
+  tiny.vocab_size = 32;
+  tiny.max_position_embeddings = 16;
+  const zo2_opt::ModelConfig config(tiny);
+  const zo2::ModelLayout layout = zo2_opt::model_layout(config);
+  zo2::ParameterStore<float> store(layout);
+  const fs::path saved = zo2_opt::save_checkpoint(tmp.path / "ck", 7, config, layout, zo2_opt::store_reader(store), nullptr,
+                                                  good_state(), &*encoded, &*rule);
+  CHECK(saved.filename() == "step-00000007");
+  CHECK(zo2_opt::read_rule_state(saved)->groups == engine.rule_);
+  CHECK(zo2_opt::read_encoded_state(saved)->groups == engine.encoded_);
+  for (const auto& entry : fs::directory_iterator(tmp.path / "ck"))  // nothing but the checkpoint
+    CHECK(entry.path().filename() == "step-00000007");
+  for (const auto& entry : fs::directory_iterator(saved)) CHECK(!entry.is_directory());
 }
