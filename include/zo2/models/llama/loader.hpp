@@ -46,27 +46,13 @@ struct LoadedCheckpoint {
 };
 
 /// One tensor of a checkpoint for `config`: its canonical HF name and where it goes.
-struct CheckpointTensor {
-  std::string name;  // e.g. "model.layers.3.self_attn.q_proj.weight"
-  GroupIndex group;
-  std::size_t index;  // within the group's layout
-  const TensorSpec* spec;
-};
+using CheckpointTensor = zo2::opt::detail::HfTensor;  // name: e.g. "model.layers.3.self_attn.q_proj.weight"
 
 /// Every tensor a checkpoint of `ml` (a model_layout of some config) holds, in the order
 /// transformers' state dict lists groups: prologue, layers 0..N-1, epilogue. The names and
 /// shapes a writer needs (save_hf_checkpoint) and a reader checks (load_llama_weights).
 inline std::vector<CheckpointTensor> checkpoint_tensors(const ModelLayout& ml) {
-  std::vector<CheckpointTensor> out;
-  auto group = [&](GroupIndex g, auto hf_name) {
-    const ParamLayout& l = ml.layout(g);
-    for (std::size_t r = 0; r < l.num_tensors(); ++r) out.push_back({hf_name(l.spec(r).name), g, r, &l.spec(r)});
-  };
-  group(ml.prologue(), [](const std::string& n) { return hf_prologue_name(n); });
-  for (std::size_t i = 0; i < ml.num_blocks(); ++i)
-    group(ml.block(i), [i](const std::string& n) { return hf_block_name(i, n); });
-  group(ml.epilogue(), [](const std::string& n) { return hf_epilogue_name(n); });
-  return out;
+  return zo2::opt::detail::hf_tensors(ml, hf_prologue_name, hf_block_name, hf_epilogue_name);
 }
 
 namespace detail {
@@ -238,10 +224,8 @@ void save_hf_checkpoint_by_group(const std::filesystem::path& directory, const L
   std::filesystem::create_directories(directory, ec);
   if (ec) throw FileError(directory.string(), "cannot create directory: " + ec.message());
 
-  std::vector<zo2::opt::detail::HfTensor> tensors;
-  for (const CheckpointTensor& t : checkpoint_tensors(ml)) tensors.push_back({t.name, t.group, t.index, t.spec});
   // Weights first: a config.json next to weights it does not describe is the worse half-state.
-  zo2::opt::detail::write_hf_weights(directory, ml, tensors, read_group, dtype, max_shard_bytes);
+  zo2::opt::detail::write_hf_weights(directory, ml, checkpoint_tensors(ml), read_group, dtype, max_shard_bytes);
   zo2::opt::detail::write_text_atomically(
       directory / "config.json", config.to_json(zo2::opt::detail::torch_dtype_name(dtype)).dump(2) + "\n");
 }

@@ -363,17 +363,26 @@ void write_hf_weights(const std::filesystem::path& directory, const ModelLayout&
   writer.finish();
 }
 
-inline std::vector<HfTensor> opt_hf_tensors(const ModelLayout& ml) {
+/// Every tensor of `ml` under its name in a Hugging Face checkpoint, in the order transformers'
+/// state dict lists groups (prologue, layers 0..N-1, epilogue); the family's naming functions
+/// give the names (prologue_name(local), block_name(layer, local), epilogue_name(local)).
+template <class PrologueName, class BlockName, class EpilogueName>
+std::vector<HfTensor> hf_tensors(const ModelLayout& ml, PrologueName prologue_name, BlockName block_name,
+                                 EpilogueName epilogue_name) {
   std::vector<HfTensor> out;
   auto group = [&](GroupIndex g, auto hf_name) {
     const ParamLayout& l = ml.layout(g);
     for (std::size_t r = 0; r < l.num_tensors(); ++r) out.push_back({hf_name(l.spec(r).name), g, r, &l.spec(r)});
   };
-  group(ml.prologue(), [](const std::string& n) { return hf_prologue_name(n); });
+  group(ml.prologue(), prologue_name);
   for (std::size_t i = 0; i < ml.num_blocks(); ++i)
-    group(ml.block(i), [i](const std::string& n) { return hf_block_name(i, n); });
-  group(ml.epilogue(), [](const std::string& n) { return hf_epilogue_name(n); });
+    group(ml.block(i), [&](const std::string& n) { return block_name(i, n); });
+  group(ml.epilogue(), epilogue_name);
   return out;
+}
+
+inline std::vector<HfTensor> opt_hf_tensors(const ModelLayout& ml) {
+  return hf_tensors(ml, hf_prologue_name, hf_block_name, hf_epilogue_name);
 }
 
 inline std::string torch_dtype_name(io::Dtype dtype) {
