@@ -8,7 +8,7 @@
 // as it is trained. One device Batch is refilled for every call (no allocation once it is as
 // large as the largest batch so far).
 //
-// Host memory (issue 21): the parameters come group by group from a ParameterSource (a
+// Host memory: the parameters come group by group from a ParameterSource (a
 // memory-mapped checkpoint or the random initialisation) and go straight to the device
 // (resident) or, encoded, into the offload engine's host store; checkpoints and exports read
 // them back one group at a time (read_group). The engine keeps no fp32 copy of the model, so an

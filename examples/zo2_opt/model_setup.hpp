@@ -23,7 +23,7 @@ namespace zo2_opt {
 
 /// A model's initial parameters, handed out one group (prologue, block i, epilogue) at a time:
 /// an offloaded engine encodes each group into its host store as it comes, so the whole model
-/// never exists in fp32 (issue 21). The CPU and resident engines take it as one store.
+/// never exists in fp32. The CPU and resident engines take it as one store.
 class ParameterSource {
  public:
   virtual ~ParameterSource() = default;

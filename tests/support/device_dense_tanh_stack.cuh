@@ -113,9 +113,9 @@ inline DeviceDenseTanhStack::Batch to_device(const DenseTanhStack<float>::Batch&
   d.rows = b.rows;
   d.x = zo2::gpu::DeviceBuffer<float>(b.x.size());
   d.y = zo2::gpu::DeviceBuffer<float>(b.y.size());
-  ZO2_CUDA_CHECK(cudaMemcpy(d.x.data(), b.x.data(), b.x.size() * sizeof(float), cudaMemcpyHostToDevice));
-  ZO2_CUDA_CHECK(cudaMemcpy(d.y.data(), b.y.data(), b.y.size() * sizeof(float), cudaMemcpyHostToDevice));
-  ZO2_CUDA_CHECK(cudaDeviceSynchronize());  // landed before the policy's stream reads it
+  // Landed before the policy's stream reads them.
+  zo2::gpu::copy_to_device_blocking(d.x.data(), b.x.data(), b.x.size() * sizeof(float));
+  zo2::gpu::copy_to_device_blocking(d.y.data(), b.y.data(), b.y.size() * sizeof(float));
   return d;
 }
 

@@ -1,4 +1,4 @@
-// Checkpoints group by group (issue 21, host memory): CheckpointGroups (OPT and LLaMA) yields
+// Checkpoints group by group (host memory): CheckpointGroups (OPT and LLaMA) yields
 // exactly the values the ParameterStore loaders give; exports into shards of bounded size with
 // transformers' index re-load to identical parameters; ShardedSafetensorsWriter's contract; and
 // a truncated or inconsistent shard is an error naming the file.
