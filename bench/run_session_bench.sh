@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # bench/run_session_bench.sh -- one device call after bench/gpu_tests.sh on the same warm machine
-# (its build in /tmp/zo2-head/build): the side-by-side run (the PyTorch reference carried in
-# .reference, then zo2's codecs at OPT-1.3B and 6.7B), then into the same JSONL file the deferred
-# write-back sweep (K = 1, 2, 4, 8 at 1.3B and 6.7B, bf16; 1 and 4 at 13B), LLaMA-family shapes
-# offloaded in int8 (Qwen3-32B's GPU memory), zo-adam's state in fp32 and bf16, q = 1 and 4 at
-# sequence 512, and an offloaded zo2-opt run's host memory, as far as the time allows.
+# (its build in /tmp/zo2-head/build): what a session still has to measure, in order, as far as
+# ZO2_TOTAL_S allows. ZO2_PLAN picks the list:
+#   a (default)  the side-by-side run (the PyTorch reference carried in .reference, then zo2's
+#                codecs at OPT-6.7B with write-back every 1 and 4 steps; ZO2_SIDE_ARGS and
+#                ZO2_REFERENCE_RUNS override), zo-adam's state in fp32 and bf16, then an offloaded
+#                zo2-opt run's host memory at OPT-6.7B (bf16 and int8, with a checkpoint)
+#   b            host memory at OPT-13B (bf16, int8) and OPT-30B (int8), the LLaMA family resident
+#                (bf16) and Qwen2.5-7B offloaded (bf16p, int8), write-back K = 1, 4 at OPT-13B
 #   run(command="bash bench/run_session_bench.sh", carry=[".reference"])
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,8 +16,15 @@ out=${OUT:-$root/bench/results}
 [[ -d $root/.reference && ! -d $src/.reference ]] && cp -r "$root/.reference" "$src/.reference"
 cd "$src" || exit 1
 t0=$(date +%s)
-ZO2_BUILD_DIR=$src/build ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 ZO2_SET= ZO2_BUDGET_S=${ZO2_SIDE_BUDGET_S:-300} OUT=$out \
-  ZO2_BENCH_ARGS='--model opt-1.3b,opt-6.7b --policy offload --codec bf16,bf16p,int8' bash bench/run_gpu.sh
+plan=${ZO2_PLAN:-a}
+if [[ $plan == a ]]; then
+  ZO2_REFERENCE_RUNS=${ZO2_REFERENCE_RUNS:-opt_6_7b:zo2} ZO2_BUILD_DIR=$src/build ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
+    ZO2_SET= ZO2_BUDGET_S=${ZO2_SIDE_BUDGET_S:-300} OUT=$out \
+    ZO2_BENCH_ARGS=${ZO2_SIDE_ARGS:-'--model opt-6.7b --policy offload --codec bf16,bf16p,int8 --writeback-every 1,4'} \
+    bash bench/run_gpu.sh
+else
+  mkdir -p "$out" && : > "$out/plan-$plan.jsonl"
+fi
 results=$(ls -t "$out"/*.jsonl | head -1)
 bench=$src/build/bench/zo2_bench
 left() { echo $(( ${ZO2_TOTAL_S:-570} - $(date +%s) + t0 )); }
@@ -26,18 +36,30 @@ run_more() {  # run_more NAME ARGS...: zo2_bench into the results file, within w
   timeout $(( d + 10 )) "$bench" "$@" --deadline "$d" >> "$results" 2> "$out/$name.err"
   echo "$name rc=$?"; grep -v '^ ' "$out/$name.err" | tail -3
 }
-run_more writeback --model opt-1.3b,opt-6.7b --policy offload --codec bf16 --writeback-every 1,2,4,8
-run_more llama --model llama-3.2-1b,llama-3-8b,qwen3-32b --policy offload --codec int8
-run_more adam-state --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam
-run_more adam-state-bf16 --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam --state-bf16
-run_more queries-seq512 --model opt-6.7b --policy offload --codec bf16p --queries 1,4 --seq 512
-run_more writeback-13b --model opt-13b --policy offload --codec bf16 --writeback-every 1,4
 # Host memory of an offloaded zo2-opt run (docs/benchmarks.md): its `memory` line.
-if (( $(left) > 90 )); then
-  echo "== host memory, OPT-6.7B bf16 (zo2-opt)"
-  timeout $(( $(left) - 10 )) "$src/build/examples/zo2-opt" train --demo --preset opt-6.7b --device cuda --offload \
-    --codec bf16 --steps 2 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck > "$out/host-memory.log" 2>&1
-  echo "host memory rc=$?"; grep -E "memory|error" "$out/host-memory.log" | head -3
+host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags]
+  local name=$1 preset=$2 codec=$3; shift 3
+  (( $(left) > 60 )) || { echo "no time left for $name"; return; }
+  echo "== host memory $name ($preset $codec)"
+  rm -rf /tmp/zo2-ck
+  local timer=(); [[ -x /usr/bin/time ]] && timer=(/usr/bin/time -v)
+  timeout $(( $(left) - 10 )) "${timer[@]}" "$src/build/examples/zo2-opt" train --demo --preset "$preset" --device cuda \
+    --offload --codec "$codec" --steps 2 --log-every 1 "$@" > "$out/$name.log" 2>&1
+  echo "$name rc=$?"; grep -E "^memory|error|Maximum resident|Elapsed" "$out/$name.log" | head -4
+  rm -rf /tmp/zo2-ck
+}
+if [[ $plan == a ]]; then
+  run_more adam-state-bf16 --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam --state-bf16
+  run_more adam-state --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam
+  host_memory mem-6.7b-bf16 opt-6.7b bf16 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
+  host_memory mem-6.7b-int8 opt-6.7b int8 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
+else
+  host_memory mem-13b-int8 opt-13b int8 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
+  host_memory mem-30b-int8 opt-30b int8
+  run_more llama-resident --model llama-3.2-1b,llama-3-8b --policy resident --codec bf16
+  run_more qwen2.5 --model qwen2.5-7b --policy offload --codec bf16p,int8
+  host_memory mem-13b-bf16 opt-13b bf16
+  run_more writeback-13b --model opt-13b --policy offload --codec bf16 --writeback-every 1,4
 fi
 python3 "$root/bench/bench_results.py" "$results" 2>&1 | tail -40
 echo "results: $results"

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include <zo2/core/error.hpp>
+#include <zo2/core/parallel.hpp>
 #include <zo2/core/philox.hpp>
 #include <zo2/io/json_limits.hpp>
 #include <zo2/models/llama/loader.hpp>
@@ -88,11 +89,18 @@ void random_group(const ModelConfig& config, const zo2::ModelLayout& ml, std::ui
     // q_norm, norm, ...).
     const bool norm = name.find(config.family() == Family::opt ? "layer_norm" : "norm") != std::string::npos;
     const std::uint32_t id = ml.first_tensor_id(group) + static_cast<std::uint32_t>(r);
-    for (std::size_t j = 0; j < n; ++j) {
-      if (bias) t[j] = 0.0f;
-      else if (norm) t[j] = 1.0f;
-      else t[j] = 0.02f * zo2::normal_at(seed, kInitStep, id, j);
+    if (bias) continue;  // zeros, as filled
+    if (norm) {
+      std::fill(t, t + n, 1.0f);
+      continue;
     }
+    // Counter-based draws: chunks on all cores give the same values as one loop (a 30B
+    // model's start-up is this loop).
+    constexpr std::size_t kChunk = std::size_t{1} << 20;
+    zo2::parallel_for((n + kChunk - 1) / kChunk, [&](std::size_t c) {
+      const std::size_t end = std::min(n, (c + 1) * kChunk);
+      for (std::size_t j = c * kChunk; j < end; ++j) t[j] = 0.02f * zo2::normal_at(seed, kInitStep, id, j);
+    });
   }
 }
 
