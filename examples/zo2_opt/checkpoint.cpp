@@ -114,31 +114,32 @@ fs::path save_checkpoint(const fs::path& checkpoint_dir, std::uint64_t step, con
 
 // ---- reading the per-group state files ------------------------------------------------------
 
-std::optional<GroupStateFile> GroupStateFile::open_rule_state(const fs::path& checkpoint) {
-  const fs::path file = checkpoint / kRuleStateFile;
+std::optional<GroupStateFile> GroupStateFile::open(const fs::path& file, const char* key, zo2::io::Dtype dtype,
+                                                   std::string& value) {
   if (!fs::exists(file)) return std::nullopt;
   GroupStateFile out(file, zo2::io::SafetensorsFile::open(file));
   const auto& meta = out.file_.metadata();
-  const auto slots = meta.find("slots"), groups = meta.find("groups");
-  if (slots == meta.end() || groups == meta.end())
-    throw zo2::FileError(file.string(), "no \"slots\" and \"groups\" in __metadata__");
-  out.slots_ = static_cast<unsigned>(metadata_count(file, "slots", slots->second, 8));
+  const auto found = meta.find(key), groups = meta.find("groups");
+  if (found == meta.end() || groups == meta.end())
+    throw zo2::FileError(file.string(), "no \"" + std::string(key) + "\" and \"groups\" in __metadata__");
+  value = found->second;
   out.groups_ = metadata_count(file, "groups", groups->second, kMaxStateGroups);
-  out.check_groups(zo2::io::Dtype::F32);
+  out.check_groups(dtype);
+  return out;
+}
+
+std::optional<GroupStateFile> GroupStateFile::open_rule_state(const fs::path& checkpoint) {
+  const fs::path file = checkpoint / kRuleStateFile;
+  std::string slots;
+  auto out = open(file, "slots", zo2::io::Dtype::F32, slots);
+  if (out) out->slots_ = static_cast<unsigned>(metadata_count(file, "slots", slots, 8));
   return out;
 }
 
 std::optional<GroupStateFile> GroupStateFile::open_encoded_state(const fs::path& checkpoint) {
-  const fs::path file = checkpoint / kEncodedStateFile;
-  if (!fs::exists(file)) return std::nullopt;
-  GroupStateFile out(file, zo2::io::SafetensorsFile::open(file));
-  const auto& meta = out.file_.metadata();
-  const auto codec = meta.find("codec"), groups = meta.find("groups");
-  if (codec == meta.end() || groups == meta.end())
-    throw zo2::FileError(file.string(), "no \"codec\" and \"groups\" in __metadata__");
-  out.codec_ = codec->second;
-  out.groups_ = metadata_count(file, "groups", groups->second, kMaxStateGroups);
-  out.check_groups(zo2::io::Dtype::U8);
+  std::string codec;
+  auto out = open(checkpoint / kEncodedStateFile, "codec", zo2::io::Dtype::U8, codec);
+  if (out) out->codec_ = std::move(codec);
   return out;
 }
 

@@ -98,6 +98,10 @@ class GroupStateFile {
  private:
   GroupStateFile(std::filesystem::path path, zo2::io::SafetensorsFile file)
       : path_(std::move(path)), file_(std::move(file)) {}
+  /// `file` (nullopt when absent) with its "groups" and `key` (into `value`) read from the
+  /// metadata and every group checked to be `dtype`.
+  static std::optional<GroupStateFile> open(const std::filesystem::path& file, const char* key, zo2::io::Dtype dtype,
+                                            std::string& value);
   void check_groups(zo2::io::Dtype dtype);
 
   std::filesystem::path path_;

@@ -15,6 +15,8 @@
 
 #include <zo2/zo2.hpp>
 
+#include "../support/cuda_test_data.cuh"
+
 using namespace zo2;
 
 namespace {
@@ -215,25 +217,10 @@ bool in_tensor(const ParamLayout& layout, std::size_t flat, std::size_t& tensor,
   return false;
 }
 
-template <class X>
-std::vector<X> to_host(const gpu::DeviceBuffer<X>& d) {
-  std::vector<X> h(d.size());
-  ZO2_CUDA_CHECK(cudaMemcpy(h.data(), d.data(), d.bytes(), cudaMemcpyDeviceToHost));
-  return h;
-}
-template <class X>
-gpu::DeviceBuffer<X> to_device(const std::vector<X>& h) {
-  gpu::DeviceBuffer<X> d(h.size());
-  gpu::copy_to_device_blocking(d.data(), h.data(), d.bytes());
-  return d;
-}
-template <class X>
-gpu::DeviceBuffer<X> poisoned(std::size_t n) {
-  gpu::DeviceBuffer<X> d(n);
-  // NaN in every float format, and set before the kernel under test runs on its non-blocking stream.
-  gpu::fill_device_blocking(d.data(), 0xff, d.bytes());
-  return d;
-}
+using zo2_test::cuda_data::poisoned;
+using zo2_test::cuda_data::download;
+using zo2_test::cuda_data::upload;
+
 template <class X>
 bool is_poison(X x) {
   if constexpr (std::is_same_v<X, float>) {
@@ -305,15 +292,15 @@ void check_fused(bool pending) {
   }
 
   gpu::GroupTable table(layout);
-  gpu::DeviceBuffer<S> d_theta = to_device(theta0);
+  gpu::DeviceBuffer<S> d_theta = upload(theta0);
   auto d_plus = poisoned<T>(total);
   auto d_minus = poisoned<T>(total);
   gpu::Stream stream;
   gpu::update_and_perturb(d_theta.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, kStep,
                            kEps, pending ? &kPending : nullptr, stream.get());
   stream.synchronize();
-  const std::vector<S> theta = to_host(d_theta);
-  const std::vector<T> plus = to_host(d_plus), minus = to_host(d_minus);
+  const std::vector<S> theta = download(d_theta);
+  const std::vector<T> plus = download(d_plus), minus = download(d_minus);
 
   // The update's z as the device computes it (16-bit storage only).
   std::vector<float> z_dev;
@@ -325,7 +312,7 @@ void check_fused(bool pending) {
                               kFirstId + static_cast<std::uint32_t>(r));
         ZO2_CUDA_CHECK_LAUNCH("z_kernel");
       }
-      z_dev = to_host(d_z);
+      z_dev = download(d_z);
     }
   }
 
@@ -438,9 +425,9 @@ TEST_CASE_TEMPLATE("update, perturb into, perturb in place and convert match cpu
     cpu::Perturber<S>::add_scaled_noise_into(into.data() + off, theta0.data() + off, n, NoiseId{kSeed, kStep, id}, c);
   }
 
-  auto d_upd = to_device(theta0);
-  auto d_inplace = to_device(theta0);
-  auto d_src = to_device(theta0);
+  auto d_upd = upload(theta0);
+  auto d_inplace = upload(theta0);
+  auto d_src = upload(theta0);
   auto d_into = poisoned<float>(total);
   auto d_conv = poisoned<float>(total);
   gpu::update(d_upd.data(), table, kFirstId, kSeed, kPending, stream.get());
@@ -448,8 +435,8 @@ TEST_CASE_TEMPLATE("update, perturb into, perturb in place and convert match cpu
   gpu::perturb_into(d_into.data(), d_src.data(), table, kFirstId, kSeed, kStep, c, stream.get());
   gpu::convert(d_conv.data(), d_src.data(), table, stream.get());
   stream.synchronize();
-  const auto h_upd = to_host(d_upd), h_inplace = to_host(d_inplace), h_src = to_host(d_src);
-  const auto h_into = to_host(d_into), h_conv = to_host(d_conv);
+  const auto h_upd = download(d_upd), h_inplace = download(d_inplace), h_src = download(d_src);
+  const auto h_into = download(d_into), h_conv = download(d_conv);
 
   std::size_t bad_upd = 0, bad_inplace = 0, bad_into = 0, bad_conv = 0, padding = 0;
   for (std::size_t f = 0; f < total; ++f) {
@@ -507,13 +494,13 @@ TEST_CASE("convert is exact: every fp16 and bf16 value to float, and random floa
       h16[i].bits = static_cast<std::uint16_t>(i);
       hb[i].bits = static_cast<std::uint16_t>(i);
     }
-    auto d16 = to_device(h16);
-    auto db = to_device(hb);
+    auto d16 = upload(h16);
+    auto db = upload(hb);
     auto out16 = poisoned<float>(65536), outb = poisoned<float>(65536);
     gpu::convert(out16.data(), d16.data(), table, stream.get());
     gpu::convert(outb.data(), db.data(), table, stream.get());
     stream.synchronize();
-    const auto r16 = to_host(out16), rb = to_host(outb);
+    const auto r16 = download(out16), rb = download(outb);
     std::size_t bad = 0;
     for (std::uint32_t i = 0; i < 65536; ++i) {
       const float w16 = to_float(h16[i]), wb = to_float(hb[i]);
@@ -537,14 +524,14 @@ TEST_CASE("convert is exact: every fp16 and bf16 value to float, and random floa
       std::memcpy(&x[i], &u, 4);
       if (std::isnan(x[i])) x[i] = 1.5f;
     }
-    auto dx = to_device(x);
+    auto dx = upload(x);
     auto o16 = poisoned<float16>(kN);
     auto ob = poisoned<bfloat16>(kN);
     gpu::convert(o16.data(), dx.data(), table, stream.get());
     gpu::convert(ob.data(), dx.data(), table, stream.get());
     stream.synchronize();
-    const auto r16 = to_host(o16);
-    const auto rb = to_host(ob);
+    const auto r16 = download(o16);
+    const auto rb = download(ob);
     std::size_t bad16 = 0, badb = 0;
     for (std::size_t i = 0; i < kN; ++i) {
       if (to_float16(x[i]).bits != r16[i].bits) ++bad16;
@@ -645,7 +632,7 @@ std::vector<std::vector<float>> device_update_noise(const ParamLayout& layout, c
           d_z.data() + layout.offset(r), layout.spec(r).numel(), kSeed, p.step, kFirstId + static_cast<std::uint32_t>(r), i);
       ZO2_CUDA_CHECK_LAUNCH("z_query_kernel");
     }
-    z.push_back(to_host(d_z));
+    z.push_back(download(d_z));
   }
   return z;
 }
@@ -688,19 +675,19 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
     expected_update<S>(theta_want, state_want, layout, p, z);
 
     // The update alone.
-    auto d_theta = to_device(theta0);
-    gpu::DeviceBuffer<float> d_state = slots ? to_device(state0) : gpu::DeviceBuffer<float>();
+    auto d_theta = upload(theta0);
+    gpu::DeviceBuffer<float> d_state = slots ? upload(state0) : gpu::DeviceBuffer<float>();
     const gpu::DeviceRuleState st{d_state.data(), total, slots};
     gpu::update(d_theta.data(), table, kFirstId, kSeed, p, stream.get(), st);
     stream.synchronize();
-    const std::vector<S> theta_upd = to_host(d_theta);
+    const std::vector<S> theta_upd = download(d_theta);
     CHECK(bits_differ(theta_upd, theta_want) == 0);  // padding included: untouched
-    if (slots) CHECK(bits_differ(to_host(d_state), state_want) == 0);
+    if (slots) CHECK(bits_differ(download(d_state), state_want) == 0);
 
     // The fused pass: the same theta and state, and theta +- eps z of the updated theta as
     // perturb_into writes them.
-    auto d_theta2 = to_device(theta0);
-    gpu::DeviceBuffer<float> d_state2 = slots ? to_device(state0) : gpu::DeviceBuffer<float>();
+    auto d_theta2 = upload(theta0);
+    gpu::DeviceBuffer<float> d_state2 = slots ? upload(state0) : gpu::DeviceBuffer<float>();
     auto d_plus = poisoned<float>(total), d_minus = poisoned<float>(total);
     gpu::update_and_perturb(d_theta2.data(), d_plus.data(), d_minus.data(), table, kFirstId, kSeed, kStep, kEps, &p,
                              stream.get(), gpu::DeviceRuleState{d_state2.data(), total, slots});
@@ -708,10 +695,10 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
     gpu::perturb_into(d_plus_want.data(), d_theta.data(), table, kFirstId, kSeed, kStep, kEps, stream.get());
     gpu::perturb_into(d_minus_want.data(), d_theta.data(), table, kFirstId, kSeed, kStep, -kEps, stream.get());
     stream.synchronize();
-    CHECK(bits_differ(to_host(d_theta2), theta_want) == 0);
-    if (slots) CHECK(bits_differ(to_host(d_state2), state_want) == 0);
-    CHECK(bits_differ(to_host(d_plus), to_host(d_plus_want)) == 0);
-    CHECK(bits_differ(to_host(d_minus), to_host(d_minus_want)) == 0);
+    CHECK(bits_differ(download(d_theta2), theta_want) == 0);
+    if (slots) CHECK(bits_differ(download(d_state2), state_want) == 0);
+    CHECK(bits_differ(download(d_plus), download(d_plus_want)) == 0);
+    CHECK(bits_differ(download(d_minus), download(d_minus_want)) == 0);
 
     if (c.rule == RuleId::kSgd && c.queries == 1) {
       // The default update is the formula of the kernels before the family, bit for bit ...
@@ -720,7 +707,7 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
       expected_update<S, true>(legacy, none, layout, p, z);
       CHECK(bits_differ(theta_upd, legacy) == 0);
       // ... and the kernel of several queries, given one, computes the same.
-      auto d_multi = to_device(theta0);
+      auto d_multi = upload(theta0);
       gpu::detail::KernelArgs a{};
       a.first_tensor_id = kFirstId;
       a.seed = kSeed;
@@ -732,7 +719,7 @@ TEST_CASE_TEMPLATE("the family's updates (every rule, 1 to 16 queries, rule stat
                                   gpu::detail::kDefaultMinBlocks, SgdRule, true>(d_multi.data(), nullptr, nullptr, a,
                                                                                   stream.get());
       stream.synchronize();
-      CHECK(bits_differ(to_host(d_multi), theta_upd) == 0);
+      CHECK(bits_differ(download(d_multi), theta_upd) == 0);
     }
   }
 }

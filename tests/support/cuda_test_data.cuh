@@ -52,6 +52,20 @@ void poison(T* p, std::size_t n) {
   zo2::gpu::fill_device_blocking(p, 0xff, n * sizeof(T));  // done before any stream writes p
 }
 
+/// A new device buffer of n elements, poisoned (see poison()).
+template <class T>
+zo2::gpu::DeviceBuffer<T> poisoned(std::size_t n) {
+  zo2::gpu::DeviceBuffer<T> d(n);
+  poison(d.data(), n);
+  return d;
+}
+
+/// A device buffer's elements, after every stream is done.
+template <class T>
+std::vector<T> download(const zo2::gpu::DeviceBuffer<T>& d) {
+  return download(d.data(), d.size());
+}
+
 /// ||out - ref|| / ||ref||; infinity if any output is not finite.
 template <class T>
 double rel_error(const std::vector<T>& out, const std::vector<double>& ref) {
