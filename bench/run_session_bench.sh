@@ -6,8 +6,9 @@
 #                codecs at OPT-6.7B with write-back every 1 and 4 steps; ZO2_SIDE_ARGS and
 #                ZO2_REFERENCE_RUNS override), zo-adam's state in fp32 and bf16, then an offloaded
 #                zo2-opt run's host memory at OPT-6.7B (bf16 and int8, with a checkpoint)
-#   b            host memory at OPT-13B (bf16, int8) and OPT-30B (int8), the LLaMA family resident
-#                (bf16) and Qwen2.5-7B offloaded (bf16p, int8), write-back K = 1, 4 at OPT-13B
+#   b            host memory at OPT-13B (bf16), OPT-66B (int8: a 128 GB host) and OPT-30B (int8,
+#                bf16), the LLaMA family resident (bf16), Qwen2.5-7B offloaded (bf16p, int8),
+#                write-back K = 1, 4 at OPT-13B, host memory at OPT-13B int8
 #   run(command="bash bench/run_session_bench.sh", carry=[".reference"])
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,12 +55,14 @@ if [[ $plan == a ]]; then
   host_memory mem-6.7b-bf16 opt-6.7b bf16 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
   host_memory mem-6.7b-int8 opt-6.7b int8 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
 else
-  host_memory mem-13b-int8 opt-13b int8 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
+  host_memory mem-13b-bf16 opt-13b bf16
+  host_memory mem-66b-int8 opt-66b int8
   host_memory mem-30b-int8 opt-30b int8
+  host_memory mem-30b-bf16 opt-30b bf16
   run_more llama-resident --model llama-3.2-1b,llama-3-8b --policy resident --codec bf16
   run_more qwen2.5 --model qwen2.5-7b --policy offload --codec bf16p,int8
-  host_memory mem-13b-bf16 opt-13b bf16
   run_more writeback-13b --model opt-13b --policy offload --codec bf16 --writeback-every 1,4
+  host_memory mem-13b-int8 opt-13b int8
 fi
 python3 "$root/bench/bench_results.py" "$results" 2>&1 | tail -40
 echo "results: $results"
