@@ -27,6 +27,7 @@
 #include <zo2/backend/cpu/transformer_kernels.hpp>
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
+#include <zo2/models/candidates.hpp>
 #include <zo2/models/llama/config.hpp>
 #include <zo2/models/llama/layout.hpp>
 #include <zo2/models/opt/model.hpp>  // ParamSet, param_set, kIgnoreLabel: shared by the bundled models
@@ -250,39 +251,16 @@ class LlamaModel {
   std::vector<double> score_candidates(const ParamSet<T>& params, std::span<const std::int32_t> prompt,
                                        const std::vector<std::vector<std::int32_t>>& candidates,
                                        Workspace& ws) const {
-    if (prompt.empty()) throw ShapeError("score_candidates: the prompt is empty");
-    if (candidates.empty()) return {};
-    std::size_t longest = 0;
-    for (std::size_t c = 0; c < candidates.size(); ++c) {
-      if (candidates[c].empty()) throw ShapeError("score_candidates: candidate " + std::to_string(c) + " is empty");
-      longest = std::max(longest, candidates[c].size());
-    }
-    Batch batch;
-    batch.batch = candidates.size();
-    batch.seq = prompt.size() + longest;
-    const std::int32_t filler = config_.pad_token_id >= 0 ? static_cast<std::int32_t>(config_.pad_token_id) : 0;
-    batch.input_ids.assign(batch.batch * batch.seq, filler);
-    batch.attention_mask.assign(batch.batch * batch.seq, 0);
-    for (std::size_t c = 0; c < candidates.size(); ++c) {
-      std::int32_t* ids = batch.input_ids.data() + c * batch.seq;
-      std::copy(prompt.begin(), prompt.end(), ids);
-      std::copy(candidates[c].begin(), candidates[c].end(), ids + prompt.size());
-      std::fill_n(batch.attention_mask.data() + c * batch.seq, prompt.size() + candidates[c].size(), 1);
-    }
+    const Batch batch = models::candidate_batch<Batch>(prompt, candidates, config_.pad_token_id);
+    if (batch.batch == 0) return {};
     Activation h;
     forward_to_output(params, batch, h, ws);
     const Matrix& features = output_features(params.epilogue, h, ws);
-
-    std::vector<double> scores(candidates.size(), 0.0);
     Matrix row_logits;
-    for (std::size_t c = 0; c < candidates.size(); ++c)
-      for (std::size_t k = 0; k < candidates[c].size(); ++k) {
-        const std::size_t row = c * batch.seq + prompt.size() - 1 + k;
-        lm_head(params.epilogue, params.prologue, features.middleRows(static_cast<Eigen::Index>(row), 1), row_logits);
-        scores[c] += static_cast<double>(row_logits(0, candidates[c][k])) -
-                     kernels::log_sum_exp(row_logits.data(), row_logits.cols());
-      }
-    return scores;
+    return models::candidate_scores(prompt.size(), batch.seq, candidates, [&](std::size_t row, std::int32_t token) {
+      lm_head(params.epilogue, params.prologue, features.middleRows(static_cast<Eigen::Index>(row), 1), row_logits);
+      return static_cast<double>(row_logits(0, token)) - kernels::log_sum_exp(row_logits.data(), row_logits.cols());
+    });
   }
 
  private:
