@@ -73,6 +73,7 @@
 #include <zo2/models/llama/config.hpp>
 #include <zo2/models/llama/cuda/llama_cuda_model.cuh>
 #include <zo2/models/llama/layout.hpp>
+#include <zo2/models/lm_head.hpp>
 #include <zo2/models/opt/config.hpp>
 #include <zo2/models/opt/cuda/opt_cuda_model.cuh>
 #include <zo2/models/opt/layout.hpp>
@@ -297,6 +298,7 @@ struct PolicyNumbers {
   unsigned writeback_every = 1;       // the plan's K (deferred write-back)
   double updates_replayed_per_step = 0;
   unsigned state_value_bytes = 4;     // the rule state's bytes per value (4 fp32, 2 bf16)
+  bool prologue_scratch_shared = false;  // the blocks reuse the prologue's perturbed copy
 };
 
 /// The PCIe floor of a step moving `up` bytes host-to-device and `down` back (see the file
@@ -363,7 +365,8 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
         .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots)
         .add("perturbed_copies", p.perturbed_copies).add("escape_overflow", p.escape_overflow)
         .add("writeback_every_used", p.writeback_every).add("updates_replayed_per_step", p.updates_replayed_per_step)
-        .add("rule_state", p.state_value_bytes == 2 ? "bf16" : "fp32");
+        .add("rule_state", p.state_value_bytes == 2 ? "bf16" : "fp32")
+        .add("prologue_scratch_shared", p.prologue_scratch_shared);
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
       .add("gemm_tflops", env.gemm.tflops).add("pinned_h2d_GBps", env.bw.h2d)
       .add("pinned_bidir_h2d_GBps", env.bw.bidir_h2d).add("pinned_bidir_d2h_GBps", env.bw.bidir_d2h)
@@ -490,6 +493,8 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   opts.rule_state_slots = rule_state_slots(ZOOptimizer<Model, Policy>::rule_of(zo_config(c)));
   opts.writeback_every = static_cast<unsigned>(c.writeback_every);
   opts.link = {env.bw.h2d, env.bw.bidir_h2d};  // for writeback_every 0
+  // An untied LM head: the blocks reuse the token embedding's perturbed copy (as zo2-opt does).
+  opts.prologue_scratch_shared = !models::ties_lm_head(config);
   Policy policy(Family::layout(config), opts);
   {
     // Values drawn on all host threads and encoded once per group kind; every block gets the
@@ -548,6 +553,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   p.perturbed_copies = policy.shares_perturbed_copy() ? 1 : 2;
   p.writeback_every = policy.writeback_every();
   p.state_value_bytes = policy.plan().state_value_bytes;
+  p.prologue_scratch_shared = policy.shares_prologue_scratch();
   p.updates_replayed_per_step = static_cast<double>(policy.updates_replayed()) / c.steps;
   print_config_line(c, env, base, setup_s, m, p, model.gemm().cached_plans());
 

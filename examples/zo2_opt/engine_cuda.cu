@@ -22,6 +22,7 @@
 
 #include <zo2/zo2.hpp>
 #include <zo2/models/llama/cuda/llama_cuda_model.cuh>
+#include <zo2/models/lm_head.hpp>
 #include <zo2/models/opt/cuda/opt_cuda_model.cuh>
 #include <zo2/offload/codecs.hpp>
 #include <zo2/offload/packed_bf16.hpp>
@@ -270,6 +271,9 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   // Deferred write-back (results unchanged); 0: the plan picks K from the link, measured here.
   offload.writeback_every = options.writeback_every;
   offload.rule_state_bf16 = options.state_bf16;
+  // An untied LM head leaves the token embedding's perturbed copy unread after the prologue:
+  // the blocks reuse its device memory.
+  offload.prologue_scratch_shared = !zo2::models::ties_lm_head(config);
   if (offload.writeback_every == 0) offload.link = zo2::gpu::measure_link();
   // The codec is both the precision the weights rest in on the host (the master) and the one
   // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>, LlamaCudaModel<float>).

@@ -690,3 +690,61 @@ TEST_CASE("HostOffload (bf16 codec) with LlamaCudaModel: the CPU bf16 run's step
     CHECK(gpu_after < gpu_initial - 0.5 * (cpu_initial - cpu_after));
   }
 }
+
+TEST_CASE("HostOffload with prologue_scratch_shared: an untied head's steps are bit-identical in less device memory; "
+          "a tied head is refused" *
+          doctest::skip(!kHaveDevice)) {
+  using Policy = zo2::gpu::HostOffload<offload::Bf16Codec, float>;
+  using Opt = ZOOptimizer<llama::LlamaCudaModel<float>, Policy>;
+  ZOConfig zc;
+  zc.lr = 2e-3, zc.eps = 1e-2, zc.weight_decay = 0.1, zc.seed = 42;
+  {
+    const std::string name = "llama3_rope_bf16";  // untied
+    const Expected x = read_expected(name);
+    auto loaded = llama::load_llama_checkpoint<float>(fixture(name));
+    REQUIRE_FALSE(loaded.config.tie_word_embeddings);
+    zo2::gpu::OffloadOptions own, shared;
+    shared.prologue_scratch_shared = true;
+    Policy own_policy(loaded.store, own), shared_policy(loaded.store, shared);
+    // The prologue's perturbed copy (its elements in float) is gone from the plan.
+    const ModelLayout& ml = own_policy.model_layout();
+    const std::size_t pro = ml.layout(ml.prologue()).total_elements(), blk = ml.layout(ml.block(0)).total_elements(),
+                      epi = ml.layout(ml.epilogue()).total_elements();
+    const auto aligned = [](std::size_t elements) { return (elements * sizeof(float) + 255) / 256 * 256; };
+    CHECK(own_policy.plan().fixed_bytes - shared_policy.plan().fixed_bytes ==
+          aligned(pro) + aligned(std::max(blk, epi)) - aligned(std::max({pro, blk, epi})));
+    CHECK(shared_policy.plan().fixed_bytes < own_policy.plan().fixed_bytes);
+    CHECK(shared_policy.shares_prologue_scratch());
+
+    const llama::LlamaCudaModel<float> own_model(loaded.config, own_policy.stream()),
+        shared_model(loaded.config, shared_policy.stream());
+    const auto own_batch = own_model.make_batch(x.batch), shared_batch = shared_model.make_batch(x.batch);
+    Opt own_opt(own_model, own_policy, zc), shared_opt(shared_model, shared_policy, zc);
+    CHECK(shared_opt.evaluate(shared_batch) == own_opt.evaluate(own_batch));
+    for (int s = 0; s < 4; ++s) {
+      CAPTURE(s);
+      const StepResult a = own_opt.step(own_batch), b = shared_opt.step(shared_batch);
+      CHECK(b.loss_plus == a.loss_plus);
+      CHECK(b.loss_minus == a.loss_minus);
+      CHECK(b.projected_grad == a.projected_grad);
+    }
+    CHECK(shared_opt.evaluate(shared_batch) == own_opt.evaluate(own_batch));
+    for (std::size_t g = 0; g < ml.num_groups(); ++g) {
+      CAPTURE(g);
+      std::vector<float> a(ml.layout(GroupIndex{g}).total_elements()), b(a.size());
+      own_policy.get_group(GroupIndex{g}, a);
+      shared_policy.get_group(GroupIndex{g}, b);
+      CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+    }
+  }
+  {
+    const std::string name = "llama_mqa_tied_bf16";  // tied: the epilogue reads the embedding
+    auto loaded = llama::load_llama_checkpoint<float>(fixture(name));
+    REQUIRE(loaded.config.tie_word_embeddings);
+    zo2::gpu::OffloadOptions shared;
+    shared.prologue_scratch_shared = true;
+    Policy policy(loaded.store, shared);
+    const llama::LlamaCudaModel<float> model(loaded.config, policy.stream());
+    CHECK_THROWS_AS(Opt(model, policy, zc), ConfigError);
+  }
+}

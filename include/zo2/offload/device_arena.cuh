@@ -2,7 +2,8 @@
 // as the plan (offload_plan.cuh) counts them, so nothing is allocated on the device after start.
 //
 //   arena        prologue master, epilogue master (encoded), the perturbed scratch (the
-//                prologue's, and one shared by the blocks and the epilogue; one copy or two),
+//                prologue's unless it shares the other, and one shared by the blocks and the
+//                epilogue; one copy or two),
 //                the resident blocks' masters, the slots streamed blocks pass through;
 //   state arena  (stateful rules only) the rule state of the prologue, the epilogue, each
 //                resident block and each slot: state[slot * total_elements + element], fp32
@@ -49,11 +50,16 @@ class DeviceArena {
     };
     prologue_master_ = take(sizes.encoded_bytes[0]);
     epilogue_master_ = take(sizes.encoded_bytes[2]);
-    const std::size_t shared = std::max(sizes.elements[1], sizes.elements[2]);
-    scratch_[0].plus = reinterpret_cast<T*>(take(sizes.elements[0] * sizeof(T)));
-    scratch_[0].minus = one_copy ? scratch_[0].plus : reinterpret_cast<T*>(take(sizes.elements[0] * sizeof(T)));
+    const bool share = plan.prologue_scratch_shared;
+    const std::size_t shared =
+        std::max({sizes.elements[1], sizes.elements[2], share ? sizes.elements[0] : std::size_t{0}});
+    if (!share) {
+      scratch_[0].plus = reinterpret_cast<T*>(take(sizes.elements[0] * sizeof(T)));
+      scratch_[0].minus = one_copy ? scratch_[0].plus : reinterpret_cast<T*>(take(sizes.elements[0] * sizeof(T)));
+    }
     scratch_[1].plus = reinterpret_cast<T*>(take(shared * sizeof(T)));
     scratch_[1].minus = one_copy ? scratch_[1].plus : reinterpret_cast<T*>(take(shared * sizeof(T)));
+    if (share) scratch_[0] = scratch_[1];
     resident_masters_.clear();
     for (std::size_t i = 0; i < plan.resident_blocks; ++i) resident_masters_.push_back(take(plan.block_bytes));
     slot_data_.clear();
@@ -114,7 +120,8 @@ class DeviceArena {
   /// Slot i's block room and state room (null without state).
   const std::vector<unsigned char*>& slot_data() const { return slot_data_; }
   const std::vector<void*>& slot_states() const { return slot_states_; }
-  /// 0: the prologue's scratch, 1: the one the blocks and the epilogue share.
+  /// 0: the prologue's scratch (scratch 1 itself with OffloadPlan::prologue_scratch_shared), 1:
+  /// the one the blocks and the epilogue share.
   const Scratch& scratch(int i) const { return scratch_[i]; }
 
  private:

@@ -80,7 +80,9 @@
 // Streams: the model must run its forwards on stream() (or order itself after it) and its
 // epilogue must synchronize before returning the loss. The views handed out point at device
 // memory and stay valid until the next prepare/current call for a group that shares scratch
-// (the prologue has scratch of its own, so its views survive until the epilogue).
+// (the prologue has scratch of its own, so its views survive until the epilogue; with
+// OffloadOptions::prologue_scratch_shared it shares the blocks', for models whose epilogue does
+// not read the prologue's parameters).
 #pragma once
 
 #include <algorithm>
@@ -181,6 +183,9 @@ class HostOffload {
 
   /// Whether prepare() leaves one copy for both views (OffloadOptions::one_perturbed_copy).
   bool shares_perturbed_copy() const { return options_.one_perturbed_copy; }
+  /// Whether the prologue's views are overwritten by the first block's (OffloadOptions::
+  /// prologue_scratch_shared): only for models whose epilogue does not read them.
+  bool shares_prologue_scratch() const { return options_.prologue_scratch_shared; }
 
   /// Rewrites group g's perturbed copy as theta + eps z (kPlus) or theta - eps z (kMinus) of
   /// noise.step and noise.query, from the master as prepare() left it (updated). For a streamed

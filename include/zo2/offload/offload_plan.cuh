@@ -63,6 +63,13 @@ struct OffloadOptions {
   /// Pays where the link's duplex is slower than one way. 1: every visit (no lag); 0: the plan
   /// picks K from `link` (offload::choose_writeback_every: 1 for an unknown link).
   unsigned writeback_every = 1;
+  /// The prologue's perturbed copy shares the blocks' and the epilogue's scratch instead of
+  /// having its own: saves the prologue's size of device memory in T (a LLaMA-family token
+  /// embedding: 1.6 GB in bf16 at Qwen3-32B). Only for a model whose epilogue does not read the
+  /// prologue's parameters (an untied LM head: zo2::epilogue_reads_prologue(model) is false), as
+  /// the views prepare()/current() hand out for the prologue are then overwritten by the first
+  /// block's; ZOOptimizer refuses the combination otherwise.
+  bool prologue_scratch_shared = false;
   /// The measured link, for writeback_every = 0 (HostOffload measures nothing itself:
   /// zo2_bench passes what it measured, zo2-opt offload/link_probe.cuh's measure_link()).
   offload::LinkHint link{};
@@ -76,6 +83,7 @@ struct OffloadPlan {
   std::size_t block_state_bytes = 0;  // one block's rule state: crosses PCIe with it (0: none)
   /// prologue + epilogue masters, their rule state and the perturbed scratch
   std::size_t fixed_bytes = 0;
+  bool prologue_scratch_shared = false;  // OffloadOptions::prologue_scratch_shared
   std::size_t minimum_bytes = 0;      // fixed + options.slots slots (budget 0)
   std::size_t resident_blocks = 0;
   std::size_t streamed_blocks = 0;
@@ -133,11 +141,15 @@ OffloadPlan make_plan(const ModelLayout& ml, const OffloadOptions& opt) {
   };
   p.block_state_bytes = state_bytes(blk);
   const std::size_t fixed_state = state_bytes(pro) + state_bytes(epi);
-  const std::size_t shared_elems = std::max(blk.total_elements(), epi.total_elements());
+  p.prologue_scratch_shared = opt.prologue_scratch_shared;
   const std::size_t copies = opt.one_perturbed_copy ? 1 : 2;
+  const std::size_t pro_scratch = align_up(pro.total_elements() * sizeof(T), A);
+  const std::size_t shared_scratch = align_up(
+      std::max({blk.total_elements(), epi.total_elements(), p.prologue_scratch_shared ? pro.total_elements() : 0}) *
+          sizeof(T),
+      A);
   p.fixed_bytes = align_up(pro.bytes(), A) + align_up(epi.bytes(), A) + fixed_state +
-                  copies * align_up(pro.total_elements() * sizeof(T), A) +
-                  copies * align_up(shared_elems * sizeof(T), A);
+                  copies * ((p.prologue_scratch_shared ? 0 : pro_scratch) + shared_scratch);
   const std::size_t per_block = p.slot_bytes();
   p.minimum_bytes = p.fixed_bytes + opt.slots * per_block;
   const std::size_t n = ml.num_blocks();

@@ -35,6 +35,20 @@ concept LayerStack =
       { model.epilogue(params, params, in, batch, workspace) } -> std::convertible_to<double>;
     };
 
+/// Whether `model`'s epilogue reads the prologue's parameters (a tied LM head reads the token
+/// embedding): a model says so with `bool epilogue_reads_prologue() const`; one without that
+/// member is taken to read them. Where it does not, the optimizer hands the epilogue an empty
+/// prologue view, and an offload policy may reuse the prologue's perturbed copy for the blocks.
+template <class M>
+bool epilogue_reads_prologue(const M& model) {
+  if constexpr (requires {
+                  { model.epilogue_reads_prologue() } -> std::convertible_to<bool>;
+                })
+    return model.epilogue_reads_prologue();
+  else
+    return true;
+}
+
 /// Which parameter group: the prologue, block i, or the epilogue. Groups are numbered
 /// 0 (prologue), 1..N (blocks), N+1 (epilogue).
 struct GroupIndex {

@@ -88,6 +88,13 @@ concept SharesStream = requires(const M& m, const P& p) {
   { m.stream() == p.stream() } -> std::convertible_to<bool>;
 };
 
+/// A policy that may reuse the prologue's perturbed copy for the blocks (HostOffload with
+/// OffloadOptions::prologue_scratch_shared).
+template <class P>
+concept SharesPrologueScratch = requires(const P& p) {
+  { p.shares_prologue_scratch() } -> std::convertible_to<bool>;
+};
+
 /// A layer stack that can check a batch before any parameter is touched.
 template <class M>
 concept ValidatesBatches = requires(const M& m, const typename M::Batch& b) { m.validate_batch(b); };
@@ -125,6 +132,11 @@ class ZOOptimizer {
         throw ConfigError("optimizer", "this policy cannot re-perturb a group (materialize): queries = 1, "
                                        "the two-side estimator and no zo-cons only");
     check_streams();
+    if constexpr (SharesPrologueScratch<Policy>)
+      if (policy.shares_prologue_scratch() && epilogue_reads_prologue(model))
+        throw ConfigError("prologue_scratch_shared",
+                          "the policy overwrites the prologue's parameters with the first block's, but this model's "
+                          "epilogue reads them (a tied LM head)");
     const unsigned slots = rule_state_slots(rule());
     if constexpr (KeepsRuleState<Policy>) {
       if (slots > 0 && policy.rule_state_slots() != slots) policy.reserve_rule_state(slots);
@@ -302,7 +314,8 @@ class ZOOptimizer {
       model_->forward_block(i, policy_->current(ml.block(i)), a, next_, workspace_);
       std::swap(a, next_);
     }
-    return model_->epilogue(policy_->current(ml.epilogue()), prologue, a, batch, workspace_);
+    return model_->epilogue(policy_->current(ml.epilogue()),
+                            epilogue_reads_prologue(*model_) ? prologue : decltype(prologue){}, a, batch, workspace_);
   }
 
   OptimizerState state() const { return {step_, config_.seed, skipped_, updates_}; }
@@ -413,12 +426,13 @@ class ZOOptimizer {
         std::swap(acts_[k], next_);
       }
     }
-    // The epilogue reads the prologue's copy too (a tied LM head): the last probe first, which
-    // the prologue's copy still holds.
+    // The epilogue may read the prologue's copy too (a tied LM head): the last probe first,
+    // which the prologue's copy still holds. A model that does not gets an empty view.
     Copies epi = prepare(ml.epilogue(), probes, eps);
     std::vector<double> loss(n);
+    const bool reads_prologue = epilogue_reads_prologue(*model_);
     for (std::size_t k = n; k-- > 0;) {
-      const auto pv = view_for(ml.prologue(), pro, probes, k, eps);
+      const auto pv = reads_prologue ? view_for(ml.prologue(), pro, probes, k, eps) : decltype(pro.views.plus){};
       const auto ev = view_for(ml.epilogue(), epi, probes, k, eps);
       loss[k] = model_->epilogue(ev, pv, acts_[k], batch, workspace_);
     }

@@ -108,6 +108,9 @@ class LlamaModel {
   const LlamaConfig& config() const { return config_; }
   std::size_t num_blocks() const { return static_cast<std::size_t>(config_.num_hidden_layers); }
   const ParamLayout& prologue_layout() const { return prologue_layout_; }
+  /// Whether the epilogue reads the prologue's parameters: only a tied LM head (the token
+  /// embedding) does (zo2::epilogue_reads_prologue).
+  bool epilogue_reads_prologue() const { return config_.tie_word_embeddings; }
   const ParamLayout& block_layout() const { return block_layout_; }
   const ParamLayout& epilogue_layout() const { return epilogue_layout_; }
   /// The rotary inverse frequencies [head_dim / 2] (config().rope_inv_freq()).

@@ -154,6 +154,9 @@ class LlamaCudaModel {
   const Options& options() const { return options_; }
   std::size_t num_blocks() const { return static_cast<std::size_t>(config_.num_hidden_layers); }
   const ParamLayout& prologue_layout() const { return prologue_layout_; }
+  /// Whether the epilogue reads the prologue's parameters: only a tied LM head (the token
+  /// embedding) does (zo2::epilogue_reads_prologue).
+  bool epilogue_reads_prologue() const { return config_.tie_word_embeddings; }
   const ParamLayout& block_layout() const { return block_layout_; }
   const ParamLayout& epilogue_layout() const { return epilogue_layout_; }
   cudaStream_t stream() const { return stream_; }
