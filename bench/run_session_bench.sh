@@ -4,7 +4,8 @@
 # ZO2_TOTAL_S allows. ZO2_PLAN picks the list:
 #   a (default)  the side-by-side run (the PyTorch reference carried in .reference, then zo2's
 #                codecs at OPT-6.7B with write-back every 1 and 4 steps; ZO2_SIDE_ARGS and
-#                ZO2_REFERENCE_RUNS override), zo-adam's state in fp32 and bf16, then an offloaded
+#                ZO2_REFERENCE_RUNS override), Qwen3-32B offloaded (int8, bf16: its GPU memory),
+#                zo-adam's state in fp32 and bf16, then an offloaded
 #                zo2-opt run's host memory at OPT-6.7B (bf16 and int8, with a checkpoint)
 #   b            host memory at OPT-13B (bf16), OPT-66B (int8: a 128 GB host) and OPT-30B (int8,
 #                bf16), the LLaMA family resident (bf16), Qwen2.5-7B offloaded (bf16p, int8),
@@ -50,6 +51,7 @@ host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags]
   rm -rf /tmp/zo2-ck
 }
 if [[ $plan == a ]]; then
+  run_more qwen3-32b --model qwen3-32b --policy offload --codec int8,bf16
   run_more adam-state-bf16 --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam --state-bf16
   run_more adam-state --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam
   host_memory mem-6.7b-bf16 opt-6.7b bf16 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
