@@ -155,6 +155,7 @@ class HostOffload {
   HostOffload(ModelLayout layout, OffloadOptions options, cudaStream_t compute, SharedSeat<Codec, T> seat)
       : layout_(std::make_unique<ModelLayout>(std::move(layout))), options_(options) {
     if (!seat.core) throw ConfigError("seat", "HostOffload: an empty SharedSeat");
+    seat.core->check_seat(seat.index, *layout_, plan_for(*layout_, options_));  // before the seat is taken
     seat_ = std::make_unique<offload_detail::SeatGate>(std::move(seat.core), seat.index);
     init(compute);
   }
@@ -532,7 +533,6 @@ class HostOffload {
     const ModelLayout& ml = *layout_;
     plan_ = plan_for(ml, options_);
     if (seat_) {
-      seat_->core().check_seat(seat_->seat(), ml, plan_);
       host_ = &seat_->core().store();
       slots_.set_gate(seat_.get());
     }
