@@ -299,8 +299,10 @@ TEST_CASE("shared rule state (zo-mmt), slot-cache hits, and seat 0 setting block
     for (unsigned k : {1u, 4u}) {
       CAPTURE(k);
       check_seats<offload::Int8RowCodec>(mmt, test_shape(3), with(o, k, 4, 1), with(o, k, 4, 3), true);
-      check_seats<offload::Bf16Codec>(config_for(ZOMethod::kAdam, 2), test_shape(3), with(o, k, 4, 2),
-                                       with(o, k, 4, 1), true);
+      OffloadOptions adam = o;
+      adam.rule_state_slots = 2;
+      check_seats<offload::Bf16Codec>(config_for(ZOMethod::kAdam, 2), test_shape(3), with(adam, k, 4, 2),
+                                       with(adam, k, 4, 1), true);
     }
   }
 }
