@@ -606,9 +606,9 @@ class HostOffload {
     arena_.allocate_state(plan_, sizes(), compute_);
     if (!seat_)
       host_->allocate_state(plan_.streamed_blocks, plan_.block_state_bytes,
-                         "the rule state of " + std::to_string(plan_.streamed_blocks) + " streamed blocks (" +
-                             std::to_string(plan_.state_slots) + (plan_.state_value_bytes == 2 ? " bf16" : " fp32") +
-                             " values per parameter)");
+                            "the rule state of " + std::to_string(plan_.streamed_blocks) + " streamed blocks (" +
+                                std::to_string(plan_.state_slots) + (plan_.state_value_bytes == 2 ? " bf16" : " fp32") +
+                                " values per parameter)");
     slots_.set_state_rooms(arena_.slot_states(), plan_.state_slots ? state_bytes_of(1) : 0);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
   }

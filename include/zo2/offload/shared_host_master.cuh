@@ -27,6 +27,11 @@
 // A wait that outlasts set_wait_timeout() (300 s) throws an Error naming seat, block and
 // versions instead of hanging.
 //
+// Devices: each seat's thread makes its device current (cudaSetDevice) before it builds its
+// engine and before its calls; the seats' events may be waited on from any device of the
+// process, and pinned memory is portable across devices under unified addressing (every 64-bit
+// platform CUDA supports).
+//
 // The contract (what replicated training does anyway):
 //   - every seat makes the same sequence of calls (prepare, materialize, current, apply_update,
 //     settle; the optimizer's step and flush) with the same arguments;
