@@ -1,6 +1,6 @@
-// Several offload engines sharing one pinned host master (SharedHostMaster): two seats on one
-// GPU, each with its own streams and its own thread running a ZOOptimizer, stand in for two
-// GPUs of one process.
+// Several offload engines sharing one pinned host master (SharedHostMaster): two seats (three
+// in one case) on one GPU, each with its own streams and its own thread running a ZOOptimizer,
+// stand in for GPUs of one process.
 // - both seats' losses, encoded masters, decoded parameters (get_group after flush) and rule
 //   state are bit-identical to a lone HostOffload's over 12 steps: bf16, int8 rows and packed
 //   bf16; write-back every 1 and 4 steps; zo-sgd, zo-mmt and zo-adam q=2 (rule state in the
@@ -218,10 +218,11 @@ void set_between(Policy<Codec>& p, const ModelLayout& ml) {
   }
 }
 
-/// A lone run and two seats over 12 steps (6, flush, optionally a set, 6, flush): the same bits.
+/// A lone run and seats over 12 steps (6, flush, optionally a set, 6, flush): the same bits.
+/// Seat 0 runs with the lone run's options, the followers with theirs.
 template <class Codec>
 void check_seats(const ZOConfig& cfg, const DenseTanhStack<float>& shape, const OffloadOptions& lone_options,
-                 const OffloadOptions& follower_options, bool set_mid) {
+                 const std::vector<OffloadOptions>& follower_options, bool set_mid) {
   const auto init = initial_store(shape, 61);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 19));
   const ModelLayout ml = ModelLayout::of(shape);
@@ -235,28 +236,30 @@ void check_seats(const ZOConfig& cfg, const DenseTanhStack<float>& shape, const 
   lone.opt.flush();
   const Trace want = snapshot(lone.policy, lone_steps);
 
-  Seats<Codec> seats(init, shape, cfg, {lone_options, follower_options});
-  CHECK(seats.runs[0]->policy.seat() == 0);
-  CHECK(seats.runs[1]->policy.seat() == 1);
+  std::vector<OffloadOptions> options{lone_options};
+  options.insert(options.end(), follower_options.begin(), follower_options.end());
+  Seats<Codec> seats(init, shape, cfg, options);
+  for (std::size_t i = 0; i < options.size(); ++i) CHECK(seats.runs[i]->policy.seat() == static_cast<long>(i));
   seats.train(batch, 6);
   seats.flush();
   if (set_mid) set_between(seats.runs[0]->policy, ml);
   seats.train(batch, 6);
   seats.flush();
-  for (std::size_t i = 0; i < 2; ++i) {
+  for (std::size_t i = 0; i < options.size(); ++i) {
     CAPTURE(i);
     check_same(want, snapshot(seats.runs[i]->policy, seats.steps[i]));
   }
   // Pinned once: the master holds what the lone engine holds, the seats nothing.
   CHECK(lone.policy.owned_pinned_bytes() == lone.policy.plan().host_pinned_bytes);
   CHECK(seats.shared.pinned_bytes() == lone.policy.owned_pinned_bytes());
-  CHECK(seats.runs[0]->policy.owned_pinned_bytes() == 0);
-  CHECK(seats.runs[1]->policy.owned_pinned_bytes() == 0);
-  // The leader writes back what the lone engine writes back; the follower nothing.
+  for (const auto& r : seats.runs) CHECK(r->policy.owned_pinned_bytes() == 0);
+  // The leader writes back what the lone engine writes back; the followers nothing.
   CHECK(seats.runs[0]->policy.bytes_offloaded() == lone.policy.bytes_offloaded());
-  CHECK(seats.runs[1]->policy.bytes_offloaded() == 0);
-  CHECK(seats.runs[1]->policy.bytes_uploaded() > 0);
   CHECK(seats.runs[0]->policy.updates_replayed() == lone.policy.updates_replayed());
+  for (std::size_t i = 1; i < options.size(); ++i) {
+    CHECK(seats.runs[i]->policy.bytes_offloaded() == 0);
+    CHECK(seats.runs[i]->policy.bytes_uploaded() > 0);
+  }
 }
 
 template <class Codec>
@@ -268,10 +271,10 @@ void check_codec() {
     base.rule_state_slots = state_slots_for(cfg);
     for (unsigned k : {1u, 4u}) {
       CAPTURE(k);
-      check_seats<Codec>(cfg, shape, with(base, k), with(base, k), false);
+      check_seats<Codec>(cfg, shape, with(base, k), {with(base, k)}, false);
     }
     // The follower streams through three slots, two blocks ahead.
-    check_seats<Codec>(cfg, shape, with(base, 4), with(base, 4, 3, 2), false);
+    check_seats<Codec>(cfg, shape, with(base, 4), {with(base, 4, 3, 2)}, false);
   }
 }
 
@@ -293,16 +296,19 @@ TEST_CASE("shared rule state (zo-mmt), slot-cache hits, and seat 0 setting block
   OffloadOptions o;
   o.rule_state_slots = 1;
   SUBCASE("8 streamed blocks, K = 4, deep prefetch on the follower") {
-    check_seats<offload::Bf16Codec>(mmt, test_shape(), with(o, 4), with(o, 4, 4, 3), true);
+    check_seats<offload::Bf16Codec>(mmt, test_shape(), with(o, 4), {with(o, 4, 4, 3)}, true);
+  }
+  SUBCASE("three seats (two followers), K = 4") {
+    check_seats<offload::Int8RowCodec>(mmt, test_shape(), with(o, 4), {with(o, 4, 3, 2), with(o, 4)}, true);
   }
   SUBCASE("3 streamed blocks in 4 slots (hits), K = 1 and 4") {
     for (unsigned k : {1u, 4u}) {
       CAPTURE(k);
-      check_seats<offload::Int8RowCodec>(mmt, test_shape(3), with(o, k, 4, 1), with(o, k, 4, 3), true);
+      check_seats<offload::Int8RowCodec>(mmt, test_shape(3), with(o, k, 4, 1), {with(o, k, 4, 3)}, true);
       OffloadOptions adam = o;
       adam.rule_state_slots = 2;
       check_seats<offload::Bf16Codec>(config_for(ZOMethod::kAdam, 2), test_shape(3), with(adam, k, 4, 2),
-                                       with(adam, k, 4, 1), true);
+                                       {with(adam, k, 4, 1)}, true);
     }
   }
 }
