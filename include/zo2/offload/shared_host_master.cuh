@@ -55,15 +55,17 @@
 // until each follower begins its V. If the leader waits at V for a follower that waits for the
 // leader to pass W, the follower has passed W but not begun V (so W precedes V), while the
 // leader is at V but not past W (so V precedes W): impossible. Followers never wait for each
-// other. Prefetch changes nothing: an upload is issued ahead but expects the count of the moment
-// it is issued, which no later write-back of another block changes, and a block is never
-// prefetched into its own visit (prefetch_after skips the block being visited), so the upload a
-// visit uses is issued before the visit marks itself begun. The same holds for any prefetch
-// depth, for slot-cache hits (no upload: nothing to wait for; the leader then waits only for the
-// begin mark, which is immediate), and for the epilogue's prefetch of the next step's first
-// blocks (it expects the counts after this step's visits, which the leader publishes in this
-// step). On the device, the leader's D2H n + 1 waits for uploads that waited for its D2H n: the
-// waits follow the versions and have no cycle.
+// other, and a barrier every seat reaches at the same point of the calls (a communicator's
+// all-reduce at the end of a step) keeps this: whoever waits there has passed every visit before
+// it, which is all its partner can be waiting for. Prefetch changes nothing: an upload of b is
+// issued ahead but expects the count of the moment it is issued, and no write-back of b comes
+// between it and the visit that uses it (a block is never prefetched into its own visit:
+// prefetch_after skips the block being visited), so the upload a visit uses is issued before
+// the visit marks itself begun. The same holds for any prefetch depth, for slot-cache hits (no
+// upload: nothing to wait for, and the begin mark comes at once), and for the epilogue's
+// prefetch of the next step's first blocks (it expects the counts after this step's visits,
+// which the leader publishes in this step). On the device, the leader's D2H n + 1 waits for
+// uploads that waited for its D2H n: the waits follow the versions and have no cycle.
 #pragma once
 
 #include <chrono>
