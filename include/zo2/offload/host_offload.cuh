@@ -74,6 +74,9 @@
 //   device_passes.cuh   each codec's device side behind one interface (DevicePass), and which
 //                       kernel instantiation an update needs
 //   timeline.cuh        timing events of every visit (optional)
+//   shared_host_master.cuh  one host store for several engines (data-parallel seats in one
+//                       process): the constructors taking a SharedSeat; seat_gate.cuh orders
+//                       each seat's copies against the shared host copies
 // This file is the policy: the interface ZOOptimizer calls, visits, parameters and rule state
 // in and out.
 //
@@ -109,6 +112,8 @@
 #include <zo2/offload/host_store.cuh>
 #include <zo2/offload/offload_plan.cuh>
 #include <zo2/offload/packed_bf16.hpp>
+#include <zo2/offload/seat_gate.cuh>
+#include <zo2/offload/shared_host_master.cuh>
 #include <zo2/offload/slot_cache.cuh>
 #include <zo2/offload/timeline.cuh>
 #include <zo2/offload/writeback_log.hpp>
@@ -146,6 +151,22 @@ class HostOffload {
       : HostOffload(store.model_layout(), options, compute) {
     load(store);
   }
+  /// A seat of a shared host master (shared_host_master.cuh): the streamed blocks' masters and
+  /// rule state are the master's, no pinned memory of its own; the device side as above. Seat 0
+  /// sets the shared masters (they are zero until then), other seats their device groups only.
+  HostOffload(ModelLayout layout, OffloadOptions options, cudaStream_t compute, SharedSeat<Codec, T> seat)
+      : layout_(std::make_unique<ModelLayout>(std::move(layout))), options_(options) {
+    if (!seat.core) throw ConfigError("seat", "HostOffload: an empty SharedSeat");
+    seat.core->check_seat(seat.index, *layout_, plan_for(*layout_, options_));  // before the seat is taken
+    seat_ = std::make_unique<offload_detail::SeatGate>(std::move(seat.core), seat.index);
+    init(compute);
+  }
+  /// The same, with the initial parameters from `store` (see load()).
+  HostOffload(const ParameterStore<float>& store, OffloadOptions options, cudaStream_t compute,
+              SharedSeat<Codec, T> seat)
+      : HostOffload(store.model_layout(), options, compute, std::move(seat)) {
+    load(store);
+  }
 
   HostOffload(const HostOffload&) = delete;
   HostOffload& operator=(const HostOffload&) = delete;
@@ -169,7 +190,7 @@ class HostOffload {
     // Deferred write-back: a streamed block goes back to the host on the log's schedule only.
     const bool write_back =
         noise.pending != nullptr && (!streamed || log_.writes_back(g.value - 1, *noise.pending));
-    auto a = begin_visit(g, 'p');
+    auto a = begin_visit(g, 'p', write_back);
     a.plus = s.plus;
     a.minus = options_.one_perturbed_copy ? nullptr : s.minus;
     set_noise(a, noise.seed, noise.step, noise.query, noise.eps);
@@ -228,7 +249,7 @@ class HostOffload {
   /// streamed block is written back: its host copy is up to date afterwards.
   void apply_update(GroupIndex g, std::uint64_t seed, const PendingUpdate& pending) {
     close_visit();
-    auto a = begin_visit(g, 'u');
+    auto a = begin_visit(g, 'u', true);
     set_noise(a, seed, 0, 0, 0.0);
     a.pending = &pending;
     a.mode = offload_detail::PassMode::kUpdate;
@@ -248,7 +269,7 @@ class HostOffload {
   void settle(GroupIndex g) {
     if (!is_streamed(g) || log_.lag(g.value - 1) == 0) return;
     close_visit();
-    begin_visit(g, 's');  // a slot that came from the host replays what the host copy lacks
+    begin_visit(g, 's', true);  // a slot that came from the host replays what the host copy lacks
     end_visit(g, true);
     log_.settled(g.value - 1);
   }
@@ -275,6 +296,7 @@ class HostOffload {
 
   /// Encodes `flat` (the group's float flat buffer, padding included) as group g's master.
   void set_group(GroupIndex g, std::span<const float> flat) {
+    before_host_write(g, "set_group");
     drop_lag(g);
     synchronize();
     const auto& codec = codec_for(g);
@@ -291,6 +313,7 @@ class HostOffload {
   /// of them), e.g. one encoding copied to many blocks, or a checkpoint saved encoded.
   void set_group_encoded(GroupIndex g, std::span<const unsigned char> encoded) {
     check_encoded_size(g, encoded.size(), "set_group_encoded");
+    before_host_write(g, "set_group_encoded");
     drop_lag(g);
     synchronize();
     if (is_streamed(g)) {
@@ -305,8 +328,7 @@ class HostOffload {
   /// encoding again would not be (the int8 codec's row scales are sticky).
   void get_group_encoded(GroupIndex g, std::span<unsigned char> encoded) const {
     check_encoded_size(g, encoded.size(), "get_group_encoded");
-    settle_lagging(g);
-    synchronize();
+    before_host_read(g, "get_group_encoded");
     if (is_streamed(g)) std::memcpy(encoded.data(), host_block(g).data(), encoded.size());
     else ZO2_CUDA_CHECK(cudaMemcpy(encoded.data(), device_master(g), encoded.size(), cudaMemcpyDeviceToHost));
   }
@@ -315,8 +337,7 @@ class HostOffload {
   /// Decodes group g's master into `flat`. Call the optimizer's flush() first for theta after
   /// the last step.
   void get_group(GroupIndex g, std::span<float> flat) const {
-    settle_lagging(g);
-    synchronize();
+    before_host_read(g, "get_group");
     const auto& codec = codec_for(g);
     if (is_streamed(g)) {
       codec.decode_group(host_block(g), flat);
@@ -329,8 +350,18 @@ class HostOffload {
   /// Encodes every group of `store` as the masters. The streamed blocks are encoded straight
   /// into pinned host memory on all cores: encoding a large model is most of a start-up (the
   /// packed codec encodes ~370 M values/s on one core, OPT-30B has 30 G).
+  ///
+  /// A seat of a shared host master: seat 0 encodes the shared streamed blocks, another seat
+  /// only its device groups (see shared_host_master.cuh for when); nothing may be owed.
   void load(const ParameterStore<float>& store) {
     check_same_layout(store.model_layout());
+    if (seat_) {
+      if (log_.any_lag())
+        throw ConfigError("seat", "HostOffload::load: seat " + std::to_string(seat_->seat()) +
+                                      " has updates its shared host copies lack: flush on every seat first");
+      if (seat_->leader())
+        for (std::size_t b = 0; b < plan_.streamed_blocks; ++b) seat_->replace(b);
+    }
     if (plan_.state_slots) settle();  // the rule state stays: bring it up to date
     log_.settle_all();
     synchronize();
@@ -338,8 +369,10 @@ class HostOffload {
       const auto view = store.group(GroupIndex{g});
       return std::span<const float>(view.data(), view.layout().total_elements());
     };
+    const bool writes_host = !seat_ || seat_->leader();
     parallel_for(layout_->num_groups(), [&](std::size_t g) {
-      if (is_streamed(GroupIndex{g})) codec_for(GroupIndex{g}).encode_group(flat_of(g), host_block(GroupIndex{g}));
+      if (writes_host && is_streamed(GroupIndex{g}))
+        codec_for(GroupIndex{g}).encode_group(flat_of(g), host_block(GroupIndex{g}));
     });
     slots_.invalidate_all();  // every slot is stale now
     for (std::size_t g = 0; g < layout_->num_groups(); ++g)
@@ -348,6 +381,8 @@ class HostOffload {
   /// Decodes every master into `store` (streamed blocks on all cores).
   void store_to(ParameterStore<float>& store) const {
     check_same_layout(store.model_layout());
+    for (std::size_t b = 0; b < plan_.streamed_blocks; ++b)
+      if (seat_ && !seat_->leader()) before_host_read(GroupIndex{b + 1}, "store_to");
     if (log_.any_lag()) const_cast<HostOffload*>(this)->settle();  // see settle_lagging()
     synchronize();
     const auto flat_of = [&](std::size_t g) {
@@ -368,14 +403,29 @@ class HostOffload {
   /// differs. The same count as the plan's (OffloadOptions::rule_state_slots) only zeroes the
   /// state; another count re-plans (see OffloadOptions::rule_state_slots; ConfigError when the
   /// budget cannot hold it, and then nothing changes).
+  ///
+  /// A seat of a shared host master keeps the master's count (ConfigError for another); seat 0
+  /// zeroes the shared state (see shared_host_master.cuh for when), another seat its device
+  /// state only.
   void reserve_rule_state(unsigned slots) {
+    if (seat_ && slots != plan_.state_slots)
+      throw ConfigError("rule_state_slots", "HostOffload::reserve_rule_state: seat " + std::to_string(seat_->seat()) +
+                                                " of a shared host master holds " + std::to_string(plan_.state_slots) +
+                                                " state values per parameter, the master's; asked for " +
+                                                std::to_string(slots) + ": create the SharedHostMaster with "
+                                                "OffloadOptions::rule_state_slots = " + std::to_string(slots));
     settle();  // the lagging updates need the state they were applied with
     close_visit();
     synchronize();
     if (slots == plan_.state_slots) {
       arena_.zero_state(compute_);
       ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
-      host_.zero_state();
+      if (seat_) {
+        if (!seat_->leader()) return;
+        for (std::size_t b = 0; b < plan_.streamed_blocks; ++b) seat_->replace(b);
+        slots_.invalidate_all();  // their state is zero on the host now
+      }
+      host_->zero_state();
       return;
     }
     OffloadOptions next = options_;
@@ -406,13 +456,12 @@ class HostOffload {
   void get_rule_state(GroupIndex g, std::span<float> out) const {
     check_state_size(g, out.size(), "get_rule_state");
     if (out.empty()) return;
-    settle_lagging(g);
-    synchronize();
+    before_host_read(g, "get_rule_state");
     const std::size_t bytes = out.size() * plan_.state_value_bytes;
     std::vector<bfloat16> staging(plan_.state_value_bytes == 2 ? out.size() : 0);
     void* dst = staging.empty() ? static_cast<void*>(out.data()) : static_cast<void*>(staging.data());
     if (is_streamed(g)) {
-      std::memcpy(dst, host_.state(g.value - 1), bytes);
+      std::memcpy(dst, host_->state(g.value - 1), bytes);
     } else {
       ZO2_CUDA_CHECK(cudaMemcpyAsync(dst, device_state(g), bytes, cudaMemcpyDeviceToHost, compute_));
       ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
@@ -423,6 +472,7 @@ class HostOffload {
   void set_rule_state(GroupIndex g, std::span<const float> in) {
     check_state_size(g, in.size(), "set_rule_state");
     if (in.empty()) return;
+    before_host_write(g, "set_rule_state");
     settle(g);  // the master's lagging updates are applied with the state they were applied with
     synchronize();
     // bf16 state: each value rounded to nearest (exact for values a bf16 run saved).
@@ -431,7 +481,7 @@ class HostOffload {
     for (std::size_t j = 0; j < staging.size(); ++j) staging[j] = to_bfloat16(in[j]);
     const void* src = staging.empty() ? static_cast<const void*>(in.data()) : static_cast<const void*>(staging.data());
     if (is_streamed(g)) {
-      std::memcpy(host_.state(g.value - 1), src, bytes);
+      std::memcpy(host_->state(g.value - 1), src, bytes);
       slots_.invalidate(g.value);  // stale on the device now
     } else {
       ZO2_CUDA_CHECK(cudaMemcpyAsync(device_state(g), src, bytes, cudaMemcpyHostToDevice, compute_));
@@ -477,11 +527,20 @@ class HostOffload {
   unsigned writeback_every() const { return plan_.writeback_every; }
   /// Which updates each streamed block's host copy lacks (index: streamed block, group - 1).
   const offload::WritebackLog& writeback_log() const { return log_; }
+  /// Pinned host memory this engine allocated itself (the streamed blocks' masters and rule
+  /// state): 0 for a seat of a shared host master, whose masters are the master's.
+  std::size_t owned_pinned_bytes() const { return own_host_.pinned_bytes(); }
+  /// The seat this engine holds in a shared host master (-1: none, a lone engine).
+  long seat() const { return seat_ ? static_cast<long>(seat_->seat()) : -1; }
 
  private:
   void init(cudaStream_t compute) {
     const ModelLayout& ml = *layout_;
     plan_ = plan_for(ml, options_);
+    if (seat_) {
+      host_ = &seat_->core().store();
+      slots_.set_gate(seat_.get());
+    }
     if (compute) {
       compute_ = compute;
     } else {
@@ -528,10 +587,11 @@ class HostOffload {
     } catch (const OutOfMemory& e) {
       throw device_oom(free_b, &e);
     }
-    host_.allocate_masters(plan_.streamed_blocks, plan_.block_bytes,
-                           std::to_string(plan_.streamed_blocks) + " streamed blocks of " +
-                               std::to_string(plan_.block_bytes) + " bytes in codec " + Codec::name);
-    slots_.reset(&host_, codecs_[1].bytes(), 0, arena_.slot_data(), {}, plan_.streamed_blocks, options_.prefetch_depth);
+    if (!seat_)  // a seat's masters are the shared master's
+      host_->allocate_masters(plan_.streamed_blocks, plan_.block_bytes,
+                              std::to_string(plan_.streamed_blocks) + " streamed blocks of " +
+                                  std::to_string(plan_.block_bytes) + " bytes in codec " + Codec::name);
+    slots_.reset(host_, codecs_[1].bytes(), 0, arena_.slot_data(), {}, plan_.streamed_blocks, options_.prefetch_depth);
     log_.reset(plan_.streamed_blocks, plan_.writeback_every);  // the host copies are the masters
     allocate_state();
   }
@@ -539,7 +599,7 @@ class HostOffload {
   /// The rule state's buffers for plan_ (none without state), zeroed; every slot is emptied.
   void allocate_state() {
     arena_.release_state();
-    host_.allocate_state(0, 0, "");
+    if (!seat_) host_->allocate_state(0, 0, "");
     if (plan_.state_slots) {
       std::size_t free_b = 0, total_b = 0;
       ZO2_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
@@ -549,10 +609,11 @@ class HostOffload {
                           " rule state values per parameter, " + std::to_string(free_b >> 20) + " MiB free");
     }
     arena_.allocate_state(plan_, sizes(), compute_);
-    host_.allocate_state(plan_.streamed_blocks, plan_.block_state_bytes,
-                         "the rule state of " + std::to_string(plan_.streamed_blocks) + " streamed blocks (" +
-                             std::to_string(plan_.state_slots) + (plan_.state_value_bytes == 2 ? " bf16" : " fp32") +
-                             " values per parameter)");
+    if (!seat_)
+      host_->allocate_state(plan_.streamed_blocks, plan_.block_state_bytes,
+                            "the rule state of " + std::to_string(plan_.streamed_blocks) + " streamed blocks (" +
+                                std::to_string(plan_.state_slots) + (plan_.state_value_bytes == 2 ? " bf16" : " fp32") +
+                                " values per parameter)");
     slots_.set_state_rooms(arena_.slot_states(), plan_.state_slots ? state_bytes_of(1) : 0);
     ZO2_CUDA_CHECK(cudaStreamSynchronize(compute_));
   }
@@ -572,9 +633,9 @@ class HostOffload {
     const OffloadOptions old_options = options_;
     const Plan old_plan = plan_;
     const auto release = [&] {
-      slots_.reset(&host_, 0, 0, {}, {}, 0, 1);
+      slots_.reset(host_, 0, 0, {}, {}, 0, 1);
       arena_.release();
-      host_.release();
+      host_->release();
     };
     release();
     try {
@@ -637,7 +698,7 @@ class HostOffload {
     return arena_.scratch(g.value == 0 ? 0 : 1);
   }
   bool is_streamed(GroupIndex g) const { return kind_of(g) == 1 && g.value - 1 < plan_.streamed_blocks; }
-  std::span<unsigned char> host_block(GroupIndex g) const { return {host_.master(g.value - 1), codecs_[1].bytes()}; }
+  std::span<unsigned char> host_block(GroupIndex g) const { return {host_->master(g.value - 1), codecs_[1].bytes()}; }
   unsigned char* device_master(GroupIndex g) const {
     const int k = kind_of(g);
     if (k == 0) return arena_.prologue_master();
@@ -667,8 +728,9 @@ class HostOffload {
   // ---- visits ----------------------------------------------------------------------------------
 
   /// Starts a visit: the pass arguments with group g's master and rule state on the device,
-  /// ordered on compute_ (a streamed block's slot waits for its upload).
-  offload_detail::PassArgs<T> begin_visit(GroupIndex g, char kind) {
+  /// ordered on compute_ (a streamed block's slot waits for its upload). `writes_back`: the
+  /// visit of a streamed block ends with a write-back.
+  offload_detail::PassArgs<T> begin_visit(GroupIndex g, char kind, bool writes_back = false) {
     Timeline::Marks m;
     m.group = g.value;
     m.kind = kind;
@@ -676,7 +738,8 @@ class HostOffload {
     offload_detail::PassArgs<T> a;
     bool from_host = false;
     if (is_streamed(g)) {
-      const offload_detail::Slot& s = slots_.begin(g.value, m, from_host);
+      if (seat_ && seat_->stale(g.value - 1)) slots_.invalidate(g.value);  // seat 0 set its host copy
+      const offload_detail::Slot& s = slots_.begin(g.value, m, from_host, writes_back);
       a.master = s.data;
       a.state = s.state;
     } else {
@@ -712,6 +775,40 @@ class HostOffload {
   /// only lag after a non-const call (prepare), so an object defined const never gets here.
   void settle_lagging(GroupIndex g) const {
     if (is_streamed(g) && log_.lag(g.value - 1) != 0) const_cast<HostOffload*>(this)->settle(g);
+  }
+
+  /// Before a caller reads group g's host copy (or device copy): bring it up to date and wait
+  /// for the copies. A follower seat cannot write a lagging block back (the leader's copy
+  /// comes with the leader's own calls): it throws, or waits for the leader's version.
+  void before_host_read(GroupIndex g, const char* what) const {
+    if (seat_ && !seat_->leader() && is_streamed(g)) {
+      const std::size_t b = g.value - 1;
+      if (log_.lag(b) != 0)
+        throw Error(std::string("HostOffload::") + what + ": seat " + std::to_string(seat_->seat()) +
+                    "'s shared host copy of streamed group " + std::to_string(g.value) + " lacks " +
+                    std::to_string(log_.lag(b)) + " updates, which seat 0 writes back: flush on every seat first");
+      synchronize();
+      seat_->await_host(b);
+      return;
+    }
+    settle_lagging(g);
+    synchronize();
+  }
+
+  /// Before group g's host copy is set from outside: on a seat of a shared host master only
+  /// seat 0 sets a streamed group, with nothing owed, where every seat stands (ConfigError).
+  void before_host_write(GroupIndex g, const char* what) {
+    if (!seat_ || !is_streamed(g)) return;
+    if (!seat_->leader())
+      throw ConfigError("seat", std::string("HostOffload::") + what + ": streamed group " + std::to_string(g.value) +
+                                    " rests in the host master seat " + std::to_string(seat_->seat()) +
+                                    " shares with seat 0: set it through seat 0 (a follower sets its "
+                                    "device-resident groups only)");
+    if (log_.lag(g.value - 1) != 0)
+      throw ConfigError("seat", std::string("HostOffload::") + what + ": streamed group " + std::to_string(g.value) +
+                                    " of the shared host master lacks " + std::to_string(log_.lag(g.value - 1)) +
+                                    " updates: flush on every seat first");
+    seat_->replace(g.value - 1);
   }
 
   /// Before group g's host copy is replaced: with rule state (which stays) the copy is brought
@@ -764,7 +861,9 @@ class HostOffload {
   GroupCodecT codecs_[3];  // prologue, block, epilogue (the passes keep pointers: fixed addresses)
   Pass passes_[3];
   offload_detail::DeviceArena<T> arena_;
-  offload_detail::HostStore host_;
+  std::unique_ptr<offload_detail::SeatGate> seat_;  // a seat of a shared host master (null: none)
+  offload_detail::HostStore own_host_;              // a lone engine's masters (empty for a seat)
+  offload_detail::HostStore* host_ = &own_host_;    // the masters this engine streams
   offload_detail::SlotCache slots_;
   offload::WritebackLog log_;  // what each streamed block's host copy lacks (deferred write-back)
   std::size_t replayed_ = 0;

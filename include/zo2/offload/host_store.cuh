@@ -82,6 +82,12 @@ class PinnedBlocks {
   }
   void release() { chunks_.clear(); }
   bool empty() const { return chunks_.empty(); }
+  /// Pinned bytes held.
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const auto& chunk : chunks_) n += chunk.size();
+    return n;
+  }
   /// Block i's bytes (null when nothing was allocated: no blocks, or blocks of 0 bytes).
   unsigned char* block(std::size_t i) const {
     if (chunks_.empty()) return nullptr;
@@ -110,6 +116,9 @@ class HostStore {
     masters_.release();
     state_.release();
   }
+
+  /// Pinned bytes held (masters and rule state).
+  std::size_t pinned_bytes() const { return masters_.bytes() + state_.bytes(); }
 
   unsigned char* master(std::size_t i) const { return masters_.block(i); }
   unsigned char* state(std::size_t i) const { return state_.block(i); }

@@ -25,6 +25,11 @@
 // the block's last visit (`fresh`): only such a slot lacks what the host copy lacks, and the
 // caller replays those updates (writeback_log.hpp) on the compute stream after `uploaded`; a
 // slot still holding the block from its last visit is current.
+//
+// A seat of a shared host master (shared_host_master.cuh) passes its SeatGate: every upload
+// then waits for the host copy's version the seat counts, and a write-back is the leader's D2H
+// (after the followers' uploads of that version) or, on a follower, only counted: no D2H, the
+// slot is freed as after a skipped write-back.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -38,6 +43,7 @@
 #include <zo2/backend/cuda/check.cuh>
 #include <zo2/backend/cuda/memory.cuh>
 #include <zo2/offload/host_store.cuh>
+#include <zo2/offload/seat_gate.cuh>
 #include <zo2/offload/timeline.cuh>
 
 namespace zo2::gpu::offload_detail {
@@ -61,6 +67,8 @@ class SlotCache {
     offload_ = offload;
     timeline_ = timeline;
   }
+  /// A seat's gate (null: a lone engine with its own host store).
+  void set_gate(SeatGate* gate) { gate_ = gate; }
 
   /// Slots over `data` (and `state`: one room per slot, or empty without state) for
   /// `streamed_blocks` blocks resting in `host` (groups 1..streamed_blocks), each `master_bytes`
@@ -107,8 +115,10 @@ class SlotCache {
   /// on its way), ordered on the compute stream; the upload's timeline marks go into `m`.
   /// `from_host`: whether the slot's contents are the host copy's (uploaded since the block's
   /// last visit), so that what the host copy lacks must be replayed before they are used.
-  Slot& begin(std::size_t group, Timeline::Marks& m, bool& from_host) {
+  /// `writes_back`: the visit will end with a write-back (a seat tells its partners).
+  Slot& begin(std::size_t group, Timeline::Marks& m, bool& from_host, bool writes_back = false) {
     Slot& s = ensure_uploaded(group, nullptr);
+    if (gate_) gate_->begin_visit(group - 1, writes_back);
     s.last_use = ++use_clock_;
     s.uploaded.wait_on(compute_);
     from_host = std::exchange(s.fresh, false);
@@ -130,7 +140,12 @@ class SlotCache {
   /// `visit`: the timeline visit that gets the write-back's marks (may be null).
   void end(std::size_t group, bool write_back, bool hold, std::size_t head, Timeline::Marks* visit) {
     Slot& s = *current_;
+    if (write_back && gate_ && !gate_->leader()) {
+      gate_->after_write_back(group - 1, offload_);  // the leader's D2H of this visit writes the same bytes
+      write_back = false;
+    }
     if (write_back) {
+      if (gate_) gate_->before_write_back(group - 1, offload_);
       unsigned char* host = host_->master(group - 1);
       if (head) body_done_.wait_on(offload_);
       const int start = timeline_->mark(offload_);
@@ -148,6 +163,7 @@ class SlotCache {
         visit->offload_end = stop;
       }
       written_[group - 1].record(offload_);
+      if (gate_) gate_->after_write_back(group - 1, offload_);
       offloaded_ += master_bytes_;
     }
     held_ = &s;
@@ -209,6 +225,7 @@ class SlotCache {
     s.last_use = ++use_clock_;
     s.freed.wait_on(upload_);              // the slot's previous block is done with it
     written_[group - 1].wait_on(upload_);  // the host copy holds its last write-back
+    if (gate_) gate_->before_upload(group - 1, upload_);
     s.upload_start = timeline_->mark(upload_);
     ZO2_CUDA_CHECK(cudaMemcpyAsync(s.data, host_->master(group - 1), master_bytes_, cudaMemcpyHostToDevice, upload_));
     uploaded_ += master_bytes_;
@@ -216,6 +233,7 @@ class SlotCache {
       ZO2_CUDA_CHECK(cudaMemcpyAsync(s.state, host_->state(group - 1), state_bytes_, cudaMemcpyHostToDevice, upload_));
       uploaded_ += state_bytes_;
     }
+    if (gate_) gate_->after_upload(group - 1, upload_);
     s.upload_end = timeline_->mark(upload_);
     s.uploaded.record(upload_);
     return s;
@@ -238,6 +256,7 @@ class SlotCache {
 
   cudaStream_t compute_ = nullptr, upload_ = nullptr, offload_ = nullptr;
   Timeline* timeline_ = nullptr;
+  SeatGate* gate_ = nullptr;
   const HostStore* host_ = nullptr;
   std::size_t master_bytes_ = 0, state_bytes_ = 0, streamed_ = 0, prefetch_depth_ = 1;
   std::vector<Slot> slots_;

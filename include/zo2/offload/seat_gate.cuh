@@ -1,0 +1,202 @@
+// zo2/offload/seat_gate.cuh -- one seat's side of a shared pinned host master
+// (shared_host_master.cuh): what the seats share (SharedMasterCore: the host store, the plan
+// and layout they must use, the version board, the seats' CUDA events), and SeatGate, which a
+// seat's slot cache calls around every copy of a streamed block so that the copy reads or
+// replaces the version of the host copy its own count says (version_board.hpp).
+//
+// Events: the leader records, per streamed block, `written` on its offload stream after each
+// write-back; a follower records, per streamed block, `uploaded` on its upload stream after each
+// upload. Each seat creates its events on its own device; a stream of another device may wait on
+// them (cudaStreamWaitEvent), and every record or wait of a block's event happens under that
+// block's lock on the board, so a wait always sees the record the board's counts describe.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <zo2/backend/cuda/check.cuh>
+#include <zo2/backend/cuda/memory.cuh>
+#include <zo2/core/error.hpp>
+#include <zo2/core/param_layout.hpp>
+#include <zo2/offload/host_store.cuh>
+#include <zo2/offload/offload_plan.cuh>
+#include <zo2/offload/version_board.hpp>
+
+namespace zo2::gpu::offload_detail {
+
+/// What the seats of one shared host master share.
+class SharedMasterCore {
+ public:
+  /// Pinned masters and rule state for `plan`'s streamed blocks of `layout`, zeroed, shared by
+  /// `seats` seats of codec `codec`.
+  SharedMasterCore(const ModelLayout& layout, const OffloadPlan& plan, std::size_t seats, std::string codec)
+      : layout_(layout), plan_(plan), codec_(std::move(codec)), board_(plan.streamed_blocks, seats),
+        events_(seats), claimed_(seats, false) {
+    store_.allocate_masters(plan.streamed_blocks, plan.block_bytes,
+                            std::to_string(plan.streamed_blocks) + " shared streamed blocks of " +
+                                std::to_string(plan.block_bytes) + " bytes in codec " + codec_);
+    store_.allocate_state(plan.streamed_blocks, plan.block_state_bytes,
+                          "the rule state of " + std::to_string(plan.streamed_blocks) + " shared streamed blocks");
+  }
+
+  HostStore& store() { return store_; }
+  offload::VersionBoard& board() { return board_; }
+  const OffloadPlan& plan() const { return plan_; }
+  const ModelLayout& layout() const { return layout_; }
+  std::size_t seats() const { return board_.seats(); }
+  std::size_t pinned_bytes() const { return store_.pinned_bytes(); }
+
+  /// Throws ConfigError unless a seat's layout and plan match the master's.
+  void check_seat(std::size_t seat, const ModelLayout& ml, const OffloadPlan& p) const {
+    const std::string who = "seat " + std::to_string(seat) + " of the shared host master: ";
+    bool same = ml.num_blocks() == layout_.num_blocks();
+    for (std::size_t g : {std::size_t{0}, std::size_t{1}, ml.num_groups() - 1})
+      same = same && ml.layout(GroupIndex{g}) == layout_.layout(GroupIndex{g});
+    if (!same) throw ConfigError("layout", who + "its model layout differs from the master's");
+    const auto differ = [&](const char* field, std::size_t mine, std::size_t master) {
+      if (mine != master)
+        throw ConfigError(field, who + "its plan has " + field + " = " + std::to_string(mine) + ", the master's " +
+                                     std::to_string(master) + " (every seat needs the master's options)");
+    };
+    differ("streamed_blocks", p.streamed_blocks, plan_.streamed_blocks);
+    differ("block_bytes", p.block_bytes, plan_.block_bytes);
+    differ("writeback_every", p.writeback_every, plan_.writeback_every);
+    differ("rule_state_slots", p.state_slots, plan_.state_slots);
+    differ("rule_state_bf16", p.state_value_bytes, plan_.state_value_bytes);
+    differ("block_state_bytes", p.block_state_bytes, plan_.block_state_bytes);
+  }
+
+  /// Seat `seat` joins with its per-block events (ConfigError if out of range or taken).
+  void claim(std::size_t seat, std::vector<cudaEvent_t> events) {
+    std::lock_guard lock(m_);
+    if (seat >= claimed_.size())
+      throw ConfigError("seat", "the shared host master has " + std::to_string(claimed_.size()) + " seats, not seat " +
+                                    std::to_string(seat));
+    if (claimed_[seat]) throw ConfigError("seat", "seat " + std::to_string(seat) + " of the shared host master is taken");
+    claimed_[seat] = true;
+    events_[seat] = std::move(events);
+  }
+  /// Seat `seat` is gone: its events are forgotten, nobody waits for it. (leave() takes every
+  /// block's lock, under which a partner uses an event: none still holds one of these after.)
+  void release(std::size_t seat) {
+    {
+      std::lock_guard lock(m_);
+      events_[seat].clear();
+    }
+    board_.leave(seat);
+  }
+  /// Seat `seat`'s event of streamed block b (null before it joined or after it left).
+  cudaEvent_t event(std::size_t seat, std::size_t b) const {
+    std::lock_guard lock(m_);
+    return b < events_[seat].size() ? events_[seat][b] : nullptr;
+  }
+
+ private:
+  ModelLayout layout_;
+  OffloadPlan plan_;
+  std::string codec_;
+  HostStore store_;
+  offload::VersionBoard board_;
+  mutable std::mutex m_;
+  std::vector<std::vector<cudaEvent_t>> events_;  // per seat, per streamed block
+  std::vector<bool> claimed_;
+};
+
+/// One seat's side of the protocol (see the file comment and shared_host_master.cuh).
+class SeatGate {
+ public:
+  /// Joins `core` as seat `seat`; its events are created on the current device.
+  SeatGate(std::shared_ptr<SharedMasterCore> core, std::size_t seat)
+      : core_(std::move(core)), seat_(seat), count_(core_->plan().streamed_blocks, 0),
+        seen_(core_->plan().streamed_blocks, 0) {
+    events_.reserve(count_.size());
+    std::vector<cudaEvent_t> handles;
+    for (std::size_t b = 0; b < count_.size(); ++b) {
+      events_.emplace_back();
+      handles.push_back(events_.back().get());
+    }
+    core_->claim(seat_, std::move(handles));
+  }
+  SeatGate(const SeatGate&) = delete;
+  SeatGate& operator=(const SeatGate&) = delete;
+  ~SeatGate() { core_->release(seat_); }
+
+  bool leader() const { return seat_ == 0; }
+  std::size_t seat() const { return seat_; }
+  SharedMasterCore& core() const { return *core_; }
+  /// Write-backs of streamed block b this seat has performed (leader) or counted (follower).
+  std::uint64_t count(std::size_t b) const { return count_.at(b); }
+
+  // ---- the slot cache's hooks ------------------------------------------------------------------
+
+  /// Before the H2D of streamed block b on `upload`: a follower waits for the version its count
+  /// says and orders the copy after the leader's write-back of it.
+  void before_upload(std::size_t b, cudaStream_t upload) {
+    if (leader()) return;
+    seen_[b] = core_->board().await_published(seat_, b, count_[b], [&] {
+      if (cudaEvent_t e = core_->event(0, b)) ZO2_CUDA_CHECK(cudaStreamWaitEvent(upload, e, 0));
+    });
+  }
+  /// After the H2D (master and state) of streamed block b on `upload`.
+  void after_upload(std::size_t b, cudaStream_t upload) {
+    if (leader()) return;
+    core_->board().locked(b, [&] { events_[b].record(upload); });
+  }
+  /// A visit of streamed block b has its slot (its upload issued); `writes_back`: the visit
+  /// ends with a write-back.
+  void begin_visit(std::size_t b, bool writes_back) {
+    if (!leader() && writes_back) core_->board().mark_begun(seat_, b, count_[b] + 1);
+  }
+  /// Before the leader's D2H of streamed block b on `offload`: waits until every follower has
+  /// begun the same visit, and orders the copy after their uploads of b.
+  void before_write_back(std::size_t b, cudaStream_t offload) {
+    core_->board().await_begun(b, count_[b] + 1, [&](std::size_t s) {
+      if (cudaEvent_t e = core_->event(s, b)) ZO2_CUDA_CHECK(cudaStreamWaitEvent(offload, e, 0));
+    });
+  }
+  /// A visit of streamed block b wrote it back (leader: its D2H is issued on `offload`) or, on
+  /// a follower, would have.
+  void after_write_back(std::size_t b, cudaStream_t offload) {
+    const std::uint64_t n = ++count_[b];
+    if (leader()) core_->board().publish(b, n, [&] { events_[b].record(offload); });
+    else core_->board().mark_done(seat_, b, n);
+  }
+
+  // ---- reads and writes of the host copy outside the streams -----------------------------------
+
+  /// Whether a follower's device copy of streamed block b may predate a replacement of the host
+  /// copy by the leader (set_group and the like): drop it then.
+  bool stale(std::size_t b) const { return !leader() && core_->board().generation(b) != seen_[b]; }
+  /// Before a follower reads streamed block b's host copy on the host: waits for the version its
+  /// count says and for the leader's write-back of it to land.
+  void await_host(std::size_t b) {
+    if (leader()) return;
+    core_->board().await_published(seat_, b, count_[b], [&] {
+      if (cudaEvent_t e = core_->event(0, b)) ZO2_CUDA_CHECK(cudaEventSynchronize(e));
+    });
+  }
+  /// Before the leader replaces streamed block b's host copy on the host: every follower must
+  /// stand where the leader does (ConfigError otherwise), and its uploads of b have landed.
+  void replace(std::size_t b) {
+    core_->board().replace(b, count_[b], [&] {
+      for (std::size_t s = 1; s < core_->seats(); ++s)
+        if (cudaEvent_t e = core_->event(s, b)) ZO2_CUDA_CHECK(cudaEventSynchronize(e));
+    });
+  }
+
+ private:
+  std::shared_ptr<SharedMasterCore> core_;
+  std::size_t seat_;
+  std::vector<std::uint64_t> count_;  // per streamed block: write-backs performed or counted
+  std::vector<std::uint64_t> seen_;   // per streamed block: the generation of the last upload
+  std::vector<Event> events_;         // leader: `written`; follower: `uploaded` (per streamed block)
+};
+
+}  // namespace zo2::gpu::offload_detail
