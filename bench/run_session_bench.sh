@@ -3,10 +3,10 @@
 # (its build in /tmp/zo2-head/build): what a session still has to measure, in order, as far as
 # ZO2_TOTAL_S allows. ZO2_PLAN picks the list:
 #   a (default)  the side-by-side run (the PyTorch reference carried in .reference, then zo2's
-#                codecs at OPT-6.7B with write-back every 1 and 4 steps; ZO2_SIDE_ARGS and
-#                ZO2_REFERENCE_RUNS override), Qwen3-32B offloaded (int8, bf16: its GPU memory),
-#                zo-adam's state in fp32 and bf16, then an offloaded
-#                zo2-opt run's host memory at OPT-6.7B (bf16 and int8, with a checkpoint)
+#                bf16p and int8 at OPT-6.7B with write-back every 1 and 4 steps; ZO2_SIDE_ARGS
+#                and ZO2_REFERENCE_RUNS override), Qwen3-32B offloaded (int8, bf16: its GPU
+#                memory), an offloaded zo2-opt run's host memory at OPT-30B int8 and 13B bf16,
+#                zo-adam's state in bf16, host memory at OPT-6.7B int8 with a checkpoint
 #   b            host memory at OPT-13B (bf16), OPT-66B (int8: a 128 GB host) and OPT-30B (int8,
 #                bf16), the LLaMA family resident (bf16), Qwen2.5-7B offloaded (bf16p, int8),
 #                write-back K = 1, 4 at OPT-13B, host memory at OPT-13B int8
@@ -22,7 +22,7 @@ plan=${ZO2_PLAN:-a}
 if [[ $plan == a ]]; then
   ZO2_REFERENCE_RUNS=${ZO2_REFERENCE_RUNS:-opt_6_7b:zo2} ZO2_BUILD_DIR=$src/build ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
     ZO2_SET= ZO2_BUDGET_S=${ZO2_SIDE_BUDGET_S:-300} OUT=$out \
-    ZO2_BENCH_ARGS=${ZO2_SIDE_ARGS:-'--model opt-6.7b --policy offload --codec bf16,bf16p,int8 --writeback-every 1,4'} \
+    ZO2_BENCH_ARGS=${ZO2_SIDE_ARGS:-'--model opt-6.7b --policy offload --codec bf16p,int8 --writeback-every 1,4'} \
     bash bench/run_gpu.sh
 else
   mkdir -p "$out" && : > "$out/plan-$plan.jsonl"
@@ -52,9 +52,9 @@ host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags]
 }
 if [[ $plan == a ]]; then
   run_more qwen3-32b --model qwen3-32b --policy offload --codec int8,bf16
+  host_memory mem-30b-int8 opt-30b int8
+  host_memory mem-13b-bf16 opt-13b bf16
   run_more adam-state-bf16 --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam --state-bf16
-  run_more adam-state --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam
-  host_memory mem-6.7b-bf16 opt-6.7b bf16 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
   host_memory mem-6.7b-int8 opt-6.7b int8 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
 else
   host_memory mem-13b-bf16 opt-13b bf16
