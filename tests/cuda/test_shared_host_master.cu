@@ -31,6 +31,7 @@
 #include "../support/dense_tanh_stack.hpp"
 #include "../support/device_dense_tanh_stack.cuh"
 #include "../support/offload_snapshot.hpp"
+#include "../support/offload_test_inputs.hpp"
 
 using namespace zo2;
 using zo2::gpu::HostOffload;
@@ -40,7 +41,9 @@ using zo2::gpu::SharedSeat;
 using zo2_test::DenseTanhStack;
 using zo2_test::DeviceDenseTanhStack;
 using zo2_test::encoded_of;
+using zo2_test::escaped_bf16_store;
 using zo2_test::state_of;
+using zo2_test::state_slots_for;
 
 namespace {
 
@@ -68,28 +71,6 @@ ZOConfig config_for(ZOMethod method, unsigned queries = 1) {
   cfg.momentum = 0.8;
   cfg.seed = 20261207;
   return cfg;
-}
-
-unsigned state_slots_for(const ZOConfig& c) {
-  return c.method == ZOMethod::kAdam ? 2 : c.method == ZOMethod::kMomentum ? 1 : 0;
-}
-
-ParameterStore<float> initial_store(const DenseTanhStack<float>& shape, unsigned seed) {
-  ParameterStore<bfloat16> b(ModelLayout::of(shape));
-  zo2_test::init_random(b, seed);
-  ParameterStore<float> out(b.model_layout());
-  const ModelLayout& ml = b.model_layout();
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    const auto a = b.group(GroupIndex{g});
-    auto o = out.group(GroupIndex{g});
-    const bool block = g >= 1 && g <= ml.num_blocks();
-    for (std::size_t j = 0; j < a.layout().total_elements(); ++j) {
-      float v = static_cast<float>(load(a.data()[j]));
-      if (block && j % 61 == 3) v = static_cast<float>(load(from_float<bfloat16>(v * 7.6e-6f)));  // packed escapes
-      o.data()[j] = v;
-    }
-  }
-  return out;
 }
 
 template <class Codec>
@@ -223,7 +204,7 @@ void set_between(Policy<Codec>& p, const ModelLayout& ml) {
 template <class Codec>
 void check_seats(const ZOConfig& cfg, const DenseTanhStack<float>& shape, const OffloadOptions& lone_options,
                  const std::vector<OffloadOptions>& follower_options, bool set_mid) {
-  const auto init = initial_store(shape, 61);
+  const auto init = escaped_bf16_store(shape, 61);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 19));
   const ModelLayout ml = ModelLayout::of(shape);
 
@@ -317,7 +298,7 @@ TEST_CASE("a seat's mistakes are refused" * doctest::skip(!kHaveDevice)) {
   using Codec = offload::Bf16Codec;
   const DenseTanhStack<float> shape = test_shape();
   const ModelLayout ml = ModelLayout::of(shape);
-  const auto init = initial_store(shape, 67);
+  const auto init = escaped_bf16_store(shape, 67);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 23));
   OffloadOptions o;
   o.writeback_every = 4;

@@ -26,6 +26,7 @@
 
 #include "../support/dense_tanh_stack.hpp"
 #include "../support/offload_snapshot.hpp"
+#include "../support/offload_test_inputs.hpp"
 #include "../support/device_dense_tanh_stack.cuh"
 
 using namespace zo2;
@@ -33,7 +34,9 @@ using zo2::gpu::HostOffload;
 using zo2::gpu::OffloadOptions;
 using zo2_test::DenseTanhStack;
 using zo2_test::encoded_of;
+using zo2_test::escaped_bf16_store;
 using zo2_test::state_of;
+using zo2_test::state_slots_for;
 using zo2_test::DeviceDenseTanhStack;
 
 namespace {
@@ -80,31 +83,6 @@ ZOConfig config_for(const Case& c) {
   cfg.momentum = 0.8;
   cfg.seed = 20261207;
   return cfg;
-}
-
-unsigned state_slots_for(const ZOConfig& c) {
-  return c.method == ZOMethod::kAdam ? 2 : c.method == ZOMethod::kMomentum ? 1 : 0;
-}
-
-/// Initial parameters: bf16 values, with one value in 61 of each block ~2^-17 times what it
-/// would be, so the packed codec starts with escapes (fewer than its room of 64 per tensor) and
-/// the updates move them out of the lists.
-ParameterStore<float> initial_store(const DenseTanhStack<float>& shape, unsigned seed) {
-  ParameterStore<bfloat16> b(ModelLayout::of(shape));
-  zo2_test::init_random(b, seed);
-  ParameterStore<float> out(b.model_layout());
-  const ModelLayout& ml = b.model_layout();
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    const auto a = b.group(GroupIndex{g});
-    auto o = out.group(GroupIndex{g});
-    const bool block = g >= 1 && g <= ml.num_blocks();
-    for (std::size_t j = 0; j < a.layout().total_elements(); ++j) {
-      float v = static_cast<float>(load(a.data()[j]));
-      if (block && j % 61 == 3) v = static_cast<float>(load(from_float<bfloat16>(v * 7.6e-6f)));
-      o.data()[j] = v;
-    }
-  }
-  return out;
 }
 
 template <class Codec>
@@ -174,7 +152,7 @@ void check_same(const Trace& a, const Trace& b) {
 template <class Codec>
 void check_codec() {
   const DenseTanhStack<float> shape = test_shape();
-  const auto init = initial_store(shape, 61);
+  const auto init = escaped_bf16_store(shape, 61);
   std::vector<DeviceDenseTanhStack::Batch> batch;
   batch.push_back(zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 19)));
   const ModelLayout ml = ModelLayout::of(shape);
@@ -241,7 +219,7 @@ TEST_CASE("every streamed block stays in a slot: the host copies lag, nothing is
   // a slot (a budget cannot make this: slots for every streamed block cost more than keeping
   // them resident).
   const DenseTanhStack<float> shape = test_shape(3);
-  const auto init = initial_store(shape, 67);
+  const auto init = escaped_bf16_store(shape, 67);
   std::vector<DeviceDenseTanhStack::Batch> batch;
   batch.push_back(zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 29)));
   const ZOConfig cfg = config_for(kCases[5]);  // Adam: the state stays in the slot too
@@ -270,7 +248,7 @@ namespace {
 template <class Codec>
 void check_mid_window(const ZOConfig& cfg) {
   const DenseTanhStack<float> shape = test_shape();
-  const auto init = initial_store(shape, 71);
+  const auto init = escaped_bf16_store(shape, 71);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 31));
   const ModelLayout ml = ModelLayout::of(shape);
   OffloadOptions o;
@@ -367,7 +345,7 @@ namespace {
 template <class Codec>
 void check_set_mid_window(const ZOConfig& cfg) {
   const DenseTanhStack<float> shape = test_shape();
-  const auto init = initial_store(shape, 73);
+  const auto init = escaped_bf16_store(shape, 73);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 37));
   const ModelLayout ml = ModelLayout::of(shape);
   OffloadOptions o;
@@ -412,7 +390,7 @@ TEST_CASE("set_group_encoded and set_rule_state on lagging blocks" * doctest::sk
 TEST_CASE("bytes written back per step drop to 1/K; uploads stay; replays as the stagger predicts" *
           doctest::skip(!kHaveDevice)) {
   const DenseTanhStack<float> shape = test_shape(8);
-  const auto init = initial_store(shape, 79);
+  const auto init = escaped_bf16_store(shape, 79);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 41));
   const ModelLayout ml = ModelLayout::of(shape);
   for (const ZOConfig& cfg : {config_for(kCases[0]), config_for(kCases[5])}) {
