@@ -42,6 +42,7 @@ using zo2_test::DenseTanhStack;
 using zo2_test::DeviceDenseTanhStack;
 using zo2_test::encoded_of;
 using zo2_test::escaped_bf16_store;
+using zo2_test::offload_test_shape;
 using zo2_test::state_of;
 using zo2_test::state_slots_for;
 
@@ -52,14 +53,6 @@ const bool kHaveDevice = [] {
   if (!ok) std::printf("SKIPPED: no CUDA device (test_shared_host_master)\n");
   return ok;
 }();
-
-DenseTanhStack<float> test_shape(std::size_t blocks = 8) {
-  DenseTanhStack<float> s;
-  s.d_in = 6;
-  s.width = 40;
-  s.blocks = blocks;
-  return s;
-}
 
 ZOConfig config_for(ZOMethod method, unsigned queries = 1) {
   ZOConfig cfg;
@@ -245,7 +238,7 @@ void check_seats(const ZOConfig& cfg, const DenseTanhStack<float>& shape, const 
 
 template <class Codec>
 void check_codec() {
-  const DenseTanhStack<float> shape = test_shape();
+  const DenseTanhStack<float> shape = offload_test_shape();
   for (const ZOConfig& cfg : {config_for(ZOMethod::kSgd), config_for(ZOMethod::kAdam, 2)}) {
     CAPTURE(method_name(cfg.method));
     OffloadOptions base;
@@ -277,18 +270,18 @@ TEST_CASE("shared rule state (zo-mmt), slot-cache hits, and seat 0 setting block
   OffloadOptions o;
   o.rule_state_slots = 1;
   SUBCASE("8 streamed blocks, K = 4, deep prefetch on the follower") {
-    check_seats<offload::Bf16Codec>(mmt, test_shape(), with(o, 4), {with(o, 4, 4, 3)}, true);
+    check_seats<offload::Bf16Codec>(mmt, offload_test_shape(), with(o, 4), {with(o, 4, 4, 3)}, true);
   }
   SUBCASE("three seats (two followers), K = 4") {
-    check_seats<offload::Int8RowCodec>(mmt, test_shape(), with(o, 4), {with(o, 4, 3, 2), with(o, 4)}, true);
+    check_seats<offload::Int8RowCodec>(mmt, offload_test_shape(), with(o, 4), {with(o, 4, 3, 2), with(o, 4)}, true);
   }
   SUBCASE("3 streamed blocks in 4 slots (hits), K = 1 and 4") {
     for (unsigned k : {1u, 4u}) {
       CAPTURE(k);
-      check_seats<offload::Int8RowCodec>(mmt, test_shape(3), with(o, k, 4, 1), {with(o, k, 4, 3)}, true);
+      check_seats<offload::Int8RowCodec>(mmt, offload_test_shape(3), with(o, k, 4, 1), {with(o, k, 4, 3)}, true);
       OffloadOptions adam = o;
       adam.rule_state_slots = 2;
-      check_seats<offload::Bf16Codec>(config_for(ZOMethod::kAdam, 2), test_shape(3), with(adam, k, 4, 2),
+      check_seats<offload::Bf16Codec>(config_for(ZOMethod::kAdam, 2), offload_test_shape(3), with(adam, k, 4, 2),
                                        {with(adam, k, 4, 1)}, true);
     }
   }
@@ -296,7 +289,7 @@ TEST_CASE("shared rule state (zo-mmt), slot-cache hits, and seat 0 setting block
 
 TEST_CASE("a seat's mistakes are refused" * doctest::skip(!kHaveDevice)) {
   using Codec = offload::Bf16Codec;
-  const DenseTanhStack<float> shape = test_shape();
+  const DenseTanhStack<float> shape = offload_test_shape();
   const ModelLayout ml = ModelLayout::of(shape);
   const auto init = escaped_bf16_store(shape, 67);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 23));
@@ -318,7 +311,7 @@ TEST_CASE("a seat's mistakes are refused" * doctest::skip(!kHaveDevice)) {
                               3 * Policy<Codec>::plan_for(ml, o).slot_bytes();  // blocks resident
     CHECK_THROWS_WITH_AS(Policy<Codec>(ml, other, nullptr, shared.seat(1)), doctest::Contains("streamed_blocks"),
                          ConfigError);
-    CHECK_THROWS_WITH_AS(Policy<Codec>(ModelLayout::of(test_shape(6)), o, nullptr, shared.seat(1)),
+    CHECK_THROWS_WITH_AS(Policy<Codec>(ModelLayout::of(offload_test_shape(6)), o, nullptr, shared.seat(1)),
                          doctest::Contains("layout"), ConfigError);
     CHECK_THROWS_AS(shared.seat(2), ConfigError);
     Policy<Codec> first(ml, o, nullptr, shared.seat(1));

@@ -35,6 +35,7 @@ using zo2::gpu::OffloadOptions;
 using zo2_test::DenseTanhStack;
 using zo2_test::encoded_of;
 using zo2_test::escaped_bf16_store;
+using zo2_test::offload_test_shape;
 using zo2_test::state_of;
 using zo2_test::state_slots_for;
 using zo2_test::DeviceDenseTanhStack;
@@ -46,14 +47,6 @@ const bool kHaveDevice = [] {
   if (!ok) std::printf("SKIPPED: no CUDA device (test_writeback)\n");
   return ok;
 }();
-
-DenseTanhStack<float> test_shape(std::size_t blocks = 8) {
-  DenseTanhStack<float> s;
-  s.d_in = 6;
-  s.width = 40;  // 1640 values per block: several packed chunks and int8 rows per tensor
-  s.blocks = blocks;
-  return s;
-}
 
 struct Case {
   const char* name;
@@ -151,7 +144,7 @@ void check_same(const Trace& a, const Trace& b) {
 /// K = 1 against K = 2, 3, 4, 8 over 12 steps, every rule; placements vary with K.
 template <class Codec>
 void check_codec() {
-  const DenseTanhStack<float> shape = test_shape();
+  const DenseTanhStack<float> shape = offload_test_shape();
   const auto init = escaped_bf16_store(shape, 61);
   std::vector<DeviceDenseTanhStack::Batch> batch;
   batch.push_back(zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 19)));
@@ -218,7 +211,7 @@ TEST_CASE("every streamed block stays in a slot: the host copies lag, nothing is
   // Three streamed blocks and four slots: after the first step every visit finds its block in
   // a slot (a budget cannot make this: slots for every streamed block cost more than keeping
   // them resident).
-  const DenseTanhStack<float> shape = test_shape(3);
+  const DenseTanhStack<float> shape = offload_test_shape(3);
   const auto init = escaped_bf16_store(shape, 67);
   std::vector<DeviceDenseTanhStack::Batch> batch;
   batch.push_back(zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 29)));
@@ -247,7 +240,7 @@ namespace {
 /// date) are K = 1's; the run then goes on to K = 1's bits at step 10.
 template <class Codec>
 void check_mid_window(const ZOConfig& cfg) {
-  const DenseTanhStack<float> shape = test_shape();
+  const DenseTanhStack<float> shape = offload_test_shape();
   const auto init = escaped_bf16_store(shape, 71);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 31));
   const ModelLayout ml = ModelLayout::of(shape);
@@ -344,7 +337,7 @@ namespace {
 /// Both runs replace a lagging block's master (and its rule state) mid-window; they go on alike.
 template <class Codec>
 void check_set_mid_window(const ZOConfig& cfg) {
-  const DenseTanhStack<float> shape = test_shape();
+  const DenseTanhStack<float> shape = offload_test_shape();
   const auto init = escaped_bf16_store(shape, 73);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 37));
   const ModelLayout ml = ModelLayout::of(shape);
@@ -389,7 +382,7 @@ TEST_CASE("set_group_encoded and set_rule_state on lagging blocks" * doctest::sk
 
 TEST_CASE("bytes written back per step drop to 1/K; uploads stay; replays as the stagger predicts" *
           doctest::skip(!kHaveDevice)) {
-  const DenseTanhStack<float> shape = test_shape(8);
+  const DenseTanhStack<float> shape = offload_test_shape(8);
   const auto init = escaped_bf16_store(shape, 79);
   const auto batch = zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 41));
   const ModelLayout ml = ModelLayout::of(shape);
@@ -435,7 +428,7 @@ TEST_CASE("bytes written back per step drop to 1/K; uploads stay; replays as the
 
 TEST_CASE("the plan picks K from the link hint and refuses K out of range (no device needed)") {
   using P = Policy<offload::Bf16Codec>;
-  const ModelLayout ml = ModelLayout::of(test_shape());
+  const ModelLayout ml = ModelLayout::of(offload_test_shape());
   OffloadOptions o;
   CHECK(P::plan_for(ml, o).writeback_every == 1);  // the default
   o.writeback_every = 0;

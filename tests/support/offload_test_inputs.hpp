@@ -12,6 +12,16 @@
 
 namespace zo2_test {
 
+/// The stack these tests run: 1640 values per block, several packed chunks and int8 rows per
+/// tensor.
+inline DenseTanhStack<float> offload_test_shape(std::size_t blocks = 8) {
+  DenseTanhStack<float> s;
+  s.d_in = 6;
+  s.width = 40;
+  s.blocks = blocks;
+  return s;
+}
+
 /// Initial parameters: bf16 values, with one value in 61 of each block ~2^-17 times what it
 /// would be, so the packed codec starts with escapes (fewer than its room of 64 per tensor) and
 /// the updates move them out of the lists.
