@@ -8,7 +8,8 @@
 // - a follower whose leader is killed (SIGKILL) mid-protocol gets an Error within the timeout;
 // - a seat killed while holding a block's lock: the next lock of that block, a waiter's too,
 //   throws an Error saying so, and so does every later one; the other blocks work on;
-// - attach_to waits for the creator, and refuses a region without a board's magic;
+// - attach_to waits for the creator, and refuses a region without a board's magic, of another
+//   layout version or size, or too small;
 // - ShmRegion: names, a name created twice, attach to a missing name, early unlink, moves; no
 //   test leaves a name in /dev/shm.
 // Children never return into doctest: each body runs under try/catch and ends in _exit with a
@@ -151,7 +152,8 @@ struct Buffer {
   struct alignas(64) Line {
     unsigned char b[64];
   };
-  explicit Buffer(std::size_t bytes, unsigned char fill) : lines(std::make_unique<Line[]>((bytes + 63) / 64)), size(bytes) {
+  explicit Buffer(std::size_t bytes, unsigned char fill)
+      : lines(std::make_unique<Line[]>((bytes + 63) / 64)), size(bytes) {
     std::memset(lines.get(), fill, size);
   }
   void* data() const { return lines.get(); }
@@ -282,6 +284,21 @@ TEST_CASE("attach_to waits for the creator and checks what it finds") {
                          doctest::Contains("the region has"), Error);
     CHECK_THROWS_AS(VersionBoard::create_in(buf.data(), buf.size, lay.blocks, 0), ConfigError);
   }
+  SUBCASE("another layout version, another size") {  // the header: magic, u32 layout, u32, blocks, seats, bytes
+    Buffer buf(lay.board_bytes(), 0);
+    VersionBoard::create_in(buf.data(), buf.size, lay.blocks, lay.seats);
+    auto* header = static_cast<unsigned char*>(buf.data());
+    const std::uint32_t layout = 99;
+    std::memcpy(header + 8, &layout, sizeof layout);
+    CHECK_THROWS_WITH_AS(VersionBoard::attach_to(buf.data(), buf.size, 50ms),
+                         doctest::Contains("has layout version 99, this build reads version 1"), Error);
+    const std::uint32_t one = 1;
+    std::memcpy(header + 8, &one, sizeof one);
+    const std::uint64_t bytes = 12345;
+    std::memcpy(header + 32, &bytes, sizeof bytes);
+    CHECK_THROWS_WITH_AS(VersionBoard::attach_to(buf.data(), buf.size, 50ms),
+                         doctest::Contains("of 4 blocks and 3 seats says it takes 12345 bytes"), Error);
+  }
 }
 
 TEST_CASE("ShmRegion: names, a name taken, a name missing, unlink, moves") {
@@ -307,9 +324,8 @@ TEST_CASE("ShmRegion: names, a name taken, a name missing, unlink, moves") {
     CHECK(r.data() == nullptr);
   }
   CHECK_FALSE(in_dev_shm(name));
-  CHECK_THROWS_WITH_AS(ShmRegion::attach(name, 4096, 30ms),
-                       doctest::Contains(("'" + name + "': waited 30 ms for it to exist with 4096 bytes; it does not exist").c_str()),
-                       Error);
+  const std::string missing = "'" + name + "': waited 30 ms for it to exist with 4096 bytes; it does not exist";
+  CHECK_THROWS_WITH_AS(ShmRegion::attach(name, 4096, 30ms), doctest::Contains(missing.c_str()), Error);
   {
     ShmRegion r = ShmRegion::create(name, 64);
     r.unlink();  // early: the mapping lives on

@@ -1,8 +1,9 @@
 // zo2/offload/version_board.hpp -- the host-side bookkeeping of a pinned host master shared by
 // several seats (offload engines driving one GPU each: one thread each in one process, see
-// shared_host_master.cuh, or one process each on one host): which version of each streamed block the host copy holds, and the
-// waits that keep every seat's copies of the block ordered against it. Host only, no CUDA: the
-// caller passes what to do under the block's lock (wait on or record a CUDA event).
+// shared_host_master.cuh, or one process each on one host): which version of each streamed
+// block the host copy holds, and the waits that keep every seat's copies of the block ordered
+// against it. Host only, no CUDA: the caller passes what to do under the block's lock (wait on
+// or record a CUDA event).
 //
 // Versions: block b's host copy starts at version 0 and seat 0 (the leader), the only seat that
 // writes it, moves it to version n with its n-th write-back of b. Every other seat (a follower)
@@ -111,15 +112,13 @@ class VersionBoard {
     if (h->layout != kLayout)
       throw Error("VersionBoard: the region's board has layout version " + std::to_string(h->layout) +
                   ", this build reads version " + std::to_string(kLayout));
-    if (h->seats < 1 || h->blocks > kMaxBlocks || h->seats > kMaxSeats ||
-        h->bytes != region_bytes(h->blocks, h->seats))
+    const bool fits = h->seats >= 1 && h->blocks <= kMaxBlocks && h->seats <= kMaxSeats;
+    if (!fits || h->bytes != region_bytes(h->blocks, h->seats))
       throw Error("VersionBoard: the region's board of " + std::to_string(h->blocks) + " blocks and " +
                   std::to_string(h->seats) + " seats says it takes " + std::to_string(h->bytes) +
                   " bytes, where this build lays it out in " +
-                  (h->seats < 1 || h->blocks > kMaxBlocks || h->seats > kMaxSeats
-                       ? std::string("none (past its limits)")
-                       : std::to_string(region_bytes(h->blocks, h->seats))) +
-                  " (built with another pthread ABI?)");
+                  (fits ? std::to_string(region_bytes(h->blocks, h->seats)) + " (built with another pthread ABI?)"
+                        : std::string("none (past its limits)")));
     if (bytes < h->bytes)
       throw Error("VersionBoard: the region's board takes " + std::to_string(h->bytes) + " bytes, the region has " +
                   std::to_string(bytes));
@@ -257,13 +256,15 @@ class VersionBoard {
     gone_[check_seat(seat)].store(1);
     for (std::size_t b = 0; b < blocks_; ++b) {
       Block& k = block(b);
-      int rc = pthread_mutex_lock(&k.m);
-      if (rc == EOWNERDEAD) rc = heal(k);  // leaving anyway: the partners still learn of it
-      if (rc != 0) throw Error(failed("pthread_mutex_lock", rc));
-      rc = pthread_cond_broadcast(&k.cv);
-      const int rc2 = pthread_mutex_unlock(&k.m);
-      if (rc != 0) throw Error(failed("pthread_cond_broadcast", rc));
-      if (rc2 != 0) throw Error(failed("pthread_mutex_unlock", rc2));
+      const int rc = pthread_mutex_lock(&k.m);
+      std::string trouble;
+      if (rc == EOWNERDEAD) trouble = heal(k);  // leaving anyway: the partners still learn of it
+      else if (rc != 0) throw Error(failed("pthread_mutex_lock", rc));
+      if (const int r = pthread_cond_broadcast(&k.cv); r != 0 && trouble.empty())
+        trouble = failed("pthread_cond_broadcast", r);
+      if (const int r = pthread_mutex_unlock(&k.m); r != 0 && trouble.empty())
+        trouble = failed("pthread_mutex_unlock", r);
+      if (!trouble.empty()) throw Error(trouble);
     }
   }
 
@@ -307,12 +308,11 @@ class VersionBoard {
   class Lock {
    public:
     Lock(Block& k, std::size_t b) : k_(k) {
-      int rc = pthread_mutex_lock(&k.m);
+      const int rc = pthread_mutex_lock(&k.m);
       if (rc == EOWNERDEAD) {
-        const int healed = heal(k);
-        if (healed != 0) {
+        if (std::string trouble = heal(k); !trouble.empty()) {
           pthread_mutex_unlock(&k.m);
-          throw Error(failed("pthread_mutex_consistent", healed));
+          throw Error(trouble);
         }
       } else if (rc != 0) {
         throw Error(failed("pthread_mutex_lock", rc));
@@ -337,11 +337,12 @@ class VersionBoard {
 
   /// The lock came back from a seat that died holding it (EOWNERDEAD): the block is marked dead
   /// and the lock made usable, so that every seat, now or later, learns it; wakes the waiters.
-  static int heal(Block& k) {
+  /// Returns what failed, or nothing; the lock stays held either way.
+  static std::string heal(Block& k) {
     k.dead = 1;
-    const int rc = pthread_mutex_consistent(&k.m);
-    pthread_cond_broadcast(&k.cv);
-    return rc;
+    if (const int rc = pthread_mutex_consistent(&k.m); rc != 0) return failed("pthread_mutex_consistent", rc);
+    if (const int rc = pthread_cond_broadcast(&k.cv); rc != 0) return failed("pthread_cond_broadcast", rc);
+    return {};
   }
   static Error died(std::size_t b) {
     return Error("SharedHostMaster: a seat died while holding streamed block " + std::to_string(b) +
@@ -386,7 +387,8 @@ class VersionBoard {
                                      " bytes, the region has " + std::to_string(bytes));
     auto* old = static_cast<Header*>(region);
     if (old->initialised.load(std::memory_order_acquire) != 0 && old->magic == kMagic)
-      throw Error("VersionBoard: the region already holds a board (create_in once, attach_to from the other processes)");
+      throw Error("VersionBoard: the region already holds a board (create_in once, attach_to from the other "
+                  "processes)");
     std::memset(region, 0, need);
     auto* h = new (region) Header{};
     h->magic = kMagic;
@@ -499,7 +501,7 @@ class VersionBoard {
                     " ms and gave up (do all seats make the same calls?)");
       }
       if (rc == EOWNERDEAD) {  // the lock is ours again, from a dead seat
-        heal(k);
+        if (std::string trouble = heal(k); !trouble.empty()) throw Error(trouble);
         throw died(b);
       }
       if (rc == ENOTRECOVERABLE) lock.lost();
