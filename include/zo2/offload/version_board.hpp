@@ -60,6 +60,8 @@
 
 namespace zo2::offload {
 
+/// The versions and waits of a shared host master's streamed blocks (see the file comment), in
+/// this process's heap or in a region shared by processes.
 class VersionBoard {
  public:
   /// `blocks` streamed blocks shared by `seats` seats (seat 0 the leader), in this process's heap.
@@ -127,6 +129,8 @@ class VersionBoard {
     return v;
   }
 
+  /// Movable (create_in and attach_to return by value), not copyable; a moved-from board may only
+  /// be destroyed or assigned to. A heap board's memory moves with it; a region's stays put.
   VersionBoard(VersionBoard&& o) noexcept { take(o); }
   VersionBoard& operator=(VersionBoard&& o) noexcept {
     if (this != &o) {
