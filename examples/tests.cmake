@@ -55,7 +55,7 @@ if(ZO2_BASH)
     set(_zo2_dp_launcher "")
   endif()
   string(REPLACE ";" " " _zo2_dp_launcher "${_zo2_dp_launcher}")
-  foreach(case batch np4 queries resume killed hung diverged errors)
+  foreach(case batch np4 queries resume killed hung diverged errors gpu_shared_master)
     add_test(NAME zo2_opt_dp_${case}
              COMMAND ${ZO2_BASH} ${CMAKE_CURRENT_SOURCE_DIR}/tests/dp_tests.sh ${case} $<TARGET_FILE:zo2-opt>
                      ${CMAKE_CURRENT_BINARY_DIR}/test_work/dp_${case} $<TARGET_FILE:zo2-compare-runs>

@@ -161,6 +161,40 @@ case "$case_name" in
       fail "2 ranks from a 1-rank checkpoint end elsewhere"
     ;;
 
+  gpu_shared_master)
+    # Offloaded on the GPU, the 2 ranks of this host share one pinned host master (the default):
+    # rank 1 uploads from the blocks rank 0 loaded and writes back. Its run equals 2 ranks with a
+    # master each (--host-master per-rank) to the bit, and resumes from its checkpoint bit-exactly.
+    # On a one-GPU machine both ranks use it (ZO2_DP_SHARE_GPUS=1). Skipped without a GPU.
+    if ! "$bin" train --demo --device cuda --steps 1 --quiet >probe.out 2>probe.err; then
+      if grep -Eq "built without CUDA|no CUDA GPU is present" probe.err; then
+        echo "SKIPPED: no CUDA device ($(cat probe.err))"
+        exit 0
+      fi
+      cat probe.out probe.err >&2
+      fail "train --device cuda failed"
+    fi
+    export ZO2_DP_SHARE_GPUS=1
+    gpu=(--demo --layers 4 --hidden 64 --heads 4 --seq-len 32 --batch 4 --device cuda --offload --codec int8
+         --writeback-every 2 --optimizer zo-mmt)
+    run_ok own mpi 2 "$bin" train "${gpu[@]}" --host-master per-rank --steps 12 --log own.jsonl --export own_export
+    run_ok shared mpi 2 "$bin" train "${gpu[@]}" --steps 12 --log shared.jsonl --export shared_export \
+      --checkpoint-every 6 --checkpoint-dir ck
+    grep -q "host master shared by 2 ranks" shared.out || { cat shared.out >&2; fail "the ranks did not share the host master"; }
+    grep -q "host master shared" own.out && fail "--host-master per-rank shared it anyway"
+    "$compare" logs own.jsonl shared.jsonl 0 12 0 || fail "the shared master's run differs from a master per rank"
+    "$compare" weights own_export/model.safetensors shared_export/model.safetensors 0 ||
+      fail "the shared master's export differs from a master per rank"
+    tail -n 6 shared.jsonl >shared_tail.jsonl
+    rm -rf ck/step-00000012
+    run_ok resumed mpi 2 "$bin" train --resume ck --steps 12 --quiet --log resumed.jsonl --export resumed_export
+    "$compare" logs shared_tail.jsonl resumed.jsonl 0 6 0 || fail "the resumed shared run left the trajectory"
+    "$compare" weights shared_export/model.safetensors resumed_export/model.safetensors 0 ||
+      fail "the resumed shared run ends elsewhere"
+    ls /dev/shm | grep -q "^zo2-master-" && fail "a shared host master was left in /dev/shm: $(ls /dev/shm)"
+    echo "2 ranks on one host shared one host master: bit-identical to a master per rank, resumed bit-exactly"
+    ;;
+
   killed | hung)
     # A long run; once it is stepping, rank 1 is killed (or stopped: alive but silent).
     timeout=60

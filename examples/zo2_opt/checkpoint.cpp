@@ -186,6 +186,7 @@ void restore_rule_state(Engine& engine, const GroupStateFile& file) {
                        std::to_string(size_of(g)));
   std::vector<float> buffer;  // one group at a time
   for (std::size_t g = 0; g < file.groups(); ++g) {
+    if (!engine.sets_group(zo2::GroupIndex{g})) continue;  // the host's seat 0 sets it
     buffer.resize(size_of(g));
     file.read_group(g, std::as_writable_bytes(std::span<float>(buffer)));
     engine.set_rule_state_group(zo2::GroupIndex{g}, buffer);
@@ -205,6 +206,7 @@ void restore_encoded_state(Engine& engine, const GroupStateFile& file) {
                      " groups)");
   std::vector<unsigned char> buffer;  // one group at a time
   for (std::size_t g = 0; g < file.groups(); ++g) {
+    if (!engine.sets_group(zo2::GroupIndex{g})) continue;  // the host's seat 0 sets it
     buffer.resize(file.group_bytes(g));
     file.read_group(g, std::as_writable_bytes(std::span<unsigned char>(buffer)));
     engine.set_encoded_group(zo2::GroupIndex{g}, buffer);

@@ -50,6 +50,14 @@ struct EngineOptions {
   std::optional<double> gpu_memory_budget_gib;
   unsigned writeback_every = 1;  // offload: write a streamed block back every K steps (0: K from the measured link)
   bool state_bf16 = false;       // offload: zo-mmt's / zo-adam's state in bf16 (OffloadOptions::rule_state_bf16)
+  /// offload under mpirun: this host's ranks hold one pinned host master in POSIX shared memory
+  /// (zo2::gpu::SharedHostMaster across processes); seat 0 (the host's first rank) creates it.
+  struct SharedMaster {
+    std::string name;  // the shared memory's name, the same on every rank of the host
+    std::size_t seat = 0, seats = 1;
+    double wait_s = 300;  // how long a rank waits for another's part of a block before it gives up
+  };
+  std::optional<SharedMaster> shared_master;
   zo2::ZOConfig zo;
   std::uint64_t start_step = 0;
 };
@@ -71,6 +79,10 @@ class Engine {
   virtual void get_rule_state_group(zo2::GroupIndex g, std::span<float> out) = 0;
   /// Restores group g's get_rule_state_group() saved by a run with the same rule and model.
   virtual void set_rule_state_group(zo2::GroupIndex g, std::span<const float> in) = 0;
+  /// Whether group g's values (parameters, rule state, codes) are this engine's to set: false for
+  /// the streamed groups of a rank that shares its host master and is not its seat 0 (seat 0 sets
+  /// them for every rank of the host).
+  virtual bool sets_group(zo2::GroupIndex) const { return true; }
   /// Mean token loss at theta (flushes the owed update first).
   virtual double loss(const TokenBatch& batch) = 0;
   /// Logits of every position of a single sequence, [ids.size(), vocab] row-major, at theta.

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <thread>
@@ -28,6 +29,7 @@
 #include <zo2/offload/packed_bf16.hpp>
 #include <zo2/offload/cuda_resident.cuh>
 #include <zo2/offload/host_offload.cuh>
+#include <zo2/offload/shared_host_master.cuh>
 #include <zo2/offload/link_probe.cuh>
 
 #include "cli.hpp"
@@ -85,6 +87,10 @@ class CudaEngine final : public Engine {
     return optimizer_.step_accumulated(std::span<const typename Model::Batch>(micro_.data(), micro.size()));
   }
   void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
+  bool sets_group(zo2::GroupIndex g) const override {
+    if constexpr (kOffload) return policy_.sets_group(g);
+    else return true;
+  }
   unsigned rule_state_slots() const override { return policy_rule_state_slots(policy_); }
   void get_rule_state_group(zo2::GroupIndex g, std::span<float> out) override {
     optimizer_.flush();
@@ -219,17 +225,21 @@ class CudaEngine final : public Engine {
       const std::size_t batch = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, kLoadBatch);
       std::vector<std::vector<float>> flats(batch);
       std::vector<std::vector<unsigned char>> codes(batch);
-      for (std::size_t first = 0; first < groups; first += batch) {
-        const std::size_t count = std::min(batch, groups - first);
+      // A rank sharing its host's master reads and sets only its own groups (seat 0 the rest).
+      std::vector<zo2::GroupIndex> own;
+      for (std::size_t g = 0; g < groups; ++g)
+        if (policy_.sets_group(zo2::GroupIndex{g})) own.push_back(zo2::GroupIndex{g});
+      for (std::size_t first = 0; first < own.size(); first += batch) {
+        const std::size_t count = std::min(batch, own.size() - first);
         zo2::parallel_for(count, [&](std::size_t k) {
-          const zo2::GroupIndex g{first + k};
+          const zo2::GroupIndex g = own[first + k];
           const GroupCodec codec(ml.layout(g));
           flats[k].resize(ml.layout(g).total_elements());
           parameters.read_group(g, flats[k]);
           codes[k].resize(codec.bytes());
           codec.encode_group(flats[k], codes[k]);
         });
-        for (std::size_t k = 0; k < count; ++k) policy_.set_group_encoded(zo2::GroupIndex{first + k}, codes[k]);
+        for (std::size_t k = 0; k < count; ++k) policy_.set_group_encoded(own[first + k], codes[k]);
       }
     } else {
       std::vector<float> flat;
@@ -287,8 +297,22 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
                    (offload.writeback_every == 0 ? " (link " + std::to_string(offload.link.one_way_gbps) + " GB/s one-way, " +
                                                        std::to_string(offload.link.duplex_gbps) + " in duplex)"
                                                  : std::string());
-  return std::make_unique<CudaEngine<Model, zo2::gpu::HostOffload<Codec, float>>>(config, parameters, options,
-                                                                                    description, offload);
+  using Offloaded = CudaEngine<Model, zo2::gpu::HostOffload<Codec, float>>;
+  if (!options.shared_master) return std::make_unique<Offloaded>(config, parameters, options, description, offload);
+  // This host's ranks share one pinned host master: seat 0 creates it, the others attach (and
+  // take its write-back interval rather than measure their own).
+  const EngineOptions::SharedMaster& shared = *options.shared_master;
+  using Master = zo2::gpu::SharedHostMaster<Codec, float>;
+  const auto wait = std::chrono::milliseconds(static_cast<long long>(shared.wait_s * 1000.0));
+  const zo2::ModelLayout& layout = parameters.model_layout();
+  if (shared.seat != 0 && options.writeback_every == 0) offload.writeback_every = Master::writeback_every_of(shared.name, wait);
+  Master master = shared.seat == 0 ? Master::create_in_shared_memory(shared.name, layout, offload, shared.seats)
+                                   : Master::attach_to_shared_memory(shared.name, layout, offload, shared.seats, wait);
+  master.set_wait_timeout(wait);
+  description += ", host master shared by " + std::to_string(shared.seats) + " ranks (seat " +
+                 std::to_string(shared.seat) + ")";
+  return std::make_unique<Offloaded>(config, parameters, options, description, offload, cudaStream_t{nullptr},
+                                     master.seat(shared.seat));
 }
 
 }  // namespace

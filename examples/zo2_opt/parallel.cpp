@@ -9,6 +9,8 @@
 #include <functional>
 #include <optional>
 
+#include <unistd.h>
+
 #include <zo2/comm/comm_error.hpp>
 #include <zo2/comm/replicas.hpp>
 #include <zo2/core/error.hpp>
@@ -101,6 +103,10 @@ void add_data_parallel_options(CommandSpec& spec) {
                           "under mpirun -np N: batch (each rank its slice of every batch of --batch examples) or queries "
                           "(each rank the whole batch and --queries/N of the queries); same trajectory as one process",
                           "batch"});
+  spec.options.push_back({"--host-master", "MODE",
+                          "under mpirun with --offload: shared (the ranks of one host hold ONE pinned host master in "
+                          "shared memory; its first rank loads and writes it back) or per-rank (each rank its own copy)",
+                          "shared"});
   spec.options.push_back({"--comm-timeout", "S",
                           "under mpirun: a rank that does not reach a step's reduction within S seconds of the others "
                           "ends the run with an error",
@@ -133,6 +139,8 @@ struct DataParallelRun::Impl {
   zo2::CommSeconds timeout{kDefaultTimeoutS};
   std::uint64_t replica_every = kDefaultReplicaCheck;
   std::string transport = "none";
+  bool share_host_master = true;  // --host-master shared
+  std::string host_master_name;   // the same on every rank of this host
   int exceptions = 0;
 };
 
@@ -148,6 +156,10 @@ DataParallelRun::DataParallelRun(const Args& args, const std::string& device) : 
   if (!(timeout > 0) || timeout > 1e6) throw UsageError(args.command() + ": --comm-timeout must be in (0, 1e6] seconds");
   m.timeout = zo2::CommSeconds(timeout);
   m.replica_every = args.unsigned_integer("--replica-check", kDefaultReplicaCheck);
+  const std::string host_master = args.str("--host-master", "shared");
+  if (host_master != "shared" && host_master != "per-rank")
+    throw UsageError(args.command() + ": --host-master must be shared or per-rank, got '" + host_master + "'");
+  m.share_host_master = host_master == "shared";
 
   const int launched = launcher_size();
   if (launched <= 1) return;  // one process, as without a launcher
@@ -167,6 +179,13 @@ DataParallelRun::DataParallelRun(const Args& args, const std::string& device) : 
                            "MPI_Comm_split_type");
     zo2::mpi_detail::check(MPI_Comm_rank(local, &m.local_rank), "MPI_Comm_rank");
     zo2::mpi_detail::check(MPI_Comm_size(local, &m.local_size), "MPI_Comm_size");
+    // The name of this host's shared host master: its first rank picks one no other job uses.
+    char name[64] = {};
+    if (m.local_rank == 0)
+      std::snprintf(name, sizeof name, "/zo2-master-%ld-%llx", static_cast<long>(getpid()),
+                    static_cast<unsigned long long>(std::chrono::steady_clock::now().time_since_epoch().count()));
+    zo2::mpi_detail::check(MPI_Bcast(name, sizeof name, MPI_CHAR, 0, local), "MPI_Bcast");
+    m.host_master_name = name;
     MPI_Comm_free(&local);
   }
   if (m.rank != 0 && !std::freopen("/dev/null", "w", stdout))
@@ -192,12 +211,17 @@ DataParallelRun::DataParallelRun(const Args& args, const std::string& device) : 
     int count = 0;
     const cudaError_t rc = cudaGetDeviceCount(&count);
     if (rc != cudaSuccess) throw zo2::Error(std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(rc));
-    if (m.local_size > count)
+    // ZO2_DP_SHARE_GPUS=1 lets ranks share GPUs (rank r on GPU r mod count): for tests on a
+    // one-GPU machine, never faster.
+    const char* share = std::getenv("ZO2_DP_SHARE_GPUS");
+    const bool share_gpus = share && std::string(share) == "1";
+    if (m.local_size > count && !share_gpus)
       throw UsageError(args.command() + ": " + std::to_string(m.local_size) + " ranks on this host but " +
                        std::to_string(count) + " CUDA GPU(s): one GPU per rank");
-    const cudaError_t set = cudaSetDevice(m.local_rank);
+    const int gpu = count > 0 ? m.local_rank % count : 0;
+    const cudaError_t set = cudaSetDevice(gpu);
     if (set != cudaSuccess)
-      throw zo2::Error("rank " + std::to_string(m.rank) + ": cudaSetDevice(" + std::to_string(m.local_rank) +
+      throw zo2::Error("rank " + std::to_string(m.rank) + ": cudaSetDevice(" + std::to_string(gpu) +
                        ") failed: " + cudaGetErrorString(set));
 #endif
 #if defined(ZO2_HAVE_NCCL)
@@ -241,6 +265,13 @@ DataParallelRun::~DataParallelRun() {
 
 int DataParallelRun::rank() const { return impl_->rank; }
 int DataParallelRun::size() const { return impl_->size; }
+
+std::optional<EngineOptions::SharedMaster> DataParallelRun::shared_host_master() const {
+  const Impl& m = *impl_;
+  if (m.size <= 1 || m.local_size <= 1 || !m.share_host_master) return std::nullopt;
+  return EngineOptions::SharedMaster{m.host_master_name, static_cast<std::size_t>(m.local_rank),
+                                     static_cast<std::size_t>(m.local_size), std::max(kSlowWaitS, m.timeout.count())};
+}
 
 void DataParallelRun::attach(Engine& engine, const zo2::ZOConfig& zo, std::uint64_t batch_size, std::uint64_t accumulate) {
   Impl& m = *impl_;

@@ -13,7 +13,10 @@
 // ZO2_DP_TRANSPORT=mpi forces MPI). Rank 0 alone prints, logs, checkpoints and exports; the
 // others evaluate in lockstep (their results are rank 0's, so no rank waits for another's
 // evaluation), discard their stdout and print on stderr only errors and --eval-every's notes. Each
-// process keeps its own copy of the model (offloaded: its own pinned host master). Every
+// process keeps its own copy of the model on its GPU; offloaded, the ranks of one host share ONE
+// pinned host master in POSIX shared memory (--host-master shared, the default: the host's first
+// rank loads it and alone writes blocks back, zo2::gpu::SharedHostMaster), so host memory does
+// not grow with the GPUs (--host-master per-rank: each rank its own). Every
 // --replica-check steps, at each checkpoint and at the end, a hash of every rank's parameters is
 // compared across ranks; a difference stops the run naming the step. A rank that does not reach
 // a reduction within --comm-timeout seconds of the others makes them exit with an error; a rank
@@ -25,6 +28,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -34,6 +38,7 @@
 
 #include "cli.hpp"
 #include "data.hpp"
+#include "engine.hpp"
 
 namespace zo2_opt {
 
@@ -59,6 +64,11 @@ class DataParallelRun {
   int size() const;
   /// Rank 0 (or the only process): the one that prints, logs, checkpoints and exports.
   bool root() const { return rank() == 0; }
+
+  /// With --offload under mpirun, several ranks on this host and --host-master shared: the
+  /// host's shared master (its name, this rank's seat, the host's ranks, the wait for a partner);
+  /// otherwise none.
+  std::optional<EngineOptions::SharedMaster> shared_host_master() const;
 
   /// Hands the engine the step's communicator (N > 1), after checking that the batch and the
   /// queries split over the ranks, and waits until every rank is ready.

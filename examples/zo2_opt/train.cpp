@@ -215,6 +215,10 @@ int run_train(const std::vector<std::string>& argv) {
     engine_options.gpu_memory_budget_gib = (*saved_engine)["gpu_memory_budget_gib"].get<double>();
   if (!engine_options.offload && (args.has("--codec") || args.has("--gpu-memory-budget")))
     throw UsageError("train: --codec and --gpu-memory-budget apply only with --offload");
+  if (args.has("--host-master") && !(engine_options.offload && device == "cuda"))
+    throw UsageError("train: --host-master applies only with --device cuda --offload");
+  // Offloaded under mpirun: the ranks of this host share one pinned host master.
+  if (engine_options.offload && device == "cuda") engine_options.shared_master = dp.shared_host_master();
   {
     // A resumed offloaded run keeps its checkpoint's state type unless told otherwise.
     const std::string saved_state = saved_engine ? saved_engine->value("optimizer_state", "fp32") : "fp32";
@@ -392,7 +396,6 @@ int run_train(const std::vector<std::string>& argv) {
   const std::string model_description = model->description;
   auto engine = make_engine(config, *model->parameters, engine_options);
   model.reset();
-  dp.attach(*engine, zo, batch_size, accumulate);
   // The int8 codec's masters are restored from their codes and row scales, not re-quantized.
   std::string encoded_note;
   if (resume_dir) {
@@ -418,6 +421,9 @@ int run_train(const std::vector<std::string>& argv) {
                                   "): this run re-encodes the float weights";
     }
   }
+  // Every rank has its model (restored): the communicator, and a barrier before the first step
+  // (a rank sharing its host master must not read it before the host's first rank has set it).
+  dp.attach(*engine, zo, batch_size, accumulate);
   // With accumulation, step t draws accumulate x batch examples and cuts them into micro-batches.
   const BatchSchedule schedule_of_batches(train.examples.size(), batch_size * accumulate, seed);
 

@@ -317,7 +317,10 @@ TEST_CASE("ShmRegion: names, a name taken, a name missing, unlink, moves") {
     CHECK_THROWS_WITH_AS(ShmRegion::create(name, 4096), doctest::Contains((name + "': shm_open").c_str()), Error);
     CHECK_THROWS_WITH_AS(ShmRegion::attach(name, 8192, 30ms), doctest::Contains("it has 4096 bytes"), Error);
     ShmRegion a = ShmRegion::attach(name, 4096, 1s);
+    ShmRegion any = ShmRegion::attach(name, 0, 1s);  // 0: whatever size its creator gave it
+    CHECK(any.size() == 4096);
     static_cast<char*>(r.data())[17] = 42;
+    CHECK(static_cast<char*>(any.data())[17] == 42);
     CHECK(static_cast<char*>(a.data())[17] == 42);  // one memory
     ShmRegion moved = std::move(r);  // the name goes with the move, and is unlinked once
     CHECK(moved.data() != nullptr);
@@ -326,6 +329,8 @@ TEST_CASE("ShmRegion: names, a name taken, a name missing, unlink, moves") {
   CHECK_FALSE(in_dev_shm(name));
   const std::string missing = "'" + name + "': waited 30 ms for it to exist with 4096 bytes; it does not exist";
   CHECK_THROWS_WITH_AS(ShmRegion::attach(name, 4096, 30ms), doctest::Contains(missing.c_str()), Error);
+  CHECK_THROWS_WITH_AS(ShmRegion::attach(name, 0, 30ms), doctest::Contains("to exist with a size; it does not exist"),
+                       Error);
   {
     ShmRegion r = ShmRegion::create(name, 64);
     r.unlink();  // early: the mapping lives on

@@ -532,6 +532,10 @@ class HostOffload {
   std::size_t owned_pinned_bytes() const { return own_host_.pinned_bytes(); }
   /// The seat this engine holds in a shared host master (-1: none, a lone engine).
   long seat() const { return seat_ ? static_cast<long>(seat_->seat()) : -1; }
+  /// Whether group g's values are this engine's to set (set_group*, set_rule_state, load): all
+  /// but a follower seat's streamed groups, which rest in the shared master and are set through
+  /// seat 0.
+  bool sets_group(GroupIndex g) const { return !seat_ || seat_->leader() || !is_streamed(g); }
 
  private:
   void init(cudaStream_t compute) {

@@ -141,22 +141,30 @@ class MasterRegion {
   /// The creating process, once the board is initialised: attaching processes may go on.
   void set_ready() { header().ready.store(1, std::memory_order_release); }
 
-  /// An attaching process: waits up to `wait` for ready, then checks the header against `shape`
-  /// and the seat count (ConfigError naming the first field that differs).
-  void check(const MasterShape& shape, std::chrono::milliseconds wait) const {
-    if (bytes_ < sizeof(MasterRegionHeader))
-      throw Error("shared host master: the region has " + std::to_string(bytes_) + " bytes, less than its header");
+  /// The header once the creating process made the region ready (waits up to `wait`), checked
+  /// to be a zo2 host master of this format.
+  static const MasterRegionHeader& ready_header(const unsigned char* base, std::size_t bytes,
+                                                std::chrono::milliseconds wait) {
+    if (bytes < sizeof(MasterRegionHeader))
+      throw Error("shared host master: the region has " + std::to_string(bytes) + " bytes, less than its header");
+    const auto& h = *reinterpret_cast<const MasterRegionHeader*>(base);
     const auto deadline = std::chrono::steady_clock::now() + wait;
-    while (header().ready.load(std::memory_order_acquire) == 0) {
+    while (h.ready.load(std::memory_order_acquire) == 0) {
       if (std::chrono::steady_clock::now() >= deadline)
         throw Error("shared host master: the region was not made ready within " + std::to_string(wait.count()) +
                     " ms (did seat 0's process fail while creating it?)");
       std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
-    const MasterRegionHeader& h = header();
     if (h.magic != MasterRegionHeader::kMagic || h.format != MasterRegionHeader::kFormat)
       throw Error("shared host master: the region is not a zo2 host master of format " +
                   std::to_string(MasterRegionHeader::kFormat));
+    return h;
+  }
+
+  /// An attaching process: waits up to `wait` for ready, then checks the header against `shape`
+  /// and the seat count (ConfigError naming the first field that differs).
+  void check(const MasterShape& shape, std::chrono::milliseconds wait) const {
+    const MasterRegionHeader& h = ready_header(base_, bytes_, wait);
     const auto differ = [](const char* field, std::uint64_t mine, std::uint64_t theirs) {
       if (mine != theirs)
         throw ConfigError(field, std::string("shared host master: this process's ") + field + " is " +
@@ -164,7 +172,6 @@ class MasterRegion {
                                      " (every seat needs the same model and offload options)");
     };
     differ("seats", seats_, h.seats);
-    differ("region_bytes", layout_.total, h.total_bytes);
     if (std::strncmp(shape.codec, h.shape.codec, sizeof(shape.codec)) != 0)
       throw ConfigError("codec", std::string("shared host master: this process's codec is ") + shape.codec +
                                      ", the master's " + h.shape.codec);
@@ -177,6 +184,7 @@ class MasterRegion {
     differ("rule_state_slots", shape.rule_state_slots, h.shape.rule_state_slots);
     differ("rule_state_bf16", shape.state_value_bytes, h.shape.state_value_bytes);
     differ("block_state_bytes", shape.block_state_bytes, h.shape.block_state_bytes);
+    differ("region_bytes", layout_.total, h.total_bytes);
     if (bytes_ < layout_.total)
       throw Error("shared host master: the region has " + std::to_string(bytes_) + " bytes, its header says " +
                   std::to_string(layout_.total));

@@ -9,12 +9,17 @@
 // upload. Each seat creates its events on its own device; a stream of another device may wait on
 // them (cudaStreamWaitEvent), and every record or wait of a block's event happens under that
 // block's lock on the board, so a wait always sees the record the board's counts describe.
+// Across processes the events are interprocess ones: a seat writes their handles into the shared
+// region when it joins, and a partner process opens them (cudaIpcOpenEventHandle) the first time
+// it needs one; a record in one process and a wait in another are ordered by the same lock.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -26,19 +31,24 @@
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/offload/host_store.cuh>
+#include <zo2/offload/master_region.hpp>
 #include <zo2/offload/offload_plan.cuh>
+#include <zo2/offload/shm_region.hpp>
 #include <zo2/offload/version_board.hpp>
 
 namespace zo2::gpu::offload_detail {
 
-/// What the seats of one shared host master share.
+/// What the seats of one shared host master share: in one process (the seats are threads), or
+/// across the processes of one host (each maps the master's POSIX shared memory; the board, the
+/// masters, the rule state and the seats' event handles live there: master_region.hpp).
 class SharedMasterCore {
  public:
-  /// Pinned masters and rule state for `plan`'s streamed blocks of `layout`, zeroed, shared by
-  /// `seats` seats of codec `codec`.
+  /// In one process: pinned masters and rule state for `plan`'s streamed blocks of `layout`,
+  /// zeroed, shared by `seats` seats of codec `codec`.
   SharedMasterCore(const ModelLayout& layout, const OffloadPlan& plan, std::size_t seats, std::string codec)
-      : layout_(layout), plan_(plan), codec_(std::move(codec)), board_(plan.streamed_blocks, seats),
-        events_(seats), claimed_(seats, false) {
+      : layout_(layout), plan_(plan), codec_(std::move(codec)),
+        board_(std::make_unique<offload::VersionBoard>(plan.streamed_blocks, seats)), events_(seats),
+        claimed_(seats, false) {
     store_.allocate_masters(plan.streamed_blocks, plan.block_bytes,
                             std::to_string(plan.streamed_blocks) + " shared streamed blocks of " +
                                 std::to_string(plan.block_bytes) + " bytes in codec " + codec_);
@@ -46,12 +56,60 @@ class SharedMasterCore {
                           "the rule state of " + std::to_string(plan.streamed_blocks) + " shared streamed blocks");
   }
 
+  /// Across processes: the master in POSIX shared memory `name`, created here (`create`: seat
+  /// 0's process; zeroed) or attached (another seat's process: waits up to `wait` for it to
+  /// exist and be ready, then checks its shape against this process's layout and plan,
+  /// ConfigError naming the field that differs). `element_bytes`: sizeof(T).
+  SharedMasterCore(const ModelLayout& layout, const OffloadPlan& plan, std::size_t seats, std::string codec,
+                   std::size_t element_bytes, const std::string& name, bool create, std::chrono::milliseconds wait)
+      : layout_(layout), plan_(plan), codec_(std::move(codec)), events_(seats), claimed_(seats, false),
+        imported_(seats) {
+    if (seats < 1) throw ConfigError("seats", "a shared host master needs at least one seat");
+    const std::size_t blocks = plan.streamed_blocks;
+    offload::MasterShape shape;
+    shape.layout_fingerprint = offload::layout_fingerprint(layout);
+    shape.num_blocks = layout.num_blocks();
+    shape.streamed_blocks = blocks;
+    shape.block_bytes = plan.block_bytes;
+    shape.block_state_bytes = plan.block_state_bytes;
+    shape.writeback_every = plan.writeback_every;
+    shape.rule_state_slots = plan.state_slots;
+    shape.state_value_bytes = plan.state_value_bytes;
+    shape.element_bytes = element_bytes;
+    shape.set_codec(codec_);
+    const std::size_t board_bytes = offload::VersionBoard::region_bytes(blocks, seats);
+    const auto layout_of_region = offload::MasterRegionLayout::of(
+        seats, blocks, board_bytes, PinnedBlocks::adopted_bytes(blocks, plan.block_bytes),
+        PinnedBlocks::adopted_bytes(blocks, plan.block_state_bytes));
+    if (create) {
+      shm_ = std::make_unique<offload::ShmRegion>(offload::ShmRegion::create(name, layout_of_region.total));
+    } else {
+      shm_ = std::make_unique<offload::ShmRegion>(offload::ShmRegion::attach(name, 0, wait));
+    }
+    region_ = std::make_unique<offload::MasterRegion>(static_cast<unsigned char*>(shm_->data()), shm_->size(), seats,
+                                                       blocks, layout_of_region);
+    if (create) {
+      region_->initialize(shape);
+      board_ = std::make_unique<offload::VersionBoard>(
+          offload::VersionBoard::create_in(region_->board(), board_bytes, blocks, seats));
+    } else {
+      region_->check(shape, wait);
+      board_ = std::make_unique<offload::VersionBoard>(
+          offload::VersionBoard::attach_to(region_->board(), board_bytes, wait));
+    }
+    store_.adopt(region_->masters(), region_->state(), blocks, plan.block_bytes, plan.block_state_bytes,
+                 std::to_string(blocks) + " streamed blocks of the shared host master '" + name + "'");
+    if (create) region_->set_ready();
+  }
+
   HostStore& store() { return store_; }
-  offload::VersionBoard& board() { return board_; }
+  offload::VersionBoard& board() { return *board_; }
   const OffloadPlan& plan() const { return plan_; }
   const ModelLayout& layout() const { return layout_; }
-  std::size_t seats() const { return board_.seats(); }
+  std::size_t seats() const { return board_->seats(); }
   std::size_t pinned_bytes() const { return store_.pinned_bytes(); }
+  /// Whether the seats are processes (the master lives in shared memory).
+  bool across_processes() const { return region_ != nullptr; }
 
   /// Throws ConfigError unless a seat's layout and plan match the master's.
   void check_seat(std::size_t seat, const ModelLayout& ml, const OffloadPlan& p) const {
@@ -73,13 +131,25 @@ class SharedMasterCore {
     differ("block_state_bytes", p.block_state_bytes, plan_.block_state_bytes);
   }
 
-  /// Seat `seat` joins with its per-block events (ConfigError if out of range or taken).
+  /// Seat `seat` joins with its per-block events (ConfigError if out of range or taken). Across
+  /// processes the events are interprocess ones: their handles go into the region before the
+  /// seat is marked taken there.
   void claim(std::size_t seat, std::vector<cudaEvent_t> events) {
     std::lock_guard lock(m_);
     if (seat >= claimed_.size())
       throw ConfigError("seat", "the shared host master has " + std::to_string(claimed_.size()) + " seats, not seat " +
                                     std::to_string(seat));
     if (claimed_[seat]) throw ConfigError("seat", "seat " + std::to_string(seat) + " of the shared host master is taken");
+    if (region_) {
+      region_->claim(seat);
+      static_assert(sizeof(cudaIpcEventHandle_t) <= offload::MasterRegionLayout::kHandleBytes);
+      for (std::size_t b = 0; b < events.size(); ++b) {
+        cudaIpcEventHandle_t h{};
+        ZO2_CUDA_CHECK(cudaIpcGetEventHandle(&h, events[b]));
+        std::memcpy(region_->handle(seat, b), &h, sizeof h);
+      }
+      region_->publish_claim(seat);
+    }
     claimed_[seat] = true;
     events_[seat] = std::move(events);
   }
@@ -90,23 +160,41 @@ class SharedMasterCore {
       std::lock_guard lock(m_);
       events_[seat].clear();
     }
-    board_.leave(seat);
+    board_->leave(seat);
   }
-  /// Seat `seat`'s event of streamed block b (null before it joined or after it left).
-  cudaEvent_t event(std::size_t seat, std::size_t b) const {
+  /// Seat `seat`'s event of streamed block b (null before it joined or after it left). Across
+  /// processes, another process's seat's events are opened from their handles when first asked
+  /// for after it joined.
+  cudaEvent_t event(std::size_t seat, std::size_t b) {
     std::lock_guard lock(m_);
-    return b < events_[seat].size() ? events_[seat][b] : nullptr;
+    if (b < events_[seat].size()) return events_[seat][b];
+    if (!region_ || claimed_[seat]) return nullptr;  // one of this process's seats, not (or no longer) there
+    if (imported_[seat].empty() && region_->claimed(seat)) {
+      std::vector<Event> opened;
+      opened.reserve(plan_.streamed_blocks);
+      for (std::size_t i = 0; i < plan_.streamed_blocks; ++i) {
+        cudaIpcEventHandle_t h{};
+        std::memcpy(&h, region_->handle(seat, i), sizeof h);
+        opened.push_back(Event::open_ipc(h));
+      }
+      imported_[seat] = std::move(opened);
+    }
+    return b < imported_[seat].size() ? imported_[seat][b].get() : nullptr;
   }
 
  private:
   ModelLayout layout_;
   OffloadPlan plan_;
   std::string codec_;
+  // Across processes: the mapping, the view of it, then what lives in it (destroyed first).
+  std::unique_ptr<offload::ShmRegion> shm_;
+  std::unique_ptr<offload::MasterRegion> region_;
+  std::unique_ptr<offload::VersionBoard> board_;
   HostStore store_;
-  offload::VersionBoard board_;
   mutable std::mutex m_;
-  std::vector<std::vector<cudaEvent_t>> events_;  // per seat, per streamed block
-  std::vector<bool> claimed_;
+  std::vector<std::vector<cudaEvent_t>> events_;  // per seat of this process, per streamed block
+  std::vector<bool> claimed_;                     // seats taken in this process
+  std::vector<std::vector<Event>> imported_;      // across processes: other processes' seats' events
 };
 
 /// One seat's side of the protocol (see the file comment and shared_host_master.cuh).
@@ -119,7 +207,7 @@ class SeatGate {
     events_.reserve(count_.size());
     std::vector<cudaEvent_t> handles;
     for (std::size_t b = 0; b < count_.size(); ++b) {
-      events_.emplace_back();
+      events_.push_back(core_->across_processes() ? Event::interprocess() : Event());
       handles.push_back(events_.back().get());
     }
     core_->claim(seat_, std::move(handles));

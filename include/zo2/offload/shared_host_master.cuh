@@ -27,6 +27,12 @@
 // A wait that outlasts set_wait_timeout() (300 s) throws an Error naming seat, block and
 // versions instead of hanging.
 //
+// Processes: create_in_shared_memory / attach_to_shared_memory put the master in POSIX shared
+// memory (master_region.hpp: the board with process-shared robust locks, the seats' interprocess
+// event handles, the masters and rule state, registered with CUDA in each process), so the ranks
+// of one host that mpirun starts, one GPU each, hold it once. The protocol is the same; a seat
+// whose process dies stops its partners with the board's timeout Error instead of a hang.
+//
 // Devices: each seat's thread makes its device current (cudaSetDevice) before it builds its
 // engine and before its calls; the seats' events may be waited on from any device of the
 // process, and pinned memory is portable across devices under unified addressing (every 64-bit
@@ -71,6 +77,8 @@
 #include <chrono>
 #include <cstddef>
 #include <memory>
+#include <string>
+#include <utility>
 
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
@@ -101,6 +109,40 @@ class SharedHostMaster {
       : core_(std::make_shared<offload_detail::SharedMasterCore>(
             layout, offload_detail::make_plan<GroupCodecT, Pass, T>(layout, options), seats, Codec::name)) {}
 
+  /// Across the processes of one host (data-parallel ranks, one GPU each): seat 0's process
+  /// creates the master in POSIX shared memory `name` ("/zo2-..."; the name is removed when this
+  /// process's last holder of the master is gone; other processes keep their mappings), and
+  /// every other seat's process attaches to it (attach_to_shared_memory). Each process then
+  /// builds its HostOffload over seat(its index): the protocol is the in-process one, with the
+  /// board in the shared memory (process-shared robust locks) and interprocess CUDA events.
+  /// Host memory: the masters and rule state exist once on the host, however many processes.
+  static SharedHostMaster create_in_shared_memory(const std::string& name, const ModelLayout& layout,
+                                                  const OffloadOptions& options, std::size_t seats) {
+    return SharedHostMaster(std::make_shared<offload_detail::SharedMasterCore>(
+        layout, offload_detail::make_plan<GroupCodecT, Pass, T>(layout, options), seats, Codec::name, sizeof(T), name,
+        true, std::chrono::milliseconds(0)));
+  }
+  /// Another seat's process: waits up to `wait` for seat 0's process to create and ready the
+  /// master `name`, then checks that this process's layout and plan match it (ConfigError naming
+  /// the field that differs).
+  static SharedHostMaster attach_to_shared_memory(const std::string& name, const ModelLayout& layout,
+                                                  const OffloadOptions& options, std::size_t seats,
+                                                  std::chrono::milliseconds wait = std::chrono::minutes(5)) {
+    return SharedHostMaster(std::make_shared<offload_detail::SharedMasterCore>(
+        layout, offload_detail::make_plan<GroupCodecT, Pass, T>(layout, options), seats, Codec::name, sizeof(T), name,
+        false, wait));
+  }
+
+  /// The write-back interval of the master `name` (its plan's; waits up to `wait` for it to be
+  /// ready): another seat's process that lets the plan pick it from the link asks for this
+  /// instead of measuring its own.
+  static unsigned writeback_every_of(const std::string& name, std::chrono::milliseconds wait) {
+    const auto shm = offload::ShmRegion::attach(name, 0, wait);
+    return static_cast<unsigned>(
+        offload::MasterRegion::ready_header(static_cast<const unsigned char*>(shm.data()), shm.size(), wait)
+            .shape.writeback_every);
+  }
+
   /// Seat i (0: the leader). Each seat is taken by one engine (ConfigError for a second).
   SharedSeat<Codec, T> seat(std::size_t i) const {
     if (i >= seats())
@@ -111,6 +153,8 @@ class SharedHostMaster {
   std::size_t seats() const { return core_->seats(); }
   /// The plan every seat must match.
   const OffloadPlan& plan() const { return core_->plan(); }
+  /// Whether the seats are processes (create_in_shared_memory / attach_to_shared_memory).
+  bool across_processes() const { return core_->across_processes(); }
   /// Pinned host bytes of the masters and their rule state (once, for all seats).
   std::size_t pinned_bytes() const { return core_->pinned_bytes(); }
   /// How long a seat waits for another before it throws (default 300 s). Set before the seats
@@ -118,6 +162,8 @@ class SharedHostMaster {
   void set_wait_timeout(std::chrono::milliseconds t) { core_->board().set_timeout(t); }
 
  private:
+  explicit SharedHostMaster(std::shared_ptr<offload_detail::SharedMasterCore> core) : core_(std::move(core)) {}
+
   std::shared_ptr<offload_detail::SharedMasterCore> core_;
 };
 

@@ -56,9 +56,10 @@ class ShmRegion {
   }
 
   /// Maps the region `name` of exactly `bytes` bytes that another process creates: retries
-  /// until the name exists with that size, or throws an Error naming it after `wait`.
+  /// until the name exists with that size, or throws an Error naming it after `wait`. bytes = 0:
+  /// whatever size it has once its creator has sized it (more than 0; a header inside says more).
   static ShmRegion attach(const std::string& name, std::size_t bytes, std::chrono::milliseconds wait) {
-    check(name, bytes);
+    check_name(name);
     const auto deadline = std::chrono::steady_clock::now() + wait;
     auto pause = std::chrono::milliseconds(1);
     std::string seen = "does not exist";
@@ -68,10 +69,11 @@ class ShmRegion {
       if (fd >= 0) {
         struct stat st {};
         if (::fstat(fd, &st) != 0) fail_closing(fd, name, "fstat");
-        if (static_cast<std::size_t>(st.st_size) == bytes) {
+        const auto size = static_cast<std::size_t>(st.st_size);
+        if (size == bytes || (bytes == 0 && size > 0)) {
           ShmRegion r;
           r.name_ = name;
-          r.map(fd, bytes);
+          r.map(fd, size);
           return r;
         }
         seen = "has " + std::to_string(st.st_size) + " bytes";  // 0: its creator has not sized it yet
@@ -79,7 +81,7 @@ class ShmRegion {
       }
       if (std::chrono::steady_clock::now() >= deadline)
         throw Error("shared memory region '" + name + "': waited " + std::to_string(wait.count()) +
-                    " ms for it to exist with " + std::to_string(bytes) + " bytes; it " + seen);
+                    " ms for it to exist with " + (bytes ? std::to_string(bytes) + " bytes" : std::string("a size")) + "; it " + seen);
       std::this_thread::sleep_for(pause);
       pause = std::min(pause * 2, std::chrono::milliseconds(20));
     }
@@ -117,9 +119,12 @@ class ShmRegion {
  private:
   ShmRegion() = default;
 
-  static void check(const std::string& name, std::size_t bytes) {
+  static void check_name(const std::string& name) {
     if (name.size() < 2 || name[0] != '/' || name.find('/', 1) != std::string::npos)
       throw ConfigError("name", "a shared memory region's name is '/' and a name without '/', not '" + name + "'");
+  }
+  static void check(const std::string& name, std::size_t bytes) {
+    check_name(name);
     if (bytes == 0) throw ConfigError("bytes", "shared memory region '" + name + "' of 0 bytes");
   }
   [[noreturn]] static void fail(const std::string& name, const char* call) {

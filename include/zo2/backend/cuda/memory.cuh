@@ -154,6 +154,44 @@ class PinnedBuffer {
   std::size_t count_ = 0;
 };
 
+/// Host memory allocated elsewhere (a mapping of POSIX shared memory) page-locked while this
+/// lives (cudaHostRegister, portable: pinned for every device of the process), so the copy
+/// engines move it at full PCIe rate as they do cudaMallocHost's.
+class HostRegistration {
+ public:
+  HostRegistration() = default;
+  HostRegistration(void* p, std::size_t bytes) {
+    if (bytes == 0) return;
+    const cudaError_t s = cudaHostRegister(p, bytes, cudaHostRegisterPortable);
+    if (s != cudaSuccess)
+      detail::throw_cuda(s, ("cudaHostRegister(" + std::to_string(bytes) + " bytes)").c_str(), __FILE__, __LINE__);
+    p_ = p;
+    bytes_ = bytes;
+  }
+  HostRegistration(HostRegistration&& o) noexcept : p_(std::exchange(o.p_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  HostRegistration& operator=(HostRegistration&& o) noexcept {
+    if (this != &o) {
+      release();
+      p_ = std::exchange(o.p_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  HostRegistration(const HostRegistration&) = delete;
+  HostRegistration& operator=(const HostRegistration&) = delete;
+  ~HostRegistration() { release(); }
+  std::size_t size() const { return bytes_; }
+
+ private:
+  void release() noexcept {
+    if (p_) cudaHostUnregister(p_);
+    p_ = nullptr;
+    bytes_ = 0;
+  }
+  void* p_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
 class Stream {
  public:
   Stream() { ZO2_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
@@ -184,6 +222,25 @@ class Event {
   explicit Event(bool timing = false) {
     ZO2_CUDA_CHECK(cudaEventCreateWithFlags(&e_, timing ? cudaEventDefault : cudaEventDisableTiming));
   }
+  /// An ordering event another process may wait on: ipc_handle() exports it, open_ipc() imports it
+  /// there (cudaIpcOpenEventHandle; not in the process that created it).
+  static Event interprocess() {
+    Event e(Raw{});
+    ZO2_CUDA_CHECK(cudaEventCreateWithFlags(&e.e_, cudaEventDisableTiming | cudaEventInterprocess));
+    return e;
+  }
+  /// The event another process exported with ipc_handle().
+  static Event open_ipc(cudaIpcEventHandle_t handle) {
+    Event e(Raw{});
+    ZO2_CUDA_CHECK(cudaIpcOpenEventHandle(&e.e_, handle));
+    return e;
+  }
+  /// This event's handle for another process (an interprocess() event only).
+  cudaIpcEventHandle_t ipc_handle() const {
+    cudaIpcEventHandle_t h{};
+    ZO2_CUDA_CHECK(cudaIpcGetEventHandle(&h, e_));
+    return h;
+  }
   Event(Event&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
   Event& operator=(Event&& o) noexcept {
     if (this != &o) {
@@ -210,6 +267,8 @@ class Event {
   }
 
  private:
+  struct Raw {};
+  explicit Event(Raw) {}
   cudaEvent_t e_ = nullptr;
 };
 
