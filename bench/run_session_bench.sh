@@ -5,7 +5,8 @@
 #   a (default)  the side-by-side run (the PyTorch reference carried in .reference, then zo2's
 #                bf16p and int8 at OPT-6.7B with write-back every 1 and 4 steps; ZO2_SIDE_ARGS
 #                and ZO2_REFERENCE_RUNS override), Qwen3-32B offloaded (int8, bf16: its GPU
-#                memory), an offloaded zo2-opt run's host memory at OPT-30B int8 and 13B bf16,
+#                memory), 2 ranks' host memory with the host master shared and per rank, an
+#                offloaded zo2-opt run's host memory at OPT-30B int8 and 13B bf16,
 #                zo-adam's state in bf16, host memory at OPT-6.7B int8 with a checkpoint
 #   b            host memory at OPT-13B (bf16), OPT-66B (int8: a 128 GB host) and OPT-30B (int8,
 #                bf16), the LLaMA family resident (bf16), Qwen2.5-7B offloaded (bf16p, int8),
@@ -50,7 +51,31 @@ host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags]
   echo "$name rc=$?"; grep -E "^memory|error|Maximum resident|Elapsed" "$out/$name.log" | head -4
   rm -rf /tmp/zo2-ck
 }
+# Host memory of 2 offloaded ranks on this host (both on its GPU: ZO2_DP_SHARE_GPUS=1), their
+# master shared (--host-master shared) or one each (per-rank): the peak drop of MemAvailable
+# while the job runs, sampled every 0.2 s, and each rank's `memory` line.
+shared_master_memory() {  # shared_master_memory PRESET CODEC
+  local mpi; mpi=$(command -v mpiexec) || { echo "no mpiexec here: no shared-master memory run"; return; }
+  local mode
+  for mode in shared per-rank; do
+    (( $(left) > 90 )) || { echo "no time left for shared-master $mode"; return; }
+    echo "== host master $mode, 2 ranks, $1 $2"
+    local base; base=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none \
+      ZO2_DP_SHARE_GPUS=1 timeout $(( $(left) - 30 )) "$mpi" -n 2 --oversubscribe --bind-to none \
+      "$src/build/examples/zo2-opt" train --demo --preset "$1" --device cuda --offload --codec "$2" --batch 2 \
+      --steps 3 --log-every 1 --host-master "$mode" > "$out/dp-$mode.log" 2>&1 &
+    local job=$! low=$base now
+    while kill -0 $job 2>/dev/null; do
+      now=$(awk '/MemAvailable/ {print $2}' /proc/meminfo); (( now < low )) && low=$now; sleep 0.2
+    done
+    wait $job; echo "dp-$mode rc=$?"
+    echo "{\"kind\":\"host_master\",\"mode\":\"$mode\",\"ranks\":2,\"model\":\"$1\",\"codec\":\"$2\",\"peak_host_gib\":$(awk -v b="$base" -v l="$low" 'BEGIN { printf "%.2f", (b - l) / 1048576 }')}" | tee -a "$results"
+    grep -E "^memory|^device|error" "$out/dp-$mode.log" | head -4
+  done
+}
 if [[ $plan == a ]]; then
+  shared_master_memory opt-6.7b int8
   run_more qwen3-32b --model qwen3-32b --policy offload --codec int8,bf16
   host_memory mem-30b-int8 opt-30b int8
   host_memory mem-13b-bf16 opt-13b bf16

@@ -8,9 +8,12 @@ bin=$2
 work=$3
 root=$4
 corpus=$root/examples/zo2_opt/data/demo_corpus.txt
+tests_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
 
 fail() { echo "FAIL [$case_name]: $*" >&2; exit 1; }
+# shellcheck source=gpu_probe.sh
+. "$tests_dir/gpu_probe.sh"
 
 # run_ok NAME CMD...: runs CMD, keeps stdout/stderr in NAME.out/NAME.err, fails on non-zero exit.
 run_ok() {
@@ -251,14 +254,7 @@ case "$case_name" in
   gpu)
     # The CUDA paths of zo2-opt: resident and offloaded (each codec, a memory budget), each
     # resumed bit-exactly from a checkpoint. Skipped (and says so) without a GPU.
-    if ! "$bin" train --demo --device cuda --steps 1 --quiet >probe.out 2>probe.err; then
-      if grep -Eq "built without CUDA|no CUDA GPU is present" probe.err; then
-        echo "SKIPPED: no CUDA device ($(cat probe.err))"
-        exit 0
-      fi
-      cat probe.out probe.err >&2
-      fail "train --device cuda failed"
-    fi
+    skip_without_gpu --demo
     common=(--demo --layers 2 --hidden 64 --heads 4 --batch 4 --seq-len 32 --quiet --device cuda)
     declare -A modes=(
       [resident]=""
@@ -566,14 +562,7 @@ case "$case_name" in
     # bit-exactly; the CPU and GPU agree on the start loss. Skipped (and says so) without a GPU.
     make_ids ids.jsonl
     fx=$llama_fixtures/qwen2_bias_bf16
-    if ! "$bin" train --model "$fx" --data ids.jsonl --device cuda --steps 1 --quiet >probe.out 2>probe.err; then
-      if grep -Eq "built without CUDA|no CUDA GPU is present" probe.err; then
-        echo "SKIPPED: no CUDA device ($(cat probe.err))"
-        exit 0
-      fi
-      cat probe.out probe.err >&2
-      fail "train --device cuda failed"
-    fi
+    skip_without_gpu --model "$fx" --data ids.jsonl
     common=(--model "$fx" --data ids.jsonl --batch 4 --lr 5e-3 --quiet --device cuda)
     for mode in resident fp32 bf16; do
       extra=()

@@ -16,6 +16,7 @@ bin=$2
 work=$3
 compare=$4
 launcher=${5:-}
+tests_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 rm -rf "$work" && mkdir -p "$work" && cd "$work" || exit 1
 
 if [ -z "$launcher" ]; then
@@ -29,6 +30,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
 
 fail() { echo "FAIL [$case_name]: $*" >&2; exit 1; }
+# shellcheck source=gpu_probe.sh
+. "$tests_dir/gpu_probe.sh"
 
 # launch_cmd NP: sets MPI_CMD to the launcher's words with NP ranks.
 launch_cmd() {
@@ -166,14 +169,7 @@ case "$case_name" in
     # rank 1 uploads from the blocks rank 0 loaded and writes back. Its run equals 2 ranks with a
     # master each (--host-master per-rank) to the bit, and resumes from its checkpoint bit-exactly.
     # On a one-GPU machine both ranks use it (ZO2_DP_SHARE_GPUS=1). Skipped without a GPU.
-    if ! "$bin" train --demo --device cuda --steps 1 --quiet >probe.out 2>probe.err; then
-      if grep -Eq "built without CUDA|no CUDA GPU is present" probe.err; then
-        echo "SKIPPED: no CUDA device ($(cat probe.err))"
-        exit 0
-      fi
-      cat probe.out probe.err >&2
-      fail "train --device cuda failed"
-    fi
+    skip_without_gpu --demo
     export ZO2_DP_SHARE_GPUS=1
     gpu=(--demo --layers 4 --hidden 64 --heads 4 --seq-len 32 --batch 4 --device cuda --offload --codec int8
          --writeback-every 2 --optimizer zo-mmt)

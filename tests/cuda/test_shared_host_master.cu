@@ -30,6 +30,7 @@
 
 #include "../support/dense_tanh_stack.hpp"
 #include "../support/device_dense_tanh_stack.cuh"
+#include "../support/offload_seat_run.cuh"
 #include "../support/offload_snapshot.hpp"
 #include "../support/offload_test_inputs.hpp"
 
@@ -43,6 +44,7 @@ using zo2_test::DeviceDenseTanhStack;
 using zo2_test::encoded_of;
 using zo2_test::escaped_bf16_store;
 using zo2_test::offload_test_shape;
+using zo2_test::params_of;
 using zo2_test::state_of;
 using zo2_test::state_slots_for;
 
@@ -71,17 +73,7 @@ using Policy = HostOffload<Codec, float>;
 
 /// A policy (lone, or a seat), its model and its optimizer, on the policy's stream.
 template <class Codec>
-struct Run {
-  Policy<Codec> policy;
-  DeviceDenseTanhStack model;
-  ZOOptimizer<DeviceDenseTanhStack, Policy<Codec>> opt;
-  Run(const ParameterStore<float>& init, const DenseTanhStack<float>& shape, const ZOConfig& cfg,
-      OffloadOptions options)
-      : policy(init, options), model{shape, policy.stream()}, opt(model, policy, cfg) {}
-  Run(const ParameterStore<float>& init, const DenseTanhStack<float>& shape, const ZOConfig& cfg,
-      OffloadOptions options, SharedSeat<Codec, float> seat)
-      : policy(init, options, nullptr, std::move(seat)), model{shape, policy.stream()}, opt(model, policy, cfg) {}
-};
+using Run = zo2_test::SeatRun<Codec>;
 
 struct Trace {
   std::vector<StepResult> steps;
@@ -89,18 +81,6 @@ struct Trace {
   std::vector<float> state;
   std::vector<float> params;  // get_group of every group, concatenated
 };
-
-template <class Codec>
-std::vector<float> params_of(const Policy<Codec>& p) {
-  std::vector<float> out;
-  const ModelLayout& ml = p.model_layout();
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    std::vector<float> v(ml.layout(GroupIndex{g}).total_elements());
-    p.get_group(GroupIndex{g}, v);
-    out.insert(out.end(), v.begin(), v.end());
-  }
-  return out;
-}
 
 template <class Codec>
 Trace snapshot(const Policy<Codec>& p, std::vector<StepResult> steps) {

@@ -33,6 +33,7 @@
 
 #include "../support/dense_tanh_stack.hpp"
 #include "../support/device_dense_tanh_stack.cuh"
+#include "../support/offload_seat_run.cuh"
 #include "../support/offload_snapshot.hpp"
 #include "../support/offload_test_inputs.hpp"
 
@@ -81,16 +82,7 @@ template <class Codec>
 using Policy = HostOffload<Codec, float>;
 
 template <class Codec>
-struct Run {
-  Policy<Codec> policy;
-  DeviceDenseTanhStack model;
-  ZOOptimizer<DeviceDenseTanhStack, Policy<Codec>> opt;
-  Run(const ParameterStore<float>& init, const DenseTanhStack<float>& shape, OffloadOptions o)
-      : policy(init, o), model{shape, policy.stream()}, opt(model, policy, config()) {}
-  Run(const ParameterStore<float>& init, const DenseTanhStack<float>& shape, OffloadOptions o,
-      SharedSeat<Codec, float> seat)
-      : policy(init, o, nullptr, std::move(seat)), model{shape, policy.stream()}, opt(model, policy, config()) {}
-};
+using Run = zo2_test::SeatRun<Codec>;
 
 /// What a run ends with, as bytes a process can write and its parent read.
 struct Trace {
@@ -98,18 +90,6 @@ struct Trace {
   std::vector<unsigned char> encoded;
   std::vector<float> state, params;
 };
-
-template <class Codec>
-std::vector<float> params_of(const Policy<Codec>& p) {
-  std::vector<float> out;
-  const ModelLayout& ml = p.model_layout();
-  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
-    std::vector<float> v(ml.layout(GroupIndex{g}).total_elements());
-    p.get_group(GroupIndex{g}, v);
-    out.insert(out.end(), v.begin(), v.end());
-  }
-  return out;
-}
 
 /// 6 steps, flush, 6 steps, flush (a follower's get_group needs nothing owed).
 template <class Codec>
@@ -124,7 +104,7 @@ Trace train(Run<Codec>& r, const DeviceDenseTanhStack::Batch& batch) {
   }
   t.encoded = zo2_test::encoded_of(r.policy);
   t.state = zo2_test::state_of(r.policy);
-  t.params = params_of<Codec>(r.policy);
+  t.params = zo2_test::params_of<Codec>(r.policy);
   return t;
 }
 
@@ -214,7 +194,7 @@ int run_child(const std::string& name, const std::string& out, unsigned every, b
   auto shared = SharedHostMaster<Codec, float>::attach_to_shared_memory(name, ModelLayout::of(shape), options_for(every),
                                                                         2, std::chrono::seconds(60));
   shared.set_wait_timeout(std::chrono::seconds(60));
-  Run<Codec> r(init, shape, options_for(every), shared.seat(1));
+  Run<Codec> r(init, shape, config(), options_for(every), shared.seat(1));
   if (die) {
     for (int s = 0; s < 2; ++s) r.opt.step(batch);
     ZO2_CUDA_CHECK(cudaDeviceSynchronize());  // its recorded events complete; then it vanishes
@@ -234,7 +214,7 @@ void check_processes(unsigned every) {
   Trace want;
   std::size_t lone_pinned = 0, lone_offloaded = 0;
   {
-    Run<Codec> lone(init, shape, options_for(every));
+    Run<Codec> lone(init, shape, config(), options_for(every));
     want = train(lone, batch);
     lone_pinned = lone.policy.owned_pinned_bytes();
     lone_offloaded = lone.policy.bytes_offloaded();
@@ -245,7 +225,7 @@ void check_processes(unsigned every) {
                                                                         options_for(every), 2);
   CHECK(shared.across_processes());
   shared.set_wait_timeout(std::chrono::seconds(60));
-  Run<Codec> leader(init, shape, options_for(every), shared.seat(0));  // loads the shared masters
+  Run<Codec> leader(init, shape, config(), options_for(every), shared.seat(0));  // loads the shared masters
   const pid_t child = spawn_child({"ZO2_TEST_SHM=" + name, "ZO2_TEST_OUT=" + out,
                                    "ZO2_TEST_CODEC=" + std::string(Codec::name),
                                    "ZO2_TEST_EVERY=" + std::to_string(every)});
@@ -327,7 +307,7 @@ TEST_CASE("a follower process that dies stops seat 0 with an error, not a hang" 
   const std::string name = unique_name("dies");
   auto shared = SharedHostMaster<Codec, float>::create_in_shared_memory(name, ModelLayout::of(shape), options_for(1), 2);
   shared.set_wait_timeout(std::chrono::seconds(60));  // long enough for the child to start
-  Run<Codec> leader(init, shape, options_for(1), shared.seat(0));
+  Run<Codec> leader(init, shape, config(), options_for(1), shared.seat(0));
   const pid_t child = spawn_child({"ZO2_TEST_SHM=" + name, "ZO2_TEST_CODEC=" + std::string(Codec::name),
                                    "ZO2_TEST_EVERY=1", "ZO2_TEST_DIE=1"});
   for (int s = 0; s < 2; ++s) leader.opt.step(batch);
