@@ -176,7 +176,6 @@ class MasterRegion {
       throw ConfigError("codec", std::string("shared host master: this process's codec is ") + shape.codec +
                                      ", the master's " + h.shape.codec);
     differ("element_bytes", shape.element_bytes, h.shape.element_bytes);
-    differ("layout", shape.layout_fingerprint, h.shape.layout_fingerprint);
     differ("num_blocks", shape.num_blocks, h.shape.num_blocks);
     differ("streamed_blocks", shape.streamed_blocks, h.shape.streamed_blocks);
     differ("block_bytes", shape.block_bytes, h.shape.block_bytes);
@@ -184,6 +183,7 @@ class MasterRegion {
     differ("rule_state_slots", shape.rule_state_slots, h.shape.rule_state_slots);
     differ("rule_state_bf16", shape.state_value_bytes, h.shape.state_value_bytes);
     differ("block_state_bytes", shape.block_state_bytes, h.shape.block_state_bytes);
+    differ("layout", shape.layout_fingerprint, h.shape.layout_fingerprint);  // tensor names and shapes
     differ("region_bytes", layout_.total, h.total_bytes);
     if (bytes_ < layout_.total)
       throw Error("shared host master: the region has " + std::to_string(bytes_) + " bytes, its header says " +
