@@ -381,8 +381,8 @@ class HostOffload {
   /// Decodes every master into `store` (streamed blocks on all cores).
   void store_to(ParameterStore<float>& store) const {
     check_same_layout(store.model_layout());
-    for (std::size_t b = 0; b < plan_.streamed_blocks; ++b)
-      if (seat_ && !seat_->leader()) before_host_read(GroupIndex{b + 1}, "store_to");
+    if (seat_ && !seat_->leader())
+      for (std::size_t b = 0; b < plan_.streamed_blocks; ++b) before_host_read(GroupIndex{b + 1}, "store_to");
     if (log_.any_lag()) const_cast<HostOffload*>(this)->settle();  // see settle_lagging()
     synchronize();
     const auto flat_of = [&](std::size_t g) {
