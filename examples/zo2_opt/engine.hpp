@@ -83,6 +83,9 @@ class Engine {
   /// the streamed groups of a rank that shares its host master and is not its seat 0 (seat 0 sets
   /// them for every rank of the host).
   virtual bool sets_group(zo2::GroupIndex) const { return true; }
+  /// Every rank has built its engine (after a barrier): a host master shared in POSIX shared
+  /// memory loses its name, so a crash from here on leaves nothing in /dev/shm.
+  virtual void every_rank_ready() {}
   /// Mean token loss at theta (flushes the owed update first).
   virtual double loss(const TokenBatch& batch) = 0;
   /// Logits of every position of a single sequence, [ids.size(), vocab] row-major, at theta.

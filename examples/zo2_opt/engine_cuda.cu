@@ -87,6 +87,9 @@ class CudaEngine final : public Engine {
     return optimizer_.step_accumulated(std::span<const typename Model::Batch>(micro_.data(), micro.size()));
   }
   void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
+  void every_rank_ready() override {
+    if constexpr (kOffload) policy_.remove_shared_master_name();
+  }
   bool sets_group(zo2::GroupIndex g) const override {
     if constexpr (kOffload) return policy_.sets_group(g);
     else return true;
@@ -306,8 +309,14 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   const auto wait = std::chrono::milliseconds(static_cast<long long>(shared.wait_s * 1000.0));
   const zo2::ModelLayout& layout = parameters.model_layout();
   if (shared.seat != 0 && options.writeback_every == 0) offload.writeback_every = Master::writeback_every_of(shared.name, wait);
-  Master master = shared.seat == 0 ? Master::create_in_shared_memory(shared.name, layout, offload, shared.seats)
-                                   : Master::attach_to_shared_memory(shared.name, layout, offload, shared.seats, wait);
+  Master master = [&] {
+    try {
+      return shared.seat == 0 ? Master::create_in_shared_memory(shared.name, layout, offload, shared.seats)
+                              : Master::attach_to_shared_memory(shared.name, layout, offload, shared.seats, wait);
+    } catch (const zo2::Error& e) {
+      throw zo2::Error(std::string(e.what()) + " (--host-master per-rank gives each rank its own host master)");
+    }
+  }();
   master.set_wait_timeout(wait);
   description += ", host master shared by " + std::to_string(shared.seats) + " ranks (seat " +
                  std::to_string(shared.seat) + ")";

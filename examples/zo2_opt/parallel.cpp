@@ -293,6 +293,7 @@ void DataParallelRun::attach(Engine& engine, const zo2::ZOConfig& zo, std::uint6
 #if defined(ZO2_HAVE_MPI)
   m.mpi->barrier(zo2::CommSeconds(std::max(kSlowWaitS, m.timeout.count())));
 #endif
+  engine.every_rank_ready();
   const std::uint64_t per_rank = batch_size / static_cast<std::uint64_t>(m.size);
   std::printf("parallel  %d ranks over %s (%d on this host), data-parallel %s: %s, replica check every %llu steps, "
               "timeout %g s\n",

@@ -5,7 +5,7 @@
 // - both seats' losses, encoded masters, decoded parameters and rule state (zo-mmt) are
 //   bit-identical to a lone HostOffload's over 12 steps, for int8 rows and bf16, write-back
 //   every 1 and 4 steps; the master is pinned once (the seats pin nothing); the follower writes
-//   nothing back;
+//   nothing back; the name can be removed once both attached, and the follower finishes;
 // - a process whose plan or model differs from the master's is refused at attach, naming the
 //   field (before it maps anything for CUDA); a seat taken is refused;
 // - a follower process that dies mid-run (after its work completed) makes seat 0 throw an
@@ -230,6 +230,11 @@ void check_processes(unsigned every) {
                                    "ZO2_TEST_CODEC=" + std::string(Codec::name),
                                    "ZO2_TEST_EVERY=" + std::to_string(every)});
   const Trace mine = train(leader, batch);
+  // Seat 1 has attached (the leader's write-backs waited for its visits): the name may go, and
+  // the child finishes on its mapping.
+  CHECK(access(("/dev/shm" + name).c_str(), F_OK) == 0);
+  shared.remove_name();
+  CHECK(access(("/dev/shm" + name).c_str(), F_OK) != 0);
   REQUIRE(wait_child(child) == 0);
   const Trace theirs = read_trace(out);
   std::remove(out.c_str());

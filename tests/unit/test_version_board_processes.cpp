@@ -306,6 +306,13 @@ TEST_CASE("ShmRegion: names, a name taken, a name missing, unlink, moves") {
   CHECK_THROWS_AS(ShmRegion::create("/zo2/two-slashes", 64), ConfigError);
   CHECK_THROWS_AS(ShmRegion::create("/", 64), ConfigError);
   CHECK_THROWS_AS(ShmRegion::attach("zo2-no-slash", 64, 10ms), ConfigError);
+  {
+    // More than /dev/shm holds: an Error at create (its pages are reserved), not a SIGBUS later,
+    // and the name is not left behind.
+    const std::string huge = unique_name("huge");
+    CHECK_THROWS_WITH_AS(ShmRegion::create(huge, std::size_t{1} << 50), doctest::Contains(huge.c_str()), Error);
+    CHECK_FALSE(in_dev_shm(huge));
+  }
 
   const std::string name = unique_name("region");
   {

@@ -532,6 +532,11 @@ class HostOffload {
   std::size_t owned_pinned_bytes() const { return own_host_.pinned_bytes(); }
   /// The seat this engine holds in a shared host master (-1: none, a lone engine).
   long seat() const { return seat_ ? static_cast<long>(seat_->seat()) : -1; }
+  /// A seat of a shared host master across processes, once every seat's process has attached:
+  /// removes the shared memory's name (SharedHostMaster::remove_name; nothing elsewhere).
+  void remove_shared_master_name() {
+    if (seat_) seat_->core().remove_name();
+  }
   /// Whether group g's values are this engine's to set (set_group*, set_rule_state, load): all
   /// but a follower seat's streamed groups, which rest in the shared master and are set through
   /// seat 0.

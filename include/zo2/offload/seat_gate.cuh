@@ -110,6 +110,12 @@ class SharedMasterCore {
   std::size_t pinned_bytes() const { return store_.pinned_bytes(); }
   /// Whether the seats are processes (the master lives in shared memory).
   bool across_processes() const { return region_ != nullptr; }
+  /// Across processes, in the creating process: removes the shared memory's name now (every
+  /// mapping stays; nobody can attach any more), so that a process that dies leaves nothing in
+  /// /dev/shm. Call it once every seat's process has attached. Elsewhere it does nothing.
+  void remove_name() {
+    if (shm_) shm_->unlink();
+  }
 
   /// Throws ConfigError unless a seat's layout and plan match the master's.
   void check_seat(std::size_t seat, const ModelLayout& ml, const OffloadPlan& p) const {

@@ -153,6 +153,10 @@ class SharedHostMaster {
   std::size_t seats() const { return core_->seats(); }
   /// The plan every seat must match.
   const OffloadPlan& plan() const { return core_->plan(); }
+  /// The creating process, once every seat's process has attached (e.g. after a barrier):
+  /// removes the shared memory's name (the mappings stay), so a crash leaves nothing in
+  /// /dev/shm. Otherwise the name goes when this process's last holder of the master does.
+  void remove_name() { core_->remove_name(); }
   /// Whether the seats are processes (create_in_shared_memory / attach_to_shared_memory).
   bool across_processes() const { return core_->across_processes(); }
   /// Pinned host bytes of the masters and their rule state (once, for all seats).

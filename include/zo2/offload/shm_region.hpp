@@ -6,7 +6,9 @@
 //   auto r = ShmRegion::attach("/zo2-board-1234", bytes, 10s);        // the others attach
 //
 // create() makes a new name (shm_open O_CREAT | O_EXCL, mode 0600: an existing name is an Error,
-// never reused), sizes it (ftruncate: the kernel fills it with zeros) and maps it (MAP_SHARED).
+// never reused), sizes it (ftruncate: the kernel fills it with zeros), reserves its pages
+// (posix_fallocate: a /dev/shm too small for it is an Error here, never a SIGBUS later) and maps
+// it (MAP_SHARED).
 // attach() retries until the creator's name exists with exactly `bytes` bytes, or throws after
 // `wait`. The creator unlinks the name when its ShmRegion is destroyed, or earlier with unlink()
 // (once every process has attached: the mappings live on, and nothing is left in /dev/shm if a
@@ -51,6 +53,16 @@ class ShmRegion {
     r.name_ = name;
     r.unlink_ = true;  // from here on the destructor removes the name, on every error below too
     if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) fail_closing(fd, name, "ftruncate");
+    // Reserve the pages now: a /dev/shm too small (a container's default is 64 MB) is this
+    // error, not a SIGBUS when a page is first touched.
+    if (const int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes)); rc != 0) {
+      ::close(fd);
+      throw Error("shared memory region '" + name + "': cannot reserve " + std::to_string(bytes) + " bytes (" +
+                  std::to_string(bytes >> 20) + " MiB) in /dev/shm: " + std::strerror(rc) +
+                  (rc == ENOSPC ? std::string(" (/dev/shm is too small: see df /dev/shm; a container needs a larger "
+                                              "--shm-size)")
+                                : std::string()));
+    }
     r.map(fd, bytes);
     return r;
   }
