@@ -206,6 +206,7 @@ DataParallelRun::DataParallelRun(const Args& args, const std::string& device) : 
   if (!wanted.empty() && wanted != "mpi" && wanted != "nccl")
     throw UsageError("ZO2_DP_TRANSPORT must be mpi or nccl, got '" + wanted + "'");
   m.transport = "mpi";
+  bool gpus_shared = false;  // ranks of this host outnumber its GPUs (ZO2_DP_SHARE_GPUS=1)
   if (device == "cuda") {
 #if defined(ZO2_OPT_CUDA)
     int count = 0;
@@ -218,6 +219,7 @@ DataParallelRun::DataParallelRun(const Args& args, const std::string& device) : 
     if (m.local_size > count && !share_gpus)
       throw UsageError(args.command() + ": " + std::to_string(m.local_size) + " ranks on this host but " +
                        std::to_string(count) + " CUDA GPU(s): one GPU per rank");
+    gpus_shared = m.local_size > count;
     const int gpu = count > 0 ? m.local_rank % count : 0;
     const cudaError_t set = cudaSetDevice(gpu);
     if (set != cudaSuccess)
@@ -225,12 +227,14 @@ DataParallelRun::DataParallelRun(const Args& args, const std::string& device) : 
                        ") failed: " + cudaGetErrorString(set));
 #endif
 #if defined(ZO2_HAVE_NCCL)
-    if (wanted != "mpi") {
+    // NCCL refuses two ranks on one GPU: ranks that share GPUs reduce over MPI.
+    if (wanted != "mpi" && !gpus_shared) {
       m.nccl = std::make_unique<zo2::NcclCommunicator>(m.mpi->comm(), m.local_rank, zo2::NcclOptions{m.timeout});
       m.transport = "nccl";
     }
 #endif
   }
+  (void)gpus_shared;  // read only where NCCL is built
   if (wanted == "nccl" && m.transport != "nccl")
     throw UsageError("ZO2_DP_TRANSPORT=nccl: NCCL carries only --device cuda reductions, in a build with NCCL");
 #if defined(ZO2_HAVE_NCCL)
@@ -273,7 +277,7 @@ std::optional<EngineOptions::SharedMaster> DataParallelRun::shared_host_master()
                                      static_cast<std::size_t>(m.local_size), std::max(kSlowWaitS, m.timeout.count())};
 }
 
-void DataParallelRun::attach(Engine& engine, const zo2::ZOConfig& zo, std::uint64_t batch_size, std::uint64_t accumulate) {
+void DataParallelRun::attach(Engine& engine, const zo2::ZOConfig& zo, std::uint64_t batch_size, std::uint64_t /*accumulate*/) {
   Impl& m = *impl_;
   if (m.size <= 1) return;
   const std::string n = std::to_string(m.size);
