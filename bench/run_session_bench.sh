@@ -11,6 +11,7 @@
 #   b            host memory at OPT-13B (bf16), OPT-66B (int8: a 128 GB host) and OPT-30B (int8,
 #                bf16), the LLaMA family resident (bf16), Qwen2.5-7B offloaded (bf16p, int8),
 #                write-back K = 1, 4 at OPT-13B, host memory at OPT-13B int8
+#   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8
 #   run(command="bash bench/run_session_bench.sh", carry=[".reference"])
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,7 +48,7 @@ host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags]
   rm -rf /tmp/zo2-ck
   local timer=(); [[ -x /usr/bin/time ]] && timer=(/usr/bin/time -v)
   timeout $(( $(left) - 10 )) "${timer[@]}" "$src/build/examples/zo2-opt" train --demo --preset "$preset" --device cuda \
-    --offload --codec "$codec" --steps 2 --log-every 1 "$@" > "$out/$name.log" 2>&1
+    --offload --codec "$codec" --steps 2 "$@" > "$out/$name.log" 2>&1
   echo "$name rc=$?"; grep -E "^memory|error|Maximum resident|Elapsed" "$out/$name.log" | head -4
   rm -rf /tmp/zo2-ck
 }
@@ -64,7 +65,7 @@ shared_master_memory() {  # shared_master_memory PRESET CODEC
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none \
       ZO2_DP_SHARE_GPUS=1 timeout $(( $(left) - 30 )) "$mpi" -n 2 --oversubscribe --bind-to none \
       "$src/build/examples/zo2-opt" train --demo --preset "$1" --device cuda --offload --codec "$2" --batch 2 \
-      --steps 3 --log-every 1 --host-master "$mode" > "$out/dp-$mode.log" 2>&1 &
+      --steps 3 --host-master "$mode" > "$out/dp-$mode.log" 2>&1 &
     local job=$! low=$base now
     while kill -0 $job 2>/dev/null; do
       now=$(awk '/MemAvailable/ {print $2}' /proc/meminfo); (( now < low )) && low=$now; sleep 0.2
@@ -81,6 +82,9 @@ if [[ $plan == a ]]; then
   host_memory mem-13b-bf16 opt-13b bf16
   run_more adam-state-bf16 --model opt-6.7b --policy offload --codec bf16p --optimizer zo-adam --state-bf16
   host_memory mem-6.7b-int8 opt-6.7b int8 --checkpoint-every 2 --checkpoint-dir /tmp/zo2-ck
+elif [[ $plan == c ]]; then
+  shared_master_memory opt-6.7b int8
+  host_memory mem-30b-int8 opt-30b int8
 else
   host_memory mem-13b-bf16 opt-13b bf16
   host_memory mem-66b-int8 opt-66b int8
