@@ -41,6 +41,12 @@ ZO2_TEST_DATA_DIR=$src/tests/fixtures timeout "${ZO2_CTEST_TIMEOUT:-300}" ctest 
   > "$out/ctest.log" 2>&1
 rc=$?
 grep -E "Test +#|tests passed|tests failed|Total Test" "$out/ctest.log" | head -40
+# What a failing test said (its own lines, from --output-on-failure), on stdout: the device call
+# may bring back only a few files.
+if [[ $rc -ne 0 ]]; then
+  echo "== what the failing tests said"
+  grep -E "FAIL|Error|error|CHECK|SKIPPED|rc=|exited|what\(\)|zo2-opt:" "$out/ctest.log" | grep -v "Test +#" | head -40
+fi
 for t in ${ZO2_MEMCHECK:-}; do
   exe=$src/build/tests/test_cuda_$t
   [[ -x $exe ]] || continue
