@@ -56,17 +56,7 @@ const bool kHaveDevice = [] {
   return ok;
 }();
 
-ZOConfig config_for(ZOMethod method, unsigned queries = 1) {
-  ZOConfig cfg;
-  cfg.method = method;
-  cfg.queries = queries;
-  cfg.lr = method == ZOMethod::kAdam ? 1e-3 : 5e-4;
-  cfg.eps = 1e-2;
-  cfg.weight_decay = 0.05;
-  cfg.momentum = 0.8;
-  cfg.seed = 20261207;
-  return cfg;
-}
+ZOConfig config_for(ZOMethod method, unsigned queries = 1) { return zo2_test::seat_test_config(method, queries); }
 
 template <class Codec>
 using Policy = HostOffload<Codec, float>;

@@ -60,16 +60,7 @@ bool have_device() {
   return ok;
 }
 
-ZOConfig config() {
-  ZOConfig cfg;
-  cfg.method = ZOMethod::kMomentum;
-  cfg.lr = 5e-4;
-  cfg.eps = 1e-2;
-  cfg.weight_decay = 0.05;
-  cfg.momentum = 0.8;
-  cfg.seed = 20261207;
-  return cfg;
-}
+ZOConfig config() { return zo2_test::seat_test_config(ZOMethod::kMomentum); }
 
 OffloadOptions options_for(unsigned every) {
   OffloadOptions o;

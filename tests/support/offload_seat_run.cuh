@@ -16,6 +16,19 @@
 
 namespace zo2_test {
 
+/// The optimizer settings of the shared-master tests (zo-adam gets a larger step).
+inline zo2::ZOConfig seat_test_config(zo2::ZOMethod method, unsigned queries = 1) {
+  zo2::ZOConfig cfg;
+  cfg.method = method;
+  cfg.queries = queries;
+  cfg.lr = method == zo2::ZOMethod::kAdam ? 1e-3 : 5e-4;
+  cfg.eps = 1e-2;
+  cfg.weight_decay = 0.05;
+  cfg.momentum = 0.8;
+  cfg.seed = 20261207;
+  return cfg;
+}
+
 template <class Codec>
 struct SeatRun {
   using Policy = zo2::gpu::HostOffload<Codec, float>;

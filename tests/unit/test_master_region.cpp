@@ -11,8 +11,11 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <zo2/core/error.hpp>
 #include <zo2/offload/master_region.hpp>
@@ -87,34 +90,26 @@ TEST_CASE("the header: written once, checked field by field") {
   creator.set_ready();
   reader.check(shape, std::chrono::milliseconds(50));
 
-  const auto refused = [&](MasterShape s, const char* field) {
-    CAPTURE(field);
-    CHECK_THROWS_WITH_AS(reader.check(s, std::chrono::milliseconds(10)), doctest::Contains(field), ConfigError);
+  // Each field changed alone is refused, naming it.
+  const std::vector<std::pair<const char*, std::function<void(MasterShape&)>>> changes{
+      {"block_bytes", [](MasterShape& s) { s.block_bytes += 256; }},
+      {"writeback_every", [](MasterShape& s) { s.writeback_every = 1; }},
+      {"rule_state_slots", [](MasterShape& s) { s.rule_state_slots = 2; }},
+      {"rule_state_bf16", [](MasterShape& s) { s.state_value_bytes = 2; }},
+      {"streamed_blocks", [](MasterShape& s) { s.streamed_blocks = 7; }},
+      {"num_blocks", [](MasterShape& s) { s.num_blocks = 9; }},
+      {"block_state_bytes", [](MasterShape& s) { s.block_state_bytes = 0; }},
+      {"element_bytes", [](MasterShape& s) { s.element_bytes = 2; }},
+      {"codec", [](MasterShape& s) { s.set_codec("int8"); }},
+      {"layout", [](MasterShape& s) { s.layout_fingerprint = layout_fingerprint(layout(48)); }},
   };
+  for (const auto& [field, change] : changes) {
+    CAPTURE(field);
+    MasterShape s = shape;
+    change(s);
+    CHECK_THROWS_WITH_AS(reader.check(s, std::chrono::milliseconds(10)), doctest::Contains(field), ConfigError);
+  }
   MasterShape s = shape;
-  s.block_bytes += 256;
-  refused(s, "block_bytes");
-  s = shape;
-  s.writeback_every = 1;
-  refused(s, "writeback_every");
-  s = shape;
-  s.rule_state_slots = 2;
-  refused(s, "rule_state_slots");
-  s = shape;
-  s.state_value_bytes = 2;
-  refused(s, "rule_state_bf16");
-  s = shape;
-  s.streamed_blocks = 7;
-  refused(s, "streamed_blocks");
-  s = shape;
-  s.element_bytes = 2;
-  refused(s, "element_bytes");
-  s = shape;
-  s.set_codec("int8");
-  refused(s, "codec");
-  s = shape;
-  s.layout_fingerprint = layout_fingerprint(layout(48));
-  refused(s, "layout");
   MasterRegion three_seats(mem.p, mem.n, 3, 8, l);
   CHECK_THROWS_WITH_AS(three_seats.check(shape, std::chrono::milliseconds(10)), doctest::Contains("seats"),
                        ConfigError);
