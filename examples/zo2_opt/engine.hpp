@@ -86,6 +86,9 @@ class Engine {
   /// Every rank has built its engine (after a barrier): a host master shared in POSIX shared
   /// memory loses its name, so a crash from here on leaves nothing in /dev/shm.
   virtual void every_rank_ready() {}
+  /// A host master shared with other ranks: how long a rank waits for another's part of a block
+  /// before it gives up with an error (the step's timeout; longer while rank 0 writes a checkpoint).
+  virtual void set_partner_wait(double /*seconds*/) {}
   /// Mean token loss at theta (flushes the owed update first).
   virtual double loss(const TokenBatch& batch) = 0;
   /// Logits of every position of a single sequence, [ids.size(), vocab] row-major, at theta.

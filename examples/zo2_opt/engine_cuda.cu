@@ -90,6 +90,9 @@ class CudaEngine final : public Engine {
   void every_rank_ready() override {
     if constexpr (kOffload) policy_.remove_shared_master_name();
   }
+  void set_partner_wait(double seconds) override {
+    if constexpr (kOffload) policy_.set_shared_master_wait(std::chrono::milliseconds(static_cast<long long>(seconds * 1e3)));
+  }
   bool sets_group(zo2::GroupIndex g) const override {
     if constexpr (kOffload) return policy_.sets_group(g);
     else return true;

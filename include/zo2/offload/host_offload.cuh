@@ -537,6 +537,11 @@ class HostOffload {
   void remove_shared_master_name() {
     if (seat_) seat_->core().remove_name();
   }
+  /// A seat of a shared host master: how long any seat waits for another (the board's timeout,
+  /// shared by every seat; see SharedHostMaster::set_wait_timeout). Nothing for a lone engine.
+  void set_shared_master_wait(std::chrono::milliseconds t) {
+    if (seat_) seat_->core().board().set_timeout(t);
+  }
   /// Whether group g's values are this engine's to set (set_group*, set_rule_state, load): all
   /// but a follower seat's streamed groups, which rest in the shared master and are set through
   /// seat 0.
