@@ -290,7 +290,14 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   // An untied LM head leaves the token embedding's perturbed copy unread after the prologue:
   // the blocks reuse its device memory.
   offload.prologue_scratch_shared = !zo2::models::ties_lm_head(config);
-  if (offload.writeback_every == 0) offload.link = zo2::gpu::measure_link();
+  using Master = zo2::gpu::SharedHostMaster<Codec, float>;
+  const EngineOptions::SharedMaster* shared = options.shared_master ? &*options.shared_master : nullptr;
+  const auto wait = std::chrono::milliseconds(shared ? static_cast<long long>(shared->wait_s * 1000.0) : 0);
+  // K = 0: measured here; a rank that attaches to its host's shared master takes the master's K.
+  if (offload.writeback_every == 0) {
+    if (shared && shared->seat != 0) offload.writeback_every = Master::writeback_every_of(shared->name, wait);
+    else offload.link = zo2::gpu::measure_link();
+  }
   // The codec is both the precision the weights rest in on the host (the master) and the one
   // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>, LlamaCudaModel<float>).
   std::string description = gpu_name() + ", offload: master and transfer " + Codec::name +
@@ -304,27 +311,22 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
                                                        std::to_string(offload.link.duplex_gbps) + " in duplex)"
                                                  : std::string());
   using Offloaded = CudaEngine<Model, zo2::gpu::HostOffload<Codec, float>>;
-  if (!options.shared_master) return std::make_unique<Offloaded>(config, parameters, options, description, offload);
-  // This host's ranks share one pinned host master: seat 0 creates it, the others attach (and
-  // take its write-back interval rather than measure their own).
-  const EngineOptions::SharedMaster& shared = *options.shared_master;
-  using Master = zo2::gpu::SharedHostMaster<Codec, float>;
-  const auto wait = std::chrono::milliseconds(static_cast<long long>(shared.wait_s * 1000.0));
+  if (!shared) return std::make_unique<Offloaded>(config, parameters, options, description, offload);
+  // This host's ranks share one pinned host master: seat 0 creates it, the others attach.
   const zo2::ModelLayout& layout = parameters.model_layout();
-  if (shared.seat != 0 && options.writeback_every == 0) offload.writeback_every = Master::writeback_every_of(shared.name, wait);
   Master master = [&] {
     try {
-      return shared.seat == 0 ? Master::create_in_shared_memory(shared.name, layout, offload, shared.seats)
-                              : Master::attach_to_shared_memory(shared.name, layout, offload, shared.seats, wait);
+      return shared->seat == 0 ? Master::create_in_shared_memory(shared->name, layout, offload, shared->seats)
+                               : Master::attach_to_shared_memory(shared->name, layout, offload, shared->seats, wait);
     } catch (const zo2::Error& e) {
       throw zo2::Error(std::string(e.what()) + " (--host-master per-rank gives each rank its own host master)");
     }
   }();
   master.set_wait_timeout(wait);
-  description += ", host master shared by " + std::to_string(shared.seats) + " ranks (seat " +
-                 std::to_string(shared.seat) + ")";
+  description += ", host master shared by " + std::to_string(shared->seats) + " ranks (seat " +
+                 std::to_string(shared->seat) + ")";
   return std::make_unique<Offloaded>(config, parameters, options, description, offload, cudaStream_t{nullptr},
-                                     master.seat(shared.seat));
+                                     master.seat(shared->seat));
 }
 
 }  // namespace

@@ -141,7 +141,6 @@ struct DataParallelRun::Impl {
   std::string transport = "none";
   bool share_host_master = true;  // --host-master shared
   std::string host_master_name;   // the same on every rank of this host
-  double partner_wait_s = 0;      // the shared master's wait last set (after_step)
   int exceptions = 0;
 };
 
@@ -301,7 +300,6 @@ void DataParallelRun::attach(Engine& engine, const zo2::ZOConfig& zo, std::uint6
   engine.every_rank_ready();
   // Start-up is over: a partner stalled on the shared host master is an error after the timeout.
   engine.set_partner_wait(m.timeout.count());
-  m.partner_wait_s = m.timeout.count();
   const std::uint64_t per_rank = batch_size / static_cast<std::uint64_t>(m.size);
   std::printf("parallel  %d ranks over %s (%d on this host), data-parallel %s: %s, replica check every %llu steps, "
               "timeout %g s\n",
@@ -341,11 +339,7 @@ void DataParallelRun::after_step(Engine& engine, std::uint64_t steps_done, std::
   const bool last = steps_done == total_steps;
   // A host master shared with rank 0 (seat 0): while it writes a checkpoint the others may wait
   // on it as long as on the reduction after it; otherwise the step's timeout.
-  const double partner_wait = checkpoint && !last ? std::max(kSlowWaitS, m.timeout.count()) : m.timeout.count();
-  if (partner_wait != m.partner_wait_s) {
-    engine.set_partner_wait(partner_wait);
-    m.partner_wait_s = partner_wait;
-  }
+  engine.set_partner_wait(checkpoint && !last ? std::max(kSlowWaitS, m.timeout.count()) : m.timeout.count());
   if (!(checkpoint || last || (m.replica_every && steps_done % m.replica_every == 0))) return;
   const std::uint64_t hash = parameter_hash(engine);
   zo2::check_replicas(*m.comm, hash, steps_done);

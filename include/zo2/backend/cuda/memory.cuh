@@ -166,30 +166,25 @@ class HostRegistration {
     if (s != cudaSuccess)
       detail::throw_cuda(s, ("cudaHostRegister(" + std::to_string(bytes) + " bytes)").c_str(), __FILE__, __LINE__);
     p_ = p;
-    bytes_ = bytes;
   }
-  HostRegistration(HostRegistration&& o) noexcept : p_(std::exchange(o.p_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  HostRegistration(HostRegistration&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
   HostRegistration& operator=(HostRegistration&& o) noexcept {
     if (this != &o) {
       release();
       p_ = std::exchange(o.p_, nullptr);
-      bytes_ = std::exchange(o.bytes_, 0);
     }
     return *this;
   }
   HostRegistration(const HostRegistration&) = delete;
   HostRegistration& operator=(const HostRegistration&) = delete;
   ~HostRegistration() { release(); }
-  std::size_t size() const { return bytes_; }
 
  private:
   void release() noexcept {
     if (p_) cudaHostUnregister(p_);
     p_ = nullptr;
-    bytes_ = 0;
   }
   void* p_ = nullptr;
-  std::size_t bytes_ = 0;
 };
 
 class Stream {
@@ -222,24 +217,18 @@ class Event {
   explicit Event(bool timing = false) {
     ZO2_CUDA_CHECK(cudaEventCreateWithFlags(&e_, timing ? cudaEventDefault : cudaEventDisableTiming));
   }
-  /// An ordering event another process may wait on: ipc_handle() exports it, open_ipc() imports it
-  /// there (cudaIpcOpenEventHandle; not in the process that created it).
+  /// An ordering event another process may wait on: cudaIpcGetEventHandle exports it, open_ipc()
+  /// imports it there (not in the process that created it).
   static Event interprocess() {
     Event e(Raw{});
     ZO2_CUDA_CHECK(cudaEventCreateWithFlags(&e.e_, cudaEventDisableTiming | cudaEventInterprocess));
     return e;
   }
-  /// The event another process exported with ipc_handle().
+  /// The event another process exported (cudaIpcGetEventHandle of an interprocess() event).
   static Event open_ipc(cudaIpcEventHandle_t handle) {
     Event e(Raw{});
     ZO2_CUDA_CHECK(cudaIpcOpenEventHandle(&e.e_, handle));
     return e;
-  }
-  /// This event's handle for another process (an interprocess() event only).
-  cudaIpcEventHandle_t ipc_handle() const {
-    cudaIpcEventHandle_t h{};
-    ZO2_CUDA_CHECK(cudaIpcGetEventHandle(&h, e_));
-    return h;
   }
   Event(Event&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
   Event& operator=(Event&& o) noexcept {
