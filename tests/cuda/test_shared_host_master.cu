@@ -282,7 +282,11 @@ TEST_CASE("a seat's mistakes are refused" * doctest::skip(!kHaveDevice)) {
     CHECK_THROWS_WITH_AS(Policy<Codec>(ml, other, nullptr, shared.seat(1)), doctest::Contains("streamed_blocks"),
                          ConfigError);
     CHECK_THROWS_WITH_AS(Policy<Codec>(ModelLayout::of(offload_test_shape(6)), o, nullptr, shared.seat(1)),
-                         doctest::Contains("layout"), ConfigError);
+                         doctest::Contains("num_blocks"), ConfigError);
+    DenseTanhStack<float> wider = shape;
+    wider.d_in += 1;  // the same blocks, another prologue: only the layout's fingerprint differs
+    CHECK_THROWS_WITH_AS(Policy<Codec>(ModelLayout::of(wider), o, nullptr, shared.seat(1)), doctest::Contains("layout"),
+                         ConfigError);
     CHECK_THROWS_AS(shared.seat(2), ConfigError);
     Policy<Codec> first(ml, o, nullptr, shared.seat(1));
     CHECK_THROWS_WITH_AS(Policy<Codec>(ml, o, nullptr, shared.seat(1)), doctest::Contains("taken"), ConfigError);

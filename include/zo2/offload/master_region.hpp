@@ -75,6 +75,34 @@ inline std::uint64_t layout_fingerprint(const ModelLayout& ml) {
   return h;
 }
 
+/// Throws ConfigError(field) unless `mine` == `master`: "<who><field> is <mine>, the master's
+/// <master><advice>".
+inline void check_field(const char* field, std::uint64_t mine, std::uint64_t master, const std::string& who,
+                        const std::string& advice) {
+  if (mine != master)
+    throw ConfigError(field, who + field + " is " + std::to_string(mine) + ", the master's " + std::to_string(master) +
+                                 advice);
+}
+
+/// Throws ConfigError naming the first field in which a seat's shape `mine` differs from the
+/// master's (the codec, then the sizes, then the layout's fingerprint: tensor names and shapes).
+inline void check_same_shape(const MasterShape& mine, const MasterShape& master, const std::string& who,
+                             const std::string& advice) {
+  if (std::strncmp(mine.codec, master.codec, sizeof(mine.codec)) != 0)
+    throw ConfigError("codec", who + "codec is " + std::string(mine.codec, strnlen(mine.codec, sizeof(mine.codec))) +
+                                   ", the master's " +
+                                   std::string(master.codec, strnlen(master.codec, sizeof(master.codec))) + advice);
+  check_field("element_bytes", mine.element_bytes, master.element_bytes, who, advice);
+  check_field("num_blocks", mine.num_blocks, master.num_blocks, who, advice);
+  check_field("streamed_blocks", mine.streamed_blocks, master.streamed_blocks, who, advice);
+  check_field("block_bytes", mine.block_bytes, master.block_bytes, who, advice);
+  check_field("writeback_every", mine.writeback_every, master.writeback_every, who, advice);
+  check_field("rule_state_slots", mine.rule_state_slots, master.rule_state_slots, who, advice);
+  check_field("rule_state_bf16", mine.state_value_bytes, master.state_value_bytes, who, advice);
+  check_field("block_state_bytes", mine.block_state_bytes, master.block_state_bytes, who, advice);
+  check_field("layout", mine.layout_fingerprint, master.layout_fingerprint, who, advice);
+}
+
 /// Where each part of the region starts, and its size.
 struct MasterRegionLayout {
   static constexpr std::size_t kPage = 4096;
@@ -165,26 +193,11 @@ class MasterRegion {
   /// and the seat count (ConfigError naming the first field that differs).
   void check(const MasterShape& shape, std::chrono::milliseconds wait) const {
     const MasterRegionHeader& h = ready_header(base_, bytes_, wait);
-    const auto differ = [](const char* field, std::uint64_t mine, std::uint64_t theirs) {
-      if (mine != theirs)
-        throw ConfigError(field, std::string("shared host master: this process's ") + field + " is " +
-                                     std::to_string(mine) + ", the master's " + std::to_string(theirs) +
-                                     " (every seat needs the same model and offload options)");
-    };
-    differ("seats", seats_, h.seats);
-    if (std::strncmp(shape.codec, h.shape.codec, sizeof(shape.codec)) != 0)
-      throw ConfigError("codec", std::string("shared host master: this process's codec is ") + shape.codec +
-                                     ", the master's " + h.shape.codec);
-    differ("element_bytes", shape.element_bytes, h.shape.element_bytes);
-    differ("num_blocks", shape.num_blocks, h.shape.num_blocks);
-    differ("streamed_blocks", shape.streamed_blocks, h.shape.streamed_blocks);
-    differ("block_bytes", shape.block_bytes, h.shape.block_bytes);
-    differ("writeback_every", shape.writeback_every, h.shape.writeback_every);
-    differ("rule_state_slots", shape.rule_state_slots, h.shape.rule_state_slots);
-    differ("rule_state_bf16", shape.state_value_bytes, h.shape.state_value_bytes);
-    differ("block_state_bytes", shape.block_state_bytes, h.shape.block_state_bytes);
-    differ("layout", shape.layout_fingerprint, h.shape.layout_fingerprint);  // tensor names and shapes
-    differ("region_bytes", layout_.total, h.total_bytes);
+    const char* who = "shared host master: this process's ";
+    const char* advice = " (every seat needs the same model and offload options)";
+    check_field("seats", seats_, h.seats, who, advice);
+    check_same_shape(shape, h.shape, who, advice);
+    check_field("region_bytes", layout_.total, h.total_bytes, who, advice);
     if (bytes_ < layout_.total)
       throw Error("shared host master: the region has " + std::to_string(bytes_) + " bytes, its header says " +
                   std::to_string(layout_.total));

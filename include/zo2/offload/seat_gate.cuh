@@ -49,6 +49,7 @@ class SharedMasterCore {
       : layout_(layout), plan_(plan), codec_(std::move(codec)),
         board_(std::make_unique<offload::VersionBoard>(plan.streamed_blocks, seats)), events_(seats),
         claimed_(seats, false) {
+    shape_ = shape_of(layout, plan, codec_, 0);
     store_.allocate_masters(plan.streamed_blocks, plan.block_bytes,
                             std::to_string(plan.streamed_blocks) + " shared streamed blocks of " +
                                 std::to_string(plan.block_bytes) + " bytes in codec " + codec_);
@@ -66,17 +67,8 @@ class SharedMasterCore {
         imported_(seats) {
     if (seats < 1) throw ConfigError("seats", "a shared host master needs at least one seat");
     const std::size_t blocks = plan.streamed_blocks;
-    offload::MasterShape shape;
-    shape.layout_fingerprint = offload::layout_fingerprint(layout);
-    shape.num_blocks = layout.num_blocks();
-    shape.streamed_blocks = blocks;
-    shape.block_bytes = plan.block_bytes;
-    shape.block_state_bytes = plan.block_state_bytes;
-    shape.writeback_every = plan.writeback_every;
-    shape.rule_state_slots = plan.state_slots;
-    shape.state_value_bytes = plan.state_value_bytes;
-    shape.element_bytes = element_bytes;
-    shape.set_codec(codec_);
+    shape_ = shape_of(layout, plan, codec_, element_bytes);
+    const offload::MasterShape& shape = shape_;
     const std::size_t board_bytes = offload::VersionBoard::region_bytes(blocks, seats);
     const auto layout_of_region = offload::MasterRegionLayout::of(
         seats, blocks, board_bytes, PinnedBlocks::adopted_bytes(blocks, plan.block_bytes),
@@ -117,24 +109,11 @@ class SharedMasterCore {
     if (shm_) shm_->unlink();
   }
 
-  /// Throws ConfigError unless a seat's layout and plan match the master's.
+  /// Throws ConfigError unless a seat's layout and plan match the master's (naming the field).
   void check_seat(std::size_t seat, const ModelLayout& ml, const OffloadPlan& p) const {
-    const std::string who = "seat " + std::to_string(seat) + " of the shared host master: ";
-    bool same = ml.num_blocks() == layout_.num_blocks();
-    for (std::size_t g : {std::size_t{0}, std::size_t{1}, ml.num_groups() - 1})
-      same = same && ml.layout(GroupIndex{g}) == layout_.layout(GroupIndex{g});
-    if (!same) throw ConfigError("layout", who + "its model layout differs from the master's");
-    const auto differ = [&](const char* field, std::size_t mine, std::size_t master) {
-      if (mine != master)
-        throw ConfigError(field, who + "its plan has " + field + " = " + std::to_string(mine) + ", the master's " +
-                                     std::to_string(master) + " (every seat needs the master's options)");
-    };
-    differ("streamed_blocks", p.streamed_blocks, plan_.streamed_blocks);
-    differ("block_bytes", p.block_bytes, plan_.block_bytes);
-    differ("writeback_every", p.writeback_every, plan_.writeback_every);
-    differ("rule_state_slots", p.state_slots, plan_.state_slots);
-    differ("rule_state_bf16", p.state_value_bytes, plan_.state_value_bytes);
-    differ("block_state_bytes", p.block_state_bytes, plan_.block_state_bytes);
+    offload::check_same_shape(shape_of(ml, p, codec_, shape_.element_bytes), shape_,
+                              "seat " + std::to_string(seat) + " of the shared host master: its ",
+                              " (every seat needs the master's model and options)");
   }
 
   /// Seat `seat` joins with its per-block events (ConfigError if out of range or taken). Across
@@ -188,10 +167,28 @@ class SharedMasterCore {
     return b < imported_[seat].size() ? imported_[seat][b].get() : nullptr;
   }
 
+  /// The shape a layout and plan give a master of codec `codec` (element_bytes: sizeof(T)).
+  static offload::MasterShape shape_of(const ModelLayout& layout, const OffloadPlan& plan, const std::string& codec,
+                                       std::size_t element_bytes) {
+    offload::MasterShape shape;
+    shape.layout_fingerprint = offload::layout_fingerprint(layout);
+    shape.num_blocks = layout.num_blocks();
+    shape.streamed_blocks = plan.streamed_blocks;
+    shape.block_bytes = plan.block_bytes;
+    shape.block_state_bytes = plan.block_state_bytes;
+    shape.writeback_every = plan.writeback_every;
+    shape.rule_state_slots = plan.state_slots;
+    shape.state_value_bytes = plan.state_value_bytes;
+    shape.element_bytes = element_bytes;
+    shape.set_codec(codec);
+    return shape;
+  }
+
  private:
   ModelLayout layout_;
   OffloadPlan plan_;
   std::string codec_;
+  offload::MasterShape shape_;  // what every seat's layout and plan must match
   // Across processes: the mapping, the view of it, then what lives in it (destroyed first).
   std::unique_ptr<offload::ShmRegion> shm_;
   std::unique_ptr<offload::MasterRegion> region_;
