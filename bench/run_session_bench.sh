@@ -11,7 +11,8 @@
 #   b            host memory at OPT-13B (bf16), OPT-66B (int8: a 128 GB host) and OPT-30B (int8,
 #                bf16), the LLaMA family resident (bf16), Qwen2.5-7B offloaded (bf16p, int8),
 #                write-back K = 1, 4 at OPT-13B, host memory at OPT-13B int8
-#   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8
+#   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
+#                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps
 #   run(command="bash bench/run_session_bench.sh", carry=[".reference"])
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -85,6 +86,7 @@ if [[ $plan == a ]]; then
 elif [[ $plan == c ]]; then
   shared_master_memory opt-6.7b int8
   host_memory mem-30b-int8 opt-30b int8
+  run_more writeback-k2 --model opt-6.7b --policy offload --codec int8,bf16p --writeback-every 1,2
 else
   host_memory mem-13b-bf16 opt-13b bf16
   host_memory mem-66b-int8 opt-66b int8
