@@ -317,6 +317,18 @@ case "$case_name" in
       --optimizer-state fp32 --steps 24 --quiet
     echo "zo-adam, bf16 state: loss falls, resume bit-exact"
 
+    # --writeback-every 0: K is chosen after the second step from the measured link and the GPU's
+    # time per block; the log says which K and why, and the run is K = 1's bit for bit.
+    auto=(--offload --codec int8 --gpu-memory-budget 0.001 --steps 12)
+    run_ok k_one "$bin" train "${common[@]}" "${auto[@]}" --export k_one
+    run_ok k_auto "$bin" train "${common[@]}" "${auto[@]}" --writeback-every 0 --export k_auto --log k_auto.jsonl
+    grep -q "K chosen after the second step" k_auto.out || fail "--writeback-every 0: the log does not say K is measured"
+    grep -qE "^offload   write-back every [0-9]+ steps? from here on: a streamed block's visit took" k_auto.err ||
+      { cat k_auto.err >&2; fail "--writeback-every 0: no line says which K was chosen"; }
+    [ "$(grep -c '"notice"' k_auto.jsonl)" -eq 1 ] || fail "--writeback-every 0: the step log should carry the choice once"
+    cmp k_one/model.safetensors k_auto/model.safetensors || fail "--writeback-every 0 trained differently from K = 1"
+    echo "--writeback-every 0: $(grep -oE 'write-back every [0-9]+ steps?' k_auto.err), the same weights as K = 1"
+
     # eval and generate offloaded: the blocks stream through the slots, unperturbed, and give
     # the resident numbers (fp32 codec: the same weights; bf16: the weights rounded to bf16).
     ev=(eval --model full_resident --text "$corpus" --seq-len 32 --batch 4 --limit 24 --device cuda)

@@ -89,6 +89,9 @@ class Engine {
   /// A host master shared with other ranks: how long a rank waits for another's part of a block
   /// before it gives up with an error (the step's timeout; longer while rank 0 writes a checkpoint).
   virtual void set_partner_wait(double /*seconds*/) {}
+  /// A line for the run's log that the engine has to say once (e.g. the write-back interval it
+  /// chose after measuring a step); nullopt when it has nothing new.
+  virtual std::optional<std::string> take_notice() { return std::nullopt; }
   /// Mean token loss at theta (flushes the owed update first).
   virtual double loss(const TokenBatch& batch) = 0;
   /// Logits of every position of a single sequence, [ids.size(), vocab] row-major, at theta.

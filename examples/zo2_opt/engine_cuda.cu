@@ -17,9 +17,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include <zo2/zo2.hpp>
 #include <zo2/models/llama/cuda/llama_cuda_model.cuh>
@@ -78,14 +81,28 @@ class CudaEngine final : public Engine {
 
   zo2::StepResult step(const TokenBatch& batch) override {
     model_.upload_batch(batch, batch_);
-    return optimizer_.step(batch_);
+    before_step();
+    const zo2::StepResult r = optimizer_.step(batch_);
+    after_step();
+    return r;
   }
   /// Every micro-batch is on the device at once (token ids only; activations are one batch's).
   zo2::StepResult step_accumulated(std::span<const TokenBatch> micro) override {
     if (micro_.size() < micro.size()) micro_.resize(micro.size());
     for (std::size_t i = 0; i < micro.size(); ++i) model_.upload_batch(micro[i], micro_[i]);
-    return optimizer_.step_accumulated(std::span<const typename Model::Batch>(micro_.data(), micro.size()));
+    before_step();
+    const zo2::StepResult r =
+        optimizer_.step_accumulated(std::span<const typename Model::Batch>(micro_.data(), micro.size()));
+    after_step();
+    return r;
   }
+  /// --writeback-every 0: the engine's second step (the first warms the GEMMs up) is timed at
+  /// K = 1 and K is then chosen from `link` and what a streamed block's visit cost
+  /// (zo2::offload::choose_writeback_every(link, timing)). The policy records a timeline.
+  void choose_writeback_after_a_step(zo2::offload::LinkHint link) {
+    if constexpr (kOffload) choose_from_ = link;
+  }
+  std::optional<std::string> take_notice() override { return std::exchange(notice_, std::nullopt); }
   void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
   void every_rank_ready() override {
     if constexpr (kOffload) policy_.remove_shared_master_name();
@@ -219,6 +236,29 @@ class CudaEngine final : public Engine {
   }
 
  private:
+  void before_step() {
+    if constexpr (kOffload)
+      if (choose_from_ && steps_run_ == 1) policy_.restart_timeline();
+  }
+  void after_step() {
+    ++steps_run_;
+    if constexpr (kOffload) {
+      if (!choose_from_ || steps_run_ != 2) return;
+      policy_.end_timeline_visit();
+      const zo2::offload::BlockTiming t = policy_.block_timing();
+      policy_.timeline().stop();
+      const zo2::offload::LinkHint link = *std::exchange(choose_from_, std::nullopt);
+      const unsigned k = zo2::offload::choose_writeback_every(link, t);
+      policy_.set_writeback_every(k);
+      char line[320];
+      std::snprintf(line, sizeof line,
+                    "offload   write-back every %u step%s from here on: a streamed block's visit took %.2f ms of "
+                    "upload, %.2f ms of GPU time (its pass %.2f ms) at K = 1; link %.1f GB/s one way, %.1f in duplex",
+                    k, k == 1 ? "" : "s", t.upload_ms, t.compute_ms, t.pass_ms, link.one_way_gbps, link.duplex_gbps);
+      notice_ = line;
+    }
+  }
+
   /// The parameters into the policy, group by group. Offload: a few groups at a time are read
   /// and encoded on as many cores (the codec's encoding dominates a large model's start-up),
   /// then copied into the host store; so the host holds the codec's store plus kLoadBatch groups in
@@ -267,6 +307,9 @@ class CudaEngine final : public Engine {
   typename Model::Activation hidden_[2];
   typename Model::Workspace workspace_;
   std::string description_;
+  std::optional<zo2::offload::LinkHint> choose_from_;  // --writeback-every 0: K is still to choose
+  std::size_t steps_run_ = 0;
+  std::optional<std::string> notice_;
 };
 
 std::string gpu_name() {
@@ -293,10 +336,21 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   using Master = zo2::gpu::SharedHostMaster<Codec, float>;
   const EngineOptions::SharedMaster* shared = options.shared_master ? &*options.shared_master : nullptr;
   const auto wait = std::chrono::milliseconds(shared ? static_cast<long long>(shared->wait_s * 1000.0) : 0);
-  // K = 0: measured here; a rank that attaches to its host's shared master takes the master's K.
+  // K = 0: the link is measured here. A lone engine starts at K = 1 and chooses K after its
+  // second step, from the link and the GPU's time per block; a shared master's K is fixed when
+  // it is created (from the link alone), and a rank that attaches to it takes the master's.
+  std::optional<zo2::offload::LinkHint> choose_after_a_step;
   if (offload.writeback_every == 0) {
-    if (shared && shared->seat != 0) offload.writeback_every = Master::writeback_every_of(shared->name, wait);
-    else offload.link = zo2::gpu::measure_link();
+    if (shared && shared->seat != 0) {
+      offload.writeback_every = Master::writeback_every_of(shared->name, wait);
+    } else {
+      offload.link = zo2::gpu::measure_link();
+      if (!shared) {
+        choose_after_a_step = offload.link;
+        offload.writeback_every = 1;
+        offload.record_timeline = true;
+      }
+    }
   }
   // The codec is both the precision the weights rest in on the host (the master) and the one
   // they cross PCIe in; the forward computes in fp32 (OPTCudaModel<float>, LlamaCudaModel<float>).
@@ -304,14 +358,17 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
                             (Codec::row_scaled ? " (per-row scales)" : "") + ", forward fp32";
   if (options.state_bf16 && offload.rule_state_slots) description += ", optimizer state bf16";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
-  if (offload.writeback_every != 1)
+  if (choose_after_a_step)
+    description += ", write-back every K steps, K chosen after the second step from the link and the GPU's time per block";
+  else if (offload.writeback_every != 1)
     description += ", write-back every " + std::to_string(zo2::gpu::offload_detail::resolve_writeback_every(offload)) +
-                   " step(s)" +
-                   (offload.writeback_every == 0 ? " (link " + std::to_string(offload.link.one_way_gbps) + " GB/s one-way, " +
-                                                       std::to_string(offload.link.duplex_gbps) + " in duplex)"
-                                                 : std::string());
+                   " step(s)" + (offload.writeback_every == 0 ? " (chosen from the link)" : "");
   using Offloaded = CudaEngine<Model, zo2::gpu::HostOffload<Codec, float>>;
-  if (!shared) return std::make_unique<Offloaded>(config, parameters, options, description, offload);
+  if (!shared) {
+    auto engine = std::make_unique<Offloaded>(config, parameters, options, description, offload);
+    if (choose_after_a_step) engine->choose_writeback_after_a_step(*choose_after_a_step);
+    return engine;
+  }
   // This host's ranks share one pinned host master: seat 0 creates it, the others attach.
   const zo2::ModelLayout& layout = parameters.model_layout();
   Master master = [&] {

@@ -91,7 +91,7 @@ CommandSpec train_spec() {
       {"--codec", "NAME", "with --offload: how blocks are stored for transfer (fp32, bf16, bf16p: bf16 packed losslessly in ~12.6 bits, fp16, int8)", ""},
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the engine may hold (above the minimum: a third slot, then resident blocks)", ""},
       {"--optimizer-state", "DTYPE", "with --offload: zo-mmt's and zo-adam's per-parameter state in fp32 or bf16 (half the bytes it moves; each stored value rounded to nearest)", "fp32"},
-      {"--writeback-every", "K", "with --offload: write each streamed block back to host memory every K steps (1..64; 0: K from the link, measured at start); the GPU replays the host copy's lag after each upload, results unchanged", "1"},
+      {"--writeback-every", "K", "with --offload: write each streamed block back to host memory every K steps (1..64; 0: measured: the link at start, then the second step's GPU time per block, after which K is chosen and logged); the GPU replays the host copy's lag after each upload, results unchanged", "1"},
       {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},
       {"--weight-decay", "X", "weight decay (weights only, not biases or LayerNorm)", "0"},
@@ -561,6 +561,10 @@ int run_train(const std::vector<std::string>& argv) {
       line["loss_descent"] = r.loss_descent;
       line["loss_ascent"] = r.loss_ascent;
       line["kept"] = r.conservative_choice;
+    }
+    if (auto notice = engine->take_notice()) {
+      if (dp.root()) progress.note(*notice);
+      line["notice"] = *notice;
     }
     if (const std::uint64_t lost = engine->values_lost(); lost != values_lost) {
       // Silent loss is the one thing a lossless codec must never do: say it at once.

@@ -292,6 +292,8 @@ TEST_CASE("a seat's mistakes are refused" * doctest::skip(!kHaveDevice)) {
     CHECK_THROWS_WITH_AS(Policy<Codec>(ml, o, nullptr, shared.seat(1)), doctest::Contains("taken"), ConfigError);
     // A seat keeps the master's rule state count.
     CHECK_THROWS_WITH_AS(first.reserve_rule_state(2), doctest::Contains("rule_state_slots"), ConfigError);
+    // ... and its write-back interval.
+    CHECK_THROWS_WITH_AS(first.set_writeback_every(2), doctest::Contains("writeback_every"), ConfigError);
   }
 
   SUBCASE("a follower sets no streamed group; nobody reads or sets a lagging one") {

@@ -10,6 +10,8 @@
 //   values; set_group_encoded / set_rule_state on lagging blocks;
 // - traffic: bytes written back per step drop to 1/K, uploads stay, and the replays are the
 //   (K - 1) / 2 per visit the stagger predicts;
+// - K changed between steps (set_writeback_every, host copies lagging at the change) gives
+//   K = 1's bits; a step recorded in the timeline gives a positive block timing;
 // - the plan picks K from a link hint, and refuses a K out of range (no device needed).
 // The layer stack is tests/support's device twin of DenseTanhStack: deterministic kernels, so
 // equal parameters give equal losses.
@@ -424,6 +426,65 @@ TEST_CASE("bytes written back per step drop to 1/K; uploads stay; replays as the
       CHECK(got.replays == 8.0 * (k - 1) / 2);  // lags 0 .. K-1 across each K consecutive blocks
     }
   }
+}
+
+namespace {
+
+/// K changed between steps (1 -> 4 -> 2 -> 1 -> 3, the last with host copies lagging when it is
+/// changed) against K = 1 throughout; a step recorded in the timeline gives a positive timing.
+template <class Codec>
+void check_changing_k(const ZOConfig& cfg) {
+  const DenseTanhStack<float> shape = offload_test_shape();
+  const auto init = escaped_bf16_store(shape, 71);
+  std::vector<DeviceDenseTanhStack::Batch> batch;
+  batch.push_back(zo2_test::to_device(zo2_test::make_regression_batch<float>(32, shape.d_in, 29)));
+  OffloadOptions base;
+  base.rule_state_slots = state_slots_for(cfg);
+  const Trace ref = run_steps<Codec>(init, shape, cfg, batch, 12, base);
+
+  OffloadOptions timed = base;
+  timed.record_timeline = true;
+  Run<Codec> r(init, shape, cfg, timed);
+  Trace got;
+  const unsigned schedule[12] = {1, 1, 4, 4, 4, 4, 4, 2, 2, 1, 3, 3};
+  bool lagged_at_change = false;
+  for (int s = 0; s < 12; ++s) {
+    if (s > 0 && schedule[s] != schedule[s - 1]) {
+      lagged_at_change = lagged_at_change || r.policy.writeback_log().any_lag();
+      r.policy.set_writeback_every(schedule[s]);
+      CHECK(r.policy.writeback_every() == schedule[s]);
+      CHECK_FALSE(r.policy.writeback_log().any_lag());  // settled before the change
+    }
+    if (s == 1) r.policy.restart_timeline();
+    got.steps.push_back(r.opt.step(batch[0]));
+    if (s == 1) {
+      r.policy.end_timeline_visit();
+      const offload::BlockTiming t = r.policy.block_timing();
+      CHECK(t.upload_ms > 0);
+      CHECK(t.compute_ms > 0);
+      CHECK(t.pass_ms > 0);
+      CHECK(t.pass_ms <= t.compute_ms);  // the pass is part of the visit's GPU time
+      const unsigned k = offload::choose_writeback_every({55, 36}, t);
+      CHECK(k >= 1);
+      CHECK(k <= offload::kMaxAutoWritebackEvery);
+      r.policy.timeline().stop();
+    }
+  }
+  CHECK(lagged_at_change);  // the change from K = 4 found host copies lagging
+  r.opt.flush();
+  got.encoded = encoded_of(r.policy);
+  got.state = state_of(r.policy);
+  check_same(ref, got);
+  CHECK_THROWS_AS(r.policy.set_writeback_every(0), ConfigError);
+  CHECK_THROWS_AS(r.policy.set_writeback_every(offload::kMaxWritebackEvery + 1), ConfigError);
+}
+
+}  // namespace
+
+TEST_CASE("K changed between steps gives K = 1's bits; a recorded step's block timing" * doctest::skip(!kHaveDevice)) {
+  SUBCASE("bf16, zo-sgd") { check_changing_k<offload::Bf16Codec>(config_for(kCases[0])); }
+  SUBCASE("int8, zo-mmt") { check_changing_k<offload::Int8RowCodec>(config_for(kCases[4])); }
+  SUBCASE("bf16p, zo-adam q=2") { check_changing_k<offload::Bf16PackedCodec>(config_for(kCases[5])); }
 }
 
 TEST_CASE("the plan picks K from the link hint and refuses K out of range (no device needed)") {

@@ -254,3 +254,47 @@ TEST_CASE("the plan's K from the link") {
     }
   }
 }
+
+TEST_CASE("the K a measured step gives: the link's time per visit against the GPU's") {
+  using offload::BlockTiming;
+  const offload::LinkHint h200{55.4, 50.4}, h100{55.2, 36.0};
+  // No usable timing: the link's rule.
+  CHECK(choose_writeback_every(h100, BlockTiming{}) == choose_writeback_every(h100));
+  CHECK(choose_writeback_every(h100, BlockTiming{8, NAN, 1}) == choose_writeback_every(h100));
+  CHECK(choose_writeback_every(h100, BlockTiming{8, 4, -1}) == choose_writeback_every(h100));
+  // The GPU busy about as long as the upload (int8 at OPT-6.7B on the H200 link): replays would
+  // only lengthen the visit, K = 1 (measured there: K = 4 took 0.169 s a step against 0.148).
+  CHECK(choose_writeback_every(h200, BlockTiming{3.96, 3.8, 0.8}) == 1);
+  // The GPU idle most of the visit on a link that halves in duplex: K grows until the replays
+  // fill the idle time; a slower pass holds it lower.
+  const unsigned fast = choose_writeback_every(h100, BlockTiming{11.0, 3.0, 0.5});
+  const unsigned slow = choose_writeback_every(h100, BlockTiming{11.0, 3.0, 2.0});
+  CHECK(fast >= 6);  // within 1% of K = 8, the smallest such
+  CHECK(slow > 1);
+  CHECK(slow < fast);
+  // A GPU slower than the link: K = 1 whatever the duplex.
+  CHECK(choose_writeback_every(h100, BlockTiming{11.0, 20.0, 1.0}) == 1);
+  // The pick against a float64 transcription of the model, on a grid: no K is more than 1%
+  // faster, and every smaller K is more than 1% slower.
+  for (double duplex : {20.0, 36.0, 44.0, 50.0, 55.0})
+    for (double compute : {0.5, 2.0, 5.0, 8.0, 12.0})
+      for (double pass : {0.1, 0.5, 1.5, 4.0}) {
+        const offload::LinkHint link{55.0, duplex};
+        const BlockTiming t{8.0 * 55.0 / duplex, compute, pass};
+        const unsigned k = choose_writeback_every(link, t);
+        CAPTURE(duplex);
+        CAPTURE(compute);
+        CAPTURE(pass);
+        CAPTURE(k);
+        const auto visit = [&](unsigned kk) {
+          const long double e = 55.0L / duplex - 1, u = t.upload_ms / (1 + e);
+          return std::max(u * (1 + e / kk), compute + pass * (kk - 1) / 2.0L);
+        };
+        REQUIRE(k >= 1);
+        REQUIRE(k <= offload::kMaxAutoWritebackEvery);
+        for (unsigned other = 1; other <= offload::kMaxAutoWritebackEvery; ++other) {
+          CHECK(visit(k) <= visit(other) * 1.01L + 1e-12L);
+          if (other < k) CHECK(visit(other) > visit(k) * 1.0L);
+        }
+      }
+}

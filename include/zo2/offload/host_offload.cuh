@@ -50,7 +50,10 @@
 // store_to, get_rule_state, set_rule_state, and, with rule state, set_group / load (which
 // otherwise just drop the lag). current() replays into the slot and writes nothing back. The
 // replays cost GPU time, (K - 1) / 2 update passes per visit on average: choose_writeback_every
-// (writeback_log.hpp) is the plan's rule for writeback_every = 0. A replay recomputes what the
+// (writeback_log.hpp) is the plan's rule for writeback_every = 0, from the link alone; with a
+// step measured at K = 1 (block_timing(): a visit's upload, GPU time and pass, from the
+// timeline) its two-argument form weighs the replays against the GPU's idle time per block, and
+// set_writeback_every() changes K between steps (zo2-opt's --writeback-every 0). A replay recomputes what the
 // discarded device copy had computed, so escape_overflow() (the packed codec's escapes that
 // found no room) may count such an escape again; the values are K = 1's all the same.
 //
@@ -197,6 +200,7 @@ class HostOffload {
     a.pending = noise.pending;
     a.mode = offload_detail::PassMode::kPerturb;
     run(g, a);
+    if (auto* v = timeline_.visit(open_visit_)) v->pass_end = timeline_.mark(compute_);
     end_visit(g, write_back, options_.one_perturbed_copy || noise.materialize_follows);
     if (streamed && noise.pending) log_.record(g.value - 1, noise.seed, *noise.pending, write_back);
     return {ParamView<const T>(s.plus, &layout), ParamView<const T>(s.minus, &layout)};
@@ -525,6 +529,45 @@ class HostOffload {
   /// Visits that update a streamed block per write-back of it (the plan's; see
   /// OffloadOptions::writeback_every).
   unsigned writeback_every() const { return plan_.writeback_every; }
+  /// Changes the write-back interval K (1..kMaxWritebackEvery) between steps: every lagging
+  /// host copy is brought up to date first, so no owed update crosses the change, and the
+  /// parameters are the same for any K. A seat of a shared host master keeps the master's K
+  /// (ConfigError).
+  void set_writeback_every(unsigned k) {
+    offload::validate_writeback_every(k);
+    if (seat_)
+      throw ConfigError("writeback_every", "HostOffload::set_writeback_every: seat " + std::to_string(seat_->seat()) +
+                                               " of a shared host master writes back every " +
+                                               std::to_string(plan_.writeback_every) + " steps, as the master does");
+    if (plan_.streamed_blocks == 0 || k == plan_.writeback_every) return;
+    settle();
+    close_visit();
+    synchronize();
+    plan_.writeback_every = k;
+    log_.reset(plan_.streamed_blocks, k);
+  }
+  /// What a visit of a streamed block cost in the timeline's recording (a step recorded with
+  /// restart_timeline() before it and end_timeline_visit() after): medians over its perturbing
+  /// visits of streamed blocks whose upload was recorded, in ms (zeros where none was). With
+  /// the link, offload::choose_writeback_every(link, timing) picks K from it.
+  offload::BlockTiming block_timing() const {
+    std::vector<double> upload, compute, pass;
+    for (const GroupVisitTimes& v : timeline_.read()) {
+      if (v.kind != 'p' || v.resident) continue;
+      const double up = v.upload_end - v.upload_start, busy = v.compute_end - v.compute_start,
+                   own = v.pass_end - v.compute_start;
+      if (!(up > 0) || !(busy > 0) || !(own > 0)) continue;  // NaN: not recorded
+      upload.push_back(up);
+      compute.push_back(busy);
+      pass.push_back(own);
+    }
+    const auto median = [](std::vector<double>& x) {
+      if (x.empty()) return 0.0;
+      std::nth_element(x.begin(), x.begin() + x.size() / 2, x.end());
+      return x[x.size() / 2];
+    };
+    return {median(upload), median(compute), median(pass)};
+  }
   /// Which updates each streamed block's host copy lacks (index: streamed block, group - 1).
   const offload::WritebackLog& writeback_log() const { return log_; }
   /// Pinned host memory this engine allocated itself (the streamed blocks' masters and rule

@@ -30,6 +30,7 @@ struct GroupVisitTimes {
   bool resident = false;
   float upload_start = NAN, upload_end = NAN;
   float compute_start = NAN, compute_end = NAN;
+  float pass_end = NAN;  // a perturbing visit: where its pass ended and the model's forwards began
   float offload_start = NAN, offload_end = NAN;
 };
 
@@ -41,6 +42,7 @@ class Timeline {
     char kind = 'p';
     bool resident = false;
     int upload_start = -1, upload_end = -1, compute_start = -1, compute_end = -1;
+    int pass_end = -1;
     int offload_start = -1, offload_end = -1;
   };
 
@@ -92,6 +94,7 @@ class Timeline {
       t.upload_end = ms(m.upload_end);
       t.compute_start = ms(m.compute_start);
       t.compute_end = ms(m.compute_end);
+      t.pass_end = ms(m.pass_end);
       t.offload_start = ms(m.offload_start);
       t.offload_end = ms(m.offload_end);
       out.push_back(t);

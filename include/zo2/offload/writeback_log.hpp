@@ -88,6 +88,43 @@ inline unsigned choose_writeback_every(const LinkHint& link) {
   return static_cast<unsigned>(std::max(k, 1.0));
 }
 
+/// What one visit of a streamed block costs on the GPU and the link, measured over a step at
+/// write-back every step (HostOffload::block_timing(): medians over the step's streamed
+/// visits), in ms.
+struct BlockTiming {
+  double upload_ms = 0;   // the block's upload, beside the write-backs (so at about the duplex rate)
+  double compute_ms = 0;  // the GPU's work of the visit: its pass, then the model's forwards
+  double pass_ms = 0;     // the visit's pass alone (update and perturbation): a replay costs at most this
+};
+
+/// The write-back interval for a link and a step measured at K = 1: what the plan cannot know
+/// from the link alone is whether the GPU has the time the replays take.
+///
+/// Per visit of a streamed block, with e = one_way / duplex - 1 and u = upload_ms / (1 + e) (the
+/// upload alone): the link needs L(K) = u (1 + e / K) (1/K of the blocks write back beside the
+/// uploads) and the GPU G(K) = compute_ms + pass_ms (K - 1) / 2 (a visit replays (K - 1) / 2
+/// updates on average); the visit takes about max(L(K), G(K)). The pick is the smallest K whose
+/// max is within 1% of the least over 1..kMaxAutoWritebackEvery: K = 1 where the GPU, not the
+/// link, sets the pace (a replay would only add to it), more where the link waits on the
+/// write-backs and the GPU has idle time for the replays. A timing that is not positive and
+/// finite falls back to choose_writeback_every(link).
+inline unsigned choose_writeback_every(const LinkHint& link, const BlockTiming& t) {
+  const auto positive = [](double v) { return std::isfinite(v) && v > 0; };
+  if (!positive(link.one_way_gbps) || !positive(link.duplex_gbps) || !positive(t.upload_ms) ||
+      !positive(t.compute_ms) || !positive(t.pass_ms))
+    return choose_writeback_every(link);
+  const double e = std::max(0.0, link.one_way_gbps / link.duplex_gbps - 1.0);
+  const double u = t.upload_ms / (1.0 + e);
+  const auto visit_ms = [&](unsigned k) {
+    return std::max(u * (1.0 + e / k), t.compute_ms + t.pass_ms * (k - 1) / 2.0);
+  };
+  double best = visit_ms(1);
+  for (unsigned k = 2; k <= kMaxAutoWritebackEvery; ++k) best = std::min(best, visit_ms(k));
+  for (unsigned k = 1; k <= kMaxAutoWritebackEvery; ++k)
+    if (visit_ms(k) <= best * 1.01) return k;
+  return 1;
+}
+
 /// Throws ConfigError unless 1 <= every <= kMaxWritebackEvery (0 is resolved by the plan).
 inline void validate_writeback_every(unsigned every) {
   if (every < 1 || every > kMaxWritebackEvery)
