@@ -10,7 +10,7 @@
 #include <unistd.h>
 
 #include <zo2/core/error.hpp>
-#include <zo2/io/json_limits.hpp>
+#include <zo2/io/json_file.hpp>
 #include <zo2/io/safetensors.hpp>
 
 #include "cli.hpp"
@@ -410,14 +410,7 @@ void check_state(const json& state, const std::string& file) {
 
 nlohmann::json read_state(const fs::path& checkpoint) {
   const fs::path file = checkpoint / kStateFile;
-  const std::string text = read_file(file);
-  zo2::io::check_json_depth(text, file.string());  // a resume copies sections of it
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    throw zo2::FileError(file.string(), std::string("not valid JSON: ") + e.what());
-  }
+  nlohmann::json j = zo2::io::read_json_file(file);  // depth-checked: a resume copies sections of it
   if (!j.is_object() || !j.contains("step") || !j.contains("seed"))
     throw zo2::FileError(file.string(), "not a zo2-opt state file (needs \"step\" and \"seed\")");
   check_state(j, file.string());

@@ -12,7 +12,7 @@
 #include <zo2/core/error.hpp>
 #include <zo2/core/parallel.hpp>
 #include <zo2/core/philox.hpp>
-#include <zo2/io/json_limits.hpp>
+#include <zo2/io/json_file.hpp>
 #include <zo2/models/llama/loader.hpp>
 #include <zo2/models/opt/loader.hpp>
 
@@ -31,18 +31,11 @@ namespace {
 
 /// config.json's model_type ("" when it has none), checked before the family's reader runs.
 std::string model_type_of(const fs::path& file) {
-  const std::string text = read_file(file);
-  zo2::io::check_json_depth(text, file.string());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    throw zo2::FileError(file.string(), std::string("not valid JSON: ") + e.what());
-  }
+  const nlohmann::json j = zo2::io::read_json_file(file);
   if (!j.is_object()) throw zo2::FileError(file.string(), "config is not a JSON object");
   if (!j.contains("model_type") || j.at("model_type").is_null()) return "";
   if (!j.at("model_type").is_string())
-    throw zo2::FileError(file.string(), "field 'model_type' must be a string, got " + j.at("model_type").dump());
+    throw zo2::FileError(file.string(), "field 'model_type' must be a string, got " + zo2::io::json_brief(j.at("model_type")));
   return j.at("model_type").get<std::string>();
 }
 

@@ -18,6 +18,8 @@
 #include <zo2/io/bpe_tokenizer.hpp>
 #include <zo2/io/json_limits.hpp>
 #include <zo2/io/safetensors.hpp>
+#include <zo2/io/json_file.hpp>
+#include <zo2/models/llama/config.hpp>
 #include <zo2/models/opt/config.hpp>
 
 namespace {
@@ -95,6 +97,40 @@ TEST_CASE("config.json nested 10^6 deep is refused naming the file") {
   const std::string what = error_of([&] { zo2::opt::OPTConfig::from_json_file(config); });
   CHECK(what.find(config.string()) != std::string::npos);
   CHECK(what.find("nested more than 64 levels") != std::string::npos);
+}
+
+TEST_CASE("a LLaMA-family config.json nested 10^6 deep is refused naming the file") {
+  // LlamaConfig::from_json_file parsed without the check and crashed in the message refusing
+  // the field (a library caller's crash; zo2-opt checked the file before).
+  TempDir dir;
+  const fs::path config = dir.path / "config.json";
+  write(config, R"({"model_type": "llama", "hidden_size": )" + nested(kDeep) + "}");
+  const std::string what = error_of([&] { zo2::llama::LlamaConfig::from_json_file(config); });
+  CHECK(what.find(config.string()) != std::string::npos);
+  CHECK(what.find("nested more than 64 levels") != std::string::npos);
+}
+
+TEST_CASE("from_json on a caller's parsed JSON names a deep value without recursing into it") {
+  // A caller may parse config.json itself: a field 10^6 levels deep is named by its kind.
+  nlohmann::json llama = {{"model_type", "llama"}, {"hidden_size", 64}, {"intermediate_size", 128},
+                          {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"vocab_size", 32}};
+  llama["rope_scaling"] = nlohmann::json::parse(nested(kDeep));  // parsing does not recurse
+  try {
+    zo2::llama::LlamaConfig::from_json(llama, "parsed");
+    FAIL("a nested rope_scaling was accepted");
+  } catch (const zo2::ConfigError& e) {
+    CHECK(std::string(e.what()).find("rope_scaling") != std::string::npos);
+    CHECK(std::string(e.what()).find("an array of 1 element") != std::string::npos);
+  }
+  nlohmann::json opt = {{"model_type", "opt"}, {"hidden_size", nlohmann::json::array({1, 2})}};
+  const std::string what = error_of([&] { zo2::opt::OPTConfig::from_json(opt, "parsed"); });
+  CHECK(what.find("hidden_size") != std::string::npos);
+  CHECK(what.find("an array of 2 elements") != std::string::npos);
+  // Scalars are shown as they are, long strings cut.
+  CHECK(zo2::io::json_brief(nlohmann::json(3)) == "3");
+  CHECK(zo2::io::json_brief(nlohmann::json("relu")) == "\"relu\"");
+  CHECK(zo2::io::json_brief(nlohmann::json(std::string(200, 'x'))) == "\"" + std::string(80, 'x') + "\"...");
+  CHECK(zo2::io::json_brief(nlohmann::json::object({{"a", 1}})) == "an object of 1 key");
 }
 
 TEST_CASE("vocab.json nested 10^6 deep is refused naming the file") {

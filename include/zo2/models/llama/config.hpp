@@ -20,7 +20,6 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -29,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include <zo2/core/error.hpp>
+#include <zo2/io/json_file.hpp>
 
 namespace zo2::llama {
 
@@ -283,16 +283,7 @@ struct LlamaConfig {
   /// JSON, ConfigError naming the field (and the file) for a missing, mistyped or unsupported
   /// field.
   static LlamaConfig from_json_file(const std::filesystem::path& path) {
-    const std::string file = path.string();
-    std::ifstream in(path);
-    if (!in) throw FileError(file, "cannot open");
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      throw FileError(file, std::string("not valid JSON: ") + e.what());
-    }
-    return from_json(j, file);
+    return from_json(io::read_json_file(path), path.string());
   }
 
   /// As from_json_file, on parsed JSON; `source` names the origin in messages. Absent fields
@@ -309,25 +300,25 @@ struct LlamaConfig {
         return;
       }
       const auto& v = j.at(field);
-      if (!v.is_number_integer()) throw error(field, "must be an integer, got " + v.dump());
+      if (!v.is_number_integer()) throw error(field, "must be an integer, got " + io::json_brief(v));
       out = v.get<std::int64_t>();
     };
     auto get_bool = [&](const char* field, bool& out) {
       if (!present(field)) return;
       const auto& v = j.at(field);
-      if (!v.is_boolean()) throw error(field, "must be true or false, got " + v.dump());
+      if (!v.is_boolean()) throw error(field, "must be true or false, got " + io::json_brief(v));
       out = v.get<bool>();
     };
     auto get_number = [&](const nlohmann::json& object, const std::string& field, const std::string& name,
                           double& out) {
       const auto& v = object.at(field);
-      if (!v.is_number()) throw error(name, "must be a number, got " + v.dump());
+      if (!v.is_number()) throw error(name, "must be a number, got " + io::json_brief(v));
       out = v.get<double>();
     };
 
     LlamaConfig c;
     if (!j.contains("model_type")) throw error("model_type", "is missing");
-    if (!j.at("model_type").is_string()) throw error("model_type", "must be a string, got " + j.at("model_type").dump());
+    if (!j.at("model_type").is_string()) throw error("model_type", "must be a string, got " + io::json_brief(j.at("model_type")));
     c.model_type = j.at("model_type").get<std::string>();
     bool known = false;
     for (const auto& t : supported_model_types()) known = known || t == c.model_type;
@@ -360,7 +351,7 @@ struct LlamaConfig {
     get_int("head_dim", c.head_dim, false);
     if (present("rms_norm_eps")) get_number(j, "rms_norm_eps", "rms_norm_eps", c.rms_norm_eps);
     if (present("hidden_act")) {
-      if (!j.at("hidden_act").is_string()) throw error("hidden_act", "must be a string, got " + j.at("hidden_act").dump());
+      if (!j.at("hidden_act").is_string()) throw error("hidden_act", "must be a string, got " + io::json_brief(j.at("hidden_act")));
       c.hidden_act = j.at("hidden_act").get<std::string>();
     }
     get_bool("attention_bias", c.attention_bias);
@@ -381,9 +372,9 @@ struct LlamaConfig {
       get_int("max_window_layers", c.max_window_layers, false);
       if (present("layer_types")) {
         const auto& v = j.at("layer_types");
-        if (!v.is_array()) throw error("layer_types", "must be a list of strings, got " + v.dump());
+        if (!v.is_array()) throw error("layer_types", "must be a list of strings, got " + io::json_brief(v));
         for (const auto& t : v) {
-          if (!t.is_string()) throw error("layer_types", "must be a list of strings, got " + v.dump());
+          if (!t.is_string()) throw error("layer_types", "must be a list of strings, holds " + io::json_brief(t));
           c.layer_types.push_back(t.get<std::string>());
         }
       }
@@ -395,18 +386,17 @@ struct LlamaConfig {
     const bool scaling_given = j.contains("rope_scaling") && !j.at("rope_scaling").is_null() &&
                                !(j.at("rope_scaling").is_object() && j.at("rope_scaling").empty());
     const char* rope_field = scaling_given ? "rope_scaling" : "rope_parameters";
-    nlohmann::json rope = nlohmann::json::object();
-    if (scaling_given || present("rope_parameters")) {
-      rope = j.at(rope_field);
-      if (!rope.is_object()) throw error(rope_field, "must be an object, got " + rope.dump());
-    }
+    // A reference, not a copy: copying a JSON value recurses once per level (io/json_file.hpp).
+    const nlohmann::json no_rope = nlohmann::json::object();
+    const nlohmann::json& rope = scaling_given || present("rope_parameters") ? j.at(rope_field) : no_rope;
+    if (!rope.is_object()) throw error(rope_field, "must be an object, got " + io::json_brief(rope));
     for (const char* layer_type : {"full_attention", "sliding_attention"})
       if (rope.contains(layer_type))
         throw error(rope_field, "per-layer-type rotary parameters are not supported");
     auto rope_name = [&](const std::string& key) { return std::string(rope_field) + "." + key; };
     if (rope.contains("rope_type") || rope.contains("type")) {
       const auto& v = rope.contains("rope_type") ? rope.at("rope_type") : rope.at("type");
-      if (!v.is_string()) throw error(rope_name("rope_type"), "must be a string, got " + v.dump());
+      if (!v.is_string()) throw error(rope_name("rope_type"), "must be a string, got " + io::json_brief(v));
       c.rope.type = v.get<std::string>();
     }
     if (c.rope.type != "default" && c.rope.type != "linear" && c.rope.type != "llama3")
@@ -437,7 +427,7 @@ struct LlamaConfig {
       if (holder != nullptr) {
         const auto& v = holder->at("original_max_position_embeddings");
         if (!v.is_number_integer())
-          throw error(rope_name("original_max_position_embeddings"), "must be an integer, got " + v.dump());
+          throw error(rope_name("original_max_position_embeddings"), "must be an integer, got " + io::json_brief(v));
         c.rope.original_max_position_embeddings = v.get<std::int64_t>();
       }
     }
@@ -449,7 +439,7 @@ struct LlamaConfig {
         out = v[0].get<std::int64_t>();
         return;
       }
-      if (!v.is_number_integer()) throw error(field, "must be an integer or null, got " + v.dump());
+      if (!v.is_number_integer()) throw error(field, "must be an integer or null, got " + io::json_brief(v));
       out = v.get<std::int64_t>();
     };
     if (c.model_type == "llama" || c.model_type == "mistral") {
@@ -465,11 +455,11 @@ struct LlamaConfig {
         c.eos_token_ids.push_back(v.get<std::int64_t>());
       } else if (v.is_array()) {
         for (const auto& id : v) {
-          if (!id.is_number_integer()) throw error("eos_token_id", "must be an integer or a list of integers, got " + v.dump());
+          if (!id.is_number_integer()) throw error("eos_token_id", "must be an integer or a list of integers, holds " + io::json_brief(id));
           c.eos_token_ids.push_back(id.get<std::int64_t>());
         }
       } else if (!v.is_null()) {
-        throw error("eos_token_id", "must be an integer or a list of integers, got " + v.dump());
+        throw error("eos_token_id", "must be an integer or a list of integers, got " + io::json_brief(v));
       }
     }
     try {

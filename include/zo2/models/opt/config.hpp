@@ -5,8 +5,6 @@
 
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,7 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <zo2/core/error.hpp>
-#include <zo2/io/json_limits.hpp>
+#include <zo2/io/json_file.hpp>
 
 namespace zo2::opt {
 
@@ -133,20 +131,7 @@ struct OPTConfig {
   /// OPTConfig's defaults in transformers when absent. Throws FileError naming the file and the
   /// field for a missing or mistyped field, and for a config that validate() rejects.
   static OPTConfig from_json_file(const std::filesystem::path& path) {
-    const std::string file = path.string();
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw FileError(file, "cannot open");
-    std::ostringstream content;
-    content << in.rdbuf();
-    const std::string text = content.str();
-    io::check_json_depth(text, file);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::exception& e) {
-      throw FileError(file, std::string("not valid JSON: ") + e.what());
-    }
-    return from_json(j, file);
+    return from_json(io::read_json_file(path), path.string());
   }
 
   /// As from_json_file, on parsed JSON; `source` names the origin in messages.
@@ -165,20 +150,20 @@ struct OPTConfig {
         out = -1;
         return;
       }
-      if (!v.is_number_integer()) throw field_error(field, "must be an integer, got " + v.dump());
+      if (!v.is_number_integer()) throw field_error(field, "must be an integer, got " + io::json_brief(v));
       out = v.get<std::int64_t>();
     };
     auto get_bool = [&](const char* field, bool& out) {
       if (!j.contains(field)) return;
       const auto& v = j.at(field);
-      if (!v.is_boolean()) throw field_error(field, "must be true or false, got " + v.dump());
+      if (!v.is_boolean()) throw field_error(field, "must be true or false, got " + io::json_brief(v));
       out = v.get<bool>();
     };
 
     if (j.contains("model_type")) {
       const auto& v = j.at("model_type");
       if (!v.is_string() || v.get<std::string>() != "opt")
-        throw field_error("model_type", "must be \"opt\", got " + v.dump());
+        throw field_error("model_type", "must be \"opt\", got " + io::json_brief(v));
     }
     OPTConfig c;
     get_int("hidden_size", c.hidden_size, true);
@@ -196,7 +181,7 @@ struct OPTConfig {
     get_bool("_remove_final_layer_norm", c._remove_final_layer_norm);
     if (j.contains("activation_function")) {
       const auto& v = j.at("activation_function");
-      if (!v.is_string()) throw field_error("activation_function", "must be a string, got " + v.dump());
+      if (!v.is_string()) throw field_error("activation_function", "must be a string, got " + io::json_brief(v));
       c.activation_function = v.get<std::string>();
     }
     get_int("pad_token_id", c.pad_token_id, false, true);
