@@ -249,6 +249,13 @@ case "$case_name" in
     expect_error "nothing.jsonl: no such file" "$bin" train --demo --data nothing.jsonl
     expect_error "--optimizer-state applies only with --offload" "$bin" train --demo --optimizer-state bf16
     expect_error "--optimizer-state wants fp32 or bf16, got 'fp8'" "$bin" train --demo --optimizer-state fp8
+    # tokenize --decode reads untrusted JSON: 300,000 nested brackets (a stack overflow when an
+    # element was shown in the message) and an id past 2^31 (once wrapped to a valid id).
+    awk 'BEGIN { for (i = 0; i < 300000; i++) printf "["; for (i = 0; i < 300000; i++) printf "]" }' >deep_ids.json
+    expect_error "tokenize --decode: the input is not a flat JSON array of ids" \
+      bash -c '"$1" tokenize --bytes --decode <deep_ids.json' _ "$bin"
+    expect_error "tokenize --decode: id 4294967368 is out of range" "$bin" tokenize --bytes --decode --text "[72, 4294967368]"
+    expect_error "tokenize --decode: id -5 is out of range" "$bin" tokenize --bytes --decode --text "[72, -5]"
     ;;
 
   gpu)

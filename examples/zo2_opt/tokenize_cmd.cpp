@@ -2,8 +2,10 @@
 #include <cstdio>
 #include <iostream>
 #include <iterator>
+#include <limits>
 
 #include <nlohmann/json.hpp>
+#include <zo2/io/json_file.hpp>
 
 #include "cli.hpp"
 #include "commands.hpp"
@@ -44,6 +46,10 @@ int run_tokenize(const std::vector<std::string>& argv) {
   if (args.has("--text")) text = *args.get("--text");
   else text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
   if (args.flag("--decode")) {
+    // A flat array: deeper input is refused before parsing (a nested element's dump() in the
+    // message would recurse once per level).
+    if (zo2::io::json_nesting_depth(text, 1) > 1)
+      throw UsageError("tokenize --decode: the input is not a flat JSON array of ids");
     nlohmann::json ids;
     try {
       ids = nlohmann::json::parse(text);
@@ -53,8 +59,12 @@ int run_tokenize(const std::vector<std::string>& argv) {
     if (!ids.is_array()) throw UsageError("tokenize --decode: the input is not a JSON array of ids");
     std::vector<std::int32_t> v;
     for (const auto& x : ids) {
-      if (!x.is_number_integer()) throw UsageError("tokenize --decode: " + x.dump() + " is not an integer id");
-      v.push_back(x.get<std::int32_t>());
+      if (!x.is_number_integer()) throw UsageError("tokenize --decode: " + zo2::io::json_brief(x) + " is not an integer id");
+      // Not get<int32_t>() alone: it would wrap 2^32 + 72 to 72.
+      const bool in_range = x.is_number_unsigned() ? x.get<std::uint64_t>() <= std::numeric_limits<std::int32_t>::max()
+                                                   : x.get<std::int64_t>() >= 0;
+      if (!in_range) throw UsageError("tokenize --decode: id " + x.dump() + " is out of range (0 to 2^31 - 1)");
+      v.push_back(static_cast<std::int32_t>(x.get<std::int64_t>()));
     }
     std::fputs(tokenizer.decode(v).c_str(), stdout);
     return 0;
