@@ -117,8 +117,9 @@ Options:
   --state-bf16         offload: keep zo-mmt's / zo-adam's state in bf16 (half its PCIe bytes; default fp32)
   --writeback-every LIST
                        offload: write a streamed block back to host memory every K steps (1..64;
-                       0: the plan picks K from the pinned bandwidths measured at start; default
-                       1); every offloaded configuration runs with each K. The results are K = 1's
+                       0: chosen as zo2-opt chooses it, from the pinned bandwidths measured at
+                       start and the last warm-up step timed at K = 1; default 1); every
+                       offloaded configuration runs with each K. The results are K = 1's
                        bit for bit; the host copy's lag is replayed on the GPU after each upload
   --flash KERNEL       the flash-attention kernel: auto (wgmma on Hopper in a build for sm_90a,
                        else mma.sync), mma, wgmma                  (default auto)

@@ -12,7 +12,8 @@
 #                bf16), the LLaMA family resident (bf16), Qwen2.5-7B offloaded (bf16p, int8),
 #                write-back K = 1, 4 at OPT-13B, host memory at OPT-13B int8
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
-#                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps
+#                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
+#                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
 #   run(command="bash bench/run_session_bench.sh", carry=[".reference"])
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -86,7 +87,9 @@ if [[ $plan == a ]]; then
 elif [[ $plan == c ]]; then
   shared_master_memory opt-6.7b int8
   host_memory mem-30b-int8 opt-30b int8
-  run_more writeback-k2 --model opt-6.7b --policy offload --codec int8,bf16p --writeback-every 1,2
+  run_more writeback-k2 --model opt-6.7b --policy offload --codec int8,bf16p --writeback-every 1,2,0
+  run_more slots3 --model opt-6.7b --policy offload --codec int8,bf16p --slots 3 --writeback-every 1,2,0
+  run_more queries-seq512 --model opt-6.7b --policy offload --codec bf16p --queries 1,4 --seq 512
 else
   host_memory mem-13b-bf16 opt-13b bf16
   host_memory mem-66b-int8 opt-66b int8

@@ -32,8 +32,10 @@
 //                                    than up), the copies down run at the concurrent rates, the
 //                                    uploads beside them too, and the rest of the uploads at the
 //                                    H2D-alone rate (pcie_floor_seconds)
-//   writeback_every                  offload: K as asked (0: the plan's pick from the link
-//                                    measured at start); writeback_every_used: the plan's K;
+//   writeback_every                  offload: K as asked (0: chosen as zo2-opt does, from the
+//                                    link measured at start and the last warm-up step timed at
+//                                    K = 1: block_upload_ms, block_compute_ms, block_pass_ms, the
+//                                    medians of a streamed visit); writeback_every_used: the K;
 //                                    updates_replayed_per_step: the update-only passes that
 //                                    replayed what host copies lacked (about blocks (K - 1) / 2)
 //   ratio_to_floor                   step_s_median / max(compute_floor_s, pcie_floor_s)
@@ -296,6 +298,7 @@ struct PolicyNumbers {
               perturbed_copies = 2;
   std::uint64_t escape_overflow = 0;  // packed codec: escapes flushed to zero for want of room
   unsigned writeback_every = 1;       // the plan's K (deferred write-back)
+  offload::BlockTiming block_timing{};  // writeback_every 0: the warm-up step K was chosen from
   double updates_replayed_per_step = 0;
   unsigned state_value_bytes = 4;     // the rule state's bytes per value (4 fp32, 2 bf16)
   bool prologue_scratch_shared = false;  // the blocks reuse the prologue's perturbed copy
@@ -365,6 +368,8 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
         .add("streamed_blocks", p.streamed_blocks).add("resident_blocks", p.resident_blocks).add("slots", p.slots)
         .add("perturbed_copies", p.perturbed_copies).add("escape_overflow", p.escape_overflow)
         .add("writeback_every_used", p.writeback_every).add("updates_replayed_per_step", p.updates_replayed_per_step)
+        .add("block_upload_ms", p.block_timing.upload_ms).add("block_compute_ms", p.block_timing.compute_ms)
+        .add("block_pass_ms", p.block_timing.pass_ms)
         .add("rule_state", p.state_value_bytes == 2 ? "bf16" : "fp32")
         .add("prologue_scratch_shared", p.prologue_scratch_shared);
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
@@ -484,15 +489,17 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   const typename Family::Config config = Family::Config::preset(c.model);
   using Policy = zcuda::HostOffload<Codec, T>;
   zcuda::OffloadOptions opts;
-  opts.record_timeline = o.timeline;
+  // writeback_every 0: K = 1 until the last warm-up step is timed, then K as zo2-opt chooses it.
+  const bool choose_k = c.writeback_every == 0;
+  opts.record_timeline = o.timeline || choose_k;
   opts.gpu_memory_budget = o.gpu_budget;
   opts.slots = planned_slots(c, o);
   opts.prefetch_depth = std::min(o.prefetch, opts.slots - 1);
   opts.one_perturbed_copy = !o.two_copies;
   opts.rule_state_bf16 = o.state_bf16;
   opts.rule_state_slots = rule_state_slots(ZOOptimizer<Model, Policy>::rule_of(zo_config(c)));
-  opts.writeback_every = static_cast<unsigned>(c.writeback_every);
-  opts.link = {env.bw.h2d, env.bw.bidir_h2d};  // for writeback_every 0
+  opts.writeback_every = choose_k ? 1u : static_cast<unsigned>(c.writeback_every);
+  opts.link = {env.bw.h2d, env.bw.bidir_h2d};
   // An untied LM head: the blocks reuse the token embedding's perturbed copy (as zo2-opt does).
   opts.prologue_scratch_shared = !models::ties_lm_head(config);
   Policy policy(Family::layout(config), opts);
@@ -532,7 +539,21 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   const double setup_s = now_seconds() - base.t0;
 
   // Warm-up here, so the traffic counters hold the timed steps' alone.
-  for (int i = 0; i < c.warmup; ++i) optimizer.step(batch);
+  offload::BlockTiming block_timing{};
+  const int warmup = choose_k ? std::max(c.warmup, 2) : c.warmup;
+  for (int i = 0; i < warmup; ++i) {
+    const bool measure = choose_k && i == warmup - 1;
+    if (measure) policy.restart_timeline();
+    optimizer.step(batch);
+    if (measure) {
+      policy.end_timeline_visit();
+      block_timing = policy.block_timing();
+      const unsigned k = offload::choose_writeback_every(opts.link, block_timing);
+      policy.set_writeback_every(k);
+      if (!o.timeline) policy.timeline().stop();
+      for (unsigned j = 1; j < k; ++j) optimizer.step(batch);  // into the stagger's steady state
+    }
+  }
   policy.synchronize();
   policy.reset_traffic();
   RunConfig timed = c;
@@ -552,6 +573,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   p.slots = policy.plan().slots;
   p.perturbed_copies = policy.shares_perturbed_copy() ? 1 : 2;
   p.writeback_every = policy.writeback_every();
+  p.block_timing = block_timing;
   p.state_value_bytes = policy.plan().state_value_bytes;
   p.prologue_scratch_shared = policy.shares_prologue_scratch();
   p.updates_replayed_per_step = static_cast<double>(policy.updates_replayed()) / c.steps;
