@@ -26,7 +26,7 @@ if [[ ${ZO2_REBUILD:-1} != 0 || ! -d $src/build ]]; then
     -DCMAKE_CUDA_ARCHITECTURES="${ZO2_CUDA_ARCH:-90a}" -DZO2_BUILD_TESTS=ON -DZO2_BUILD_BENCH=ON \
     -DZO2_BUILD_EXAMPLES=ON -DZO2_INSTALL=OFF > "$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
 fi
-targets=(zo2_bench zo2-opt)
+targets=(zo2_bench zo2-opt zo2-compare-runs)  # zo2-compare-runs: the data-parallel GPU case compares runs with it
 for f in "$src"/tests/cuda/*.cu; do targets+=("test_cuda_$(basename "$f" .cu)"); done
 # The NCCL communicator's test, where the configure step found NCCL (zo2::nccl).
 grep -q "NCCL .* found (zo2::nccl" "$out/configure.log" 2>/dev/null && targets+=(test_nccl_communicator)

@@ -30,6 +30,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
 
 fail() { echo "FAIL [$case_name]: $*" >&2; exit 1; }
+[ -x "$compare" ] || fail "the run comparer $compare is not built (cmake --build ... --target zo2-compare-runs)"
 # shellcheck source=gpu_probe.sh
 . "$tests_dir/gpu_probe.sh"
 
