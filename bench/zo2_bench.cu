@@ -34,8 +34,9 @@
 //                                    H2D-alone rate (pcie_floor_seconds)
 //   writeback_every                  offload: K as asked (0: chosen as zo2-opt does, from the
 //                                    link measured at start and the last warm-up step timed at
-//                                    K = 1: block_upload_ms, block_compute_ms, block_pass_ms, the
-//                                    medians of a streamed visit); writeback_every_used: the K;
+//                                    K = 1: block_upload_ms, block_compute_ms, block_pass_ms,
+//                                    block_period_ms, the medians of a streamed visit);
+//                                    writeback_every_used: the K;
 //                                    updates_replayed_per_step: the update-only passes that
 //                                    replayed what host copies lacked (about blocks (K - 1) / 2)
 //   ratio_to_floor                   step_s_median / max(compute_floor_s, pcie_floor_s)
@@ -369,7 +370,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
         .add("perturbed_copies", p.perturbed_copies).add("escape_overflow", p.escape_overflow)
         .add("writeback_every_used", p.writeback_every).add("updates_replayed_per_step", p.updates_replayed_per_step)
         .add("block_upload_ms", p.block_timing.upload_ms).add("block_compute_ms", p.block_timing.compute_ms)
-        .add("block_pass_ms", p.block_timing.pass_ms)
+        .add("block_pass_ms", p.block_timing.pass_ms).add("block_period_ms", p.block_timing.period_ms)
         .add("rule_state", p.state_value_bytes == 2 ? "bf16" : "fp32")
         .add("prologue_scratch_shared", p.prologue_scratch_shared);
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)

@@ -250,11 +250,13 @@ class CudaEngine final : public Engine {
       const zo2::offload::LinkHint link = *std::exchange(choose_from_, std::nullopt);
       const unsigned k = zo2::offload::choose_writeback_every(link, t);
       policy_.set_writeback_every(k);
-      char line[320];
+      char line[384];
       std::snprintf(line, sizeof line,
-                    "offload   write-back every %u step%s from here on: a streamed block's visit took %.2f ms of "
-                    "upload, %.2f ms of GPU time (its pass %.2f ms) at K = 1; link %.1f GB/s one way, %.1f in duplex",
-                    k, k == 1 ? "" : "s", t.upload_ms, t.compute_ms, t.pass_ms, link.one_way_gbps, link.duplex_gbps);
+                    "offload   write-back every %u step%s from here on: a streamed block's visit took %.2f ms "
+                    "(%.2f ms of upload, %.2f ms of GPU time, its pass %.2f ms) at K = 1; link %.1f GB/s one way, "
+                    "%.1f in duplex",
+                    k, k == 1 ? "" : "s", t.period_ms, t.upload_ms, t.compute_ms, t.pass_ms, link.one_way_gbps,
+                    link.duplex_gbps);
       notice_ = line;
     }
   }

@@ -464,6 +464,7 @@ void check_changing_k(const ZOConfig& cfg) {
       CHECK(t.compute_ms > 0);
       CHECK(t.pass_ms > 0);
       CHECK(t.pass_ms <= t.compute_ms);  // the pass is part of the visit's GPU time
+      CHECK(t.period_ms > 0);
       const unsigned k = offload::choose_writeback_every({55, 36}, t);
       CHECK(k >= 1);
       CHECK(k <= offload::kMaxAutoWritebackEvery);

@@ -272,6 +272,14 @@ TEST_CASE("the K a measured step gives: the link's time per visit against the GP
   CHECK(fast >= 6);  // within 1% of K = 8, the smallest such
   CHECK(slow > 1);
   CHECK(slow < fast);
+  // Measured (OPT-6.7B, an H100 of 55.3 GB/s one way, 48.6 in duplex, two slots; the periods
+  // are the K = 1 steps over 32 blocks): int8 0.1802 s a step at K = 1, 0.1641 at K = 2;
+  // bf16p 0.2938 at K = 1, 0.2551 at K = 2, 0.2316 at K = 3.
+  const offload::LinkHint h100_measured{55.299, 48.6333};
+  CHECK(choose_writeback_every(h100_measured, BlockTiming{4.218, 3.718, 1.008, 180.2 / 32}) == 2);
+  CHECK(choose_writeback_every(h100_measured, BlockTiming{6.608, 4.323, 1.489, 293.8 / 32}) == 3);
+  // A period no longer than the model's K = 1 visit changes nothing.
+  CHECK(choose_writeback_every(h200, BlockTiming{3.96, 3.8, 0.8, 3.9}) == 1);
   // A GPU slower than the link: K = 1 whatever the duplex.
   CHECK(choose_writeback_every(h100, BlockTiming{11.0, 20.0, 1.0}) == 1);
   // The pick against a float64 transcription of the model, on a grid: no K is more than 1%

@@ -548,12 +548,20 @@ class HostOffload {
   }
   /// What a visit of a streamed block cost in the timeline's recording (a step recorded with
   /// restart_timeline() before it and end_timeline_visit() after): medians over its perturbing
-  /// visits of streamed blocks whose upload was recorded, in ms (zeros where none was). With
+  /// visits of streamed blocks whose upload was recorded, and of the intervals between the starts
+  /// of consecutive ones, in ms (zeros where none was). With
   /// the link, offload::choose_writeback_every(link, timing) picks K from it.
   offload::BlockTiming block_timing() const {
-    std::vector<double> upload, compute, pass;
-    for (const GroupVisitTimes& v : timeline_.read()) {
+    std::vector<double> upload, compute, pass, period;
+    const std::vector<GroupVisitTimes> visits = timeline_.read();
+    for (std::size_t i = 0; i < visits.size(); ++i) {
+      const GroupVisitTimes& v = visits[i];
       if (v.kind != 'p' || v.resident) continue;
+      if (i + 1 < visits.size()) {  // the next streamed block's visit of the same sweep
+        const GroupVisitTimes& next = visits[i + 1];
+        const double gap = next.compute_start - v.compute_start;
+        if (next.kind == 'p' && !next.resident && next.group == v.group + 1 && gap > 0) period.push_back(gap);
+      }
       const double up = v.upload_end - v.upload_start, busy = v.compute_end - v.compute_start,
                    own = v.pass_end - v.compute_start;
       if (!(up > 0) || !(busy > 0) || !(own > 0)) continue;  // NaN: not recorded
@@ -566,7 +574,7 @@ class HostOffload {
       std::nth_element(x.begin(), x.begin() + x.size() / 2, x.end());
       return x[x.size() / 2];
     };
-    return {median(upload), median(compute), median(pass)};
+    return {median(upload), median(compute), median(pass), median(period)};
   }
   /// Which updates each streamed block's host copy lacks (index: streamed block, group - 1).
   const offload::WritebackLog& writeback_log() const { return log_; }
