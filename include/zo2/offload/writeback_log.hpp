@@ -99,6 +99,10 @@ struct BlockTiming {
                           // (0: not measured)
 };
 
+/// How much faster than K = 1 the model below must find a K > 1 before it is taken: its
+/// predictions ran 10-16 points above the gains measured on two H100 hosts (see below).
+inline constexpr double kWritebackMinModelledGain = 0.15;
+
 /// The write-back interval for a link and a step measured at K = 1: what the plan cannot know
 /// from the link alone is whether the GPU has the time the replays take.
 ///
@@ -109,12 +113,15 @@ struct BlockTiming {
 /// step measured, period_ms, when it is longer: with two slots every upload into a slot waits
 /// for that slot's write-back, a coupling that the visits which skip their write-back (K > 1)
 /// do not have. The pick is the smallest K whose time is within 1% of the least over
-/// 1..kMaxAutoWritebackEvery: K = 1 where the GPU, not the link, sets the pace (a replay would
-/// only add to it), more where the link waits on the write-backs and the GPU has idle time for
-/// the replays. (OPT-6.7B on an H100, 55.3 GB/s one way, 48.6 in duplex, two slots: int8 timed
-/// 4.2 ms upload, 3.7 ms GPU, 1.0 ms pass, a 5.6 ms period, and K = 2 beat K = 1 by 9%; bf16p
-/// 6.6 / 4.3 / 1.5 ms, 9.2 ms, and K = 3 beat K = 1 by 21%, K = 2 by 9%.) A timing that is not
-/// positive and finite falls back to choose_writeback_every(link).
+/// 1..kMaxAutoWritebackEvery, if that time is at most 1 - kWritebackMinModelledGain of K = 1's;
+/// else K = 1. So K = 1 where the GPU, not the link, sets the pace (a replay would only add to
+/// it), more where the link waits on the write-backs and the GPU has idle time for the replays.
+/// Measured at OPT-6.7B, two slots, on two H100 hosts of about 55 GB/s one way and 48 in duplex:
+/// on one, int8 timed 4.2 ms upload, 3.7 ms GPU, 1.0 ms pass and a 5.6 ms period (modelled
+/// K = 2: 0.75 of K = 1; measured 0.91), bf16p 6.6 / 4.3 / 1.5 / 9.2 ms (K = 3: 0.66; measured
+/// 0.79); on the other, whose K = 1 steps were faster, int8 4.1 / 3.8 / 1.0 / 4.8 ms (K = 2: 0.90;
+/// measured 1.00) and bf16p 6.8 / 4.4 / 1.5 / 6.9 ms (K = 3: 0.90; measured 1.02). A timing that
+/// is not positive and finite falls back to choose_writeback_every(link).
 inline unsigned choose_writeback_every(const LinkHint& link, const BlockTiming& t) {
   const auto positive = [](double v) { return std::isfinite(v) && v > 0; };
   if (!positive(link.one_way_gbps) || !positive(link.duplex_gbps) || !positive(t.upload_ms) ||
@@ -130,7 +137,7 @@ inline unsigned choose_writeback_every(const LinkHint& link, const BlockTiming& 
   double best = visit_ms(1);
   for (unsigned k = 2; k <= kMaxAutoWritebackEvery; ++k) best = std::min(best, visit_ms(k));
   for (unsigned k = 1; k <= kMaxAutoWritebackEvery; ++k)
-    if (visit_ms(k) <= best * 1.01) return k;
+    if (visit_ms(k) <= best * 1.01) return visit_ms(k) <= (1.0 - kWritebackMinModelledGain) * visit_ms(1) ? k : 1;
   return 1;
 }
 
