@@ -50,7 +50,7 @@ host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags]
   rm -rf /tmp/zo2-ck
   local timer=(); [[ -x /usr/bin/time ]] && timer=(/usr/bin/time -v)
   timeout $(( $(left) - 10 )) "${timer[@]}" "$src/build/examples/zo2-opt" train --demo --preset "$preset" --device cuda \
-    --offload --codec "$codec" --steps 2 "$@" > "$out/$name.log" 2>&1
+    --offload --codec "$codec" --steps 2 --lr 1e-6 "$@" > "$out/$name.log" 2>&1
   echo "$name rc=$?"; grep -E "^memory|error|Maximum resident|Elapsed" "$out/$name.log" | head -4
   rm -rf /tmp/zo2-ck
 }
@@ -67,7 +67,7 @@ shared_master_memory() {  # shared_master_memory PRESET CODEC
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none \
       ZO2_DP_SHARE_GPUS=1 timeout $(( $(left) - 30 )) "$mpi" -n 2 --oversubscribe --bind-to none \
       "$src/build/examples/zo2-opt" train --demo --preset "$1" --device cuda --offload --codec "$2" --batch 2 \
-      --steps 3 --host-master "$mode" > "$out/dp-$mode.log" 2>&1 &
+      --steps 3 --lr 1e-6 --host-master "$mode" > "$out/dp-$mode.log" 2>&1 &
     local job=$! low=$base now
     while kill -0 $job 2>/dev/null; do
       now=$(awk '/MemAvailable/ {print $2}' /proc/meminfo); (( now < low )) && low=$now; sleep 0.2
