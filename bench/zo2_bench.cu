@@ -547,12 +547,9 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
     if (measure) policy.restart_timeline();
     optimizer.step(batch);
     if (measure) {
-      policy.end_timeline_visit();
-      block_timing = policy.block_timing();
-      const unsigned k = offload::choose_writeback_every(opts.link, block_timing);
-      policy.set_writeback_every(k);
+      block_timing = policy.choose_writeback_every_from_step(opts.link);
       if (!o.timeline) policy.timeline().stop();
-      for (unsigned j = 1; j < k; ++j) optimizer.step(batch);  // into the stagger's steady state
+      for (unsigned j = 1; j < policy.writeback_every(); ++j) optimizer.step(batch);  // into the stagger's steady state
     }
   }
   policy.synchronize();

@@ -244,12 +244,10 @@ class CudaEngine final : public Engine {
     ++steps_run_;
     if constexpr (kOffload) {
       if (!choose_from_ || steps_run_ != 2) return;
-      policy_.end_timeline_visit();
-      const zo2::offload::BlockTiming t = policy_.block_timing();
-      policy_.timeline().stop();
       const zo2::offload::LinkHint link = *std::exchange(choose_from_, std::nullopt);
-      const unsigned k = zo2::offload::choose_writeback_every(link, t);
-      policy_.set_writeback_every(k);
+      const zo2::offload::BlockTiming t = policy_.choose_writeback_every_from_step(link);
+      policy_.timeline().stop();
+      const unsigned k = policy_.writeback_every();
       char line[384];
       std::snprintf(line, sizeof line,
                     "offload   write-back every %u step%s from here on: a streamed block's visit took %.2f ms "

@@ -51,9 +51,9 @@
 // otherwise just drop the lag). current() replays into the slot and writes nothing back. The
 // replays cost GPU time, (K - 1) / 2 update passes per visit on average: choose_writeback_every
 // (writeback_log.hpp) is the plan's rule for writeback_every = 0, from the link alone; with a
-// step measured at K = 1 (block_timing(): a visit's upload, GPU time and pass, from the
+// step measured at K = 1 (block_timing(): a visit's upload, GPU time, pass and period, from the
 // timeline) its two-argument form weighs the replays against the GPU's idle time per block, and
-// set_writeback_every() changes K between steps (zo2-opt's --writeback-every 0). A replay recomputes what the
+// choose_writeback_every_from_step() sets K so between steps (zo2-opt's --writeback-every 0). A replay recomputes what the
 // discarded device copy had computed, so escape_overflow() (the packed codec's escapes that
 // found no room) may count such an escape again; the values are K = 1's all the same.
 //
@@ -575,6 +575,15 @@ class HostOffload {
       return x[x.size() / 2];
     };
     return {median(upload), median(compute), median(pass), median(period)};
+  }
+  /// After a step recorded at K = 1 (restart_timeline() before it): ends its last visit, takes
+  /// its block_timing(), sets K to offload::choose_writeback_every(link, timing) and returns the
+  /// timing (writeback_every() says the K). The recording goes on until timeline().stop().
+  offload::BlockTiming choose_writeback_every_from_step(const offload::LinkHint& link) {
+    close_visit();
+    const offload::BlockTiming timing = block_timing();
+    set_writeback_every(offload::choose_writeback_every(link, timing));
+    return timing;
   }
   /// Which updates each streamed block's host copy lacks (index: streamed block, group - 1).
   const offload::WritebackLog& writeback_log() const { return log_; }

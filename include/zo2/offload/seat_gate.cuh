@@ -68,7 +68,6 @@ class SharedMasterCore {
     if (seats < 1) throw ConfigError("seats", "a shared host master needs at least one seat");
     const std::size_t blocks = plan.streamed_blocks;
     shape_ = shape_of(layout, plan, codec_, element_bytes);
-    const offload::MasterShape& shape = shape_;
     const std::size_t board_bytes = offload::VersionBoard::region_bytes(blocks, seats);
     const auto layout_of_region = offload::MasterRegionLayout::of(
         seats, blocks, board_bytes, PinnedBlocks::adopted_bytes(blocks, plan.block_bytes),
@@ -81,11 +80,11 @@ class SharedMasterCore {
     region_ = std::make_unique<offload::MasterRegion>(static_cast<unsigned char*>(shm_->data()), shm_->size(), seats,
                                                        blocks, layout_of_region);
     if (create) {
-      region_->initialize(shape);
+      region_->initialize(shape_);
       board_ = std::make_unique<offload::VersionBoard>(
           offload::VersionBoard::create_in(region_->board(), board_bytes, blocks, seats));
     } else {
-      region_->check(shape, wait);
+      region_->check(shape_, wait);
       board_ = std::make_unique<offload::VersionBoard>(
           offload::VersionBoard::attach_to(region_->board(), board_bytes, wait));
     }

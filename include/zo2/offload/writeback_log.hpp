@@ -136,9 +136,9 @@ inline unsigned choose_writeback_every(const LinkHint& link, const BlockTiming& 
   };
   double best = visit_ms(1);
   for (unsigned k = 2; k <= kMaxAutoWritebackEvery; ++k) best = std::min(best, visit_ms(k));
-  for (unsigned k = 1; k <= kMaxAutoWritebackEvery; ++k)
-    if (visit_ms(k) <= best * 1.01) return visit_ms(k) <= (1.0 - kWritebackMinModelledGain) * visit_ms(1) ? k : 1;
-  return 1;
+  unsigned k = 1;
+  while (visit_ms(k) > best * 1.01) ++k;  // ends at the least's K at the latest
+  return visit_ms(k) <= (1.0 - kWritebackMinModelledGain) * visit_ms(1) ? k : 1;
 }
 
 /// Throws ConfigError unless 1 <= every <= kMaxWritebackEvery (0 is resolved by the plan).
