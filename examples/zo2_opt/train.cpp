@@ -59,6 +59,8 @@ namespace {
 // inversely with the parameter count; for this ~150k-parameter model 4e-3 is about the largest
 // that stays stable (8e-3 diverges at hidden 96).
 constexpr double kDemoLr = 4e-3;
+/// Models from this size on get a line before their engine is built (seconds to minutes).
+constexpr std::size_t kLoadNoticeParameters = 1'000'000'000;
 constexpr double kDemoEps = 1e-3;
 constexpr std::uint64_t kDemoSteps = 2000;
 constexpr std::int64_t kDemoBatch = 16;
@@ -394,7 +396,15 @@ int run_train(const std::vector<std::string>& argv) {
   engine_options.zo = zo;
   engine_options.start_step = start_step;
   const std::string model_description = model->description;
+  if (dp.root() && config.parameter_count() >= kLoadNoticeParameters) {
+    // A large model takes a while to draw or read, encode and pin: say so before it starts.
+    std::fprintf(stderr, "load      %zu parameters into the %s engine ...\n", config.parameter_count(),
+                 engine_options.offload ? "offloading" : engine_options.device.c_str());
+    std::fflush(stderr);
+  }
+  const auto load_start = std::chrono::steady_clock::now();
   auto engine = make_engine(config, *model->parameters, engine_options);
+  const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
   model.reset();
   // The int8 codec's masters are restored from their codes and row scales, not re-quantized.
   std::string encoded_note;
@@ -430,6 +440,7 @@ int run_train(const std::vector<std::string>& argv) {
   const bool quiet = args.flag("--quiet") || !dp.root();
   std::printf("model     %s: %s, %zu parameters\n", model_description.c_str(), config.summary().c_str(),
               config.parameter_count());
+  std::printf("load      %.1f s to build the engine (draw or read, encode, place the weights)\n", load_seconds);
   std::printf("tokenizer %s\n", tok ? tok->description().c_str() : "none (pre-tokenized data)");
   std::printf("data      %s: %zu %s (%s)%s\n", train.source.c_str(), train.examples.size(),
               data_kind == "file" ? "examples" : "windows",

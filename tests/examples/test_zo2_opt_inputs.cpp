@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include <zo2/core/error.hpp>
+#include <zo2/core/philox.hpp>
 
 #include "checkpoint.hpp"
 #include "cli.hpp"
@@ -110,6 +111,32 @@ TEST_CASE("a model within the bounds but larger than memory is an error with its
   CHECK_THROWS_WITH_AS(zo2_opt::random_parameters(config, 1), doctest::Contains("GiB of host memory"), zo2::Error);
   const auto small = zo2_opt::random_parameters(zo2_opt::demo_config(), 1);
   CHECK(small.num_groups() == 4);
+}
+
+TEST_CASE("random initialisation draws 0.02 z per element, on all cores, for tensors of any length") {
+  // vocab 200001 x hidden 6: an embedding of 1,200,006 elements, two 2^20 chunks and a tail
+  // that ends inside a quad of normals.
+  const auto config = zo2_opt::preset_config("opt-125m", 1, 6, 2, 200001);
+  const auto source = zo2_opt::random_source(config, 77);
+  const zo2::ModelLayout& ml = source->model_layout();
+  std::size_t drawn = 0;
+  for (std::size_t g = 0; g < ml.num_groups(); ++g) {
+    const zo2::ParamLayout& layout = ml.layout(zo2::GroupIndex{g});
+    std::vector<float> flat(layout.total_elements());
+    source->read_group(zo2::GroupIndex{g}, flat);
+    for (std::size_t r = 0; r < layout.num_tensors(); ++r) {
+      const std::string& name = layout.spec(r).name;
+      if (name.ends_with(".bias") || name.find("layer_norm") != std::string::npos) continue;
+      const std::uint32_t id = ml.first_tensor_id(zo2::GroupIndex{g}) + static_cast<std::uint32_t>(r);
+      const float* t = flat.data() + layout.offset(r);
+      std::size_t wrong = 0;
+      for (std::size_t j = 0; j < layout.spec(r).numel(); ++j)
+        wrong += t[j] != 0.02f * zo2::normal_at(77, 0xffffffffu, id, j);
+      CHECK_MESSAGE(wrong == 0, name);
+      drawn += layout.spec(r).numel();
+    }
+  }
+  CHECK(drawn > 1200006);
 }
 
 TEST_CASE("state.json: a state as train writes it reads back, with its skipped steps") {
