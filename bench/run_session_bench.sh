@@ -8,9 +8,12 @@
 #                memory), 2 ranks' host memory with the host master shared and per rank, an
 #                offloaded zo2-opt run's host memory at OPT-30B int8 and 13B bf16,
 #                zo-adam's state in bf16, host memory at OPT-6.7B int8 with a checkpoint
-#   b            host memory at OPT-13B (bf16), OPT-66B (int8: a 128 GB host) and OPT-30B (int8,
-#                bf16), the LLaMA family resident (bf16), Qwen2.5-7B offloaded (bf16p, int8),
-#                write-back K = 1, 4 at OPT-13B, host memory at OPT-13B int8
+#   b            host memory of offloaded zo2-opt runs at OPT-13B (int8, bf16), OPT-30B (int8),
+#                OPT-66B (int8: a 128 GB host), OPT-30B (bf16); write-back K = 1, 2, 4, 8 at
+#                OPT-13B and OPT-1.3B (bf16)
+#   d            the LLaMA family resident (bf16), LLaMA-3-8B offloaded (int8, bf16p; K = 1 and
+#                chosen), Qwen2.5-7B offloaded (bf16p, int8), Qwen3-32B bf16 offloaded, q = 1 and
+#                4 at sequence 512 (bf16p), OPT-6.7B in three slots (K = 1, 2, chosen)
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -51,7 +54,15 @@ host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags]
   local timer=(); [[ -x /usr/bin/time ]] && timer=(/usr/bin/time -v)
   timeout $(( $(left) - 10 )) "${timer[@]}" "$src/build/examples/zo2-opt" train --demo --preset "$preset" --device cuda \
     --offload --codec "$codec" --steps 2 --lr 1e-6 "$@" > "$out/$name.log" 2>&1
-  echo "$name rc=$?"; grep -E "^memory|error|Maximum resident|Elapsed" "$out/$name.log" | head -4
+  local rc=$?
+  echo "$name rc=$rc"; grep -E "^memory|^load|error|Maximum resident|Elapsed" "$out/$name.log" | head -6
+  # The memory line, as JSON beside the bench's lines: "host peak RSS X GiB ..., host store Y GiB".
+  awk -v name="$name" -v model="$preset" -v codec="$codec" -v rc="$rc" '
+    /^load / && / s to build/ { load = $2 }
+    /^memory/ { for (i = 1; i <= NF; ++i) { if ($i == "RSS") peak = $(i + 1); if ($i == "store" && store == "") store = $(i + 1) } }
+    END { printf "{\"kind\":\"host_memory\",\"name\":\"%s\",\"model\":\"%s\",\"codec\":\"%s\",\"rc\":%d,\"load_s\":%s,\"peak_rss_gib\":%s,\"host_store_gib\":%s}\n",
+                 name, model, codec, rc, load == "" ? "null" : load, peak == "" ? "null" : peak, store == "" ? "null" : store }
+  ' "$out/$name.log" | tee -a "$results"
   rm -rf /tmp/zo2-ck
 }
 # Host memory of 2 offloaded ranks on this host (both on its GPU: ZO2_DP_SHARE_GPUS=1), their
@@ -90,15 +101,21 @@ elif [[ $plan == c ]]; then
   run_more writeback-k2 --model opt-6.7b --policy offload --codec int8,bf16p --writeback-every 1,2,0
   run_more slots3 --model opt-6.7b --policy offload --codec int8,bf16p --slots 3 --writeback-every 1,2,0
   run_more queries-seq512 --model opt-6.7b --policy offload --codec bf16p --queries 1,4 --seq 512
-else
-  host_memory mem-13b-bf16 opt-13b bf16
-  host_memory mem-66b-int8 opt-66b int8
-  host_memory mem-30b-int8 opt-30b int8
-  host_memory mem-30b-bf16 opt-30b bf16
-  run_more llama-resident --model llama-3.2-1b,llama-3-8b --policy resident --codec bf16
-  run_more qwen2.5 --model qwen2.5-7b --policy offload --codec bf16p,int8
-  run_more writeback-13b --model opt-13b --policy offload --codec bf16 --writeback-every 1,4
+elif [[ $plan == b ]]; then
   host_memory mem-13b-int8 opt-13b int8
+  host_memory mem-13b-bf16 opt-13b bf16
+  host_memory mem-30b-int8 opt-30b int8
+  host_memory mem-66b-int8 opt-66b int8
+  host_memory mem-30b-bf16 opt-30b bf16
+  run_more writeback-13b --model opt-13b --policy offload --codec bf16 --writeback-every 1,2,4,8
+  run_more writeback-1.3b --model opt-1.3b --policy offload --codec bf16 --writeback-every 1,2,4,8
+else
+  run_more llama-resident --model llama-3.2-1b,llama-3-8b --policy resident --codec bf16
+  run_more llama-offload --model llama-3-8b --policy offload --codec int8,bf16p --writeback-every 1,0
+  run_more qwen2.5 --model qwen2.5-7b --policy offload --codec bf16p,int8
+  run_more qwen3-32b-bf16 --model qwen3-32b --policy offload --codec bf16
+  run_more queries-seq512 --model opt-6.7b --policy offload --codec bf16p --queries 1,4 --seq 512
+  run_more slots3 --model opt-6.7b --policy offload --codec int8,bf16p --slots 3 --writeback-every 1,2,0
 fi
 python3 "$root/bench/bench_results.py" "$results" 2>&1 | tail -40
 echo "results: $results"
