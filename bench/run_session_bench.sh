@@ -8,8 +8,8 @@
 #                memory), 2 ranks' host memory with the host master shared and per rank, an
 #                offloaded zo2-opt run's host memory at OPT-30B int8 and 13B bf16,
 #                zo-adam's state in bf16, host memory at OPT-6.7B int8 with a checkpoint
-#   b            host memory of offloaded zo2-opt runs at OPT-13B (int8, bf16), OPT-30B (int8),
-#                OPT-66B (int8: a 128 GB host), OPT-30B (bf16); write-back K = 1, 2, 4, 8 at
+#   b            host memory of offloaded zo2-opt runs at OPT-13B (int8), OPT-66B (int8: a 128 GB
+#                host), OPT-30B (int8, bf16), OPT-13B (bf16); write-back K = 1, 2, 4, 8 at
 #                OPT-13B and OPT-1.3B (bf16)
 #   d            the LLaMA family resident (bf16), LLaMA-3-8B offloaded (int8, bf16p; K = 1 and
 #                chosen), Qwen2.5-7B offloaded (bf16p, int8), Qwen3-32B bf16 offloaded, q = 1 and
@@ -103,10 +103,10 @@ elif [[ $plan == c ]]; then
   run_more queries-seq512 --model opt-6.7b --policy offload --codec bf16p --queries 1,4 --seq 512
 elif [[ $plan == b ]]; then
   host_memory mem-13b-int8 opt-13b int8
-  host_memory mem-13b-bf16 opt-13b bf16
-  host_memory mem-30b-int8 opt-30b int8
   host_memory mem-66b-int8 opt-66b int8
+  host_memory mem-30b-int8 opt-30b int8
   host_memory mem-30b-bf16 opt-30b bf16
+  host_memory mem-13b-bf16 opt-13b bf16
   run_more writeback-13b --model opt-13b --policy offload --codec bf16 --writeback-every 1,2,4,8
   run_more writeback-1.3b --model opt-1.3b --policy offload --codec bf16 --writeback-every 1,2,4,8
 else

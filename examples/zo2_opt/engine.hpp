@@ -92,6 +92,9 @@ class Engine {
   /// A line for the run's log that the engine has to say once (e.g. the write-back interval it
   /// chose after measuring a step); nullopt when it has nothing new.
   virtual std::optional<std::string> take_notice() { return std::nullopt; }
+  /// Where building the engine spent its time (e.g. "2.1 s allocating ..., 9.8 s drawing or
+  /// reading the weights, 3.0 s encoding them"); empty when it does not say.
+  virtual std::string load_report() const { return {}; }
   /// Mean token loss at theta (flushes the owed update first).
   virtual double loss(const TokenBatch& batch) = 0;
   /// Logits of every position of a single sequence, [ids.size(), vocab] row-major, at theta.

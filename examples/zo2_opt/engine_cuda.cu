@@ -44,9 +44,9 @@ namespace zo2_opt {
 
 namespace {
 
-/// Groups the offload engine reads and encodes at once while loading (each costs a group in fp32
-/// and encoded beside the host store; two keep two cores busy and the peak a few blocks).
-constexpr std::size_t kLoadBatch = 2;
+/// Groups the offload engine reads at once while loading (each costs a group in fp32 beside the
+/// host store). One: reading (drawing, converting) and encoding a group each use every core.
+constexpr std::size_t kLoadBatch = 1;
 
 template <class Model, class Policy>
 class CudaEngine final : public Engine {
@@ -67,7 +67,12 @@ class CudaEngine final : public Engine {
       : model_(config), policy_(parameters.model_layout(), std::forward<PolicyArgs>(policy_args)...),
         optimizer_((model_.set_stream(policy_.stream()), model_), policy_, options.zo, options.start_step),
         description_(std::move(description)) {
+    const double allocate_s = seconds_since(started_);
     load_parameters(parameters);
+    char report[256];
+    std::snprintf(report, sizeof report, "%.1f s allocating (model, plan, %.1f GB of pinned host memory), %.1f s %s",
+                  allocate_s, pinned_bytes() / 1e9, read_s_, loaded_report_.c_str());
+    load_report_ = report;
     // The offload plan, as the budget decided it: what streams, through how many slots.
     if constexpr (requires { policy_.plan().slots; }) {
       const auto& plan = policy_.plan();
@@ -103,6 +108,7 @@ class CudaEngine final : public Engine {
     if constexpr (kOffload) choose_from_ = link;
   }
   std::optional<std::string> take_notice() override { return std::exchange(notice_, std::nullopt); }
+  std::string load_report() const override { return load_report_; }
   void restore_progress(const zo2::OptimizerState& saved) override { optimizer_.restore(saved); }
   void every_rank_ready() override {
     if constexpr (kOffload) policy_.remove_shared_master_name();
@@ -259,35 +265,38 @@ class CudaEngine final : public Engine {
     }
   }
 
-  /// The parameters into the policy, group by group. Offload: a few groups at a time are read
-  /// and encoded on as many cores (the codec's encoding dominates a large model's start-up),
-  /// then copied into the host store; so the host holds the codec's store plus kLoadBatch groups in
-  /// fp32 and encoded, never the model in fp32. Resident: each group is copied to the device.
+  /// The parameters into the policy, group by group. Offload: kLoadBatch groups at a time are
+  /// read (drawn) in fp32, then each is encoded on all cores straight into the pinned host
+  /// store (GroupCodec::encode_group); so the host holds the codec's store plus kLoadBatch groups
+  /// in fp32, never the model in fp32. Resident: each group is copied to the device.
   void load_parameters(const ParameterSource& parameters) {
     const zo2::ModelLayout& ml = policy_.model_layout();
     const std::size_t groups = ml.num_groups();
     if constexpr (kOffload) {
-      using GroupCodec = typename Policy::GroupCodecT;
       const std::size_t batch = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, kLoadBatch);
       std::vector<std::vector<float>> flats(batch);
-      std::vector<std::vector<unsigned char>> codes(batch);
       // A rank sharing its host's master reads and sets only its own groups (seat 0 the rest).
       std::vector<zo2::GroupIndex> own;
       for (std::size_t g = 0; g < groups; ++g)
         if (policy_.sets_group(zo2::GroupIndex{g})) own.push_back(zo2::GroupIndex{g});
+      double encode_s = 0;
       for (std::size_t first = 0; first < own.size(); first += batch) {
         const std::size_t count = std::min(batch, own.size() - first);
+        const auto read_start = Clock::now();
         zo2::parallel_for(count, [&](std::size_t k) {
-          const zo2::GroupIndex g = own[first + k];
-          const GroupCodec codec(ml.layout(g));
-          flats[k].resize(ml.layout(g).total_elements());
-          parameters.read_group(g, flats[k]);
-          codes[k].resize(codec.bytes());
-          codec.encode_group(flats[k], codes[k]);
+          flats[k].resize(ml.layout(own[first + k]).total_elements());
+          parameters.read_group(own[first + k], flats[k]);
         });
-        for (std::size_t k = 0; k < count; ++k) policy_.set_group_encoded(own[first + k], codes[k]);
+        read_s_ += seconds_since(read_start);
+        const auto encode_start = Clock::now();
+        for (std::size_t k = 0; k < count; ++k) policy_.set_group(own[first + k], flats[k]);
+        encode_s += seconds_since(encode_start);
       }
+      char line[96];
+      std::snprintf(line, sizeof line, "drawing or reading the weights, %.1f s encoding them", encode_s);
+      loaded_report_ = line;
     } else {
+      const auto read_start = Clock::now();
       std::vector<float> flat;
       for (std::size_t g = 0; g < groups; ++g) {
         const zo2::GroupIndex gi{g};
@@ -296,9 +305,18 @@ class CudaEngine final : public Engine {
         if (!flat.empty()) zo2::gpu::copy_to_device(policy_.master(gi).data(), flat.data(), flat.size(), policy_.stream());
         policy_.synchronize();  // before the buffer is refilled
       }
+      read_s_ = seconds_since(read_start);
+      loaded_report_ = "drawing or reading the weights and copying them to the device";
     }
   }
+  double pinned_bytes() const {
+    if constexpr (kOffload) return static_cast<double>(policy_.owned_pinned_bytes());
+    else return 0.0;
+  }
+  using Clock = std::chrono::steady_clock;
+  static double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
+  Clock::time_point started_ = Clock::now();  // first: the engine's construction is timed from here
   Model model_;
   Policy policy_;
   zo2::ZOOptimizer<Model, Policy> optimizer_;
@@ -310,6 +328,8 @@ class CudaEngine final : public Engine {
   std::optional<zo2::offload::LinkHint> choose_from_;  // --writeback-every 0: K is still to choose
   std::size_t steps_run_ = 0;
   std::optional<std::string> notice_;
+  double read_s_ = 0;
+  std::string loaded_report_, load_report_;
 };
 
 std::string gpu_name() {

@@ -440,7 +440,9 @@ int run_train(const std::vector<std::string>& argv) {
   const bool quiet = args.flag("--quiet") || !dp.root();
   std::printf("model     %s: %s, %zu parameters\n", model_description.c_str(), config.summary().c_str(),
               config.parameter_count());
-  std::printf("load      %.1f s to build the engine (draw or read, encode, place the weights)\n", load_seconds);
+  const std::string load_report = engine->load_report();
+  std::printf("load      %.1f s to build the engine%s\n", load_seconds,
+              load_report.empty() ? "" : (": " + load_report).c_str());
   std::printf("tokenizer %s\n", tok ? tok->description().c_str() : "none (pre-tokenized data)");
   std::printf("data      %s: %zu %s (%s)%s\n", train.source.c_str(), train.examples.size(),
               data_kind == "file" ? "examples" : "windows",

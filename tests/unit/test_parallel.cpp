@@ -57,3 +57,33 @@ TEST_CASE("parallel_for rethrows a worker's exception after joining") {
                        }, 1),
                        "two", std::invalid_argument);
 }
+
+TEST_CASE("cut_into_pieces tiles each item in order, pieces start on whole units") {
+  const std::vector<std::size_t> sizes = {0, 10, 4000, 999, 5};
+  const std::vector<std::size_t> units = {3, 1, 7, 1000, 2};
+  const auto pieces = zo2::cut_into_pieces(
+      sizes.size(), [&](std::size_t i) { return sizes[i]; }, [&](std::size_t i) { return units[i]; }, 100);
+  std::vector<std::size_t> covered(sizes.size(), 0);
+  for (std::size_t k = 0; k < pieces.size(); ++k) {
+    const auto& p = pieces[k];
+    CAPTURE(k);
+    CHECK(p.begin == covered[p.item]);  // in order, no gap, no overlap
+    CHECK(p.begin % units[p.item] == 0);
+    CHECK(p.end > p.begin);
+    CHECK(p.end - p.begin <= std::max<std::size_t>(100 / units[p.item], 1) * units[p.item]);
+    if (k > 0) CHECK(pieces[k - 1].item <= p.item);
+    covered[p.item] = p.end;
+  }
+  CHECK(covered == sizes);
+  CHECK(pieces.size() == 1 + 41 + 1 + 1);  // item 0 none; item 2 in pieces of 98 (14 units of 7)
+}
+
+TEST_CASE("parallel_fill sets every byte, small and large") {
+  for (const std::size_t n : {std::size_t{0}, std::size_t{5}, (std::size_t{40} << 20) + 3}) {
+    std::vector<unsigned char> bytes(n, 1);
+    zo2::parallel_fill(bytes, 0x5a);
+    std::size_t wrong = 0;
+    for (const unsigned char b : bytes) wrong += b != 0x5a;
+    CHECK(wrong == 0);
+  }
+}

@@ -49,6 +49,7 @@
 
 #include <zo2/core/error.hpp>
 #include <zo2/core/half_types.hpp>
+#include <zo2/core/parallel.hpp>
 #include <zo2/core/zo_element.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/platform.hpp>
@@ -252,15 +253,65 @@ class GroupCodec {
     if (values.size() != t.numel)
       throw Error(std::string("codec ") + C::name + ": encode of tensor " + std::to_string(r) + " got " +
                   std::to_string(values.size()) + " values, expected " + std::to_string(t.numel));
-    const bool stochastic = !random_words.empty();
-    if (stochastic && random_words.size() != t.numel)
+    if (!random_words.empty() && random_words.size() != t.numel)
       throw Error(std::string("codec ") + C::name + ": encode of tensor " + std::to_string(r) + " got " +
                   std::to_string(random_words.size()) + " random words, expected 0 or " +
                   std::to_string(t.numel));
+    encode_part(r, 0, t.numel, values.data(), random_words.empty() ? nullptr : random_words.data(), block);
+  }
+
+  /// Decodes tensor r into `out` (numel floats).
+  void decode(std::size_t r, std::span<const unsigned char> block, std::span<float> out) const {
+    const CodecTensor& t = tensor(r);
+    check_block(block.size(), "decode");
+    if (out.size() != t.numel)
+      throw Error(std::string("codec ") + C::name + ": decode of tensor " + std::to_string(r) + " into " +
+                  std::to_string(out.size()) + " floats, expected " + std::to_string(t.numel));
+    decode_part(r, 0, t.numel, block, out.data());
+  }
+
+  /// Whole group from / to a float flat buffer laid out by the same ParamLayout (round to
+  /// nearest: this is how initial weights enter and checkpoints leave). Padding encodes as 0.
+  /// A large group is spread over all cores in pieces of whole rows (the same bytes as one
+  /// core's: each element and each row's scale depends on its row alone).
+  void encode_group(std::span<const float> flat, std::span<unsigned char> block) const {
+    check_flat(flat.size(), "encode_group");
+    check_block(block.size(), "encode_group");
+    parallel_fill(block, 0);
+    const std::vector<Piece> pieces = group_pieces();
+    parallel_for(
+        pieces.size(),
+        [&](std::size_t i) {
+          const Piece& p = pieces[i];
+          encode_part(p.item, p.begin, p.end, flat.data() + tensors_[p.item].offset, nullptr, block);
+        },
+        threads_for(total_));
+  }
+  void decode_group(std::span<const unsigned char> block, std::span<float> flat) const {
+    check_flat(flat.size(), "decode_group");
+    check_block(block.size(), "decode_group");
+    std::fill(flat.begin(), flat.end(), 0.0f);
+    const std::vector<Piece> pieces = group_pieces();
+    parallel_for(
+        pieces.size(),
+        [&](std::size_t i) {
+          const Piece& p = pieces[i];
+          decode_part(p.item, p.begin, p.end, block, flat.data() + tensors_[p.item].offset);
+        },
+        threads_for(total_));
+  }
+
+ private:
+  /// Elements [begin, end) of tensor r (whole rows for row-scaled codecs) from values[begin..end)
+  /// (values and random_words index the tensor; random_words null: round to nearest).
+  void encode_part(std::size_t r, std::size_t begin, std::size_t end, const float* values,
+                   const std::uint32_t* random_words, std::span<unsigned char> block) const {
+    const CodecTensor& t = tensors_[r];
+    const bool stochastic = random_words != nullptr;
     unsigned char* payload = block.data() + t.offset * C::element_bytes;
     if constexpr (C::row_scaled) {
       float* scales = reinterpret_cast<float*>(block.data() + scales_offset_);
-      for (std::size_t row = 0; row < t.rows; ++row) {
+      for (std::size_t row = begin / t.row_len; row < end / t.row_len; ++row) {
         float absmax = 0.0f;
         for (std::size_t k = 0; k < t.row_len; ++k) {
           const float v = values[row * t.row_len + k];
@@ -277,47 +328,30 @@ class GroupCodec {
         }
       }
     } else {
-      for (std::size_t j = 0; j < t.numel; ++j)
+      for (std::size_t j = begin; j < end; ++j)
         C::store(payload, j, values[j], stochastic ? random_words[j] : 0u, stochastic);
     }
   }
-
-  /// Decodes tensor r into `out` (numel floats).
-  void decode(std::size_t r, std::span<const unsigned char> block, std::span<float> out) const {
-    const CodecTensor& t = tensor(r);
-    check_block(block.size(), "decode");
-    if (out.size() != t.numel)
-      throw Error(std::string("codec ") + C::name + ": decode of tensor " + std::to_string(r) + " into " +
-                  std::to_string(out.size()) + " floats, expected " + std::to_string(t.numel));
+  /// Elements [begin, end) of tensor r (whole rows for row-scaled codecs) into out[begin..end).
+  void decode_part(std::size_t r, std::size_t begin, std::size_t end, std::span<const unsigned char> block,
+                   float* out) const {
+    const CodecTensor& t = tensors_[r];
     const unsigned char* payload = block.data() + t.offset * C::element_bytes;
     if constexpr (C::row_scaled) {
       const float* scales = reinterpret_cast<const float*>(block.data() + scales_offset_);
-      for (std::size_t row = 0; row < t.rows; ++row)
+      for (std::size_t row = begin / t.row_len; row < end / t.row_len; ++row)
         for (std::size_t k = 0; k < t.row_len; ++k)
           out[row * t.row_len + k] = C::load(payload, row * t.row_len + k, scales[t.first_row + row]);
     } else {
-      for (std::size_t j = 0; j < t.numel; ++j) out[j] = C::load(payload, j);
+      for (std::size_t j = begin; j < end; ++j) out[j] = C::load(payload, j);
     }
   }
-
-  /// Whole group from / to a float flat buffer laid out by the same ParamLayout (round to
-  /// nearest: this is how initial weights enter and checkpoints leave). Padding encodes as 0.
-  void encode_group(std::span<const float> flat, std::span<unsigned char> block) const {
-    check_flat(flat.size(), "encode_group");
-    check_block(block.size(), "encode_group");
-    std::memset(block.data(), 0, block.size());
-    for (std::size_t r = 0; r < tensors_.size(); ++r)
-      encode(r, flat.subspan(tensors_[r].offset, tensors_[r].numel), {}, block);
+  /// The group's tensors in pieces of about 2^20 elements (whole rows for row-scaled codecs).
+  std::vector<Piece> group_pieces() const {
+    return cut_into_pieces(
+        tensors_.size(), [&](std::size_t r) { return tensors_[r].numel; },
+        [&](std::size_t r) { return C::row_scaled ? tensors_[r].row_len : std::size_t{1}; }, std::size_t{1} << 20);
   }
-  void decode_group(std::span<const unsigned char> block, std::span<float> flat) const {
-    check_flat(flat.size(), "decode_group");
-    check_block(block.size(), "decode_group");
-    std::fill(flat.begin(), flat.end(), 0.0f);
-    for (std::size_t r = 0; r < tensors_.size(); ++r)
-      decode(r, block, flat.subspan(tensors_[r].offset, tensors_[r].numel));
-  }
-
- private:
   static std::size_t round16(std::size_t n) { return (n + 15) / 16 * 16; }
   void check_block(std::size_t size, const char* what) const {
     if (size != bytes_)

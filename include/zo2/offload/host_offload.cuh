@@ -352,8 +352,8 @@ class HostOffload {
     }
   }
   /// Encodes every group of `store` as the masters. The streamed blocks are encoded straight
-  /// into pinned host memory on all cores: encoding a large model is most of a start-up (the
-  /// packed codec encodes ~370 M values/s on one core, OPT-30B has 30 G).
+  /// into pinned host memory, each on all cores (GroupCodec::encode_group): encoding a large
+  /// model is much of a start-up (int8 encodes ~170 M values/s on one core, OPT-30B has 30 G).
   ///
   /// A seat of a shared host master: seat 0 encodes the shared streamed blocks, another seat
   /// only its device groups (see shared_host_master.cuh for when); nothing may be owed.
@@ -374,10 +374,9 @@ class HostOffload {
       return std::span<const float>(view.data(), view.layout().total_elements());
     };
     const bool writes_host = !seat_ || seat_->leader();
-    parallel_for(layout_->num_groups(), [&](std::size_t g) {
+    for (std::size_t g = 0; g < layout_->num_groups(); ++g)
       if (writes_host && is_streamed(GroupIndex{g}))
         codec_for(GroupIndex{g}).encode_group(flat_of(g), host_block(GroupIndex{g}));
-    });
     slots_.invalidate_all();  // every slot is stale now
     for (std::size_t g = 0; g < layout_->num_groups(); ++g)
       if (!is_streamed(GroupIndex{g})) set_group(GroupIndex{g}, flat_of(g));

@@ -44,6 +44,7 @@
 
 #include <zo2/core/error.hpp>
 #include <zo2/core/half_types.hpp>
+#include <zo2/core/parallel.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/core/platform.hpp>
 #include <zo2/offload/codecs.hpp>
@@ -177,16 +178,35 @@ class PackedBf16Group {
   }
 
   /// Whole group from / to a float flat buffer laid out by the same ParamLayout (round to
-  /// nearest). Padding encodes as zero.
+  /// nearest). Padding encodes as zero. A large group is spread over all cores in pieces of
+  /// whole 32-element chunks; each piece lists its escapes, and a tensor's lists are joined in
+  /// piece order: the same bytes as one core's.
   void encode_group(std::span<const float> flat, std::span<unsigned char> block) const {
     check_block(block.size(), "encode_group");
     check_flat(flat.size(), "encode_group");
-    std::memset(block.data(), 0, block.size());
-    std::fill(block.begin() + static_cast<std::ptrdiff_t>(codes_offset()),
-              block.begin() + static_cast<std::ptrdiff_t>(exponents_offset()),
-              static_cast<unsigned char>(PackedBf16::kZeroExponent * 0x11u));  // padding: zeros
-    for (std::size_t r = 0; r < tensors_.size(); ++r)
-      encode(r, flat.subspan(tensors_[r].offset, tensors_[r].numel), {}, block);
+    parallel_fill(block, 0);
+    parallel_fill(block.subspan(codes_offset(), exponents_offset() - codes_offset()),
+                  static_cast<unsigned char>(PackedBf16::kZeroExponent * 0x11u));  // padding: zeros
+    const std::vector<Piece> pieces = cut_into_pieces(
+        tensors_.size(), [&](std::size_t r) { return tensors_[r].numel; },
+        [](std::size_t) { return PackedBf16::kChunk; }, std::size_t{1} << 20);
+    std::vector<std::vector<std::uint64_t>> escapes(pieces.size());
+    parallel_for(
+        pieces.size(),
+        [&](std::size_t i) {
+          const Piece& p = pieces[i];
+          const float* values = flat.data() + tensors_[p.item].offset;
+          encode_chunks(p.item, p.begin, p.end, [&](std::size_t j) { return to_bfloat16(values[j]).bits; }, block,
+                        escapes[i]);
+        },
+        threads_for(total_));
+    for (std::size_t i = 0; i < pieces.size();) {  // each tensor's pieces, joined in order
+      std::vector<std::uint64_t> joined = std::move(escapes[i]);
+      const std::size_t r = pieces[i].item;
+      for (++i; i < pieces.size() && pieces[i].item == r; ++i)
+        joined.insert(joined.end(), escapes[i].begin(), escapes[i].end());
+      store_escapes(r, joined, block);
+    }
   }
   void decode_group(std::span<const unsigned char> block, std::span<float> flat) const {
     check_flat(flat.size(), "decode_group");
@@ -209,16 +229,24 @@ class PackedBf16Group {
                   ", expected " + std::to_string(t.numel));
   }
 
-  /// The encoder: bits_of(j) gives element j's bf16 bits. Chunk by chunk (padding past numel
-  /// encodes as zero), each chunk's low bytes and codes built here and stored with two copies.
+  /// The encoder: bits_of(j) gives element j's bf16 bits.
   template <class BitsOf>
   void encode_with(std::size_t r, BitsOf&& bits_of, std::span<unsigned char> block) const {
-    const PackedTensor& t = tensor(r);
     check_block(block.size(), "encode");
     std::vector<std::uint64_t> escapes;
-    for (std::size_t c0 = 0; c0 < t.numel; c0 += PackedBf16::kChunk) {
+    encode_chunks(r, 0, tensor(r).numel, bits_of, block, escapes);
+    store_escapes(r, escapes, block);
+  }
+  /// Elements [begin, end) of tensor r (begin a multiple of 32), chunk by chunk (padding past
+  /// numel encodes as zero): each chunk's low bytes and codes built here and stored with two
+  /// copies; its escapes appended to `escapes` in index order.
+  template <class BitsOf>
+  void encode_chunks(std::size_t r, std::size_t begin, std::size_t end, BitsOf&& bits_of,
+                     std::span<unsigned char> block, std::vector<std::uint64_t>& escapes) const {
+    const PackedTensor& t = tensors_[r];
+    for (std::size_t c0 = begin; c0 < end; c0 += PackedBf16::kChunk) {
       std::uint16_t b[PackedBf16::kChunk] = {};
-      const std::size_t len = std::min(PackedBf16::kChunk, t.numel - c0);
+      const std::size_t len = std::min(PackedBf16::kChunk, end - c0);
       unsigned E = 0;
       for (std::size_t k = 0; k < len; ++k) {
         b[k] = bits_of(c0 + k);
@@ -239,6 +267,11 @@ class PackedBf16Group {
       std::memcpy(block.data() + j0, low, sizeof low);
       std::memcpy(block.data() + codes_offset() + j0 / 2, codes, sizeof codes);
     }
+  }
+  /// Tensor r's escape count and list (in index order), or an error naming the tensor when the
+  /// list exceeds its room.
+  void store_escapes(std::size_t r, const std::vector<std::uint64_t>& escapes, std::span<unsigned char> block) const {
+    const PackedTensor& t = tensors_[r];
     if (escapes.size() > t.escape_capacity)
       throw Error(std::string(name) + ": " + names_[r] + " needs " + std::to_string(escapes.size()) +
                   " escapes (elements more than 13 binades below their 32-element chunk's largest), room for " +
@@ -247,7 +280,7 @@ class PackedBf16Group {
     std::memcpy(block.data() + counts_offset_ + r * sizeof(std::uint32_t), &count, sizeof count);
     if (!escapes.empty())  // (an empty vector's data() may be null, which memcpy must not get)
       std::memcpy(block.data() + entries_offset_ + t.escape_offset * sizeof(std::uint64_t), escapes.data(),
-                  escapes.size() * sizeof(std::uint64_t));  // in index order: chunks were walked in order
+                  escapes.size() * sizeof(std::uint64_t));
   }
 
   /// The decoder: put(j, bits) receives element j's bf16 bits. Checks the codes against their

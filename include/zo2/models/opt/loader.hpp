@@ -27,6 +27,7 @@
 
 #include <zo2/core/error.hpp>
 #include <zo2/core/half_types.hpp>
+#include <zo2/core/parallel.hpp>
 #include <zo2/core/zo_element.hpp>
 #include <zo2/io/dtype.hpp>
 #include <zo2/io/safetensors.hpp>
@@ -160,8 +161,8 @@ class GroupReader {
 
   /// Group g's float flat buffer (padding zero) into `flat` (layout(g).total_elements() of
   /// them). Each tensor's pages of the mapped file are dropped once it is converted, so the
-  /// process holds the group and nothing of the file. Safe to call from several threads for
-  /// different groups.
+  /// process holds the group and nothing of the file. A large group's tensors are converted on
+  /// several cores. Safe to call from several threads for different groups.
   void read_group(GroupIndex g, std::span<float> flat) const {
     if (g.value >= layout_.num_groups())
       throw Error("read_group: group " + std::to_string(g.value) + " of a model with " +
@@ -171,11 +172,14 @@ class GroupReader {
       throw ShapeError("read_group: group " + std::to_string(g.value) + " has " + std::to_string(l.total_elements()) +
                        " elements (padding included), the buffer " + std::to_string(flat.size()));
     std::fill(flat.begin(), flat.end(), 0.0f);
-    for (std::size_t r = 0; r < l.num_tensors(); ++r) {
-      const std::string& name = names_[g.value][r];
-      checkpoint_.read_as_float(name, flat.data() + l.offset(r), l.spec(r).numel());
-      checkpoint_.release(name);
-    }
+    parallel_for(
+        l.num_tensors(),
+        [&](std::size_t r) {
+          const std::string& name = names_[g.value][r];
+          checkpoint_.read_as_float(name, flat.data() + l.offset(r), l.spec(r).numel());
+          checkpoint_.release(name);
+        },
+        threads_for(l.total_elements()));
   }
   std::size_t num_groups() const { return layout_.num_groups(); }
   /// fn(GroupIndex, std::span<const float>) for every group in order, through one buffer.
