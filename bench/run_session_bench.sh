@@ -14,6 +14,8 @@
 #   d            the LLaMA family resident (bf16), LLaMA-3-8B offloaded (int8, bf16p; K = 1 and
 #                chosen), Qwen2.5-7B offloaded (bf16p, int8), Qwen3-32B bf16 offloaded, q = 1 and
 #                4 at sequence 512 (bf16p), OPT-6.7B in three slots (K = 1, 2, chosen)
+#   e            the optimizer table at OPT-6.7B: offloaded bf16p with q = 1, 2, 4 and every
+#                rule (zo-mmt and zo-adam with bf16 state too), then resident (bf16)
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -109,6 +111,12 @@ elif [[ $plan == b ]]; then
   host_memory mem-13b-bf16 opt-13b bf16
   run_more writeback-13b --model opt-13b --policy offload --codec bf16 --writeback-every 1,2,4,8
   run_more writeback-1.3b --model opt-1.3b --policy offload --codec bf16 --writeback-every 1,2,4,8
+elif [[ $plan == e ]]; then
+  run_more queries --model opt-6.7b --policy offload --codec bf16p --queries 1,2,4
+  run_more rules --model opt-6.7b --policy offload --codec bf16p --optimizer zo-sign,zo-mmt,zo-cons,zo-adam
+  run_more rules-bf16-state --model opt-6.7b --policy offload --codec bf16p --optimizer zo-mmt,zo-adam --state-bf16
+  run_more rules-resident --model opt-6.7b --policy resident --codec bf16 --optimizer zo-sgd,zo-sign,zo-mmt,zo-cons,zo-adam --queries 1
+  run_more queries-resident --model opt-6.7b --policy resident --codec bf16 --queries 2,4
 else
   run_more llama-resident --model llama-3.2-1b,llama-3-8b --policy resident --codec bf16
   run_more llama-offload --model llama-3-8b --policy offload --codec int8,bf16p --writeback-every 1,0
