@@ -28,6 +28,7 @@
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/models/candidates.hpp>
+#include <zo2/models/model_checks.hpp>
 #include <zo2/models/llama/config.hpp>
 #include <zo2/models/llama/layout.hpp>
 #include <zo2/models/opt/model.hpp>  // ParamSet, param_set, kIgnoreLabel: shared by the bundled models
@@ -267,55 +268,28 @@ class LlamaModel {
   }
 
  private:
-  static void check_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* group) {
-    if (params.data() == nullptr && expected.total_elements() != 0)
-      throw ShapeError(std::string("LlamaModel: no parameters given for the ") + group);
-    if (params.data() != nullptr && !(params.layout() == expected))
-      throw ShapeError(std::string("LlamaModel: the ") + group +
-                       " parameters were laid out for a different LLaMA-family configuration");
-  }
+  static constexpr const char* kBatchName = "LLaMA batch";
 
-  static std::string at(const Batch& batch, std::size_t t) {
-    return "[" + std::to_string(t / batch.seq) + "][" + std::to_string(t % batch.seq) + "]";
+  static void check_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* group) {
+    models::check_group_layout(params, expected, "LlamaModel", group, "LLaMA-family");
   }
 
   void validate_inputs(const Batch& batch) const {
-    const std::size_t tokens = batch.batch * batch.seq;
-    if (tokens == 0) throw ShapeError("LLaMA batch: batch and seq must be > 0");
-    if (batch.input_ids.size() != tokens)
-      throw ShapeError("LLaMA batch: input_ids has " + std::to_string(batch.input_ids.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens));
-    if (!batch.attention_mask.empty() && batch.attention_mask.size() != tokens)
-      throw ShapeError("LLaMA batch: attention_mask has " + std::to_string(batch.attention_mask.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens) + " (or none)");
-    if (!batch.position_ids.empty() && batch.position_ids.size() != tokens)
-      throw ShapeError("LLaMA batch: position_ids has " + std::to_string(batch.position_ids.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens) + " (or none)");
+    models::check_batch_sizes(batch, kBatchName);
     if (batch.position_ids.empty() && batch.seq > static_cast<std::size_t>(kMaxPositionId))
       throw ShapeError("LLaMA batch: seq " + std::to_string(batch.seq) + " exceeds " + std::to_string(kMaxPositionId));
-    for (std::size_t t = 0; t < tokens; ++t) {
-      const std::int32_t id = batch.input_ids[t];
-      if (id < 0 || id >= config_.vocab_size)
-        throw ShapeError("LLaMA batch: input_ids" + at(batch, t) + " = " + std::to_string(id) +
-                         " is outside the vocabulary of " + std::to_string(config_.vocab_size));
-      if (!batch.attention_mask.empty() && batch.attention_mask[t] != 0 && batch.attention_mask[t] != 1)
-        throw ShapeError("LLaMA batch: attention_mask" + at(batch, t) + " must be 0 or 1");
+    for (std::size_t t = 0; t < batch.batch * batch.seq; ++t) {
+      models::check_token(batch, t, config_.vocab_size, kBatchName);
       if (!batch.position_ids.empty() && (batch.position_ids[t] < 0 || batch.position_ids[t] >= kMaxPositionId))
-        throw ShapeError("LLaMA batch: position_ids" + at(batch, t) + " = " + std::to_string(batch.position_ids[t]) +
-                         " is outside [0, " + std::to_string(kMaxPositionId) + ")");
+        throw ShapeError("LLaMA batch: position_ids" + models::token_at(t, batch.seq) + " = " +
+                         std::to_string(batch.position_ids[t]) + " is outside [0, " + std::to_string(kMaxPositionId) +
+                         ")");
     }
   }
 
   void validate_labels(const Batch& batch) const {
-    if (batch.labels.size() != batch.batch * batch.seq)
-      throw ShapeError("LLaMA batch: labels has " + std::to_string(batch.labels.size()) +
-                       " entries, expected batch * seq = " + std::to_string(batch.batch * batch.seq));
-    for (std::size_t t = 0; t < batch.labels.size(); ++t) {
-      const std::int32_t label = batch.labels[t];
-      if (label != kIgnoreLabel && (label < 0 || label >= config_.vocab_size))
-        throw ShapeError("LLaMA batch: labels" + at(batch, t) + " = " + std::to_string(label) +
-                         " is outside the vocabulary (or -100 to ignore)");
-    }
+    models::check_labels_present(batch, kBatchName);
+    for (std::size_t t = 0; t < batch.labels.size(); ++t) models::check_label(batch, t, config_.vocab_size, kBatchName);
   }
 
   /// Grows the workspace's rotary tables to cover every position of the batch.

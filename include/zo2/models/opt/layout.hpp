@@ -104,18 +104,6 @@ inline TensorIndex tensor_index(const ParamLayout& prologue, const ParamLayout& 
            epilogue.find("project_out.weight")}};
 }
 
-/// A forward was handed a group laid out for another configuration (or none at all): name the
-/// model and the group.
-template <class T>
-void check_group_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* model,
-                        const char* group) {
-  if (params.data() == nullptr && expected.total_elements() != 0)
-    throw ShapeError(std::string(model) + ": no parameters given for the " + group);
-  if (params.data() != nullptr && !(params.layout() == expected))
-    throw ShapeError(std::string(model) + ": the " + group +
-                     " parameters were laid out for a different OPT configuration");
-}
-
 inline std::size_t parameter_count(const OPTConfig& c) {
   auto count = [](const ParamLayout& l) {
     std::size_t n = 0;

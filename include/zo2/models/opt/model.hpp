@@ -24,6 +24,7 @@
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/models/candidates.hpp>
+#include <zo2/models/model_checks.hpp>
 #include <zo2/models/opt/config.hpp>
 #include <zo2/backend/cpu/transformer_kernels.hpp>
 #include <zo2/models/opt/layout.hpp>
@@ -209,9 +210,7 @@ class OPTModel {
   /// labels[b, s + 1]; the mean is over targets != -100. NaN when there is no target (as HF).
   double epilogue(ParamView<const T> params, ParamView<const T> prologue_params, const Activation& in,
                   const Batch& batch, Workspace& ws) const {
-    if (batch.labels.size() != batch.batch * batch.seq)
-      throw ShapeError("OPT batch: labels has " + std::to_string(batch.labels.size()) +
-                       " entries, expected batch * seq = " + std::to_string(batch.batch * batch.seq));
+    models::check_labels_present(batch, kBatchName);
     const Matrix& features = output_features(params, in, ws);
     std::vector<std::size_t>& rows = ws.loss_rows;
     std::vector<std::int32_t>& targets = ws.loss_targets;
@@ -221,9 +220,7 @@ class OPTModel {
       for (std::size_t s = 0; s + 1 < batch.seq; ++s) {
         const std::int32_t label = batch.labels[b * batch.seq + s + 1];
         if (label == kIgnoreLabel) continue;
-        if (label < 0 || label >= config_.vocab_size)
-          throw ShapeError("OPT batch: labels[" + std::to_string(b) + "][" + std::to_string(s + 1) + "] = " +
-                           std::to_string(label) + " is outside the vocabulary (or -100 to ignore)");
+        models::check_label(batch, b * batch.seq + s + 1, config_.vocab_size, kBatchName);
         rows.push_back(b * batch.seq + s);
         targets.push_back(label);
       }
@@ -281,29 +278,16 @@ class OPTModel {
   }
 
  private:
+  static constexpr const char* kBatchName = "OPT batch";
+
   static void check_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* group) {
-    check_group_layout(params, expected, "OPTModel", group);
+    models::check_group_layout(params, expected, "OPTModel", group, "OPT");
   }
 
   void validate_inputs(const Batch& batch) const {
-    const std::size_t tokens = batch.batch * batch.seq;
-    if (tokens == 0) throw ShapeError("OPT batch: batch and seq must be > 0");
-    if (batch.input_ids.size() != tokens)
-      throw ShapeError("OPT batch: input_ids has " + std::to_string(batch.input_ids.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens));
-    if (!batch.attention_mask.empty() && batch.attention_mask.size() != tokens)
-      throw ShapeError("OPT batch: attention_mask has " + std::to_string(batch.attention_mask.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens) + " (or none)");
-    for (std::size_t t = 0; t < tokens; ++t) {
-      const std::int32_t id = batch.input_ids[t];
-      if (id < 0 || id >= config_.vocab_size)
-        throw ShapeError("OPT batch: input_ids[" + std::to_string(t / batch.seq) + "][" +
-                         std::to_string(t % batch.seq) + "] = " + std::to_string(id) +
-                         " is outside the vocabulary of " + std::to_string(config_.vocab_size));
-      if (!batch.attention_mask.empty() && batch.attention_mask[t] != 0 && batch.attention_mask[t] != 1)
-        throw ShapeError("OPT batch: attention_mask[" + std::to_string(t / batch.seq) + "][" +
-                         std::to_string(t % batch.seq) + "] must be 0 or 1");
-    }
+    models::check_batch_sizes(batch, kBatchName);
+    for (std::size_t t = 0; t < batch.batch * batch.seq; ++t)
+      models::check_token(batch, t, config_.vocab_size, kBatchName);
     for (std::size_t b = 0; b < batch.batch; ++b) {
       std::size_t real = batch.seq;
       if (!batch.attention_mask.empty())

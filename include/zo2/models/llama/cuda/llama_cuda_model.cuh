@@ -45,6 +45,7 @@
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
 #include <zo2/models/llama/config.hpp>
+#include <zo2/models/model_checks.hpp>
 #include <zo2/models/llama/layout.hpp>
 #include <zo2/models/llama/model.hpp>  // kMaxPositionId, kIgnoreLabel
 #include <zo2/optim/layer_stack.hpp>
@@ -183,31 +184,10 @@ class LlamaCudaModel {
   template <class HostBatch>
   void upload_batch(const HostBatch& host, Batch& b) const {
     const std::size_t tokens = host.batch * host.seq;
-    auto where = [&](std::size_t t) {  // "[b][s]" (appended piece by piece: GCC 12 misreads "[" + to_string)
-      std::string at("[");
-      at += std::to_string(t / host.seq);
-      at += "][";
-      at += std::to_string(t % host.seq);
-      at += "]";
-      return at;
-    };
-    if (tokens == 0) throw ShapeError("LLaMA batch: batch and seq must be > 0");
-    if (host.input_ids.size() != tokens)
-      throw ShapeError("LLaMA batch: input_ids has " + std::to_string(host.input_ids.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens));
-    if (!host.attention_mask.empty() && host.attention_mask.size() != tokens)
-      throw ShapeError("LLaMA batch: attention_mask has " + std::to_string(host.attention_mask.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens) + " (or none)");
-    if (!host.labels.empty() && host.labels.size() != tokens)
-      throw ShapeError("LLaMA batch: labels has " + std::to_string(host.labels.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens));
+    auto where = [&](std::size_t t) { return models::token_at(t, host.seq); };
+    models::check_batch_sizes(host, kBatchName);
     bool explicit_positions = false;
-    if constexpr (requires { host.position_ids; }) {
-      explicit_positions = !host.position_ids.empty();
-      if (explicit_positions && host.position_ids.size() != tokens)
-        throw ShapeError("LLaMA batch: position_ids has " + std::to_string(host.position_ids.size()) +
-                         " entries, expected batch * seq = " + std::to_string(tokens) + " (or none)");
-    }
+    if constexpr (requires { host.position_ids; }) explicit_positions = !host.position_ids.empty();
     if (!explicit_positions && host.seq > static_cast<std::size_t>(kMaxPositionId))
       throw ShapeError("LLaMA batch: seq " + std::to_string(host.seq) + " exceeds " + std::to_string(kMaxPositionId));
     if (tokens > 0x7fffffff) throw ShapeError("LLaMA batch: more than 2^31 tokens");
@@ -217,14 +197,10 @@ class LlamaCudaModel {
     bool all_visible = true;
     std::int64_t max_position = 0;
     for (std::size_t t = 0; t < tokens; ++t) {
-      const auto id = static_cast<std::int64_t>(host.input_ids[t]);
-      if (id < 0 || id >= config_.vocab_size)
-        throw ShapeError("LLaMA batch: input_ids" + where(t) + " = " + std::to_string(id) +
-                         " is outside the vocabulary of " + std::to_string(config_.vocab_size));
-      ids[t] = static_cast<std::int32_t>(id);
+      models::check_token(host, t, config_.vocab_size, kBatchName);
+      ids[t] = static_cast<std::int32_t>(host.input_ids[t]);
       if (!host.attention_mask.empty()) {
         const auto m = static_cast<std::int64_t>(host.attention_mask[t]);
-        if (m != 0 && m != 1) throw ShapeError("LLaMA batch: attention_mask" + where(t) + " must be 0 or 1");
         mask[t] = static_cast<std::uint8_t>(m);
         all_visible = all_visible && m == 1;
       }
@@ -247,9 +223,7 @@ class LlamaCudaModel {
           const std::size_t t = s * host.seq + p + 1;
           const auto label = static_cast<std::int64_t>(host.labels[t]);
           if (label == kIgnoreLabel) continue;
-          if (label < 0 || label >= config_.vocab_size)
-            throw ShapeError("LLaMA batch: labels" + where(t) + " = " + std::to_string(label) +
-                             " is outside the vocabulary (or -100 to ignore)");
+          models::check_label(host, t, config_.vocab_size, kBatchName);
           rows.push_back(static_cast<std::int32_t>(s * host.seq + p));
           targets.push_back(static_cast<std::int32_t>(label));
         }
@@ -446,12 +420,10 @@ class LlamaCudaModel {
   }
 
  private:
+  static constexpr const char* kBatchName = "LLaMA batch";
+
   static void check_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* group) {
-    if (params.data() == nullptr && expected.total_elements() != 0)
-      throw ShapeError(std::string("LlamaCudaModel: no parameters given for the ") + group);
-    if (params.data() != nullptr && !(params.layout() == expected))
-      throw ShapeError(std::string("LlamaCudaModel: the ") + group +
-                       " parameters were laid out for a different LLaMA-family configuration");
+    models::check_group_layout(params, expected, "LlamaCudaModel", group, "LLaMA-family");
   }
 
   /// The LM head [vocab, hidden]: the epilogue's own, or the prologue's token embedding when tied.

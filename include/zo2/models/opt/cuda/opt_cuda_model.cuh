@@ -43,6 +43,7 @@
 #include <zo2/backend/cuda/memory.cuh>
 #include <zo2/core/error.hpp>
 #include <zo2/core/param_layout.hpp>
+#include <zo2/models/model_checks.hpp>
 #include <zo2/models/opt/config.hpp>
 #include <zo2/models/opt/layout.hpp>
 #include <zo2/optim/layer_stack.hpp>
@@ -185,30 +186,14 @@ class OPTCudaModel {
   void upload_batch(const HostBatch& host, Batch& b) const {
     bool all_visible = true;
     const std::size_t tokens = host.batch * host.seq;
-    if (tokens == 0) throw ShapeError("OPT batch: batch and seq must be > 0");
-    if (host.input_ids.size() != tokens)
-      throw ShapeError("OPT batch: input_ids has " + std::to_string(host.input_ids.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens));
-    if (!host.attention_mask.empty() && host.attention_mask.size() != tokens)
-      throw ShapeError("OPT batch: attention_mask has " + std::to_string(host.attention_mask.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens) + " (or none)");
-    if (!host.labels.empty() && host.labels.size() != tokens)
-      throw ShapeError("OPT batch: labels has " + std::to_string(host.labels.size()) +
-                       " entries, expected batch * seq = " + std::to_string(tokens));
+    models::check_batch_sizes(host, kBatchName);
     std::vector<std::int32_t> ids(tokens);
     std::vector<std::uint8_t> mask(tokens, 1);
     for (std::size_t t = 0; t < tokens; ++t) {
-      const auto id = static_cast<std::int64_t>(host.input_ids[t]);
-      if (id < 0 || id >= config_.vocab_size)
-        throw ShapeError("OPT batch: input_ids[" + std::to_string(t / host.seq) + "][" + std::to_string(t % host.seq) +
-                         "] = " + std::to_string(id) + " is outside the vocabulary of " +
-                         std::to_string(config_.vocab_size));
-      ids[t] = static_cast<std::int32_t>(id);
+      models::check_token(host, t, config_.vocab_size, kBatchName);
+      ids[t] = static_cast<std::int32_t>(host.input_ids[t]);
       if (!host.attention_mask.empty()) {
         const auto m = static_cast<std::int64_t>(host.attention_mask[t]);
-        if (m != 0 && m != 1)
-          throw ShapeError("OPT batch: attention_mask[" + std::to_string(t / host.seq) + "][" +
-                           std::to_string(t % host.seq) + "] must be 0 or 1");
         mask[t] = static_cast<std::uint8_t>(m);
         if (m == 0) all_visible = false;
       }
@@ -225,9 +210,7 @@ class OPTCudaModel {
         for (std::size_t p = 0; p + 1 < host.seq; ++p) {
           const auto label = static_cast<std::int64_t>(host.labels[s * host.seq + p + 1]);
           if (label == -100) continue;
-          if (label < 0 || label >= config_.vocab_size)
-            throw ShapeError("OPT batch: labels[" + std::to_string(s) + "][" + std::to_string(p + 1) + "] = " +
-                             std::to_string(label) + " is outside the vocabulary (or -100 to ignore)");
+          models::check_label(host, s * host.seq + p + 1, config_.vocab_size, kBatchName);
           rows.push_back(static_cast<std::int32_t>(s * host.seq + p));
           targets.push_back(static_cast<std::int32_t>(label));
         }
@@ -423,8 +406,10 @@ class OPTCudaModel {
   }
 
  private:
+  static constexpr const char* kBatchName = "OPT batch";
+
   static void check_layout(const ParamView<const T>& params, const ParamLayout& expected, const char* group) {
-    check_group_layout(params, expected, "OPTCudaModel", group);
+    models::check_group_layout(params, expected, "OPTCudaModel", group, "OPT");
   }
 
   void project_qkv(const ParamView<const T>& params, const T* x, T* q, T* k, T* v, std::int64_t tokens) const {
