@@ -60,6 +60,8 @@ struct EngineOptions {
   std::optional<SharedMaster> shared_master;
   zo2::ZOConfig zo;
   std::uint64_t start_step = 0;
+  /// Print a line to stderr every few seconds while the weights load (a large model's start-up).
+  bool report_load_progress = false;
 };
 
 class Engine {

@@ -68,7 +68,7 @@ class CudaEngine final : public Engine {
         optimizer_((model_.set_stream(policy_.stream()), model_), policy_, options.zo, options.start_step),
         description_(std::move(description)) {
     const double allocate_s = seconds_since(started_);
-    load_parameters(parameters);
+    load_parameters(parameters, options.report_load_progress);
     char report[256];
     std::snprintf(report, sizeof report, "%.1f s allocating (model, plan, %.1f GB of pinned host memory), %.1f s %s",
                   allocate_s, pinned_bytes() / 1e9, read_s_, loaded_report_.c_str());
@@ -269,9 +269,10 @@ class CudaEngine final : public Engine {
   /// read (drawn) in fp32, then each is encoded on all cores straight into the pinned host
   /// store (GroupCodec::encode_group); so the host holds the codec's store plus kLoadBatch groups
   /// in fp32, never the model in fp32. Resident: each group is copied to the device.
-  void load_parameters(const ParameterSource& parameters) {
+  void load_parameters(const ParameterSource& parameters, bool report_progress) {
     const zo2::ModelLayout& ml = policy_.model_layout();
     const std::size_t groups = ml.num_groups();
+    LoadProgress progress(report_progress);
     if constexpr (kOffload) {
       const std::size_t batch = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, kLoadBatch);
       std::vector<std::vector<float>> flats(batch);
@@ -291,6 +292,7 @@ class CudaEngine final : public Engine {
         const auto encode_start = Clock::now();
         for (std::size_t k = 0; k < count; ++k) policy_.set_group(own[first + k], flats[k]);
         encode_s += seconds_since(encode_start);
+        progress.done(first + count, own.size());
       }
       char line[96];
       std::snprintf(line, sizeof line, "drawing or reading the weights, %.1f s encoding them", encode_s);
@@ -304,17 +306,40 @@ class CudaEngine final : public Engine {
         parameters.read_group(gi, flat);
         if (!flat.empty()) zo2::gpu::copy_to_device(policy_.master(gi).data(), flat.data(), flat.size(), policy_.stream());
         policy_.synchronize();  // before the buffer is refilled
+        progress.done(g + 1, groups);
       }
       read_s_ = seconds_since(read_start);
       loaded_report_ = "drawing or reading the weights and copying them to the device";
     }
   }
+  using Clock = std::chrono::steady_clock;
+  static double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+  /// A stderr line every kEverySeconds while loading: "load      12 of 66 groups (18%), 25 s".
+  class LoadProgress {
+   public:
+    explicit LoadProgress(bool on) : on_(on) {}
+    void done(std::size_t groups_done, std::size_t groups) {
+      if (!on_ || groups_done == groups) return;
+      const double s = seconds_since(start_);
+      if (s < next_) return;
+      next_ = s + kEverySeconds;
+      std::fprintf(stderr, "load      %zu of %zu groups (%.0f%%), %.0f s\n", groups_done, groups,
+                   100.0 * static_cast<double>(groups_done) / static_cast<double>(groups), s);
+      std::fflush(stderr);
+    }
+
+   private:
+    static constexpr double kEverySeconds = 15.0;
+    bool on_;
+    Clock::time_point start_ = Clock::now();
+    double next_ = kEverySeconds;
+  };
+
   double pinned_bytes() const {
     if constexpr (kOffload) return static_cast<double>(policy_.owned_pinned_bytes());
     else return 0.0;
   }
-  using Clock = std::chrono::steady_clock;
-  static double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
   Clock::time_point started_ = Clock::now();  // first: the engine's construction is timed from here
   Model model_;

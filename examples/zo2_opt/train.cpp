@@ -397,10 +397,12 @@ int run_train(const std::vector<std::string>& argv) {
   engine_options.start_step = start_step;
   const std::string model_description = model->description;
   if (dp.root() && config.parameter_count() >= kLoadNoticeParameters) {
-    // A large model takes a while to draw or read, encode and pin: say so before it starts.
+    // A large model takes a while to draw or read, encode and pin: say so before it starts, and
+    // while it loads.
     std::fprintf(stderr, "load      %zu parameters into the %s engine ...\n", config.parameter_count(),
                  engine_options.offload ? "offloading" : engine_options.device.c_str());
     std::fflush(stderr);
+    engine_options.report_load_progress = true;
   }
   const auto load_start = std::chrono::steady_clock::now();
   auto engine = make_engine(config, *model->parameters, engine_options);
