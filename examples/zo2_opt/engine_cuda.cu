@@ -70,8 +70,12 @@ class CudaEngine final : public Engine {
     const double allocate_s = seconds_since(started_);
     load_parameters(parameters, options.report_load_progress);
     char report[256];
-    std::snprintf(report, sizeof report, "%.1f s allocating (model, plan, %.1f GB of pinned host memory), %.1f s %s",
-                  allocate_s, pinned_bytes() / 1e9, read_s_, loaded_report_.c_str());
+    if constexpr (kOffload)
+      std::snprintf(report, sizeof report, "%.1f s allocating (model, plan, %.1f GB of pinned host memory), %s",
+                    allocate_s, static_cast<double>(policy_.owned_pinned_bytes()) / 1e9, loaded_report_.c_str());
+    else
+      std::snprintf(report, sizeof report, "%.1f s allocating (model, device memory), %s", allocate_s,
+                    loaded_report_.c_str());
     load_report_ = report;
     // The offload plan, as the budget decided it: what streams, through how many slots.
     if constexpr (requires { policy_.plan().slots; }) {
@@ -280,7 +284,7 @@ class CudaEngine final : public Engine {
       std::vector<zo2::GroupIndex> own;
       for (std::size_t g = 0; g < groups; ++g)
         if (policy_.sets_group(zo2::GroupIndex{g})) own.push_back(zo2::GroupIndex{g});
-      double encode_s = 0;
+      double read_s = 0, encode_s = 0;
       for (std::size_t first = 0; first < own.size(); first += batch) {
         const std::size_t count = std::min(batch, own.size() - first);
         const auto read_start = Clock::now();
@@ -288,14 +292,14 @@ class CudaEngine final : public Engine {
           flats[k].resize(ml.layout(own[first + k]).total_elements());
           parameters.read_group(own[first + k], flats[k]);
         });
-        read_s_ += seconds_since(read_start);
+        read_s += seconds_since(read_start);
         const auto encode_start = Clock::now();
         for (std::size_t k = 0; k < count; ++k) policy_.set_group(own[first + k], flats[k]);
         encode_s += seconds_since(encode_start);
         progress.done(first + count, own.size());
       }
-      char line[96];
-      std::snprintf(line, sizeof line, "drawing or reading the weights, %.1f s encoding them", encode_s);
+      char line[128];
+      std::snprintf(line, sizeof line, "%.1f s drawing or reading the weights, %.1f s encoding them", read_s, encode_s);
       loaded_report_ = line;
     } else {
       const auto read_start = Clock::now();
@@ -308,8 +312,10 @@ class CudaEngine final : public Engine {
         policy_.synchronize();  // before the buffer is refilled
         progress.done(g + 1, groups);
       }
-      read_s_ = seconds_since(read_start);
-      loaded_report_ = "drawing or reading the weights and copying them to the device";
+      char line[128];
+      std::snprintf(line, sizeof line, "%.1f s drawing or reading the weights and copying them to the device",
+                    seconds_since(read_start));
+      loaded_report_ = line;
     }
   }
   using Clock = std::chrono::steady_clock;
@@ -336,11 +342,6 @@ class CudaEngine final : public Engine {
     double next_ = kEverySeconds;
   };
 
-  double pinned_bytes() const {
-    if constexpr (kOffload) return static_cast<double>(policy_.owned_pinned_bytes());
-    else return 0.0;
-  }
-
   Clock::time_point started_ = Clock::now();  // first: the engine's construction is timed from here
   Model model_;
   Policy policy_;
@@ -353,8 +354,7 @@ class CudaEngine final : public Engine {
   std::optional<zo2::offload::LinkHint> choose_from_;  // --writeback-every 0: K is still to choose
   std::size_t steps_run_ = 0;
   std::optional<std::string> notice_;
-  double read_s_ = 0;
-  std::string loaded_report_, load_report_;
+  std::string loaded_report_, load_report_;  // where the load's time went: its parts, the whole
 };
 
 std::string gpu_name() {
