@@ -11,9 +11,8 @@
 #   b            host memory of offloaded zo2-opt runs at OPT-13B (int8), OPT-66B (int8: a 128 GB
 #                host), OPT-30B (int8, bf16), OPT-13B (bf16); write-back K = 1, 2, 4, 8 at
 #                OPT-13B and OPT-1.3B (bf16)
-#   d            the LLaMA family resident (bf16), LLaMA-3-8B offloaded (int8, bf16p; K = 1 and
-#                chosen), Qwen2.5-7B offloaded (bf16p, int8), Qwen3-32B bf16 offloaded, q = 1 and
-#                4 at sequence 512 (bf16p), OPT-6.7B in three slots (K = 1, 2, chosen)
+#   d            what the LLaMA family still lacks: Qwen2.5-7B resident (bf16), Llama-3.2-1B
+#                offloaded (int8, K = 1 and chosen); OPT-6.7B in three slots (K = 1, 2, chosen)
 #   e            the optimizer table at OPT-6.7B: offloaded bf16p with q = 1, 2, 4 and every
 #                rule (zo-mmt and zo-adam with bf16 state too), then resident (bf16)
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
@@ -118,11 +117,8 @@ elif [[ $plan == e ]]; then
   run_more rules-resident --model opt-6.7b --policy resident --codec bf16 --optimizer zo-sgd,zo-sign,zo-mmt,zo-cons,zo-adam --queries 1
   run_more queries-resident --model opt-6.7b --policy resident --codec bf16 --queries 2,4
 else
-  run_more llama-resident --model llama-3.2-1b,llama-3-8b --policy resident --codec bf16
-  run_more llama-offload --model llama-3-8b --policy offload --codec int8,bf16p --writeback-every 1,0
-  run_more qwen2.5 --model qwen2.5-7b --policy offload --codec bf16p,int8
-  run_more qwen3-32b-bf16 --model qwen3-32b --policy offload --codec bf16
-  run_more queries-seq512 --model opt-6.7b --policy offload --codec bf16p --queries 1,4 --seq 512
+  run_more qwen2.5-resident --model qwen2.5-7b --policy resident --codec bf16
+  run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0
   run_more slots3 --model opt-6.7b --policy offload --codec int8,bf16p --slots 3 --writeback-every 1,2,0
 fi
 python3 "$root/bench/bench_results.py" "$results" 2>&1 | tail -40
