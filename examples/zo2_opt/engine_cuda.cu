@@ -21,7 +21,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 
 #include <zo2/zo2.hpp>
@@ -43,10 +42,6 @@
 namespace zo2_opt {
 
 namespace {
-
-/// Groups the offload engine reads at once while loading (each costs a group in fp32 beside the
-/// host store). One: reading (drawing, converting) and encoding a group each use every core.
-constexpr std::size_t kLoadBatch = 1;
 
 template <class Model, class Policy>
 class CudaEngine final : public Engine {
@@ -269,34 +264,30 @@ class CudaEngine final : public Engine {
     }
   }
 
-  /// The parameters into the policy, group by group. Offload: kLoadBatch groups at a time are
-  /// read (drawn) in fp32, then each is encoded on all cores straight into the pinned host
-  /// store (GroupCodec::encode_group); so the host holds the codec's store plus kLoadBatch groups
-  /// in fp32, never the model in fp32. Resident: each group is copied to the device.
+  /// The parameters into the policy, group by group. Offload: a group is read (drawn) in fp32,
+  /// then encoded straight into the pinned host store; each of the two uses every core (the
+  /// source's read_group, GroupCodec::encode_group), so the host holds the codec's store plus one
+  /// group in fp32, never the model in fp32. Resident: each group is copied to the device.
   void load_parameters(const ParameterSource& parameters, bool report_progress) {
     const zo2::ModelLayout& ml = policy_.model_layout();
     const std::size_t groups = ml.num_groups();
     LoadProgress progress(report_progress);
     if constexpr (kOffload) {
-      const std::size_t batch = std::clamp<std::size_t>(std::thread::hardware_concurrency(), 1, kLoadBatch);
-      std::vector<std::vector<float>> flats(batch);
       // A rank sharing its host's master reads and sets only its own groups (seat 0 the rest).
       std::vector<zo2::GroupIndex> own;
       for (std::size_t g = 0; g < groups; ++g)
         if (policy_.sets_group(zo2::GroupIndex{g})) own.push_back(zo2::GroupIndex{g});
+      std::vector<float> flat;
       double read_s = 0, encode_s = 0;
-      for (std::size_t first = 0; first < own.size(); first += batch) {
-        const std::size_t count = std::min(batch, own.size() - first);
+      for (std::size_t i = 0; i < own.size(); ++i) {
         const auto read_start = Clock::now();
-        zo2::parallel_for(count, [&](std::size_t k) {
-          flats[k].resize(ml.layout(own[first + k]).total_elements());
-          parameters.read_group(own[first + k], flats[k]);
-        });
+        flat.resize(ml.layout(own[i]).total_elements());
+        parameters.read_group(own[i], flat);
         read_s += seconds_since(read_start);
         const auto encode_start = Clock::now();
-        for (std::size_t k = 0; k < count; ++k) policy_.set_group(own[first + k], flats[k]);
+        policy_.set_group(own[i], flat);
         encode_s += seconds_since(encode_start);
-        progress.done(first + count, own.size());
+        progress.done(i + 1, own.size());
       }
       char line[128];
       std::snprintf(line, sizeof line, "%.1f s drawing or reading the weights, %.1f s encoding them", read_s, encode_s);

@@ -59,13 +59,15 @@ namespace {
 // inversely with the parameter count; for this ~150k-parameter model 4e-3 is about the largest
 // that stays stable (8e-3 diverges at hidden 96).
 constexpr double kDemoLr = 4e-3;
-/// Models from this size on get a line before their engine is built (seconds to minutes).
-constexpr std::size_t kLoadNoticeParameters = 1'000'000'000;
 constexpr double kDemoEps = 1e-3;
 constexpr std::uint64_t kDemoSteps = 2000;
 constexpr std::int64_t kDemoBatch = 16;
 constexpr std::int64_t kDemoSeqLen = 64;
 constexpr std::uint64_t kDemoSeed = 1;
+
+/// Models from this size on get a line before their engine is built and progress while it
+/// loads (seconds to minutes).
+constexpr std::size_t kLoadNoticeParameters = 1'000'000'000;
 
 CommandSpec train_spec() {
   CommandSpec s;
