@@ -15,6 +15,10 @@
 #                offloaded (int8, K = 1 and chosen); OPT-6.7B in three slots (K = 1, 2, chosen)
 #   e            the optimizer table at OPT-6.7B: offloaded bf16p with q = 1, 2, 4 and every
 #                rule (zo-mmt and zo-adam with bf16 state too), then resident (bf16)
+#   f            the reference at OPT-6.7B beside zo2 (bf16p, int8, K chosen), then int8 and bf16p
+#                with a GPU budget that keeps zo2's own peak at the reference's torch peak, and
+#                int8 with zo2's device use at the reference's NVML peak
+#   g            the reference at OPT-13B beside zo2 (int8, bf16p, K chosen): GPU memory
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -27,7 +31,15 @@ out=${OUT:-$root/bench/results}
 cd "$src" || exit 1
 t0=$(date +%s)
 plan=${ZO2_PLAN:-a}
-if [[ $plan == a ]]; then
+if [[ $plan == f || $plan == g ]]; then
+  # f keeps ~150 s after the side-by-side run for the budget-matched runs.
+  if [[ $plan == f ]]; then side_model=opt-6.7b side_ref=opt_6_7b:zo2 after=150; else side_model=opt-13b side_ref=opt_13b:zo2 after=15; fi
+  ZO2_REFERENCE_RUNS=${ZO2_REFERENCE_RUNS:-$side_ref} ZO2_REFERENCE_BUDGET_S=${ZO2_REFERENCE_BUDGET_S:-400} \
+    ZO2_REFERENCE_STEPS=${ZO2_REFERENCE_STEPS:-6} ZO2_BUILD_DIR=$src/build ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
+    ZO2_SET= ZO2_BUDGET_S=${ZO2_SIDE_BUDGET_S:-$(( ${ZO2_TOTAL_S:-570} - after ))} OUT=$out \
+    ZO2_BENCH_ARGS=${ZO2_SIDE_ARGS:-"--model $side_model --policy offload --codec int8,bf16p --writeback-every 0"} \
+    bash bench/run_gpu.sh
+elif [[ $plan == a ]]; then
   ZO2_REFERENCE_RUNS=${ZO2_REFERENCE_RUNS:-opt_6_7b:zo2} ZO2_BUILD_DIR=$src/build ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
     ZO2_SET= ZO2_BUDGET_S=${ZO2_SIDE_BUDGET_S:-300} OUT=$out \
     ZO2_BENCH_ARGS=${ZO2_SIDE_ARGS:-'--model opt-6.7b --policy offload --codec bf16p,int8 --writeback-every 1,4'} \
@@ -89,7 +101,38 @@ shared_master_memory() {  # shared_master_memory PRESET CODEC
     grep -E "^memory|^device|error" "$out/dp-$mode.log" | head -4
   done
 }
-if [[ $plan == a ]]; then
+# The HostOffload budget (GiB) at which zo2's peak would match the reference's GPU memory at
+# MODEL: the reference's torch peak (FIELD gpu_torch_peak_bytes; zo2's own allocations) or NVML
+# peak (gpu_nvml_used_peak_bytes; zo2's device use), less what zo2 holds beside its policy at
+# budget 0 (activations, workspace; for NVML the context too), less 64 MiB of margin.
+matched_budget() {  # matched_budget MODEL CODEC FIELD
+  python3 - "$results" "$@" <<'PY'
+import json, sys
+path, model, codec, field = sys.argv[1:5]
+ref = zo2 = None
+for line in open(path):
+    try: r = json.loads(line)
+    except ValueError: continue
+    if r.get("kind") == "reference" and r.get("model") == model and r.get("method") == "zo2" and r.get(field):
+        ref = r[field]
+    if (r.get("kind") == "config" and r.get("model") == model and r.get("codec") == codec
+            and r.get("policy") == "offload" and r.get("resident_blocks") == 0 and r.get("gpu_policy_bytes")):
+        zo2 = r
+if ref is None or zo2 is None: sys.exit(1)
+mine = zo2["gpu_zo2_peak_bytes"] if field == "gpu_torch_peak_bytes" else zo2["gpu_device_used_peak_bytes"]
+print(f"{(ref - (mine - zo2['gpu_policy_bytes']) - (64 << 20)) / 2**30:.3f}")
+PY
+}
+budget_run() {  # budget_run NAME MODEL CODEC FIELD: zo2 at the budget that matches the reference's FIELD
+  local b; b=$(matched_budget "$2" "$3" "$4") || { echo "no reference or budget-0 line for $1"; return; }
+  echo "$1: --gpu-budget $b"
+  run_more "$1" --model "$2" --policy offload --codec "$3" --writeback-every 0 --gpu-budget "$b"
+}
+if [[ $plan == f ]]; then
+  budget_run int8-torch-matched opt-6.7b int8 gpu_torch_peak_bytes
+  budget_run bf16p-torch-matched opt-6.7b bf16p gpu_torch_peak_bytes
+  budget_run int8-nvml-matched opt-6.7b int8 gpu_nvml_used_peak_bytes
+elif [[ $plan == a ]]; then
   shared_master_memory opt-6.7b int8
   run_more qwen3-32b --model qwen3-32b --policy offload --codec int8,bf16
   host_memory mem-30b-int8 opt-30b int8
