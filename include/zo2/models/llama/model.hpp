@@ -45,6 +45,19 @@ using zo2::opt::ParamSet;
 /// Positions a batch may name (position_ids): the rotary table grows to the largest one.
 inline constexpr std::int64_t kMaxPositionId = std::int64_t{1} << 24;
 
+/// A batch without position_ids numbers each row 0..seq-1: seq must stay within kMaxPositionId.
+inline void check_implicit_positions(std::size_t seq) {
+  if (seq > static_cast<std::size_t>(kMaxPositionId))
+    throw ShapeError("LLaMA batch: seq " + std::to_string(seq) + " exceeds " + std::to_string(kMaxPositionId));
+}
+
+/// Token t's explicit position id (batch of rows of `seq` tokens) must lie in [0, kMaxPositionId).
+inline void check_position_id(std::int64_t position, std::size_t t, std::size_t seq) {
+  if (position < 0 || position >= kMaxPositionId)
+    throw ShapeError("LLaMA batch: position_ids" + models::token_at(t, seq) + " = " + std::to_string(position) +
+                     " is outside [0, " + std::to_string(kMaxPositionId) + ")");
+}
+
 template <class T = float>
 class LlamaModel {
  public:
@@ -276,14 +289,10 @@ class LlamaModel {
 
   void validate_inputs(const Batch& batch) const {
     models::check_batch_sizes(batch, kBatchName);
-    if (batch.position_ids.empty() && batch.seq > static_cast<std::size_t>(kMaxPositionId))
-      throw ShapeError("LLaMA batch: seq " + std::to_string(batch.seq) + " exceeds " + std::to_string(kMaxPositionId));
+    if (batch.position_ids.empty()) check_implicit_positions(batch.seq);
     for (std::size_t t = 0; t < batch.batch * batch.seq; ++t) {
       models::check_token(batch, t, config_.vocab_size, kBatchName);
-      if (!batch.position_ids.empty() && (batch.position_ids[t] < 0 || batch.position_ids[t] >= kMaxPositionId))
-        throw ShapeError("LLaMA batch: position_ids" + models::token_at(t, batch.seq) + " = " +
-                         std::to_string(batch.position_ids[t]) + " is outside [0, " + std::to_string(kMaxPositionId) +
-                         ")");
+      if (!batch.position_ids.empty()) check_position_id(batch.position_ids[t], t, batch.seq);
     }
   }
 

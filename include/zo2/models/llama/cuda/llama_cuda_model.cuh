@@ -184,12 +184,10 @@ class LlamaCudaModel {
   template <class HostBatch>
   void upload_batch(const HostBatch& host, Batch& b) const {
     const std::size_t tokens = host.batch * host.seq;
-    auto where = [&](std::size_t t) { return models::token_at(t, host.seq); };
     models::check_batch_sizes(host, kBatchName);
     bool explicit_positions = false;
     if constexpr (requires { host.position_ids; }) explicit_positions = !host.position_ids.empty();
-    if (!explicit_positions && host.seq > static_cast<std::size_t>(kMaxPositionId))
-      throw ShapeError("LLaMA batch: seq " + std::to_string(host.seq) + " exceeds " + std::to_string(kMaxPositionId));
+    if (!explicit_positions) check_implicit_positions(host.seq);
     if (tokens > 0x7fffffff) throw ShapeError("LLaMA batch: more than 2^31 tokens");
 
     std::vector<std::int32_t> ids(tokens), positions(tokens);
@@ -208,9 +206,7 @@ class LlamaCudaModel {
       if constexpr (requires { host.position_ids; }) {
         if (explicit_positions) {
           p = static_cast<std::int64_t>(host.position_ids[t]);
-          if (p < 0 || p >= kMaxPositionId)
-            throw ShapeError("LLaMA batch: position_ids" + where(t) + " = " + std::to_string(p) + " is outside [0, " +
-                             std::to_string(kMaxPositionId) + ")");
+          check_position_id(p, t, host.seq);
         }
       }
       positions[t] = static_cast<std::int32_t>(p);
