@@ -12,7 +12,8 @@
 #                host), OPT-30B (int8, bf16), OPT-13B (bf16); write-back K = 1, 2, 4, 8 at
 #                OPT-13B and OPT-1.3B (bf16)
 #   d            what the LLaMA family still lacks: Qwen2.5-7B resident (bf16), Llama-3.2-1B
-#                offloaded (int8, K = 1 and chosen); OPT-6.7B in three slots (K = 1, 2, chosen)
+#                offloaded (int8, K = 1 with its timeline and chosen; 4 and 6 slots uploading
+#                3 and 5 blocks ahead, across the step's epilogue); OPT-6.7B in three slots
 #   e            the optimizer table at OPT-6.7B: offloaded bf16p with q = 1, 2, 4 and every
 #                rule (zo-mmt and zo-adam with bf16 state too), then resident (bf16)
 #   f            the reference at OPT-6.7B beside zo2 (bf16p, int8, K chosen), then int8 and bf16p
@@ -161,7 +162,9 @@ elif [[ $plan == e ]]; then
   run_more queries-resident --model opt-6.7b --policy resident --codec bf16 --queries 2,4
 else
   run_more qwen2.5-resident --model qwen2.5-7b --policy resident --codec bf16
-  run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0
+  run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0 --timeline
+  run_more llama-1b-slots4 --model llama-3.2-1b --policy offload --codec int8 --writeback-every 0 --slots 4 --prefetch 3
+  run_more llama-1b-slots6 --model llama-3.2-1b --policy offload --codec int8 --writeback-every 0 --slots 6 --prefetch 5
   run_more slots3 --model opt-6.7b --policy offload --codec int8,bf16p --slots 3 --writeback-every 1,2,0
 fi
 python3 "$root/bench/bench_results.py" "$results" 2>&1 | tail -40
