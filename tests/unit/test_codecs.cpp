@@ -2,7 +2,9 @@
 // stochastic rounding, per-row scales of awkward rows, and argument checking.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -228,6 +230,9 @@ TEST_CASE("bad arguments throw with a message") {
   CHECK_THROWS_WITH_AS(codec.encode(0, values, {}, block), doctest::Contains("non-finite"), Error);
   values[40] = INFINITY;
   CHECK_THROWS_AS(codec.encode(0, values, {}, block), Error);
+  values[40] = 1.0f;
+  values[47 * 37 + 36] = -INFINITY;  // the last element of the last row: past the sweep's 8 lanes
+  CHECK_THROWS_WITH_AS(codec.encode(0, values, {}, block), doctest::Contains("row 47"), Error);
   std::vector<float> out(3);
   CHECK_THROWS_AS(codec.decode(0, block, out), Error);
   std::vector<float> flat(10);
@@ -235,6 +240,55 @@ TEST_CASE("bad arguments throw with a message") {
   const GroupCodec<Bf16Codec> bf16(layout);
   std::vector<float> ok(48 * 37, 1.0f);
   CHECK_THROWS_AS(bf16.encode(0, ok, {}, block), Error);  // an int8-sized buffer
+}
+
+TEST_CASE("int8 encode equals a plain transcription (fmax sweep, nearbyint) on rows of every length") {
+  // The encoder's absmax sweep runs eight lanes and rounds without libm; this is the same
+  // arithmetic written the obvious way, compared byte for byte (codes and scales).
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (std::int64_t len = 1; len <= 70; ++len) {
+    ParamLayout layout;
+    layout.add("w", {3, len});
+    const GroupCodec<Int8RowCodec> codec(layout);
+    std::vector<float> values(static_cast<std::size_t>(3 * len));
+    for (auto& v : values) v = normal(rng) * (len % 3 == 0 ? 1e-3f : 1.0f);
+    values[static_cast<std::size_t>(len) - 1] *= 40.0f;  // the first row's largest is its last element
+    std::vector<unsigned char> block(codec.bytes());
+    codec.encode(0, values, {}, block);
+    std::vector<unsigned char> expected(codec.bytes(), 0);
+    for (std::size_t row = 0; row < 3; ++row) {
+      float absmax = 0.0f;
+      for (std::int64_t k = 0; k < len; ++k) absmax = std::fmax(absmax, std::fabs(values[row * len + k]));
+      const float scale = Int8RowCodec::scale_for(absmax);
+      std::memcpy(expected.data() + codec.scales_offset() + row * sizeof(float), &scale, sizeof(float));
+      for (std::int64_t k = 0; k < len; ++k) {
+        const float q = std::clamp(std::nearbyint(values[row * len + k] / scale), -127.0f, 127.0f);
+        expected[row * len + k] = static_cast<unsigned char>(static_cast<std::int8_t>(q));
+      }
+    }
+    CHECK_MESSAGE(block == expected, "row length " << len);
+  }
+}
+
+TEST_CASE("int8 codes and their rounding go half to even like nearbyint, at every half and at the fast path's limits") {
+  std::vector<float> xs = {0.0f, -0.0f, 0.5f, -0.5f, 1.5f, -1.5f, 2.5f, 126.5f, -126.5f, 127.5f, 1e6f + 0.5f,
+                           4194303.5f, -4194303.5f, 4194304.0f, 4194304.5f, -4194304.5f, 8388607.5f, 3e38f, -3e38f,
+                           INFINITY, -INFINITY, 1e-40f, -1e-40f, 0.49999997f, -0.49999997f};
+  for (int k = -600; k <= 600; ++k) xs.push_back(static_cast<float>(k) * 0.25f);
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> wide(-300.0f, 300.0f);
+  for (int k = 0; k < 100000; ++k) xs.push_back(wide(rng));
+  for (const float x : xs) {
+    const float q = std::clamp(std::nearbyint(x), -127.0f, 127.0f);
+    CHECK_MESSAGE(Int8RowCodec::code(x, 1.0f, 0u, false) == static_cast<std::int8_t>(q), "x = " << x);
+    CHECK_MESSAGE(zo2::offload::detail::rint_f(x) == std::nearbyint(x), "x = " << x);  // -0 == 0: the sign may differ
+  }
+  CHECK(std::isnan(zo2::offload::detail::rint_f(NAN)));
+  for (float x = 4194304.0f; x < 4194400.0f; x += 0.5f) {  // halves just above 2^22
+    CHECK(zo2::offload::detail::rint_f(x) == std::nearbyint(x));
+    CHECK(zo2::offload::detail::rint_f(-x) == std::nearbyint(-x));
+  }
 }
 
 TEST_CASE("int8 rescale after an update: sticky while the row fits, new when it overflows or shrinks") {
