@@ -184,9 +184,12 @@ class PackedBf16Group {
   void encode_group(std::span<const float> flat, std::span<unsigned char> block) const {
     check_block(block.size(), "encode_group");
     check_flat(flat.size(), "encode_group");
-    parallel_fill(block, 0);
+    // Padding reads as zeros: zero bytes everywhere but the exponent codes, whose zero is
+    // kZeroExponent in each nibble; each byte is written once.
+    parallel_fill(block.first(codes_offset()), 0);
     parallel_fill(block.subspan(codes_offset(), exponents_offset() - codes_offset()),
-                  static_cast<unsigned char>(PackedBf16::kZeroExponent * 0x11u));  // padding: zeros
+                  static_cast<unsigned char>(PackedBf16::kZeroExponent * 0x11u));
+    parallel_fill(block.subspan(exponents_offset()), 0);
     const std::vector<Piece> pieces = cut_into_pieces(
         tensors_.size(), [&](std::size_t r) { return tensors_[r].numel; },
         [](std::size_t) { return PackedBf16::kChunk; }, std::size_t{1} << 20);
