@@ -37,7 +37,8 @@
 #      ZO2_REFERENCE (the reference's folder, with zo2_bench.py and zo2/; default .reference when
 #      it holds zo2_bench.py; 0: no reference run), ZO2_REFERENCE_RUNS (MODEL:METHOD list,
 #      default "opt_6_7b:zo2,opt_1_3b:zo2"; METHOD zo2 = offloaded ZO2, zo = MeZO on the GPU),
-#      ZO2_REFERENCE_BUDGET_S (200: 6.7B takes ~80 s to initialise), ZO2_REFERENCE_STEPS (10).
+#      ZO2_REFERENCE_BUDGET_S (200: 6.7B takes ~80 s to initialise), ZO2_REFERENCE_STEPS (10),
+#      ZO2_SKIP_BUILD (set: run the binaries ZO2_BUILD_DIR holds, building nothing).
 # Side by side in one command (the reference copied in first: cp -r ../shared/reference .reference):
 #   run(command="ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 ZO2_SET= ZO2_BENCH_ARGS='--model opt-1.3b,opt-6.7b
 #       --policy offload --codec bf16,bf16p,int8' bash bench/run_gpu.sh", carry=[".reference"])
@@ -105,6 +106,10 @@ if [[ -f $root/build-device.tar && ${ZO2_PREBUILT:-1} != 0 ]]; then
   else
     echo "== build-device.tar was built from other sources (${want:-none}, tree $have): building here"
   fi
+fi
+if [[ ${ZO2_SKIP_BUILD:-} && -x $build/bench/zo2_bench ]]; then
+  prebuilt=1
+  echo "== ZO2_SKIP_BUILD: the binaries in $build as they are ($(elapsed) s)"
 fi
 if [[ $prebuilt == 0 ]]; then
   echo "== configure ($(elapsed) s)"

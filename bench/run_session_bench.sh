@@ -36,12 +36,12 @@ if [[ $plan == f || $plan == g ]]; then
   # f keeps ~150 s after the side-by-side run for the budget-matched runs.
   if [[ $plan == f ]]; then side_model=opt-6.7b side_ref=opt_6_7b:zo2 after=150; else side_model=opt-13b side_ref=opt_13b:zo2 after=15; fi
   ZO2_REFERENCE_RUNS=${ZO2_REFERENCE_RUNS:-$side_ref} ZO2_REFERENCE_BUDGET_S=${ZO2_REFERENCE_BUDGET_S:-400} \
-    ZO2_REFERENCE_STEPS=${ZO2_REFERENCE_STEPS:-6} ZO2_BUILD_DIR=$src/build ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
+    ZO2_REFERENCE_STEPS=${ZO2_REFERENCE_STEPS:-6} ZO2_BUILD_DIR=$src/build ZO2_SKIP_BUILD=1 ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
     ZO2_SET= ZO2_BUDGET_S=${ZO2_SIDE_BUDGET_S:-$(( ${ZO2_TOTAL_S:-570} - after ))} OUT=$out \
     ZO2_BENCH_ARGS=${ZO2_SIDE_ARGS:-"--model $side_model --policy offload --codec int8,bf16p --writeback-every 0"} \
     bash bench/run_gpu.sh
 elif [[ $plan == a ]]; then
-  ZO2_REFERENCE_RUNS=${ZO2_REFERENCE_RUNS:-opt_6_7b:zo2} ZO2_BUILD_DIR=$src/build ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
+  ZO2_REFERENCE_RUNS=${ZO2_REFERENCE_RUNS:-opt_6_7b:zo2} ZO2_BUILD_DIR=$src/build ZO2_SKIP_BUILD=1 ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
     ZO2_SET= ZO2_BUDGET_S=${ZO2_SIDE_BUDGET_S:-300} OUT=$out \
     ZO2_BENCH_ARGS=${ZO2_SIDE_ARGS:-'--model opt-6.7b --policy offload --codec bf16p,int8 --writeback-every 1,4'} \
     bash bench/run_gpu.sh
