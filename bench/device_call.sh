@@ -6,8 +6,8 @@
 #   run(command="bash bench/device_call.sh e d", carry=["build-dev/bin.tar", ".reference"])
 #
 # On the GPU machine: copies this tree to /tmp/zo2-head (where run_session_bench.sh runs it),
-# unpacks the binaries when bin.tar was built from these sources (bench/source_hash.sh) or else
-# builds them there (~110 s), then runs each plan in order within the call (ZO2_CALL_S, 585 s
+# unpacks the binaries when bin.tar was built from these sources (bench/source_hash.sh) and finds
+# every library they link, or else builds them there (~110 s), then runs each plan in order within the call (ZO2_CALL_S, 585 s
 # from the start) and, if time is left, ZO2_EXTRA (a command line, run in the tree's copy). $OUT
 # gets the results (*.jsonl), the console (call.txt) and every other log in logs.tgz: few files,
 # since only a handful come back from a call.
@@ -38,9 +38,9 @@ call() {
   (cd "$root" && tar --exclude='./build*' --exclude=./.git --exclude=./.reference -cf - .) | tar -xf - -C "$src" --touch
   hash=$(cd "$root" && bash bench/source_hash.sh)
   if [[ -f $root/build-dev/bin.tar ]] && mkdir -p "$src/build" && tar xf "$root/build-dev/bin.tar" -C "$src/build" &&
-    [[ $(cat "$src/build/zo2-source-hash") == "$hash" ]]; then
+    [[ $(cat "$src/build/zo2-source-hash") == "$hash" ]] &&
+    ! ldd "$src/build/examples/zo2-opt" "$src/build/bench/zo2_bench" | grep -q "not found"; then
     echo "prebuilt binaries (sources $hash)"
-    # The test scripts find the binaries through the build tree; CMake's files are not needed.
   else
     echo "building here (no prebuilt binaries for sources $hash)"
     rm -rf "$src/build"
