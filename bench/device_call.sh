@@ -60,6 +60,7 @@ call() {
     ZO2_PLAN=$plan ZO2_TOTAL_S=$(( $(left) - 5 )) OUT="$work/$plan" bash "$root/bench/run_session_bench.sh" \
       > "$work/logs/plan-$plan.txt" 2>&1
     tail -40 "$work/logs/plan-$plan.txt"
+    for f in "$work/$plan"/*.jsonl; do [[ -f $f ]] && cp "$f" "$final/$plan-$(basename "$f")"; done
   done
   if [[ -n ${ZO2_EXTRA:-} ]] && (( $(left) > 20 )); then
     echo "== extra: $ZO2_EXTRA ($(left) s left)"
@@ -67,7 +68,6 @@ call() {
     echo "extra rc=$?"; tail -15 "$work/logs/extra.txt"
   fi
   for plan in "$@"; do
-    for f in "$work/$plan"/*.jsonl; do [[ -f $f ]] && cp "$f" "$final/$plan-$(basename "$f")"; done
     find "$work/$plan" -maxdepth 1 -type f ! -name '*.jsonl' -exec cp {} "$work/logs/" \; 2>/dev/null
   done
   tar czf "$final/logs.tgz" -C "$work" logs
