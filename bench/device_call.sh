@@ -39,7 +39,7 @@ call() {
   hash=$(cd "$root" && bash bench/source_hash.sh)
   if [[ -f $root/build-dev/bin.tar ]] && mkdir -p "$src/build" && tar xf "$root/build-dev/bin.tar" -C "$src/build" &&
     [[ $(cat "$src/build/zo2-source-hash") == "$hash" ]] &&
-    ! ldd "$src/build/examples/zo2-opt" "$src/build/bench/zo2_bench" | grep -q "not found"; then
+    ! ldd "$src/build/examples/zo2-opt" "$src/build/bench/zo2_bench" 2>&1 | grep "not found"; then
     echo "prebuilt binaries (sources $hash)"
   else
     echo "building here (no prebuilt binaries for sources $hash)"
