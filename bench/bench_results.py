@@ -62,9 +62,16 @@ def _num(x):
 
 
 def _codec_label(r):
-    # Offloaded runs with more than the minimum two device slots are a different configuration.
+    # Offloaded runs with more than the minimum two device slots, or with blocks kept on the
+    # device (a GPU budget above the minimum), are different configurations.
     slots = r.get("slots") or 0
-    return r["codec"] + (f" ({slots} slots)" if r["policy"] == "offload" and slots > 2 else "")
+    resident = r.get("resident_blocks") or 0
+    extras = []
+    if r["policy"] == "offload" and slots > 2:
+        extras.append(f"{slots} slots")
+    if r["policy"] == "offload" and resident > 0:
+        extras.append(f"{resident} blocks resident")
+    return r["codec"] + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _from_zo2_bench(r):

@@ -10,6 +10,7 @@ small synthetic results files (CTest: bench_results, when a python3 is found):
   - failed reference runs (no step time) pair with nothing;
   - the side-by-side table prints the link's one-way and duplex bandwidths, and says there are
     no speed-ups when the file has no reference run;
+  - slots and resident blocks beyond the minimum make a configuration of their own;
   - run_reference.py turns the harness's RESULT line into a reference line, and skips a run that
     does not fit its time budget.
 """
@@ -121,6 +122,17 @@ class Pairing(unittest.TestCase):
         out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_results.py"), path], capture_output=True,
                              text=True, check=True).stdout
         self.assertEqual(out.strip(), text.strip())
+
+    def test_slots_and_resident_blocks_are_their_own_rows(self):
+        three = dict(config("opt-6.7b", "offload", "int8", 0.15), slots=3, resident_blocks=3)
+        twelve = dict(config("opt-6.7b", "offload", "int8", 0.136), slots=3, resident_blocks=12)
+        path = self.write("budget.jsonl", [ENV, reference("opt-6.7b", "zo2", 0.39),
+                                           config("opt-6.7b", "offload", "int8", 0.16), three, twelve], time.time())
+        recs = self.by_key(bench_results.load([path]))
+        self.assertAlmostEqual(recs[("opt-6.7b", "offload", "int8")]["step_s"], 0.16)
+        self.assertAlmostEqual(recs[("opt-6.7b", "offload", "int8 (3 slots, 3 blocks resident)")]["step_s"], 0.15)
+        self.assertAlmostEqual(recs[("opt-6.7b", "offload", "int8 (3 slots, 12 blocks resident)")]["speedup"],
+                               0.39 / 0.136)
 
 
 class RunReference(unittest.TestCase):
