@@ -6,7 +6,9 @@ comparison with zo2_bench in one results file (bench/run_gpu.sh runs it; see doc
                                    [--budget-s 200] [--device NAME] >> results.jsonl
 
 REFERENCE_DIR holds the reference's harness, zo2_bench.py, next to the PyTorch ZO2 it imports
-(../shared/reference/ copied into the checkout, e.g. .reference/). Each run is one
+(../shared/reference/ copied into the checkout, e.g. .reference/). The qwen3_* models go through
+its Hugging Face path instead, timed by bench/reference_hf.py at the same protocol (it needs
+transformers 4.51: bench/reference_wheels.sh puts the wheels in .whl/, to be carried). Each run is one
 `python3 REFERENCE_DIR/zo2_bench.py --model M --method zo2|zo --steps N` (fp16, batch 1,
 seq 2048, random tokens: the protocol of zo2_bench's reference set), in its own process, bounded
 by what is left of --budget-s; a run whose estimated time does not fit is skipped. Every run
@@ -38,7 +40,11 @@ MODELS = {
     "opt_13b": ("opt-13b", 13e9),
     "opt_30b": ("opt-30b", 30e9),
     "opt_66b": ("opt-66b", 66e9),
+    # Its Hugging Face Qwen3 path, timed by bench/reference_hf.py (transformers 4.51 from .whl/).
+    "qwen3_8b": ("qwen3-8b", 8.19e9),
+    "qwen3_32b": ("qwen3-32b", 32.8e9),
 }
+HF_HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_hf.py")
 METHODS = {"zo2": "zo2", "zo": "mezo", "mezo": "mezo"}  # harness --method -> reported method
 DEFAULT_RUNS = "opt_6_7b:zo2,opt_1_3b:zo2"
 
@@ -115,6 +121,8 @@ def main():
             continue
         cmd = [args.python, harness, "--model", model, "--method", "zo" if METHODS[method] == "mezo" else "zo2",
                "--steps", str(args.steps)]
+        if model.startswith("qwen3"):
+            cmd[1:2] = [HF_HARNESS, "--reference", args.reference_dir]
         print(f"reference {model} {method}: {' '.join(cmd)} (estimate {need:.0f} s, {left:.0f} s left)",
               file=sys.stderr, flush=True)
         start = time.time()

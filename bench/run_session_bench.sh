@@ -20,6 +20,8 @@
 #                with a GPU budget that keeps zo2's own peak at the reference's torch peak, and
 #                int8 with zo2's device use at the reference's NVML peak
 #   g            the reference at OPT-13B beside zo2 (int8, bf16p, K chosen): GPU memory
+#   h            the reference's Hugging Face Qwen3 path at Qwen3-8B (bench/reference_hf.py; carry
+#                .whl from bench/reference_wheels.sh) beside zo2 (int8, bf16p, K chosen)
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -32,9 +34,13 @@ out=${OUT:-$root/bench/results}
 cd "$src" || exit 1
 t0=$(date +%s)
 plan=${ZO2_PLAN:-a}
-if [[ $plan == f || $plan == g ]]; then
+if [[ $plan == f || $plan == g || $plan == h ]]; then
   # f keeps ~150 s after the side-by-side run for the budget-matched runs.
-  if [[ $plan == f ]]; then side_model=opt-6.7b side_ref=opt_6_7b:zo2 after=150; else side_model=opt-13b side_ref=opt_13b:zo2 after=15; fi
+  case $plan in
+    f) side_model=opt-6.7b side_ref=opt_6_7b:zo2 after=150 ;;
+    g) side_model=opt-13b side_ref=opt_13b:zo2 after=15 ;;
+    h) side_model=qwen3-8b side_ref=qwen3_8b:zo2 after=15 ;;
+  esac
   ZO2_REFERENCE_RUNS=${ZO2_REFERENCE_RUNS:-$side_ref} ZO2_REFERENCE_BUDGET_S=${ZO2_REFERENCE_BUDGET_S:-400} \
     ZO2_REFERENCE_STEPS=${ZO2_REFERENCE_STEPS:-6} ZO2_BUILD_DIR=$src/build ZO2_SKIP_BUILD=1 ZO2_SKIP_TESTS=1 ZO2_SKIP_HF=1 \
     ZO2_SET= ZO2_BUDGET_S=${ZO2_SIDE_BUDGET_S:-$(( ${ZO2_TOTAL_S:-570} - after ))} OUT=$out \

@@ -58,7 +58,7 @@ LoadedModel load_model_dir(const std::filesystem::path& dir);
 zo2::opt::OPTConfig demo_config();
 
 /// Every name preset_config() takes: "demo", OPT's (opt-125m ...), the LLaMA family's
-/// (llama-3.2-1b, llama-3-8b, mistral-7b, qwen2.5-7b, qwen3-32b).
+/// (llama-3.2-1b, llama-3-8b, mistral-7b, qwen2.5-7b, qwen3-8b, qwen3-32b).
 std::vector<std::string> preset_names();
 
 /// A named preset (or the demo config for "demo"), with optional overrides (0: none) of the

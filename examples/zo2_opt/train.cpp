@@ -77,7 +77,7 @@ CommandSpec train_spec() {
   s.options = {
       {"--demo", "", "built-in demo: a small random OPT fine-tuned on an embedded corpus (no files needed)", ""},
       {"--model", "DIR", "HF checkpoint directory (config.json with model_type opt, llama, qwen2, qwen3 or mistral; model.safetensors or a sharded index; tokenizer.json or vocab.json + merges.txt)", ""},
-      {"--preset", "NAME", "random weights with a published shape: opt-125m, opt-350m, opt-1.3b, ..., llama-3.2-1b, llama-3-8b, mistral-7b, qwen2.5-7b, qwen3-32b (or 'demo')", ""},
+      {"--preset", "NAME", "random weights with a published shape: opt-125m, opt-350m, opt-1.3b, ..., llama-3.2-1b, llama-3-8b, mistral-7b, qwen2.5-7b, qwen3-8b, qwen3-32b (or 'demo')", ""},
       {"--layers", "N", "with --preset/--demo: number of decoder layers", ""},
       {"--hidden", "N", "with --preset/--demo: hidden size (OPT: ffn = 4x; LLaMA family: the preset's ffn ratio, head_dim = hidden / heads)", ""},
       {"--heads", "N", "with --preset/--demo: attention heads", ""},

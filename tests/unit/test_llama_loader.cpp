@@ -227,7 +227,7 @@ TEST_CASE("Presets have the published parameter counts") {
   // transformers' model.num_parameters() of each architecture (tied heads counted once).
   for (const Known k : {Known{"llama-3.2-1b", 1235814400}, Known{"llama-3-8b", 8030261248},
                         Known{"mistral-7b", 7241732096}, Known{"qwen2.5-7b", 7615616512},
-                        Known{"qwen3-32b", 32762123264}}) {
+                        Known{"qwen3-8b", 8190735360}, Known{"qwen3-32b", 32762123264}}) {
     CAPTURE(k.name);
     const LlamaConfig c = LlamaConfig::preset(k.name);
     CHECK(zo2::llama::parameter_count(c) == k.parameters);

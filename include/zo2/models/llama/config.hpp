@@ -229,11 +229,12 @@ struct LlamaConfig {
 
   /// The names preset() accepts.
   static std::vector<std::string> preset_names() {
-    return {"llama-3.2-1b", "llama-3-8b", "mistral-7b", "qwen2.5-7b", "qwen3-32b"};
+    return {"llama-3.2-1b", "llama-3-8b", "mistral-7b", "qwen2.5-7b", "qwen3-8b", "qwen3-32b"};
   }
 
   /// Published architectures (random-weight runs and benchmarks): meta-llama/Llama-3.2-1B,
-  /// meta-llama/Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1, Qwen/Qwen2.5-7B, Qwen/Qwen3-32B.
+  /// meta-llama/Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1, Qwen/Qwen2.5-7B, Qwen/Qwen3-8B,
+  /// Qwen/Qwen3-32B.
   static LlamaConfig preset(const std::string& name) {
     LlamaConfig c;
     c.rms_norm_eps = 1e-5;
@@ -261,6 +262,13 @@ struct LlamaConfig {
       c.rms_norm_eps = 1e-6, c.rope.theta = 1000000.0;
       c.sliding_window = 131072, c.max_window_layers = 28;
       c.bos_token_id = 151643, c.eos_token_ids = {151643};
+    } else if (name == "qwen3-8b") {
+      c.model_type = "qwen3";
+      c.hidden_size = 4096, c.intermediate_size = 12288, c.num_hidden_layers = 36, c.num_attention_heads = 32;
+      c.num_key_value_heads = 8, c.head_dim = 128, c.vocab_size = 151936, c.max_position_embeddings = 40960;
+      c.rms_norm_eps = 1e-6, c.rope.theta = 1000000.0;
+      c.sliding_window = -1, c.max_window_layers = 36;
+      c.bos_token_id = 151643, c.eos_token_ids = {151645};
     } else if (name == "qwen3-32b") {
       c.model_type = "qwen3";
       c.hidden_size = 5120, c.intermediate_size = 25600, c.num_hidden_layers = 64, c.num_attention_heads = 64;
