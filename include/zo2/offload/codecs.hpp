@@ -67,8 +67,8 @@ ZO2_HD ZO2_FORCEINLINE float floor_f(float x) {
 ZO2_HD ZO2_FORCEINLINE double abs_d(double x) { return x < 0.0 ? -x : x; }
 /// x rounded to the nearest integer, ties to even (as rintf and std::nearbyint in the default
 /// rounding mode; the sign of a zero result may differ, which no int8 code sees). On the host,
-/// std::nearbyint is a libm call on baseline x86-64, most of an int8 encode's time; adding and
-/// subtracting 1.5 * 2^23 rounds the same way in one float add each, for |x| < 2^22.
+/// std::nearbyint is a libm call on baseline x86-64 (about a fifth of an int8 encode's time);
+/// adding and subtracting 1.5 * 2^23 rounds the same way in two float adds, for |x| < 2^22.
 ZO2_HD ZO2_FORCEINLINE float rint_f(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
