@@ -1,32 +1,19 @@
 #!/usr/bin/env bash
-# bench/device_call.sh -- one call on the lent GPU machine for bench/run_session_bench.sh's plans.
+# bench/device_call.sh -- one call on the lent GPU machine for bench/run_session_bench.sh's plans:
 #
-#   bash bench/device_call.sh --pack     # here: build zo2-opt, zo2_bench, zo2-compare-runs for
-#                                        # sm_90a in build-dev/ and pack them (build-dev/bin.tar)
-#   run(command="bash bench/device_call.sh e d", carry=["build-dev/bin.tar", ".reference"])
+#   ZO2_PREBUILD_TARGETS="zo2-opt zo2_bench zo2-compare-runs" bash bench/prebuild.sh   # here
+#   run(command="bash bench/device_call.sh e d", carry=["build-device.tar", ".reference"])
 #
-# On the GPU machine: copies this tree to /tmp/zo2-head (where run_session_bench.sh runs it),
-# unpacks the binaries when bin.tar was built from these sources (bench/source_hash.sh) and finds
-# every library they link, or else builds them there (~110 s), then runs each plan in order within the call (ZO2_CALL_S, 585 s
-# from the start) and, if time is left, ZO2_EXTRA (a command line, run in the tree's copy). $OUT
-# gets the results (*.jsonl), the console (call.txt) and every other log in logs.tgz: few files,
-# since only a handful come back from a call.
+# On the GPU machine: copies this tree to /tmp/zo2-head (where run_session_bench.sh runs it) and
+# takes the binaries from build-device.tar when it was built from these sources
+# (bench/source_hash.sh) and every library they link is there; otherwise it builds them there
+# (~110 s). Then it runs each plan in order within the call (ZO2_CALL_S, 585 s from the start)
+# and, if time is left, ZO2_EXTRA (a command line, run in the tree's copy). $OUT gets the results
+# (*.jsonl), the console (call.txt) and every other log in logs.tgz: few files, since only a
+# handful come back from a call.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 targets=(zo2-opt zo2_bench zo2-compare-runs)
-bins=(examples/zo2-opt bench/zo2_bench examples/zo2-compare-runs)
-
-if [[ ${1:-} == --pack ]]; then
-  set -e
-  cd "$root"
-  cmake -S . -B build-dev -DCMAKE_BUILD_TYPE=Release -DZO2_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
-    -DZO2_BUILD_TESTS=ON -DZO2_BUILD_BENCH=ON -DZO2_BUILD_EXAMPLES=ON -DZO2_INSTALL=OFF > /dev/null
-  cmake --build build-dev -j "$(nproc)" --target "${targets[@]}"
-  bash bench/source_hash.sh > build-dev/zo2-source-hash
-  tar cf build-dev/bin.tar -C build-dev zo2-source-hash "${bins[@]}"
-  echo "build-dev/bin.tar: $(( $(stat -c %s build-dev/bin.tar) / 1048576 )) MiB, sources $(cat build-dev/zo2-source-hash)"
-  exit 0
-fi
 
 start=$(date +%s)
 final=${OUT:?run on the device machine, where OUT is set}
@@ -37,7 +24,7 @@ call() {
   rm -rf "$src" && mkdir -p "$src"
   (cd "$root" && tar --exclude='./build*' --exclude=./.git --exclude=./.reference -cf - .) | tar -xf - -C "$src" --touch
   hash=$(cd "$root" && bash bench/source_hash.sh)
-  if [[ -f $root/build-dev/bin.tar ]] && mkdir -p "$src/build" && tar xf "$root/build-dev/bin.tar" -C "$src/build" &&
+  if [[ -f $root/build-device.tar ]] && tar xf "$root/build-device.tar" -C "$src" && mv "$src/build-device" "$src/build" &&
     [[ $(cat "$src/build/zo2-source-hash") == "$hash" ]] &&
     ! ldd "$src/build/examples/zo2-opt" "$src/build/bench/zo2_bench" 2>&1 | grep "not found"; then
     echo "prebuilt binaries (sources $hash)"

@@ -11,7 +11,9 @@
 # of the sources; run_gpu.sh unpacks it only when the tree there still hashes the same, and
 # builds as usual otherwise (or when ZO2_PREBUILT=0).
 #
-# Env: ZO2_CUDA_ARCH (90a), ZO2_PREBUILD_JOBS (nproc).
+# Env: ZO2_CUDA_ARCH (90a), ZO2_PREBUILD_JOBS (nproc), ZO2_PREBUILD_TARGETS (a space-separated
+# target list instead of the default: e.g. "zo2-opt zo2_bench zo2-compare-runs" for
+# bench/device_call.sh, ~5 min on 2 cores).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -19,8 +21,12 @@ build=$root/build-device
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DZO2_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES="${ZO2_CUDA_ARCH:-90a}" -DZO2_BUILD_TESTS=ON -DZO2_BUILD_BENCH=ON \
   -DZO2_BUILD_EXAMPLES=ON -DZO2_INSTALL=OFF > /dev/null
-targets=(zo2_bench perturb_bandwidth zo2-opt)
-for f in tests/cuda/*.cu; do targets+=("test_cuda_$(basename "$f" .cu)"); done
+if [[ -n ${ZO2_PREBUILD_TARGETS:-} ]]; then
+  read -r -a targets <<< "$ZO2_PREBUILD_TARGETS"
+else
+  targets=(zo2_bench perturb_bandwidth zo2-opt)
+  for f in tests/cuda/*.cu; do targets+=("test_cuda_$(basename "$f" .cu)"); done
+fi
 cmake --build "$build" -j "${ZO2_PREBUILD_JOBS:-$(nproc)}" --target "${targets[@]}"
 bash bench/source_hash.sh > "$build/zo2-source-hash"
 # What the GPU machine needs: the CTest files, the executables, the hash.
