@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Times the PyTorch ZO2's Hugging Face Qwen3 path (the class its `zo_hf_init` puts in place of transformers'), the reference
-for the LLaMA family, at the reference protocol of its own harness (zo2_bench.py): fp16, batch 1,
+"""Times the PyTorch ZO2's Hugging Face Qwen3 path (the class its `zo_hf_init` puts in place of
+transformers'), the reference for the LLaMA family, at the reference protocol of its own harness
+(zo2_bench.py): fp16, batch 1,
 sequence 2048, random tokens, lr 1e-4, weight decay 0.1, eps 1e-3, the median of the last half of
 the steps, CUDA-synchronized. Prints one `RESULT {json}` line in that harness's format, so
 bench/run_reference.py reads it as it reads the OPT runs (run_reference.py runs this script for
