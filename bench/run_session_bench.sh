@@ -16,9 +16,10 @@
 #                3 and 5 blocks ahead, across the step's epilogue); OPT-6.7B in three slots
 #   e            the optimizer table at OPT-6.7B: offloaded bf16p with q = 1, 2, 4 and every
 #                rule (zo-mmt and zo-adam with bf16 state too), then resident (bf16)
-#   f            the reference at OPT-6.7B beside zo2 (bf16p, int8, K chosen), then int8 and bf16p
-#                with a GPU budget that keeps zo2's own peak at the reference's torch peak, and
-#                int8 with zo2's device use at the reference's NVML peak
+#   f            the reference at OPT-6.7B beside zo2 (bf16p, int8, K chosen), then bf16p (three
+#                slots, K = 1, 2, chosen) and int8 (one and two perturbed copies) with zo2's NVML
+#                peak at the reference's, then bf16p and int8 with zo2's own peak at the
+#                reference's torch peak
 #   g            the reference at OPT-13B beside zo2 (int8, bf16p, K chosen): GPU memory
 #   h            the reference's Hugging Face Qwen3 path at Qwen3-8B (bench/reference_hf.py; carry
 #                .whl from bench/reference_wheels.sh) beside zo2 (int8, bf16p, K chosen)
@@ -35,9 +36,9 @@ cd "$src" || exit 1
 t0=$(date +%s)
 plan=${ZO2_PLAN:-a}
 if [[ $plan == f || $plan == g || $plan == h ]]; then
-  # f keeps ~150 s after the side-by-side run for the budget-matched runs.
+  # f keeps ~230 s after the side-by-side run for the budget-matched runs.
   case $plan in
-    f) side_model=opt-6.7b side_ref=opt_6_7b:zo2 after=150 ;;
+    f) side_model=opt-6.7b side_ref=opt_6_7b:zo2 after=230 ;;
     g) side_model=opt-13b side_ref=opt_13b:zo2 after=15 ;;
     h) side_model=qwen3-8b side_ref=qwen3_8b:zo2 after=15 ;;
   esac
@@ -126,19 +127,27 @@ for line in open(path):
             and r.get("policy") == "offload" and r.get("resident_blocks") == 0 and r.get("gpu_policy_bytes")):
         zo2 = r
 if ref is None or zo2 is None: sys.exit(1)
-mine = zo2["gpu_zo2_peak_bytes"] if field == "gpu_torch_peak_bytes" else zo2["gpu_device_used_peak_bytes"]
+# Like with like: zo2's own peak against torch's, NVML's view of each process against NVML's
+# (the CUDA context included on both sides), cudaMemGetInfo's where NVML did not load.
+if field == "gpu_torch_peak_bytes":
+    mine = zo2["gpu_zo2_peak_bytes"]
+else:
+    mine = zo2.get("gpu_nvml_used_peak_bytes") or zo2["gpu_device_used_peak_bytes"]
 print(f"{(ref - (mine - zo2['gpu_policy_bytes']) - (64 << 20)) / 2**30:.3f}")
 PY
 }
-budget_run() {  # budget_run NAME MODEL CODEC FIELD: zo2 at the budget that matches the reference's FIELD
-  local b; b=$(matched_budget "$2" "$3" "$4") || { echo "no reference or budget-0 line for $1"; return; }
-  echo "$1: --gpu-budget $b"
-  run_more "$1" --model "$2" --policy offload --codec "$3" --writeback-every 0 --gpu-budget "$b"
+budget_run() {  # budget_run NAME MODEL CODEC FIELD [zo2_bench flags]: zo2 at the budget that matches the reference's FIELD
+  local name=$1 model=$2 codec=$3 field=$4; shift 4
+  local b; b=$(matched_budget "$model" "$codec" "$field") || { echo "no reference or budget-0 line for $name"; return; }
+  echo "$name: --gpu-budget $b"
+  run_more "$name" --model "$model" --policy offload --codec "$codec" --writeback-every 0 --gpu-budget "$b" "$@"
 }
 if [[ $plan == f ]]; then
+  budget_run bf16p-nvml-matched opt-6.7b bf16p gpu_nvml_used_peak_bytes --slots 3 --writeback-every 1,2,0
+  budget_run int8-nvml-matched opt-6.7b int8 gpu_nvml_used_peak_bytes --slots 3
+  budget_run int8-nvml-matched-2copies opt-6.7b int8 gpu_nvml_used_peak_bytes --slots 3 --two-copies
+  budget_run bf16p-torch-matched opt-6.7b bf16p gpu_torch_peak_bytes --slots 3 --writeback-every 1,2,0
   budget_run int8-torch-matched opt-6.7b int8 gpu_torch_peak_bytes
-  budget_run bf16p-torch-matched opt-6.7b bf16p gpu_torch_peak_bytes
-  budget_run int8-nvml-matched opt-6.7b int8 gpu_nvml_used_peak_bytes
 elif [[ $plan == a ]]; then
   shared_master_memory opt-6.7b int8
   run_more qwen3-32b --model qwen3-32b --policy offload --codec int8,bf16
