@@ -6,7 +6,8 @@
 #
 # On the GPU machine: copies this tree to /tmp/zo2-head (where run_session_bench.sh runs it) and
 # takes the binaries from build-device.tar when it was built from these sources
-# (bench/source_hash.sh) and every library they link is there; otherwise it builds them there
+# (bench/source_hash.sh) and every library they link is there (the tokenizer's Debian libraries
+# come in the tar's lib/); otherwise it builds them there
 # (~110 s). Then it runs each plan in order within the call (ZO2_CALL_S, 585 s from the start)
 # and, if time is left, ZO2_EXTRA (a command line, run in the tree's copy). $OUT gets the results
 # (*.jsonl), the console (call.txt) and every other log in logs.tgz: few files, since only a
@@ -24,6 +25,7 @@ call() {
   rm -rf "$src" && mkdir -p "$src"
   (cd "$root" && tar --exclude='./build*' --exclude=./.git --exclude=./.reference -cf - .) | tar -xf - -C "$src" --touch
   hash=$(cd "$root" && bash bench/source_hash.sh)
+  export LD_LIBRARY_PATH=$src/build/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}  # prebuild.sh's libraries
   if [[ -f $root/build-device.tar ]] && tar xf "$root/build-device.tar" -C "$src" && mv "$src/build-device" "$src/build" &&
     [[ $(cat "$src/build/zo2-source-hash") == "$hash" ]] &&
     ! ldd "$src/build/examples/zo2-opt" "$src/build/bench/zo2_bench" 2>&1 | grep "not found"; then

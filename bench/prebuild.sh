@@ -29,11 +29,19 @@ else
 fi
 cmake --build "$build" -j "${ZO2_PREBUILD_JOBS:-$(nproc)}" --target "${targets[@]}"
 bash bench/source_hash.sh > "$build/zo2-source-hash"
-# What the GPU machine needs: the CTest files, the executables, the hash.
+# The tokenizer's Debian libraries, which a GPU machine may lack (it has CUDA and Open MPI):
+# bench/device_call.sh puts build-device/lib on LD_LIBRARY_PATH.
+mkdir -p "$build/lib"
+for lib in libutf8proc.so.2 libpcre2-8.so.0; do
+  path=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ { print $NF; exit }')
+  [[ -n $path ]] && cp -L "$path" "$build/lib/$lib"
+done
+# What the GPU machine needs: the CTest files, the executables, those libraries, the hash.
 (
   cd "$root"
   { find build-device -name CTestTestfile.cmake; echo build-device/zo2-source-hash
-    for t in "${targets[@]}"; do find build-device -name "$t" -type f -perm -u+x; done; } |
+    for t in "${targets[@]}"; do find build-device -name "$t" -type f -perm -u+x; done
+    find build-device/lib -type f; } |
     LC_ALL=C sort -u > "$build/zo2-prebuilt-files"
   tar cf build-device.tar -T "$build/zo2-prebuilt-files"
 )
