@@ -13,8 +13,8 @@ The shapes are zo2's presets of the same names (include/zo2/models/llama/config.
 weights. The reference's HF path needs transformers 4.51, and the GPU machine has 5.x: with
 --wheels DIR (default: .whl/ beside bench/, when it holds a transformers wheel), the wheels there
 (transformers 4.51.3, tokenizers 0.21, huggingface_hub 0.30, requests and its dependencies;
-`bash bench/reference_wheels.sh` downloads them, 14 MB, git-ignored) are installed with --no-deps
-into a private folder that goes first on sys.path; the machine's torch stays.
+`bash bench/reference_wheels.sh` downloads them, 14 MB, git-ignored) are unpacked into a private
+folder that goes first on sys.path; the machine's torch stays.
 
 --device cpu --layers 2 --seq 64 runs MeZO (--method zo) on the CPU: a check of this script's
 plumbing where no GPU is.
@@ -23,9 +23,9 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import sys
 import time
+import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,15 +43,20 @@ SHAPES = {
 
 
 def install_wheels(wheels, target):
-    """pip-installs every wheel in `wheels` into `target` (no dependencies, once) and puts it first
-    on sys.path."""
+    """Unpacks every wheel in `wheels` into `target` (once) and puts it first on sys.path. A wheel
+    is a zip of the files an install puts in site-packages; unpacking it needs no pip, which the
+    GPU machine's Python environment lacks."""
     files = sorted(glob.glob(os.path.join(wheels, "*.whl")))
     if not any(os.path.basename(f).startswith("transformers-") for f in files):
         sys.exit(f"reference_hf.py: no transformers wheel in {wheels} (bash bench/reference_wheels.sh)")
     stamp = os.path.join(target, ".installed")
     if not os.path.exists(stamp):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                        "--target", target] + files, check=True)
+        os.makedirs(target, exist_ok=True)
+        for f in files:
+            with zipfile.ZipFile(f) as z:
+                if any(n.split("/")[0].endswith(".data") for n in z.namelist()):
+                    sys.exit(f"reference_hf.py: {f} has a .data folder; only plain wheels unpack")
+                z.extractall(target)
         open(stamp, "w").close()
     sys.path.insert(0, target)
 

@@ -175,7 +175,7 @@ elif [[ $plan == e ]]; then
   run_more rules-bf16-state --model opt-6.7b --policy offload --codec bf16p --optimizer zo-mmt,zo-adam --state-bf16
   run_more rules-resident --model opt-6.7b --policy resident --codec bf16 --optimizer zo-sgd,zo-sign,zo-mmt,zo-cons,zo-adam --queries 1
   run_more queries-resident --model opt-6.7b --policy resident --codec bf16 --queries 2,4
-else
+elif [[ $plan == d ]]; then
   run_more qwen2.5-resident --model qwen2.5-7b --policy resident --codec bf16
   run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0 --timeline
   run_more llama-1b-slots4 --model llama-3.2-1b --policy offload --codec int8 --writeback-every 0 --slots 4 --prefetch 3
