@@ -249,6 +249,9 @@ case "$case_name" in
     expect_error "nothing.jsonl: no such file" "$bin" train --demo --data nothing.jsonl
     expect_error "--optimizer-state applies only with --offload" "$bin" train --demo --optimizer-state bf16
     expect_error "--optimizer-state wants fp32 or bf16, got 'fp8'" "$bin" train --demo --optimizer-state fp8
+    expect_error "train: --compute applies only with --device cuda" "$bin" train --demo --device cpu --compute bf16
+    expect_error "eval: --compute must be fp32 or bf16, got 'fp8'" "$bin" eval --model nothing --device cpu --compute fp8
+    expect_error "generate: --compute applies only with --device cuda" "$bin" generate --model nothing --device cpu --compute bf16 --input-ids 2
     # tokenize --decode reads untrusted JSON: 300,000 nested brackets (a stack overflow when an
     # element was shown in the message) and an id past 2^31 (once wrapped to a valid id).
     awk 'BEGIN { for (i = 0; i < 300000; i++) printf "["; for (i = 0; i < 300000; i++) printf "]" }' >deep_ids.json
@@ -361,6 +364,38 @@ case "$case_name" in
       fail "generate --offload --codec fp32 sampled other tokens: $(cat gen_fp32.out) vs $(cat gen_resident.out)"
     grep -q '"completion"' gen_bf16.out || fail "generate --offload --codec bf16 printed no completion"
     echo "offloaded eval == resident eval (loss $resident_loss; bf16 $(json_field eval_bf16.out loss)); offloaded generate == resident"
+
+    # --compute bf16: the forward on the tensor cores, the master kept as it is (resident fp32,
+    # offloaded the codec's). The loss falls, the log says bf16, a resume continues in bf16 from
+    # the checkpoint's setting bit for bit, and the start loss is fp32's to bf16 rounding.
+    for mode in resident int8 bf16p; do
+      extra=(--compute bf16)
+      [ "$mode" != resident ] && extra+=(--offload --codec "$mode")
+      run_ok "bf16c_full_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 24 --export "bf16c_full_$mode"
+      grep -q "forward bf16" "bf16c_full_$mode.out" || fail "--compute bf16 ($mode): the log does not say the forward is bf16"
+      loss_fell "bf16c_full_$mode.out" ||
+        fail "--compute bf16 ($mode): loss did not fall: $(json_field "bf16c_full_$mode.out" start_loss) -> $(json_field "bf16c_full_$mode.out" end_loss)"
+      run_ok "bf16c_first_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 12 --checkpoint-every 6 --checkpoint-dir "ck_bf16c_$mode"
+      resume_extra=()
+      [ "$mode" != resident ] && resume_extra=(--offload --codec "$mode")
+      run_ok "bf16c_resumed_$mode" "$bin" train --resume "ck_bf16c_$mode" --device cuda "${resume_extra[@]}" --steps 24 \
+        --export "bf16c_resumed_$mode" --quiet
+      cmp "bf16c_full_$mode/model.safetensors" "bf16c_resumed_$mode/model.safetensors" ||
+        fail "--compute bf16 ($mode): the resumed run's weights differ from the uninterrupted run's"
+      fp32_start=$(json_field "full_$mode.out" start_loss)  # the same codec, forward in fp32
+      close "$fp32_start" "$(json_field "bf16c_full_$mode.out" start_loss)" 2e-2 ||
+        fail "--compute bf16 ($mode): start loss $(json_field "bf16c_full_$mode.out" start_loss) is not fp32's $fp32_start to bf16 rounding"
+      echo "--compute bf16 ($mode): loss $(json_field "bf16c_full_$mode.out" start_loss) -> $(json_field "bf16c_full_$mode.out" end_loss), resume bit-exact"
+    done
+    run_ok eval_bf16c "$bin" "${ev[@]}" --compute bf16
+    close "$resident_loss" "$(json_field eval_bf16c.out loss)" 2e-2 ||
+      fail "eval --compute bf16: loss $(json_field eval_bf16c.out loss) is not fp32's $resident_loss to bf16 rounding"
+    run_ok eval_bf16c_offload "$bin" "${ev[@]}" --compute bf16 --offload --codec bf16p
+    close "$resident_loss" "$(json_field eval_bf16c_offload.out loss)" 2e-2 ||
+      fail "eval --compute bf16 --offload: loss $(json_field eval_bf16c_offload.out loss) is not fp32's $resident_loss to bf16 rounding"
+    run_ok gen_bf16c "$bin" "${gen[@]}" --compute bf16 --offload --codec int8
+    grep -q '"completion"' gen_bf16c.out || fail "generate --compute bf16 printed no completion"
+    echo "--compute bf16: eval $(json_field eval_bf16c.out loss) (fp32 $resident_loss), generate runs"
     ;;
 
   program_name)
@@ -577,7 +612,7 @@ case "$case_name" in
     ;;
 
   llama_gpu)
-    # The LLaMA family on the GPU (LlamaCudaModel<float>): resident and offloaded, resumed
+    # The LLaMA family on the GPU (LlamaCudaModel<float>, and <bfloat16>): resident and offloaded, resumed
     # bit-exactly; the CPU and GPU agree on the start loss. Skipped (and says so) without a GPU.
     make_ids ids.jsonl
     fx=$llama_fixtures/qwen2_bias_bf16
@@ -595,6 +630,16 @@ case "$case_name" in
       echo "$mode: loss $(json_field "full_$mode.out" start_loss) -> $(json_field "full_$mode.out" end_loss), resume bit-exact"
     done
     cmp full_resident/model.safetensors full_fp32/model.safetensors || fail "offload fp32 and resident runs differ"
+    # LlamaCudaModel<bfloat16> (--compute bf16), resident and offloaded: the loss falls.
+    for mode in resident bf16p; do
+      extra=(--compute bf16)
+      [ "$mode" != resident ] && extra+=(--offload --codec "$mode")
+      run_ok "bf16c_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 24
+      grep -q "forward bf16" "bf16c_$mode.out" || fail "--compute bf16 ($mode): the log does not say the forward is bf16"
+      loss_fell "bf16c_$mode.out" ||
+        fail "--compute bf16 ($mode): loss did not fall: $(json_field "bf16c_$mode.out" start_loss) -> $(json_field "bf16c_$mode.out" end_loss)"
+      echo "--compute bf16 ($mode): loss $(json_field "bf16c_$mode.out" start_loss) -> $(json_field "bf16c_$mode.out" end_loss)"
+    done
     run_ok cpu "$bin" train --model "$fx" --data ids.jsonl --batch 4 --quiet --device cpu --steps 1
     awk -v a="$(json_field cpu.out start_loss)" -v b="$(json_field full_resident.out start_loss)" \
       'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d < 1e-4 * (a < 0 ? -a : a)) }' ||

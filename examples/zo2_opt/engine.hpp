@@ -45,6 +45,7 @@ struct RuleState {
 
 struct EngineOptions {
   std::string device = "cpu";  // "cpu" | "cuda"
+  std::string compute = "fp32";  // cuda: the forward's precision, "fp32" | "bf16" (the master stays fp32 or the codec's)
   bool offload = false;
   std::string codec;                    // offload codec name; empty: the default
   std::optional<double> gpu_memory_budget_gib;

@@ -71,6 +71,7 @@ CommandSpec eval_spec() {
       {"--per-example", "", "print one JSON line per example with its mean token loss", ""},
       {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
   };
+  s.options.push_back(compute_option_spec());
   for (OptionSpec& o : offload_option_specs()) s.options.push_back(std::move(o));
   s.epilog = "Prints one JSON object: {\"loss\", \"perplexity\", \"tokens\", \"examples\"[, \"accuracy\"]}.\n";
   return s;
@@ -87,6 +88,7 @@ int run_eval(const std::vector<std::string>& argv) {
   }
   if (!args.has("--model")) throw UsageError("eval: --model DIR is required");
   const std::string device = parse_device(args);
+  const std::string compute = parse_compute(args, device);
   LoadedModel model = load_model_dir(resolve_model_dir(*args.get("--model")));
   std::optional<Tokenizer> tokenizer = model.tokenizer;
   if (args.has("--tokenizer")) tokenizer = Tokenizer::from_directory(*args.get("--tokenizer"));
@@ -98,6 +100,7 @@ int run_eval(const std::vector<std::string>& argv) {
                            : load_dataset(*args.get("--data"), false, tokenizer ? &*tokenizer : nullptr, data_options);
   EngineOptions engine_options;
   engine_options.device = device;
+  engine_options.compute = compute;
   apply_offload_flags(args, engine_options);
   auto engine = make_engine(model.config, *model.parameters, engine_options);
   model.parameters.reset();  // the checkpoint's mapping: the engine holds the parameters now

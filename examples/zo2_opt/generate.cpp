@@ -43,6 +43,7 @@ CommandSpec generate_spec() {
       {"--json", "", "print {\"prompt\", \"completion\", \"ids\"} instead of the text", ""},
       {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
   };
+  s.options.push_back(compute_option_spec());
   for (OptionSpec& o : offload_option_specs()) s.options.push_back(std::move(o));
   s.epilog = "Example:\n  zo2-opt generate --model out/ --prompt \"The old man\" --temperature 0.8 --top-p 0.9\n";
   return s;
@@ -122,6 +123,7 @@ int run_generate(const std::vector<std::string>& argv) {
   }
   if (!args.has("--model")) throw UsageError("generate: --model DIR is required");
   const std::string device = parse_device(args);
+  const std::string compute = parse_compute(args, device);
   const double temperature = args.number("--temperature", 0.0);
   const double top_p = args.number("--top-p", 1.0);
   if (temperature < 0) throw UsageError("generate: --temperature must be >= 0");
@@ -163,6 +165,7 @@ int run_generate(const std::vector<std::string>& argv) {
   const ModelConfig config = model.config;
   EngineOptions engine_options;
   engine_options.device = device;
+  engine_options.compute = compute;
   apply_offload_flags(args, engine_options);
   auto engine = make_engine(config, *model.parameters, engine_options);
   model.parameters.reset();  // the checkpoint's mapping: the engine holds the parameters now

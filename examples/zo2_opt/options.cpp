@@ -13,6 +13,23 @@ std::string parse_device(const Args& args) {
   return device;
 }
 
+std::string parse_compute(const Args& args, const std::string& device, const std::string& fallback) {
+  const std::string compute = args.str("--compute", fallback);
+  if (compute != "fp32" && compute != "bf16")
+    throw UsageError(args.command() + ": --compute must be fp32 or bf16, got '" + compute + "'");
+  if (args.has("--compute") && device != "cuda")
+    throw UsageError(args.command() + ": --compute applies only with --device cuda (the CPU computes in fp32)");
+  return device == "cuda" ? compute : "fp32";
+}
+
+OptionSpec compute_option_spec() {
+  return {"--compute", "fp32|bf16",
+          "with --device cuda: the forward's precision. fp32: exact, as the CPU and transformers compute; bf16: "
+          "tensor cores, several times faster (the benchmarks' setting). The weights, their updates and "
+          "checkpoints keep the master's precision either way",
+          "fp32"};
+}
+
 DataOptions data_options_from(const Args& args, const ModelConfig& config, std::int64_t default_cap) {
   DataOptions o;
   const std::int64_t seq = args.integer("--seq-len", std::min(config.max_position_embeddings(), default_cap));

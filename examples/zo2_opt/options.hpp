@@ -14,6 +14,14 @@ namespace zo2_opt {
 /// present, else cpu), checked against this build and machine (one-line error otherwise).
 std::string parse_device(const Args& args);
 
+/// --compute fp32|bf16: the precision of the CUDA forward (EngineOptions::compute). `fallback`
+/// when the flag is absent (a resumed run's, else fp32); the flag with another device than cuda,
+/// or another value, is an error naming the command.
+std::string parse_compute(const Args& args, const std::string& device, const std::string& fallback = "fp32");
+
+/// --compute's row of a command's option table (its --help).
+OptionSpec compute_option_spec();
+
 /// True when this build has CUDA and a CUDA GPU is present.
 bool cuda_device_present();
 

@@ -91,6 +91,7 @@ CommandSpec train_spec() {
       {"--eval-every", "N", "evaluate every N steps", "0 (start and end only)"},
       {"--eval-limit", "N", "evaluate at most N examples", "256"},
       {"--device", "auto|cpu|cuda", "where to compute (auto: the GPU when one is present)", "auto"},
+      compute_option_spec(),
       {"--offload", "", "keep the weights in host memory and stream blocks to the GPU (ZO2)", ""},
       {"--codec", "NAME", "with --offload: how blocks are stored for transfer (fp32, bf16, bf16p: bf16 packed losslessly in ~12.6 bits, fp16, int8)", ""},
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the engine may hold (above the minimum: a third slot, then resident blocks)", ""},
@@ -210,6 +211,8 @@ int run_train(const std::vector<std::string>& argv) {
       saved_train && saved_train->contains("engine") && (*saved_train)["engine"].is_object() ? &(*saved_train)["engine"] : nullptr;
   EngineOptions engine_options;
   engine_options.device = device;
+  // A run resumed on the GPU keeps its checkpoint's forward precision unless told otherwise.
+  engine_options.compute = parse_compute(args, device, saved_engine ? saved_engine->value("compute", "fp32") : "fp32");
   const bool use_saved_engine = saved_engine && device == "cuda" && !args.has("--offload");
   engine_options.offload = use_saved_engine ? saved_engine->value("offload", false) : args.flag("--offload");
   engine_options.codec = args.str("--codec", use_saved_engine && engine_options.offload ? saved_engine->value("codec", "") : "");
@@ -525,7 +528,8 @@ int run_train(const std::vector<std::string>& argv) {
                    {"eval_data", eval_path.empty() ? json(nullptr) : json(fs::absolute(eval_path).string())},
                    {"eval_every", eval_every}, {"eval_limit", eval_limit},
                    {"checkpoint_every", checkpoint_every}, {"checkpoint_dir", fs::absolute(checkpoint_dir).string()},
-                   {"engine", {{"device", engine_options.device}, {"offload", engine_options.offload},
+                   {"engine", {{"device", engine_options.device}, {"compute", engine_options.compute},
+                              {"offload", engine_options.offload},
                                {"codec", engine_options.offload ? json(engine_options.codec.empty() ? "fp32" : engine_options.codec) : json(nullptr)},
                                {"gpu_memory_budget_gib", engine_options.gpu_memory_budget_gib ? json(*engine_options.gpu_memory_budget_gib) : json(nullptr)},
                                {"optimizer_state", engine_options.state_bf16 ? "bf16" : "fp32"},

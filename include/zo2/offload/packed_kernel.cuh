@@ -220,6 +220,8 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
 /// block of threads per tensor: a bitonic sort over the list padded to a power of two in the
 /// scratch (the scratch room per tensor is that power of two), then a copy. The lists are short
 /// (an escape list holds a few dozen entries), so one launch sorts them all.
+/// (A template of nothing, so that every translation unit including this header may define it.)
+template <int = 0>
 __global__ void __launch_bounds__(1024) packed_sort_kernel(unsigned char* __restrict__ block,
                                                           const PackedTensorArgs* __restrict__ table,
                                                           std::uint64_t counts_offset, std::uint64_t entries_offset,
@@ -339,7 +341,7 @@ class PackedPass {
     ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_kernel");
     if (body_done) body_done->record(stream);
     if (!a.has_update) return;  // the lists are unchanged
-    packed_sort_kernel<<<num_tensors_, 1024, 0, stream>>>(block, table_.data(), a.counts_offset, a.entries_offset,
+    packed_sort_kernel<><<<num_tensors_, 1024, 0, stream>>>(block, table_.data(), a.counts_offset, a.entries_offset,
                                                           new_entries_.data(), scratch_offsets_.data(),
                                                           new_counts_.data());
     ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_sort_kernel");

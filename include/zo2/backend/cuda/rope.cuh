@@ -23,6 +23,8 @@ namespace zo2::gpu {
 
 namespace detail {
 
+// A template (of nothing) so that every translation unit including this header may define it.
+template <int = 0>
 __global__ void rope_table_kernel(const float* __restrict__ inv_freq, int half, std::int64_t entries,
                                   float attention_scaling, float* __restrict__ cos_out, float* __restrict__ sin_out) {
   for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < entries;
@@ -86,7 +88,7 @@ inline void rope_table(const float* inv_freq, std::int64_t half, std::int64_t po
   if (half <= 0 || positions <= 0) throw ShapeError("rope_table: half and positions must be > 0");
   const std::int64_t entries = half * positions;
   const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((entries + 255) / 256, 4096));
-  detail::rope_table_kernel<<<blocks, 256, 0, stream>>>(inv_freq, static_cast<int>(half), entries, attention_scaling,
+  detail::rope_table_kernel<><<<blocks, 256, 0, stream>>>(inv_freq, static_cast<int>(half), entries, attention_scaling,
                                                         cos, sin);
   ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::rope_table_kernel");
 }
