@@ -250,6 +250,7 @@ case "$case_name" in
     expect_error "--optimizer-state applies only with --offload" "$bin" train --demo --optimizer-state bf16
     expect_error "--optimizer-state wants fp32 or bf16, got 'fp8'" "$bin" train --demo --optimizer-state fp8
     expect_error "train: --compute applies only with --device cuda" "$bin" train --demo --device cpu --compute bf16
+    expect_error "train: --two-copies applies only with --offload" "$bin" train --demo --two-copies
     expect_error "eval: --compute must be fp32 or bf16, got 'fp8'" "$bin" eval --model nothing --device cpu --compute fp8
     expect_error "generate: --compute applies only with --device cuda" "$bin" generate --model nothing --device cpu --compute bf16 --input-ids 2
     # tokenize --decode reads untrusted JSON: 300,000 nested brackets (a stack overflow when an
@@ -302,6 +303,13 @@ case "$case_name" in
     # fp32 streamed through the offload engine computes exactly what the resident GPU run does.
     cmp full_resident/model.safetensors full_fp32/model.safetensors ||
       fail "offload fp32 and resident runs differ"
+    # Both perturbed copies on the GPU (--two-copies): the same z, the same copies, the same run.
+    for mode in int8 bf16p; do
+      run_ok "two_$mode" "$bin" train "${common[@]}" --offload --codec "$mode" --two-copies --steps 24 --export "two_$mode"
+      grep -q "both perturbed copies on the GPU" "two_$mode.out" || fail "--two-copies ($mode): the log does not say so"
+      cmp "full_$mode/model.safetensors" "two_$mode/model.safetensors" || fail "--two-copies ($mode) trained differently"
+    done
+    echo "--two-copies: int8 and bf16p train as with one copy, bit for bit"
     # The packed bf16 codec holds exactly the bf16 codec's values, so it trains identically.
     cmp full_bf16/model.safetensors full_bf16p/model.safetensors || fail "the bf16p and bf16 codecs trained differently"
     # The CPU and the GPU agree to rounding on the start loss (different summation orders).

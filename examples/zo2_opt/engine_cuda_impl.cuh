@@ -392,6 +392,7 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   // Deferred write-back (results unchanged); 0: the plan picks K from the link, measured here.
   offload.writeback_every = options.writeback_every;
   offload.rule_state_bf16 = options.state_bf16;
+  offload.one_perturbed_copy = !options.two_perturbed_copies;  // --two-copies
   // An untied LM head leaves the token embedding's perturbed copy unread after the prologue:
   // the blocks reuse its device memory.
   offload.prologue_scratch_shared = !zo2::models::ties_lm_head(config);
@@ -419,6 +420,7 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   std::string description = gpu_name() + ", offload: master and transfer " + Codec::name +
                             (Codec::row_scaled ? " (per-row scales)" : "") + ", forward " + compute_name<T>();
   if (options.state_bf16 && offload.rule_state_slots) description += ", optimizer state bf16";
+  if (options.two_perturbed_copies) description += ", both perturbed copies on the GPU";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
   if (choose_after_a_step)
     description += ", write-back every K steps, K chosen after the second step from the link and the GPU's time per block";
