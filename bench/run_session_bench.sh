@@ -23,6 +23,9 @@
 #   g            the reference at OPT-13B beside zo2 (int8, bf16p, K chosen): GPU memory
 #   h            the reference's Hugging Face Qwen3 path at Qwen3-8B (bench/reference_hf.py; carry
 #                .whl from bench/reference_wheels.sh) beside zo2 (int8, bf16p, K chosen)
+#   t            zo2-opt's GPU tests (examples/tests/cli_tests.sh gpu and llama_gpu: --compute bf16,
+#                --two-copies among them), then zo2-opt training OPT-6.7B offloaded (int8, K chosen)
+#                with the forward in fp32 and in bf16: what a user of the program gets
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -175,6 +178,19 @@ elif [[ $plan == e ]]; then
   run_more rules-bf16-state --model opt-6.7b --policy offload --codec bf16p --optimizer zo-mmt,zo-adam --state-bf16
   run_more rules-resident --model opt-6.7b --policy resident --codec bf16 --optimizer zo-sgd,zo-sign,zo-mmt,zo-cons,zo-adam --queries 1
   run_more queries-resident --model opt-6.7b --policy resident --codec bf16 --queries 2,4
+elif [[ $plan == t ]]; then
+  for case in gpu llama_gpu; do
+    (( $(left) > 60 )) || { echo "no time left for cli test $case"; break; }
+    echo "== cli test $case"
+    timeout $(( $(left) - 10 )) bash "$src/examples/tests/cli_tests.sh" "$case" "$src/build/examples/zo2-opt" \
+      "/tmp/zo2-cli-$case" "$src" > "$out/cli-$case.log" 2>&1
+    rc=$?
+    echo "cli test $case rc=$rc"; tail -4 "$out/cli-$case.log"
+    echo "{\"kind\":\"test\",\"case\":\"zo2_opt_$case\",\"rc\":$rc}" >> "$results"
+  done
+  for compute in fp32 bf16; do
+    host_memory "opt-int8-compute-$compute" opt-6.7b int8 --writeback-every 0 --compute "$compute" --steps 6
+  done
 elif [[ $plan == d ]]; then
   run_more qwen2.5-resident --model qwen2.5-7b --policy resident --codec bf16
   run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0 --timeline
