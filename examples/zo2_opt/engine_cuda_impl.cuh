@@ -32,6 +32,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include <zo2/zo2.hpp>
@@ -49,7 +50,6 @@
 #include "engine.hpp"
 #include "engine_rule_state.hpp"
 #include "options.hpp"
-#include <type_traits>
 
 namespace zo2_opt::cuda_engine {
 
@@ -468,6 +468,5 @@ std::unique_ptr<Engine> make_family_engine(const Config& config, const Parameter
   if (codec == "bf16p") return make_offload<Model, zo2::offload::Bf16PackedCodec>(config, parameters, options);
   throw UsageError("--codec must be fp32, bf16, bf16p, fp16 or int8, got '" + codec + "'");
 }
-
 
 }  // namespace zo2_opt::cuda_engine
