@@ -251,6 +251,8 @@ case "$case_name" in
     expect_error "--optimizer-state wants fp32 or bf16, got 'fp8'" "$bin" train --demo --optimizer-state fp8
     expect_error "train: --compute applies only with --device cuda" "$bin" train --demo --device cpu --compute bf16
     expect_error "train: --two-copies applies only with --offload" "$bin" train --demo --two-copies
+    expect_error "train: --slots applies only with --offload" "$bin" train --demo --slots 3
+    expect_error "train: --slots wants 2 to 8, got 1" "$bin" train --demo --slots 1
     expect_error "eval: --compute must be fp32 or bf16, got 'fp8'" "$bin" eval --model nothing --device cpu --compute fp8
     expect_error "generate: --compute applies only with --device cuda" "$bin" generate --model nothing --device cpu --compute bf16 --input-ids 2
     # tokenize --decode reads untrusted JSON: 300,000 nested brackets (a stack overflow when an
@@ -310,6 +312,11 @@ case "$case_name" in
       cmp "full_$mode/model.safetensors" "two_$mode/model.safetensors" || fail "--two-copies ($mode) trained differently"
     done
     echo "--two-copies: int8 and bf16p train as with one copy, bit for bit"
+    # Three slots (--slots 3): the same visits in another order of copies, the same run.
+    run_ok slots3_int8 "$bin" train "${common[@]}" --offload --codec int8 --slots 3 --steps 24 --export slots3_int8
+    grep -q "blocks streamed through 3 slots" slots3_int8.out || fail "--slots 3: the log does not state three slots"
+    cmp full_int8/model.safetensors slots3_int8/model.safetensors || fail "--slots 3 trained differently from two slots"
+    echo "--slots 3: int8 trains as in two slots, bit for bit"
     # The packed bf16 codec holds exactly the bf16 codec's values, so it trains identically.
     cmp full_bf16/model.safetensors full_bf16p/model.safetensors || fail "the bf16p and bf16 codecs trained differently"
     # The CPU and the GPU agree to rounding on the start loss (different summation orders).

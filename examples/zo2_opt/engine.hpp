@@ -51,6 +51,7 @@ struct EngineOptions {
   std::optional<double> gpu_memory_budget_gib;
   unsigned writeback_every = 1;  // offload: write a streamed block back every K steps (0: K from the measured link)
   bool state_bf16 = false;       // offload: zo-mmt's / zo-adam's state in bf16 (OffloadOptions::rule_state_bf16)
+  std::size_t slots = 2;  // offload: device slots the streamed blocks pass through (OffloadOptions::slots)
   bool two_perturbed_copies = false;  // offload: theta + eps z and theta - eps z on the GPU at once (OffloadOptions::one_perturbed_copy = false)
   /// offload under mpirun: this host's ranks hold one pinned host master in POSIX shared memory
   /// (zo2::gpu::SharedHostMaster across processes); seat 0 (the host's first rank) creates it.

@@ -392,6 +392,7 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   // Deferred write-back (results unchanged); 0: the plan picks K from the link, measured here.
   offload.writeback_every = options.writeback_every;
   offload.rule_state_bf16 = options.state_bf16;
+  offload.slots = options.slots;                                // --slots (a budget may add one)
   offload.one_perturbed_copy = !options.two_perturbed_copies;  // --two-copies
   // An untied LM head leaves the token embedding's perturbed copy unread after the prologue:
   // the blocks reuse its device memory.

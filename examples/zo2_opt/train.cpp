@@ -97,6 +97,7 @@ CommandSpec train_spec() {
       {"--gpu-memory-budget", "GIB", "with --offload: GPU memory the engine may hold (above the minimum: a third slot, then resident blocks)", ""},
       {"--optimizer-state", "DTYPE", "with --offload: zo-mmt's and zo-adam's per-parameter state in fp32 or bf16 (half the bytes it moves; each stored value rounded to nearest)", "fp32"},
       {"--writeback-every", "K", "with --offload: write each streamed block back to host memory every K steps (1..64; 0: measured: the link at start, then the second step's GPU time per block, after which K is chosen and logged); the GPU replays the host copy's lag after each upload, results unchanged", "1"},
+      {"--slots", "N", "with --offload: device slots the streamed blocks pass through (2..8); a third lets a slot's next upload start before its write-back ends (faster where the link's duplex is slower than one way), one block's GPU memory more; results unchanged", "2 (a GPU budget buys a third)"},
       {"--two-copies", "", "with --offload: keep theta + eps z and theta - eps z on the GPU at once instead of rewriting one between the two forwards: one block's (and the embedding's) size more GPU memory, one pass over each block less; faster where the GPU, not the link, sets the step; results unchanged", ""},
       {"--lr", "X", "learning rate", "1e-6; demo 4e-3"},
       {"--eps", "X", "perturbation scale", "1e-3"},
@@ -239,6 +240,12 @@ int run_train(const std::vector<std::string>& argv) {
       throw UsageError("train: --optimizer-state " + dtype + " differs from the checkpoint's " + saved_state +
                        " (the saved state would be rounded or widened)");
     engine_options.state_bf16 = dtype == "bf16";
+  }
+  if (args.has("--slots")) {
+    const std::uint64_t slots = args.unsigned_integer("--slots", 2);
+    if (slots < 2 || slots > 8) throw UsageError("train: --slots wants 2 to 8, got " + std::to_string(slots));
+    if (!engine_options.offload) throw UsageError("train: --slots applies only with --offload");
+    engine_options.slots = static_cast<std::size_t>(slots);
   }
   if (args.flag("--two-copies")) {
     if (!engine_options.offload) throw UsageError("train: --two-copies applies only with --offload");
