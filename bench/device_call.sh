@@ -7,8 +7,8 @@
 # On the GPU machine: copies this tree to /tmp/zo2-head (where run_session_bench.sh runs it) and
 # takes the binaries from build-device.tar when it was built from these sources
 # (bench/source_hash.sh) and every library they link is there (the tokenizer's Debian libraries
-# come in the tar's lib/); otherwise it builds them there
-# (~110 s). Then it runs each plan in order within the call (ZO2_CALL_S, 585 s from the start)
+# come in the tar's lib/); otherwise it builds them there (~110 s). Then it runs each plan in
+# order within the call (ZO2_CALL_S, 585 s from the start)
 # and, if time is left, ZO2_EXTRA (a command line, run in the tree's copy). $OUT gets the results
 # (*.jsonl), the console (call.txt) and every other log in logs.tgz: few files, since only a
 # handful come back from a call.

@@ -70,7 +70,7 @@ run_more() {  # run_more NAME ARGS...: zo2_bench into the results file, within w
   echo "$name rc=$?"; grep -v '^ ' "$out/$name.err" | tail -3
 }
 # Host memory of an offloaded zo2-opt run (docs/benchmarks.md): its `memory` line.
-host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags]
+host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags; a repeated one, e.g. --steps, overrides]
   local name=$1 preset=$2 codec=$3; shift 3
   (( $(left) > 60 )) || { echo "no time left for $name"; return; }
   echo "== host memory $name ($preset $codec)"

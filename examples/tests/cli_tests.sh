@@ -384,16 +384,15 @@ case "$case_name" in
     # offloaded the codec's). The loss falls, the log says bf16, a resume continues in bf16 from
     # the checkpoint's setting bit for bit, and the start loss is fp32's to bf16 rounding.
     for mode in resident int8 bf16p; do
-      extra=(--compute bf16)
-      [ "$mode" != resident ] && extra+=(--offload --codec "$mode")
+      offload=()
+      [ "$mode" != resident ] && offload=(--offload --codec "$mode")
+      extra=(--compute bf16 "${offload[@]}")
       run_ok "bf16c_full_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 24 --export "bf16c_full_$mode"
       grep -q "forward bf16" "bf16c_full_$mode.out" || fail "--compute bf16 ($mode): the log does not say the forward is bf16"
       loss_fell "bf16c_full_$mode.out" ||
         fail "--compute bf16 ($mode): loss did not fall: $(json_field "bf16c_full_$mode.out" start_loss) -> $(json_field "bf16c_full_$mode.out" end_loss)"
       run_ok "bf16c_first_$mode" "$bin" train "${common[@]}" "${extra[@]}" --steps 12 --checkpoint-every 6 --checkpoint-dir "ck_bf16c_$mode"
-      resume_extra=()
-      [ "$mode" != resident ] && resume_extra=(--offload --codec "$mode")
-      run_ok "bf16c_resumed_$mode" "$bin" train --resume "ck_bf16c_$mode" --device cuda "${resume_extra[@]}" --steps 24 \
+      run_ok "bf16c_resumed_$mode" "$bin" train --resume "ck_bf16c_$mode" --device cuda "${offload[@]}" --steps 24 \
         --export "bf16c_resumed_$mode" --quiet
       cmp "bf16c_full_$mode/model.safetensors" "bf16c_resumed_$mode/model.safetensors" ||
         fail "--compute bf16 ($mode): the resumed run's weights differ from the uninterrupted run's"

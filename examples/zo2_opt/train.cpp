@@ -541,7 +541,7 @@ int run_train(const std::vector<std::string>& argv) {
                    {"eval_every", eval_every}, {"eval_limit", eval_limit},
                    {"checkpoint_every", checkpoint_every}, {"checkpoint_dir", fs::absolute(checkpoint_dir).string()},
                    {"engine", {{"device", engine_options.device}, {"compute", engine_options.compute},
-                              {"offload", engine_options.offload},
+                               {"offload", engine_options.offload},
                                {"codec", engine_options.offload ? json(engine_options.codec.empty() ? "fp32" : engine_options.codec) : json(nullptr)},
                                {"gpu_memory_budget_gib", engine_options.gpu_memory_budget_gib ? json(*engine_options.gpu_memory_budget_gib) : json(nullptr)},
                                {"optimizer_state", engine_options.state_bf16 ? "bf16" : "fp32"},
