@@ -33,7 +33,7 @@ bash bench/source_hash.sh > "$build/zo2-source-hash"
 # bench/device_call.sh puts build-device/lib on LD_LIBRARY_PATH.
 mkdir -p "$build/lib"
 for lib in libutf8proc.so.2 libpcre2-8.so.0; do
-  path=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ { print $NF; exit }')
+  path=$(ldconfig -p | awk -v l="$lib" '!p && $1 == l && /x86-64/ { p = $NF } END { print p }')  # reads all: no SIGPIPE
   [[ -n $path ]] && cp -L "$path" "$build/lib/$lib"
 done
 # What the GPU machine needs: the CTest files, the executables, those libraries, the hash.

@@ -466,7 +466,8 @@ void run_resident(const RunConfig& c, Env& env) {
 
 std::string timeline_json(const std::vector<zcuda::GroupVisitTimes>& visits) {
   // [group, kind, resident, upload_start, upload_end, compute_start, compute_end, offload_start,
-  //  offload_end] per visit, ms from the recording's start, null where the phase did not happen.
+  //  offload_end, pass_end] per visit, ms from the recording's start, null where the phase did not
+  //  happen (pass_end: where a perturbing visit's pass ended and the model's forwards began).
   const auto num = [](float v) {
     if (std::isnan(v)) return std::string("null");
     char b[32];
@@ -478,7 +479,7 @@ std::string timeline_json(const std::vector<zcuda::GroupVisitTimes>& visits) {
     const auto& v = visits[i];
     s += (i ? ",[" : "[") + std::to_string(v.group) + ",\"" + v.kind + "\"," + (v.resident ? "true" : "false") + "," +
          num(v.upload_start) + "," + num(v.upload_end) + "," + num(v.compute_start) + "," + num(v.compute_end) + "," +
-         num(v.offload_start) + "," + num(v.offload_end) + "]";
+         num(v.offload_start) + "," + num(v.offload_end) + "," + num(v.pass_end) + "]";
   }
   return s + "]";
 }
@@ -585,7 +586,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
     JsonLine line;
     line.add("kind", "timeline").add("bench", "zo2_bench").add("device", env.device);
     add_config_fields(line, c);
-    line.add("columns", "group,kind,resident,upload_start,upload_end,compute_start,compute_end,offload_start,offload_end")
+    line.add("columns", "group,kind,resident,upload_start,upload_end,compute_start,compute_end,offload_start,offload_end,pass_end")
         .raw("visits", timeline_json(visits));
     line.print();
   }
