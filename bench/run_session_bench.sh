@@ -25,12 +25,14 @@
 #                .whl from bench/reference_wheels.sh) beside zo2 (int8, bf16p, K chosen)
 #   t            zo2-opt's GPU tests (examples/tests/cli_tests.sh gpu and llama_gpu: --compute bf16,
 #                --two-copies among them), then zo2-opt training OPT-6.7B offloaded (int8, K chosen)
-#                with the forward in fp32 and in bf16: what a user of the program gets
+#                with the forward in fp32 and in bf16: what a user of the program gets (not with
+#                ZO2_T_TIMING=0)
 #   r            A/B of this tree's zo2_bench against a base build's (build-base/zo2_bench, carried:
-#                the sources before a kernel change), alternating base and new twice per
+#                the sources before a kernel change; build-base/zo2_bench_variant, if there, in the
+#                first configuration), alternating base and new twice per
 #                configuration: OPT-6.7B int8 (two slots, K = 1, timeline; three slots, both
-#                perturbed copies, a 3.3 GiB budget), Qwen3-8B int8 and Llama-3.2-1B int8 (both
-#                copies, three slots); each line gets "binary":"base" or "new"
+#                perturbed copies, a 3.3 GiB budget), Llama-3.2-1B int8 (both copies, three slots)
+#                and Qwen3-8B int8; each line gets "binary":"base" or "new"
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -193,15 +195,16 @@ elif [[ $plan == t ]]; then
     echo "cli test $case rc=$rc"; tail -4 "$out/cli-$case.log"
     echo "{\"kind\":\"test\",\"case\":\"zo2_opt_$case\",\"rc\":$rc}" >> "$results"
   done
-  for compute in fp32 bf16; do
+  [[ ${ZO2_T_TIMING:-1} == 1 ]] && for compute in fp32 bf16; do
     host_memory "opt-int8-compute-$compute" opt-6.7b int8 --writeback-every 0 --compute "$compute" --steps 6
   done
 elif [[ $plan == r ]]; then
-  ab() {  # ab NAME ARGS...: base and new binaries, alternating, twice
+  ab() {  # ab NAME ARGS...: base and new binaries (and a variant's, where AB_VARIANT), alternating, twice
     local name=$1 round which; shift
     for round in 1 2; do
-      for which in base new; do
+      for which in base new ${AB_VARIANT:+variant}; do
         local b=$bench; [[ $which == base ]] && b=$root/build-base/zo2_bench
+        [[ $which == variant ]] && b=$root/build-base/zo2_bench_variant
         [[ -x $b ]] || { echo "no $which binary at $b"; continue; }
         local d=$(( $(left) - 15 ))
         (( d > 30 )) || { echo "no time left for $name"; return; }
@@ -212,12 +215,12 @@ elif [[ $plan == r ]]; then
       done
     done
   }
-  ab opt-int8-2slots --model opt-6.7b --policy offload --codec int8 --writeback-every 1 --timeline --steps 8 --warmup 2
+  AB_VARIANT=1 ab opt-int8-2slots --model opt-6.7b --policy offload --codec int8 --writeback-every 1 --timeline --steps 8 --warmup 2
   ab opt-int8-3slots-2copies --model opt-6.7b --policy offload --codec int8 --writeback-every 1 --slots 3 --two-copies \
     --gpu-budget 3.3 --timeline --steps 8 --warmup 2
-  ab qwen3-int8 --model qwen3-8b --policy offload --codec int8 --writeback-every 1 --timeline --steps 8 --warmup 2
   ab llama-1b-int8 --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1 --slots 3 --two-copies \
     --timeline --steps 10 --warmup 2
+  ab qwen3-int8 --model qwen3-8b --policy offload --codec int8 --writeback-every 1 --timeline --steps 8 --warmup 2
 elif [[ $plan == d ]]; then
   run_more qwen2.5-resident --model qwen2.5-7b --policy resident --codec bf16
   run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0 --timeline
