@@ -91,8 +91,9 @@ host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags; a repeated
   awk -v name="$name" -v model="$preset" -v codec="$codec" -v rc="$rc" '
     /^load / && / s to build/ { load = $2 }
     /^memory/ { for (i = 1; i <= NF; ++i) { if ($i == "RSS") peak = $(i + 1); if ($i == "store" && store == "") store = $(i + 1) } }
-    END { printf "{\"kind\":\"host_memory\",\"name\":\"%s\",\"model\":\"%s\",\"codec\":\"%s\",\"rc\":%d,\"load_s\":%s,\"peak_rss_gib\":%s,\"host_store_gib\":%s}\n",
-                 name, model, codec, rc, load == "" ? "null" : load, peak == "" ? "null" : peak, store == "" ? "null" : store }
+    /^training / && /ms\/step/ { for (i = 1; i <= NF; ++i) if ($i == "ms/step,") { v = $(i - 1); sub(/^\(/, "", v); ms = v } }
+    END { printf "{\"kind\":\"host_memory\",\"name\":\"%s\",\"model\":\"%s\",\"codec\":\"%s\",\"rc\":%d,\"load_s\":%s,\"peak_rss_gib\":%s,\"host_store_gib\":%s,\"ms_per_step\":%s}\n",
+                 name, model, codec, rc, load == "" ? "null" : load, peak == "" ? "null" : peak, store == "" ? "null" : store, ms == "" ? "null" : ms }
   ' "$out/$name.log" | tee -a "$results"
   rm -rf /tmp/zo2-ck
 }
