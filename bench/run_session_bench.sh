@@ -26,7 +26,7 @@
 #   t            zo2-opt's GPU tests (examples/tests/cli_tests.sh gpu and llama_gpu: --compute bf16,
 #                --two-copies among them), then zo2-opt training OPT-6.7B offloaded (int8, K chosen)
 #                with the forward in fp32 and in bf16: what a user of the program gets (not with
-#                ZO2_T_TIMING=0)
+#                ZO2_T_TIMING=0; the tests not with ZO2_T_TESTS=0)
 #   r            A/B of this tree's zo2_bench against a base build's (build-base/zo2_bench, carried:
 #                the sources before a kernel change; build-base/zo2_bench_variant, if there, in the
 #                first configuration), alternating base and new twice per
@@ -187,7 +187,7 @@ elif [[ $plan == e ]]; then
   run_more rules-resident --model opt-6.7b --policy resident --codec bf16 --optimizer zo-sgd,zo-sign,zo-mmt,zo-cons,zo-adam --queries 1
   run_more queries-resident --model opt-6.7b --policy resident --codec bf16 --queries 2,4
 elif [[ $plan == t ]]; then
-  for case in gpu llama_gpu; do
+  for case in $([[ ${ZO2_T_TESTS:-1} == 1 ]] && echo gpu llama_gpu); do
     (( $(left) > 60 )) || { echo "no time left for cli test $case"; break; }
     echo "== cli test $case"
     timeout $(( $(left) - 10 )) bash "$src/examples/tests/cli_tests.sh" "$case" "$src/build/examples/zo2-opt" \
