@@ -68,13 +68,16 @@ fi
 results=$(ls -t "$out"/*.jsonl | head -1)
 bench=$src/build/bench/zo2_bench
 left() { echo $(( ${ZO2_TOTAL_S:-570} - $(date +%s) + t0 )); }
-run_more() {  # run_more NAME ARGS...: zo2_bench into the results file, within what is left
+# run_more NAME ARGS...: zo2_bench into the results file, within what is left. run_bin runs another
+# build's binary instead; run_tag (JSON fields, e.g. "binary":"base") opens each of its lines.
+run_more() {
   local name=$1; shift
   local d=$(( $(left) - 15 ))
   (( d > 20 )) || { echo "no time left for $name"; return; }
   echo "== $name (deadline $d s)"
-  timeout $(( d + 10 )) "$bench" "$@" --deadline "$d" >> "$results" 2> "$out/$name.err"
-  echo "$name rc=$?"; grep -v '^ ' "$out/$name.err" | tail -3
+  timeout $(( d + 10 )) "${run_bin:-$bench}" "$@" --deadline "$d" 2> "$out/$name.err" |
+    sed "${run_tag:+s/^{/{$run_tag,/}" >> "$results"
+  echo "$name rc=${PIPESTATUS[0]}"; grep -v '^ ' "$out/$name.err" | tail -3
 }
 # Host memory of an offloaded zo2-opt run (docs/benchmarks.md): its `memory` line.
 host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags; a repeated one, e.g. --steps, overrides]
@@ -201,18 +204,16 @@ elif [[ $plan == t ]]; then
   done
 elif [[ $plan == r ]]; then
   ab() {  # ab NAME ARGS...: base and new binaries (and a variant's, where AB_VARIANT), alternating, twice
-    local name=$1 round which; shift
+    local name=$1 round which b; shift
     for round in 1 2; do
       for which in base new ${AB_VARIANT:+variant}; do
-        local b=$bench; [[ $which == base ]] && b=$root/build-base/zo2_bench
-        [[ $which == variant ]] && b=$root/build-base/zo2_bench_variant
+        case $which in
+          base) b=$root/build-base/zo2_bench ;;
+          variant) b=$root/build-base/zo2_bench_variant ;;
+          *) b=$bench ;;
+        esac
         [[ -x $b ]] || { echo "no $which binary at $b"; continue; }
-        local d=$(( $(left) - 15 ))
-        (( d > 30 )) || { echo "no time left for $name"; return; }
-        echo "== $name $which $round"
-        timeout $(( d + 10 )) "$b" "$@" --deadline "$d" 2> "$out/$name-$which-$round.err" |
-          sed "s/^{/{\"binary\":\"$which\",\"ab\":\"$name\",/" >> "$results"
-        grep -v '^ ' "$out/$name-$which-$round.err" | tail -2
+        run_bin=$b run_tag="\"binary\":\"$which\",\"ab\":\"$name\"" run_more "$name-$which-$round" "$@"
       done
     done
   }
