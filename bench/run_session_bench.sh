@@ -33,6 +33,15 @@
 #                configuration: OPT-6.7B int8 (two slots, K = 1, timeline; three slots, both
 #                perturbed copies, a 3.3 GiB budget), Llama-3.2-1B int8 (both copies, three slots)
 #                and Qwen3-8B int8; each line gets "binary":"base" or "new"
+#   u            the CUDA tests named in ZO2_CUDA_TESTS (default: the offload engine's: row kernel,
+#                host offload, write-back, family, bf16 state), each a {"kind":"test"} line
+#   n            Nsight Compute's view of one int8 row_kernel launch (bench/ncu_detail.sh) for the
+#                base build's zo2_bench (build-base/zo2_bench, if carried) and this tree's: OPT-6.7B
+#                with both perturbed copies (34 launches a step), the second step's 11th (an update
+#                and both copies over a block)
+#   q            Qwen3-8B offloaded, bf16p and int8 with their timelines, in two slots and in three
+#                uploading two blocks ahead (across the step's epilogue): where the step's time
+#                over the PCIe floor goes
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -223,6 +232,31 @@ elif [[ $plan == r ]]; then
   ab llama-1b-int8 --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1 --slots 3 --two-copies \
     --timeline --steps 10 --warmup 2
   ab qwen3-int8 --model qwen3-8b --policy offload --codec int8 --writeback-every 1 --timeline --steps 8 --warmup 2
+elif [[ $plan == u ]]; then
+  for t in ${ZO2_CUDA_TESTS:-row_kernel host_offload writeback offload_family offload_state_bf16}; do
+    (( $(left) > 40 )) || { echo "no time left for test $t"; break; }
+    exe=$src/build/tests/test_cuda_test_$t
+    [[ -x $exe ]] || { echo "no test binary $exe"; continue; }
+    timeout $(( $(left) - 20 )) "$exe" > "$out/test-$t.log" 2>&1
+    rc=$?
+    echo "test $t rc=$rc: $(grep -E '^\[doctest\] (test cases|assertions)' "$out/test-$t.log" | tr '\n' ' ')"
+    echo "{\"kind\":\"test\",\"case\":\"cuda_$t\",\"rc\":$rc}" >> "$results"
+  done
+elif [[ $plan == n ]]; then
+  for which in base new; do
+    b=$bench; [[ $which == base ]] && b=$root/build-base/zo2_bench
+    [[ -x $b ]] || { echo "no $which binary"; continue; }
+    (( $(left) > 60 )) || { echo "no time left for ncu $which"; break; }
+    echo "== ncu row_kernel ($which)"
+    SKIP=44 timeout $(( $(left) - 10 )) bash "$root/bench/ncu_detail.sh" "$b" row_kernel --model opt-6.7b --policy offload \
+      --codec int8 --writeback-every 1 --two-copies > "$out/ncu-$which.txt" 2>&1
+    echo "ncu $which rc=$?"
+    tail -1 "$out/ncu-$which.txt" | grep '^{' | sed "s/^{/{\"binary\":\"$which\",/" | tee -a "$results"
+  done
+elif [[ $plan == q ]]; then
+  run_more qwen3-2slots --model qwen3-8b --policy offload --codec bf16p,int8 --writeback-every 1 --timeline --steps 8 --warmup 2
+  run_more qwen3-3slots --model qwen3-8b --policy offload --codec bf16p,int8 --writeback-every 1 --slots 3 --prefetch 2 \
+    --timeline --steps 8 --warmup 2
 elif [[ $plan == d ]]; then
   run_more qwen2.5-resident --model qwen2.5-7b --policy resident --codec bf16
   run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0 --timeline

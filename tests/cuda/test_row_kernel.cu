@@ -1,7 +1,8 @@
 // The int8 row-scaled kernel (offload/row_kernel.cuh) against a host reference written here
 // from codecs.hpp and core's Philox / update formulas, on random rows: the updated codes and
 // scales, theta + eps z and theta - eps z, the perturb-only and convert passes. Row shapes cover
-// quads that straddle rows (row length 70), long rows (4096) and a rank-1 tensor. A large update
+// quads that straddle rows (row length 70), rows of whole octets (24, 4096, 16392: the kernel's
+// vector path, which runs its tensors longest first) and a rank-1 tensor. A large update
 // takes the exact absmax sweep and rescales rows; a MeZO-sized one is proved sticky on every row
 // (Int8RowCodec::keeps_scale) and must give the same bits as the reference's exact sweep.
 #include <doctest/doctest.h>
@@ -40,6 +41,8 @@ struct Fixture {
     layout.add("straddling", {37, 70});
     layout.add("long_rows", {9, 4096});
     layout.add("bias", {53}, false);
+    layout.add("short_aligned_rows", {11, 24});  // 3 octets a row: most threads idle
+    layout.add("wide_rows", {3, 16392});         // 2049 octets a row: threads take 8 or 9
     codec = offload::GroupCodec<Int8RowCodec>(layout);
     std::mt19937 rng(7);
     std::normal_distribution<float> normal(0.0f, 0.05f);
@@ -118,7 +121,7 @@ void check_perturbed(const Fixture& f, const std::vector<unsigned char>& block, 
       }
     }
   }
-  CHECK(checked == 37 * 70 + 9 * 4096 + 53);  // every element, no padding
+  CHECK(checked == 37 * 70 + 9 * 4096 + 53 + 11 * 24 + 3 * 16392);  // every element, no padding
   CHECK(exact >= checked * 999 / 1000);
 }
 

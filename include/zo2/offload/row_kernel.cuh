@@ -10,10 +10,16 @@
 //      previous step, takes the absmax and chooses the new scale (Int8RowCodec::rescale).
 //   2. decode, apply the update, encode it with stochastic rounding under that scale, decode
 //      it again, and write theta + eps z (and theta - eps z) in T.
-// So the common row costs about what the 16-bit fused pass costs (three Philox calls -- the
-// rounding call serves only this thread's quad -- and two Box-Muller pairs per 4 elements)
-// plus one byte-per-element read for step 1, and gives the same bits as always running the
-// exact sweep.
+// So the common row costs about what the 16-bit fused pass costs (two and a half Philox calls
+// and two Box-Muller pairs per 4 elements) plus one byte-per-element read for step 1, and gives
+// the same bits as always running the exact sweep.
+//
+// Rows of a multiple of 8 elements (every row of the bundled models) take a vector path: a
+// thread owns an octet (two quads) in steps 1 and 2, reads its 8 codes with one load, keeps its
+// first octet's codes from step 1 for step 2, and draws one rounding call for both quads (the
+// rounding stream is laid out per octet: core/philox.hpp). Other rows take a quad per thread.
+// The tensors run longest CUDA block first (RowTable), so a launch does not end on a partial
+// wave of an OPT block's fc1 / fc2 blocks, which take 4x a q/k/v/o block's time.
 //
 // Noise: z goes through box_muller_fast (backend/cuda/perturb.cuh) under ZO2_CUDA_FAST_NOISE,
 // as in the 16-bit passes: the perturbation feeds 16-bit T, the update feeds 8-bit codes, both far
@@ -38,6 +44,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -73,6 +80,11 @@ class RowTable {
                       layout.spec(r).weight_decay ? 1u : 0u});
       if (t.rows > max_rows_) max_rows_ = t.rows;
     }
+    // Longest CUDA blocks first (blockIdx.y walks this order): the launch ends on short blocks,
+    // not on a last partial wave of the longest (an OPT block's fc1 and fc2 take 4x a q/k/v/o's).
+    const std::uint64_t grid_x = launch_rows(max_rows_);
+    const auto work = [grid_x](const RowTensor& t) { return (t.rows + grid_x - 1) / grid_x * t.row_len; };
+    std::stable_sort(host.begin(), host.end(), [&](const RowTensor& x, const RowTensor& y) { return work(x) > work(y); });
     count_ = static_cast<std::uint32_t>(host.size());
     entries_ = DeviceBuffer<RowTensor>(host.size());
     copy_to_device_blocking(entries_.data(), host.data(), host.size() * sizeof(RowTensor));
@@ -80,6 +92,8 @@ class RowTable {
   const RowTensor* data() const { return entries_.data(); }
   std::uint32_t size() const { return count_; }
   std::uint64_t max_rows() const { return max_rows_; }
+  /// The grid's x extent for a group whose largest tensor has `rows` rows.
+  static std::uint64_t launch_rows(std::uint64_t rows) { return rows < 2048 ? (rows > 0 ? rows : 1) : 2048; }
 
  private:
   DeviceBuffer<RowTensor> entries_;
@@ -176,6 +190,10 @@ __device__ ZO2_FORCEINLINE void family_update_quad(const RowArgs& a, const RowFa
     v[k] = s.has(k, j0, j1) ? apply_rule<Rule, Write>(f.terms, rc, th[k], d[k], tensor_offset + s.first + k) : 0.0f;
 }
 
+/// The 8 codes of an aligned octet (one 8-byte load; octets of an aligned row never straddle it).
+__device__ ZO2_FORCEINLINE uint2 load_octet(const std::int8_t* codes, std::uint64_t o) {
+  return *reinterpret_cast<const uint2*>(codes + 8 * o);
+}
 template <class C, class T, class Rule = SgdRule, bool Queries = false>
 __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ block, float* __restrict__ scales,
                                                   T* __restrict__ plus, T* __restrict__ minus, RowArgs a, RowFamilyArgs f) {
@@ -197,20 +215,40 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
   std::int8_t* codes = reinterpret_cast<std::int8_t*>(block) + t.offset;
   T* plus_t = plus + t.offset;
   T* minus_t = minus ? minus + t.offset : nullptr;
+  // Rows of a multiple of 8 elements start on an octet (tensor offsets are multiples of 32): their
+  // octets are whole, read and written with vector loads and stores.
+  const bool aligned = t.row_len % 8 == 0;
   for (std::uint64_t row = blockIdx.x; row < t.rows; row += gridDim.x) {
     const std::uint64_t j0 = row * t.row_len, j1 = j0 + t.row_len;
     const std::uint64_t q_begin = j0 / 4, q_end = (j1 + 3) / 4;
+    const std::uint64_t o_begin = j0 / 8, o_end = (j1 + 7) / 8;
     const float old_scale = scales[t.first_row + row];
     float scale = old_scale;
+    // The codes of this thread's first octet of the row, kept from the first sweep for the last.
+    uint2 first_octet{};
+    bool have_first = false;
     if (a.has_update) {
       bool keeps = false;
       if constexpr (!kStateful) {
         float largest = 0.0f;  // the row's largest decoded magnitude
-        for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
-          float th[4];
-          load_quad<C>(codes, QuadSpan::of(q, j0, j1), j0, j1, old_scale, th);
+        if (aligned) {
+          for (std::uint64_t o = o_begin + threadIdx.x; o < o_end; o += blockDim.x) {
+            const uint2 w = load_octet(codes, o);
+            if (!have_first) {
+              first_octet = w;
+              have_first = true;
+            }
 #pragma unroll
-          for (int k = 0; k < 4; ++k) largest = fmaxf(largest, fabsf(th[k]));
+            for (int k = 0; k < 8; ++k)
+              largest = fmaxf(largest, fabsf(C::value(static_cast<std::int8_t>(((k < 4 ? w.x : w.y) >> (8 * (k % 4))) & 0xffu), old_scale)));
+          }
+        } else {
+          for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
+            float th[4];
+            load_quad<C>(codes, QuadSpan::of(q, j0, j1), j0, j1, old_scale, th);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) largest = fmaxf(largest, fabsf(th[k]));
+          }
         }
         // block_max's __syncthreads also orders every thread's read of old_scale before its write
         if constexpr (kPlain)
@@ -242,49 +280,102 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
       if (threadIdx.x == 0) scales[t.first_row + row] = scale;
     }
     if (!a.has_update && !a.perturb && !a.convert) continue;
-    for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
-      const QuadSpan s = QuadSpan::of(q, j0, j1);
-      float th[4];
-      load_quad<C>(codes, s, j0, j1, old_scale, th);
-      if (a.has_update) {
-        float v[4];
-        if constexpr (kPlain) {
-          const Normal4 z = gpu::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
+    if (aligned) {
+      // The last sweep over whole octets, one per thread: one 8-byte code load (none for the
+      // octet kept from the first sweep) and one rounding call for both quads. The quad-wise
+      // body repeats the other path's with whole quads; kept apart, this path needs 40 registers
+      // (6 blocks of 256 per SM), where one shared helper made ptxas allocate 44 (5 blocks).
+      for (std::uint64_t o = o_begin + threadIdx.x; o < o_end; o += blockDim.x) {
+        const uint2 w = have_first ? first_octet : load_octet(codes, o);
+        have_first = false;
+        Philox4x32 bits{};
+        if (a.has_update) bits = rounding_words(a.seed, a.update_step, id, o);
+#pragma unroll 1
+        for (int h = 0; h < 2; ++h) {  // not unrolled: both quads' noise at once costs registers
+          const std::uint64_t q = 2 * o + h;
+          const std::uint32_t word = h == 0 ? w.x : w.y;
+          float th[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) v[k] = updated_value<float>(th[k], z.z[k], u);
-        } else {
-          family_update_quad<Rule, true, kFastUpdate>(a, f, rc, id, t.offset, q, s, j0, j1, th, v);
-        }
-        // The octet's words; this thread uses the half of them that is quad q's (row_kernel
-        // walks quads, so a call per quad: no worse than before the 16-bit scheme).
-        const Philox4x32 bits = rounding_words(a.seed, a.update_step, id, q / 2);
-        std::int8_t c[4];
+          for (int k = 0; k < 4; ++k) th[k] = C::value(static_cast<std::int8_t>((word >> (8 * k)) & 0xffu), old_scale);
+          if (a.has_update) {
+            float v[4];
+            if constexpr (kPlain) {
+              const Normal4 z = gpu::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          c[k] = C::code(v[k], scale, rounding_bits(bits, static_cast<unsigned>(4 * (q % 2) + k)), true);
-          th[k] = C::value(c[k], scale);
-        }
-        if (s.whole) {
-          *reinterpret_cast<char4*>(codes + s.first) = make_char4(c[0], c[1], c[2], c[3]);
-        } else {
+              for (int k = 0; k < 4; ++k) v[k] = updated_value<float>(th[k], z.z[k], u);
+            } else {
+              family_update_quad<Rule, true, kFastUpdate>(a, f, rc, id, t.offset, q, QuadSpan{4 * q, true}, j0, j1, th, v);
+            }
+            // rounding_bits(bits, 4h + k), with selects for h
+            const std::uint32_t rw[2] = {h == 0 ? bits.v[0] : bits.v[2], h == 0 ? bits.v[1] : bits.v[3]};
+            std::int8_t c[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k)
-            if (s.has(k, j0, j1)) codes[s.first + k] = c[k];
+            for (int k = 0; k < 4; ++k) {
+              c[k] = C::code(v[k], scale, (rw[k / 2] >> (16 * (k % 2))) & 0xffffu, true);
+              th[k] = C::value(c[k], scale);
+            }
+            *reinterpret_cast<char4*>(codes + 4 * q) = make_char4(c[0], c[1], c[2], c[3]);
+          }
+          if (a.perturb) {
+            const Normal4 z = gpu::detail::noise4<kFastPerturb>(a.seed, a.step, id, q, perturb_query);
+            float v[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], a.eps);
+            store_quad(plus_t, QuadSpan{4 * q, true}, j0, j1, v);
+            if (minus_t) {
+#pragma unroll
+              for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], -a.eps);
+              store_quad(minus_t, QuadSpan{4 * q, true}, j0, j1, v);
+            }
+          } else if (a.convert) {
+            store_quad(plus_t, QuadSpan{4 * q, true}, j0, j1, th);
+          }
         }
       }
-      if (a.perturb) {
-        const Normal4 z = gpu::detail::noise4<kFastPerturb>(a.seed, a.step, id, q, perturb_query);
-        float v[4];
+    } else {
+      for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
+        const QuadSpan s = QuadSpan::of(q, j0, j1);
+        float th[4];
+        load_quad<C>(codes, s, j0, j1, old_scale, th);
+        if (a.has_update) {
+          float v[4];
+          if constexpr (kPlain) {
+            const Normal4 z = gpu::detail::noise4<kFastUpdate>(a.seed, a.update_step, id, q);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], a.eps);
-        store_quad(plus_t, s, j0, j1, v);
-        if (minus_t) {
+            for (int k = 0; k < 4; ++k) v[k] = updated_value<float>(th[k], z.z[k], u);
+          } else {
+            family_update_quad<Rule, true, kFastUpdate>(a, f, rc, id, t.offset, q, s, j0, j1, th, v);
+          }
+          // The octet's words; this thread uses the half of them that is quad q's.
+          const Philox4x32 bits = rounding_words(a.seed, a.update_step, id, q / 2);
+          std::int8_t c[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], -a.eps);
-          store_quad(minus_t, s, j0, j1, v);
+          for (int k = 0; k < 4; ++k) {
+            c[k] = C::code(v[k], scale, rounding_bits(bits, static_cast<unsigned>(4 * (q % 2) + k)), true);
+            th[k] = C::value(c[k], scale);
+          }
+          if (s.whole) {
+            *reinterpret_cast<char4*>(codes + s.first) = make_char4(c[0], c[1], c[2], c[3]);
+          } else {
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+              if (s.has(k, j0, j1)) codes[s.first + k] = c[k];
+          }
         }
-      } else if (a.convert) {
-        store_quad(plus_t, s, j0, j1, th);
+        if (a.perturb) {
+          const Normal4 z = gpu::detail::noise4<kFastPerturb>(a.seed, a.step, id, q, perturb_query);
+          float v[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], a.eps);
+          store_quad(plus_t, s, j0, j1, v);
+          if (minus_t) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v[k] = perturbed_value<float>(th[k], z.z[k], -a.eps);
+            store_quad(minus_t, s, j0, j1, v);
+          }
+        } else if (a.convert) {
+          store_quad(plus_t, s, j0, j1, th);
+        }
       }
     }
     __syncthreads();  // the next row's block_max reuses `reduce`
@@ -299,8 +390,7 @@ void launch_row_kernel(unsigned char* master, float* scales, T* plus, T* minus, 
   static_assert(Rule::kStateSlots == 0 || Queries, "stateful rules use the general (several-query) instantiation");
   if (table.size() == 0) return;
   a.table = table.data();
-  const std::uint64_t rows = table.max_rows();
-  const dim3 grid(static_cast<unsigned>(rows < 2048 ? rows : 2048), table.size());
+  const dim3 grid(static_cast<unsigned>(RowTable::launch_rows(table.max_rows())), table.size());
   row_kernel<C, T, Rule, Queries><<<grid, 256, 0, stream>>>(master, scales, plus, minus, a, f);
   ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::row_kernel");
 }
