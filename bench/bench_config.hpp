@@ -46,7 +46,7 @@ struct RunConfig {
   std::size_t slots = 0;  // offload: device slots; 0: --slots (the set's bf16p rows use 3, see expand)
   std::string optimizer = "zo-sgd";  // the ZO rule (zo2::parse_method)
   int queries = 1;                   // perturbations per step
-  int writeback_every = 1;  // offload: OffloadOptions::writeback_every (0: the plan picks from the measured link)
+  int writeback_every = 1;  // offload: OffloadOptions::writeback_every (0: chosen by a timed trial)
 };
 
 struct Options {
@@ -54,7 +54,7 @@ struct Options {
   std::vector<std::string> models, policies, codecs, dtypes;
   std::vector<std::string> optimizers;  // empty: zo-sgd
   std::vector<int> queries;             // empty: 1
-  std::vector<int> writeback_every;     // offload: write-back every K steps (empty: 1; 0: from the link)
+  std::vector<int> writeback_every;     // offload: write-back every K steps (empty: 1; 0: by a timed trial)
   int batch = 1, seq = 2048;
   int steps = -1, warmup = -1;  // -1: the set's choice (10 timed steps, 3 warm-up; 2 for >= 13B)
   double deadline_s = 0;        // > 0: start no configuration that would end after this
@@ -117,8 +117,8 @@ Options:
   --state-bf16         offload: keep zo-mmt's / zo-adam's state in bf16 (half its PCIe bytes; default fp32)
   --writeback-every LIST
                        offload: write a streamed block back to host memory every K steps (1..64;
-                       0: chosen as zo2-opt chooses it, from the pinned bandwidths measured at
-                       start and the last warm-up step timed at K = 1; default 1); every
+                       0: chosen as zo2-opt chooses it, by timing steps at K = 1, 2, 4, 8 after
+                       the warm-up (at most 27 steps; the line's writeback_trial); default 1); every
                        offloaded configuration runs with each K. The results are K = 1's
                        bit for bit; the host copy's lag is replayed on the GPU after each upload
   --flash KERNEL       the flash-attention kernel: auto (wgmma on Hopper in a build for sm_90a,

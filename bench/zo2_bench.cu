@@ -83,6 +83,7 @@
 #include <zo2/offload/codecs.hpp>
 #include <zo2/offload/cuda_resident.cuh>
 #include <zo2/offload/host_offload.cuh>
+#include <zo2/offload/writeback_trial.hpp>
 #include <zo2/optim/zo_optimizer.hpp>
 
 // ---- counting zo2's device allocations -------------------------------------------------------
@@ -299,7 +300,8 @@ struct PolicyNumbers {
               perturbed_copies = 2;
   std::uint64_t escape_overflow = 0;  // packed codec: escapes flushed to zero for want of room
   unsigned writeback_every = 1;       // the plan's K (deferred write-back)
-  offload::BlockTiming block_timing{};  // writeback_every 0: the warm-up step K was chosen from
+  offload::BlockTiming block_timing{};  // writeback_every 0: the trial's K = 1 step
+  std::string writeback_trial;          // writeback_every 0: each K tried and its median step
   double updates_replayed_per_step = 0;
   unsigned state_value_bytes = 4;     // the rule state's bytes per value (4 fp32, 2 bf16)
   bool prologue_scratch_shared = false;  // the blocks reuse the prologue's perturbed copy
@@ -371,6 +373,7 @@ void print_config_line(const RunConfig& c, const Env& env, const Baseline& base,
         .add("writeback_every_used", p.writeback_every).add("updates_replayed_per_step", p.updates_replayed_per_step)
         .add("block_upload_ms", p.block_timing.upload_ms).add("block_compute_ms", p.block_timing.compute_ms)
         .add("block_pass_ms", p.block_timing.pass_ms).add("block_period_ms", p.block_timing.period_ms)
+        .add("writeback_trial", p.writeback_trial)
         .add("rule_state", p.state_value_bytes == 2 ? "bf16" : "fp32")
         .add("prologue_scratch_shared", p.prologue_scratch_shared);
   line.add("h2d_bytes_per_step", p.h2d_bytes_per_step).add("d2h_bytes_per_step", p.d2h_bytes_per_step)
@@ -540,18 +543,31 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   policy.synchronize();
   const double setup_s = now_seconds() - base.t0;
 
-  // Warm-up here, so the traffic counters hold the timed steps' alone.
+  // Warm-up here, so the traffic counters hold the timed steps' alone. --writeback-every 0: then
+  // K is chosen as zo2-opt chooses it, by timing steps at K = 1, 2, 4, 8 (offload::WritebackTrial);
+  // the trial's first step (K = 1) is recorded for its visit times.
   offload::BlockTiming block_timing{};
-  const int warmup = choose_k ? std::max(c.warmup, 2) : c.warmup;
-  for (int i = 0; i < warmup; ++i) {
-    const bool measure = choose_k && i == warmup - 1;
-    if (measure) policy.restart_timeline();
-    optimizer.step(batch);
-    if (measure) {
-      block_timing = policy.choose_writeback_every_from_step(opts.link);
-      if (!o.timeline) policy.timeline().stop();
-      for (unsigned j = 1; j < policy.writeback_every(); ++j) optimizer.step(batch);  // into the stagger's steady state
+  std::string trial_summary;
+  for (int i = 0; i < (choose_k ? std::max(c.warmup, 1) : c.warmup); ++i) optimizer.step(batch);
+  if (choose_k) {
+    offload::WritebackTrial trial;
+    for (bool first = true; !trial.done(); first = false) {
+      if (trial.k() != policy.writeback_every()) policy.set_writeback_every(trial.k());
+      if (first) policy.restart_timeline();
+      policy.synchronize();
+      const double t0 = now_seconds();
+      optimizer.step(batch);
+      policy.synchronize();
+      trial.record(now_seconds() - t0);
+      if (first) {
+        policy.end_timeline_visit();
+        block_timing = policy.block_timing();
+        if (!o.timeline) policy.timeline().stop();
+      }
     }
+    if (trial.k() != policy.writeback_every()) policy.set_writeback_every(trial.k());
+    for (unsigned j = 1; j < policy.writeback_every(); ++j) optimizer.step(batch);  // into the stagger's steady state
+    trial_summary = trial.summary();
   }
   policy.synchronize();
   policy.reset_traffic();
@@ -573,6 +589,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   p.perturbed_copies = policy.shares_perturbed_copy() ? 1 : 2;
   p.writeback_every = policy.writeback_every();
   p.block_timing = block_timing;
+  p.writeback_trial = trial_summary;
   p.state_value_bytes = policy.plan().state_value_bytes;
   p.prologue_scratch_shared = policy.shares_prologue_scratch();
   p.updates_replayed_per_step = static_cast<double>(policy.updates_replayed()) / c.steps;

@@ -45,6 +45,7 @@
 #include <zo2/offload/host_offload.cuh>
 #include <zo2/offload/shared_host_master.cuh>
 #include <zo2/offload/link_probe.cuh>
+#include <zo2/offload/writeback_trial.hpp>
 
 #include "cli.hpp"
 #include "engine.hpp"
@@ -125,11 +126,15 @@ class CudaEngine final : public Engine {
     after_step();
     return r;
   }
-  /// --writeback-every 0: the engine's second step (the first warms the GEMMs up) is timed at
-  /// K = 1 and K is then chosen from `link` and what a streamed block's visit cost
-  /// (zo2::offload::choose_writeback_every(link, timing)). The policy records a timeline.
-  void choose_writeback_after_a_step(zo2::offload::LinkHint link) {
-    if constexpr (kOffload) choose_from_ = link;
+  /// --writeback-every 0: K is chosen by timing training steps at K = 1, 2, 4, 8
+  /// (zo2::offload::WritebackTrial; the parameters are the same for every K), from the second
+  /// step on (the first warms the GEMMs up). `link` is reported with the choice. The policy
+  /// records a timeline for the second step.
+  void choose_writeback_by_trial(zo2::offload::LinkHint link) {
+    if constexpr (kOffload) {
+      trial_.emplace();
+      link_ = link;
+    }
   }
   std::optional<std::string> take_notice() override { return std::exchange(notice_, std::nullopt); }
   std::string load_report() const override { return load_report_; }
@@ -266,26 +271,39 @@ class CudaEngine final : public Engine {
   }
 
  private:
+  // --writeback-every 0: the first step warms up; the second is recorded (a streamed block's
+  // visit at K = 1, for the notice); from the second on, each step's wall time goes to the trial,
+  // which sets K before each step until it is done.
   void before_step() {
-    if constexpr (kOffload)
-      if (choose_from_ && steps_run_ == 1) policy_.restart_timeline();
+    if constexpr (kOffload) {
+      if (!trial_) return;
+      if (steps_run_ == 1) policy_.restart_timeline();
+      if (steps_run_ >= 1 && trial_->k() != policy_.writeback_every()) policy_.set_writeback_every(trial_->k());
+      step_started_ = Clock::now();
+    }
   }
   void after_step() {
     ++steps_run_;
     if constexpr (kOffload) {
-      if (!choose_from_ || steps_run_ != 2) return;
-      const zo2::offload::LinkHint link = *std::exchange(choose_from_, std::nullopt);
-      const zo2::offload::BlockTiming t = policy_.choose_writeback_every_from_step(link);
-      policy_.timeline().stop();
+      if (!trial_ || steps_run_ < 2) return;
+      if (steps_run_ == 2) {
+        policy_.end_timeline_visit();
+        visit_ = policy_.block_timing();
+        policy_.timeline().stop();
+      }
+      trial_->record(std::chrono::duration<double>(Clock::now() - step_started_).count());
+      if (!trial_->done()) return;
+      if (trial_->k() != policy_.writeback_every()) policy_.set_writeback_every(trial_->k());
       const unsigned k = policy_.writeback_every();
-      char line[384];
+      char line[512];
       std::snprintf(line, sizeof line,
-                    "offload   write-back every %u step%s from here on: a streamed block's visit took %.2f ms "
-                    "(%.2f ms of upload, %.2f ms of GPU time, its pass %.2f ms) at K = 1; link %.1f GB/s one way, "
-                    "%.1f in duplex",
-                    k, k == 1 ? "" : "s", t.period_ms, t.upload_ms, t.compute_ms, t.pass_ms, link.one_way_gbps,
-                    link.duplex_gbps);
+                    "offload   write-back every %u step%s from here on: steps took %s; a streamed block's visit at "
+                    "K = 1 took %.2f ms (%.2f ms of upload, %.2f ms of GPU time, its pass %.2f ms); link %.1f GB/s one "
+                    "way, %.1f in duplex",
+                    k, k == 1 ? "" : "s", trial_->summary().c_str(), visit_.period_ms, visit_.upload_ms,
+                    visit_.compute_ms, visit_.pass_ms, link_.one_way_gbps, link_.duplex_gbps);
       notice_ = line;
+      trial_.reset();
     }
   }
 
@@ -367,7 +385,10 @@ class CudaEngine final : public Engine {
   typename Model::Activation hidden_[2];
   typename Model::Workspace workspace_;
   std::string description_;
-  std::optional<zo2::offload::LinkHint> choose_from_;  // --writeback-every 0: K is still to choose
+  std::optional<zo2::offload::WritebackTrial> trial_;  // --writeback-every 0: K is still to choose
+  zo2::offload::LinkHint link_{};
+  zo2::offload::BlockTiming visit_{};
+  Clock::time_point step_started_{};
   std::size_t steps_run_ = 0;
   std::optional<std::string> notice_;
   std::string loaded_report_, load_report_;  // where the load's time went: its parts, the whole
@@ -400,9 +421,9 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   using Master = zo2::gpu::SharedHostMaster<Codec, T>;
   const EngineOptions::SharedMaster* shared = options.shared_master ? &*options.shared_master : nullptr;
   const auto wait = std::chrono::milliseconds(shared ? static_cast<long long>(shared->wait_s * 1000.0) : 0);
-  // K = 0: the link is measured here. A lone engine starts at K = 1 and chooses K after its
-  // second step, from the link and the GPU's time per block; a shared master's K is fixed when
-  // it is created (from the link alone), and a rank that attaches to it takes the master's.
+  // K = 0: the link is measured here. A lone engine starts at K = 1 and chooses K by timing its
+  // steps (WritebackTrial); a shared master's K is fixed when it is created (from the link
+  // alone), and a rank that attaches to it takes the master's.
   std::optional<zo2::offload::LinkHint> choose_after_a_step;
   if (offload.writeback_every == 0) {
     if (shared && shared->seat != 0) {
@@ -424,14 +445,14 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   if (options.two_perturbed_copies) description += ", both perturbed copies on the GPU";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
   if (choose_after_a_step)
-    description += ", write-back every K steps, K chosen after the second step from the link and the GPU's time per block";
+    description += ", write-back every K steps, K chosen by timing steps at K = 1, 2, 4, 8";
   else if (offload.writeback_every != 1)
     description += ", write-back every " + std::to_string(zo2::gpu::offload_detail::resolve_writeback_every(offload)) +
                    " step(s)" + (offload.writeback_every == 0 ? " (chosen from the link)" : "");
   using Offloaded = CudaEngine<Model, zo2::gpu::HostOffload<Codec, T>>;
   if (!shared) {
     auto engine = std::make_unique<Offloaded>(config, parameters, options, description, offload);
-    if (choose_after_a_step) engine->choose_writeback_after_a_step(*choose_after_a_step);
+    if (choose_after_a_step) engine->choose_writeback_by_trial(*choose_after_a_step);
     return engine;
   }
   // This host's ranks share one pinned host master: seat 0 creates it, the others attach.

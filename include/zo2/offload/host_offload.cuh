@@ -50,10 +50,10 @@
 // store_to, get_rule_state, set_rule_state, and, with rule state, set_group / load (which
 // otherwise just drop the lag). current() replays into the slot and writes nothing back. The
 // replays cost GPU time, (K - 1) / 2 update passes per visit on average: choose_writeback_every
-// (writeback_log.hpp) is the plan's rule for writeback_every = 0, from the link alone; with a
-// step measured at K = 1 (block_timing(): a visit's upload, GPU time, pass and period, from the
-// timeline) its two-argument form weighs the replays against the GPU's idle time per block, and
-// choose_writeback_every_from_step() sets K so between steps (zo2-opt's --writeback-every 0). A replay recomputes what the
+// (writeback_log.hpp) is the plan's rule for writeback_every = 0, from the link alone; a program
+// that can time its steps does better with WritebackTrial (writeback_trial.hpp: K = 1, 2, 4, 8
+// timed, the fastest kept), setting K between steps with set_writeback_every (zo2-opt's
+// --writeback-every 0, zo2_bench's). A replay recomputes what the
 // discarded device copy had computed, so escape_overflow() (the packed codec's escapes that
 // found no room) may count such an escape again; the values are K = 1's all the same.
 //
@@ -548,8 +548,7 @@ class HostOffload {
   /// What a visit of a streamed block cost in the timeline's recording (a step recorded with
   /// restart_timeline() before it and end_timeline_visit() after): medians over its perturbing
   /// visits of streamed blocks whose upload was recorded, and of the intervals between the starts
-  /// of consecutive ones, in ms (zeros where none was). With
-  /// the link, offload::choose_writeback_every(link, timing) picks K from it.
+  /// of consecutive ones, in ms (zeros where none was).
   offload::BlockTiming block_timing() const {
     std::vector<double> upload, compute, pass, period;
     const std::vector<GroupVisitTimes> visits = timeline_.read();
@@ -574,15 +573,6 @@ class HostOffload {
       return x[x.size() / 2];
     };
     return {median(upload), median(compute), median(pass), median(period)};
-  }
-  /// After a step recorded at K = 1 (restart_timeline() before it): ends its last visit, takes
-  /// its block_timing(), sets K to offload::choose_writeback_every(link, timing) and returns the
-  /// timing (writeback_every() says the K). The recording goes on until timeline().stop().
-  offload::BlockTiming choose_writeback_every_from_step(const offload::LinkHint& link) {
-    close_visit();
-    const offload::BlockTiming timing = block_timing();
-    set_writeback_every(offload::choose_writeback_every(link, timing));
-    return timing;
   }
   /// Which updates each streamed block's host copy lacks (index: streamed block, group - 1).
   const offload::WritebackLog& writeback_log() const { return log_; }

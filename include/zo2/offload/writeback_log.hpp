@@ -88,9 +88,9 @@ inline unsigned choose_writeback_every(const LinkHint& link) {
   return static_cast<unsigned>(std::max(k, 1.0));
 }
 
-/// What one visit of a streamed block costs on the GPU and the link, measured over a step at
-/// write-back every step (HostOffload::block_timing(): medians over the step's streamed
-/// visits), in ms.
+/// What one visit of a streamed block costs on the GPU and the link, measured over a step
+/// (HostOffload::block_timing(): medians over the step's streamed visits), in ms: what zo2-opt
+/// reports beside the K its trial chose (writeback_trial.hpp).
 struct BlockTiming {
   double upload_ms = 0;   // the block's upload, beside the write-backs (so at about the duplex rate)
   double compute_ms = 0;  // the GPU's work of the visit: its pass, then the model's forwards
@@ -98,48 +98,6 @@ struct BlockTiming {
   double period_ms = 0;   // from one streamed visit's start to the next's: what a visit really took
                           // (0: not measured)
 };
-
-/// How much faster than K = 1 the model below must find a K > 1 before it is taken: its
-/// predictions ran 10-16 points above the gains measured on two H100 hosts (see below).
-inline constexpr double kWritebackMinModelledGain = 0.15;
-
-/// The write-back interval for a link and a step measured at K = 1: what the plan cannot know
-/// from the link alone is whether the GPU has the time the replays take.
-///
-/// Per visit of a streamed block, with e = one_way / duplex - 1 and u = upload_ms / (1 + e) (the
-/// upload alone): the link needs L(K) = u (1 + e / K) (1/K of the blocks write back beside the
-/// uploads) and the GPU G(K) = compute_ms + pass_ms (K - 1) / 2 (a visit replays (K - 1) / 2
-/// updates on average); a visit takes about max(L(K), G(K)) for K > 1, and at K = 1 what the
-/// step measured, period_ms, when it is longer: with two slots every upload into a slot waits
-/// for that slot's write-back, a coupling that the visits which skip their write-back (K > 1)
-/// do not have. The pick is the smallest K whose time is within 1% of the least over
-/// 1..kMaxAutoWritebackEvery, if that time is at most 1 - kWritebackMinModelledGain of K = 1's;
-/// else K = 1. So K = 1 where the GPU, not the link, sets the pace (a replay would only add to
-/// it), more where the link waits on the write-backs and the GPU has idle time for the replays.
-/// Measured at OPT-6.7B, two slots, on two H100 hosts of about 55 GB/s one way and 48 in duplex:
-/// on one, int8 timed 4.2 ms upload, 3.7 ms GPU, 1.0 ms pass and a 5.6 ms period (modelled
-/// K = 2: 0.75 of K = 1; measured 0.91), bf16p 6.6 / 4.3 / 1.5 / 9.2 ms (K = 3: 0.66; measured
-/// 0.79); on the other, whose K = 1 steps were faster, int8 4.1 / 3.8 / 1.0 / 4.8 ms (K = 2: 0.90;
-/// measured 1.00) and bf16p 6.8 / 4.4 / 1.5 / 6.9 ms (K = 3: 0.90; measured 1.02). A timing that
-/// is not positive and finite falls back to choose_writeback_every(link).
-inline unsigned choose_writeback_every(const LinkHint& link, const BlockTiming& t) {
-  const auto positive = [](double v) { return std::isfinite(v) && v > 0; };
-  if (!positive(link.one_way_gbps) || !positive(link.duplex_gbps) || !positive(t.upload_ms) ||
-      !positive(t.compute_ms) || !positive(t.pass_ms))
-    return choose_writeback_every(link);
-  const double e = std::max(0.0, link.one_way_gbps / link.duplex_gbps - 1.0);
-  const double u = t.upload_ms / (1.0 + e);
-  const double period = positive(t.period_ms) ? t.period_ms : 0.0;
-  const auto visit_ms = [&](unsigned k) {
-    const double modelled = std::max(u * (1.0 + e / k), t.compute_ms + t.pass_ms * (k - 1) / 2.0);
-    return k == 1 ? std::max(modelled, period) : modelled;
-  };
-  double best = visit_ms(1);
-  for (unsigned k = 2; k <= kMaxAutoWritebackEvery; ++k) best = std::min(best, visit_ms(k));
-  unsigned k = 1;
-  while (visit_ms(k) > best * 1.01) ++k;  // ends at the least's K at the latest
-  return visit_ms(k) <= (1.0 - kWritebackMinModelledGain) * visit_ms(1) ? k : 1;
-}
 
 /// Throws ConfigError unless 1 <= every <= kMaxWritebackEvery (0 is resolved by the plan).
 inline void validate_writeback_every(unsigned every) {
