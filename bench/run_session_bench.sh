@@ -23,7 +23,7 @@
 #   g            the reference at OPT-13B beside zo2 (int8, bf16p, K chosen): GPU memory
 #   h            the reference's Hugging Face Qwen3 path at Qwen3-8B (bench/reference_hf.py; carry
 #                .whl from bench/reference_wheels.sh) beside zo2 (int8, bf16p, K chosen)
-#   t            zo2-opt's GPU tests (examples/tests/cli_tests.sh gpu and llama_gpu: --compute bf16,
+#   t            zo2-opt's GPU tests (examples/tests/cli_tests.sh gpu and llama_gpu, or ZO2_T_CASES: --compute bf16,
 #                --two-copies among them), then zo2-opt training OPT-6.7B offloaded (int8, K chosen)
 #                with the forward in fp32 and in bf16: what a user of the program gets (not with
 #                ZO2_T_TIMING=0; the tests not with ZO2_T_TESTS=0)
@@ -42,6 +42,11 @@
 #   q            Qwen3-8B offloaded, bf16p and int8 with their timelines, in two slots and in three
 #                uploading two blocks ahead (across the step's epilogue): where the step's time
 #                over the PCIe floor goes
+#   k            the write-back trial (--writeback-every 0: K = 1, 2, 4, 8 timed) beside K = 1 and 2:
+#                OPT-6.7B bf16p and int8 in three slots
+#   s            Nsight Compute's time of every packed-codec launch (packed_kernel, packed_sort_kernel)
+#                of a Qwen3-8B bf16p run's first two steps (bench/ncu_launches.sh): what the prologue's
+#                and the epilogue's passes over the 622M-element embedding and head cost
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -199,7 +204,7 @@ elif [[ $plan == e ]]; then
   run_more rules-resident --model opt-6.7b --policy resident --codec bf16 --optimizer zo-sgd,zo-sign,zo-mmt,zo-cons,zo-adam --queries 1
   run_more queries-resident --model opt-6.7b --policy resident --codec bf16 --queries 2,4
 elif [[ $plan == t ]]; then
-  for case in $([[ ${ZO2_T_TESTS:-1} == 1 ]] && echo gpu llama_gpu); do
+  for case in $([[ ${ZO2_T_TESTS:-1} == 1 ]] && echo "${ZO2_T_CASES:-gpu llama_gpu}"); do
     (( $(left) > 60 )) || { echo "no time left for cli test $case"; break; }
     echo "== cli test $case"
     timeout $(( $(left) - 10 )) bash "$src/examples/tests/cli_tests.sh" "$case" "$src/build/examples/zo2-opt" \
@@ -257,6 +262,11 @@ elif [[ $plan == q ]]; then
   run_more qwen3-2slots --model qwen3-8b --policy offload --codec bf16p,int8 --writeback-every 1 --timeline --steps 8 --warmup 2
   run_more qwen3-3slots --model qwen3-8b --policy offload --codec bf16p,int8 --writeback-every 1 --slots 3 --prefetch 2 \
     --timeline --steps 8 --warmup 2
+elif [[ $plan == k ]]; then
+  run_more trial-opt --model opt-6.7b --policy offload --codec bf16p,int8 --slots 3 --writeback-every 1,2,0 --steps 8 --warmup 2
+elif [[ $plan == s ]]; then
+  (( $(left) > 60 )) && timeout $(( $(left) - 10 )) bash "$root/bench/ncu_launches.sh" "$bench" packed \
+    --model qwen3-8b --policy offload --codec bf16p --writeback-every 1 2> "$out/ncu-launches.err" | tee -a "$results"
 elif [[ $plan == d ]]; then
   run_more qwen2.5-resident --model qwen2.5-7b --policy resident --codec bf16
   run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0 --timeline
