@@ -35,7 +35,7 @@
 #                and Qwen3-8B int8; each line gets "binary":"base" or "new"
 #   u            the CUDA tests named in ZO2_CUDA_TESTS (default: the offload engine's: row kernel,
 #                host offload, write-back, family, bf16 state), each a {"kind":"test"} line
-#   n            Nsight Compute's view of one int8 row_kernel launch (bench/ncu_detail.sh) for the
+#   n            Nsight Compute's view of one int8 row_kernel launch (bench/ncu_kernel.sh detail) for the
 #                base build's zo2_bench (build-base/zo2_bench, if carried) and this tree's: OPT-6.7B
 #                with both perturbed copies (34 launches a step), the second step's 11th (an update
 #                and both copies over a block)
@@ -44,9 +44,12 @@
 #                over the PCIe floor goes
 #   k            the write-back trial (--writeback-every 0: K = 1, 2, 4, 8 timed) beside K = 1 and 2:
 #                OPT-6.7B bf16p and int8 in three slots
-#   s            Nsight Compute's time of every packed-codec launch (packed_kernel, packed_sort_kernel)
-#                of a Qwen3-8B bf16p run's first two steps (bench/ncu_launches.sh): what the prologue's
-#                and the epilogue's passes over the 622M-element embedding and head cost
+#   s            Nsight Compute's time of every packed-codec launch (packed_kernel, the escape lists' sort)
+#                of a Qwen3-8B bf16p run's first two steps (bench/ncu_kernel.sh launches), for the base
+#                build's zo2_bench and this tree's: what the passes over the 622M-element embedding and
+#                head, and the sorts, cost
+#   p            A/B (as r) of the bf16p codec's pass: Qwen3-8B in three slots uploading two ahead, and
+#                OPT-6.7B in three slots, with timelines
 #   c            2 ranks' host memory (master shared / per rank), host memory at OPT-30B int8,
 #                OPT-6.7B int8 and bf16p with write-back every 1 and 2 steps and K chosen (0),
 #                in two slots, then three; q = 1 and 4 at sequence 512 (bf16p)
@@ -92,6 +95,22 @@ run_more() {
   timeout $(( d + 10 )) "${run_bin:-$bench}" "$@" --deadline "$d" 2> "$out/$name.err" |
     sed "${run_tag:+s/^{/{$run_tag,/}" >> "$results"
   echo "$name rc=${PIPESTATUS[0]}"; grep -v '^ ' "$out/$name.err" | tail -3
+}
+# ab NAME ARGS...: the base build's zo2_bench (build-base/zo2_bench, carried) and this tree's (and
+# build-base/zo2_bench_variant's, where AB_VARIANT), alternating, twice; lines tagged "binary".
+ab() {
+  local name=$1 round which b; shift
+  for round in 1 2; do
+    for which in base new ${AB_VARIANT:+variant}; do
+      case $which in
+        base) b=$root/build-base/zo2_bench ;;
+        variant) b=$root/build-base/zo2_bench_variant ;;
+        *) b=$bench ;;
+      esac
+      [[ -x $b ]] || { echo "no $which binary at $b"; continue; }
+      run_bin=$b run_tag="\"binary\":\"$which\",\"ab\":\"$name\"" run_more "$name-$which-$round" "$@"
+    done
+  done
 }
 # Host memory of an offloaded zo2-opt run (docs/benchmarks.md): its `memory` line.
 host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags; a repeated one, e.g. --steps, overrides]
@@ -217,20 +236,6 @@ elif [[ $plan == t ]]; then
     host_memory "opt-int8-compute-$compute" opt-6.7b int8 --writeback-every 0 --compute "$compute" --steps 6
   done
 elif [[ $plan == r ]]; then
-  ab() {  # ab NAME ARGS...: base and new binaries (and a variant's, where AB_VARIANT), alternating, twice
-    local name=$1 round which b; shift
-    for round in 1 2; do
-      for which in base new ${AB_VARIANT:+variant}; do
-        case $which in
-          base) b=$root/build-base/zo2_bench ;;
-          variant) b=$root/build-base/zo2_bench_variant ;;
-          *) b=$bench ;;
-        esac
-        [[ -x $b ]] || { echo "no $which binary at $b"; continue; }
-        run_bin=$b run_tag="\"binary\":\"$which\",\"ab\":\"$name\"" run_more "$name-$which-$round" "$@"
-      done
-    done
-  }
   AB_VARIANT=1 ab opt-int8-2slots --model opt-6.7b --policy offload --codec int8 --writeback-every 1 --timeline --steps 8 --warmup 2
   ab opt-int8-3slots-2copies --model opt-6.7b --policy offload --codec int8 --writeback-every 1 --slots 3 --two-copies \
     --gpu-budget 3.3 --timeline --steps 8 --warmup 2
@@ -253,7 +258,7 @@ elif [[ $plan == n ]]; then
     [[ -x $b ]] || { echo "no $which binary"; continue; }
     (( $(left) > 60 )) || { echo "no time left for ncu $which"; break; }
     echo "== ncu row_kernel ($which)"
-    SKIP=44 timeout $(( $(left) - 10 )) bash "$root/bench/ncu_detail.sh" "$b" row_kernel --model opt-6.7b --policy offload \
+    SKIP=44 timeout $(( $(left) - 10 )) bash "$root/bench/ncu_kernel.sh" detail "$b" row_kernel --model opt-6.7b --policy offload \
       --codec int8 --writeback-every 1 --two-copies > "$out/ncu-$which.txt" 2>&1
     echo "ncu $which rc=$?"
     tail -1 "$out/ncu-$which.txt" | grep '^{' | sed "s/^{/{\"binary\":\"$which\",/" | tee -a "$results"
@@ -265,8 +270,19 @@ elif [[ $plan == q ]]; then
 elif [[ $plan == k ]]; then
   run_more trial-opt --model opt-6.7b --policy offload --codec bf16p,int8 --slots 3 --writeback-every 1,2,0 --steps 8 --warmup 2
 elif [[ $plan == s ]]; then
-  (( $(left) > 60 )) && timeout $(( $(left) - 10 )) bash "$root/bench/ncu_launches.sh" "$bench" packed \
-    --model qwen3-8b --policy offload --codec bf16p --writeback-every 1 2> "$out/ncu-launches.err" | tee -a "$results"
+  for which in base new; do
+    b=$bench; [[ $which == base ]] && b=$root/build-base/zo2_bench
+    [[ -x $b ]] || { echo "no $which binary"; continue; }
+    (( $(left) > 60 )) || { echo "no time left for ncu launches ($which)"; break; }
+    echo "== ncu launches ($which)"
+    timeout $(( $(left) - 10 )) bash "$root/bench/ncu_kernel.sh" launches "$b" "packed|Segmented" \
+      --model qwen3-8b --policy offload --codec bf16p --writeback-every 1 2> "$out/ncu-launches-$which.err" |
+      sed "s/^{/{\"binary\":\"$which\",/" | tee -a "$results" | cut -c1-300
+  done
+elif [[ $plan == p ]]; then
+  ab qwen3-bf16p --model qwen3-8b --policy offload --codec bf16p --writeback-every 1 --slots 3 --prefetch 2 --timeline \
+    --steps 8 --warmup 2
+  ab opt-bf16p --model opt-6.7b --policy offload --codec bf16p --writeback-every 1 --slots 3 --timeline --steps 8 --warmup 2
 elif [[ $plan == d ]]; then
   run_more qwen2.5-resident --model qwen2.5-7b --policy resident --codec bf16
   run_more llama-1b-offload --model llama-3.2-1b --policy offload --codec int8 --writeback-every 1,0 --timeline
