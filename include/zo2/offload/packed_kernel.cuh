@@ -7,8 +7,9 @@
 // (perturb.cuh: the same noise, updated_value and stochastic rounding to bf16 -- so the packed
 // codec's weights are the bf16 codec's, bit for bit), re-encode against the chunk's new largest
 // exponent (a reduction over its four threads), and write theta + eps z (and theta - eps z) in T.
-// New escapes go to a scratch list by atomic append; packed_sort_kernel then sorts each tensor's
-// list into the block and writes the counts. An escape beyond a tensor's room (never seen with
+// New escapes go to a scratch list by atomic append; cub::DeviceSegmentedSort then sorts every
+// tensor's list (one segment each) and packed_store_escapes_kernel copies them into the block
+// with their counts. An escape beyond a tensor's room (never seen with
 // trained weights: the room is ~30x the rate of normal weights) is flushed to zero and counted
 // in `overflow`, which the caller reports.
 //
@@ -17,11 +18,11 @@
 // Rule::apply with the element's state exactly as plain_kernel.cuh does for the bf16 codec, so
 // the packed codec stays the bf16 codec bit for bit under every rule. Their perturbation draws z
 // of PackedArgs::query.
-//
-// Status: compiled, not yet run on a GPU (tests/cuda/test_packed_kernel.cu is written for it).
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <cub/device/device_segmented_sort.cuh>
 
 #include <cstddef>
 #include <cstdint>
@@ -216,42 +217,30 @@ __global__ void __launch_bounds__(256) packed_kernel(unsigned char* __restrict__
   }
 }
 
-/// Puts each tensor's new escape list in index order and into the block, with its count. One
-/// block of threads per tensor: a bitonic sort over the list padded to a power of two in the
-/// scratch (the scratch room per tensor is that power of two), then a copy. The lists are short
-/// (an escape list holds a few dozen entries), so one launch sorts them all.
-/// (A template of nothing, so that every translation unit including this header may define it.)
+/// Where each tensor's new escape list ends in the scratch: its start plus its count, capped at
+/// its room (what the pass appended beyond it was flushed and counted in `overflow`).
+template <int = 0>  // (a template of nothing, so that every translation unit may define it)
+__global__ void packed_escape_ends_kernel(const PackedTensorArgs* __restrict__ table,
+                                          const std::uint64_t* __restrict__ scratch_offsets,
+                                          const std::uint32_t* __restrict__ new_counts, std::uint64_t* __restrict__ ends,
+                                          std::uint32_t tensors) {
+  for (std::uint32_t r = blockIdx.x * blockDim.x + threadIdx.x; r < tensors; r += gridDim.x * blockDim.x)
+    ends[r] = scratch_offsets[r] + (new_counts[r] < table[r].escape_capacity ? new_counts[r] : table[r].escape_capacity);
+}
+
+/// Copies each tensor's escape list, sorted by index (cub::DeviceSegmentedSort into `sorted`, at
+/// the scratch's offsets), into the block, with its count. One block of threads per tensor.
 template <int = 0>
-__global__ void __launch_bounds__(1024) packed_sort_kernel(unsigned char* __restrict__ block,
-                                                          const PackedTensorArgs* __restrict__ table,
-                                                          std::uint64_t counts_offset, std::uint64_t entries_offset,
-                                                          std::uint64_t* __restrict__ scratch,
-                                                          const std::uint64_t* __restrict__ scratch_offsets,
-                                                          const std::uint32_t* __restrict__ new_counts) {
+__global__ void __launch_bounds__(1024) packed_store_escapes_kernel(unsigned char* __restrict__ block,
+                                                                    const PackedTensorArgs* __restrict__ table,
+                                                                    std::uint64_t counts_offset, std::uint64_t entries_offset,
+                                                                    const std::uint64_t* __restrict__ sorted,
+                                                                    const std::uint64_t* __restrict__ scratch_offsets,
+                                                                    const std::uint64_t* __restrict__ ends) {
   const PackedTensorArgs t = table[blockIdx.x];
-  const std::uint64_t count = new_counts[blockIdx.x] < t.escape_capacity ? new_counts[blockIdx.x] : t.escape_capacity;
-  std::uint64_t m = 1;
-  while (m < count) m <<= 1;
-  std::uint64_t* e = scratch + scratch_offsets[blockIdx.x];
-  for (std::uint64_t i = count + threadIdx.x; i < m; i += blockDim.x) e[i] = ~std::uint64_t{0};  // sorts last
-  __syncthreads();
-  for (std::uint64_t k = 2; k <= m; k <<= 1) {
-    for (std::uint64_t j = k >> 1; j > 0; j >>= 1) {
-      for (std::uint64_t i = threadIdx.x; i < m; i += blockDim.x) {
-        const std::uint64_t partner = i ^ j;
-        if (partner > i) {
-          const std::uint64_t a = e[i], b = e[partner];
-          if ((a > b) == ((i & k) == 0)) {
-            e[i] = b;
-            e[partner] = a;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
+  const std::uint64_t begin = scratch_offsets[blockIdx.x], count = ends[blockIdx.x] - begin;
   std::uint64_t* out = reinterpret_cast<std::uint64_t*>(block + entries_offset) + t.escape_offset;
-  for (std::uint64_t i = threadIdx.x; i < count; i += blockDim.x) out[i] = e[i];
+  for (std::uint64_t i = threadIdx.x; i < count; i += blockDim.x) out[i] = sorted[begin + i];
   if (threadIdx.x == 0) reinterpret_cast<std::uint32_t*>(block + counts_offset)[t.index] = static_cast<std::uint32_t>(count);
 }
 
@@ -260,21 +249,29 @@ __global__ void __launch_bounds__(1024) packed_sort_kernel(unsigned char* __rest
 class PackedPass {
  public:
   PackedPass() = default;
-  /// The next power of two >= n (the sort's room for a list of up to n entries).
-  static std::uint64_t pow2_at_least(std::uint64_t n) {
-    std::uint64_t m = 1;
-    while (m < n) m <<= 1;
-    return m;
+  /// cub::DeviceSegmentedSort's temporary storage for `items` entries in `segments` lists.
+  static std::size_t sort_temp_bytes(std::uint64_t items, std::uint32_t segments) {
+    std::size_t bytes = 0;
+    ZO2_CUDA_CHECK(cub::DeviceSegmentedSort::SortKeys(nullptr, bytes, static_cast<const std::uint64_t*>(nullptr),
+                                                      static_cast<std::uint64_t*>(nullptr),
+                                                      static_cast<std::int64_t>(items), static_cast<std::int64_t>(segments),
+                                                      static_cast<const std::uint64_t*>(nullptr),
+                                                      static_cast<const std::uint64_t*>(nullptr)));
+    return bytes;
   }
-  /// Device bytes a pass over groups packed by `codec` allocates, and how many allocations.
+  /// Device bytes a pass over groups packed by `codec` allocates, and how many allocations: the
+  /// table, every tensor's room for new escapes twice (as appended, and sorted), each list's
+  /// start and end, the counts, the overflow counter and the sort's temporary storage.
   static std::size_t device_bytes(const offload::PackedBf16Group& codec) {
-    std::size_t entries = 0;
-    for (std::size_t r = 0; r < codec.num_tensors(); ++r) entries += pow2_at_least(codec.tensor(r).escape_capacity);
-    return entries * sizeof(std::uint64_t) +
-           codec.num_tensors() * (sizeof(PackedTensorArgs) + sizeof(std::uint64_t) + sizeof(std::uint32_t)) +
-           sizeof(std::uint32_t);
+    std::uint64_t entries = 0;
+    for (std::size_t r = 0; r < codec.num_tensors(); ++r) entries += codec.tensor(r).escape_capacity;
+    const auto tensors = static_cast<std::uint32_t>(codec.num_tensors());
+    if (tensors == 0) return 0;
+    return 2 * entries * sizeof(std::uint64_t) +
+           tensors * (sizeof(PackedTensorArgs) + 2 * sizeof(std::uint64_t) + sizeof(std::uint32_t)) +
+           sizeof(std::uint32_t) + sort_temp_bytes(entries, tensors);
   }
-  static constexpr std::size_t kAllocations = 5;
+  static constexpr std::size_t kAllocations = 8;
 
   /// For groups laid out as `layout` and packed by `codec` (which must outlive the pass).
   PackedPass(const offload::PackedBf16Group& codec, const ParamLayout& layout) : codec_(&codec) {
@@ -285,7 +282,7 @@ class PackedPass {
       host_table_.push_back({t.offset, t.numel, t.escape_offset, t.escape_capacity, static_cast<std::uint32_t>(r),
                              layout.spec(r).weight_decay ? 1u : 0u});
       scratch_offsets.push_back(scratch);
-      scratch += pow2_at_least(t.escape_capacity);
+      scratch += t.escape_capacity;
     }
     num_tensors_ = static_cast<std::uint32_t>(host_table_.size());
     if (num_tensors_ == 0) return;
@@ -293,7 +290,12 @@ class PackedPass {
     scratch_offsets_ = DeviceBuffer<std::uint64_t>(host_table_.size());
     new_counts_ = DeviceBuffer<std::uint32_t>(host_table_.size());
     new_entries_ = DeviceBuffer<std::uint64_t>(scratch);
+    sorted_ = DeviceBuffer<std::uint64_t>(scratch);
+    ends_ = DeviceBuffer<std::uint64_t>(host_table_.size());
     overflow_ = DeviceBuffer<std::uint32_t>(1);
+    scratch_entries_ = scratch;
+    sort_temp_bytes_ = sort_temp_bytes(scratch, num_tensors_);
+    sort_temp_ = DeviceBuffer<unsigned char>(sort_temp_bytes_ > 0 ? sort_temp_bytes_ : 1);
     ZO2_CUDA_CHECK(cudaMemcpy(table_.data(), host_table_.data(), host_table_.size() * sizeof(PackedTensorArgs),
                               cudaMemcpyHostToDevice));
     ZO2_CUDA_CHECK(cudaMemcpy(scratch_offsets_.data(), scratch_offsets.data(),
@@ -341,15 +343,30 @@ class PackedPass {
     ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_kernel");
     if (body_done) body_done->record(stream);
     if (!a.has_update) return;  // the lists are unchanged
-    packed_sort_kernel<><<<num_tensors_, 1024, 0, stream>>>(block, table_.data(), a.counts_offset, a.entries_offset,
-                                                          new_entries_.data(), scratch_offsets_.data(),
-                                                          new_counts_.data());
-    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_sort_kernel");
+    store_sorted_escapes(block, a, stream);
     if (!split) return;
     PackedArgs second = a;
     second.has_update = false;  // decode the updated block and its sorted lists; write the outputs
     packed_kernel<T, Rule, Queries><<<grid, 256, 0, stream>>>(block, plus, minus, second);
     ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_kernel (outputs)");
+  }
+
+  /// The pass's new escape lists, sorted by element index, into the block with their counts.
+  void store_sorted_escapes(unsigned char* block, const PackedArgs& a, cudaStream_t stream) {
+    packed_escape_ends_kernel<><<<1, 256, 0, stream>>>(table_.data(), scratch_offsets_.data(), new_counts_.data(),
+                                                        ends_.data(), num_tensors_);
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_escape_ends_kernel");
+    std::size_t temp_bytes = sort_temp_bytes_;
+    ZO2_CUDA_CHECK(cub::DeviceSegmentedSort::SortKeys(sort_temp_.data(), temp_bytes,
+                                                      static_cast<const std::uint64_t*>(new_entries_.data()),
+                                                      sorted_.data(), static_cast<std::int64_t>(scratch_entries_),
+                                                      static_cast<std::int64_t>(num_tensors_),
+                                                      static_cast<const std::uint64_t*>(scratch_offsets_.data()),
+                                                      static_cast<const std::uint64_t*>(ends_.data()), stream));
+    packed_store_escapes_kernel<><<<num_tensors_, 1024, 0, stream>>>(block, table_.data(), a.counts_offset,
+                                                                     a.entries_offset, sorted_.data(),
+                                                                     scratch_offsets_.data(), ends_.data());
+    ZO2_CUDA_CHECK_LAUNCH("zo2::gpu::offload_detail::packed_store_escapes_kernel");
   }
 
   /// Escapes that found no room since the last reset (each flushed to zero): blocks until known.
@@ -366,8 +383,11 @@ class PackedPass {
   std::vector<PackedTensorArgs> host_table_;
   std::uint32_t num_tensors_ = 0;
   DeviceBuffer<PackedTensorArgs> table_;
-  DeviceBuffer<std::uint64_t> scratch_offsets_, new_entries_;
+  DeviceBuffer<std::uint64_t> scratch_offsets_, new_entries_, sorted_, ends_;
   DeviceBuffer<std::uint32_t> new_counts_, overflow_;
+  DeviceBuffer<unsigned char> sort_temp_;
+  std::uint64_t scratch_entries_ = 0;
+  std::size_t sort_temp_bytes_ = 0;
 };
 
 }  // namespace zo2::gpu::offload_detail
