@@ -112,6 +112,20 @@ ab() {
     done
   done
 }
+# ncu_ab MODE REGEX ARGS...: bench/ncu_kernel.sh MODE on the base build's zo2_bench and on this
+# tree's; each JSON line tagged "binary".
+ncu_ab() {
+  local mode=$1 regex=$2 which b; shift 2
+  for which in base new; do
+    b=$bench; [[ $which == base ]] && b=$root/build-base/zo2_bench
+    [[ -x $b ]] || { echo "no $which binary"; continue; }
+    (( $(left) > 60 )) || { echo "no time left for ncu $mode ($which)"; break; }
+    echo "== ncu $mode $regex ($which)"
+    timeout $(( $(left) - 10 )) bash "$root/bench/ncu_kernel.sh" "$mode" "$b" "$regex" "$@" > "$out/ncu-$mode-$which.txt" 2>&1
+    echo "ncu $which rc=$?"
+    grep '^{' "$out/ncu-$mode-$which.txt" | sed "s/^{/{\"binary\":\"$which\",/" | tee -a "$results" | cut -c1-300
+  done
+}
 # Host memory of an offloaded zo2-opt run (docs/benchmarks.md): its `memory` line.
 host_memory() {  # host_memory NAME PRESET CODEC [more zo2-opt flags; a repeated one, e.g. --steps, overrides]
   local name=$1 preset=$2 codec=$3; shift 3
@@ -253,16 +267,7 @@ elif [[ $plan == u ]]; then
     echo "{\"kind\":\"test\",\"case\":\"cuda_$t\",\"rc\":$rc}" >> "$results"
   done
 elif [[ $plan == n ]]; then
-  for which in base new; do
-    b=$bench; [[ $which == base ]] && b=$root/build-base/zo2_bench
-    [[ -x $b ]] || { echo "no $which binary"; continue; }
-    (( $(left) > 60 )) || { echo "no time left for ncu $which"; break; }
-    echo "== ncu row_kernel ($which)"
-    SKIP=44 timeout $(( $(left) - 10 )) bash "$root/bench/ncu_kernel.sh" detail "$b" row_kernel --model opt-6.7b --policy offload \
-      --codec int8 --writeback-every 1 --two-copies > "$out/ncu-$which.txt" 2>&1
-    echo "ncu $which rc=$?"
-    tail -1 "$out/ncu-$which.txt" | grep '^{' | sed "s/^{/{\"binary\":\"$which\",/" | tee -a "$results"
-  done
+  SKIP=44 ncu_ab detail row_kernel --model opt-6.7b --policy offload --codec int8 --writeback-every 1 --two-copies
 elif [[ $plan == q ]]; then
   run_more qwen3-2slots --model qwen3-8b --policy offload --codec bf16p,int8 --writeback-every 1 --timeline --steps 8 --warmup 2
   run_more qwen3-3slots --model qwen3-8b --policy offload --codec bf16p,int8 --writeback-every 1 --slots 3 --prefetch 2 \
@@ -270,15 +275,7 @@ elif [[ $plan == q ]]; then
 elif [[ $plan == k ]]; then
   run_more trial-opt --model opt-6.7b --policy offload --codec bf16p,int8 --slots 3 --writeback-every 1,2,0 --steps 8 --warmup 2
 elif [[ $plan == s ]]; then
-  for which in base new; do
-    b=$bench; [[ $which == base ]] && b=$root/build-base/zo2_bench
-    [[ -x $b ]] || { echo "no $which binary"; continue; }
-    (( $(left) > 60 )) || { echo "no time left for ncu launches ($which)"; break; }
-    echo "== ncu launches ($which)"
-    timeout $(( $(left) - 10 )) bash "$root/bench/ncu_kernel.sh" launches "$b" "packed|Segmented" \
-      --model qwen3-8b --policy offload --codec bf16p --writeback-every 1 2> "$out/ncu-launches-$which.err" |
-      sed "s/^{/{\"binary\":\"$which\",/" | tee -a "$results" | cut -c1-300
-  done
+  ncu_ab launches "packed|Segmented" --model qwen3-8b --policy offload --codec bf16p --writeback-every 1
 elif [[ $plan == p ]]; then
   ab qwen3-bf16p --model qwen3-8b --policy offload --codec bf16p --writeback-every 1 --slots 3 --prefetch 2 --timeline \
     --steps 8 --warmup 2
