@@ -552,7 +552,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
   if (choose_k) {
     offload::WritebackTrial trial;
     for (bool first = true; !trial.done(); first = false) {
-      if (trial.k() != policy.writeback_every()) policy.set_writeback_every(trial.k());
+      trial.apply_to(policy);
       if (first) policy.restart_timeline();
       policy.synchronize();
       const double t0 = now_seconds();
@@ -565,7 +565,7 @@ void run_offload(const RunConfig& c, const Options& o, Env& env) {
         if (!o.timeline) policy.timeline().stop();
       }
     }
-    if (trial.k() != policy.writeback_every()) policy.set_writeback_every(trial.k());
+    trial.apply_to(policy);
     for (unsigned j = 1; j < policy.writeback_every(); ++j) optimizer.step(batch);  // into the stagger's steady state
     trial_summary = trial.summary();
   }

@@ -278,7 +278,7 @@ class CudaEngine final : public Engine {
     if constexpr (kOffload) {
       if (!trial_) return;
       if (steps_run_ == 1) policy_.restart_timeline();
-      if (steps_run_ >= 1 && trial_->k() != policy_.writeback_every()) policy_.set_writeback_every(trial_->k());
+      trial_->apply_to(policy_);
       step_started_ = Clock::now();
     }
   }
@@ -293,7 +293,7 @@ class CudaEngine final : public Engine {
       }
       trial_->record(std::chrono::duration<double>(Clock::now() - step_started_).count());
       if (!trial_->done()) return;
-      if (trial_->k() != policy_.writeback_every()) policy_.set_writeback_every(trial_->k());
+      trial_->apply_to(policy_);
       const unsigned k = policy_.writeback_every();
       char line[512];
       std::snprintf(line, sizeof line,
@@ -424,14 +424,14 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   // K = 0: the link is measured here. A lone engine starts at K = 1 and chooses K by timing its
   // steps (WritebackTrial); a shared master's K is fixed when it is created (from the link
   // alone), and a rank that attaches to it takes the master's.
-  std::optional<zo2::offload::LinkHint> choose_after_a_step;
+  std::optional<zo2::offload::LinkHint> trial_link;
   if (offload.writeback_every == 0) {
     if (shared && shared->seat != 0) {
       offload.writeback_every = Master::writeback_every_of(shared->name, wait);
     } else {
       offload.link = zo2::gpu::measure_link();
       if (!shared) {
-        choose_after_a_step = offload.link;
+        trial_link = offload.link;
         offload.writeback_every = 1;
         offload.record_timeline = true;
       }
@@ -444,7 +444,7 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   if (options.state_bf16 && offload.rule_state_slots) description += ", optimizer state bf16";
   if (options.two_perturbed_copies) description += ", both perturbed copies on the GPU";
   if (options.gpu_memory_budget_gib) description += ", budget " + std::to_string(*options.gpu_memory_budget_gib) + " GiB";
-  if (choose_after_a_step)
+  if (trial_link)
     description += ", write-back every K steps, K chosen by timing steps at K = 1, 2, 4, 8";
   else if (offload.writeback_every != 1)
     description += ", write-back every " + std::to_string(zo2::gpu::offload_detail::resolve_writeback_every(offload)) +
@@ -452,7 +452,7 @@ std::unique_ptr<Engine> make_offload(const Config& config, const ParameterSource
   using Offloaded = CudaEngine<Model, zo2::gpu::HostOffload<Codec, T>>;
   if (!shared) {
     auto engine = std::make_unique<Offloaded>(config, parameters, options, description, offload);
-    if (choose_after_a_step) engine->choose_writeback_by_trial(*choose_after_a_step);
+    if (trial_link) engine->choose_writeback_by_trial(*trial_link);
     return engine;
   }
   // This host's ranks share one pinned host master: seat 0 creates it, the others attach.

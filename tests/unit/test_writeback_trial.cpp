@@ -100,3 +100,21 @@ TEST_CASE("write-back trial: limits") {
   bad.measure = 1, bad.min_gain = 1.0;
   CHECK_THROWS_AS(WritebackTrial{bad}, zo2::ConfigError);
 }
+
+TEST_CASE("write-back trial: apply_to sets a policy's K only where it differs") {
+  struct FakePolicy {
+    unsigned every = 1, sets = 0;
+    unsigned writeback_every() const { return every; }
+    void set_writeback_every(unsigned k) { every = k, ++sets; }
+  } policy;
+  WritebackTrial trial;
+  trial.apply_to(policy);  // K = 1 already
+  CHECK(policy.sets == 0);
+  for (int i = 0; i < 4; ++i) trial.record(0.2);  // K = 1 settled and timed: on to K = 2
+  REQUIRE(trial.k() == 2);
+  trial.apply_to(policy);
+  CHECK(policy.every == 2);
+  CHECK(policy.sets == 1);
+  trial.apply_to(policy);
+  CHECK(policy.sets == 1);
+}

@@ -2,10 +2,10 @@
 // only, no CUDA).
 //
 // K changes nothing but speed: the parameters are bit-identical for every K (writeback_log.hpp),
-// so a run may simply try a few and keep the fastest. choose_writeback_every (the model) can
-// only predict from one step's timeline, and its predictions ran 10-16 points away from the
-// measured gains on two H100 hosts, so it holds K = 1 unless it predicts 15% (OPT-6.7B bf16p in
-// three slots: it kept K = 1 where K = 2 was 5% faster). The trial measures instead:
+// so a run may simply try a few and keep the fastest. What K is best depends on the link's
+// duplex, the GPU's idle time per block (which the replays use) and the slots' coupling, which
+// a prediction from one step's timeline missed by 10-16 points on two H100 hosts
+// (docs/benchmarks.md); the trial measures instead:
 //
 //   K = 1, then 2, 4, 8 (up to max_k): at each K, `K` steps to reach its steady state (the
 //   stagger spreads write-backs over K steps and the replays start the step after a skipped
@@ -74,6 +74,12 @@ class WritebackTrial {
     k_ = std::min(2 * k_, o_.max_k);
     steps_at_k_ = 0;
     samples_.clear();
+  }
+  /// Sets `policy`'s write-back interval to k() where it differs (between steps: see
+  /// HostOffload::set_writeback_every).
+  template <class Policy>
+  void apply_to(Policy& policy) const {
+    if (k() != policy.writeback_every()) policy.set_writeback_every(k());
   }
   /// Each K tried, with the median of its timed steps (seconds).
   const std::vector<std::pair<unsigned, double>>& tried() const { return tried_; }
