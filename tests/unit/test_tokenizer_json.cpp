@@ -200,7 +200,7 @@ TEST_CASE("tokenizer.json: ids and decodings equal the tokenizers library's on e
 TEST_CASE("tokenizer.json: the file ZO2_TOKENIZER_JSON_EXPECTED names, when set") {
   const char* extra = std::getenv("ZO2_TOKENIZER_JSON_EXPECTED");
   if (extra == nullptr || *extra == '\0') return;
-  MESSAGE("checking " << extra);
+  MESSAGE("checking " << std::string(extra));
   (void)check_expected(extra);
 }
 
