@@ -251,6 +251,38 @@ TEST_CASE("tokenizer.json: Oniguruma escapes are translated for PCRE2") {
   CHECK(matches[0] == std::pair<std::size_t, std::size_t>(1, 3));
 }
 
+// The expected strings are what tokenizers 0.23.3's normalizers return (normalize_str); utf8proc
+// alone would reorder U+08D0 (class 220) before U+0300, map U+32FF to 令和, compose U+11938 and
+// move U+1ABF (class 220) and U+07FD (220) by their classes.
+TEST_CASE("tokenizer.json: normalization leaves alone what tokenizers' older tables do not know") {
+  using zo2::io::tokenizer_json_detail::is_normalization_barrier;
+  using zo2::io::tokenizer_json_detail::kNormalizationBarriers;
+  using zo2::io::tokenizer_json_detail::NormalForm;
+  using zo2::io::tokenizer_json_detail::unicode_normalize;
+  for (std::size_t r = 0; r < kNormalizationBarriers.size(); ++r) {  // sorted, apart, not empty
+    CHECK(kNormalizationBarriers[r].first <= kNormalizationBarriers[r].last);
+    if (r > 0) CHECK(kNormalizationBarriers[r - 1].last + 1 < kNormalizationBarriers[r].first);
+  }
+  CHECK(is_normalization_barrier(U'\u08D0'));
+  CHECK(is_normalization_barrier(U'\u0898'));
+  CHECK(is_normalization_barrier(U'\u089F'));
+  CHECK_FALSE(is_normalization_barrier(U'\u0897'));
+  CHECK_FALSE(is_normalization_barrier(U'\u0301'));
+  CHECK_FALSE(is_normalization_barrier(U'a'));
+  CHECK(is_normalization_barrier(U'\U0001FBF9'));
+  CHECK_FALSE(is_normalization_barrier(U'\U0001FBFA'));
+  CHECK_FALSE(is_normalization_barrier(U'\U0010FFFF'));
+
+  CHECK(unicode_normalize("\u30ca\u0300\u0301\u08d0", NormalForm::NFC) == "\u30ca\u0300\u0301\u08d0");
+  CHECK(unicode_normalize("\u00e9\u1abf\u0316", NormalForm::NFD) == "e\u0301\u1abf\u0316");
+  CHECK(unicode_normalize("\u32ff\u00bd", NormalForm::NFKC) == "\u32ff" "1\u2044" "2");
+  CHECK(unicode_normalize("\U00011935\U00011930", NormalForm::NFC) == "\U00011935\U00011930");
+  CHECK(unicode_normalize("x\U0001fbf5\ufb01", NormalForm::NFKD) == "x\U0001fbf5" "fi");
+  CHECK(unicode_normalize("e\u0301\u07fd\u0316\u0301", NormalForm::NFC) == "\u00e9\u07fd\u0316\u0301");
+  // with nothing of the table in it, the text is utf8proc's normal form as a whole
+  CHECK(unicode_normalize("e\u0316\u0301 A\u030a", NormalForm::NFC) == "\u00e9\u0316 \u00c5");
+}
+
 TEST_CASE("tokenizer.json: encoding from several threads at once gives the same ids") {
   const TokenizerJson llama3 = TokenizerJson::from_directory(kFixtures / "llama3");
   const std::string text = "The quick brown fox, 12345 times: 机器学习 😀 It's DON'T <|eot_id|>\r\n";

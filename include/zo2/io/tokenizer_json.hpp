@@ -27,17 +27,20 @@
 // Text that is not valid UTF-8 is first made valid as Rust's String::from_utf8_lossy does
 // (each maximal invalid subsequence becomes U+FFFD): tokenizers only ever sees valid strings.
 //
-// Unicode versions: the character classes are PCRE2's (Debian 12's 10.42: Unicode 14), the
-// normal forms utf8proc's (2.8: Unicode 15); tokenizers' Oniguruma knows a later Unicode and its
-// normalization tables an earlier one (before 12). So ids can differ on characters assigned
-// since Unicode 12 that have a compatibility decomposition (NFKC/NFKD: e.g. U+32FF, U+1FBF0..9),
-// and on characters assigned since Unicode 14 where a \p{..} class decides a split. On every
-// code point (tests/fixtures/tokenizer_json/make_fixtures.py --every-code-point), the Qwen2-
-// and LLaMA-3-style fixtures give tokenizers' ids for all; the NFKC + GPT-2-regex one ("misc")
-// for all but 254, each such a character.
+// Unicode versions: the character classes are PCRE2's (Debian 12's 10.42), the normal forms
+// utf8proc's (2.8: Unicode 15). tokenizers normalizes with the tables of an older Unicode
+// (about 9.0), and its regexes (Oniguruma) and digit test (Rust's char) know Unicode 16. The
+// normal forms are made to agree: tokenizer_json/normalization_barriers.hpp lists the 245 code
+// points that tokenizers' tables leave alone and utf8proc's do not (marks and compatibility
+// characters assigned since), and each splits a text into pieces normalized on their own, as
+// tokenizers' tables treat them. What remains are characters assigned in Unicode 16 where a
+// class decides a split. On every code point (tests/fixtures/tokenizer_json/make_fixtures.py
+// --every-code-point), the Qwen2- and LLaMA-3-style fixtures give tokenizers' ids for all; the
+// NFKC + GPT-2-regex one ("misc") for all but 120, each a Unicode 16 letter or digit.
 //
 // The parts (in tokenizer_json/): utf8.hpp (UTF-8 as tokenizers sees it), engines.hpp (utf8proc
-// normalization, PCRE2 regexes), patterns.hpp (what Split and Replace match, the byte-level
+// normalization, PCRE2 regexes), normalization_barriers.hpp (generated: what tokenizers' tables
+// do not normalize), patterns.hpp (what Split and Replace match, the byte-level
 // alphabet), pipeline.hpp (the steps, pieces and added tokens); this file reads tokenizer.json
 // into them and encodes and decodes.
 //

@@ -1,5 +1,6 @@
 // zo2/io/tokenizer_json/engines.hpp -- the maintained libraries behind tokenizer_json.hpp:
-// Unicode normalization (NFC/NFD/NFKC/NFKD) by utf8proc, and the tokenizer's regexes on PCRE2
+// Unicode normalization (NFC/NFD/NFKC/NFKD) by utf8proc, as tokenizers' older tables
+// normalize (normalization_barriers.hpp), and the tokenizer's regexes on PCRE2
 // (8-bit, UTF + UCP, JIT where available), translated from Oniguruma's reading where the two
 // engines differ (see tokenizer_json.hpp).
 #pragma once
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include <zo2/core/error.hpp>
+#include <zo2/io/tokenizer_json/normalization_barriers.hpp>
 #include <zo2/io/tokenizer_json/utf8.hpp>
 
 namespace zo2::io::tokenizer_json_detail {
@@ -31,10 +33,8 @@ namespace zo2::io::tokenizer_json_detail {
 
 enum class NormalForm { NFC, NFD, NFKC, NFKD };
 
-inline std::string unicode_normalize(std::string_view valid_utf8, NormalForm form) {
-  if (std::all_of(valid_utf8.begin(), valid_utf8.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; })) {
-    return std::string(valid_utf8);  // ASCII is in every normal form
-  }
+/// utf8proc's normal form of the whole text.
+inline std::string utf8proc_normalize(std::string_view valid_utf8, NormalForm form) {
   int options = UTF8PROC_STABLE;
   switch (form) {
     case NormalForm::NFC: options |= UTF8PROC_COMPOSE; break;
@@ -52,6 +52,25 @@ inline std::string unicode_normalize(std::string_view valid_utf8, NormalForm for
   }
   std::string out(reinterpret_cast<const char*>(mapped), static_cast<std::size_t>(length));
   std::free(mapped);
+  return out;
+}
+
+/// The normal form tokenizers computes: utf8proc's, of each piece between the characters its
+/// older tables leave alone (normalization_barriers.hpp), which stay as they are.
+inline std::string unicode_normalize(std::string_view valid_utf8, NormalForm form) {
+  if (std::all_of(valid_utf8.begin(), valid_utf8.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; })) {
+    return std::string(valid_utf8);  // ASCII is in every normal form
+  }
+  std::string out;
+  std::size_t piece = 0;  // where the piece not yet normalized starts
+  for (std::size_t i = 0, length = 0; i < valid_utf8.size(); i += length) {
+    if (!is_normalization_barrier(code_point_at(valid_utf8, i, length))) continue;
+    if (i > piece) out += utf8proc_normalize(valid_utf8.substr(piece, i - piece), form);
+    out.append(valid_utf8.substr(i, length));
+    piece = i + length;
+  }
+  if (piece == 0) return utf8proc_normalize(valid_utf8, form);
+  if (piece < valid_utf8.size()) out += utf8proc_normalize(valid_utf8.substr(piece), form);
   return out;
 }
 
