@@ -43,12 +43,18 @@ struct Fixture {
     layout.add("bias", {53}, false);
     layout.add("short_aligned_rows", {11, 24});  // 3 octets a row: most threads idle
     layout.add("wide_rows", {3, 16392});         // 2049 octets a row: threads take 8 or 9
+    // a row of zeros (scale 0) and rows with zeros in them: where StochasticRowEncoder declines
+    // and the kernel takes code() and value()
+    layout.add("zeros", {3, 40});
     codec = offload::GroupCodec<Int8RowCodec>(layout);
     std::mt19937 rng(7);
     std::normal_distribution<float> normal(0.0f, 0.05f);
     std::vector<float> flat(layout.total_elements(), 0.0f);
     for (std::size_t r = 0; r < layout.num_tensors(); ++r)
-      for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) flat[layout.offset(r) + j] = normal(rng) * (1.0f + r);
+      for (std::size_t j = 0; j < layout.spec(r).numel(); ++j) {
+        const bool zero = layout.spec(r).name == "zeros" && (j < 40 || j % 3 == 0);
+        flat[layout.offset(r) + j] = zero ? 0.0f : normal(rng) * (1.0f + r);
+      }
     block.resize(codec.bytes());
     codec.encode_group(flat, block);
     table = offload_detail::RowTable(codec, layout);
@@ -121,19 +127,20 @@ void check_perturbed(const Fixture& f, const std::vector<unsigned char>& block, 
       }
     }
   }
-  CHECK(checked == 37 * 70 + 9 * 4096 + 53 + 11 * 24 + 3 * 16392);  // every element, no padding
+  CHECK(checked == 37 * 70 + 9 * 4096 + 53 + 11 * 24 + 3 * 16392 + 3 * 40);  // every element, no padding
   CHECK(exact >= checked * 999 / 1000);
 }
 
 // Runs the fused pass with learning rate lr and checks it against the host reference: decode,
 // update with z of update_step, rescale from the exact absmax, encode with the same SR words.
 // Codes may differ by one where fast Box-Muller moves a value across an SR threshold (~1e-6
-// relative): allowed in at most 0.1% of the elements. Returns the rows whose scale changed.
+// relative): allowed in at most 0.1% of the elements. Returns the rows whose scale changed,
+// leaving out the row of zeros (scale 0, which no proof keeps and any update replaces).
 std::size_t check_update(const Fixture& f, double lr) {
   const double eps = 1e-3;
   const auto a = f.args(true, true, false, eps, lr);
   const Fixture::Result got = f.run(a, true);
-  std::size_t codes = 0, code_off_by_one = 0, rescaled = 0, provably_kept = 0, rows = 0;
+  std::size_t codes = 0, code_off_by_one = 0, rescaled = 0, provably_kept = 0, rows = 0, zero_rows = 0;
   for (std::size_t r = 0; r < f.codec.num_tensors(); ++r) {
     const auto& t = f.codec.tensor(r);
     const std::uint32_t id = Fixture::kFirstId + static_cast<std::uint32_t>(r);
@@ -152,9 +159,10 @@ std::size_t check_update(const Fixture& f, double lr) {
       const float want_scale = Int8RowCodec::rescale(old_scale, absmax);
       const float got_scale = f.scales_of(got.block)[t.first_row + row];
       provably_kept += Int8RowCodec::keeps_scale(old_scale, largest, u);
+      zero_rows += old_scale == 0.0f;
       // the exact sweep's absmax differs from the host's only by fast Box-Muller's error
       REQUIRE(std::fabs(got_scale - want_scale) <= 1e-5f * want_scale);
-      rescaled += got_scale != old_scale;
+      rescaled += got_scale != old_scale && old_scale != 0.0f;
       for (std::size_t k = 0; k < t.row_len; ++k) {
         const std::size_t j = row * t.row_len + k;
         const std::uint32_t bits = rounding_bits_at(Fixture::kSeed, a.update_step, id, j);
@@ -169,7 +177,8 @@ std::size_t check_update(const Fixture& f, double lr) {
   MESSAGE("lr " << lr << ": " << codes << " codes, " << code_off_by_one << " off by one; " << rows << " rows, "
                 << provably_kept << " provably keep their scale, " << rescaled << " rescaled");
   CHECK(code_off_by_one <= codes / 1000);
-  if (lr < 1e-5) CHECK(provably_kept == rows);  // MeZO-sized: the proof holds on every row
+  CHECK(zero_rows == 1);
+  if (lr < 1e-5) CHECK(provably_kept == rows - zero_rows);  // MeZO-sized: the proof holds on every other row
   check_perturbed(f, got.block, got.plus, a.step, eps);
   check_perturbed(f, got.block, got.minus, a.step, -eps);
   return rescaled;
@@ -182,6 +191,9 @@ TEST_CASE("row kernel: update + perturb matches the host reference, sticky and r
   Fixture f;
   CHECK(check_update(f, 1e-6) == 0);  // every row provably keeps its scale
   CHECK(check_update(f, 2e-3) > 0);   // large enough that rows outgrow their scale: the exact sweep
+  // nothing moves: zeros stay zero and the row of zeros keeps scale 0, where the vector path's
+  // StochasticRowEncoder declines and code() and value() encode
+  CHECK(check_update(f, 0.0) == 0);
 }
 
 TEST_CASE("row kernel: perturb only, and convert, leave the codes and scales alone") {
@@ -262,7 +274,7 @@ std::size_t check_family_update(const Fixture& f, double lr, const std::vector<d
   if (!state.empty()) copy_to_host(got_state.data(), d_state.data(), state.size(), nullptr);
   ZO2_CUDA_CHECK(cudaDeviceSynchronize());
 
-  std::size_t codes = 0, off_by_one = 0, rescaled = 0, proved = 0, rows = 0, state_bad = 0;
+  std::size_t codes = 0, off_by_one = 0, rescaled = 0, proved = 0, rows = 0, zero_rows = 0, state_bad = 0;
   std::vector<float> want_state = state;
   double coeff_abs_sum = 0;
   for (std::uint32_t i = 0; i < p.num_queries; ++i) coeff_abs_sum += std::fabs(static_cast<float>(p.coeff(i)));
@@ -295,7 +307,8 @@ std::size_t check_family_update(const Fixture& f, double lr, const std::vector<d
       const float want_scale = Int8RowCodec::rescale(old_scale, absmax);
       const float got_scale = f.scales_of(got_block)[t.first_row + row];
       REQUIRE(std::fabs(got_scale - want_scale) <= 1e-5f * want_scale);
-      rescaled += got_scale != old_scale;
+      rescaled += got_scale != old_scale && old_scale != 0.0f;  // as check_update counts
+      zero_rows += old_scale == 0.0f;
       for (std::size_t k = 0; k < t.row_len; ++k) {
         const std::size_t j = row * t.row_len + k;
         const std::uint32_t bits = rounding_bits_at(Fixture::kSeed, p.step, id, j);
@@ -328,7 +341,7 @@ std::size_t check_family_update(const Fixture& f, double lr, const std::vector<d
                   << " provably keep their scale, " << rescaled << " rescaled; state values off: " << state_bad);
   CHECK(off_by_one <= codes / 1000);
   CHECK(state_bad == 0);
-  if (expect_proof) CHECK(proved == rows);
+  if (expect_proof) CHECK(proved == rows - zero_rows);
   // theta +- eps z of the third query, from the updated codes
   for (std::size_t r = 0; r < f.codec.num_tensors(); ++r) {
     const auto& t = f.codec.tensor(r);

@@ -291,6 +291,76 @@ TEST_CASE("int8 codes and their rounding go half to even like nearbyint, at ever
   }
 }
 
+namespace {
+/// Float bits, so that a value compares with its sign of zero and NaN payload.
+std::uint32_t bits_of(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+/// Whether StochasticRowEncoder gives code() and value() of (v, scale, bits), and declines
+/// exactly when |v| or the scale lies outside [2^-60, 2^60]; `encoded` counts what it encoded.
+bool encoder_agrees(float v, float scale, std::uint32_t bits, long& encoded) {
+  const Int8RowCodec::StochasticRowEncoder encoder(scale);
+  std::int8_t code = 0;
+  float value = 0.0f;
+  const auto in_range = [](float a) { return a >= 0x1p-60f && a <= 0x1p+60f; };
+  const bool declines = !(in_range(std::fabs(v)) && in_range(scale));
+  if (!encoder.accepts(v)) return declines;
+  if (declines) return false;
+  encoder.encode(v, bits, code, value);
+  ++encoded;
+  const std::int8_t want = Int8RowCodec::code(v, scale, bits, true);
+  return code == want && bits_of(value) == bits_of(Int8RowCodec::value(want, scale));
+}
+}  // namespace
+
+TEST_CASE("int8 StochasticRowEncoder: code() and value() of every element, or it declines") {
+  long encoded = 0, checked = 0;
+  std::mt19937_64 rng(21);
+  std::uniform_real_distribution<double> exponent(-60.0, 60.0), ratio(-140.0, 140.0), unit(0.0, 1.0);
+  // Rows as the int8 pass sees them: values up to a few codes past the scale's range, 16
+  // random rounding bits (and the 16 bits above them, which code() ignores).
+  for (int k = 0; k < 2'000'000; ++k) {
+    const float scale = static_cast<float>(std::exp2(exponent(rng)));
+    const float v = static_cast<float>(ratio(rng)) * scale;
+    CHECK(encoder_agrees(v, scale, static_cast<std::uint32_t>(rng()), encoded));
+    ++checked;
+  }
+  // Every scale mantissa at one exponent against values on and next to the code grid: the
+  // quotient's rounding and the floor's integer boundaries.
+  for (std::uint32_t m = 0; m < (1u << 23); m += 97) {
+    float scale;
+    const std::uint32_t u = 0x3b800000u | m;  // [2^-8, 2^-7)
+    std::memcpy(&scale, &u, sizeof scale);
+    const int c = static_cast<int>(m % 255) - 127;
+    const float on_grid = static_cast<float>(c) * scale;
+    for (const float v : {on_grid, std::nextafter(on_grid, 1e30f), std::nextafter(on_grid, -1e30f),
+                          on_grid + 0.5f * scale, static_cast<float>(unit(rng)) * scale * 127.0f}) {
+      for (const std::uint32_t bits : {0u, 1u, 0x8000u, 0xffffu, static_cast<std::uint32_t>(rng())}) {
+        CHECK(encoder_agrees(v, scale, bits, encoded));
+        ++checked;
+      }
+    }
+  }
+  // Every rounding word for a few values.
+  for (const float v : {0.3f, -0.3f, 1.0f / 124.0f, 126.99f / 124.0f}) {
+    for (std::uint32_t bits = 0; bits <= 0xffffu; ++bits) CHECK(encoder_agrees(v, 1.0f / 124.0f, bits, encoded));
+    checked += 0x10000;
+  }
+  CHECK(encoded > checked * 95 / 100);  // declined: values 0 and the ends of the exponent range
+  // It declines outside [2^-60, 2^60], where the caller's code() and value() decide.
+  std::int8_t code = 0;
+  float value = 0.0f;
+  const Int8RowCodec::StochasticRowEncoder row(0.01f), zero_row(0.0f), tiny_row(1e-20f);
+  for (const float v : {0.0f, -0.0f, 1e-19f, -1e-19f, 2e18f, INFINITY, -INFINITY, NAN}) CHECK_FALSE(row.accepts(v));
+  CHECK_FALSE(zero_row.accepts(0.5f));
+  CHECK_FALSE(tiny_row.accepts(1e-18f));
+  REQUIRE(row.accepts(0.5f));
+  row.encode(0.5f, 7, code, value);
+  CHECK(code == 50);
+}
+
 TEST_CASE("int8 rescale after an update: sticky while the row fits, new when it overflows or shrinks") {
   const float s = 1.0f / 127;
   CHECK(Int8RowCodec::rescale(s, 1.0f) == s);

@@ -65,6 +65,14 @@ ZO2_HD ZO2_FORCEINLINE float floor_f(float x) {
 #endif
 }
 ZO2_HD ZO2_FORCEINLINE double abs_d(double x) { return x < 0.0 ? -x : x; }
+/// a b + c rounded once (FFMA on the device, fmaf on the host: the same bits).
+ZO2_HD ZO2_FORCEINLINE float fma_f(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
 /// x rounded to the nearest integer, ties to even (as rintf and std::nearbyint in the default
 /// rounding mode; the sign of a zero result may differ, which no int8 code sees). On the host,
 /// std::nearbyint is a libm call on baseline x86-64 (about a fifth of an int8 encode's time);
@@ -187,6 +195,38 @@ struct Int8RowCodec {
     return static_cast<std::int8_t>(q);
   }
   ZO2_HD ZO2_FORCEINLINE static float value(std::int8_t code, float scale) { return static_cast<float>(code) * scale; }
+  /// code(v, scale, bits, true) and value() of that code for the elements of one row, with fewer
+  /// of the GPU's conversion and special-function instructions (its XU pipe, 16 lanes an SM,
+  /// which bounds the int8 pass): v / scale is v times RN(1 / scale), corrected by one FMA --
+  /// the correctly rounded quotient (Markstein's theorem; test_codecs.cpp compares it with
+  /// v / scale) without a reciprocal and a range check per element; the code comes out of the
+  /// rounded quotient's bits (adding 1.5 * 2^23 puts an integer in the low bits) instead of a
+  /// float-to-int conversion; and its value is the quotient times the scale, what value(code)
+  /// computes from the code. `accepts` says where this holds: v and the scale within
+  /// [2^-60, 2^60], so that quotient and remainder stay normal. Elsewhere (zeros, all-zero rows,
+  /// infinities, NaN) the caller takes code() and value().
+  class StochasticRowEncoder {
+   public:
+    ZO2_HD explicit StochasticRowEncoder(float scale)
+        : scale_(scale), reciprocal_(in_range(scale) ? 1.0f / scale : 0.0f), usable_(in_range(scale)) {}
+    ZO2_HD ZO2_FORCEINLINE bool accepts(float v) const { return usable_ && in_range(std::fabs(v)); }
+    /// For v that accepts(v): code(v, scale, bits, true) and value() of it.
+    ZO2_HD ZO2_FORCEINLINE void encode(float v, std::uint32_t bits, std::int8_t& code, float& value) const {
+      const float q0 = zo2::detail::mul_rn(v, reciprocal_);
+      const float x = detail::fma_f(detail::fma_f(-q0, scale_, v), reciprocal_, q0);  // v / scale
+      // as code(): x + the rounding bits, floored (never -0: the sum is -0 only for x = -0),
+      // clamped to [-127, 127]
+      float q = detail::floor_f(x + detail::unit_uniform(bits));
+      q = q > kMaxCode ? kMaxCode : (q < -kMaxCode ? -kMaxCode : q);
+      code = static_cast<std::int8_t>(static_cast<std::uint8_t>(zo2::detail::float_bits(q + 12582912.0f) & 0xffu));
+      value = zo2::detail::mul_rn(q, scale_);
+    }
+
+   private:
+    ZO2_HD static bool in_range(float a) { return a >= 0x1p-60f && a <= 0x1p+60f; }
+    float scale_, reciprocal_;
+    bool usable_;
+  };
   ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j, float scale) {
     return value(reinterpret_cast<const std::int8_t*>(payload)[j], scale);
   }

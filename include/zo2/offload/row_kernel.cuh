@@ -21,6 +21,17 @@
 // The tensors run longest CUDA block first (RowTable), so a launch does not end on a partial
 // wave of an OPT block's fc1 / fc2 blocks, which take 4x a q/k/v/o block's time.
 //
+// The vector path keeps conversions off the XU pipe (16 lanes an SM, shared with Box-Muller's
+// MUFU log/sqrt/sin/cos), which the pass loads about as heavily as it loads instruction issue:
+// step 1 takes the row's largest |code| in integers; codes decode through sign-extended ints
+// (I2FP on the ALU, not I2F.S8); and the encode is Int8RowCodec::StochasticRowEncoder (one
+// reciprocal a row instead of a division an element, the code from the rounded quotient's bits
+// instead of F2I, the value from the quotient instead of converting the code back), with
+// code() and value() for the rare quad it declines. Same bits (test_codecs.cpp checks the
+// encoder against code() and value()); per quad 25 XU instructions instead of 40. The default
+// instantiation is held to 40 registers (6 blocks of 256 per SM, as without the encoder); the
+// family's to 48 (5 blocks).
+//
 // Noise: z goes through box_muller_fast (backend/cuda/perturb.cuh) under ZO2_CUDA_FAST_NOISE,
 // as in the 16-bit passes: the perturbation feeds 16-bit T, the update feeds 8-bit codes, both far
 // coarser than fast Box-Muller's error (perturb.cuh). fp32 T keeps the precise transform.
@@ -190,12 +201,16 @@ __device__ ZO2_FORCEINLINE void family_update_quad(const RowArgs& a, const RowFa
     v[k] = s.has(k, j0, j1) ? apply_rule<Rule, Write>(f.terms, rc, th[k], d[k], tensor_offset + s.first + k) : 0.0f;
 }
 
+/// Code k (0..3) of a word of four, sign-extended: converted by __int2float_rn, it takes the
+/// ALU's I2FP where an int8 source takes the XU pipe's I2F.S8 (shared with Box-Muller's MUFU).
+__device__ ZO2_FORCEINLINE int code_in_word(std::uint32_t word, int k) { return static_cast<int>(word << (24 - 8 * k)) >> 24; }
+
 /// The 8 codes of an aligned octet (one 8-byte load; octets of an aligned row never straddle it).
 __device__ ZO2_FORCEINLINE uint2 load_octet(const std::int8_t* codes, std::uint64_t o) {
   return *reinterpret_cast<const uint2*>(codes + 8 * o);
 }
 template <class C, class T, class Rule = SgdRule, bool Queries = false>
-__global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ block, float* __restrict__ scales,
+__global__ void __launch_bounds__(256, (is_plain_update_v<Rule, Queries> ? 6 : 5)) row_kernel(unsigned char* __restrict__ block, float* __restrict__ scales,
                                                   T* __restrict__ plus, T* __restrict__ minus, RowArgs a, RowFamilyArgs f) {
   static_assert(C::element_bytes == 1, "row_kernel handles 8-bit codes");
   constexpr bool kPlain = is_plain_update_v<Rule, Queries>;
@@ -232,6 +247,9 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
       if constexpr (!kStateful) {
         float largest = 0.0f;  // the row's largest decoded magnitude
         if (aligned) {
+          // the largest |code| times the scale: the largest |value(code, scale)|, since rounding
+          // the product is monotonic and odd
+          int widest = 0;
           for (std::uint64_t o = o_begin + threadIdx.x; o < o_end; o += blockDim.x) {
             const uint2 w = load_octet(codes, o);
             if (!have_first) {
@@ -239,9 +257,9 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
               have_first = true;
             }
 #pragma unroll
-            for (int k = 0; k < 8; ++k)
-              largest = fmaxf(largest, fabsf(C::value(static_cast<std::int8_t>(((k < 4 ? w.x : w.y) >> (8 * (k % 4))) & 0xffu), old_scale)));
+            for (int k = 0; k < 8; ++k) widest = max(widest, abs(code_in_word(k < 4 ? w.x : w.y, k % 4)));
           }
+          largest = __int2float_rn(widest) * old_scale;
         } else {
           for (std::uint64_t q = q_begin + threadIdx.x; q < q_end; q += blockDim.x) {
             float th[4];
@@ -281,10 +299,11 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
     }
     if (!a.has_update && !a.perturb && !a.convert) continue;
     if (aligned) {
+      const typename C::StochasticRowEncoder encoder(scale);
       // The last sweep over whole octets, one per thread: one 8-byte code load (none for the
       // octet kept from the first sweep) and one rounding call for both quads. The quad-wise
-      // body repeats the other path's with whole quads; kept apart, this path needs 40 registers
-      // (6 blocks of 256 per SM), where one shared helper made ptxas allocate 44 (5 blocks).
+      // body repeats the other path's with whole quads; one shared helper made ptxas allocate
+      // more registers (44 for 40, before the encoder).
       for (std::uint64_t o = o_begin + threadIdx.x; o < o_end; o += blockDim.x) {
         const uint2 w = have_first ? first_octet : load_octet(codes, o);
         have_first = false;
@@ -296,7 +315,7 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
           const std::uint32_t word = h == 0 ? w.x : w.y;
           float th[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) th[k] = C::value(static_cast<std::int8_t>((word >> (8 * k)) & 0xffu), old_scale);
+          for (int k = 0; k < 4; ++k) th[k] = __int2float_rn(code_in_word(word, k)) * old_scale;  // C::value
           if (a.has_update) {
             float v[4];
             if constexpr (kPlain) {
@@ -309,10 +328,15 @@ __global__ void __launch_bounds__(256) row_kernel(unsigned char* __restrict__ bl
             // rounding_bits(bits, 4h + k), with selects for h
             const std::uint32_t rw[2] = {h == 0 ? bits.v[0] : bits.v[2], h == 0 ? bits.v[1] : bits.v[3]};
             std::int8_t c[4];
+            if (encoder.accepts(v[0]) && encoder.accepts(v[1]) && encoder.accepts(v[2]) && encoder.accepts(v[3])) {
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              c[k] = C::code(v[k], scale, (rw[k / 2] >> (16 * (k % 2))) & 0xffffu, true);
-              th[k] = C::value(c[k], scale);
+              for (int k = 0; k < 4; ++k) encoder.encode(v[k], (rw[k / 2] >> (16 * (k % 2))) & 0xffffu, c[k], th[k]);
+            } else {  // a zero, a row of zeros, ...: the same codes the long way
+#pragma unroll
+              for (int k = 0; k < 4; ++k) {
+                c[k] = C::code(v[k], scale, (rw[k / 2] >> (16 * (k % 2))) & 0xffffu, true);
+                th[k] = C::value(c[k], scale);
+              }
             }
             *reinterpret_cast<char4*>(codes + 4 * q) = make_char4(c[0], c[1], c[2], c[3]);
           }
