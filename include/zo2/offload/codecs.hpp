@@ -198,11 +198,11 @@ struct Int8RowCodec {
   /// code(v, scale, bits, true) and value() of that code for the elements of one row, with fewer
   /// of the GPU's conversion and special-function instructions (its XU pipe, 16 lanes an SM,
   /// which bounds the int8 pass): v / scale is v times RN(1 / scale), corrected by one FMA --
-  /// the correctly rounded quotient (Markstein's theorem; test_codecs.cpp compares it with
-  /// v / scale) without a reciprocal and a range check per element; the code comes out of the
-  /// rounded quotient's bits (adding 1.5 * 2^23 puts an integer in the low bits) instead of a
-  /// float-to-int conversion; and its value is the quotient times the scale, what value(code)
-  /// computes from the code. `accepts` says where this holds: v and the scale within
+  /// the correctly rounded quotient (Markstein's theorem; test_codecs.cpp compares the codes and
+  /// values with code() and value()) without a reciprocal and a range check per element; the
+  /// code q, a float holding an integer in [-127, 127], becomes the int8 by its bits (q + 1.5 *
+  /// 2^23 puts it in the low byte) instead of a float-to-int conversion; and its value is q times
+  /// the scale, what value(code) computes from the code. `accepts` says where this holds: v and the scale within
   /// [2^-60, 2^60], so that quotient and remainder stay normal. Elsewhere (zeros, all-zero rows,
   /// infinities, NaN) the caller takes code() and value().
   class StochasticRowEncoder {
