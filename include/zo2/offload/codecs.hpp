@@ -186,13 +186,13 @@ struct Int8RowCodec {
   /// The code of value v under `scale`: v / scale rounded (stochastically with `bits` when
   /// asked) and clamped to [-127, 127]; 0 for a zero scale.
   ZO2_HD ZO2_FORCEINLINE static std::int8_t code(float v, float scale, std::uint32_t bits, bool stochastic) {
-    float q = 0.0f;
-    if (scale > 0.0f) {
-      const float x = v / scale;
-      q = stochastic ? detail::floor_f(x + detail::unit_uniform(bits)) : detail::rint_f(x);
-      q = q > kMaxCode ? kMaxCode : (q < -kMaxCode ? -kMaxCode : q);
-    }
-    return static_cast<std::int8_t>(q);
+    return static_cast<std::int8_t>(scale > 0.0f ? rounded_code(v / scale, bits, stochastic) : 0.0f);
+  }
+  /// x = v / scale rounded (stochastically with `bits` when asked) and clamped to [-127, 127]:
+  /// the code as a float.
+  ZO2_HD ZO2_FORCEINLINE static float rounded_code(float x, std::uint32_t bits, bool stochastic) {
+    const float q = stochastic ? detail::floor_f(x + detail::unit_uniform(bits)) : detail::rint_f(x);
+    return q > kMaxCode ? kMaxCode : (q < -kMaxCode ? -kMaxCode : q);
   }
   ZO2_HD ZO2_FORCEINLINE static float value(std::int8_t code, float scale) { return static_cast<float>(code) * scale; }
   /// code(v, scale, bits, true) and value() of that code for the elements of one row, with fewer
@@ -208,24 +208,23 @@ struct Int8RowCodec {
   class StochasticRowEncoder {
    public:
     ZO2_HD explicit StochasticRowEncoder(float scale)
-        : scale_(scale), reciprocal_(in_range(scale) ? 1.0f / scale : 0.0f), usable_(in_range(scale)) {}
+        : scale_(scale), usable_(in_range(scale)), reciprocal_(usable_ ? 1.0f / scale : 0.0f) {}
     ZO2_HD ZO2_FORCEINLINE bool accepts(float v) const { return usable_ && in_range(std::fabs(v)); }
     /// For v that accepts(v): code(v, scale, bits, true) and value() of it.
     ZO2_HD ZO2_FORCEINLINE void encode(float v, std::uint32_t bits, std::int8_t& code, float& value) const {
       const float q0 = zo2::detail::mul_rn(v, reciprocal_);
       const float x = detail::fma_f(detail::fma_f(-q0, scale_, v), reciprocal_, q0);  // v / scale
-      // as code(): x + the rounding bits, floored (never -0: the sum is -0 only for x = -0),
-      // clamped to [-127, 127]
-      float q = detail::floor_f(x + detail::unit_uniform(bits));
-      q = q > kMaxCode ? kMaxCode : (q < -kMaxCode ? -kMaxCode : q);
+      // never -0: x + the rounding bits is -0 only for x = -0
+      const float q = rounded_code(x, bits, true);
       code = static_cast<std::int8_t>(static_cast<std::uint8_t>(zo2::detail::float_bits(q + 12582912.0f) & 0xffu));
       value = zo2::detail::mul_rn(q, scale_);
     }
 
    private:
     ZO2_HD static bool in_range(float a) { return a >= 0x1p-60f && a <= 0x1p+60f; }
-    float scale_, reciprocal_;
+    float scale_;
     bool usable_;
+    float reciprocal_;
   };
   ZO2_HD ZO2_FORCEINLINE static float load(const unsigned char* payload, std::size_t j, float scale) {
     return value(reinterpret_cast<const std::int8_t*>(payload)[j], scale);

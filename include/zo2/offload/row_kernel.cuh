@@ -28,9 +28,9 @@
 // reciprocal a row instead of a division an element, the code from the rounded quotient's bits
 // instead of F2I, the value from the quotient instead of converting the code back), with
 // code() and value() for the rare quad it declines. Same bits (test_codecs.cpp checks the
-// encoder against code() and value()); per quad 25 XU instructions instead of 40. The default
-// instantiation is held to 40 registers (6 blocks of 256 per SM, as without the encoder); the
-// family's to 48 (5 blocks).
+// encoder against code() and value()); 23 XU instructions a quad, where a division and three
+// conversions an element make 40. The default instantiation is held to 40 registers (6 blocks of
+// 256 per SM; ptxas would take 46), the family's to 48 (5 blocks).
 //
 // Noise: z goes through box_muller_fast (backend/cuda/perturb.cuh) under ZO2_CUDA_FAST_NOISE,
 // as in the 16-bit passes: the perturbation feeds 16-bit T, the update feeds 8-bit codes, both far
@@ -302,8 +302,8 @@ __global__ void __launch_bounds__(256, (is_plain_update_v<Rule, Queries> ? 6 : 5
       const typename C::StochasticRowEncoder encoder(scale);
       // The last sweep over whole octets, one per thread: one 8-byte code load (none for the
       // octet kept from the first sweep) and one rounding call for both quads. The quad-wise
-      // body repeats the other path's with whole quads; one shared helper made ptxas allocate
-      // more registers (44 for 40, before the encoder).
+      // body repeats the other path's with whole quads: one helper shared by both made ptxas
+      // allocate more registers.
       for (std::uint64_t o = o_begin + threadIdx.x; o < o_end; o += blockDim.x) {
         const uint2 w = have_first ? first_octet : load_octet(codes, o);
         have_first = false;
@@ -327,14 +327,17 @@ __global__ void __launch_bounds__(256, (is_plain_update_v<Rule, Queries> ? 6 : 5
             }
             // rounding_bits(bits, 4h + k), with selects for h
             const std::uint32_t rw[2] = {h == 0 ? bits.v[0] : bits.v[2], h == 0 ? bits.v[1] : bits.v[3]};
+            std::uint32_t rb[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) rb[k] = (rw[k / 2] >> (16 * (k % 2))) & 0xffffu;
             std::int8_t c[4];
             if (encoder.accepts(v[0]) && encoder.accepts(v[1]) && encoder.accepts(v[2]) && encoder.accepts(v[3])) {
 #pragma unroll
-              for (int k = 0; k < 4; ++k) encoder.encode(v[k], (rw[k / 2] >> (16 * (k % 2))) & 0xffffu, c[k], th[k]);
+              for (int k = 0; k < 4; ++k) encoder.encode(v[k], rb[k], c[k], th[k]);
             } else {  // a zero, a row of zeros, ...: the same codes the long way
 #pragma unroll
               for (int k = 0; k < 4; ++k) {
-                c[k] = C::code(v[k], scale, (rw[k / 2] >> (16 * (k % 2))) & 0xffffu, true);
+                c[k] = C::code(v[k], scale, rb[k], true);
                 th[k] = C::value(c[k], scale);
               }
             }
